@@ -1,0 +1,100 @@
+//! `stepwise:plugin/log`: lines are kept (bounded) for the attempt record and emitted as tracing
+//! events inside the run's span.
+
+use std::sync::{Arc, Mutex};
+
+use wasmtime::component::HasData;
+
+use crate::bindings::log::{Host, Level};
+use crate::model::{LogLevel, LogLine};
+
+/// Most lines kept per step call; a plugin that logs in a loop must not fill the database.
+const MAX_LINES: usize = 200;
+/// Longest line kept, in bytes.
+const MAX_LINE_BYTES: usize = 2048;
+
+/// The lines of one step call, shared by every capability that records something on the
+/// plugin's behalf (a denied request, for instance).
+#[derive(Clone, Default)]
+pub struct LogBuffer {
+    inner: Arc<Mutex<LogLines>>,
+}
+
+#[derive(Default)]
+struct LogLines {
+    lines: Vec<LogLine>,
+    dropped: u64,
+}
+
+impl LogBuffer {
+    /// Records a line, or counts it as dropped once the buffer is full.
+    pub fn push(&self, level: LogLevel, message: &str) {
+        let mut message = message.to_owned();
+        if message.len() > MAX_LINE_BYTES {
+            let mut cut = MAX_LINE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("… (truncated)");
+        }
+        // A poisoned lock only means another capability panicked mid-push; the lines are
+        // still usable.
+        let mut lines = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        if lines.lines.len() < MAX_LINES {
+            lines.lines.push(LogLine { level, message });
+        } else {
+            lines.dropped += 1;
+        }
+    }
+
+    /// The recorded lines, with a final line saying how many were dropped.
+    pub fn take(&self) -> Vec<LogLine> {
+        let mut lines = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut taken = std::mem::take(&mut lines.lines);
+        if lines.dropped > 0 {
+            taken.push(LogLine {
+                level: LogLevel::Warn,
+                message: format!(
+                    "{} more log lines dropped (limit {MAX_LINES} per step call)",
+                    lines.dropped
+                ),
+            });
+            lines.dropped = 0;
+        }
+        taken
+    }
+}
+
+/// State of the `log` interface for one step call.
+pub struct LogState {
+    pub buffer: LogBuffer,
+}
+
+/// `HasData` marker so the generated `add_to_linker` hands the host `&mut LogState`.
+pub struct LogCapability;
+
+impl HasData for LogCapability {
+    type Data<'a> = &'a mut LogState;
+}
+
+impl Host for LogState {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "plugin", "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "plugin", "{message}"),
+            LogLevel::Info => tracing::info!(target: "plugin", "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "plugin", "{message}"),
+            LogLevel::Error => tracing::error!(target: "plugin", "{message}"),
+        }
+        self.buffer.push(level, &message);
+        Ok(())
+    }
+}

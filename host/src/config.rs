@@ -1,0 +1,272 @@
+//! Configuration in two stages: `RawConfig` (clap flags + `STEPWISE_*` env + optional TOML file)
+//! becomes a validated `Settings` with defaults applied, paths absolute and durations parsed.
+//! This is the only module that reads env vars, and the only one that knows TOML, so plugin
+//! manifests (`<name>.toml`, the grant) are parsed here as well.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::model::{Grant, LimitOverrides, Limits};
+
+/// Flags of `stepwise serve`; each has its env var.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, env = "STEPWISE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the SQLite database and the `plugins/` directory.
+    #[arg(long, env = "STEPWISE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `sqlite://...` (default: `<data-dir>/stepwise.db`).
+    #[arg(long, env = "STEPWISE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Optional `stepwise.toml`.
+    #[arg(long, env = "STEPWISE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The keys `stepwise.toml` may hold. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    max_concurrent_ticks: Option<usize>,
+    default_poll_interval_ms: Option<u64>,
+    default_run_timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    sources: BTreeMap<String, SourceFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    step_timeout_ms: Option<u64>,
+    memory_mib: Option<u64>,
+    output_bytes: Option<usize>,
+    http_response_bytes: Option<usize>,
+    http_timeout_ms: Option<u64>,
+    sql_rows: Option<usize>,
+    sql_timeout_ms: Option<u64>,
+    max_errors: Option<u32>,
+}
+
+impl LimitsFile {
+    fn overrides(&self) -> LimitOverrides {
+        LimitOverrides {
+            call_timeout: self.step_timeout_ms.map(Duration::from_millis),
+            memory_bytes: self.memory_mib.map(|mib| mib << 20),
+            output_bytes: self.output_bytes,
+            http_response_bytes: self.http_response_bytes,
+            http_timeout: self.http_timeout_ms.map(Duration::from_millis),
+            sql_rows: self.sql_rows,
+            sql_timeout: self.sql_timeout_ms.map(Duration::from_millis),
+            max_errors: self.max_errors,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceFile {
+    url: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// A data source for the `sql` capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub url: String,
+    pub read_only: bool,
+}
+
+/// Validated settings, passed explicitly to everything that needs them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub limits: Limits,
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Step calls running at once on this node.
+    pub max_concurrent_ticks: usize,
+    pub default_poll_interval: Duration,
+    pub min_poll_interval: Duration,
+    pub max_poll_interval: Duration,
+    pub default_run_timeout: Duration,
+    pub max_run_timeout: Duration,
+    /// How long a claimed run stays ours without a write; every write renews it.
+    pub lease: Duration,
+    /// Longest the scheduler sleeps before looking for due work again.
+    pub scheduler_backstop: Duration,
+    pub body_limit_bytes: usize,
+}
+
+impl Settings {
+    /// Defaults of SPEC §6 for a given data directory.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Settings {
+        let data_dir = data_dir.into();
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: default_database_url(&data_dir),
+            data_dir,
+            limits: Limits::default(),
+            sources: BTreeMap::new(),
+            max_concurrent_ticks: 64,
+            default_poll_interval: Duration::from_secs(1),
+            min_poll_interval: Duration::from_millis(50),
+            max_poll_interval: Duration::from_secs(3600),
+            default_run_timeout: Duration::from_secs(600),
+            max_run_timeout: Duration::from_secs(7 * 24 * 3600),
+            lease: Duration::from_secs(60),
+            scheduler_backstop: Duration::from_secs(1),
+            body_limit_bytes: 1 << 20,
+        }
+    }
+
+    /// Flags and env win over the file, the file over the defaults.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("stepwise-data"));
+        let data_dir = std::path::absolute(&data_dir)
+            .with_context(|| format!("resolving data dir {}", data_dir.display()))?;
+        let mut settings = Settings::for_data_dir(data_dir);
+        if let Some(listen) = args.listen.or(file.listen) {
+            settings.listen = listen;
+        }
+        if let Some(url) = args.database_url.clone().or(file.database_url) {
+            settings.database_url = url;
+        }
+        if !settings.database_url.starts_with("sqlite:") {
+            anyhow::bail!(
+                "database_url {:?}: only sqlite:// is supported by this build",
+                settings.database_url
+            );
+        }
+        if let Some(ticks) = file.max_concurrent_ticks {
+            anyhow::ensure!(ticks > 0, "max_concurrent_ticks must be at least 1");
+            settings.max_concurrent_ticks = ticks;
+        }
+        if let Some(ms) = file.default_poll_interval_ms {
+            settings.default_poll_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.default_run_timeout_ms {
+            settings.default_run_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.lease_ms {
+            settings.lease = Duration::from_millis(ms);
+        }
+        settings.limits = settings.limits.with_overrides(&file.limits.overrides());
+        settings.sources = file
+            .sources
+            .into_iter()
+            .map(|(name, source)| {
+                let config = SourceConfig {
+                    url: source.url,
+                    read_only: source.read_only,
+                };
+                (name, config)
+            })
+            .collect();
+        Ok(settings)
+    }
+
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.data_dir.join("plugins")
+    }
+}
+
+fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("stepwise.db").display())
+}
+
+/// A plugin manifest (`<name>.toml` beside `<name>.wasm`): the plugin's grant.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    #[serde(default)]
+    sql_sources: Vec<String>,
+    poll_interval_ms: Option<u64>,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+/// Parses a manifest's TOML text into a [`Grant`], checking every `allowed_hosts` entry.
+pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
+    let manifest: ManifestFile = toml::from_str(text).context("parsing plugin manifest")?;
+    for host in &manifest.allowed_hosts {
+        let valid = host
+            .rsplit_once(':')
+            .is_some_and(|(name, port)| !name.is_empty() && port.parse::<u16>().is_ok());
+        anyhow::ensure!(valid, "allowed_hosts entry {host:?} must be host:port");
+    }
+    Ok(Grant {
+        allowed_hosts: manifest.allowed_hosts,
+        sql_sources: manifest.sql_sources,
+        poll_interval: manifest.poll_interval_ms.map(Duration::from_millis),
+        limits: manifest.limits.overrides(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_parses_into_a_grant() {
+        let grant = parse_grant(
+            r#"
+            allowed_hosts = ["127.0.0.1:9000"]
+            sql_sources = ["warehouse"]
+            poll_interval_ms = 250
+            [limits]
+            memory_mib = 16
+            "#,
+        )
+        .expect("valid manifest");
+        assert_eq!(grant.allowed_hosts, ["127.0.0.1:9000"]);
+        assert_eq!(grant.poll_interval, Some(Duration::from_millis(250)));
+        assert_eq!(grant.limits.memory_bytes, Some(16 << 20));
+    }
+
+    #[test]
+    fn manifest_rejects_unknown_keys_and_bad_hosts() {
+        assert!(parse_grant("alowed_hosts = []").is_err());
+        assert!(parse_grant(r#"allowed_hosts = ["example.com"]"#).is_err());
+        assert_eq!(parse_grant("").expect("empty manifest"), Grant::default());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        assert!(toml::from_str::<FileConfig>("listn = \"127.0.0.1:1\"").is_err());
+        let file: FileConfig = toml::from_str(
+            "[sources.warehouse]\nurl = \"sqlite://x.db\"\nread_only = true\n",
+        )
+        .expect("valid config");
+        assert!(file.sources["warehouse"].read_only);
+    }
+}

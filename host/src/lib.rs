@@ -1,0 +1,5 @@
+pub mod bindings;
+pub mod capabilities;
+pub mod config;
+pub mod model;
+pub mod runtime;

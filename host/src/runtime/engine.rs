@@ -1,0 +1,83 @@
+//! The shared `Engine`, its `Linker` and the epoch ticker.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine};
+
+use super::instance::StepState;
+use super::plugin::LoadedPlugin;
+use crate::bindings;
+use crate::capabilities::log::LogCapability;
+use crate::capabilities::sql::SqlCapability;
+use crate::model::PluginVersion;
+
+/// How often the epoch advances; the granularity of every call's time limit.
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The wasmtime side of the host: compiles plugins and calls them.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(super) engine: Engine,
+    pub(super) linker: Arc<Linker<StepState>>,
+    pub(super) compiled: Arc<Mutex<HashMap<PluginVersion, Arc<LoadedPlugin>>>>,
+    _ticker: Arc<EpochTicker>,
+}
+
+impl Runtime {
+    /// Builds the engine and linker and starts the epoch ticker thread.
+    pub fn new() -> wasmtime::Result<Runtime> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        // Deep recursion must trap inside the guest's own stack, far from the host's.
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::<StepState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        bindings::log::add_to_linker::<_, LogCapability>(&mut linker, |state| &mut state.log)?;
+        bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
+
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            compiled: Arc::default(),
+            _ticker: Arc::new(ticker),
+        })
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        // A plain thread, not a tokio task: it must tick even when every runtime worker is busy.
+        std::thread::Builder::new()
+            .name("stepwise-epoch".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,12 @@
+//! wasmtime: one `Engine` with epoch interruption (`engine`), plugin versions compiled once off
+//! the async threads and cached by content hash (`plugin`), and one fresh `Store` per call with
+//! memory and time limits (`instance`). Knows nothing of storage or scheduling; the runner hands
+//! it bytes, grants and inputs and gets `model` values back.
+
+mod engine;
+mod instance;
+mod plugin;
+
+pub use engine::Runtime;
+pub use instance::{Capabilities, StepCall, StepReport};
+pub use plugin::LoadedPlugin;

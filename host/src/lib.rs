@@ -1,5 +1,83 @@
-pub mod bindings;
-pub mod capabilities;
+//! Stepwise host: runs multi-step asynchronous checks whose logic lives in sandboxed WebAssembly
+//! plugins. Modules in reading order; calls go down this list and never back up:
+//! `api` → `scheduler` → `runner` → `runtime` → `capabilities`, with `storage` behind narrow
+//! methods that only `api`, `plugins`, `scheduler` and `runner` call.
+
 pub mod config;
+pub mod telemetry;
 pub mod model;
+pub mod api;
+pub mod plugins;
+pub mod scheduler;
+pub mod runner;
 pub mod runtime;
+pub mod capabilities;
+pub mod bindings;
+pub mod storage;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::capabilities::sql::SqlSources;
+use crate::config::Settings;
+use crate::runner::Runner;
+use crate::runtime::Runtime;
+use crate::scheduler::{Scheduler, Wakeup};
+use crate::storage::Store;
+
+/// Serves the API on `listener` and runs the scheduler until `shutdown` is cancelled, then
+/// stops accepting requests, lets ticks in flight finish and releases this node's leases.
+pub async fn serve(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let store = Store::open(&settings.database_url)
+        .await
+        .with_context(|| format!("opening database {}", settings.database_url))?;
+    let node_id = node_id(&settings)?;
+    // Leases this node held before a restart belong to ticks that died with it.
+    store.release_leases(&node_id).await.context("releasing leases of the previous process")?;
+    let runtime = Runtime::new().map_err(anyhow::Error::from).context("starting the wasm runtime")?;
+    let sources = SqlSources::connect_lazy(&settings.sources)?;
+    let wakeup = Wakeup::default();
+    let state = AppState::new(store.clone(), settings.clone(), wakeup.clone());
+
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), "stepwise listening on http://{address}");
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(
+        axum::serve(listener, api::router(state.clone()))
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .into_future(),
+    );
+
+    let activated = plugins::load_directory(&store, &runtime, &settings).await?;
+    tracing::info!(activated, dir = %settings.plugins_dir().display(), "plugins loaded");
+    state.mark_plugins_loaded();
+
+    let runner = Runner::new(store.clone(), runtime, sources, settings.clone());
+    let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
+    let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
+
+    http.await.context("http server task")?.context("http server")?;
+    scheduler.await.context("scheduler task")?;
+    Ok(())
+}
+
+/// A stable id for this node, kept in the data dir so that a restarted process recognises the
+/// leases it held before.
+fn node_id(settings: &Settings) -> anyhow::Result<String> {
+    let path = settings.data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let id = format!("node-{}", uuid::Uuid::now_v7().simple());
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}

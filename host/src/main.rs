@@ -1,1 +1,149 @@
-fn main() {}
+//! The `stepwise` binary: parses the command line, sets up telemetry, and either serves or acts
+//! as a client of a running server.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use stepwise_host::config::{ServeArgs, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "stepwise", version, about = "Multi-step asynchronous checks in sandboxed WebAssembly plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Trigger a run on a server; with --wait, follow it and exit 0 on passed, 1 on failed or
+    /// timed_out, 2 otherwise.
+    Run {
+        plugin: String,
+        #[arg(long, default_value = "{}")]
+        params: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    stepwise_host::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
+        Command::Run { plugin, params, wait, server } => runtime.block_on(run(&server, &plugin, &params, wait)),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error:#}");
+        ExitCode::from(2)
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::from_args(&args)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    stepwise_host::serve(listener, settings, shutdown).await
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}
+
+async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Result<ExitCode> {
+    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    let client = reqwest::Client::new();
+    let server = server.trim_end_matches('/');
+    let response = client
+        .post(format!("{server}/v1/runs"))
+        .json(&serde_json::json!({"plugin": plugin, "params": params}))
+        .send()
+        .await
+        .with_context(|| format!("calling {server}"))?;
+    let status = response.status();
+    let run: Value = response.json().await.context("reading the response")?;
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", run["detail"].as_str().unwrap_or("request failed"));
+    }
+    let id = run["id"].as_str().unwrap_or_default().to_owned();
+    println!("run {id} queued ({server}/v1/runs/{id})");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        let run: Value = client
+            .get(format!("{server}/v1/runs/{id}"))
+            .send()
+            .await
+            .with_context(|| format!("calling {server}"))?
+            .json()
+            .await?;
+        let steps = run["steps"].as_array().cloned().unwrap_or_default();
+        for (index, step) in steps.iter().enumerate() {
+            let line = format!(
+                "  {:<12} {:<10} attempts={:<3}{}{}",
+                step["name"].as_str().unwrap_or(""),
+                step["status"].as_str().unwrap_or(""),
+                step["attempts"],
+                step["passed_after_ms"].as_i64().map(|ms| format!(" passed_after_ms={ms}")).unwrap_or_default(),
+                step["message"].as_str().map(|message| format!(" {message}")).unwrap_or_default(),
+            );
+            if shown.get(index) != Some(&line) {
+                println!("{line}");
+                if index < shown.len() {
+                    shown[index] = line;
+                } else {
+                    shown.push(line);
+                }
+            }
+        }
+        let status = run["status"].as_str().unwrap_or("");
+        let code = match status {
+            "passed" => 0,
+            "failed" | "timed_out" => 1,
+            "errored" | "cancelled" => 2,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        println!("run {id} {status}{}", run["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default());
+        return Ok(ExitCode::from(code));
+    }
+}

@@ -1,0 +1,229 @@
+//! The JSON shapes of the API: the only serde types of the host. Times are RFC 3339 (UTC,
+//! milliseconds); durations are integer milliseconds with a `_ms` suffix.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::model::{CheckInfo, Grant, UnixMillis};
+use crate::storage::{AttemptRecord, PluginRecord, PluginVersionRecord, RunRecord, StepRecord};
+
+fn timestamp(millis: UnixMillis) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+fn json_text(text: &str) -> Json {
+    serde_json::from_str(text).unwrap_or(Json::Null)
+}
+
+#[derive(Serialize)]
+pub struct RunDto {
+    pub id: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub status: &'static str,
+    pub message: Option<String>,
+    pub params: Json,
+    pub labels: BTreeMap<String, String>,
+    pub poll_interval_ms: i64,
+    pub max_errors: u32,
+    pub error_count: u32,
+    /// Name of the step being worked on (the last step once the run passed).
+    pub current_step: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub deadline_at: String,
+    pub next_tick_at: Option<String>,
+    /// The node holding the run's lease while a tick is in progress.
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepDto>>,
+}
+
+#[derive(Serialize)]
+pub struct StepDto {
+    pub name: String,
+    pub status: &'static str,
+    pub attempts: u32,
+    pub message: Option<String>,
+    pub output: Option<Json>,
+    pub timeout_ms: Option<i64>,
+    pub first_attempt_at: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub passed_after_ms: Option<i64>,
+}
+
+impl RunDto {
+    pub fn new(run: &RunRecord, with_steps: bool) -> RunDto {
+        RunDto {
+            id: run.id.to_string(),
+            plugin: run.plugin_name.clone(),
+            plugin_version: run.plugin_version.to_string(),
+            status: run.status.as_str(),
+            message: run.message.clone(),
+            params: json_text(&run.params),
+            labels: run.labels.clone(),
+            poll_interval_ms: run.poll_interval_ms,
+            max_errors: run.max_errors,
+            error_count: run.error_count,
+            current_step: run.steps.get(run.current_step).map(|step| step.name.clone()),
+            created_at: timestamp(run.created_at),
+            started_at: run.started_at.map(timestamp),
+            finished_at: run.finished_at.map(timestamp),
+            deadline_at: timestamp(run.deadline_at),
+            next_tick_at: run.next_tick_at.map(timestamp),
+            node: run.lease_owner.clone(),
+            steps: with_steps.then(|| run.steps.iter().map(StepDto::new).collect()),
+        }
+    }
+}
+
+impl StepDto {
+    fn new(step: &StepRecord) -> StepDto {
+        StepDto {
+            name: step.name.clone(),
+            status: step.status.as_str(),
+            attempts: step.attempts,
+            message: step.message.clone(),
+            output: step.output.as_deref().map(json_text),
+            timeout_ms: step.timeout_ms,
+            first_attempt_at: step.first_attempt_at.map(timestamp),
+            last_attempt_at: step.last_attempt_at.map(timestamp),
+            finished_at: step.finished_at.map(timestamp),
+            passed_after_ms: step.passed_after_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct RunListDto {
+    pub runs: Vec<RunDto>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct AttemptDto {
+    pub step: String,
+    pub attempt: u32,
+    pub outcome: &'static str,
+    pub message: Option<String>,
+    pub logs: Vec<LogLineDto>,
+    pub started_at: String,
+    pub duration_ms: i64,
+}
+
+#[derive(Serialize)]
+pub struct LogLineDto {
+    pub level: &'static str,
+    pub message: String,
+}
+
+impl AttemptDto {
+    pub fn new(attempt: &AttemptRecord) -> AttemptDto {
+        AttemptDto {
+            step: attempt.step.clone(),
+            attempt: attempt.attempt,
+            outcome: attempt.outcome.as_str(),
+            message: attempt.message.clone(),
+            logs: attempt
+                .logs
+                .iter()
+                .map(|line| LogLineDto { level: line.level.as_str(), message: line.message.clone() })
+                .collect(),
+            started_at: timestamp(attempt.started_at),
+            duration_ms: attempt.duration_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct StepInfoDto {
+    pub name: String,
+    pub description: String,
+    pub timeout_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct PluginDto {
+    pub name: String,
+    pub active_version: String,
+    pub description: String,
+    pub plugin_reported_version: String,
+    pub steps: Vec<StepInfoDto>,
+    pub params_schema: Option<Json>,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantDto>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Vec<PluginVersionDto>>,
+}
+
+#[derive(Serialize)]
+pub struct GrantDto {
+    pub allowed_hosts: Vec<String>,
+    pub sql_sources: Vec<String>,
+    pub poll_interval_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub struct PluginVersionDto {
+    pub version: String,
+    pub active: bool,
+    pub steps: Vec<String>,
+    pub created_at: String,
+}
+
+fn steps_of(info: &CheckInfo) -> Vec<StepInfoDto> {
+    info.steps
+        .iter()
+        .map(|step| StepInfoDto {
+            name: step.name.clone(),
+            description: step.description.clone(),
+            timeout_ms: step.timeout.map(|timeout| timeout.as_millis() as u64),
+            max_attempts: step.max_attempts,
+        })
+        .collect()
+}
+
+impl PluginDto {
+    pub fn new(plugin: &PluginRecord) -> PluginDto {
+        PluginDto {
+            name: plugin.name.to_string(),
+            active_version: plugin.active_version.to_string(),
+            description: plugin.check_info.description.clone(),
+            plugin_reported_version: plugin.check_info.version.clone(),
+            steps: steps_of(&plugin.check_info),
+            params_schema: plugin.check_info.params_schema.as_deref().map(json_text),
+            updated_at: timestamp(plugin.updated_at),
+            grant: None,
+            versions: None,
+        }
+    }
+
+    pub fn with_details(mut self, grant: &Grant, versions: &[PluginVersionRecord]) -> PluginDto {
+        self.grant = Some(GrantDto {
+            allowed_hosts: grant.allowed_hosts.clone(),
+            sql_sources: grant.sql_sources.clone(),
+            poll_interval_ms: grant.poll_interval.map(|interval| interval.as_millis() as u64),
+        });
+        self.versions = Some(
+            versions
+                .iter()
+                .map(|version| PluginVersionDto {
+                    active: version.version.as_str() == self.active_version,
+                    version: version.version.to_string(),
+                    steps: version.check_info.steps.iter().map(|step| step.name.clone()).collect(),
+                    created_at: timestamp(version.created_at),
+                })
+                .collect(),
+        );
+        self
+    }
+}

@@ -1,0 +1,135 @@
+//! `ApiError`: every failure a handler returns, rendered as `application/problem+json`
+//! (RFC 9457) with a `code`, the offending `field` where there is one, and the style guide's
+//! `error` object. 5xx details are logged once, by `log_server_errors`, and never sent.
+
+use axum::Json;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::storage;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    field: Option<String>,
+    message: String,
+}
+
+/// The detail of a 5xx, carried to the logging middleware in the response extensions.
+#[derive(Clone)]
+struct ServerErrorDetail(String);
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, code, field: None, message: message.into() }
+    }
+
+    /// 422 for a well-formed request whose `field` is invalid.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_field",
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::NOT_FOUND, code, field: None, message: message.into() }
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::CONFLICT, code, field: None, message: message.into() }
+    }
+
+    pub fn payload_too_large(limit: usize) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "payload_too_large",
+            field: None,
+            message: format!("request body is larger than the limit of {limit} bytes"),
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> ApiError {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<storage::Error> for ApiError {
+    fn from(error: storage::Error) -> ApiError {
+        match error {
+            storage::Error::NotFound => ApiError::not_found("not_found", "not found"),
+            storage::Error::Conflict { constraint } => {
+                ApiError::conflict("conflict", format!("conflicts with an existing record ({constraint})"))
+            }
+            other => ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "internal",
+                field: None,
+                message: format!("storage: {other}"),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let server_error = self.status.is_server_error();
+        let message = if server_error { "internal server error".to_owned() } else { self.message.clone() };
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let mut body = json!({
+            "type": "about:blank",
+            "title": title,
+            "status": self.status.as_u16(),
+            "detail": message,
+            "code": self.code,
+            "error": {"code": self.code, "message": message},
+        });
+        if let Some(field) = &self.field {
+            body["field"] = json!(field);
+            body["error"]["field"] = json!(field);
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if server_error {
+            response.extensions_mut().insert(ServerErrorDetail(self.message));
+        }
+        response
+    }
+}
+
+/// Logs the detail of every 5xx exactly once.
+pub async fn log_server_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    if let Some(ServerErrorDetail(detail)) = response.extensions().get::<ServerErrorDetail>() {
+        tracing::error!(%method, %path, status = response.status().as_u16(), "{detail}");
+    }
+    response
+}
+
+pub async fn not_found_fallback(request: Request) -> ApiError {
+    ApiError::not_found("route_not_found", format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+pub async fn method_not_allowed_fallback(request: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        field: None,
+        message: format!("{} is not allowed on {}", request.method(), request.uri().path()),
+    }
+}

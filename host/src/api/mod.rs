@@ -1,0 +1,34 @@
+//! HTTP only: routes, JSON in and out, problem+json errors. Handlers validate input, call
+//! `storage` and wake the scheduler; they never call the runner or wasmtime.
+
+mod dto;
+mod error;
+mod health;
+mod plugins;
+mod runs;
+mod state;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+pub use error::ApiError;
+pub use state::AppState;
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.settings.body_limit_bytes;
+    Router::new()
+        .route("/v1/runs", post(runs::runs_create).get(runs::runs_index))
+        .route("/v1/runs/{id}", get(runs::runs_show))
+        .route("/v1/runs/{id}/attempts", get(runs::runs_attempts))
+        .route("/v1/runs/{id}/cancel", post(runs::runs_cancel))
+        .route("/v1/plugins", get(plugins::plugins_index))
+        .route("/v1/plugins/{name}", get(plugins::plugins_show))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(error::not_found_fallback)
+        .method_not_allowed_fallback(error::method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn(error::log_server_errors))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

@@ -1,0 +1,30 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::Settings;
+use crate::scheduler::Wakeup;
+use crate::storage::Store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    pub wakeup: Wakeup,
+    plugins_loaded: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(store: Store, settings: Arc<Settings>, wakeup: Wakeup) -> AppState {
+        AppState { store, settings, wakeup, plugins_loaded: Arc::default() }
+    }
+
+    /// Called once the plugins directory has been loaded; `/readyz` waits for it.
+    pub fn mark_plugins_loaded(&self) {
+        self.plugins_loaded.store(true, Ordering::Release);
+    }
+
+    pub fn plugins_loaded(&self) -> bool {
+        self.plugins_loaded.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,309 @@
+//! Runs one tick of one run: resolves the pinned plugin version and the plugin's grant, calls
+//! the current step through `runtime` (and the next ones at once while they pass), enforces the
+//! step timeout and the run deadline, and writes every result through the lease-fenced
+//! `Store::record_tick`. Plugin verdicts and plugin faults are data here; only our own failures
+//! (database, lost lease) are `Err`, and the scheduler simply tries again later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value as Json};
+use tracing::Instrument;
+
+use crate::capabilities::sql::SqlSources;
+use crate::config::{Settings, parse_grant};
+use crate::model::{AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, now_millis};
+use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
+use crate::storage::{self, ClaimedRun, NewAttempt, RunRecord, RunWrite, StepWrite, Store, TickWrite};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Storage(#[from] storage::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a tick needs; cheap to share between concurrent ticks.
+pub struct Runner {
+    store: Store,
+    runtime: Runtime,
+    sources: SqlSources,
+    settings: Arc<Settings>,
+}
+
+/// Where a run stands between two steps of one tick.
+struct Progress {
+    position: usize,
+    error_count: u32,
+    started_at: UnixMillis,
+    outputs: Map<String, Json>,
+}
+
+impl Runner {
+    pub fn new(store: Store, runtime: Runtime, sources: SqlSources, settings: Arc<Settings>) -> Runner {
+        Runner { store, runtime, sources, settings }
+    }
+
+    /// Works on a claimed run until its current step is pending again or the run is finished.
+    pub async fn tick(&self, claim: ClaimedRun) -> Result<()> {
+        let span = tracing::info_span!("runner.tick", run_id = %claim.id, plugin = tracing::field::Empty);
+        match self.tick_inner(&claim).instrument(span).await {
+            Err(Error::Storage(storage::Error::LeaseLost(_))) => {
+                tracing::info!(run_id = %claim.id, "run was cancelled or taken over during the tick; result dropped");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn tick_inner(&self, claim: &ClaimedRun) -> Result<()> {
+        let Some(run) = self.store.find_run(&claim.id).await? else {
+            return Ok(());
+        };
+        if run.status.is_terminal() {
+            return Ok(());
+        }
+        tracing::Span::current().record("plugin", run.plugin_name.as_str());
+        let now = now_millis();
+        let mut progress = Progress {
+            position: run.current_step,
+            error_count: run.error_count,
+            started_at: run.started_at.unwrap_or(now),
+            outputs: passed_outputs(&run),
+        };
+        let (plugin, grant) = match self.resolve_plugin(&run).await {
+            Ok(resolved) => resolved,
+            Err(PluginUnavailable(message)) => {
+                let write = self.finish(&run, claim, &progress, None, StepStatus::Errored, RunStatus::Errored, message);
+                return Ok(self.store.record_tick(&write).await?);
+            }
+        };
+        let capabilities = Capabilities {
+            limits: self.settings.limits.with_overrides(&grant.limits),
+            grant,
+            sources: self.sources.clone(),
+        };
+        loop {
+            let step = &run.steps[progress.position];
+            let now = now_millis();
+            if now >= run.deadline_at {
+                let message = format!(
+                    "run deadline passed ({} ms after creation) while step {:?} was not done",
+                    run.deadline_at - run.created_at,
+                    step.name
+                );
+                let write = self.finish(&run, claim, &progress, None, StepStatus::TimedOut, RunStatus::TimedOut, message);
+                return Ok(self.store.record_tick(&write).await?);
+            }
+            if let (Some(timeout_ms), Some(first_attempt_at)) = (step.timeout_ms, step.first_attempt_at)
+                && now >= first_attempt_at + timeout_ms
+            {
+                let message = format!("step {:?} was still pending after its timeout of {timeout_ms} ms", step.name);
+                let write = self.finish(&run, claim, &progress, None, StepStatus::TimedOut, RunStatus::TimedOut, message);
+                return Ok(self.store.record_tick(&write).await?);
+            }
+
+            let attempt = step.attempts + 1;
+            let call = StepCall {
+                run_id: run.id.to_string(),
+                step: step.name.clone(),
+                attempt,
+                elapsed: Duration::from_millis((now - progress.started_at).max(0) as u64),
+                params: run.params.clone(),
+                outputs: Json::Object(progress.outputs.clone()).to_string(),
+            };
+            let report = self.runtime.run_step(&plugin, call, &capabilities).await;
+            let finished_at = now_millis();
+            tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
+            let new_attempt = NewAttempt {
+                attempt,
+                outcome: report.outcome,
+                message: report.message.clone(),
+                logs: report.logs,
+                started_at: now,
+                duration_ms: report.duration.as_millis() as i64,
+            };
+            let message = report.message.unwrap_or_default();
+            let is_last = progress.position + 1 == run.steps.len();
+            let write = match report.outcome {
+                AttemptOutcome::Passed => {
+                    let output = report.output.unwrap_or_else(|| "null".into());
+                    progress.outputs.insert(
+                        step.name.clone(),
+                        serde_json::from_str(&output).unwrap_or(Json::Null),
+                    );
+                    let step_write = StepWrite {
+                        position: progress.position,
+                        status: StepStatus::Passed,
+                        message: None,
+                        output: Some(output),
+                        passed_after_ms: Some(finished_at - progress.started_at),
+                        skip_rest: false,
+                    };
+                    let run_write = if is_last {
+                        self.run_write(&progress, RunStatus::Passed, None, progress.position, None, None)
+                    } else {
+                        let lease = finished_at + self.settings.lease.as_millis() as i64;
+                        self.run_write(&progress, RunStatus::Running, None, progress.position + 1, Some(finished_at), Some(lease))
+                    };
+                    self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
+                }
+                AttemptOutcome::Pending => {
+                    if step.max_attempts.is_some_and(|max| attempt >= max) {
+                        let message = format!("step {:?} was still pending after {attempt} attempts: {message}", step.name);
+                        self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Failed, RunStatus::Failed, message)
+                    } else {
+                        self.wait_for_next_tick(&run, claim, &progress, new_attempt, finished_at, message)
+                    }
+                }
+                AttemptOutcome::Failed => {
+                    let run_message = format!("step {:?} failed: {message}", step.name);
+                    let mut write = self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Failed, RunStatus::Failed, run_message);
+                    write.step.message = Some(message);
+                    write
+                }
+                AttemptOutcome::Errored => {
+                    progress.error_count += 1;
+                    if progress.error_count >= run.max_errors {
+                        let run_message = format!(
+                            "step {:?} errored {} times (max_errors {}); last error: {message}",
+                            step.name, progress.error_count, run.max_errors
+                        );
+                        let mut write = self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Errored, RunStatus::Errored, run_message);
+                        write.step.message = Some(message);
+                        write
+                    } else {
+                        self.wait_for_next_tick(&run, claim, &progress, new_attempt, finished_at, format!("errored: {message}"))
+                    }
+                }
+            };
+            self.store.record_tick(&write).await?;
+            if write.run.keep_lease_until.is_none() {
+                return Ok(());
+            }
+            progress.position += 1;
+        }
+    }
+
+    /// Finds the pinned version's compiled component (compiling it if this process has not yet)
+    /// and the plugin's current grant.
+    async fn resolve_plugin(&self, run: &RunRecord) -> Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable> {
+        let unavailable = |what: String| PluginUnavailable(format!("plugin {} version {}: {what}", run.plugin_name, run.plugin_version));
+        let record = self
+            .store
+            .find_plugin(&run.plugin_name)
+            .await
+            .map_err(|error| unavailable(format!("reading the plugin: {error}")))?
+            .ok_or_else(|| unavailable("the plugin no longer exists".into()))?;
+        let grant = parse_grant(&record.grant_toml).map_err(|error| unavailable(format!("invalid grant: {error:#}")))?;
+        let loaded = match self.runtime.cached(&run.plugin_version) {
+            Some(loaded) => loaded,
+            None => self.load_version(&run.plugin_version).await.map_err(|error| unavailable(format!("{error:#}")))?,
+        };
+        Ok((loaded, grant))
+    }
+
+    async fn load_version(&self, version: &PluginVersion) -> anyhow::Result<Arc<LoadedPlugin>> {
+        let bytes = self.store.load_component(version).await?;
+        self.runtime.load(version, bytes).await
+    }
+
+    fn run_write(
+        &self,
+        progress: &Progress,
+        status: RunStatus,
+        message: Option<String>,
+        current_step: usize,
+        next_tick_at: Option<UnixMillis>,
+        keep_lease_until: Option<UnixMillis>,
+    ) -> RunWrite {
+        RunWrite {
+            status,
+            message,
+            current_step,
+            error_count: progress.error_count,
+            started_at: progress.started_at,
+            next_tick_at,
+            keep_lease_until,
+        }
+    }
+
+    fn tick_write(&self, claim: &ClaimedRun, now: UnixMillis, attempt: NewAttempt, step: StepWrite, run: RunWrite) -> TickWrite {
+        TickWrite { run_id: claim.id.clone(), lease_token: claim.lease_token, now, attempt: Some(attempt), step, run }
+    }
+
+    /// The step is not done: keep it pending and come back after the poll interval, or sooner
+    /// when the step timeout or the run deadline falls first.
+    fn wait_for_next_tick(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &Progress,
+        attempt: NewAttempt,
+        now: UnixMillis,
+        message: String,
+    ) -> TickWrite {
+        let step = &run.steps[progress.position];
+        let first_attempt_at = step.first_attempt_at.unwrap_or(attempt.started_at);
+        let mut next_tick_at = (now + run.poll_interval_ms).min(run.deadline_at);
+        if let Some(timeout_ms) = step.timeout_ms {
+            next_tick_at = next_tick_at.min(first_attempt_at + timeout_ms);
+        }
+        let step_write = StepWrite {
+            position: progress.position,
+            status: StepStatus::Pending,
+            message: Some(message),
+            output: None,
+            passed_after_ms: None,
+            skip_rest: false,
+        };
+        let run_write = self.run_write(progress, RunStatus::Running, None, progress.position, Some(next_tick_at), None);
+        self.tick_write(claim, now, attempt, step_write, run_write)
+    }
+
+    /// Ends the run at the current step; later steps become `skipped`.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &Progress,
+        attempt: Option<NewAttempt>,
+        step_status: StepStatus,
+        run_status: RunStatus,
+        message: String,
+    ) -> TickWrite {
+        tracing::info!(run_id = %run.id, status = %run_status, "{message}");
+        TickWrite {
+            run_id: claim.id.clone(),
+            lease_token: claim.lease_token,
+            now: now_millis(),
+            attempt,
+            step: StepWrite {
+                position: progress.position,
+                status: step_status,
+                message: Some(message.clone()),
+                output: None,
+                passed_after_ms: None,
+                skip_rest: true,
+            },
+            run: self.run_write(progress, run_status, Some(message), progress.position, None, None),
+        }
+    }
+}
+
+/// The pinned plugin version cannot be used; the run ends `errored` with this message.
+struct PluginUnavailable(String);
+
+/// Outputs of the steps that passed so far, by step name: the `outputs` of the next call.
+fn passed_outputs(run: &RunRecord) -> Map<String, Json> {
+    run.steps
+        .iter()
+        .filter(|step| step.status == StepStatus::Passed)
+        .map(|step| {
+            let output = step.output.as_deref().and_then(|text| serde_json::from_str(text).ok());
+            (step.name.clone(), output.unwrap_or(Json::Null))
+        })
+        .collect()
+}

@@ -1,0 +1,100 @@
+//! Decides *when*: claims due runs through leases (never more than the free concurrency
+//! permits), hands each to the runner on its own task, and sleeps until the next due tick, a
+//! wake-up from the API, or the backstop interval. On shutdown it stops claiming, lets the
+//! ticks in flight finish, and releases this node's leases. Knows nothing about wasm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::model::now_millis;
+use crate::runner::Runner;
+use crate::storage::Store;
+
+/// Wakes the scheduler when new work arrives, so a fresh run does not wait for the backstop.
+#[derive(Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+}
+
+pub struct Scheduler {
+    store: Store,
+    runner: Arc<Runner>,
+    settings: Arc<Settings>,
+    node_id: String,
+    wakeup: Wakeup,
+}
+
+impl Scheduler {
+    pub fn new(store: Store, runner: Runner, settings: Arc<Settings>, node_id: String, wakeup: Wakeup) -> Scheduler {
+        Scheduler { store, runner: Arc::new(runner), settings, node_id, wakeup }
+    }
+
+    /// Claims and runs ticks until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_ticks));
+        let mut ticks = JoinSet::new();
+        let lease_ms = self.settings.lease.as_millis() as i64;
+        loop {
+            while let Some(finished) = ticks.try_join_next() {
+                if let Err(error) = finished {
+                    tracing::error!(%error, "a tick task panicked");
+                }
+            }
+            let free = permits.available_permits();
+            if free > 0 {
+                let now = now_millis();
+                match self.store.claim_due_runs(&self.node_id, now, now + lease_ms, free).await {
+                    Ok(claims) => {
+                        let claimed_all = claims.len() == free;
+                        for claim in claims {
+                            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let runner = self.runner.clone();
+                            let wakeup = self.wakeup.clone();
+                            ticks.spawn(async move {
+                                if let Err(error) = runner.tick(claim.clone()).await {
+                                    // Our side failed, not the plugin: the run is not charged,
+                                    // and the tick is tried again when the lease expires.
+                                    tracing::warn!(run_id = %claim.id, %error, "tick failed; will retry");
+                                }
+                                drop(permit);
+                                wakeup.wake();
+                            });
+                        }
+                        if claimed_all {
+                            continue;
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "claiming due runs failed; retrying"),
+                }
+            }
+            let now = now_millis();
+            let wait = match self.store.next_due_after(now).await {
+                Ok(Some(due)) => Duration::from_millis((due - now).max(0) as u64),
+                _ => self.settings.scheduler_backstop,
+            }
+            .min(self.settings.scheduler_backstop);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wakeup.0.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::info!(in_flight = ticks.len(), "scheduler stopping; letting ticks in flight finish");
+        while ticks.join_next().await.is_some() {}
+        match self.store.release_leases(&self.node_id).await {
+            Ok(released) => tracing::info!(released, "scheduler stopped"),
+            Err(error) => tracing::warn!(%error, "releasing leases at shutdown failed"),
+        }
+    }
+}

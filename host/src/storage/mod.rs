@@ -1,0 +1,204 @@
+//! The durable state: plugins and their versions, runs, steps and attempts. `Store` is one
+//! concrete type with narrow methods named after intent; the SQL lives in `sqlite.rs`, written
+//! in the subset PostgreSQL shares (integer millisecond times, `RETURNING`, no SQLite-only
+//! functions), so the PostgreSQL backend can sit behind the same methods. Only this module knows
+//! SQL; every transaction begins and ends inside one method.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use crate::model::{
+    AttemptOutcome, CheckInfo, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepStatus, UnixMillis,
+};
+
+pub use sqlite::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict on {constraint}")]
+    Conflict { constraint: String },
+    /// Another node (or a cancellation) took the run over; our write was not applied.
+    #[error("the lease on run {0} was lost")]
+    LeaseLost(RunId),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A plugin name with its active version and grant.
+#[derive(Debug, Clone)]
+pub struct PluginRecord {
+    pub name: PluginName,
+    pub active_version: PluginVersion,
+    /// The manifest text; `config::parse_grant` turns it into a `Grant`.
+    pub grant_toml: String,
+    pub check_info: CheckInfo,
+    pub updated_at: UnixMillis,
+}
+
+/// One stored version of a plugin.
+#[derive(Debug, Clone)]
+pub struct PluginVersionRecord {
+    pub version: PluginVersion,
+    pub check_info: CheckInfo,
+    pub created_at: UnixMillis,
+}
+
+/// A run to create, with its steps.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: RunId,
+    pub plugin_name: PluginName,
+    pub plugin_version: PluginVersion,
+    pub params: String,
+    pub labels: BTreeMap<String, String>,
+    pub poll_interval_ms: i64,
+    pub max_errors: u32,
+    pub deadline_at: UnixMillis,
+    pub created_at: UnixMillis,
+    pub idempotency_key: Option<String>,
+    pub steps: Vec<NewStep>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    pub name: String,
+    pub timeout_ms: Option<i64>,
+    pub max_attempts: Option<u32>,
+}
+
+/// Whether `enqueue_run` created the run or found one with the same idempotency key.
+#[derive(Debug)]
+pub enum Enqueued {
+    Created(RunRecord),
+    Existing(RunRecord),
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub plugin_name: String,
+    pub plugin_version: PluginVersion,
+    pub params: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: RunStatus,
+    pub message: Option<String>,
+    pub poll_interval_ms: i64,
+    pub max_errors: u32,
+    pub error_count: u32,
+    pub current_step: usize,
+    pub created_at: UnixMillis,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub deadline_at: UnixMillis,
+    pub next_tick_at: Option<UnixMillis>,
+    pub lease_owner: Option<String>,
+    /// Empty in listings; filled by `find_run`.
+    pub steps: Vec<StepRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub position: usize,
+    pub name: String,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub timeout_ms: Option<i64>,
+    pub max_attempts: Option<u32>,
+    pub message: Option<String>,
+    pub output: Option<String>,
+    pub first_attempt_at: Option<UnixMillis>,
+    pub last_attempt_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub passed_after_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub position: usize,
+    pub step: String,
+    pub attempt: u32,
+    pub outcome: AttemptOutcome,
+    pub message: Option<String>,
+    pub logs: Vec<LogLine>,
+    pub started_at: UnixMillis,
+    pub duration_ms: i64,
+}
+
+/// Filters of `list_runs`; `before` is the cursor (a run id: ids sort by creation time).
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub plugin: Option<String>,
+    pub status: Option<RunStatus>,
+    pub label: Option<(String, String)>,
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
+/// A run this node may work on until `lease_token` is superseded.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub id: RunId,
+    pub lease_token: i64,
+}
+
+/// What `cancel_run` did.
+#[derive(Debug)]
+pub enum Cancelled {
+    Cancelled(RunRecord),
+    AlreadyFinished(RunStatus),
+}
+
+/// The result of one step of a tick, written atomically and only while the lease holds.
+#[derive(Debug, Clone)]
+pub struct TickWrite {
+    pub run_id: RunId,
+    pub lease_token: i64,
+    pub now: UnixMillis,
+    /// The call that was made, if any (a timeout found before calling makes none).
+    pub attempt: Option<NewAttempt>,
+    pub step: StepWrite,
+    pub run: RunWrite,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAttempt {
+    pub attempt: u32,
+    pub outcome: AttemptOutcome,
+    pub message: Option<String>,
+    pub logs: Vec<LogLine>,
+    pub started_at: UnixMillis,
+    pub duration_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepWrite {
+    pub position: usize,
+    pub status: StepStatus,
+    pub message: Option<String>,
+    pub output: Option<String>,
+    pub passed_after_ms: Option<i64>,
+    /// Terminal for the run: later steps become `skipped`.
+    pub skip_rest: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunWrite {
+    pub status: RunStatus,
+    pub message: Option<String>,
+    pub current_step: usize,
+    pub error_count: u32,
+    pub started_at: UnixMillis,
+    /// `None` once the run is terminal.
+    pub next_tick_at: Option<UnixMillis>,
+    /// Keep the lease (the tick goes on to the next step) or release it.
+    pub keep_lease_until: Option<UnixMillis>,
+}

@@ -1,0 +1,691 @@
+//! SQLite: WAL, `synchronous = FULL` (a `202` means the run is on disk), foreign keys and a busy
+//! timeout, all set on the connect options so every pooled connection has them.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, QueryBuilder, Sqlite};
+
+use super::{
+    AttemptRecord, Cancelled, ClaimedRun, Enqueued, Error, NewRun, PluginRecord, PluginVersionRecord, Result,
+    RunFilter, RunRecord, StepRecord, TickWrite,
+};
+use crate::model::{
+    AttemptOutcome, CheckInfo, LogLevel, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepInfo,
+    StepStatus, UnixMillis,
+};
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The database of one Stepwise deployment.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
+     max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner";
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        MIGRATIONS.run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Fails when the database cannot answer.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Stores a plugin version (bytes once per content hash). Saving the same version again is a
+    /// no-op.
+    pub async fn save_plugin_version(
+        &self,
+        name: &PluginName,
+        version: &PluginVersion,
+        bytes: &[u8],
+        check_info: &CheckInfo,
+        now: UnixMillis,
+    ) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(version.as_str())
+            .bind(bytes)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(
+            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name.as_str())
+        .bind(version.as_str())
+        .bind(check_info_to_json(check_info).to_string())
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Makes `version` the one new runs of `name` use, with `grant_toml` as its grant.
+    pub async fn activate_plugin(
+        &self,
+        name: &PluginName,
+        version: &PluginVersion,
+        grant_toml: &str,
+        now: UnixMillis,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO plugins (name, active_version, grant_toml, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version, \
+             grant_toml = excluded.grant_toml, updated_at = excluded.updated_at",
+        )
+        .bind(name.as_str())
+        .bind(version.as_str())
+        .bind(grant_toml)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The plugin with its active version, if the name is known.
+    pub async fn find_plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
+        let row: Option<PluginRow> = sqlx::query_as(
+            "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info FROM plugins p \
+             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version WHERE p.name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(PluginRow::into_record).transpose()
+    }
+
+    /// Every plugin with its active version, by name.
+    pub async fn list_plugins(&self) -> Result<Vec<PluginRecord>> {
+        let rows: Vec<PluginRow> = sqlx::query_as(
+            "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info FROM plugins p \
+             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version ORDER BY p.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(PluginRow::into_record).collect()
+    }
+
+    /// All versions stored for `name`, newest first.
+    pub async fn list_plugin_versions(&self, name: &str) -> Result<Vec<PluginVersionRecord>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = ? \
+             ORDER BY created_at DESC, version",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(version, check_info, created_at)| {
+                Ok(PluginVersionRecord {
+                    version: PluginVersion::from_stored(version),
+                    check_info: check_info_from_json(&check_info)?,
+                    created_at,
+                })
+            })
+            .collect()
+    }
+
+    /// The component bytes of a version.
+    pub async fn load_component(&self, version: &PluginVersion) -> Result<Vec<u8>> {
+        let bytes: Option<(Vec<u8>,)> = sqlx::query_as("SELECT bytes FROM components WHERE version = ?")
+            .bind(version.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        bytes.map(|(bytes,)| bytes).ok_or(Error::NotFound)
+    }
+
+    /// Makes a run durable and due at once. With an idempotency key already used, returns that
+    /// run instead.
+    pub async fn enqueue_run(&self, run: &NewRun) -> Result<Enqueued> {
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = self.find_run_by_idempotency_key(key).await?
+        {
+            return Ok(Enqueued::Existing(existing));
+        }
+        let labels = serde_json::to_string(&run.labels).map_err(|error| Error::Corrupt(error.to_string()))?;
+        let mut transaction = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
+             idempotency_key, created_at, deadline_at, next_tick_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(run.id.as_str())
+        .bind(run.plugin_name.as_str())
+        .bind(run.plugin_version.as_str())
+        .bind(&run.params)
+        .bind(&labels)
+        .bind(run.poll_interval_ms)
+        .bind(i64::from(run.max_errors))
+        .bind(run.idempotency_key.as_deref())
+        .bind(run.created_at)
+        .bind(run.deadline_at)
+        .bind(run.created_at)
+        .execute(&mut *transaction)
+        .await;
+        if let Err(error) = inserted {
+            // Two requests with one key raced: the other one's run is the answer.
+            if is_unique_violation(&error)
+                && let Some(key) = &run.idempotency_key
+            {
+                drop(transaction);
+                return match self.find_run_by_idempotency_key(key).await? {
+                    Some(existing) => Ok(Enqueued::Existing(existing)),
+                    None => Err(Error::Conflict { constraint: "runs.idempotency_key".into() }),
+                };
+            }
+            return Err(error.into());
+        }
+        for (key, value) in &run.labels {
+            sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES (?, ?, ?)")
+                .bind(run.id.as_str())
+                .bind(key)
+                .bind(value)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        for (position, step) in run.steps.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES (?, ?, ?, 'waiting', ?, ?)",
+            )
+            .bind(run.id.as_str())
+            .bind(position as i64)
+            .bind(&step.name)
+            .bind(step.timeout_ms)
+            .bind(step.max_attempts.map(i64::from))
+            .execute(&mut *transaction)
+            .await?;
+        }
+        transaction.commit().await?;
+        let created = self.find_run(&run.id).await?.ok_or(Error::NotFound)?;
+        Ok(Enqueued::Created(created))
+    }
+
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<RunRecord>> {
+        let id: Option<(String,)> = sqlx::query_as("SELECT id FROM runs WHERE idempotency_key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        match id {
+            Some((id,)) => self.find_run(&RunId::from_stored(id)).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A run with its steps.
+    pub async fn find_run(&self, id: &RunId) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+        let Some(row) = sqlx::query_as::<_, RunRow>(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut run = row.into_record()?;
+        let steps: Vec<StepRow> = sqlx::query_as(
+            "SELECT position, name, status, attempts, timeout_ms, max_attempts, message, output, first_attempt_at, \
+             last_attempt_at, finished_at, passed_after_ms FROM steps WHERE run_id = ? ORDER BY position",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        run.steps = steps.into_iter().map(StepRow::into_record).collect::<Result<_>>()?;
+        Ok(Some(run))
+    }
+
+    /// Runs newest first, without their steps.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        if let Some(plugin) = &filter.plugin {
+            query.push(" AND plugin_name = ").push_bind(plugin.clone());
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some((key, value)) = &filter.label {
+            query
+                .push(" AND id IN (SELECT run_id FROM run_labels WHERE key = ")
+                .push_bind(key.clone())
+                .push(" AND value = ")
+                .push_bind(value.clone())
+                .push(")");
+        }
+        if let Some(before) = &filter.before {
+            query.push(" AND id < ").push_bind(before.as_str().to_owned());
+        }
+        query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        let rows: Vec<RunRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        rows.into_iter().map(RunRow::into_record).collect()
+    }
+
+    /// Every attempt of a run, in order.
+    pub async fn list_attempts(&self, id: &RunId) -> Result<Vec<AttemptRecord>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms \
+             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
+             WHERE a.run_id = ? ORDER BY a.position, a.attempt",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(AttemptRow::into_record).collect()
+    }
+
+    /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
+    /// in the middle of a tick, so its result is dropped.
+    pub async fn cancel_run(&self, id: &RunId, now: UnixMillis) -> Result<Cancelled> {
+        let mut transaction = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = ?, \
+             next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1 \
+             WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            drop(transaction);
+            let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
+            return Ok(Cancelled::AlreadyFinished(run.status));
+        }
+        sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = ? AND status IN ('waiting', 'pending')")
+            .bind(id.as_str())
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
+        Ok(Cancelled::Cancelled(run))
+    }
+
+    /// Claims up to `limit` runs whose next tick is due and whose lease is free or expired.
+    pub async fn claim_due_runs(
+        &self,
+        owner: &str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<ClaimedRun>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "UPDATE runs SET lease_owner = ?, lease_expires_at = ?, lease_token = lease_token + 1 \
+             WHERE id IN (SELECT id FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at <= ? \
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= ?) \
+                          ORDER BY next_tick_at LIMIT ?) \
+             RETURNING id, lease_token",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, lease_token)| ClaimedRun { id: RunId::from_stored(id), lease_token })
+            .collect())
+    }
+
+    /// The earliest tick due after `now`, found through the due-time index. Ticks already due
+    /// are either claimed or held by a lease; expired leases are found by the backstop poll.
+    pub async fn next_due_after(&self, now: UnixMillis) -> Result<Option<UnixMillis>> {
+        let next: Option<(i64,)> = sqlx::query_as(
+            "SELECT next_tick_at FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at > ? \
+             ORDER BY next_tick_at LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(next.map(|(at,)| at))
+    }
+
+    /// Gives up every lease `owner` holds, so another node (or this one restarted) can go on at
+    /// once instead of waiting for expiry.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64> {
+        let released = sqlx::query("UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(released.rows_affected())
+    }
+
+    /// Writes one step's result, its attempt and the run's new state in one transaction, only
+    /// if `lease_token` is still current and the run unfinished; otherwise nothing is written
+    /// and `Error::LeaseLost` is returned.
+    pub async fn record_tick(&self, write: &TickWrite) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let (lease_owner_sql, lease_until) = match write.run.keep_lease_until {
+            Some(until) => ("lease_owner", Some(until)),
+            None => ("NULL", None),
+        };
+        let sql = format!(
+            "UPDATE runs SET status = ?, message = ?, current_step = ?, error_count = ?, \
+             started_at = COALESCE(started_at, ?), finished_at = ?, next_tick_at = ?, \
+             lease_owner = {lease_owner_sql}, lease_expires_at = ? \
+             WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
+        );
+        let finished_at = write.run.status.is_terminal().then_some(write.now);
+        let updated = sqlx::query(&sql)
+            .bind(write.run.status.as_str())
+            .bind(write.run.message.as_deref())
+            .bind(write.run.current_step as i64)
+            .bind(i64::from(write.run.error_count))
+            .bind(write.run.started_at)
+            .bind(finished_at)
+            .bind(write.run.next_tick_at)
+            .bind(lease_until)
+            .bind(write.run_id.as_str())
+            .bind(write.lease_token)
+            .execute(&mut *transaction)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(Error::LeaseLost(write.run_id.clone()));
+        }
+        let step = &write.step;
+        if let Some(attempt) = &write.attempt {
+            sqlx::query(
+                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(write.run_id.as_str())
+            .bind(step.position as i64)
+            .bind(i64::from(attempt.attempt))
+            .bind(attempt.outcome.as_str())
+            .bind(attempt.message.as_deref())
+            .bind(logs_to_json(&attempt.logs).to_string())
+            .bind(attempt.started_at)
+            .bind(attempt.duration_ms)
+            .execute(&mut *transaction)
+            .await?;
+            sqlx::query(
+                "UPDATE steps SET attempts = ?, first_attempt_at = COALESCE(first_attempt_at, ?), last_attempt_at = ? \
+                 WHERE run_id = ? AND position = ?",
+            )
+            .bind(i64::from(attempt.attempt))
+            .bind(attempt.started_at)
+            .bind(attempt.started_at)
+            .bind(write.run_id.as_str())
+            .bind(step.position as i64)
+            .execute(&mut *transaction)
+            .await?;
+        }
+        let step_finished_at = matches!(
+            step.status,
+            StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
+        )
+        .then_some(write.now);
+        sqlx::query(
+            "UPDATE steps SET status = ?, message = ?, output = ?, passed_after_ms = ?, finished_at = ? \
+             WHERE run_id = ? AND position = ?",
+        )
+        .bind(step.status.as_str())
+        .bind(step.message.as_deref())
+        .bind(step.output.as_deref())
+        .bind(step.passed_after_ms)
+        .bind(step_finished_at)
+        .bind(write.run_id.as_str())
+        .bind(step.position as i64)
+        .execute(&mut *transaction)
+        .await?;
+        if step.skip_rest {
+            sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = ? AND position > ?")
+                .bind(write.run_id.as_str())
+                .bind(step.position as i64)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|database_error| database_error.is_unique_violation())
+}
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Corrupt(format!("{what} {value:?}"))
+}
+
+#[derive(FromRow)]
+struct PluginRow {
+    name: String,
+    active_version: String,
+    grant_toml: String,
+    updated_at: i64,
+    check_info: String,
+}
+
+impl PluginRow {
+    fn into_record(self) -> Result<PluginRecord> {
+        Ok(PluginRecord {
+            name: PluginName::parse(&self.name).map_err(Error::Corrupt)?,
+            active_version: PluginVersion::from_stored(self.active_version),
+            grant_toml: self.grant_toml,
+            check_info: check_info_from_json(&self.check_info)?,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct RunRow {
+    id: String,
+    plugin_name: String,
+    plugin_version: String,
+    params: String,
+    labels: String,
+    status: String,
+    message: Option<String>,
+    poll_interval_ms: i64,
+    max_errors: i64,
+    error_count: i64,
+    current_step: i64,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    deadline_at: i64,
+    next_tick_at: Option<i64>,
+    lease_owner: Option<String>,
+}
+
+impl RunRow {
+    fn into_record(self) -> Result<RunRecord> {
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&self.labels).map_err(|_| corrupt("run labels", &self.labels))?;
+        Ok(RunRecord {
+            status: RunStatus::parse(&self.status).ok_or_else(|| corrupt("run status", &self.status))?,
+            id: RunId::from_stored(self.id),
+            plugin_name: self.plugin_name,
+            plugin_version: PluginVersion::from_stored(self.plugin_version),
+            params: self.params,
+            labels,
+            message: self.message,
+            poll_interval_ms: self.poll_interval_ms,
+            max_errors: self.max_errors as u32,
+            error_count: self.error_count as u32,
+            current_step: self.current_step as usize,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            deadline_at: self.deadline_at,
+            next_tick_at: self.next_tick_at,
+            lease_owner: self.lease_owner,
+            steps: Vec::new(),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct StepRow {
+    position: i64,
+    name: String,
+    status: String,
+    attempts: i64,
+    timeout_ms: Option<i64>,
+    max_attempts: Option<i64>,
+    message: Option<String>,
+    output: Option<String>,
+    first_attempt_at: Option<i64>,
+    last_attempt_at: Option<i64>,
+    finished_at: Option<i64>,
+    passed_after_ms: Option<i64>,
+}
+
+impl StepRow {
+    fn into_record(self) -> Result<StepRecord> {
+        Ok(StepRecord {
+            status: StepStatus::parse(&self.status).ok_or_else(|| corrupt("step status", &self.status))?,
+            position: self.position as usize,
+            name: self.name,
+            attempts: self.attempts as u32,
+            timeout_ms: self.timeout_ms,
+            max_attempts: self.max_attempts.map(|max| max as u32),
+            message: self.message,
+            output: self.output,
+            first_attempt_at: self.first_attempt_at,
+            last_attempt_at: self.last_attempt_at,
+            finished_at: self.finished_at,
+            passed_after_ms: self.passed_after_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AttemptRow {
+    position: i64,
+    name: String,
+    attempt: i64,
+    outcome: String,
+    message: Option<String>,
+    logs: String,
+    started_at: i64,
+    duration_ms: i64,
+}
+
+impl AttemptRow {
+    fn into_record(self) -> Result<AttemptRecord> {
+        Ok(AttemptRecord {
+            outcome: AttemptOutcome::parse(&self.outcome).ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
+            logs: logs_from_json(&self.logs)?,
+            position: self.position as usize,
+            step: self.name,
+            attempt: self.attempt as u32,
+            message: self.message,
+            started_at: self.started_at,
+            duration_ms: self.duration_ms,
+        })
+    }
+}
+
+fn check_info_to_json(info: &CheckInfo) -> Json {
+    let steps: Vec<Json> = info
+        .steps
+        .iter()
+        .map(|step| {
+            json!({
+                "name": step.name,
+                "description": step.description,
+                "timeout_ms": step.timeout.map(|timeout| timeout.as_millis() as u64),
+                "max_attempts": step.max_attempts,
+            })
+        })
+        .collect();
+    json!({
+        "name": info.name,
+        "version": info.version,
+        "description": info.description,
+        "steps": steps,
+        "params_schema": info.params_schema,
+    })
+}
+
+fn check_info_from_json(text: &str) -> Result<CheckInfo> {
+    let bad = || corrupt("check info", text);
+    let value: Json = serde_json::from_str(text).map_err(|_| bad())?;
+    let string = |value: &Json, key: &str| value[key].as_str().map(str::to_owned);
+    let steps = value["steps"]
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|step| {
+            Ok(StepInfo {
+                name: string(step, "name").ok_or_else(bad)?,
+                description: string(step, "description").unwrap_or_default(),
+                timeout: step["timeout_ms"].as_u64().map(Duration::from_millis),
+                max_attempts: step["max_attempts"].as_u64().map(|max| max as u32),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CheckInfo {
+        name: string(&value, "name").unwrap_or_default(),
+        version: string(&value, "version").unwrap_or_default(),
+        description: string(&value, "description").unwrap_or_default(),
+        steps,
+        params_schema: string(&value, "params_schema"),
+    })
+}
+
+fn logs_to_json(logs: &[LogLine]) -> Json {
+    Json::Array(
+        logs.iter()
+            .map(|line| json!({"level": line.level.as_str(), "message": line.message}))
+            .collect(),
+    )
+}
+
+fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
+    let value: Json = serde_json::from_str(text).map_err(|_| corrupt("attempt logs", text))?;
+    let lines = value.as_array().ok_or_else(|| corrupt("attempt logs", text))?;
+    Ok(lines
+        .iter()
+        .map(|line| LogLine {
+            level: line["level"].as_str().and_then(LogLevel::parse).unwrap_or(LogLevel::Info),
+            message: line["message"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_info_round_trips_through_json() {
+        let info = CheckInfo {
+            name: "demo".into(),
+            version: "1".into(),
+            description: "d".into(),
+            steps: vec![StepInfo {
+                name: "a".into(),
+                description: String::new(),
+                timeout: Some(Duration::from_millis(1500)),
+                max_attempts: Some(3),
+            }],
+            params_schema: Some("{}".into()),
+        };
+        let text = check_info_to_json(&info).to_string();
+        assert_eq!(check_info_from_json(&text).expect("valid"), info);
+    }
+}

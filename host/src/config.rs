@@ -263,10 +263,9 @@ mod tests {
     #[test]
     fn config_file_rejects_unknown_keys() {
         assert!(toml::from_str::<FileConfig>("listn = \"127.0.0.1:1\"").is_err());
-        let file: FileConfig = toml::from_str(
-            "[sources.warehouse]\nurl = \"sqlite://x.db\"\nread_only = true\n",
-        )
-        .expect("valid config");
+        let file: FileConfig =
+            toml::from_str("[sources.warehouse]\nurl = \"sqlite://x.db\"\nread_only = true\n")
+                .expect("valid config");
         assert!(file.sources["warehouse"].read_only);
     }
 }

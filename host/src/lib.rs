@@ -3,17 +3,17 @@
 //! `api` → `scheduler` → `runner` → `runtime` → `capabilities`, with `storage` behind narrow
 //! methods that only `api`, `plugins`, `scheduler` and `runner` call.
 
-pub mod config;
-pub mod telemetry;
-pub mod model;
 pub mod api;
+pub mod bindings;
+pub mod capabilities;
+pub mod config;
+pub mod model;
 pub mod plugins;
-pub mod scheduler;
 pub mod runner;
 pub mod runtime;
-pub mod capabilities;
-pub mod bindings;
+pub mod scheduler;
 pub mod storage;
+pub mod telemetry;
 
 use std::sync::Arc;
 
@@ -31,7 +31,11 @@ use crate::storage::Store;
 
 /// Serves the API on `listener` and runs the scheduler until `shutdown` is cancelled, then
 /// stops accepting requests, lets ticks in flight finish and releases this node's leases.
-pub async fn serve(listener: TcpListener, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
@@ -40,8 +44,13 @@ pub async fn serve(listener: TcpListener, settings: Settings, shutdown: Cancella
         .with_context(|| format!("opening database {}", settings.database_url))?;
     let node_id = node_id(&settings)?;
     // Leases this node held before a restart belong to ticks that died with it.
-    store.release_leases(&node_id).await.context("releasing leases of the previous process")?;
-    let runtime = Runtime::new().map_err(anyhow::Error::from).context("starting the wasm runtime")?;
+    store
+        .release_leases(&node_id)
+        .await
+        .context("releasing leases of the previous process")?;
+    let runtime = Runtime::new()
+        .map_err(anyhow::Error::from)
+        .context("starting the wasm runtime")?;
     let sources = SqlSources::connect_lazy(&settings.sources)?;
     let wakeup = Wakeup::default();
     let state = AppState::new(store.clone(), settings.clone(), wakeup.clone());
@@ -63,7 +72,9 @@ pub async fn serve(listener: TcpListener, settings: Settings, shutdown: Cancella
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
 
-    http.await.context("http server task")?.context("http server")?;
+    http.await
+        .context("http server task")?
+        .context("http server")?;
     scheduler.await.context("scheduler task")?;
     Ok(())
 }

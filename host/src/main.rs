@@ -11,7 +11,11 @@ use stepwise_host::config::{ServeArgs, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "stepwise", version, about = "Multi-step asynchronous checks in sandboxed WebAssembly plugins")]
+#[command(
+    name = "stepwise",
+    version,
+    about = "Multi-step asynchronous checks in sandboxed WebAssembly plugins"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
-        Command::Run { plugin, params, wait, server } => runtime.block_on(run(&server, &plugin, &params, wait)),
+        Command::Run {
+            plugin,
+            params,
+            wait,
+            server,
+        } => runtime.block_on(run(&server, &plugin, &params, wait)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -98,7 +107,10 @@ async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Re
     let status = response.status();
     let run: Value = response.json().await.context("reading the response")?;
     if !status.is_success() {
-        anyhow::bail!("{status}: {}", run["detail"].as_str().unwrap_or("request failed"));
+        anyhow::bail!(
+            "{status}: {}",
+            run["detail"].as_str().unwrap_or("request failed")
+        );
     }
     let id = run["id"].as_str().unwrap_or_default().to_owned();
     println!("run {id} queued ({server}/v1/runs/{id})");
@@ -121,8 +133,14 @@ async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Re
                 step["name"].as_str().unwrap_or(""),
                 step["status"].as_str().unwrap_or(""),
                 step["attempts"],
-                step["passed_after_ms"].as_i64().map(|ms| format!(" passed_after_ms={ms}")).unwrap_or_default(),
-                step["message"].as_str().map(|message| format!(" {message}")).unwrap_or_default(),
+                step["passed_after_ms"]
+                    .as_i64()
+                    .map(|ms| format!(" passed_after_ms={ms}"))
+                    .unwrap_or_default(),
+                step["message"]
+                    .as_str()
+                    .map(|message| format!(" {message}"))
+                    .unwrap_or_default(),
             );
             if shown.get(index) != Some(&line) {
                 println!("{line}");
@@ -143,7 +161,13 @@ async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Re
                 continue;
             }
         };
-        println!("run {id} {status}{}", run["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default());
+        println!(
+            "run {id} {status}{}",
+            run["message"]
+                .as_str()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
         return Ok(ExitCode::from(code));
     }
 }

@@ -13,13 +13,20 @@ use crate::runtime::Runtime;
 use crate::storage::Store;
 
 /// Loads every plugin file in the plugins directory; returns how many were activated.
-pub async fn load_directory(store: &Store, runtime: &Runtime, settings: &Settings) -> anyhow::Result<usize> {
+pub async fn load_directory(
+    store: &Store,
+    runtime: &Runtime,
+    settings: &Settings,
+) -> anyhow::Result<usize> {
     let dir = settings.plugins_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|extension| extension == "wasm"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "wasm")
+        })
         .collect();
     paths.sort();
     let mut activated = 0;
@@ -41,7 +48,10 @@ async fn load_file(
     settings: &Settings,
     path: &Path,
 ) -> anyhow::Result<(PluginName, PluginVersion)> {
-    let stem = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or_default();
     let name = PluginName::parse(stem).map_err(anyhow::Error::msg)?;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let manifest = path.with_extension("toml");
@@ -61,7 +71,11 @@ async fn load_file(
     let loaded = runtime.load(&version, bytes.clone()).await?;
     let check_info = runtime.describe(&loaded, &settings.limits).await?;
     let now = now_millis();
-    store.save_plugin_version(&name, &version, &bytes, &check_info, now).await?;
-    store.activate_plugin(&name, &version, &grant_toml, now).await?;
+    store
+        .save_plugin_version(&name, &version, &bytes, &check_info, now)
+        .await?;
+    store
+        .activate_plugin(&name, &version, &grant_toml, now)
+        .await?;
     Ok((name, version))
 }

@@ -71,7 +71,10 @@ impl RunDto {
             poll_interval_ms: run.poll_interval_ms,
             max_errors: run.max_errors,
             error_count: run.error_count,
-            current_step: run.steps.get(run.current_step).map(|step| step.name.clone()),
+            current_step: run
+                .steps
+                .get(run.current_step)
+                .map(|step| step.name.clone()),
             created_at: timestamp(run.created_at),
             started_at: run.started_at.map(timestamp),
             finished_at: run.finished_at.map(timestamp),
@@ -134,7 +137,10 @@ impl AttemptDto {
             logs: attempt
                 .logs
                 .iter()
-                .map(|line| LogLineDto { level: line.level.as_str(), message: line.message.clone() })
+                .map(|line| LogLineDto {
+                    level: line.level.as_str(),
+                    message: line.message.clone(),
+                })
                 .collect(),
             started_at: timestamp(attempt.started_at),
             duration_ms: attempt.duration_ms,
@@ -211,7 +217,9 @@ impl PluginDto {
         self.grant = Some(GrantDto {
             allowed_hosts: grant.allowed_hosts.clone(),
             sql_sources: grant.sql_sources.clone(),
-            poll_interval_ms: grant.poll_interval.map(|interval| interval.as_millis() as u64),
+            poll_interval_ms: grant
+                .poll_interval
+                .map(|interval| interval.as_millis() as u64),
         });
         self.versions = Some(
             versions
@@ -219,7 +227,12 @@ impl PluginDto {
                 .map(|version| PluginVersionDto {
                     active: version.version.as_str() == self.active_version,
                     version: version.version.to_string(),
-                    steps: version.check_info.steps.iter().map(|step| step.name.clone()).collect(),
+                    steps: version
+                        .check_info
+                        .steps
+                        .iter()
+                        .map(|step| step.name.clone())
+                        .collect(),
                     created_at: timestamp(version.created_at),
                 })
                 .collect(),

@@ -25,7 +25,12 @@ struct ServerErrorDetail(String);
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, code, field: None, message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            field: None,
+            message: message.into(),
+        }
     }
 
     /// 422 for a well-formed request whose `field` is invalid.
@@ -39,11 +44,21 @@ impl ApiError {
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, code, field: None, message: message.into() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code,
+            field: None,
+            message: message.into(),
+        }
     }
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::CONFLICT, code, field: None, message: message.into() }
+        ApiError {
+            status: StatusCode::CONFLICT,
+            code,
+            field: None,
+            message: message.into(),
+        }
     }
 
     pub fn payload_too_large(limit: usize) -> ApiError {
@@ -69,9 +84,10 @@ impl From<storage::Error> for ApiError {
     fn from(error: storage::Error) -> ApiError {
         match error {
             storage::Error::NotFound => ApiError::not_found("not_found", "not found"),
-            storage::Error::Conflict { constraint } => {
-                ApiError::conflict("conflict", format!("conflicts with an existing record ({constraint})"))
-            }
+            storage::Error::Conflict { constraint } => ApiError::conflict(
+                "conflict",
+                format!("conflicts with an existing record ({constraint})"),
+            ),
             other => ApiError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 code: "internal",
@@ -85,7 +101,11 @@ impl From<storage::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let server_error = self.status.is_server_error();
-        let message = if server_error { "internal server error".to_owned() } else { self.message.clone() };
+        let message = if server_error {
+            "internal server error".to_owned()
+        } else {
+            self.message.clone()
+        };
         let title = self.status.canonical_reason().unwrap_or("Error");
         let mut body = json!({
             "type": "about:blank",
@@ -100,11 +120,14 @@ impl IntoResponse for ApiError {
             body["error"]["field"] = json!(field);
         }
         let mut response = (self.status, Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if server_error {
-            response.extensions_mut().insert(ServerErrorDetail(self.message));
+            response
+                .extensions_mut()
+                .insert(ServerErrorDetail(self.message));
         }
         response
     }
@@ -122,7 +145,10 @@ pub async fn log_server_errors(request: Request, next: Next) -> Response {
 }
 
 pub async fn not_found_fallback(request: Request) -> ApiError {
-    ApiError::not_found("route_not_found", format!("no route for {} {}", request.method(), request.uri().path()))
+    ApiError::not_found(
+        "route_not_found",
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
 }
 
 pub async fn method_not_allowed_fallback(request: Request) -> ApiError {
@@ -130,6 +156,10 @@ pub async fn method_not_allowed_fallback(request: Request) -> ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: "method_not_allowed",
         field: None,
-        message: format!("{} is not allowed on {}", request.method(), request.uri().path()),
+        message: format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
     }
 }

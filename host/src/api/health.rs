@@ -13,7 +13,11 @@ pub async fn healthz() -> Json<Value> {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let database = state.store.ping().await.is_ok();
     let plugins = state.plugins_loaded();
-    let status = if database && plugins { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if database && plugins {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
         "database": database,

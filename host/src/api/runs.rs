@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
-
 use super::dto::{AttemptDto, RunDto, RunListDto};
 use super::error::ApiError;
 use super::state::AppState;
@@ -19,7 +18,13 @@ use crate::config::parse_grant;
 use crate::model::{PluginName, RunId, RunStatus, now_millis};
 use crate::storage::{Cancelled, Enqueued, NewRun, NewStep, RunFilter};
 
-const KNOWN_FIELDS: &[&str] = &["plugin", "params", "poll_interval_ms", "timeout_ms", "labels"];
+const KNOWN_FIELDS: &[&str] = &[
+    "plugin",
+    "params",
+    "poll_interval_ms",
+    "timeout_ms",
+    "labels",
+];
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// `POST /v1/runs`: validates, makes the run durable, wakes the scheduler, answers 202.
@@ -35,13 +40,29 @@ pub async fn runs_create(
             ApiError::bad_request("unreadable_body", rejection.body_text())
         }
     })?;
-    let request: Json_ = serde_json::from_slice(&body)
-        .map_err(|error| ApiError::bad_request("malformed_json", format!("request body is not valid JSON: {error}")))?;
+    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("request body is not valid JSON: {error}"),
+        )
+    })?;
     let Json_::Object(request) = request else {
-        return Err(ApiError::bad_request("malformed_json", "request body must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "request body must be a JSON object",
+        ));
     };
-    if let Some(unknown) = request.keys().find(|key| !KNOWN_FIELDS.contains(&key.as_str())) {
-        return Err(ApiError::invalid(unknown.clone(), format!("unknown field {unknown:?}; known fields: {}", KNOWN_FIELDS.join(", "))));
+    if let Some(unknown) = request
+        .keys()
+        .find(|key| !KNOWN_FIELDS.contains(&key.as_str()))
+    {
+        return Err(ApiError::invalid(
+            unknown.clone(),
+            format!(
+                "unknown field {unknown:?}; known fields: {}",
+                KNOWN_FIELDS.join(", ")
+            ),
+        ));
     }
     let plugin_name = match request.get("plugin") {
         Some(Json_::String(name)) => name.clone(),
@@ -54,13 +75,34 @@ pub async fn runs_create(
         Some(_) => return Err(ApiError::invalid("params", "params must be a JSON object")),
     };
     let settings = &state.settings;
-    let poll_interval = optional_millis(&request, "poll_interval_ms", settings.min_poll_interval, settings.max_poll_interval)?;
-    let run_timeout = optional_millis(&request, "timeout_ms", Duration::from_millis(1), settings.max_run_timeout)?;
+    let poll_interval = optional_millis(
+        &request,
+        "poll_interval_ms",
+        settings.min_poll_interval,
+        settings.max_poll_interval,
+    )?;
+    let run_timeout = optional_millis(
+        &request,
+        "timeout_ms",
+        Duration::from_millis(1),
+        settings.max_run_timeout,
+    )?;
     let labels = parse_labels(request.get("labels"))?;
     let idempotency_key = match headers.get("idempotency-key") {
         Some(value) => {
-            let key = value.to_str().ok().filter(|key| !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_BYTES);
-            Some(key.ok_or_else(|| ApiError::invalid("Idempotency-Key", "Idempotency-Key must be 1 to 255 visible ASCII characters"))?.to_owned())
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|key| !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_BYTES);
+            Some(
+                key.ok_or_else(|| {
+                    ApiError::invalid(
+                        "Idempotency-Key",
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                    )
+                })?
+                .to_owned(),
+            )
         }
         None => None,
     };
@@ -70,12 +112,25 @@ pub async fn runs_create(
         .store
         .find_plugin(&plugin_name)
         .await?
-        .ok_or_else(|| ApiError::not_found("plugin_not_found", format!("no plugin named {plugin_name:?}")).with_field("plugin"))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "plugin_not_found",
+                format!("no plugin named {plugin_name:?}"),
+            )
+            .with_field("plugin")
+        })?;
     if let Some(schema) = &plugin.check_info.params_schema {
         validate_params(schema, &params)?;
     }
-    let grant = parse_grant(&plugin.grant_toml).map_err(|error| ApiError::conflict("invalid_grant", format!("the plugin's grant is invalid: {error:#}")))?;
-    let poll_interval = poll_interval.or(grant.poll_interval).unwrap_or(settings.default_poll_interval);
+    let grant = parse_grant(&plugin.grant_toml).map_err(|error| {
+        ApiError::conflict(
+            "invalid_grant",
+            format!("the plugin's grant is invalid: {error:#}"),
+        )
+    })?;
+    let poll_interval = poll_interval
+        .or(grant.poll_interval)
+        .unwrap_or(settings.default_poll_interval);
     let run_timeout = run_timeout.unwrap_or(settings.default_run_timeout);
     let limits = settings.limits.with_overrides(&grant.limits);
 
@@ -110,10 +165,20 @@ pub async fn runs_create(
         Enqueued::Existing(run) => run,
     };
     let location = format!("/v1/runs/{}", run.id);
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(RunDto::new(&run, true))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(RunDto::new(&run, true)),
+    )
+        .into_response())
 }
 
-fn optional_millis(request: &Map<String, Json_>, field: &str, min: Duration, max: Duration) -> Result<Option<Duration>, ApiError> {
+fn optional_millis(
+    request: &Map<String, Json_>,
+    field: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Option<Duration>, ApiError> {
     let Some(value) = request.get(field) else {
         return Ok(None);
     };
@@ -122,7 +187,14 @@ fn optional_millis(request: &Map<String, Json_>, field: &str, min: Duration, max
         .map(Duration::from_millis)
         .filter(|millis| (min..=max).contains(millis))
         .ok_or_else(|| {
-            ApiError::invalid(field, format!("{field} must be an integer from {} to {}", min.as_millis(), max.as_millis()))
+            ApiError::invalid(
+                field,
+                format!(
+                    "{field} must be an integer from {} to {}",
+                    min.as_millis(),
+                    max.as_millis()
+                ),
+            )
         })?;
     Ok(Some(millis))
 }
@@ -131,12 +203,19 @@ fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiEr
     let Some(value) = value else {
         return Ok(BTreeMap::new());
     };
-    let invalid = || ApiError::invalid("labels", "labels must be an object of string values, keys 1 to 63 characters");
+    let invalid = || {
+        ApiError::invalid(
+            "labels",
+            "labels must be an object of string values, keys 1 to 63 characters",
+        )
+    };
     let object = value.as_object().ok_or_else(invalid)?;
     object
         .iter()
         .map(|(key, value)| match value {
-            Json_::String(text) if !key.is_empty() && key.len() <= 63 => Ok((key.clone(), text.clone())),
+            Json_::String(text) if !key.is_empty() && key.len() <= 63 => {
+                Ok((key.clone(), text.clone()))
+            }
             _ => Err(invalid()),
         })
         .collect()
@@ -144,38 +223,62 @@ fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiEr
 
 /// Checks `params` against the plugin's JSON Schema; the first violation names its field.
 fn validate_params(schema: &str, params: &Json_) -> Result<(), ApiError> {
-    let schema: Json_ = serde_json::from_str(schema)
-        .map_err(|error| ApiError::conflict("invalid_params_schema", format!("the plugin's params schema is not JSON: {error}")))?;
-    let validator = jsonschema::validator_for(&schema)
-        .map_err(|error| ApiError::conflict("invalid_params_schema", format!("the plugin's params schema is invalid: {error}")))?;
+    let schema: Json_ = serde_json::from_str(schema).map_err(|error| {
+        ApiError::conflict(
+            "invalid_params_schema",
+            format!("the plugin's params schema is not JSON: {error}"),
+        )
+    })?;
+    let validator = jsonschema::validator_for(&schema).map_err(|error| {
+        ApiError::conflict(
+            "invalid_params_schema",
+            format!("the plugin's params schema is invalid: {error}"),
+        )
+    })?;
     if let Some(error) = validator.iter_errors(params).next() {
         let pointer = error.instance_path.to_string();
-        let field = if pointer.is_empty() { "params".to_owned() } else { format!("params{}", pointer.replace('/', ".")) };
-        return Err(ApiError::invalid(field, format!("params do not match the plugin's schema: {error}")));
+        let field = if pointer.is_empty() {
+            "params".to_owned()
+        } else {
+            format!("params{}", pointer.replace('/', "."))
+        };
+        return Err(ApiError::invalid(
+            field,
+            format!("params do not match the plugin's schema: {error}"),
+        ));
     }
     Ok(())
 }
 
 fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
-    RunId::parse(id).ok_or_else(|| ApiError::not_found("run_not_found", format!("no run with id {id:?}")))
+    RunId::parse(id)
+        .ok_or_else(|| ApiError::not_found("run_not_found", format!("no run with id {id:?}")))
 }
 
 /// `GET /v1/runs/{id}`
-pub async fn runs_show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDto>, ApiError> {
+pub async fn runs_show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDto>, ApiError> {
     let run_id = parse_run_id(&id)?;
-    let run = state
-        .store
-        .find_run(&run_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("run_not_found", format!("no run with id {id:?}")))?;
+    let run =
+        state.store.find_run(&run_id).await?.ok_or_else(|| {
+            ApiError::not_found("run_not_found", format!("no run with id {id:?}"))
+        })?;
     Ok(Json(RunDto::new(&run, true)))
 }
 
 /// `GET /v1/runs/{id}/attempts`: every call of every step, with the plugin's log lines.
-pub async fn runs_attempts(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Json_>, ApiError> {
+pub async fn runs_attempts(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
     let run_id = parse_run_id(&id)?;
     if state.store.find_run(&run_id).await?.is_none() {
-        return Err(ApiError::not_found("run_not_found", format!("no run with id {id:?}")));
+        return Err(ApiError::not_found(
+            "run_not_found",
+            format!("no run with id {id:?}"),
+        ));
     }
     let attempts = state.store.list_attempts(&run_id).await?;
     let attempts: Vec<AttemptDto> = attempts.iter().map(AttemptDto::new).collect();
@@ -183,14 +286,21 @@ pub async fn runs_attempts(State(state): State<AppState>, Path(id): Path<String>
 }
 
 /// `POST /v1/runs/{id}/cancel`
-pub async fn runs_cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDto>, ApiError> {
+pub async fn runs_cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDto>, ApiError> {
     let run_id = parse_run_id(&id)?;
     match state.store.cancel_run(&run_id, now_millis()).await {
         Ok(Cancelled::Cancelled(run)) => Ok(Json(RunDto::new(&run, true))),
-        Ok(Cancelled::AlreadyFinished(status)) => {
-            Err(ApiError::conflict("run_finished", format!("run {id} already finished with status {status}")))
-        }
-        Err(crate::storage::Error::NotFound) => Err(ApiError::not_found("run_not_found", format!("no run with id {id:?}"))),
+        Ok(Cancelled::AlreadyFinished(status)) => Err(ApiError::conflict(
+            "run_finished",
+            format!("run {id} already finished with status {status}"),
+        )),
+        Err(crate::storage::Error::NotFound) => Err(ApiError::not_found(
+            "run_not_found",
+            format!("no run with id {id:?}"),
+        )),
         Err(error) => Err(error.into()),
     }
 }
@@ -202,12 +312,24 @@ pub async fn runs_index(
 ) -> Result<Json<RunListDto>, ApiError> {
     const FILTERS: &[&str] = &["plugin", "status", "label", "limit", "cursor"];
     if let Some(unknown) = query.keys().find(|key| !FILTERS.contains(&key.as_str())) {
-        return Err(ApiError::invalid(unknown.clone(), format!("unknown query parameter {unknown:?}; known: {}", FILTERS.join(", "))));
+        return Err(ApiError::invalid(
+            unknown.clone(),
+            format!(
+                "unknown query parameter {unknown:?}; known: {}",
+                FILTERS.join(", ")
+            ),
+        ));
     }
     let status = match query.get("status") {
         Some(text) => Some(RunStatus::parse(text).ok_or_else(|| {
-            let known: Vec<_> = RunStatus::ALL.iter().map(|status| status.as_str()).collect();
-            ApiError::invalid("status", format!("status must be one of {}", known.join(", ")))
+            let known: Vec<_> = RunStatus::ALL
+                .iter()
+                .map(|status| status.as_str())
+                .collect();
+            ApiError::invalid(
+                "status",
+                format!("status must be one of {}", known.join(", ")),
+            )
         })?),
         None => None,
     };
@@ -229,11 +351,27 @@ pub async fn runs_index(
         None => 50,
     };
     let before = match query.get("cursor") {
-        Some(text) => Some(RunId::parse(text).ok_or_else(|| ApiError::invalid("cursor", "cursor must be a next_cursor from an earlier page"))?),
+        Some(text) => Some(RunId::parse(text).ok_or_else(|| {
+            ApiError::invalid(
+                "cursor",
+                "cursor must be a next_cursor from an earlier page",
+            )
+        })?),
         None => None,
     };
-    let filter = RunFilter { plugin: query.get("plugin").cloned(), status, label, before, limit };
+    let filter = RunFilter {
+        plugin: query.get("plugin").cloned(),
+        status,
+        label,
+        before,
+        limit,
+    };
     let runs = state.store.list_runs(&filter).await?;
-    let next_cursor = (runs.len() == limit as usize).then(|| runs.last().map(|run| run.id.to_string())).flatten();
-    Ok(Json(RunListDto { runs: runs.iter().map(|run| RunDto::new(run, false)).collect(), next_cursor }))
+    let next_cursor = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|run| run.id.to_string()))
+        .flatten();
+    Ok(Json(RunListDto {
+        runs: runs.iter().map(|run| RunDto::new(run, false)).collect(),
+        next_cursor,
+    }))
 }

@@ -16,7 +16,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(store: Store, settings: Arc<Settings>, wakeup: Wakeup) -> AppState {
-        AppState { store, settings, wakeup, plugins_loaded: Arc::default() }
+        AppState {
+            store,
+            settings,
+            wakeup,
+            plugins_loaded: Arc::default(),
+        }
     }
 
     /// Called once the plugins directory has been loaded; `/readyz` waits for it.

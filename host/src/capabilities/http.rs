@@ -6,15 +6,14 @@
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
-use wasmtime_wasi_http::{
-    Error, RequestOptions, WasiBody, WasiHttpHooks, default_send_request,
-};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks, default_send_request};
 
 use super::log::LogBuffer;
 use crate::model::LogLevel;
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
-type SendFuture = Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send>;
+type SendFuture =
+    Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send>;
 
 /// The HTTP policy of one step call.
 pub struct HttpPolicy {
@@ -75,7 +74,10 @@ impl WasiHttpHooks for HttpPolicy {
                 Err(_elapsed) => {
                     log.push(
                         LogLevel::Warn,
-                        &format!("http request to {target} exceeded the time limit of {} ms", timeout.as_millis()),
+                        &format!(
+                            "http request to {target} exceeded the time limit of {} ms",
+                            timeout.as_millis()
+                        ),
                     );
                     return Err(Error::ConnectionTimeout);
                 }
@@ -106,8 +108,17 @@ mod tests {
     #[test]
     fn target_fills_in_default_ports() {
         let target = |uri: &str| HttpPolicy::target(&uri.parse().expect("uri"));
-        assert_eq!(target("http://example.com/x").as_deref(), Some("example.com:80"));
-        assert_eq!(target("https://example.com/").as_deref(), Some("example.com:443"));
-        assert_eq!(target("http://127.0.0.1:9000/a").as_deref(), Some("127.0.0.1:9000"));
+        assert_eq!(
+            target("http://example.com/x").as_deref(),
+            Some("example.com:80")
+        );
+        assert_eq!(
+            target("https://example.com/").as_deref(),
+            Some("example.com:443")
+        );
+        assert_eq!(
+            target("http://127.0.0.1:9000/a").as_deref(),
+            Some("127.0.0.1:9000")
+        );
     }
 }

@@ -40,7 +40,10 @@ impl LogBuffer {
         }
         // A poisoned lock only means another capability panicked mid-push; the lines are
         // still usable.
-        let mut lines = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut lines = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if lines.lines.len() < MAX_LINES {
             lines.lines.push(LogLine { level, message });
         } else {
@@ -50,7 +53,10 @@ impl LogBuffer {
 
     /// The recorded lines, with a final line saying how many were dropped.
     pub fn take(&self) -> Vec<LogLine> {
-        let mut lines = self.inner.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut lines = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let mut taken = std::mem::take(&mut lines.lines);
         if lines.dropped > 0 {
             taken.push(LogLine {

@@ -44,7 +44,11 @@ impl SqlSources {
                     .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?
                     .read_only(config.read_only)
                     .busy_timeout(Duration::from_secs(5));
-                SourcePool::Sqlite(SqlitePoolOptions::new().max_connections(4).connect_lazy_with(options))
+                SourcePool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(4)
+                        .connect_lazy_with(options),
+                )
             } else if config.url.starts_with("postgres:") || config.url.starts_with("postgresql:") {
                 let pool = PgPoolOptions::new()
                     .max_connections(4)
@@ -54,9 +58,17 @@ impl SqlSources {
             } else {
                 anyhow::bail!("source {name}: url must start with sqlite: or postgres:");
             };
-            sources.insert(name.clone(), SqlSource { pool, read_only: config.read_only });
+            sources.insert(
+                name.clone(),
+                SqlSource {
+                    pool,
+                    read_only: config.read_only,
+                },
+            );
         }
-        Ok(SqlSources { sources: Arc::new(sources) })
+        Ok(SqlSources {
+            sources: Arc::new(sources),
+        })
     }
 }
 
@@ -93,7 +105,10 @@ impl Host for SqlState {
                 "sql source {source:?} is not configured on this host"
             ))));
         };
-        let limits = QueryLimits { max_rows: self.max_rows, timeout: self.timeout };
+        let limits = QueryLimits {
+            max_rows: self.max_rows,
+            timeout: self.timeout,
+        };
         let query = async {
             match &target.pool {
                 SourcePool::Sqlite(pool) => query_sqlite(pool, &statement, params, limits).await,
@@ -180,7 +195,10 @@ fn too_many_rows(max_rows: usize) -> QueryError {
 }
 
 fn column_names<R: Row>(row: &R) -> Vec<String> {
-    row.columns().iter().map(|column| column.name().to_owned()).collect()
+    row.columns()
+        .iter()
+        .map(|column| column.name().to_owned())
+        .collect()
 }
 
 async fn query_sqlite(
@@ -191,7 +209,10 @@ async fn query_sqlite(
 ) -> Result<RowSet, QueryError> {
     let query = bind_params!(sqlx::query(statement), params);
     let mut stream = query.fetch(pool);
-    let mut set = RowSet { columns: Vec::new(), rows: Vec::new() };
+    let mut set = RowSet {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
     while let Some(row) = stream.try_next().await? {
         if set.rows.len() == limits.max_rows {
             return Err(too_many_rows(limits.max_rows));
@@ -233,11 +254,19 @@ async fn query_postgres(
 ) -> Result<RowSet, QueryError> {
     let mut transaction = pool.begin().await?;
     if read_only {
-        sqlx::query("SET TRANSACTION READ ONLY").execute(&mut *transaction).await?;
+        sqlx::query("SET TRANSACTION READ ONLY")
+            .execute(&mut *transaction)
+            .await?;
     }
-    let set_timeout = format!("SET LOCAL statement_timeout = {}", limits.timeout.as_millis());
+    let set_timeout = format!(
+        "SET LOCAL statement_timeout = {}",
+        limits.timeout.as_millis()
+    );
     sqlx::query(&set_timeout).execute(&mut *transaction).await?;
-    let mut set = RowSet { columns: Vec::new(), rows: Vec::new() };
+    let mut set = RowSet {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
     {
         let query = bind_params!(sqlx::query(statement), params);
         let mut stream = query.fetch(&mut *transaction);

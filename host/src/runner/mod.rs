@@ -12,9 +12,13 @@ use tracing::Instrument;
 
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
-use crate::model::{AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, now_millis};
+use crate::model::{
+    AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, now_millis,
+};
 use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
-use crate::storage::{self, ClaimedRun, NewAttempt, RunRecord, RunWrite, StepWrite, Store, TickWrite};
+use crate::storage::{
+    self, ClaimedRun, NewAttempt, RunRecord, RunWrite, StepWrite, Store, TickWrite,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,13 +45,24 @@ struct Progress {
 }
 
 impl Runner {
-    pub fn new(store: Store, runtime: Runtime, sources: SqlSources, settings: Arc<Settings>) -> Runner {
-        Runner { store, runtime, sources, settings }
+    pub fn new(
+        store: Store,
+        runtime: Runtime,
+        sources: SqlSources,
+        settings: Arc<Settings>,
+    ) -> Runner {
+        Runner {
+            store,
+            runtime,
+            sources,
+            settings,
+        }
     }
 
     /// Works on a claimed run until its current step is pending again or the run is finished.
     pub async fn tick(&self, claim: ClaimedRun) -> Result<()> {
-        let span = tracing::info_span!("runner.tick", run_id = %claim.id, plugin = tracing::field::Empty);
+        let span =
+            tracing::info_span!("runner.tick", run_id = %claim.id, plugin = tracing::field::Empty);
         match self.tick_inner(&claim).instrument(span).await {
             Err(Error::Storage(storage::Error::LeaseLost(_))) => {
                 tracing::info!(run_id = %claim.id, "run was cancelled or taken over during the tick; result dropped");
@@ -75,7 +90,15 @@ impl Runner {
         let (plugin, grant) = match self.resolve_plugin(&run).await {
             Ok(resolved) => resolved,
             Err(PluginUnavailable(message)) => {
-                let write = self.finish(&run, claim, &progress, None, StepStatus::Errored, RunStatus::Errored, message);
+                let write = self.finish(
+                    &run,
+                    claim,
+                    &progress,
+                    None,
+                    StepStatus::Errored,
+                    RunStatus::Errored,
+                    message,
+                );
                 return Ok(self.store.record_tick(&write).await?);
             }
         };
@@ -93,14 +116,34 @@ impl Runner {
                     run.deadline_at - run.created_at,
                     step.name
                 );
-                let write = self.finish(&run, claim, &progress, None, StepStatus::TimedOut, RunStatus::TimedOut, message);
+                let write = self.finish(
+                    &run,
+                    claim,
+                    &progress,
+                    None,
+                    StepStatus::TimedOut,
+                    RunStatus::TimedOut,
+                    message,
+                );
                 return Ok(self.store.record_tick(&write).await?);
             }
-            if let (Some(timeout_ms), Some(first_attempt_at)) = (step.timeout_ms, step.first_attempt_at)
+            if let (Some(timeout_ms), Some(first_attempt_at)) =
+                (step.timeout_ms, step.first_attempt_at)
                 && now >= first_attempt_at + timeout_ms
             {
-                let message = format!("step {:?} was still pending after its timeout of {timeout_ms} ms", step.name);
-                let write = self.finish(&run, claim, &progress, None, StepStatus::TimedOut, RunStatus::TimedOut, message);
+                let message = format!(
+                    "step {:?} was still pending after its timeout of {timeout_ms} ms",
+                    step.name
+                );
+                let write = self.finish(
+                    &run,
+                    claim,
+                    &progress,
+                    None,
+                    StepStatus::TimedOut,
+                    RunStatus::TimedOut,
+                    message,
+                );
                 return Ok(self.store.record_tick(&write).await?);
             }
 
@@ -142,24 +185,64 @@ impl Runner {
                         skip_rest: false,
                     };
                     let run_write = if is_last {
-                        self.run_write(&progress, RunStatus::Passed, None, progress.position, None, None)
+                        self.run_write(
+                            &progress,
+                            RunStatus::Passed,
+                            None,
+                            progress.position,
+                            None,
+                            None,
+                        )
                     } else {
                         let lease = finished_at + self.settings.lease.as_millis() as i64;
-                        self.run_write(&progress, RunStatus::Running, None, progress.position + 1, Some(finished_at), Some(lease))
+                        self.run_write(
+                            &progress,
+                            RunStatus::Running,
+                            None,
+                            progress.position + 1,
+                            Some(finished_at),
+                            Some(lease),
+                        )
                     };
                     self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
                 }
                 AttemptOutcome::Pending => {
                     if step.max_attempts.is_some_and(|max| attempt >= max) {
-                        let message = format!("step {:?} was still pending after {attempt} attempts: {message}", step.name);
-                        self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Failed, RunStatus::Failed, message)
+                        let message = format!(
+                            "step {:?} was still pending after {attempt} attempts: {message}",
+                            step.name
+                        );
+                        self.finish(
+                            &run,
+                            claim,
+                            &progress,
+                            Some(new_attempt),
+                            StepStatus::Failed,
+                            RunStatus::Failed,
+                            message,
+                        )
                     } else {
-                        self.wait_for_next_tick(&run, claim, &progress, new_attempt, finished_at, message)
+                        self.wait_for_next_tick(
+                            &run,
+                            claim,
+                            &progress,
+                            new_attempt,
+                            finished_at,
+                            message,
+                        )
                     }
                 }
                 AttemptOutcome::Failed => {
                     let run_message = format!("step {:?} failed: {message}", step.name);
-                    let mut write = self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Failed, RunStatus::Failed, run_message);
+                    let mut write = self.finish(
+                        &run,
+                        claim,
+                        &progress,
+                        Some(new_attempt),
+                        StepStatus::Failed,
+                        RunStatus::Failed,
+                        run_message,
+                    );
                     write.step.message = Some(message);
                     write
                 }
@@ -170,11 +253,26 @@ impl Runner {
                             "step {:?} errored {} times (max_errors {}); last error: {message}",
                             step.name, progress.error_count, run.max_errors
                         );
-                        let mut write = self.finish(&run, claim, &progress, Some(new_attempt), StepStatus::Errored, RunStatus::Errored, run_message);
+                        let mut write = self.finish(
+                            &run,
+                            claim,
+                            &progress,
+                            Some(new_attempt),
+                            StepStatus::Errored,
+                            RunStatus::Errored,
+                            run_message,
+                        );
                         write.step.message = Some(message);
                         write
                     } else {
-                        self.wait_for_next_tick(&run, claim, &progress, new_attempt, finished_at, format!("errored: {message}"))
+                        self.wait_for_next_tick(
+                            &run,
+                            claim,
+                            &progress,
+                            new_attempt,
+                            finished_at,
+                            format!("errored: {message}"),
+                        )
                     }
                 }
             };
@@ -188,18 +286,30 @@ impl Runner {
 
     /// Finds the pinned version's compiled component (compiling it if this process has not yet)
     /// and the plugin's current grant.
-    async fn resolve_plugin(&self, run: &RunRecord) -> Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable> {
-        let unavailable = |what: String| PluginUnavailable(format!("plugin {} version {}: {what}", run.plugin_name, run.plugin_version));
+    async fn resolve_plugin(
+        &self,
+        run: &RunRecord,
+    ) -> Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable> {
+        let unavailable = |what: String| {
+            PluginUnavailable(format!(
+                "plugin {} version {}: {what}",
+                run.plugin_name, run.plugin_version
+            ))
+        };
         let record = self
             .store
             .find_plugin(&run.plugin_name)
             .await
             .map_err(|error| unavailable(format!("reading the plugin: {error}")))?
             .ok_or_else(|| unavailable("the plugin no longer exists".into()))?;
-        let grant = parse_grant(&record.grant_toml).map_err(|error| unavailable(format!("invalid grant: {error:#}")))?;
+        let grant = parse_grant(&record.grant_toml)
+            .map_err(|error| unavailable(format!("invalid grant: {error:#}")))?;
         let loaded = match self.runtime.cached(&run.plugin_version) {
             Some(loaded) => loaded,
-            None => self.load_version(&run.plugin_version).await.map_err(|error| unavailable(format!("{error:#}")))?,
+            None => self
+                .load_version(&run.plugin_version)
+                .await
+                .map_err(|error| unavailable(format!("{error:#}")))?,
         };
         Ok((loaded, grant))
     }
@@ -229,8 +339,22 @@ impl Runner {
         }
     }
 
-    fn tick_write(&self, claim: &ClaimedRun, now: UnixMillis, attempt: NewAttempt, step: StepWrite, run: RunWrite) -> TickWrite {
-        TickWrite { run_id: claim.id.clone(), lease_token: claim.lease_token, now, attempt: Some(attempt), step, run }
+    fn tick_write(
+        &self,
+        claim: &ClaimedRun,
+        now: UnixMillis,
+        attempt: NewAttempt,
+        step: StepWrite,
+        run: RunWrite,
+    ) -> TickWrite {
+        TickWrite {
+            run_id: claim.id.clone(),
+            lease_token: claim.lease_token,
+            now,
+            attempt: Some(attempt),
+            step,
+            run,
+        }
     }
 
     /// The step is not done: keep it pending and come back after the poll interval, or sooner
@@ -258,7 +382,14 @@ impl Runner {
             passed_after_ms: None,
             skip_rest: false,
         };
-        let run_write = self.run_write(progress, RunStatus::Running, None, progress.position, Some(next_tick_at), None);
+        let run_write = self.run_write(
+            progress,
+            RunStatus::Running,
+            None,
+            progress.position,
+            Some(next_tick_at),
+            None,
+        );
         self.tick_write(claim, now, attempt, step_write, run_write)
     }
 
@@ -288,7 +419,14 @@ impl Runner {
                 passed_after_ms: None,
                 skip_rest: true,
             },
-            run: self.run_write(progress, run_status, Some(message), progress.position, None, None),
+            run: self.run_write(
+                progress,
+                run_status,
+                Some(message),
+                progress.position,
+                None,
+                None,
+            ),
         }
     }
 }
@@ -302,7 +440,10 @@ fn passed_outputs(run: &RunRecord) -> Map<String, Json> {
         .iter()
         .filter(|step| step.status == StepStatus::Passed)
         .map(|step| {
-            let output = step.output.as_deref().and_then(|text| serde_json::from_str(text).ok());
+            let output = step
+                .output
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok());
             (step.name.clone(), output.unwrap_or(Json::Null))
         })
         .collect()

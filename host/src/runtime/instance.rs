@@ -68,13 +68,20 @@ pub struct StepState {
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for StepState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http_ctx, table: &mut self.table, hooks: &mut self.http }
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
+        }
     }
 }
 
@@ -86,7 +93,12 @@ struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.memory_bytes {
             let limit = format!("memory limit of {} MiB exceeded", self.memory_bytes >> 20);
             self.exceeded = Some(limit.clone());
@@ -95,7 +107,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             let limit = format!("table limit of {MAX_TABLE_ELEMENTS} elements exceeded");
             self.exceeded = Some(limit.clone());
@@ -122,7 +139,11 @@ struct Fault(String);
 
 impl Runtime {
     /// Calls `describe`, within the default limits and without capabilities.
-    pub async fn describe(&self, plugin: &LoadedPlugin, limits: &Limits) -> anyhow::Result<CheckInfo> {
+    pub async fn describe(
+        &self,
+        plugin: &LoadedPlugin,
+        limits: &Limits,
+    ) -> anyhow::Result<CheckInfo> {
         let capabilities = Capabilities {
             grant: Grant::default(),
             limits: *limits,
@@ -141,7 +162,12 @@ impl Runtime {
     }
 
     /// Calls `run-step` once. Plugin faults come back as an `errored` report, never as `Err`.
-    pub async fn run_step(&self, plugin: &LoadedPlugin, call: StepCall, capabilities: &Capabilities) -> StepReport {
+    pub async fn run_step(
+        &self,
+        plugin: &LoadedPlugin,
+        call: StepCall,
+        capabilities: &Capabilities,
+    ) -> StepReport {
         let started = Instant::now();
         let limits = capabilities.limits;
         let (mut store, stderr) = self.new_store(capabilities);
@@ -160,17 +186,30 @@ impl Runtime {
             check.call_run_step(&mut store, &input).await
         })
         .await;
-        let (outcome, message, output) = match classify_call(call, &mut store, &stderr, deadline, &limits) {
-            Ok(StepOutcome::Passed(output)) => match validate_output(&output, limits.output_bytes) {
-                Ok(()) => (AttemptOutcome::Passed, None, Some(output)),
-                Err(fault) => (AttemptOutcome::Errored, Some(fault), None),
-            },
-            Ok(StepOutcome::Pending(message)) => bounded_message(AttemptOutcome::Pending, message, limits.output_bytes),
-            Ok(StepOutcome::Failed(message)) => bounded_message(AttemptOutcome::Failed, message, limits.output_bytes),
-            Err(Fault(fault)) => (AttemptOutcome::Errored, Some(fault), None),
-        };
+        let (outcome, message, output) =
+            match classify_call(call, &mut store, &stderr, deadline, &limits) {
+                Ok(StepOutcome::Passed(output)) => {
+                    match validate_output(&output, limits.output_bytes) {
+                        Ok(()) => (AttemptOutcome::Passed, None, Some(output)),
+                        Err(fault) => (AttemptOutcome::Errored, Some(fault), None),
+                    }
+                }
+                Ok(StepOutcome::Pending(message)) => {
+                    bounded_message(AttemptOutcome::Pending, message, limits.output_bytes)
+                }
+                Ok(StepOutcome::Failed(message)) => {
+                    bounded_message(AttemptOutcome::Failed, message, limits.output_bytes)
+                }
+                Err(Fault(fault)) => (AttemptOutcome::Errored, Some(fault), None),
+            };
         drop(store);
-        StepReport { outcome, message, output, logs: log.take(), duration: started.elapsed() }
+        StepReport {
+            outcome,
+            message,
+            output,
+            logs: log.take(),
+            duration: started.elapsed(),
+        }
     }
 
     fn new_store(&self, capabilities: &Capabilities) -> (Store<StepState>, MemoryOutputPipe) {
@@ -194,7 +233,10 @@ impl Runtime {
                 max_rows: limits.sql_rows,
                 timeout: limits.sql_timeout,
             },
-            limiter: Limiter { memory_bytes: limits.memory_bytes, exceeded: None },
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                exceeded: None,
+            },
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -226,13 +268,20 @@ fn classify_call<T>(
     deadline: Instant,
     limits: &Limits,
 ) -> Result<T, Fault> {
-    let time_limit = || format!("time limit of {} ms exceeded", limits.call_timeout.as_millis());
+    let time_limit = || {
+        format!(
+            "time limit of {} ms exceeded",
+            limits.call_timeout.as_millis()
+        )
+    };
     let error = match result {
         Ok(Ok(value)) => return Ok(value),
         Ok(Err(error)) => error,
         Err(_elapsed) => return Err(Fault(time_limit())),
     };
-    let stderr = String::from_utf8_lossy(&stderr.contents()).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&stderr.contents())
+        .trim()
+        .to_owned();
     let cause = if let Some(limit) = store.data_mut().limiter.exceeded.take() {
         limit
     } else if Instant::now() >= deadline {
@@ -261,9 +310,16 @@ fn validate_output(output: &str, max_bytes: usize) -> Result<(), String> {
         .map_err(|error| format!("plugin returned invalid JSON output: {error}"))
 }
 
-fn bounded_message(outcome: AttemptOutcome, message: String, max_bytes: usize) -> (AttemptOutcome, Option<String>, Option<String>) {
+fn bounded_message(
+    outcome: AttemptOutcome,
+    message: String,
+    max_bytes: usize,
+) -> (AttemptOutcome, Option<String>, Option<String>) {
     if message.len() > max_bytes {
-        let fault = format!("message size limit of {max_bytes} bytes exceeded ({} bytes)", message.len());
+        let fault = format!(
+            "message size limit of {max_bytes} bytes exceeded ({} bytes)",
+            message.len()
+        );
         return (AttemptOutcome::Errored, Some(fault), None);
     }
     (outcome, Some(message), None)
@@ -283,13 +339,18 @@ fn check_info_from_wit(info: WitCheckInfo) -> anyhow::Result<CheckInfo> {
     anyhow::ensure!(!info.steps.is_empty(), "describe returned no steps");
     let mut seen = std::collections::HashSet::new();
     for step in &info.steps {
-        anyhow::ensure!(seen.insert(step.name.as_str()), "describe returned the step name {:?} twice", step.name);
+        anyhow::ensure!(
+            seen.insert(step.name.as_str()),
+            "describe returned the step name {:?} twice",
+            step.name
+        );
     }
     if let Some(schema) = &info.params_schema {
         let schema: serde_json::Value = serde_json::from_str(schema)
             .map_err(|error| anyhow::anyhow!("params schema is not JSON: {error}"))?;
-        jsonschema::validator_for(&schema)
-            .map_err(|error| anyhow::anyhow!("params schema is not a valid JSON Schema: {error}"))?;
+        jsonschema::validator_for(&schema).map_err(|error| {
+            anyhow::anyhow!("params schema is not a valid JSON Schema: {error}")
+        })?;
     }
     Ok(CheckInfo {
         name: info.name,
@@ -308,4 +369,3 @@ fn check_info_from_wit(info: WitCheckInfo) -> anyhow::Result<CheckInfo> {
         params_schema: info.params_schema,
     })
 }
-

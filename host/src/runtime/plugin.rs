@@ -22,7 +22,11 @@ impl Runtime {
     ///
     /// Fails when the bytes are not a component, do not compile, or do not fit the
     /// `stepwise:plugin/check` world.
-    pub async fn load(&self, version: &PluginVersion, bytes: Vec<u8>) -> anyhow::Result<Arc<LoadedPlugin>> {
+    pub async fn load(
+        &self,
+        version: &PluginVersion,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<Arc<LoadedPlugin>> {
         if let Some(loaded) = self.cached(version) {
             return Ok(loaded);
         }
@@ -40,7 +44,10 @@ impl Runtime {
             let pre = CheckPre::new(instance_pre)
                 .map_err(anyhow::Error::from)
                 .context("the component does not export the stepwise:plugin/check world")?;
-            Ok(LoadedPlugin { version: plugin_version, pre })
+            Ok(LoadedPlugin {
+                version: plugin_version,
+                pre,
+            })
         })
         .await
         .context("compile task panicked")??;

@@ -34,8 +34,20 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(store: Store, runner: Runner, settings: Arc<Settings>, node_id: String, wakeup: Wakeup) -> Scheduler {
-        Scheduler { store, runner: Arc::new(runner), settings, node_id, wakeup }
+    pub fn new(
+        store: Store,
+        runner: Runner,
+        settings: Arc<Settings>,
+        node_id: String,
+        wakeup: Wakeup,
+    ) -> Scheduler {
+        Scheduler {
+            store,
+            runner: Arc::new(runner),
+            settings,
+            node_id,
+            wakeup,
+        }
     }
 
     /// Claims and runs ticks until `shutdown` is cancelled.
@@ -52,7 +64,11 @@ impl Scheduler {
             let free = permits.available_permits();
             if free > 0 {
                 let now = now_millis();
-                match self.store.claim_due_runs(&self.node_id, now, now + lease_ms, free).await {
+                match self
+                    .store
+                    .claim_due_runs(&self.node_id, now, now + lease_ms, free)
+                    .await
+                {
                     Ok(claims) => {
                         let claimed_all = claims.len() == free;
                         for claim in claims {
@@ -90,7 +106,10 @@ impl Scheduler {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        tracing::info!(in_flight = ticks.len(), "scheduler stopping; letting ticks in flight finish");
+        tracing::info!(
+            in_flight = ticks.len(),
+            "scheduler stopping; letting ticks in flight finish"
+        );
         while ticks.join_next().await.is_some() {}
         match self.store.release_leases(&self.node_id).await {
             Ok(released) => tracing::info!(released, "scheduler stopped"),

@@ -9,7 +9,8 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use crate::model::{
-    AttemptOutcome, CheckInfo, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepStatus, UnixMillis,
+    AttemptOutcome, CheckInfo, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepStatus,
+    UnixMillis,
 };
 
 pub use sqlite::Store;
@@ -153,7 +154,7 @@ pub struct ClaimedRun {
 /// What `cancel_run` did.
 #[derive(Debug)]
 pub enum Cancelled {
-    Cancelled(RunRecord),
+    Cancelled(Box<RunRecord>),
     AlreadyFinished(RunStatus),
 }
 

@@ -6,16 +6,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{FromRow, QueryBuilder, Sqlite};
 
 use super::{
-    AttemptRecord, Cancelled, ClaimedRun, Enqueued, Error, NewRun, PluginRecord, PluginVersionRecord, Result,
-    RunFilter, RunRecord, StepRecord, TickWrite,
+    AttemptRecord, Cancelled, ClaimedRun, Enqueued, Error, NewRun, PluginRecord,
+    PluginVersionRecord, Result, RunFilter, RunRecord, StepRecord, TickWrite,
 };
 use crate::model::{
-    AttemptOutcome, CheckInfo, LogLevel, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepInfo,
-    StepStatus, UnixMillis,
+    AttemptOutcome, CheckInfo, LogLevel, LogLine, PluginName, PluginVersion, RunId, RunStatus,
+    StepInfo, StepStatus, UnixMillis,
 };
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -38,7 +40,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
         MIGRATIONS.run(&pool).await?;
         Ok(Store { pool })
     }
@@ -147,10 +152,11 @@ impl Store {
 
     /// The component bytes of a version.
     pub async fn load_component(&self, version: &PluginVersion) -> Result<Vec<u8>> {
-        let bytes: Option<(Vec<u8>,)> = sqlx::query_as("SELECT bytes FROM components WHERE version = ?")
-            .bind(version.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let bytes: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT bytes FROM components WHERE version = ?")
+                .bind(version.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
         bytes.map(|(bytes,)| bytes).ok_or(Error::NotFound)
     }
 
@@ -162,7 +168,8 @@ impl Store {
         {
             return Ok(Enqueued::Existing(existing));
         }
-        let labels = serde_json::to_string(&run.labels).map_err(|error| Error::Corrupt(error.to_string()))?;
+        let labels = serde_json::to_string(&run.labels)
+            .map_err(|error| Error::Corrupt(error.to_string()))?;
         let mut transaction = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
@@ -189,7 +196,9 @@ impl Store {
                 drop(transaction);
                 return match self.find_run_by_idempotency_key(key).await? {
                     Some(existing) => Ok(Enqueued::Existing(existing)),
-                    None => Err(Error::Conflict { constraint: "runs.idempotency_key".into() }),
+                    None => Err(Error::Conflict {
+                        constraint: "runs.idempotency_key".into(),
+                    }),
                 };
             }
             return Err(error.into());
@@ -248,13 +257,17 @@ impl Store {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        run.steps = steps.into_iter().map(StepRow::into_record).collect::<Result<_>>()?;
+        run.steps = steps
+            .into_iter()
+            .map(StepRow::into_record)
+            .collect::<Result<_>>()?;
         Ok(Some(run))
     }
 
     /// Runs newest first, without their steps.
     pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        let mut query =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
         if let Some(plugin) = &filter.plugin {
             query.push(" AND plugin_name = ").push_bind(plugin.clone());
         }
@@ -270,9 +283,13 @@ impl Store {
                 .push(")");
         }
         if let Some(before) = &filter.before {
-            query.push(" AND id < ").push_bind(before.as_str().to_owned());
+            query
+                .push(" AND id < ")
+                .push_bind(before.as_str().to_owned());
         }
-        query.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(filter.limit));
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
         let rows: Vec<RunRow> = query.build_query_as().fetch_all(&self.pool).await?;
         rows.into_iter().map(RunRow::into_record).collect()
     }
@@ -314,7 +331,7 @@ impl Store {
             .await?;
         transaction.commit().await?;
         let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
-        Ok(Cancelled::Cancelled(run))
+        Ok(Cancelled::Cancelled(Box::new(run)))
     }
 
     /// Claims up to `limit` runs whose next tick is due and whose lease is free or expired.
@@ -341,7 +358,10 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, lease_token)| ClaimedRun { id: RunId::from_stored(id), lease_token })
+            .map(|(id, lease_token)| ClaimedRun {
+                id: RunId::from_stored(id),
+                lease_token,
+            })
             .collect())
     }
 
@@ -361,10 +381,12 @@ impl Store {
     /// Gives up every lease `owner` holds, so another node (or this one restarted) can go on at
     /// once instead of waiting for expiry.
     pub async fn release_leases(&self, owner: &str) -> Result<u64> {
-        let released = sqlx::query("UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?")
-            .bind(owner)
-            .execute(&self.pool)
-            .await?;
+        let released = sqlx::query(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(released.rows_affected())
     }
 
@@ -515,7 +537,8 @@ impl RunRow {
         let labels: BTreeMap<String, String> =
             serde_json::from_str(&self.labels).map_err(|_| corrupt("run labels", &self.labels))?;
         Ok(RunRecord {
-            status: RunStatus::parse(&self.status).ok_or_else(|| corrupt("run status", &self.status))?,
+            status: RunStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("run status", &self.status))?,
             id: RunId::from_stored(self.id),
             plugin_name: self.plugin_name,
             plugin_version: PluginVersion::from_stored(self.plugin_version),
@@ -556,7 +579,8 @@ struct StepRow {
 impl StepRow {
     fn into_record(self) -> Result<StepRecord> {
         Ok(StepRecord {
-            status: StepStatus::parse(&self.status).ok_or_else(|| corrupt("step status", &self.status))?,
+            status: StepStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("step status", &self.status))?,
             position: self.position as usize,
             name: self.name,
             attempts: self.attempts as u32,
@@ -587,7 +611,8 @@ struct AttemptRow {
 impl AttemptRow {
     fn into_record(self) -> Result<AttemptRecord> {
         Ok(AttemptRecord {
-            outcome: AttemptOutcome::parse(&self.outcome).ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
+            outcome: AttemptOutcome::parse(&self.outcome)
+                .ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
             logs: logs_from_json(&self.logs)?,
             position: self.position as usize,
             step: self.name,
@@ -657,11 +682,16 @@ fn logs_to_json(logs: &[LogLine]) -> Json {
 
 fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
     let value: Json = serde_json::from_str(text).map_err(|_| corrupt("attempt logs", text))?;
-    let lines = value.as_array().ok_or_else(|| corrupt("attempt logs", text))?;
+    let lines = value
+        .as_array()
+        .ok_or_else(|| corrupt("attempt logs", text))?;
     Ok(lines
         .iter()
         .map(|line| LogLine {
-            level: line["level"].as_str().and_then(LogLevel::parse).unwrap_or(LogLevel::Info),
+            level: line["level"]
+                .as_str()
+                .and_then(LogLevel::parse)
+                .unwrap_or(LogLevel::Info),
             message: line["message"].as_str().unwrap_or_default().to_owned(),
         })
         .collect())

@@ -1,1 +1,126 @@
+//! `misbehave`: a test plugin that does what its params tell each step to do, from passing to
+//! trapping, looping, exhausting memory or calling capabilities it was not granted.
+//!
+//! Params: `{"steps": {"<step>": {"action": "...", ...}}}`; a step without an entry passes.
 
+use std::hint::black_box;
+
+use serde_json::{Value, json};
+use stepwise_plugin::http;
+use stepwise_plugin::sql;
+use stepwise_plugin::{
+    Check, CheckInfo, StepInfo, StepInput, StepOutcome, export_check, failed, log, passed, pending,
+};
+
+struct Misbehave;
+
+fn step(name: &str, timeout_ms: Option<u64>) -> StepInfo {
+    StepInfo {
+        name: name.into(),
+        description: String::new(),
+        timeout_ms,
+        max_attempts: None,
+    }
+}
+
+impl Check for Misbehave {
+    fn describe() -> CheckInfo {
+        CheckInfo {
+            name: "misbehave".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "Test plugin: each step does what the params say.".into(),
+            steps: vec![step("first", None), step("second", Some(1500)), step("third", None)],
+            params_schema: Some(
+                json!({
+                    "type": "object",
+                    "properties": {"steps": {"type": "object"}, "required_number": {"type": "integer"}}
+                })
+                .to_string(),
+            ),
+        }
+    }
+
+    fn run_step(input: StepInput) -> StepOutcome {
+        let params: Value = match input.params() {
+            Ok(params) => params,
+            Err(error) => return failed(error),
+        };
+        let action = &params["steps"][input.step.as_str()];
+        match action["action"].as_str().unwrap_or("pass") {
+            "pass" => passed(&json!({"step": input.step, "attempt": input.attempt})),
+            "fail" => failed("told to fail"),
+            "pending" => pending("told to stay pending"),
+            "pending_until" => {
+                if u64::from(input.attempt) >= action["attempt"].as_u64().unwrap_or(1) {
+                    passed(&json!({"step": input.step, "attempt": input.attempt}))
+                } else {
+                    pending(format!("attempt {}", input.attempt))
+                }
+            }
+            "trap" => panic!("told to trap"),
+            "loop" => {
+                let mut counter = 0u64;
+                loop {
+                    counter = black_box(counter.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "recurse" => passed(&json!({"depth": recurse(black_box(0))})),
+            "big_output" => passed(&"x".repeat(action["bytes"].as_u64().unwrap_or(0) as usize)),
+            "log_spam" => {
+                for line in 0..action["count"].as_u64().unwrap_or(0) {
+                    log::info(&format!("line {line}"));
+                }
+                passed(&json!({"logged": action["count"]}))
+            }
+            "http" => {
+                let url = action["url"].as_str().unwrap_or_default();
+                let expect = action["expect_status"].as_u64().unwrap_or(200);
+                match http::get(url) {
+                    Ok(response) if u64::from(response.status) == expect => {
+                        passed(&json!({"status": response.status}))
+                    }
+                    Ok(response) => pending(format!("status {}", response.status)),
+                    Err(error) => failed(error.to_string()),
+                }
+            }
+            "sql" => {
+                let source = action["source"].as_str().unwrap_or_default();
+                let statement = action["statement"].as_str().unwrap_or_default();
+                let values: Vec<sql::Value> = action["params"]
+                    .as_array()
+                    .map(|values| values.iter().map(sql::value_from_json).collect())
+                    .unwrap_or_default();
+                match sql::query(source, statement, &values) {
+                    Ok(rows) => {
+                        let rows: Vec<Vec<Value>> = rows
+                            .rows
+                            .iter()
+                            .map(|row| row.iter().map(sql::value_to_json).collect())
+                            .collect();
+                        passed(&json!({"rows": rows}))
+                    }
+                    Err(error) => failed(sql::error_message(&error)),
+                }
+            }
+            "echo_outputs" => passed(&input.outputs()),
+            other => failed(format!("unknown action {other:?}")),
+        }
+    }
+}
+
+/// Recursion the optimiser cannot turn into a loop: each frame keeps a live buffer.
+fn recurse(depth: u64) -> u64 {
+    if black_box(depth) == u64::MAX {
+        return 0;
+    }
+    let frame = black_box([depth; 16]);
+    black_box(recurse(depth + 1)) + frame[depth as usize % 16]
+}
+
+export_check!(Misbehave);

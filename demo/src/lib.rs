@@ -1,0 +1,209 @@
+//! A simulated analytics pipeline for the demo (SPEC §9): a collector that accepts events over
+//! HTTP, a "warehouse" SQLite table that receives each event after a delay, and a report that
+//! counts it after a further delay. Events can ask to be lost or corrupted on the way, so the
+//! demo can show a failing and a timing-out check too.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use tokio_util::sync::CancellationToken;
+
+/// How long each async stage takes.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineConfig {
+    pub warehouse_delay: Duration,
+    pub report_delay: Duration,
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    pub addr: SocketAddr,
+}
+
+#[derive(Deserialize)]
+struct IncomingEvent {
+    event_id: Option<String>,
+    name: String,
+    amount_cents: i64,
+    user_id: Option<String>,
+    /// `"warehouse"` or `"report"`: the event is lost before that stage.
+    drop_at: Option<String>,
+    /// `"amount"`: the warehouse stores a different amount.
+    corrupt: Option<String>,
+}
+
+#[derive(Clone, Serialize)]
+struct CollectedEvent {
+    event_id: String,
+    name: String,
+    amount_cents: i64,
+    user_id: Option<String>,
+    received_at_ms: i64,
+}
+
+#[derive(Clone, Default)]
+struct PipelineState {
+    collected: Arc<Mutex<HashMap<String, CollectedEvent>>>,
+    reported: Arc<Mutex<HashMap<String, i64>>>,
+    warehouse: Option<SqlitePool>,
+    config: Option<PipelineConfig>,
+}
+
+/// Creates the warehouse table in `warehouse_db` if needed and serves the pipeline on
+/// `listener` until `shutdown` is cancelled.
+pub async fn start_pipeline(
+    listener: tokio::net::TcpListener,
+    warehouse_db: &Path,
+    config: PipelineConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Pipeline> {
+    let options = SqliteConnectOptions::new()
+        .filename(warehouse_db)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal);
+    let pool = SqlitePool::connect_with(options).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+         amount_cents INTEGER NOT NULL, user_id TEXT, loaded_at_ms INTEGER NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let state = PipelineState {
+        warehouse: Some(pool),
+        config: Some(config),
+        ..PipelineState::default()
+    };
+    let app = axum::Router::new()
+        .route("/collect", post(collect))
+        .route("/events/{id}", get(collected_event))
+        .route("/report/events/{id}", get(reported_event))
+        .with_state(state);
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the simulated pipeline stopped");
+        }
+    });
+    Ok(Pipeline { addr })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+async fn collect(State(state): State<PipelineState>, Json(event): Json<IncomingEvent>) -> Response {
+    let event_id = event
+        .event_id
+        .clone()
+        .unwrap_or_else(|| format!("evt-{}", now_ms()));
+    let collected = CollectedEvent {
+        event_id: event_id.clone(),
+        name: event.name.clone(),
+        amount_cents: event.amount_cents,
+        user_id: event.user_id.clone(),
+        received_at_ms: now_ms(),
+    };
+    state
+        .collected
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .insert(event_id.clone(), collected.clone());
+    // The async jobs of a real pipeline: the event moves on later, or gets lost on the way.
+    tokio::spawn(deliver(state, collected, event.drop_at, event.corrupt));
+    (StatusCode::ACCEPTED, Json(json!({"event_id": event_id}))).into_response()
+}
+
+async fn deliver(
+    state: PipelineState,
+    event: CollectedEvent,
+    drop_at: Option<String>,
+    corrupt: Option<String>,
+) {
+    let (Some(pool), Some(config)) = (state.warehouse.clone(), state.config) else {
+        return;
+    };
+    tokio::time::sleep(config.warehouse_delay).await;
+    if drop_at.as_deref() == Some("warehouse") {
+        return;
+    }
+    let amount = if corrupt.as_deref() == Some("amount") {
+        event.amount_cents + 1
+    } else {
+        event.amount_cents
+    };
+    let loaded = sqlx::query(
+        "INSERT OR REPLACE INTO events (event_id, name, amount_cents, user_id, loaded_at_ms) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&event.event_id)
+    .bind(&event.name)
+    .bind(amount)
+    .bind(&event.user_id)
+    .bind(now_ms())
+    .execute(&pool)
+    .await;
+    if let Err(error) = loaded {
+        tracing::error!(%error, "loading the event into the warehouse failed");
+        return;
+    }
+    tokio::time::sleep(config.report_delay).await;
+    if drop_at.as_deref() == Some("report") {
+        return;
+    }
+    state
+        .reported
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .insert(event.event_id, amount);
+}
+
+async fn collected_event(
+    State(state): State<PipelineState>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let event = state
+        .collected
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .get(&id)
+        .cloned();
+    match event {
+        Some(event) => Json(event).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))).into_response(),
+    }
+}
+
+async fn reported_event(
+    State(state): State<PipelineState>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let amount = state
+        .reported
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .get(&id)
+        .copied();
+    match amount {
+        Some(amount) => {
+            Json(json!({"event_id": id, "count": 1, "amount_cents": amount})).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))).into_response(),
+    }
+}

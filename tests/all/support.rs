@@ -1,0 +1,346 @@
+//! The test harness: `TestServer` (a real server in-process on port 0 over a temp data dir),
+//! plugin installation, a controllable HTTP endpoint, and polling with deadlines.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stepwise_host::config::{Settings, SourceConfig};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+
+/// How long any "eventually" assertion waits before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A plugin to install into the data dir before the server starts.
+pub struct PluginFile {
+    pub name: &'static str,
+    pub wasm: &'static str,
+    pub manifest: String,
+}
+
+impl PluginFile {
+    pub fn new(name: &'static str, wasm: &'static str, manifest: impl Into<String>) -> PluginFile {
+        PluginFile {
+            name,
+            wasm,
+            manifest: manifest.into(),
+        }
+    }
+
+    pub fn misbehave(manifest: impl Into<String>) -> PluginFile {
+        PluginFile::new("misbehave", MISBEHAVE_WASM, manifest)
+    }
+}
+
+/// The server's configuration beyond the defaults.
+#[derive(Default)]
+pub struct Setup {
+    pub plugins: Vec<PluginFile>,
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+impl Setup {
+    pub fn with_plugin(mut self, plugin: PluginFile) -> Setup {
+        self.plugins.push(plugin);
+        self
+    }
+
+    pub fn with_source(mut self, name: &str, url: String, read_only: bool) -> Setup {
+        self.sources
+            .insert(name.to_owned(), SourceConfig { url, read_only });
+        self
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    data_dir: Arc<TempDir>,
+    sources: BTreeMap<String, SourceConfig>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(setup: Setup) -> TestServer {
+        let data_dir = Arc::new(tempfile::tempdir().expect("creating a temp dir"));
+        let plugins_dir = data_dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins_dir).expect("creating the plugins dir");
+        for plugin in &setup.plugins {
+            std::fs::copy(
+                plugin.wasm,
+                plugins_dir.join(format!("{}.wasm", plugin.name)),
+            )
+            .expect("copying a plugin");
+            std::fs::write(
+                plugins_dir.join(format!("{}.toml", plugin.name)),
+                &plugin.manifest,
+            )
+            .expect("writing a manifest");
+        }
+        TestServer::boot(data_dir, setup.sources).await
+    }
+
+    async fn boot(data_dir: Arc<TempDir>, sources: BTreeMap<String, SourceConfig>) -> TestServer {
+        // Through the test writer, so that only a failing test's server logs are shown.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("STEPWISE_LOG")
+            .unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+        let mut settings = Settings::for_data_dir(data_dir.path());
+        settings.sources = sources.clone();
+        // Short ticks keep the suite fast; the behaviour under test does not depend on them.
+        settings.default_poll_interval = Duration::from_millis(100);
+        settings.scheduler_backstop = Duration::from_millis(200);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let base = format!("http://{}", listener.local_addr().expect("bound address"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(stepwise_host::serve(listener, settings, shutdown.clone()));
+        let server = TestServer {
+            base,
+            client: reqwest::Client::new(),
+            data_dir,
+            sources,
+            shutdown,
+            task: Some(task),
+        };
+        server.wait_until_ready().await;
+        server
+    }
+
+    async fn wait_until_ready(&self) {
+        let ready = poll_until(|| async {
+            let response = self.client.get(self.url("/readyz")).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "server did not become ready within {DEADLINE:?}"
+        );
+    }
+
+    /// Stops the server gracefully and starts a new one on the same data dir.
+    pub async fn restart(mut self) -> TestServer {
+        self.stop().await;
+        TestServer::boot(self.data_dir.clone(), self.sources.clone()).await
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server exits cleanly");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /v1/runs` with a JSON body; returns status and body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        read(response).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        read(response).await
+    }
+
+    /// Triggers a run and returns its id, asserting the 202.
+    pub async fn trigger(&self, body: Value) -> String {
+        let (status, run) = self.post_json("/v1/runs", &body).await;
+        assert_eq!(status, 202, "trigger failed: {run}");
+        run["id"].as_str().expect("run id").to_owned()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let (status, run) = self.get_json(&format!("/v1/runs/{id}")).await;
+        assert_eq!(status, 200, "{run}");
+        run
+    }
+
+    pub async fn attempts(&self, id: &str) -> Vec<Value> {
+        let (status, body) = self.get_json(&format!("/v1/runs/{id}/attempts")).await;
+        assert_eq!(status, 200, "{body}");
+        body["attempts"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls the run until `done` holds, and returns it.
+    pub async fn wait_for_run(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            let run = self.run(id).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "run {id} did not reach {what} within {DEADLINE:?}; last state: {run:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until the run has a terminal status, and returns it.
+    pub async fn wait_until_finished(&self, id: &str) -> Value {
+        self.wait_for_run(id, "a terminal status", |run| {
+            !matches!(run["status"].as_str(), Some("queued") | Some("running"))
+        })
+        .await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn read(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("response body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Calls `probe` every 50 ms until it returns `Some`, or gives up after [`DEADLINE`].
+pub async fn poll_until<T, F, Fut>(mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    while started.elapsed() < DEADLINE {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A local HTTP endpoint whose status code the test controls: `GET /` answers with it.
+pub struct Endpoint {
+    pub url: String,
+    pub host_port: String,
+    status: Arc<AtomicU16>,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Endpoint {
+    pub async fn start(initial_status: u16) -> Endpoint {
+        use axum::routing::get;
+        let status = Arc::new(AtomicU16::new(initial_status));
+        let handler_status = status.clone();
+        let app = axum::Router::new()
+            .route(
+                "/",
+                get(move || {
+                    let status = handler_status.load(Ordering::SeqCst);
+                    async move {
+                        (
+                            axum::http::StatusCode::from_u16(status).expect("valid status"),
+                            "endpoint",
+                        )
+                    }
+                }),
+            )
+            .route("/big", get(|| async { "x".repeat(64 * 1024) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let address = listener.local_addr().expect("bound address");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+                .expect("endpoint serves");
+        });
+        Endpoint {
+            url: format!("http://{address}/"),
+            host_port: address.to_string(),
+            status,
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+}
+
+/// Says so when a PostgreSQL test cannot run.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("STEPWISE_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipping: STEPWISE_TEST_POSTGRES_URL unset");
+            None
+        }
+    }
+}
+
+/// A SQLite database file in `dir` with one table `items(id INTEGER, name TEXT)` and two rows.
+pub async fn sqlite_source(dir: &Path) -> PathBuf {
+    use sqlx::ConnectOptions;
+    let path = dir.join(format!("source-{}.db", std::process::id()));
+    let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .expect("creating the source database");
+    sqlx::query("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        .execute(&mut connection)
+        .await
+        .expect("creating items");
+    sqlx::query("INSERT OR IGNORE INTO items (id, name) VALUES (1, 'one'), (2, 'two')")
+        .execute(&mut connection)
+        .await
+        .expect("filling items");
+    path
+}
+
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+/// Every step's status, in order.
+pub fn step_statuses(run: &Value) -> Vec<String> {
+    run["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|step| step["status"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}

@@ -101,7 +101,7 @@ pub fn request(
     let fields = Fields::new();
     for (name, value) in headers {
         fields
-            .append(&(*name).to_owned(), &value.as_bytes().to_vec())
+            .append(name, value.as_bytes())
             .map_err(|error| HttpError::Other(format!("header {name}: {error:?}")))?;
     }
     let request = OutgoingRequest::new(fields);

@@ -13,6 +13,8 @@
 //! attempt number, so make each step idempotent (read and compare; do not write as a side
 //! effect of checking).
 
+// Generated code: its shapes follow the WIT, not our lint settings.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",

@@ -41,6 +41,7 @@ struct FileConfig {
     default_poll_interval_ms: Option<u64>,
     default_run_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
+    max_upload_mib: Option<usize>,
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
@@ -110,6 +111,9 @@ pub struct Settings {
     /// Longest the scheduler sleeps before looking for due work again.
     pub scheduler_backstop: Duration,
     pub body_limit_bytes: usize,
+    /// Size of a plugin upload (`PUT /v1/plugins/{name}`); Python and JS components are
+    /// 12-40 MB.
+    pub upload_limit_bytes: usize,
 }
 
 impl Settings {
@@ -131,6 +135,7 @@ impl Settings {
             lease: Duration::from_secs(60),
             scheduler_backstop: Duration::from_secs(1),
             body_limit_bytes: 1 << 20,
+            upload_limit_bytes: 64 << 20,
         }
     }
 
@@ -178,6 +183,9 @@ impl Settings {
         if let Some(ms) = file.lease_ms {
             settings.lease = Duration::from_millis(ms);
         }
+        if let Some(mib) = file.max_upload_mib {
+            settings.upload_limit_bytes = mib << 20;
+        }
         settings.limits = settings.limits.with_overrides(&file.limits.overrides());
         settings.sources = file
             .sources
@@ -195,6 +203,11 @@ impl Settings {
 
     pub fn plugins_dir(&self) -> PathBuf {
         self.data_dir.join("plugins")
+    }
+
+    /// Precompiled plugin artifacts, written and read only by this host.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.data_dir.join("cache").join("compiled")
     }
 }
 
@@ -232,6 +245,13 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
     })
 }
 
+/// Turns a grant sent as JSON (the manifest's keys) into manifest TOML, the form grants are
+/// kept in.
+pub fn grant_toml_from_json(grant: &serde_json::Value) -> anyhow::Result<String> {
+    anyhow::ensure!(grant.is_object(), "the grant must be a JSON object");
+    toml::to_string(grant).context("the grant cannot be written as a manifest (null values?)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +271,17 @@ mod tests {
         assert_eq!(grant.allowed_hosts, ["127.0.0.1:9000"]);
         assert_eq!(grant.poll_interval, Some(Duration::from_millis(250)));
         assert_eq!(grant.limits.memory_bytes, Some(16 << 20));
+    }
+
+    #[test]
+    fn json_grant_becomes_the_same_manifest() {
+        let json =
+            serde_json::json!({"allowed_hosts": ["127.0.0.1:9000"], "limits": {"memory_mib": 16}});
+        let toml = grant_toml_from_json(&json).expect("convertible");
+        let grant = parse_grant(&toml).expect("valid manifest");
+        assert_eq!(grant.allowed_hosts, ["127.0.0.1:9000"]);
+        assert_eq!(grant.limits.memory_bytes, Some(16 << 20));
+        assert!(grant_toml_from_json(&serde_json::json!([1])).is_err());
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Stepwise host: runs multi-step asynchronous checks whose logic lives in sandboxed WebAssembly
 //! plugins. Modules in reading order; calls go down this list and never back up:
-//! `api` → `scheduler` → `runner` → `runtime` → `capabilities`, with `storage` behind narrow
-//! methods that only `api`, `plugins`, `scheduler` and `runner` call.
+//! `api` → `registry` | `scheduler` → `runner` → `runtime` → `capabilities`, with `storage`
+//! behind narrow methods that only `api`, `registry`, `scheduler` and `runner` call.
 
 pub mod api;
 pub mod bindings;
 pub mod capabilities;
 pub mod config;
 pub mod model;
-pub mod plugins;
+pub mod registry;
 pub mod runner;
 pub mod runtime;
 pub mod scheduler;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::capabilities::sql::SqlSources;
 use crate::config::Settings;
+use crate::registry::Registry;
 use crate::runner::Runner;
 use crate::runtime::Runtime;
 use crate::scheduler::{Scheduler, Wakeup};
@@ -48,12 +49,17 @@ pub async fn serve(
         .release_leases(&node_id)
         .await
         .context("releasing leases of the previous process")?;
-    let runtime = Runtime::new()
-        .map_err(anyhow::Error::from)
-        .context("starting the wasm runtime")?;
+    let runtime =
+        Runtime::new(Some(settings.artifacts_dir())).context("starting the wasm runtime")?;
     let sources = SqlSources::connect_lazy(&settings.sources)?;
     let wakeup = Wakeup::default();
-    let state = AppState::new(store.clone(), settings.clone(), wakeup.clone());
+    let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
+    let state = AppState::new(
+        store.clone(),
+        registry.clone(),
+        settings.clone(),
+        wakeup.clone(),
+    );
 
     let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), "stepwise listening on http://{address}");
@@ -64,8 +70,15 @@ pub async fn serve(
             .into_future(),
     );
 
-    let activated = plugins::load_directory(&store, &runtime, &settings).await?;
-    tracing::info!(activated, dir = %settings.plugins_dir().display(), "plugins loaded");
+    let (loaded_sender, loaded) = tokio::sync::oneshot::channel();
+    let registry = tokio::spawn(registry.run(
+        move || {
+            let _ = loaded_sender.send(());
+        },
+        shutdown.clone(),
+    ));
+    // Runs triggered before the directory is loaded would find no plugin; /readyz says when.
+    let _ = loaded.await;
     state.mark_plugins_loaded();
 
     let runner = Runner::new(store.clone(), runtime, sources, settings.clone());
@@ -76,6 +89,7 @@ pub async fn serve(
         .context("http server task")?
         .context("http server")?;
     scheduler.await.context("scheduler task")?;
+    registry.await.context("plugin registry task")?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use stepwise_host::config::{ServeArgs, Settings};
+use stepwise_host::model::{Limits, PluginVersion};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -36,6 +37,18 @@ enum Command {
         #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
     },
+    /// Work with plugin components without a server.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a component as an upload would (compiles, exports the stepwise:plugin/check
+    /// world, describe answers) and print its steps and imports; exit 1 if it is invalid.
+    Check { file: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +69,9 @@ fn main() -> ExitCode {
             wait,
             server,
         } => runtime.block_on(run(&server, &plugin, &params, wait)),
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => runtime.block_on(check_plugin(&file)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -71,6 +87,58 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     stepwise_host::serve(listener, settings, shutdown).await
+}
+
+async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let version = PluginVersion::of_bytes(&bytes);
+    let runtime = stepwise_host::runtime::Runtime::new(None)?;
+    let inspected = match runtime
+        .inspect(&version, bytes.into(), &Limits::default())
+        .await
+    {
+        Ok(inspected) => inspected,
+        Err(error) => {
+            println!("{}: invalid: {error:#}", file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let info = &inspected.check_info;
+    println!("{}: valid stepwise:plugin/check component", file.display());
+    println!("  version (sha256): {version}");
+    println!("  name: {}  reported version: {}", info.name, info.version);
+    if !info.description.is_empty() {
+        println!("  description: {}", info.description);
+    }
+    println!("  steps:");
+    for (position, step) in info.steps.iter().enumerate() {
+        let mut extras = Vec::new();
+        if let Some(timeout) = step.timeout {
+            extras.push(format!("timeout {} ms", timeout.as_millis()));
+        }
+        if let Some(attempts) = step.max_attempts {
+            extras.push(format!("max {attempts} attempts"));
+        }
+        let extras = if extras.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", extras.join(", "))
+        };
+        println!("    {}. {}{extras}", position + 1, step.name);
+    }
+    println!(
+        "  params schema: {}",
+        if info.params_schema.is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
+    println!("  imports:");
+    for import in &inspected.plugin.imports {
+        println!("    {import}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

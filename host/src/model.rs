@@ -45,6 +45,21 @@ impl PluginVersion {
         Self(hex::encode(sha2::Sha256::digest(bytes)))
     }
 
+    /// A version named by a user: 64 lowercase hex digits.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() == 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(format!(
+                "version {text:?} must be a sha256 in lowercase hex (64 digits)"
+            ))
+        }
+    }
+
     pub fn from_stored(hex: String) -> Self {
         Self(hex)
     }

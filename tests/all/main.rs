@@ -4,6 +4,7 @@
 mod api;
 mod demo;
 mod http_status;
+mod registry;
 mod sandbox;
 mod steps;
 mod support;

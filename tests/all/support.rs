@@ -172,6 +172,63 @@ impl TestServer {
         read(response).await
     }
 
+    /// `PUT` of a raw body with the given content type; returns status and body.
+    pub async fn put_body(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .client
+            .put(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        read(response).await
+    }
+
+    /// Uploads component bytes as `name` (`PUT /v1/plugins/{name}`, `application/wasm`).
+    pub async fn upload(&self, name: &str, component: Vec<u8>) -> (u16, Value) {
+        self.put_body(
+            &format!("/v1/plugins/{name}"),
+            "application/wasm",
+            component,
+        )
+        .await
+    }
+
+    /// Uploads component bytes with a grant (multipart: `component` + `grant` as TOML).
+    pub async fn upload_with_grant(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        grant_toml: &str,
+    ) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "component",
+                reqwest::multipart::Part::bytes(component).file_name(format!("{name}.wasm")),
+            )
+            .text("grant", grant_toml.to_owned());
+        let response = self
+            .client
+            .put(self.url(&format!("/v1/plugins/{name}")))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request");
+        read(response).await
+    }
+
+    /// The plugin as `GET /v1/plugins/{name}` shows it, asserting it exists.
+    pub async fn plugin(&self, name: &str) -> Value {
+        let (status, plugin) = self.get_json(&format!("/v1/plugins/{name}")).await;
+        assert_eq!(status, 200, "{plugin}");
+        plugin
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
     /// Triggers a run and returns its id, asserting the 202.
     pub async fn trigger(&self, body: Value) -> String {
         let (status, run) = self.post_json("/v1/runs", &body).await;

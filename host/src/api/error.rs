@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::storage;
+use crate::{registry, storage};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -61,6 +61,15 @@ impl ApiError {
         }
     }
 
+    pub fn unsupported_media_type(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: "unsupported_media_type",
+            field: None,
+            message: message.into(),
+        }
+    }
+
     pub fn payload_too_large(limit: usize) -> ApiError {
         ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +103,35 @@ impl From<storage::Error> for ApiError {
                 field: None,
                 message: format!("storage: {other}"),
             },
+        }
+    }
+}
+
+impl From<registry::Error> for ApiError {
+    fn from(error: registry::Error) -> ApiError {
+        let message = error.to_string();
+        let (status, code, field) = match error {
+            registry::Error::InvalidComponent(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_plugin",
+                "component",
+            ),
+            registry::Error::InvalidGrant(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_grant", "grant")
+            }
+            registry::Error::UnknownPlugin(_) => {
+                return ApiError::not_found("plugin_not_found", message);
+            }
+            registry::Error::UnknownVersion { .. } => {
+                (StatusCode::NOT_FOUND, "version_not_found", "version")
+            }
+            registry::Error::Storage(error) => return error.into(),
+        };
+        ApiError {
+            status,
+            code,
+            field: Some(field.to_owned()),
+            message,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! HTTP only: routes, JSON in and out, problem+json errors. Handlers validate input, call
-//! `storage` and wake the scheduler; they never call the runner or wasmtime.
+//! `storage` or the plugin `registry` and wake the scheduler; they never call the runner or
+//! wasmtime.
 
 mod dto;
 mod error;
@@ -10,20 +11,31 @@ mod state;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 pub use error::ApiError;
 pub use state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;
+    let upload_limit = state.settings.upload_limit_bytes;
     Router::new()
         .route("/v1/runs", post(runs::runs_create).get(runs::runs_index))
         .route("/v1/runs/{id}", get(runs::runs_show))
         .route("/v1/runs/{id}/attempts", get(runs::runs_attempts))
         .route("/v1/runs/{id}/cancel", post(runs::runs_cancel))
         .route("/v1/plugins", get(plugins::plugins_index))
-        .route("/v1/plugins/{name}", get(plugins::plugins_show))
+        .route(
+            "/v1/plugins/{name}",
+            get(plugins::plugins_show)
+                .put(plugins::plugins_upload)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route(
+            "/v1/plugins/{name}/activate",
+            post(plugins::plugins_activate),
+        )
+        .route("/v1/plugins/{name}/grant", put(plugins::plugins_grant))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(error::not_found_fallback)

@@ -1,12 +1,19 @@
-//! `/v1/plugins`: what is loaded, with each plugin's steps, grant and versions.
+//! `/v1/plugins`: what is loaded, with each plugin's steps, grant and versions; uploads,
+//! activation (roll back or forward) and grant changes, all through the registry.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value as Json_;
 
 use super::dto::PluginDto;
 use super::error::ApiError;
 use super::state::AppState;
-use crate::config::parse_grant;
+use crate::config::{grant_toml_from_json, parse_grant};
+use crate::model::{PluginName, PluginVersion};
 
 /// `GET /v1/plugins`
 pub async fn plugins_index(
@@ -22,12 +29,180 @@ pub async fn plugins_show(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<PluginDto>, ApiError> {
-    let plugin = state.store.find_plugin(&name).await?.ok_or_else(|| {
+    Ok(Json(plugin_details(&state, &name).await?))
+}
+
+/// `PUT /v1/plugins/{name}`: the body is the `.wasm` (`application/wasm` or
+/// `application/octet-stream`), or `multipart/form-data` with a `component` part and an
+/// optional `grant` part (TOML, or JSON when the part says `application/json`). Answers 201
+/// for a new plugin, 200 otherwise, with the plugin as `GET` shows it.
+pub async fn plugins_upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let name = PluginName::parse(&name).map_err(|message| ApiError::invalid("name", message))?;
+    let limit = state.settings.upload_limit_bytes;
+    let (component, grant) = match media_type(&request).as_deref() {
+        Some("multipart/form-data") => {
+            let multipart =
+                Multipart::from_request(request, &state)
+                    .await
+                    .map_err(|rejection| {
+                        ApiError::bad_request("unreadable_body", rejection.body_text())
+                    })?;
+            read_upload_parts(multipart, limit).await?
+        }
+        None | Some("application/wasm") | Some("application/octet-stream") => {
+            let body = Bytes::from_request(request, &state).await;
+            (Some(read_body(body, limit)?), None)
+        }
+        Some(other) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "content type {other:?} is not accepted: send application/wasm, or multipart/form-data with `component` and `grant` parts"
+            )));
+        }
+    };
+    let component = component
+        .filter(|bytes| !bytes.is_empty())
+        .ok_or_else(|| ApiError::invalid("component", "no component bytes: send the .wasm file"))?;
+    let installed = state.registry.install(&name, component, grant).await?;
+    let status = if installed.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let details = plugin_details(&state, name.as_str()).await?;
+    let mut response = (status, Json(details)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/plugins/{name}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `POST /v1/plugins/{name}/activate` with `{"version": "<sha256>"}`.
+pub async fn plugins_activate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<PluginDto>, ApiError> {
+    let body = read_body(body, state.settings.body_limit_bytes)?;
+    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("request body is not valid JSON: {error}"),
+        )
+    })?;
+    let version = match request.get("version") {
+        Some(Json_::String(version)) => version.clone(),
+        Some(_) => return Err(ApiError::invalid("version", "version must be a string")),
+        None => return Err(ApiError::invalid("version", "version is required")),
+    };
+    let version =
+        PluginVersion::parse(&version).map_err(|message| ApiError::invalid("version", message))?;
+    state.registry.activate(&name, &version).await?;
+    Ok(Json(plugin_details(&state, &name).await?))
+}
+
+/// `PUT /v1/plugins/{name}/grant`: replaces the grant (TOML, or JSON with the same keys)
+/// without new bytes. Runs in flight use it from their next tick.
+pub async fn plugins_grant(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Json<PluginDto>, ApiError> {
+    let json = media_type(&request).as_deref() == Some("application/json");
+    let limit = state.settings.body_limit_bytes;
+    let body = read_body(Bytes::from_request(request, &state).await, limit)?;
+    let grant = grant_text(&body, json)?;
+    state.registry.set_grant(&name, &grant).await?;
+    Ok(Json(plugin_details(&state, &name).await?))
+}
+
+async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiError> {
+    let plugin = state.store.find_plugin(name).await?.ok_or_else(|| {
         ApiError::not_found("plugin_not_found", format!("no plugin named {name:?}"))
     })?;
     let grant = parse_grant(&plugin.grant_toml).unwrap_or_default();
-    let versions = state.store.list_plugin_versions(&name).await?;
-    Ok(Json(
-        PluginDto::new(&plugin).with_details(&grant, &versions),
-    ))
+    let versions = state.store.list_plugin_versions(name).await?;
+    Ok(PluginDto::new(&plugin).with_details(&grant, &versions))
+}
+
+async fn read_upload_parts(
+    mut multipart: Multipart,
+    limit: usize,
+) -> Result<(Option<Bytes>, Option<String>), ApiError> {
+    let mut component = None;
+    let mut grant = None;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|error| multipart_error(error, limit))?
+    {
+        let part = field.name().unwrap_or_default().to_owned();
+        let json = field.content_type() == Some("application/json");
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|error| multipart_error(error, limit))?;
+        match part.as_str() {
+            "component" => component = Some(bytes),
+            "grant" => grant = Some(grant_text(&bytes, json)?),
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unknown part {other:?}; known parts: component, grant"),
+                ));
+            }
+        }
+    }
+    Ok((component, grant))
+}
+
+/// The grant as manifest TOML, whichever form it came in.
+fn grant_text(body: &[u8], json: bool) -> Result<String, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::invalid("grant", "the grant is not UTF-8 text"))?;
+    let toml = if json {
+        let value: Json_ = serde_json::from_str(text).map_err(|error| {
+            ApiError::invalid("grant", format!("the grant is not valid JSON: {error}"))
+        })?;
+        grant_toml_from_json(&value)
+            .map_err(|error| ApiError::invalid("grant", format!("{error:#}")))?
+    } else {
+        text.to_owned()
+    };
+    parse_grant(&toml).map_err(|error| ApiError::invalid("grant", format!("{error:#}")))?;
+    Ok(toml)
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("unreadable_body", rejection.body_text())
+        }
+    })
+}
+
+fn multipart_error(error: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large(limit)
+    } else {
+        ApiError::bad_request("unreadable_body", error.body_text())
+    }
+}
+
+/// The request's media type without parameters, lowercased.
+fn media_type(request: &Request) -> Option<String> {
+    let value = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(
+        value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }

@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
+use crate::registry::Registry;
 use crate::scheduler::Wakeup;
 use crate::storage::Store;
 
@@ -9,15 +10,22 @@ use crate::storage::Store;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub registry: Registry,
     pub settings: Arc<Settings>,
     pub wakeup: Wakeup,
     plugins_loaded: Arc<AtomicBool>,
 }
 
 impl AppState {
-    pub fn new(store: Store, settings: Arc<Settings>, wakeup: Wakeup) -> AppState {
+    pub fn new(
+        store: Store,
+        registry: Registry,
+        settings: Arc<Settings>,
+        wakeup: Wakeup,
+    ) -> AppState {
         AppState {
             store,
+            registry,
             settings,
             wakeup,
             plugins_loaded: Arc::default(),

@@ -315,8 +315,11 @@ impl Runner {
     }
 
     async fn load_version(&self, version: &PluginVersion) -> anyhow::Result<Arc<LoadedPlugin>> {
+        if let Some(loaded) = self.runtime.load_precompiled(version).await {
+            return Ok(loaded);
+        }
         let bytes = self.store.load_component(version).await?;
-        self.runtime.load(version, bytes).await
+        self.runtime.load(version, bytes.into()).await
     }
 
     fn run_write(

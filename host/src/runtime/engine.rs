@@ -1,6 +1,7 @@
 //! The shared `Engine`, its `Linker` and the epoch ticker.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,18 +25,26 @@ pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) linker: Arc<Linker<StepState>>,
     pub(super) compiled: Arc<Mutex<HashMap<PluginVersion, Arc<LoadedPlugin>>>>,
+    /// Where precompiled artifacts are kept; `None` compiles every time (the CLI's checks).
+    pub(super) artifacts: Option<Arc<PathBuf>>,
+    pub(super) engine_key: Arc<str>,
     _ticker: Arc<EpochTicker>,
 }
 
 impl Runtime {
-    /// Builds the engine and linker and starts the epoch ticker thread.
-    pub fn new() -> wasmtime::Result<Runtime> {
+    /// Builds the engine and linker and starts the epoch ticker thread. Precompiled
+    /// artifacts are kept in `artifacts` (created if missing) when given.
+    pub fn new(artifacts: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        if let Some(dir) = &artifacts {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         // Deep recursion must trap inside the guest's own stack, far from the host's.
         config.max_wasm_stack(1 << 20);
         let engine = Engine::new(&config)?;
+        let engine_key = super::plugin::engine_key(&engine).into();
 
         let mut linker = Linker::<StepState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -48,6 +57,8 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             compiled: Arc::default(),
+            artifacts: artifacts.map(Arc::new),
+            engine_key,
             _ticker: Arc::new(ticker),
         })
     }

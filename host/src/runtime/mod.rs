@@ -1,5 +1,6 @@
-//! wasmtime: one `Engine` with epoch interruption (`engine`), plugin versions compiled once off
-//! the async threads and cached by content hash (`plugin`), and one fresh `Store` per call with
+//! wasmtime: one `Engine` with epoch interruption (`engine`), plugin versions inspected and
+//! compiled once off the async threads, cached by content hash in memory and as precompiled
+//! artifacts on disk (`plugin`), and one fresh `Store` per call with
 //! memory and time limits (`instance`). Knows nothing of storage or scheduling; the runner hands
 //! it bytes, grants and inputs and gets `model` values back.
 
@@ -9,4 +10,4 @@ mod plugin;
 
 pub use engine::Runtime;
 pub use instance::{Capabilities, StepCall, StepReport};
-pub use plugin::LoadedPlugin;
+pub use plugin::{Inspected, LoadedPlugin};

@@ -1,7 +1,7 @@
 //! SQLite: WAL, `synchronous = FULL` (a `202` means the run is on disk), foreign keys and a busy
 //! timeout, all set on the connect options so every pooled connection has them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl Store {
     }
 
     /// Stores a plugin version (bytes once per content hash). Saving the same version again is a
-    /// no-op.
+    /// no-op; returns whether the version was new for this plugin name.
     pub async fn save_plugin_version(
         &self,
         name: &PluginName,
@@ -63,7 +63,7 @@ impl Store {
         bytes: &[u8],
         check_info: &CheckInfo,
         now: UnixMillis,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut transaction = self.pool.begin().await?;
         sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
             .bind(version.as_str())
@@ -71,7 +71,7 @@ impl Store {
             .bind(now)
             .execute(&mut *transaction)
             .await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT DO NOTHING",
         )
@@ -82,7 +82,62 @@ impl Store {
         .execute(&mut *transaction)
         .await?;
         transaction.commit().await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Whether `version` was ever stored, under any plugin name.
+    pub async fn component_exists(&self, version: &PluginVersion) -> Result<bool> {
+        let found: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM components WHERE version = ?")
+            .bind(version.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// One stored version of `name`, if the plugin ever had it.
+    pub async fn find_plugin_version(
+        &self,
+        name: &str,
+        version: &PluginVersion,
+    ) -> Result<Option<PluginVersionRecord>> {
+        let row: Option<(String, String, i64)> = sqlx::query_as(
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = ? AND version = ?",
+        )
+        .bind(name)
+        .bind(version.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(version_record).transpose()
+    }
+
+    /// Replaces the grant of a plugin without touching its versions.
+    pub async fn update_grant(&self, name: &str, grant_toml: &str, now: UnixMillis) -> Result<()> {
+        let updated =
+            sqlx::query("UPDATE plugins SET grant_toml = ?, updated_at = ? WHERE name = ?")
+                .bind(grant_toml)
+                .bind(now)
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+        if updated.rows_affected() == 0 {
+            return Err(Error::NotFound);
+        }
         Ok(())
+    }
+
+    /// The versions something still needs compiled: every active version and the version of
+    /// every unfinished run.
+    pub async fn versions_in_use(&self) -> Result<HashSet<PluginVersion>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT active_version FROM plugins UNION \
+             SELECT DISTINCT plugin_version FROM runs WHERE status IN ('queued', 'running')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(version,)| PluginVersion::from_stored(version))
+            .collect())
     }
 
     /// Makes `version` the one new runs of `name` use, with `grant_toml` as its grant.
@@ -139,15 +194,7 @@ impl Store {
         .bind(name)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(version, check_info, created_at)| {
-                Ok(PluginVersionRecord {
-                    version: PluginVersion::from_stored(version),
-                    check_info: check_info_from_json(&check_info)?,
-                    created_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(version_record).collect()
     }
 
     /// The component bytes of a version.
@@ -695,6 +742,16 @@ fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
             message: line["message"].as_str().unwrap_or_default().to_owned(),
         })
         .collect())
+}
+
+fn version_record(
+    (version, check_info, created_at): (String, String, i64),
+) -> Result<PluginVersionRecord> {
+    Ok(PluginVersionRecord {
+        version: PluginVersion::from_stored(version),
+        check_info: check_info_from_json(&check_info)?,
+        created_at,
+    })
 }
 
 #[cfg(test)]

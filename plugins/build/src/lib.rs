@@ -10,78 +10,120 @@ const TARGET: &str = "wasm32-wasip2";
 
 /// Builds `packages` (workspace package names) in release mode and returns each one's `.wasm`.
 pub fn build_plugins(packages: &[&str]) -> Vec<(String, PathBuf)> {
-    let manifest_dir =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run from a build script"));
-    let workspace = workspace_root(&manifest_dir);
-    ensure_target();
-
-    // Its own target dir: the outer cargo holds the lock on the outer one for the whole build.
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("run from a build script"));
-    let target_dir = out_dir.join("wasm-plugins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&workspace)
-        .args(["build", "--release", "--target", TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    for package in packages {
-        command.args(["-p", package]);
-    }
-    // The outer build's flags are for the host target; they must not leak into the wasm build.
-    for variable in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        command.env_remove(variable);
-    }
-    for (variable, _) in std::env::vars() {
-        if variable.starts_with("CARGO_PROFILE_")
-            || variable.starts_with("CARGO_CFG_")
-            || variable.starts_with("DEP_")
-        {
-            command.env_remove(variable);
-        }
-    }
-    let output = command
-        .output()
-        .expect("running cargo to build the plugins");
-    if !output.status.success() {
-        panic!(
-            "building plugins {packages:?} for {TARGET} failed:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
-    println!(
-        "cargo:rerun-if-changed={}",
-        workspace.join("plugins/sdk").display()
-    );
+    let build = Build::new();
+    build.cargo(packages, None);
     packages
         .iter()
-        .map(|package| {
-            let dir = package_dir(&workspace, package);
-            println!("cargo:rerun-if-changed={}", dir.join("src").display());
-            println!(
-                "cargo:rerun-if-changed={}",
-                dir.join("Cargo.toml").display()
-            );
-            let file = format!("{}.wasm", package.replace('-', "_"));
-            let wasm = target_dir.join(TARGET).join("release").join(file);
-            assert!(
-                wasm.exists(),
-                "cargo built {package} but {} is missing",
-                wasm.display()
-            );
-            (package.to_string(), wasm)
+        .map(|package| (package.to_string(), build.keep(package, package)))
+        .collect()
+}
+
+/// Builds `package` once per `(features, name)` pair, with those cargo features, and returns
+/// each build's `.wasm` under its `name`: several versions of one plugin, for tests of
+/// uploads and swaps.
+pub fn build_plugin_variants(package: &str, variants: &[(&str, &str)]) -> Vec<(String, PathBuf)> {
+    let build = Build::new();
+    variants
+        .iter()
+        .map(|(features, name)| {
+            build.cargo(&[package], Some(features));
+            (name.to_string(), build.keep(package, name))
         })
         .collect()
+}
+
+struct Build {
+    workspace: PathBuf,
+    /// Its own target dir: the outer cargo holds the lock on the outer one for the whole build.
+    target_dir: PathBuf,
+}
+
+impl Build {
+    fn new() -> Build {
+        let manifest_dir =
+            PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run from a build script"));
+        let workspace = workspace_root(&manifest_dir);
+        ensure_target();
+        let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("run from a build script"));
+        println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join("plugins/sdk").display()
+        );
+        Build {
+            workspace,
+            target_dir: out_dir.join("wasm-plugins"),
+        }
+    }
+
+    fn cargo(&self, packages: &[&str], features: Option<&str>) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(&self.workspace)
+            .args(["build", "--release", "--target", TARGET])
+            .arg("--target-dir")
+            .arg(&self.target_dir);
+        for package in packages {
+            command.args(["-p", package]);
+        }
+        if let Some(features) = features {
+            command.args(["--features", features]);
+        }
+        // The outer build's flags are for the host target; they must not leak into the wasm
+        // build.
+        for variable in [
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTFLAGS",
+            "CARGO_BUILD_RUSTFLAGS",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+        ] {
+            command.env_remove(variable);
+        }
+        for (variable, _) in std::env::vars() {
+            if variable.starts_with("CARGO_PROFILE_")
+                || variable.starts_with("CARGO_CFG_")
+                || variable.starts_with("DEP_")
+            {
+                command.env_remove(variable);
+            }
+        }
+        let output = command
+            .output()
+            .expect("running cargo to build the plugins");
+        if !output.status.success() {
+            panic!(
+                "building plugins {packages:?} (features {features:?}) for {TARGET} failed:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    /// Copies the package's freshly built `.wasm` to `<target dir>/plugins/<name>.wasm`: the
+    /// next build of the same package (with other features) overwrites cargo's own output.
+    fn keep(&self, package: &str, name: &str) -> PathBuf {
+        let dir = package_dir(&self.workspace, package);
+        println!("cargo:rerun-if-changed={}", dir.join("src").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("Cargo.toml").display()
+        );
+        let file = format!("{}.wasm", package.replace('-', "_"));
+        let built = self.target_dir.join(TARGET).join("release").join(file);
+        assert!(
+            built.exists(),
+            "cargo built {package} but {} is missing",
+            built.display()
+        );
+        let kept_dir = self.target_dir.join("plugins");
+        std::fs::create_dir_all(&kept_dir).expect("creating the plugins output dir");
+        let kept = kept_dir.join(format!("{name}.wasm"));
+        std::fs::copy(&built, &kept).expect("copying a built plugin");
+        kept
+    }
 }
 
 fn workspace_root(start: &Path) -> PathBuf {

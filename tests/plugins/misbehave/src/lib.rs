@@ -23,13 +23,34 @@ fn step(name: &str, timeout_ms: Option<u64>) -> StepInfo {
     }
 }
 
+/// Which build this is; passed steps report it, so a test sees which version ran.
+const VARIANT: &str = if cfg!(feature = "variant-b") {
+    "b"
+} else {
+    "a"
+};
+
 impl Check for Misbehave {
     fn describe() -> CheckInfo {
+        if cfg!(feature = "describe-trap") {
+            panic!("told to trap in describe");
+        }
+        if cfg!(feature = "describe-loop") {
+            let mut counter = 0u64;
+            loop {
+                counter = black_box(counter.wrapping_add(1));
+            }
+        }
+        let last = if cfg!(feature = "duplicate-steps") {
+            "first"
+        } else {
+            "third"
+        };
         CheckInfo {
             name: "misbehave".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: format!("{}-{VARIANT}", env!("CARGO_PKG_VERSION")),
             description: "Test plugin: each step does what the params say.".into(),
-            steps: vec![step("first", None), step("second", Some(1500)), step("third", None)],
+            steps: vec![step("first", None), step("second", Some(1500)), step(last, None)],
             params_schema: Some(
                 json!({
                     "type": "object",
@@ -47,12 +68,16 @@ impl Check for Misbehave {
         };
         let action = &params["steps"][input.step.as_str()];
         match action["action"].as_str().unwrap_or("pass") {
-            "pass" => passed(&json!({"step": input.step, "attempt": input.attempt})),
+            "pass" => {
+                passed(&json!({"step": input.step, "attempt": input.attempt, "variant": VARIANT}))
+            }
             "fail" => failed("told to fail"),
             "pending" => pending("told to stay pending"),
             "pending_until" => {
                 if u64::from(input.attempt) >= action["attempt"].as_u64().unwrap_or(1) {
-                    passed(&json!({"step": input.step, "attempt": input.attempt}))
+                    passed(
+                        &json!({"step": input.step, "attempt": input.attempt, "variant": VARIANT}),
+                    )
                 } else {
                     pending(format!("attempt {}", input.attempt))
                 }

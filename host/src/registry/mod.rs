@@ -1,0 +1,220 @@
+//! The plugin registry: every version kept by content hash, exactly one active per name, and
+//! the only way a version becomes active. A candidate is inspected (a component, compiles,
+//! links, exports the world, `describe` answers within the limits) before anything is stored,
+//! so a bad upload never replaces the version that is serving. The API and the plugins
+//! directory (`directory`) both install through here.
+
+mod directory;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Settings, parse_grant};
+use crate::model::{CheckInfo, Grant, PluginName, PluginVersion, now_millis};
+use crate::runtime::Runtime;
+use crate::storage::{self, Store};
+
+/// How often compiled versions that nothing needs any more are dropped from memory.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The component failed inspection; the text says why.
+    #[error("{0}")]
+    InvalidComponent(String),
+    #[error("{0}")]
+    InvalidGrant(String),
+    #[error("no plugin named {0:?}")]
+    UnknownPlugin(String),
+    #[error("plugin {name:?} has no version {version}")]
+    UnknownVersion { name: String, version: String },
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What an install or activation did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub version: PluginVersion,
+    pub check_info: CheckInfo,
+    /// The plugin name did not exist before.
+    pub created: bool,
+    /// The bytes were new for this plugin name (a re-upload of a known version is not).
+    pub new_version: bool,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+    runtime: Runtime,
+    settings: Arc<Settings>,
+}
+
+impl Registry {
+    pub fn new(store: Store, runtime: Runtime, settings: Arc<Settings>) -> Registry {
+        Registry {
+            store,
+            runtime,
+            settings,
+        }
+    }
+
+    /// Inspects `bytes` and, if they pass, stores them and makes them the active version of
+    /// `name`. `grant_toml` replaces the plugin's grant; `None` keeps the current one (no
+    /// capabilities for a new plugin). Installing the active version again changes nothing
+    /// but the grant.
+    pub async fn install(
+        &self,
+        name: &PluginName,
+        bytes: Bytes,
+        grant_toml: Option<String>,
+    ) -> Result<Installed> {
+        let existing = self.store.find_plugin(name.as_str()).await?;
+        let grant_toml = match grant_toml {
+            Some(text) => text,
+            None => existing
+                .as_ref()
+                .map(|plugin| plugin.grant_toml.clone())
+                .unwrap_or_default(),
+        };
+        let grant = self.check_grant(&grant_toml)?;
+        let version = PluginVersion::of_bytes(&bytes);
+        let limits = self.settings.limits.with_overrides(&grant.limits);
+        let inspected = match self.runtime.inspect(&version, bytes.clone(), &limits).await {
+            Ok(inspected) => inspected,
+            Err(error) => {
+                if !self.store.component_exists(&version).await? {
+                    self.runtime.discard(&version);
+                }
+                return Err(Error::InvalidComponent(format!("{error:#}")));
+            }
+        };
+        let now = now_millis();
+        let new_version = self
+            .store
+            .save_plugin_version(name, &version, &bytes, &inspected.check_info, now)
+            .await?;
+        self.store
+            .activate_plugin(name, &version, &grant_toml, now)
+            .await?;
+        self.release_unused().await;
+        Ok(Installed {
+            version,
+            check_info: inspected.check_info,
+            created: existing.is_none(),
+            new_version,
+        })
+    }
+
+    /// Makes a stored version of `name` active again (roll back or forward), keeping the grant.
+    pub async fn activate(&self, name: &str, version: &PluginVersion) -> Result<Installed> {
+        let plugin = self
+            .store
+            .find_plugin(name)
+            .await?
+            .ok_or_else(|| Error::UnknownPlugin(name.to_owned()))?;
+        let record = self
+            .store
+            .find_plugin_version(name, version)
+            .await?
+            .ok_or_else(|| Error::UnknownVersion {
+                name: name.to_owned(),
+                version: version.to_string(),
+            })?;
+        // Compiled before the switch, so the first run on it does not pay for compiling.
+        if self.runtime.load_precompiled(version).await.is_none() {
+            let bytes = self.store.load_component(version).await?;
+            self.runtime
+                .load(version, bytes.into())
+                .await
+                .map_err(|error| Error::InvalidComponent(format!("{error:#}")))?;
+        }
+        self.store
+            .activate_plugin(&plugin.name, version, &plugin.grant_toml, now_millis())
+            .await?;
+        self.release_unused().await;
+        Ok(Installed {
+            version: record.version,
+            check_info: record.check_info,
+            created: false,
+            new_version: false,
+        })
+    }
+
+    /// Replaces the grant of an existing plugin; its versions stay as they are.
+    pub async fn set_grant(&self, name: &str, grant_toml: &str) -> Result<()> {
+        self.check_grant(grant_toml)?;
+        match self
+            .store
+            .update_grant(name, grant_toml, now_millis())
+            .await
+        {
+            Err(storage::Error::NotFound) => Err(Error::UnknownPlugin(name.to_owned())),
+            other => Ok(other?),
+        }
+    }
+
+    /// Loads the plugins directory, then follows it for new files and keeps the compiled cache
+    /// small, until `shutdown`. `loaded` is called once the directory has been read and the
+    /// watcher is running.
+    pub async fn run(self, loaded: impl FnOnce(), shutdown: CancellationToken) {
+        let watcher = directory::Watcher::start(&self.settings.plugins_dir());
+        let mut directory = directory::Directory::default();
+        let activated = directory.load_at_start(&self).await;
+        tracing::info!(activated, dir = %self.settings.plugins_dir().display(), "plugins loaded");
+        loaded();
+        let mut watcher = match watcher {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::error!("not watching the plugins directory: {error:#}");
+                None
+            }
+        };
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sweep.tick() => self.release_unused().await,
+                Some(names) = async {
+                    match watcher.as_mut() {
+                        Some(watcher) => watcher.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => directory.reload(&self, names).await,
+            }
+        }
+    }
+
+    fn check_grant(&self, grant_toml: &str) -> Result<Grant> {
+        let grant =
+            parse_grant(grant_toml).map_err(|error| Error::InvalidGrant(format!("{error:#}")))?;
+        for source in &grant.sql_sources {
+            if !self.settings.sources.contains_key(source) {
+                return Err(Error::InvalidGrant(format!(
+                    "the grant names sql source {source:?}, which the host config does not define"
+                )));
+            }
+        }
+        Ok(grant)
+    }
+
+    /// Drops compiled versions that are neither active nor pinned by an unfinished run.
+    async fn release_unused(&self) {
+        match self.store.versions_in_use().await {
+            Ok(in_use) => {
+                let in_use: HashSet<PluginVersion> = in_use;
+                let dropped = self.runtime.retain_compiled(&in_use);
+                if dropped > 0 {
+                    tracing::debug!(dropped, "released compiled plugin versions");
+                }
+            }
+            Err(error) => tracing::warn!("could not list plugin versions in use: {error}"),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The server under measurement: `stepwise_host::serve` in this process on 127.0.0.1:0.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::Value;
+use stepwise_host::config::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+
+pub struct BenchServer {
+    pub client: reqwest::Client,
+    base: String,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl BenchServer {
+    pub async fn start(data_dir: &Path) -> anyhow::Result<BenchServer> {
+        let settings = Settings::for_data_dir(data_dir);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(stepwise_host::serve(listener, settings, shutdown.clone()));
+        let server = BenchServer {
+            client: reqwest::Client::new(),
+            base,
+            data_dir: data_dir.to_owned(),
+            shutdown,
+            task: Some(task),
+        };
+        let started = Instant::now();
+        loop {
+            let ready = server.client.get(server.url("/readyz")).send().await;
+            if ready.is_ok_and(|response| response.status() == 200) {
+                return Ok(server);
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "server not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub async fn restart(mut self) -> anyhow::Result<BenchServer> {
+        self.stop().await?;
+        BenchServer::start(&self.data_dir).await
+    }
+
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.context("server task")??;
+        }
+        Ok(())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn upload(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        let response = self
+            .client
+            .put(self.url(&format!("/v1/plugins/{name}")))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "upload failed: {status} {body}");
+        Ok(body)
+    }
+
+    pub async fn trigger(&self, body: &Value) -> anyhow::Result<String> {
+        let response = self
+            .client
+            .post(self.url("/v1/runs"))
+            .json(body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 202,
+            "trigger failed: {}",
+            response.status()
+        );
+        let run: Value = response.json().await?;
+        Ok(run["id"].as_str().context("run id")?.to_owned())
+    }
+
+    pub async fn run(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .client
+            .get(self.url(&format!("/v1/runs/{id}")))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Polls the run every millisecond until `done` holds.
+    pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        loop {
+            let run = self.run(id).await?;
+            if done(&run) {
+                return Ok(run);
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "run {id} stuck: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 timestamp from the API.
+pub fn epoch_millis(timestamp: &Value) -> anyhow::Result<f64> {
+    let text = timestamp.as_str().context("a timestamp")?;
+    let time = humantime::parse_rfc3339(text)?;
+    Ok(time.duration_since(UNIX_EPOCH)?.as_secs_f64() * 1000.0)
+}
+
+pub fn now_millis() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// `bytes` with a custom section appended: the same component, under another sha256. Custom
+/// sections may appear anywhere in a component, so the result is valid and behaves the same.
+pub fn with_custom_section(bytes: &[u8], payload: &str) -> Vec<u8> {
+    let name = b"stepwise-bench";
+    let mut section = Vec::new();
+    leb128(&mut section, name.len() as u64);
+    section.extend_from_slice(name);
+    section.extend_from_slice(payload.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0);
+    leb128(&mut out, section.len() as u64);
+    out.extend_from_slice(&section);
+    out
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: u64) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}

@@ -1,0 +1,46 @@
+//! Medians and spread of repeated measurements, printed as table rows.
+
+use std::time::Duration;
+
+/// Summary of samples in milliseconds.
+pub struct Summary {
+    pub count: usize,
+    pub median: f64,
+    pub p90: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    pub fn of(samples: &[f64]) -> Summary {
+        assert!(!samples.is_empty(), "no samples");
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let at = |quantile: f64| sorted[((sorted.len() - 1) as f64 * quantile).round() as usize];
+        Summary {
+            count: sorted.len(),
+            median: at(0.5),
+            p90: at(0.9),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+pub fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+pub fn print_header(title: &str) {
+    println!("\n## {title}\n");
+    println!("| measurement | n | median | p90 | min | max |");
+    println!("|---|---|---|---|---|---|");
+}
+
+pub fn print_row(what: &str, unit: &str, samples: &[f64]) {
+    let summary = Summary::of(samples);
+    println!(
+        "| {what} | {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} |",
+        summary.count, summary.median, summary.p90, summary.min, summary.max
+    );
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::model::{Grant, LimitOverrides, Limits};
+use crate::model::{AllowedHost, Grant, LimitOverrides, Limits};
 
 /// Flags of `stepwise serve`; each has its env var.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,6 +59,9 @@ struct LimitsFile {
     sql_rows: Option<usize>,
     sql_timeout_ms: Option<u64>,
     max_errors: Option<u32>,
+    table_elements: Option<usize>,
+    instances: Option<usize>,
+    http_requests_per_run: Option<u32>,
 }
 
 impl LimitsFile {
@@ -72,6 +75,9 @@ impl LimitsFile {
             sql_rows: self.sql_rows,
             sql_timeout: self.sql_timeout_ms.map(Duration::from_millis),
             max_errors: self.max_errors,
+            table_elements: self.table_elements,
+            instances: self.instances,
+            http_requests_per_run: self.http_requests_per_run,
         }
     }
 }
@@ -232,10 +238,7 @@ struct ManifestFile {
 pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
     let manifest: ManifestFile = toml::from_str(text).context("parsing plugin manifest")?;
     for host in &manifest.allowed_hosts {
-        let valid = host
-            .rsplit_once(':')
-            .is_some_and(|(name, port)| !name.is_empty() && port.parse::<u16>().is_ok());
-        anyhow::ensure!(valid, "allowed_hosts entry {host:?} must be host:port");
+        AllowedHost::parse(host).map_err(anyhow::Error::msg)?;
     }
     Ok(Grant {
         allowed_hosts: manifest.allowed_hosts,

@@ -209,6 +209,67 @@ pub struct StepInfo {
     pub max_attempts: Option<u32>,
 }
 
+/// One entry of a grant's `allowed_hosts`: `host:port`, or `scheme://host[:port]` to allow
+/// only that scheme. Host names compare case-insensitively; IPv6 literals go in brackets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    /// `http` or `https`; `None` allows both.
+    pub scheme: Option<String>,
+    /// Lowercase, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl AllowedHost {
+    pub fn parse(entry: &str) -> Result<AllowedHost, String> {
+        let invalid = || {
+            format!(
+                "allowed_hosts entry {entry:?} must be host:port or scheme://host[:port] (scheme http or https)"
+            )
+        };
+        let (scheme, rest) = match entry.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme.to_ascii_lowercase()), rest),
+            None => (None, entry),
+        };
+        let default_port = match scheme.as_deref() {
+            None => None,
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            Some(_) => return Err(invalid()),
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or_else(invalid)?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        let port = match port {
+            Some(port) => port.parse::<u16>().map_err(|_| invalid())?,
+            None => default_port.ok_or_else(invalid)?,
+        };
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            return Err(invalid());
+        }
+        Ok(AllowedHost {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether a request with this scheme, host (lowercase, no brackets) and port may go out.
+    pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
+        self.scheme
+            .as_deref()
+            .is_none_or(|allowed| allowed == scheme)
+            && self.host == host
+            && self.port == port
+    }
+}
+
 /// Sandbox limits of SPEC §7; the config sets defaults and a grant may override each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -223,6 +284,12 @@ pub struct Limits {
     pub sql_timeout: Duration,
     /// Errored attempts after which the run is `errored`.
     pub max_errors: u32,
+    /// Elements of all tables of one instance.
+    pub table_elements: usize,
+    /// Component and core instances one call may create.
+    pub instances: usize,
+    /// Outbound HTTP requests over the whole run, every attempt together.
+    pub http_requests_per_run: u32,
 }
 
 impl Default for Limits {
@@ -236,6 +303,9 @@ impl Default for Limits {
             sql_rows: 10_000,
             sql_timeout: Duration::from_secs(10),
             max_errors: 3,
+            table_elements: 100_000,
+            instances: 64,
+            http_requests_per_run: 10_000,
         }
     }
 }
@@ -262,6 +332,9 @@ pub struct LimitOverrides {
     pub sql_rows: Option<usize>,
     pub sql_timeout: Option<Duration>,
     pub max_errors: Option<u32>,
+    pub table_elements: Option<usize>,
+    pub instances: Option<usize>,
+    pub http_requests_per_run: Option<u32>,
 }
 
 impl Limits {
@@ -277,6 +350,11 @@ impl Limits {
             sql_rows: overrides.sql_rows.unwrap_or(self.sql_rows),
             sql_timeout: overrides.sql_timeout.unwrap_or(self.sql_timeout),
             max_errors: overrides.max_errors.unwrap_or(self.max_errors),
+            table_elements: overrides.table_elements.unwrap_or(self.table_elements),
+            instances: overrides.instances.unwrap_or(self.instances),
+            http_requests_per_run: overrides
+                .http_requests_per_run
+                .unwrap_or(self.http_requests_per_run),
         }
     }
 }
@@ -294,6 +372,27 @@ pub fn now_millis() -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_hosts_parse_with_and_without_scheme() {
+        let entry = AllowedHost::parse("Collector.Example.com:8443").expect("valid");
+        assert!(entry.allows("https", "collector.example.com", 8443));
+        assert!(entry.allows("http", "collector.example.com", 8443));
+        let https = AllowedHost::parse("https://api.example.com").expect("valid");
+        assert_eq!(https.port, 443);
+        assert!(!https.allows("http", "api.example.com", 443));
+        let v6 = AllowedHost::parse("[::1]:9000").expect("valid");
+        assert!(v6.allows("http", "::1", 9000));
+        for invalid in [
+            "example.com",
+            "ftp://example.com",
+            ":80",
+            "a@b:80",
+            "host:99999",
+        ] {
+            assert!(AllowedHost::parse(invalid).is_err(), "{invalid}");
+        }
+    }
 
     #[test]
     fn plugin_names_follow_the_spec() {

@@ -3,6 +3,7 @@
 
 mod api;
 mod demo;
+mod hostile;
 mod http_status;
 mod registry;
 mod sandbox;

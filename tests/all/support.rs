@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -304,33 +304,61 @@ where
     None
 }
 
-/// A local HTTP endpoint whose status code the test controls: `GET /` answers with it.
+/// A local HTTP endpoint whose status code the test controls: `GET /` answers with it and
+/// counts the request; `/big` answers 64 KiB; `/headers` echoes the request headers as JSON.
 pub struct Endpoint {
     pub url: String,
     pub host_port: String,
+    pub port: u16,
     status: Arc<AtomicU16>,
+    hits: Arc<AtomicUsize>,
     _shutdown: tokio_util::sync::DropGuard,
 }
 
 impl Endpoint {
     pub async fn start(initial_status: u16) -> Endpoint {
+        Endpoint::serve(initial_status, None).await
+    }
+
+    /// An endpoint whose `GET /` answers `302 Found` with `Location: location`.
+    pub async fn redirecting_to(location: &str) -> Endpoint {
+        Endpoint::serve(302, Some(location.to_owned())).await
+    }
+
+    async fn serve(initial_status: u16, location: Option<String>) -> Endpoint {
         use axum::routing::get;
         let status = Arc::new(AtomicU16::new(initial_status));
-        let handler_status = status.clone();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (handler_status, handler_hits) = (status.clone(), hits.clone());
         let app = axum::Router::new()
             .route(
                 "/",
                 get(move || {
+                    handler_hits.fetch_add(1, Ordering::SeqCst);
                     let status = handler_status.load(Ordering::SeqCst);
+                    let location = location.clone();
                     async move {
-                        (
-                            axum::http::StatusCode::from_u16(status).expect("valid status"),
-                            "endpoint",
-                        )
+                        let status =
+                            axum::http::StatusCode::from_u16(status).expect("valid status");
+                        let mut response =
+                            axum::response::IntoResponse::into_response((status, "endpoint"));
+                        if let Some(location) = location {
+                            response
+                                .headers_mut()
+                                .insert("location", location.parse().expect("a valid location"));
+                        }
+                        response
                     }
                 }),
             )
-            .route("/big", get(|| async { "x".repeat(64 * 1024) }));
+            .route("/big", get(|| async { "x".repeat(64 * 1024) }))
+            .route(
+                "/headers",
+                get(|headers: axum::http::HeaderMap| async move {
+                    let names: Vec<String> = headers.keys().map(|name| name.to_string()).collect();
+                    axum::Json(names)
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");
@@ -346,7 +374,9 @@ impl Endpoint {
         Endpoint {
             url: format!("http://{address}/"),
             host_port: address.to_string(),
+            port: address.port(),
             status,
+            hits,
             _shutdown: shutdown.drop_guard(),
         }
     }
@@ -354,9 +384,47 @@ impl Endpoint {
     pub fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
     }
+
+    /// Requests `GET /` received.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
 }
 
-/// Says so when a PostgreSQL test cannot run.
+/// A TCP server that accepts connections and never answers: the system under check hangs.
+pub struct SilentServer {
+    pub host_port: String,
+    _task: tokio_util::sync::DropGuard,
+}
+
+impl SilentServer {
+    pub async fn start() -> SilentServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let host_port = listener.local_addr().expect("bound address").to_string();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => {
+                        if let Ok((socket, _)) = accepted {
+                            held.push(socket);
+                        }
+                    }
+                }
+            }
+        });
+        SilentServer {
+            host_port,
+            _task: shutdown.drop_guard(),
+        }
+    }
+}
+
 pub fn postgres_url() -> Option<String> {
     match std::env::var("STEPWISE_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),

@@ -31,6 +31,8 @@ pub struct RunDto {
     pub poll_interval_ms: i64,
     pub max_errors: u32,
     pub error_count: u32,
+    /// Outbound HTTP requests the run's step calls have made.
+    pub http_requests: u32,
     /// Name of the step being worked on (the last step once the run passed).
     pub current_step: Option<String>,
     pub created_at: String,
@@ -71,6 +73,7 @@ impl RunDto {
             poll_interval_ms: run.poll_interval_ms,
             max_errors: run.max_errors,
             error_count: run.error_count,
+            http_requests: run.http_requests,
             current_step: run
                 .steps
                 .get(run.current_step)
@@ -119,6 +122,11 @@ pub struct AttemptDto {
     pub logs: Vec<LogLineDto>,
     pub started_at: String,
     pub duration_ms: i64,
+    /// When the tick that made this call was due; absent for a step tried at once after the
+    /// previous one passed.
+    pub due_at: Option<String>,
+    /// `started_at - due_at`: how late the scheduler was.
+    pub lag_ms: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +152,8 @@ impl AttemptDto {
                 .collect(),
             started_at: timestamp(attempt.started_at),
             duration_ms: attempt.duration_ms,
+            due_at: attempt.due_at.map(timestamp),
+            lag_ms: attempt.due_at.map(|due| (attempt.started_at - due).max(0)),
         }
     }
 }

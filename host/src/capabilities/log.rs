@@ -27,8 +27,20 @@ struct LogLines {
 }
 
 impl LogBuffer {
-    /// Records a line, or counts it as dropped once the buffer is full.
-    pub fn push(&self, level: LogLevel, message: &str) {
+    /// Records a line, or counts it as dropped once the buffer is full; returns whether it
+    /// was kept.
+    pub fn push(&self, level: LogLevel, message: &str) -> bool {
+        // A poisoned lock only means another capability panicked mid-push; the lines are
+        // still usable.
+        let mut lines = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if lines.lines.len() >= MAX_LINES {
+            // Counted without copying: a plugin may log millions of lines in a loop.
+            lines.dropped += 1;
+            return false;
+        }
         let mut message = message.to_owned();
         if message.len() > MAX_LINE_BYTES {
             let mut cut = MAX_LINE_BYTES;
@@ -38,17 +50,8 @@ impl LogBuffer {
             message.truncate(cut);
             message.push_str("… (truncated)");
         }
-        // A poisoned lock only means another capability panicked mid-push; the lines are
-        // still usable.
-        let mut lines = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if lines.lines.len() < MAX_LINES {
-            lines.lines.push(LogLine { level, message });
-        } else {
-            lines.dropped += 1;
-        }
+        lines.lines.push(LogLine { level, message });
+        true
     }
 
     /// The recorded lines, with a final line saying how many were dropped.
@@ -93,6 +96,10 @@ impl Host for LogState {
             Level::Warn => LogLevel::Warn,
             Level::Error => LogLevel::Error,
         };
+        // Only kept lines reach the host's log too: a plugin logging in a loop must not flood it.
+        if !self.buffer.push(level, &message) {
+            return Ok(());
+        }
         match level {
             LogLevel::Trace => tracing::trace!(target: "plugin", "{message}"),
             LogLevel::Debug => tracing::debug!(target: "plugin", "{message}"),
@@ -100,7 +107,6 @@ impl Host for LogState {
             LogLevel::Warn => tracing::warn!(target: "plugin", "{message}"),
             LogLevel::Error => tracing::error!(target: "plugin", "{message}"),
         }
-        self.buffer.push(level, &message);
         Ok(())
     }
 }

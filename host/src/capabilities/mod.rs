@@ -6,3 +6,32 @@ pub mod grants;
 pub mod http;
 pub mod log;
 pub mod sql;
+
+use std::sync::{Arc, Mutex};
+
+/// The first resource limit a capability saw the plugin exceed during one call (an HTTP
+/// response too large, a query too slow, ...). The capability still answers the guest with an
+/// error, but whatever the guest makes of it, the attempt ends `errored` with this text: a
+/// limit is the host's verdict, not the check's.
+#[derive(Clone, Default)]
+pub struct Violation {
+    first: Arc<Mutex<Option<String>>>,
+}
+
+impl Violation {
+    /// Records `limit` unless an earlier one was recorded.
+    pub fn record(&self, limit: String) {
+        let mut first = self
+            .first
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        first.get_or_insert(limit);
+    }
+
+    pub fn take(&self) -> Option<String> {
+        self.first
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+    }
+}

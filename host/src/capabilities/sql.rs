@@ -1,12 +1,15 @@
 //! `stepwise:plugin/sql`: queries against the data sources named in the host's config
 //! (`[sources.*]`) and granted to the plugin. Parameters are always bound. A `read_only` source is
 //! read-only in the database itself (a read-only SQLite connection, a `READ ONLY` PostgreSQL
-//! transaction), not by inspecting SQL text. Rows and time are capped.
+//! transaction), not by inspecting SQL text. Rows and time are capped, and time is enforced by
+//! the database too (PostgreSQL's `statement_timeout`, an SQLite progress handler), so a query
+//! that runs forever is stopped, not just abandoned. Exceeding either cap is a [`Violation`]:
+//! the attempt ends `errored`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -14,6 +17,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 use wasmtime::component::HasData;
 
+use super::Violation;
 use crate::bindings::sql::{Host, RowSet, SqlError, Value};
 use crate::config::SourceConfig;
 
@@ -79,6 +83,7 @@ pub struct SqlState {
     pub granted: Vec<String>,
     pub max_rows: usize,
     pub timeout: Duration,
+    pub violation: Violation,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut SqlState`.
@@ -121,7 +126,11 @@ impl Host for SqlState {
             Ok(result) => result,
             Err(_elapsed) => Err(QueryError::Guest(time_limit(self.timeout))),
         };
-        Ok(result.map_err(|error| classify(error, &source, self.timeout)))
+        let result = result.map_err(|error| classify(error, &source, self.timeout));
+        if let Err(SqlError::LimitExceeded(limit)) = &result {
+            self.violation.record(limit.clone());
+        }
+        Ok(result)
     }
 }
 
@@ -133,7 +142,7 @@ struct QueryLimits {
 
 fn time_limit(timeout: Duration) -> SqlError {
     SqlError::LimitExceeded(format!(
-        "sql query exceeded the time limit of {} ms",
+        "sql time limit of {} ms exceeded",
         timeout.as_millis()
     ))
 }
@@ -162,8 +171,9 @@ fn classify(error: QueryError, source: &str, timeout: Duration) -> SqlError {
         if code == "25006" || message.contains("readonly") {
             return SqlError::ReadOnly(format!("sql source {source:?} is read-only: {message}"));
         }
-        // 57014 = query_canceled, which is what statement_timeout raises.
-        if code == "57014" {
+        // 57014 = query_canceled, which is what statement_timeout raises; SQLite reports its
+        // progress handler stopping a statement as "interrupted".
+        if code == "57014" || message.contains("interrupted") {
             return time_limit(timeout);
         }
         return SqlError::QueryFailed(message.to_owned());
@@ -190,7 +200,7 @@ macro_rules! bind_params {
 
 fn too_many_rows(max_rows: usize) -> QueryError {
     QueryError::Guest(SqlError::LimitExceeded(format!(
-        "sql query returned more than the limit of {max_rows} rows"
+        "sql row limit of {max_rows} rows exceeded"
     )))
 }
 
@@ -207,8 +217,16 @@ async fn query_sqlite(
     params: Vec<Value>,
     limits: QueryLimits,
 ) -> Result<RowSet, QueryError> {
+    let mut connection = pool.acquire().await?;
+    // Set before every query, replacing whatever an earlier (possibly abandoned) query left:
+    // the handler stops the statement inside SQLite once the time limit has passed.
+    let deadline = Instant::now() + limits.timeout;
+    connection
+        .lock_handle()
+        .await?
+        .set_progress_handler(1_000, move || Instant::now() < deadline);
     let query = bind_params!(sqlx::query(statement), params);
-    let mut stream = query.fetch(pool);
+    let mut stream = query.fetch(&mut *connection);
     let mut set = RowSet {
         columns: Vec::new(),
         rows: Vec::new(),

@@ -42,6 +42,7 @@ struct Progress {
     error_count: u32,
     started_at: UnixMillis,
     outputs: Map<String, Json>,
+    http_requests: u32,
 }
 
 impl Runner {
@@ -86,6 +87,7 @@ impl Runner {
             error_count: run.error_count,
             started_at: run.started_at.unwrap_or(now),
             outputs: passed_outputs(&run),
+            http_requests: run.http_requests,
         };
         let (plugin, grant) = match self.resolve_plugin(&run).await {
             Ok(resolved) => resolved,
@@ -102,11 +104,14 @@ impl Runner {
                 return Ok(self.store.record_tick(&write).await?);
             }
         };
-        let capabilities = Capabilities {
+        let mut capabilities = Capabilities {
             limits: self.settings.limits.with_overrides(&grant.limits),
             grant,
             sources: self.sources.clone(),
+            http_requests_left: 0,
         };
+        // Only the tick's first call was due at a time; later steps of the tick run at once.
+        let mut due_at = Some(claim.due_at);
         loop {
             let step = &run.steps[progress.position];
             let now = now_millis();
@@ -156,7 +161,12 @@ impl Runner {
                 params: run.params.clone(),
                 outputs: Json::Object(progress.outputs.clone()).to_string(),
             };
+            capabilities.http_requests_left = capabilities
+                .limits
+                .http_requests_per_run
+                .saturating_sub(progress.http_requests);
             let report = self.runtime.run_step(&plugin, call, &capabilities).await;
+            progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
             let finished_at = now_millis();
             tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
             let new_attempt = NewAttempt {
@@ -166,6 +176,7 @@ impl Runner {
                 logs: report.logs,
                 started_at: now,
                 duration_ms: report.duration.as_millis() as i64,
+                due_at: due_at.take(),
             };
             let message = report.message.unwrap_or_default();
             let is_last = progress.position + 1 == run.steps.len();
@@ -336,6 +347,7 @@ impl Runner {
             message,
             current_step,
             error_count: progress.error_count,
+            http_requests: progress.http_requests,
             started_at: progress.started_at,
             next_tick_at,
             keep_lease_until,

@@ -14,15 +14,12 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::engine::{EPOCH_TICK, Runtime};
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
+use crate::capabilities::Violation;
 use crate::capabilities::grants::wasi_context;
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::sql::{SqlSources, SqlState};
 use crate::model::{AttemptOutcome, CheckInfo, Grant, Limits, LogLine, StepInfo};
-
-/// Table elements and instances a plugin may create; generous for any real check.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
-const MAX_INSTANCES: usize = 64;
 
 /// Everything a call may use: the plugin's grant, the data sources and the limits in force.
 #[derive(Clone)]
@@ -30,6 +27,8 @@ pub struct Capabilities {
     pub grant: Grant,
     pub limits: Limits,
     pub sources: SqlSources,
+    /// Outbound HTTP requests the run may still make.
+    pub http_requests_left: u32,
 }
 
 /// The input of one `run-step` call.
@@ -53,6 +52,8 @@ pub struct StepReport {
     pub output: Option<String>,
     pub logs: Vec<LogLine>,
     pub duration: Duration,
+    /// Outbound HTTP requests the call made, refused ones included.
+    pub http_requests: u32,
 }
 
 /// The data of one call's `Store`.
@@ -64,6 +65,7 @@ pub struct StepState {
     pub(super) log: LogState,
     pub(super) sql: SqlState,
     limiter: Limiter,
+    violation: Violation,
 }
 
 impl WasiView for StepState {
@@ -89,6 +91,8 @@ impl WasiHttpView for StepState {
 /// attempt's message can name it.
 struct Limiter {
     memory_bytes: u64,
+    table_elements: usize,
+    instances: usize,
     exceeded: Option<String>,
 }
 
@@ -113,8 +117,8 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS {
-            let limit = format!("table limit of {MAX_TABLE_ELEMENTS} elements exceeded");
+        if desired > self.table_elements {
+            let limit = format!("table limit of {} elements exceeded", self.table_elements);
             self.exceeded = Some(limit.clone());
             return Err(wasmtime::Error::msg(limit));
         }
@@ -122,15 +126,15 @@ impl ResourceLimiter for Limiter {
     }
 
     fn instances(&self) -> usize {
-        MAX_INSTANCES
+        self.instances
     }
 
     fn tables(&self) -> usize {
-        MAX_INSTANCES
+        self.instances
     }
 
     fn memories(&self) -> usize {
-        MAX_INSTANCES
+        self.instances
     }
 }
 
@@ -148,6 +152,7 @@ impl Runtime {
             grant: Grant::default(),
             limits: *limits,
             sources: SqlSources::default(),
+            http_requests_left: 0,
         };
         let (mut store, stderr) = self.new_store(&capabilities);
         let deadline = Instant::now() + limits.call_timeout;
@@ -186,8 +191,12 @@ impl Runtime {
             check.call_run_step(&mut store, &input).await
         })
         .await;
-        let (outcome, message, output) =
-            match classify_call(call, &mut store, &stderr, deadline, &limits) {
+        let classified = classify_call(call, &mut store, &stderr, deadline, &limits);
+        let violation = store.data().violation.take();
+        let http_requests = store.data().http.requests_made;
+        let (outcome, message, output) = match (violation, classified) {
+            (Some(limit), _) => (AttemptOutcome::Errored, Some(limit), None),
+            (None, classified) => match classified {
                 Ok(StepOutcome::Passed(output)) => {
                     match validate_output(&output, limits.output_bytes) {
                         Ok(()) => (AttemptOutcome::Passed, None, Some(output)),
@@ -201,7 +210,8 @@ impl Runtime {
                     bounded_message(AttemptOutcome::Failed, message, limits.output_bytes)
                 }
                 Err(Fault(fault)) => (AttemptOutcome::Errored, Some(fault), None),
-            };
+            },
+        };
         drop(store);
         StepReport {
             outcome,
@@ -209,6 +219,7 @@ impl Runtime {
             output,
             logs: log.take(),
             duration: started.elapsed(),
+            http_requests,
         }
     }
 
@@ -216,15 +227,20 @@ impl Runtime {
         let limits = capabilities.limits;
         let (wasi, stderr) = wasi_context();
         let log = LogBuffer::default();
+        let violation = Violation::default();
         let state = StepState {
             table: ResourceTable::new(),
             wasi,
             http_ctx: WasiHttpCtx::new(),
             http: HttpPolicy {
-                allowed_hosts: capabilities.grant.allowed_hosts.clone(),
+                allowed_hosts: HttpPolicy::allowed(&capabilities.grant.allowed_hosts),
                 response_limit_bytes: limits.http_response_bytes,
                 timeout: limits.http_timeout,
+                requests_per_run: limits.http_requests_per_run,
+                requests_left: capabilities.http_requests_left,
+                requests_made: 0,
                 log: log.clone(),
+                violation: violation.clone(),
             },
             log: LogState { buffer: log },
             sql: SqlState {
@@ -232,11 +248,15 @@ impl Runtime {
                 granted: capabilities.grant.sql_sources.clone(),
                 max_rows: limits.sql_rows,
                 timeout: limits.sql_timeout,
+                violation: violation.clone(),
             },
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                instances: limits.instances,
                 exceeded: None,
             },
+            violation,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);

@@ -102,6 +102,8 @@ pub struct RunRecord {
     pub deadline_at: UnixMillis,
     pub next_tick_at: Option<UnixMillis>,
     pub lease_owner: Option<String>,
+    /// Outbound HTTP requests made by the run's step calls so far.
+    pub http_requests: u32,
     /// Empty in listings; filled by `find_run`.
     pub steps: Vec<StepRecord>,
 }
@@ -132,6 +134,7 @@ pub struct AttemptRecord {
     pub logs: Vec<LogLine>,
     pub started_at: UnixMillis,
     pub duration_ms: i64,
+    pub due_at: Option<UnixMillis>,
 }
 
 /// Filters of `list_runs`; `before` is the cursor (a run id: ids sort by creation time).
@@ -149,6 +152,8 @@ pub struct RunFilter {
 pub struct ClaimedRun {
     pub id: RunId,
     pub lease_token: i64,
+    /// The tick's due time when it was claimed.
+    pub due_at: UnixMillis,
 }
 
 /// What `cancel_run` did.
@@ -178,6 +183,8 @@ pub struct NewAttempt {
     pub logs: Vec<LogLine>,
     pub started_at: UnixMillis,
     pub duration_ms: i64,
+    /// When the tick was due, for the first call of a tick.
+    pub due_at: Option<UnixMillis>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +204,7 @@ pub struct RunWrite {
     pub message: Option<String>,
     pub current_step: usize,
     pub error_count: u32,
+    pub http_requests: u32,
     pub started_at: UnixMillis,
     /// `None` once the run is terminal.
     pub next_tick_at: Option<UnixMillis>,

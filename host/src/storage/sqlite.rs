@@ -29,7 +29,8 @@ pub struct Store {
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
-     max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner";
+     max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
+     http_requests";
 
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies pending migrations.
@@ -344,7 +345,7 @@ impl Store {
     /// Every attempt of a run, in order.
     pub async fn list_attempts(&self, id: &RunId) -> Result<Vec<AttemptRecord>> {
         let rows: Vec<AttemptRow> = sqlx::query_as(
-            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms \
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at \
              FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
              WHERE a.run_id = ? ORDER BY a.position, a.attempt",
         )
@@ -389,12 +390,12 @@ impl Store {
         lease_until: UnixMillis,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "UPDATE runs SET lease_owner = ?, lease_expires_at = ?, lease_token = lease_token + 1 \
              WHERE id IN (SELECT id FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at <= ? \
                           AND (lease_expires_at IS NULL OR lease_expires_at <= ?) \
                           ORDER BY next_tick_at LIMIT ?) \
-             RETURNING id, lease_token",
+             RETURNING id, lease_token, next_tick_at",
         )
         .bind(owner)
         .bind(lease_until)
@@ -405,9 +406,10 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, lease_token)| ClaimedRun {
+            .map(|(id, lease_token, due_at)| ClaimedRun {
                 id: RunId::from_stored(id),
                 lease_token,
+                due_at,
             })
             .collect())
     }
@@ -447,7 +449,7 @@ impl Store {
             None => ("NULL", None),
         };
         let sql = format!(
-            "UPDATE runs SET status = ?, message = ?, current_step = ?, error_count = ?, \
+            "UPDATE runs SET status = ?, message = ?, current_step = ?, error_count = ?, http_requests = ?, \
              started_at = COALESCE(started_at, ?), finished_at = ?, next_tick_at = ?, \
              lease_owner = {lease_owner_sql}, lease_expires_at = ? \
              WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
@@ -458,6 +460,7 @@ impl Store {
             .bind(write.run.message.as_deref())
             .bind(write.run.current_step as i64)
             .bind(i64::from(write.run.error_count))
+            .bind(i64::from(write.run.http_requests))
             .bind(write.run.started_at)
             .bind(finished_at)
             .bind(write.run.next_tick_at)
@@ -472,8 +475,8 @@ impl Store {
         let step = &write.step;
         if let Some(attempt) = &write.attempt {
             sqlx::query(
-                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms, due_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(write.run_id.as_str())
             .bind(step.position as i64)
@@ -483,6 +486,7 @@ impl Store {
             .bind(logs_to_json(&attempt.logs).to_string())
             .bind(attempt.started_at)
             .bind(attempt.duration_ms)
+            .bind(attempt.due_at)
             .execute(&mut *transaction)
             .await?;
             sqlx::query(
@@ -577,6 +581,7 @@ struct RunRow {
     deadline_at: i64,
     next_tick_at: Option<i64>,
     lease_owner: Option<String>,
+    http_requests: i64,
 }
 
 impl RunRow {
@@ -602,6 +607,7 @@ impl RunRow {
             deadline_at: self.deadline_at,
             next_tick_at: self.next_tick_at,
             lease_owner: self.lease_owner,
+            http_requests: self.http_requests as u32,
             steps: Vec::new(),
         })
     }
@@ -653,6 +659,7 @@ struct AttemptRow {
     logs: String,
     started_at: i64,
     duration_ms: i64,
+    due_at: Option<i64>,
 }
 
 impl AttemptRow {
@@ -667,6 +674,7 @@ impl AttemptRow {
             message: self.message,
             started_at: self.started_at,
             duration_ms: self.duration_ms,
+            due_at: self.due_at,
         })
     }
 }

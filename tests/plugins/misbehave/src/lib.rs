@@ -106,7 +106,18 @@ impl Check for Misbehave {
             "http" => {
                 let url = action["url"].as_str().unwrap_or_default();
                 let expect = action["expect_status"].as_u64().unwrap_or(200);
-                match http::get(url) {
+                let headers: Vec<(&str, &str)> = action["headers"]
+                    .as_object()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|(name, value)| {
+                                (name.as_str(), value.as_str().unwrap_or_default())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                match http::request("GET", url, &headers, None) {
                     Ok(response) if u64::from(response.status) == expect => {
                         passed(&json!({"status": response.status}))
                     }

@@ -2,6 +2,7 @@
 //! over a temp SQLite database, drives it through its HTTP API, and prints medians and spread
 //! over repeated measurements. Run `cargo run --release -p stepwise-bench -- --help`.
 
+mod containment;
 mod server;
 mod stats;
 mod swap;
@@ -17,6 +18,12 @@ scenarios (default: all):
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
           componentize-py one): upload time, and activation after a restart (precompiled)
+  containment
+          tick lag and duration of well-behaved runs alone and beside hostile ones (loop,
+          memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
+          latency of a runaway call; resident memory over 1,000 hostile attempts
+
+--repeat N  measurements per row (default 30)
 ";
 
 pub struct Options {
@@ -42,18 +49,19 @@ fn main() -> ExitCode {
                 print!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            "swap" => scenarios.push(arg),
+            "swap" | "containment" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["swap".to_owned()];
+        scenarios = vec!["swap".to_owned(), "containment".to_owned()];
     }
     let runtime = tokio::runtime::Runtime::new().expect("starting tokio");
     for scenario in scenarios {
         let result = runtime.block_on(async {
             match scenario.as_str() {
                 "swap" => swap::run(&options).await,
+                "containment" => containment::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

@@ -78,6 +78,53 @@ impl BenchServer {
         Ok(body)
     }
 
+    pub async fn upload_with_grant(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        grant_toml: &str,
+    ) -> anyhow::Result<Value> {
+        let form = reqwest::multipart::Form::new()
+            .part("component", reqwest::multipart::Part::bytes(bytes))
+            .text("grant", grant_toml.to_owned());
+        let response = self
+            .client
+            .put(self.url(&format!("/v1/plugins/{name}")))
+            .multipart(form)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "upload failed: {status} {body}");
+        Ok(body)
+    }
+
+    pub async fn cancel(&self, id: &str) -> anyhow::Result<()> {
+        let response = self
+            .client
+            .post(self.url(&format!("/v1/runs/{id}/cancel")))
+            .send()
+            .await?;
+        // 409: it had finished already.
+        anyhow::ensure!(
+            response.status().is_success() || response.status() == 409,
+            "cancel failed: {}",
+            response.status()
+        );
+        Ok(())
+    }
+
+    pub async fn attempts(&self, id: &str) -> anyhow::Result<Vec<Value>> {
+        let body: Value = self
+            .client
+            .get(self.url(&format!("/v1/runs/{id}/attempts")))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(body["attempts"].as_array().cloned().unwrap_or_default())
+    }
+
     pub async fn trigger(&self, body: &Value) -> anyhow::Result<String> {
         let response = self
             .client

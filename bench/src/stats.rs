@@ -7,6 +7,7 @@ pub struct Summary {
     pub count: usize,
     pub median: f64,
     pub p90: f64,
+    pub p99: f64,
     pub min: f64,
     pub max: f64,
 }
@@ -21,6 +22,7 @@ impl Summary {
             count: sorted.len(),
             median: at(0.5),
             p90: at(0.9),
+            p99: at(0.99),
             min: sorted[0],
             max: sorted[sorted.len() - 1],
         }
@@ -33,14 +35,14 @@ pub fn millis(duration: Duration) -> f64 {
 
 pub fn print_header(title: &str) {
     println!("\n## {title}\n");
-    println!("| measurement | n | median | p90 | min | max |");
-    println!("|---|---|---|---|---|---|");
+    println!("| measurement | n | median | p90 | p99 | min | max |");
+    println!("|---|---|---|---|---|---|---|");
 }
 
 pub fn print_row(what: &str, unit: &str, samples: &[f64]) {
     let summary = Summary::of(samples);
     println!(
-        "| {what} | {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} |",
-        summary.count, summary.median, summary.p90, summary.min, summary.max
+        "| {what} | {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} |",
+        summary.count, summary.median, summary.p90, summary.p99, summary.min, summary.max
     );
 }

@@ -28,6 +28,10 @@ pub struct Runtime {
     /// Where precompiled artifacts are kept; `None` compiles every time (the CLI's checks).
     pub(super) artifacts: Option<Arc<PathBuf>>,
     pub(super) engine_key: Arc<str>,
+    /// Plugin calls run on their own threads, so that CPU-hungry plugins compete with each
+    /// other, not with the API, the scheduler and the database writes of the host.
+    pub(super) calls: tokio::runtime::Handle,
+    _calls: Arc<CallThreads>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -53,7 +57,15 @@ impl Runtime {
         bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
 
         let ticker = EpochTicker::start(engine.clone());
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        let calls = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("stepwise-plugin")
+            .enable_all()
+            .build()?;
         Ok(Runtime {
+            calls: calls.handle().clone(),
+            _calls: Arc::new(CallThreads(Some(calls))),
             engine,
             linker: Arc::new(linker),
             compiled: Arc::default(),
@@ -61,6 +73,18 @@ impl Runtime {
             engine_key,
             _ticker: Arc::new(ticker),
         })
+    }
+}
+
+/// Owns the plugin-call threads; shuts them down without blocking, because the last
+/// `Runtime` may be dropped inside an async context, where blocking is not allowed.
+struct CallThreads(Option<tokio::runtime::Runtime>);
+
+impl Drop for CallThreads {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! report naming the cause; it never becomes an `Err` of ours, and the `Store` (poisoned after a
 //! trap) is dropped with the call.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
@@ -145,6 +146,57 @@ impl Runtime {
     /// Calls `describe`, within the default limits and without capabilities.
     pub async fn describe(
         &self,
+        plugin: &Arc<LoadedPlugin>,
+        limits: &Limits,
+    ) -> anyhow::Result<CheckInfo> {
+        let (runtime, plugin, limits) = (self.clone(), plugin.clone(), *limits);
+        self.on_call_thread(async move { runtime.describe_here(&plugin, &limits).await })
+            .await
+            .unwrap_or_else(|panic| {
+                Err(anyhow::anyhow!(
+                    "describe failed: the call panicked: {panic}"
+                ))
+            })
+    }
+
+    /// Calls `run-step` once, on the plugin threads. Plugin faults come back as an `errored`
+    /// report, never as `Err`.
+    pub async fn run_step(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+        call: StepCall,
+        capabilities: &Capabilities,
+    ) -> StepReport {
+        let (runtime, plugin, capabilities) = (self.clone(), plugin.clone(), capabilities.clone());
+        let started = Instant::now();
+        self.on_call_thread(
+            async move { runtime.run_step_here(&plugin, call, &capabilities).await },
+        )
+        .await
+        .unwrap_or_else(|panic| StepReport {
+            outcome: AttemptOutcome::Errored,
+            message: Some(format!("the host's call into the plugin panicked: {panic}")),
+            output: None,
+            logs: Vec::new(),
+            duration: started.elapsed(),
+            http_requests: 0,
+        })
+    }
+
+    /// Runs one call on a thread of its own (from tokio's blocking pool), driven by the
+    /// plugin runtime's reactor and timers. The operating system then shares the CPU between
+    /// calls preemptively: a short call is not queued behind a plugin that burns its whole
+    /// time limit, as it would be among the tasks of one async executor.
+    async fn on_call_thread<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let handle = self.calls.clone();
+        tokio::task::spawn_blocking(move || handle.block_on(call)).await
+    }
+
+    async fn describe_here(
+        &self,
         plugin: &LoadedPlugin,
         limits: &Limits,
     ) -> anyhow::Result<CheckInfo> {
@@ -166,8 +218,7 @@ impl Runtime {
         check_info_from_wit(info)
     }
 
-    /// Calls `run-step` once. Plugin faults come back as an `errored` report, never as `Err`.
-    pub async fn run_step(
+    async fn run_step_here(
         &self,
         plugin: &LoadedPlugin,
         call: StepCall,

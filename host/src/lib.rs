@@ -27,6 +27,7 @@ use crate::config::Settings;
 use crate::registry::Registry;
 use crate::runner::Runner;
 use crate::runtime::Runtime;
+use crate::scheduler::schedules::{Firer, ScheduleWakeup};
 use crate::scheduler::{Scheduler, Wakeup};
 use crate::storage::Store;
 
@@ -53,12 +54,14 @@ pub async fn serve(
         Runtime::new(Some(settings.artifacts_dir())).context("starting the wasm runtime")?;
     let sources = SqlSources::connect_lazy(&settings.sources)?;
     let wakeup = Wakeup::default();
+    let schedule_wakeup = ScheduleWakeup::default();
     let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
     let state = AppState::new(
         store.clone(),
         registry.clone(),
         settings.clone(),
         wakeup.clone(),
+        schedule_wakeup.clone(),
     );
 
     let address = listener.local_addr().context("reading the bound address")?;
@@ -81,6 +84,14 @@ pub async fn serve(
     let _ = loaded.await;
     state.mark_plugins_loaded();
 
+    let firer = Firer::new(
+        store.clone(),
+        settings.clone(),
+        node_id.clone(),
+        wakeup.clone(),
+        schedule_wakeup,
+    );
+    let firer = tokio::spawn(firer.run(shutdown.clone()));
     let runner = Runner::new(store.clone(), runtime, sources, settings.clone());
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
@@ -89,6 +100,7 @@ pub async fn serve(
         .context("http server task")?
         .context("http server")?;
     scheduler.await.context("scheduler task")?;
+    firer.await.context("schedule firer task")?;
     registry.await.context("plugin registry task")?;
     Ok(())
 }

@@ -7,5 +7,6 @@ mod hostile;
 mod http_status;
 mod registry;
 mod sandbox;
+mod schedules;
 mod steps;
 mod support;

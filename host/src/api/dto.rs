@@ -7,8 +7,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::model::{CheckInfo, Grant, UnixMillis};
-use crate::storage::{AttemptRecord, PluginRecord, PluginVersionRecord, RunRecord, StepRecord};
+use crate::model::{CheckInfo, Grant, TriggerSpec, UnixMillis};
+use crate::storage::{
+    AttemptRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord, ScheduleRecord,
+    StepRecord,
+};
 
 fn timestamp(millis: UnixMillis) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
@@ -33,6 +36,8 @@ pub struct RunDto {
     pub error_count: u32,
     /// Outbound HTTP requests the run's step calls have made.
     pub http_requests: u32,
+    /// The schedule whose fire started the run.
+    pub schedule_id: Option<String>,
     /// Name of the step being worked on (the last step once the run passed).
     pub current_step: Option<String>,
     pub created_at: String,
@@ -74,6 +79,7 @@ impl RunDto {
             max_errors: run.max_errors,
             error_count: run.error_count,
             http_requests: run.http_requests,
+            schedule_id: run.schedule_id.clone(),
             current_step: run
                 .steps
                 .get(run.current_step)
@@ -248,5 +254,86 @@ impl PluginDto {
                 .collect(),
         );
         self
+    }
+}
+
+#[derive(Serialize)]
+pub struct ScheduleDto {
+    pub id: String,
+    pub plugin: String,
+    pub params: Json,
+    pub labels: BTreeMap<String, String>,
+    pub trigger: Json,
+    pub misfire_grace_ms: Option<i64>,
+    pub coalesce: bool,
+    pub max_concurrent_runs: u32,
+    pub paused: bool,
+    pub poll_interval_ms: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    /// The next nominal fire time; null once the trigger is done.
+    pub next_fire_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recent_fires: Option<Vec<FireDto>>,
+}
+
+#[derive(Serialize)]
+pub struct FireDto {
+    pub scheduled_at: String,
+    /// `fired`, `missed` or `skipped`.
+    pub outcome: &'static str,
+    pub reason: Option<String>,
+    pub run_id: Option<String>,
+    pub recorded_at: String,
+}
+
+impl ScheduleDto {
+    pub fn new(schedule: &ScheduleRecord, fires: Option<&[FireRecord]>) -> ScheduleDto {
+        let trigger = match &schedule.trigger {
+            TriggerSpec::Cron { expr, timezone } => {
+                serde_json::json!({"cron": expr, "timezone": timezone})
+            }
+            TriggerSpec::Interval {
+                interval_ms,
+                jitter_ms,
+                start_at,
+                end_at,
+            } => serde_json::json!({
+                "interval_ms": interval_ms,
+                "jitter_ms": jitter_ms,
+                "start_at": start_at.map(timestamp),
+                "end_at": end_at.map(timestamp),
+            }),
+            TriggerSpec::At { at } => serde_json::json!({"at": timestamp(*at)}),
+        };
+        ScheduleDto {
+            id: schedule.id.clone(),
+            plugin: schedule.plugin_name.clone(),
+            params: json_text(&schedule.params),
+            labels: schedule.labels.clone(),
+            trigger,
+            misfire_grace_ms: schedule.options.misfire_grace_ms,
+            coalesce: schedule.options.coalesce,
+            max_concurrent_runs: schedule.options.max_concurrent_runs,
+            paused: schedule.options.paused,
+            poll_interval_ms: schedule.poll_interval_ms,
+            timeout_ms: schedule.timeout_ms,
+            next_fire_at: schedule.next_fire_at.map(timestamp),
+            created_at: timestamp(schedule.created_at),
+            updated_at: timestamp(schedule.updated_at),
+            recent_fires: fires.map(|fires| {
+                fires
+                    .iter()
+                    .map(|fire| FireDto {
+                        scheduled_at: timestamp(fire.scheduled_at),
+                        outcome: fire.outcome.as_str(),
+                        reason: fire.reason.clone(),
+                        run_id: fire.run_id.clone(),
+                        recorded_at: timestamp(fire.recorded_at),
+                    })
+                    .collect()
+            }),
+        }
     }
 }

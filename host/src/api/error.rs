@@ -9,6 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::scheduler::planning::PlanError;
 use crate::{registry, storage};
 
 #[derive(Debug)]
@@ -132,6 +133,15 @@ impl From<registry::Error> for ApiError {
             code,
             field: Some(field.to_owned()),
             message,
+        }
+    }
+}
+
+impl From<PlanError> for ApiError {
+    fn from(error: PlanError) -> ApiError {
+        match error {
+            PlanError::InvalidParams { field, message } => ApiError::invalid(field, message),
+            PlanError::PluginBroken { code, message } => ApiError::conflict(code, message),
         }
     }
 }

@@ -7,6 +7,7 @@ mod error;
 mod health;
 mod plugins;
 mod runs;
+mod schedules;
 mod state;
 
 use axum::Router;
@@ -36,6 +37,16 @@ pub fn router(state: AppState) -> Router {
             post(plugins::plugins_activate),
         )
         .route("/v1/plugins/{name}/grant", put(plugins::plugins_grant))
+        .route(
+            "/v1/schedules",
+            post(schedules::schedules_create).get(schedules::schedules_index),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::schedules_show)
+                .patch(schedules::schedules_update)
+                .delete(schedules::schedules_delete),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(error::not_found_fallback)

@@ -14,9 +14,9 @@ use serde_json::{Map, Value as Json_};
 use super::dto::{AttemptDto, RunDto, RunListDto};
 use super::error::ApiError;
 use super::state::AppState;
-use crate::config::parse_grant;
 use crate::model::{PluginName, RunId, RunStatus, now_millis};
-use crate::storage::{Cancelled, Enqueued, NewRun, NewStep, RunFilter};
+use crate::scheduler::planning::{RunOptions, plan_run};
+use crate::storage::{Cancelled, Enqueued, RunFilter};
 
 const KNOWN_FIELDS: &[&str] = &[
     "plugin",
@@ -119,44 +119,14 @@ pub async fn runs_create(
             )
             .with_field("plugin")
         })?;
-    if let Some(schema) = &plugin.check_info.params_schema {
-        validate_params(schema, &params)?;
-    }
-    let grant = parse_grant(&plugin.grant_toml).map_err(|error| {
-        ApiError::conflict(
-            "invalid_grant",
-            format!("the plugin's grant is invalid: {error:#}"),
-        )
-    })?;
-    let poll_interval = poll_interval
-        .or(grant.poll_interval)
-        .unwrap_or(settings.default_poll_interval);
-    let run_timeout = run_timeout.unwrap_or(settings.default_run_timeout);
-    let limits = settings.limits.with_overrides(&grant.limits);
-
-    let now = now_millis();
-    let new_run = NewRun {
-        id: RunId::generate(),
-        plugin_name: plugin.name.clone(),
-        plugin_version: plugin.active_version.clone(),
-        params: params.to_string(),
+    let options = RunOptions {
+        poll_interval,
+        timeout: run_timeout,
         labels,
-        poll_interval_ms: poll_interval.as_millis() as i64,
-        max_errors: limits.max_errors,
-        deadline_at: now + run_timeout.as_millis() as i64,
-        created_at: now,
         idempotency_key,
-        steps: plugin
-            .check_info
-            .steps
-            .iter()
-            .map(|step| NewStep {
-                name: step.name.clone(),
-                timeout_ms: step.timeout.map(|timeout| timeout.as_millis() as i64),
-                max_attempts: step.max_attempts,
-            })
-            .collect(),
+        schedule_id: None,
     };
+    let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis())?;
     let run = match state.store.enqueue_run(&new_run).await? {
         Enqueued::Created(run) => {
             state.wakeup.wake();
@@ -173,7 +143,7 @@ pub async fn runs_create(
         .into_response())
 }
 
-fn optional_millis(
+pub(super) fn optional_millis(
     request: &Map<String, Json_>,
     field: &str,
     min: Duration,
@@ -199,7 +169,7 @@ fn optional_millis(
     Ok(Some(millis))
 }
 
-fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiError> {
+pub(super) fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(value) = value else {
         return Ok(BTreeMap::new());
     };
@@ -219,35 +189,6 @@ fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiEr
             _ => Err(invalid()),
         })
         .collect()
-}
-
-/// Checks `params` against the plugin's JSON Schema; the first violation names its field.
-fn validate_params(schema: &str, params: &Json_) -> Result<(), ApiError> {
-    let schema: Json_ = serde_json::from_str(schema).map_err(|error| {
-        ApiError::conflict(
-            "invalid_params_schema",
-            format!("the plugin's params schema is not JSON: {error}"),
-        )
-    })?;
-    let validator = jsonschema::validator_for(&schema).map_err(|error| {
-        ApiError::conflict(
-            "invalid_params_schema",
-            format!("the plugin's params schema is invalid: {error}"),
-        )
-    })?;
-    if let Some(error) = validator.iter_errors(params).next() {
-        let pointer = error.instance_path.to_string();
-        let field = if pointer.is_empty() {
-            "params".to_owned()
-        } else {
-            format!("params{}", pointer.replace('/', "."))
-        };
-        return Err(ApiError::invalid(
-            field,
-            format!("params do not match the plugin's schema: {error}"),
-        ));
-    }
-    Ok(())
 }
 
 fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
@@ -310,7 +251,7 @@ pub async fn runs_index(
     State(state): State<AppState>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<RunListDto>, ApiError> {
-    const FILTERS: &[&str] = &["plugin", "status", "label", "limit", "cursor"];
+    const FILTERS: &[&str] = &["plugin", "status", "label", "schedule", "limit", "cursor"];
     if let Some(unknown) = query.keys().find(|key| !FILTERS.contains(&key.as_str())) {
         return Err(ApiError::invalid(
             unknown.clone(),
@@ -363,6 +304,7 @@ pub async fn runs_index(
         plugin: query.get("plugin").cloned(),
         status,
         label,
+        schedule: query.get("schedule").cloned(),
         before,
         limit,
     };

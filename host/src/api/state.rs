@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::config::Settings;
 use crate::registry::Registry;
 use crate::scheduler::Wakeup;
+use crate::scheduler::schedules::ScheduleWakeup;
 use crate::storage::Store;
 
 /// What every handler can reach.
@@ -13,6 +14,7 @@ pub struct AppState {
     pub registry: Registry,
     pub settings: Arc<Settings>,
     pub wakeup: Wakeup,
+    pub schedule_wakeup: ScheduleWakeup,
     plugins_loaded: Arc<AtomicBool>,
 }
 
@@ -22,12 +24,14 @@ impl AppState {
         registry: Registry,
         settings: Arc<Settings>,
         wakeup: Wakeup,
+        schedule_wakeup: ScheduleWakeup,
     ) -> AppState {
         AppState {
             store,
             registry,
             settings,
             wakeup,
+            schedule_wakeup,
             plugins_loaded: Arc::default(),
         }
     }

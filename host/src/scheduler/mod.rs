@@ -3,6 +3,10 @@
 //! wake-up from the API, or the backstop interval. On shutdown it stops claiming, lets the
 //! ticks in flight finish, and releases this node's leases. Knows nothing about wasm.
 
+pub mod planning;
+pub mod schedules;
+pub mod trigger;
+
 use std::sync::Arc;
 use std::time::Duration;
 

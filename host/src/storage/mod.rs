@@ -9,8 +9,8 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use crate::model::{
-    AttemptOutcome, CheckInfo, LogLine, PluginName, PluginVersion, RunId, RunStatus, StepStatus,
-    UnixMillis,
+    AttemptOutcome, CheckInfo, FireOutcome, LogLine, PluginName, PluginVersion, RunId, RunStatus,
+    StepStatus, TriggerSpec, UnixMillis,
 };
 
 pub use sqlite::Store;
@@ -66,6 +66,8 @@ pub struct NewRun {
     pub deadline_at: UnixMillis,
     pub created_at: UnixMillis,
     pub idempotency_key: Option<String>,
+    /// The schedule whose fire started this run.
+    pub schedule_id: Option<String>,
     pub steps: Vec<NewStep>,
 }
 
@@ -104,6 +106,7 @@ pub struct RunRecord {
     pub lease_owner: Option<String>,
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
+    pub schedule_id: Option<String>,
     /// Empty in listings; filled by `find_run`.
     pub steps: Vec<StepRecord>,
 }
@@ -143,6 +146,7 @@ pub struct RunFilter {
     pub plugin: Option<String>,
     pub status: Option<RunStatus>,
     pub label: Option<(String, String)>,
+    pub schedule: Option<String>,
     pub before: Option<RunId>,
     pub limit: u32,
 }
@@ -210,4 +214,72 @@ pub struct RunWrite {
     pub next_tick_at: Option<UnixMillis>,
     /// Keep the lease (the tick goes on to the next step) or release it.
     pub keep_lease_until: Option<UnixMillis>,
+}
+
+/// A schedule's options, with APScheduler's names and meanings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleOptions {
+    /// A fire later than this is `missed`; `None`: never too late.
+    pub misfire_grace_ms: Option<i64>,
+    /// Several fires due at once collapse into the latest.
+    pub coalesce: bool,
+    /// A fire while this many runs of the schedule are unfinished is `skipped`.
+    pub max_concurrent_runs: u32,
+    pub paused: bool,
+}
+
+/// A schedule as stored; `created_at`/`updated_at` are set by the store.
+#[derive(Debug, Clone)]
+pub struct ScheduleRecord {
+    pub id: String,
+    pub plugin_name: String,
+    pub params: String,
+    pub labels: BTreeMap<String, String>,
+    pub poll_interval_ms: Option<i64>,
+    pub timeout_ms: Option<i64>,
+    pub trigger: TriggerSpec,
+    pub options: ScheduleOptions,
+    /// The next nominal fire time; `None` once the trigger is done.
+    pub next_fire_at: Option<UnixMillis>,
+    /// `next_fire_at` plus this fire's jitter: when it is due.
+    pub next_due_at: Option<UnixMillis>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+/// One fire time of a schedule and what became of it.
+#[derive(Debug, Clone)]
+pub struct FireRecord {
+    pub scheduled_at: UnixMillis,
+    pub outcome: FireOutcome,
+    pub reason: Option<String>,
+    pub run_id: Option<String>,
+    pub recorded_at: UnixMillis,
+}
+
+/// A schedule this node may fire until `lease_token` is superseded.
+#[derive(Debug, Clone)]
+pub struct ClaimedSchedule {
+    pub id: String,
+    pub lease_token: i64,
+}
+
+/// A fire to record, with the run it starts.
+#[derive(Debug, Clone)]
+pub struct NewFire {
+    pub scheduled_at: UnixMillis,
+    pub outcome: FireOutcome,
+    pub reason: Option<String>,
+    pub run: Option<NewRun>,
+}
+
+/// The result of firing a claimed schedule, written atomically while the lease holds.
+#[derive(Debug, Clone)]
+pub struct FireWrite {
+    pub schedule_id: String,
+    pub lease_token: i64,
+    pub now: UnixMillis,
+    pub fires: Vec<NewFire>,
+    pub next_fire_at: Option<UnixMillis>,
+    pub next_due_at: Option<UnixMillis>,
 }

@@ -12,12 +12,13 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, QueryBuilder, Sqlite};
 
 use super::{
-    AttemptRecord, Cancelled, ClaimedRun, Enqueued, Error, NewRun, PluginRecord,
-    PluginVersionRecord, Result, RunFilter, RunRecord, StepRecord, TickWrite,
+    AttemptRecord, Cancelled, ClaimedRun, ClaimedSchedule, Enqueued, Error, FireRecord, FireWrite,
+    NewRun, PluginRecord, PluginVersionRecord, Result, RunFilter, RunRecord, ScheduleOptions,
+    ScheduleRecord, StepRecord, TickWrite,
 };
 use crate::model::{
-    AttemptOutcome, CheckInfo, LogLevel, LogLine, PluginName, PluginVersion, RunId, RunStatus,
-    StepInfo, StepStatus, UnixMillis,
+    AttemptOutcome, CheckInfo, FireOutcome, LogLevel, LogLine, PluginName, PluginVersion, RunId,
+    RunStatus, StepInfo, StepStatus, TriggerSpec, UnixMillis,
 };
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -30,7 +31,7 @@ pub struct Store {
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests";
+     http_requests, schedule_id";
 
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies pending migrations.
@@ -216,29 +217,11 @@ impl Store {
         {
             return Ok(Enqueued::Existing(existing));
         }
-        let labels = serde_json::to_string(&run.labels)
-            .map_err(|error| Error::Corrupt(error.to_string()))?;
         let mut transaction = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
-             idempotency_key, created_at, deadline_at, next_tick_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(run.id.as_str())
-        .bind(run.plugin_name.as_str())
-        .bind(run.plugin_version.as_str())
-        .bind(&run.params)
-        .bind(&labels)
-        .bind(run.poll_interval_ms)
-        .bind(i64::from(run.max_errors))
-        .bind(run.idempotency_key.as_deref())
-        .bind(run.created_at)
-        .bind(run.deadline_at)
-        .bind(run.created_at)
-        .execute(&mut *transaction)
-        .await;
-        if let Err(error) = inserted {
+        if let Err(error) = insert_run(&mut transaction, run).await {
             // Two requests with one key raced: the other one's run is the answer.
-            if is_unique_violation(&error)
+            if let Error::Database(database_error) = &error
+                && is_unique_violation(database_error)
                 && let Some(key) = &run.idempotency_key
             {
                 drop(transaction);
@@ -249,27 +232,7 @@ impl Store {
                     }),
                 };
             }
-            return Err(error.into());
-        }
-        for (key, value) in &run.labels {
-            sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES (?, ?, ?)")
-                .bind(run.id.as_str())
-                .bind(key)
-                .bind(value)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        for (position, step) in run.steps.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES (?, ?, ?, 'waiting', ?, ?)",
-            )
-            .bind(run.id.as_str())
-            .bind(position as i64)
-            .bind(&step.name)
-            .bind(step.timeout_ms)
-            .bind(step.max_attempts.map(i64::from))
-            .execute(&mut *transaction)
-            .await?;
+            return Err(error);
         }
         transaction.commit().await?;
         let created = self.find_run(&run.id).await?.ok_or(Error::NotFound)?;
@@ -329,6 +292,11 @@ impl Store {
                 .push(" AND value = ")
                 .push_bind(value.clone())
                 .push(")");
+        }
+        if let Some(schedule) = &filter.schedule {
+            query
+                .push(" AND schedule_id = ")
+                .push_bind(schedule.clone());
         }
         if let Some(before) = &filter.before {
             query
@@ -582,6 +550,7 @@ struct RunRow {
     next_tick_at: Option<i64>,
     lease_owner: Option<String>,
     http_requests: i64,
+    schedule_id: Option<String>,
 }
 
 impl RunRow {
@@ -608,6 +577,7 @@ impl RunRow {
             next_tick_at: self.next_tick_at,
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
+            schedule_id: self.schedule_id,
             steps: Vec::new(),
         })
     }
@@ -750,6 +720,414 @@ fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
             message: line["message"].as_str().unwrap_or_default().to_owned(),
         })
         .collect())
+}
+
+/// Schedules: recurring triggers, their fires, and the runs they start.
+impl Store {
+    pub async fn insert_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
+        let trigger = TriggerColumns::of(&schedule.trigger);
+        sqlx::query(
+            "INSERT INTO schedules (id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, \
+             cron_expr, timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, \
+             max_concurrent_runs, paused, next_fire_at, next_due_at, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&schedule.id)
+        .bind(&schedule.plugin_name)
+        .bind(&schedule.params)
+        .bind(labels_json(&schedule.labels)?)
+        .bind(schedule.poll_interval_ms)
+        .bind(schedule.timeout_ms)
+        .bind(trigger.kind)
+        .bind(trigger.cron_expr)
+        .bind(trigger.timezone)
+        .bind(trigger.interval_ms)
+        .bind(trigger.jitter_ms)
+        .bind(trigger.start_at)
+        .bind(trigger.end_at)
+        .bind(trigger.at)
+        .bind(schedule.options.misfire_grace_ms)
+        .bind(schedule.options.coalesce)
+        .bind(i64::from(schedule.options.max_concurrent_runs))
+        .bind(schedule.options.paused)
+        .bind(schedule.next_fire_at)
+        .bind(schedule.next_due_at)
+        .bind(schedule.created_at)
+        .bind(schedule.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces everything but the id and creation time. Bumping the lease token fences off a
+    /// node that is firing the old version of the schedule at this moment.
+    pub async fn update_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
+        let trigger = TriggerColumns::of(&schedule.trigger);
+        let updated = sqlx::query(
+            "UPDATE schedules SET params = ?, labels = ?, poll_interval_ms = ?, timeout_ms = ?, trigger_kind = ?, \
+             cron_expr = ?, timezone = ?, interval_ms = ?, jitter_ms = ?, start_at = ?, end_at = ?, at = ?, \
+             misfire_grace_ms = ?, coalesce = ?, max_concurrent_runs = ?, paused = ?, next_fire_at = ?, \
+             next_due_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL, \
+             lease_token = lease_token + 1 WHERE id = ?",
+        )
+        .bind(&schedule.params)
+        .bind(labels_json(&schedule.labels)?)
+        .bind(schedule.poll_interval_ms)
+        .bind(schedule.timeout_ms)
+        .bind(trigger.kind)
+        .bind(trigger.cron_expr)
+        .bind(trigger.timezone)
+        .bind(trigger.interval_ms)
+        .bind(trigger.jitter_ms)
+        .bind(trigger.start_at)
+        .bind(trigger.end_at)
+        .bind(trigger.at)
+        .bind(schedule.options.misfire_grace_ms)
+        .bind(schedule.options.coalesce)
+        .bind(i64::from(schedule.options.max_concurrent_runs))
+        .bind(schedule.options.paused)
+        .bind(schedule.next_fire_at)
+        .bind(schedule.next_due_at)
+        .bind(schedule.updated_at)
+        .bind(&schedule.id)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(Error::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Deletes a schedule and its fire history; its runs stay. Returns whether it existed.
+    pub async fn delete_schedule(&self, id: &str) -> Result<bool> {
+        let deleted = sqlx::query("DELETE FROM schedules WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected() == 1)
+    }
+
+    pub async fn find_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
+        let row: Option<ScheduleRow> = sqlx::query_as(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(ScheduleRow::into_record).transpose()
+    }
+
+    /// Every schedule, oldest first.
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+        let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ScheduleRow::into_record).collect()
+    }
+
+    /// The latest `limit` fires of a schedule, newest first.
+    pub async fn recent_fires(&self, id: &str, limit: u32) -> Result<Vec<FireRecord>> {
+        let rows: Vec<FireRow> = sqlx::query_as(
+            "SELECT scheduled_at, outcome, reason, run_id, recorded_at FROM schedule_fires \
+             WHERE schedule_id = ? ORDER BY scheduled_at DESC LIMIT ?",
+        )
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(FireRecord {
+                    outcome: FireOutcome::parse(&row.outcome)
+                        .ok_or_else(|| corrupt("fire outcome", &row.outcome))?,
+                    scheduled_at: row.scheduled_at,
+                    reason: row.reason,
+                    run_id: row.run_id,
+                    recorded_at: row.recorded_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Leases unpaused schedules whose next fire is due, earliest first.
+    pub async fn claim_due_schedules(
+        &self,
+        owner: &str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<ClaimedSchedule>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "UPDATE schedules SET lease_owner = ?, lease_expires_at = ?, lease_token = lease_token + 1 \
+             WHERE id IN (SELECT id FROM schedules WHERE next_due_at IS NOT NULL AND paused = 0 \
+                          AND next_due_at <= ? AND (lease_expires_at IS NULL OR lease_expires_at <= ?) \
+                          ORDER BY next_due_at LIMIT ?) \
+             RETURNING id, lease_token",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, lease_token)| ClaimedSchedule { id, lease_token })
+            .collect())
+    }
+
+    /// The earliest due time of an unpaused schedule after `now`.
+    pub async fn next_schedule_due_after(&self, now: UnixMillis) -> Result<Option<UnixMillis>> {
+        let due: Option<(i64,)> = sqlx::query_as(
+            "SELECT next_due_at FROM schedules WHERE next_due_at IS NOT NULL AND paused = 0 \
+             AND next_due_at > ? ORDER BY next_due_at LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(due.map(|(due,)| due))
+    }
+
+    /// Runs of the schedule that have not finished.
+    pub async fn count_unfinished_runs(&self, schedule_id: &str) -> Result<u32> {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM runs WHERE schedule_id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(schedule_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count as u32)
+    }
+
+    /// Records the fires (starting their runs) and moves the schedule on, in one transaction,
+    /// only while `lease_token` is current. A fire already recorded (the key is schedule +
+    /// scheduled time) is not recorded again and starts no run. Returns the runs started.
+    pub async fn record_fires(&self, write: &FireWrite) -> Result<usize> {
+        let mut transaction = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE schedules SET next_fire_at = ?, next_due_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND lease_token = ?",
+        )
+        .bind(write.next_fire_at)
+        .bind(write.next_due_at)
+        .bind(&write.schedule_id)
+        .bind(write.lease_token)
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(Error::Conflict {
+                constraint: "schedules.lease_token".into(),
+            });
+        }
+        let mut started = 0;
+        for fire in &write.fires {
+            let inserted = sqlx::query(
+                "INSERT INTO schedule_fires (schedule_id, scheduled_at, outcome, reason, run_id, recorded_at) \
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&write.schedule_id)
+            .bind(fire.scheduled_at)
+            .bind(fire.outcome.as_str())
+            .bind(fire.reason.as_deref())
+            .bind(fire.run.as_ref().map(|run| run.id.as_str()))
+            .bind(write.now)
+            .execute(&mut *transaction)
+            .await?;
+            if inserted.rows_affected() == 1
+                && let Some(run) = &fire.run
+            {
+                insert_run(&mut transaction, run).await?;
+                started += 1;
+            }
+        }
+        transaction.commit().await?;
+        Ok(started)
+    }
+}
+
+const SCHEDULE_COLUMNS: &str = "id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, cron_expr, \
+     timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, max_concurrent_runs, paused, \
+     next_fire_at, next_due_at, created_at, updated_at";
+
+/// A trigger spread over the schedule table's columns.
+struct TriggerColumns<'a> {
+    kind: &'static str,
+    cron_expr: Option<&'a str>,
+    timezone: Option<&'a str>,
+    interval_ms: Option<i64>,
+    jitter_ms: Option<i64>,
+    start_at: Option<i64>,
+    end_at: Option<i64>,
+    at: Option<i64>,
+}
+
+impl<'a> TriggerColumns<'a> {
+    fn of(trigger: &'a TriggerSpec) -> TriggerColumns<'a> {
+        let mut columns = TriggerColumns {
+            kind: "",
+            cron_expr: None,
+            timezone: None,
+            interval_ms: None,
+            jitter_ms: None,
+            start_at: None,
+            end_at: None,
+            at: None,
+        };
+        match trigger {
+            TriggerSpec::Cron { expr, timezone } => {
+                columns.kind = "cron";
+                columns.cron_expr = Some(expr);
+                columns.timezone = Some(timezone);
+            }
+            TriggerSpec::Interval {
+                interval_ms,
+                jitter_ms,
+                start_at,
+                end_at,
+            } => {
+                columns.kind = "interval";
+                columns.interval_ms = Some(*interval_ms);
+                columns.jitter_ms = Some(*jitter_ms);
+                columns.start_at = *start_at;
+                columns.end_at = *end_at;
+            }
+            TriggerSpec::At { at } => {
+                columns.kind = "at";
+                columns.at = Some(*at);
+            }
+        }
+        columns
+    }
+}
+
+#[derive(FromRow)]
+struct FireRow {
+    scheduled_at: i64,
+    outcome: String,
+    reason: Option<String>,
+    run_id: Option<String>,
+    recorded_at: i64,
+}
+
+#[derive(FromRow)]
+struct ScheduleRow {
+    id: String,
+    plugin_name: String,
+    params: String,
+    labels: String,
+    poll_interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    trigger_kind: String,
+    cron_expr: Option<String>,
+    timezone: Option<String>,
+    interval_ms: Option<i64>,
+    jitter_ms: Option<i64>,
+    start_at: Option<i64>,
+    end_at: Option<i64>,
+    at: Option<i64>,
+    misfire_grace_ms: Option<i64>,
+    coalesce: bool,
+    max_concurrent_runs: i64,
+    paused: bool,
+    next_fire_at: Option<i64>,
+    next_due_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl ScheduleRow {
+    fn into_record(self) -> Result<ScheduleRecord> {
+        let trigger = match (
+            self.trigger_kind.as_str(),
+            self.cron_expr,
+            self.timezone,
+            self.interval_ms,
+            self.at,
+        ) {
+            ("cron", Some(expr), Some(timezone), _, _) => TriggerSpec::Cron { expr, timezone },
+            ("interval", _, _, Some(interval_ms), _) => TriggerSpec::Interval {
+                interval_ms,
+                jitter_ms: self.jitter_ms.unwrap_or(0),
+                start_at: self.start_at,
+                end_at: self.end_at,
+            },
+            ("at", _, _, _, Some(at)) => TriggerSpec::At { at },
+            _ => return Err(corrupt("schedule trigger", &self.trigger_kind)),
+        };
+        let labels: BTreeMap<String, String> = serde_json::from_str(&self.labels)
+            .map_err(|_| corrupt("schedule labels", &self.labels))?;
+        Ok(ScheduleRecord {
+            id: self.id,
+            plugin_name: self.plugin_name,
+            params: self.params,
+            labels,
+            poll_interval_ms: self.poll_interval_ms,
+            timeout_ms: self.timeout_ms,
+            trigger,
+            options: ScheduleOptions {
+                misfire_grace_ms: self.misfire_grace_ms,
+                coalesce: self.coalesce,
+                max_concurrent_runs: self.max_concurrent_runs as u32,
+                paused: self.paused,
+            },
+            next_fire_at: self.next_fire_at,
+            next_due_at: self.next_due_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
+    serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
+}
+
+/// Inserts a queued run with its labels and steps, due at once.
+async fn insert_run(transaction: &mut sqlx::SqliteConnection, run: &NewRun) -> Result<()> {
+    let labels =
+        serde_json::to_string(&run.labels).map_err(|error| Error::Corrupt(error.to_string()))?;
+    sqlx::query(
+        "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
+         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(run.id.as_str())
+    .bind(run.plugin_name.as_str())
+    .bind(run.plugin_version.as_str())
+    .bind(&run.params)
+    .bind(&labels)
+    .bind(run.poll_interval_ms)
+    .bind(i64::from(run.max_errors))
+    .bind(run.idempotency_key.as_deref())
+    .bind(run.created_at)
+    .bind(run.deadline_at)
+    .bind(run.created_at)
+    .bind(run.schedule_id.as_deref())
+    .execute(&mut *transaction)
+    .await?;
+    for (key, value) in &run.labels {
+        sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES (?, ?, ?)")
+            .bind(run.id.as_str())
+            .bind(key)
+            .bind(value)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    for (position, step) in run.steps.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES (?, ?, ?, 'waiting', ?, ?)",
+        )
+        .bind(run.id.as_str())
+        .bind(position as i64)
+        .bind(&step.name)
+        .bind(step.timeout_ms)
+        .bind(step.max_attempts.map(i64::from))
+        .execute(&mut *transaction)
+        .await?;
+    }
+    Ok(())
 }
 
 fn version_record(

@@ -1,0 +1,112 @@
+//! Turning a trigger (an API request or a schedule's fire) into a queued run: the plugin's
+//! active version and steps, params checked against its schema, poll interval and deadline
+//! from the request, the grant and the defaults.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+
+use crate::config::{Settings, parse_grant};
+use crate::model::{RunId, UnixMillis};
+use crate::storage::{NewRun, NewStep, PluginRecord};
+
+/// What the trigger asked for beyond the plugin and its params.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub poll_interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    pub schedule_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// The params do not match the plugin's schema; `field` is e.g. `params.amount_cents`.
+    InvalidParams { field: String, message: String },
+    /// The plugin itself is unusable as stored (its grant or schema is invalid).
+    PluginBroken { code: &'static str, message: String },
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::InvalidParams { message, .. } | PlanError::PluginBroken { message, .. } => {
+                f.write_str(message)
+            }
+        }
+    }
+}
+
+/// The run to enqueue for `plugin` with `params` (a JSON object).
+pub fn plan_run(
+    plugin: &PluginRecord,
+    params: &Json,
+    options: RunOptions,
+    settings: &Settings,
+    now: UnixMillis,
+) -> Result<NewRun, PlanError> {
+    if let Some(schema) = &plugin.check_info.params_schema {
+        check_params(schema, params)?;
+    }
+    let grant = parse_grant(&plugin.grant_toml).map_err(|error| PlanError::PluginBroken {
+        code: "invalid_grant",
+        message: format!("the plugin's grant is invalid: {error:#}"),
+    })?;
+    let poll_interval = options
+        .poll_interval
+        .or(grant.poll_interval)
+        .unwrap_or(settings.default_poll_interval);
+    let timeout = options.timeout.unwrap_or(settings.default_run_timeout);
+    let limits = settings.limits.with_overrides(&grant.limits);
+    Ok(NewRun {
+        id: RunId::generate(),
+        plugin_name: plugin.name.clone(),
+        plugin_version: plugin.active_version.clone(),
+        params: params.to_string(),
+        labels: options.labels,
+        poll_interval_ms: poll_interval.as_millis() as i64,
+        max_errors: limits.max_errors,
+        deadline_at: now + timeout.as_millis() as i64,
+        created_at: now,
+        idempotency_key: options.idempotency_key,
+        schedule_id: options.schedule_id,
+        steps: plugin
+            .check_info
+            .steps
+            .iter()
+            .map(|step| NewStep {
+                name: step.name.clone(),
+                timeout_ms: step.timeout.map(|timeout| timeout.as_millis() as i64),
+                max_attempts: step.max_attempts,
+            })
+            .collect(),
+    })
+}
+
+/// Checks `params` against the plugin's JSON Schema; the first violation names its field.
+pub fn check_params(schema: &str, params: &Json) -> Result<(), PlanError> {
+    let schema: Json = serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
+        code: "invalid_params_schema",
+        message: format!("the plugin's params schema is not JSON: {error}"),
+    })?;
+    let validator =
+        jsonschema::validator_for(&schema).map_err(|error| PlanError::PluginBroken {
+            code: "invalid_params_schema",
+            message: format!("the plugin's params schema is invalid: {error}"),
+        })?;
+    if let Some(error) = validator.iter_errors(params).next() {
+        let pointer = error.instance_path.to_string();
+        let field = if pointer.is_empty() {
+            "params".to_owned()
+        } else {
+            format!("params{}", pointer.replace('/', "."))
+        };
+        return Err(PlanError::InvalidParams {
+            field,
+            message: format!("params do not match the plugin's schema: {error}"),
+        });
+    }
+    Ok(())
+}

@@ -1,8 +1,6 @@
 //! Compiles the example and test plugins to wasm32-wasip2 and exposes their paths to the tests
 //! as constants in `$OUT_DIR/plugins.rs` (`stepwise-plugin-http-status` → `HTTP_STATUS_WASM`).
 
-use std::fmt::Write;
-
 /// Every plugin the suite uses.
 const PLUGINS: &[&str] = &[
     "stepwise-plugin-event-pipeline",
@@ -26,19 +24,5 @@ fn main() {
         "stepwise-plugin-misbehave",
         MISBEHAVE_VARIANTS,
     ));
-    let mut constants = String::new();
-    for (name, path) in built {
-        let constant = name
-            .trim_start_matches("stepwise-plugin-")
-            .replace('-', "_")
-            .to_uppercase();
-        writeln!(
-            constants,
-            "pub const {constant}_WASM: &str = {:?};",
-            path.display().to_string()
-        )
-        .expect("writing to a string");
-    }
-    let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
-    std::fs::write(format!("{out_dir}/plugins.rs"), constants).expect("writing plugins.rs");
+    stepwise_plugin_build::write_path_constants(&built);
 }

@@ -33,37 +33,7 @@ pub async fn runs_create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(state.settings.body_limit_bytes)
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })?;
-    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {error}"),
-        )
-    })?;
-    let Json_::Object(request) = request else {
-        return Err(ApiError::bad_request(
-            "malformed_json",
-            "request body must be a JSON object",
-        ));
-    };
-    if let Some(unknown) = request
-        .keys()
-        .find(|key| !KNOWN_FIELDS.contains(&key.as_str()))
-    {
-        return Err(ApiError::invalid(
-            unknown.clone(),
-            format!(
-                "unknown field {unknown:?}; known fields: {}",
-                KNOWN_FIELDS.join(", ")
-            ),
-        ));
-    }
+    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
     let plugin_name = match request.get("plugin") {
         Some(Json_::String(name)) => name.clone(),
         Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
@@ -141,6 +111,44 @@ pub async fn runs_create(
         Json(RunDto::new(&run, true)),
     )
         .into_response())
+}
+
+/// The request body as a JSON object with only `known` fields: 400 for what is not a JSON
+/// object, 413 over `limit`, 422 naming the first unknown field.
+pub(super) fn read_json_object(
+    body: Result<Bytes, BytesRejection>,
+    known: &[&str],
+    limit: usize,
+) -> Result<Map<String, Json_>, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("unreadable_body", rejection.body_text())
+        }
+    })?;
+    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(
+            "malformed_json",
+            format!("request body is not valid JSON: {error}"),
+        )
+    })?;
+    let Json_::Object(request) = request else {
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "request body must be a JSON object",
+        ));
+    };
+    if let Some(unknown) = request.keys().find(|key| !known.contains(&key.as_str())) {
+        return Err(ApiError::invalid(
+            unknown.clone(),
+            format!(
+                "unknown field {unknown:?}; known fields: {}",
+                known.join(", ")
+            ),
+        ));
+    }
+    Ok(request)
 }
 
 pub(super) fn optional_millis(

@@ -13,7 +13,7 @@ use serde_json::{Map, Value as Json_};
 
 use super::dto::ScheduleDto;
 use super::error::ApiError;
-use super::runs::{optional_millis, parse_labels};
+use super::runs::{optional_millis, parse_labels, read_json_object};
 use super::state::AppState;
 use crate::model::{PluginName, TriggerSpec, UnixMillis, now_millis};
 use crate::scheduler::planning::check_params;
@@ -45,7 +45,7 @@ pub async fn schedules_create(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = json_object(body)?;
+    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
     let plugin_name = match request.get("plugin") {
         Some(Json_::String(name)) => name.clone(),
         Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
@@ -126,7 +126,7 @@ pub async fn schedules_update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ScheduleDto>, ApiError> {
     let mut schedule = find(&state, &id).await?;
-    let request = json_object(body)?;
+    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
     if let Some(plugin) = request.get("plugin")
         && plugin.as_str() != Some(schedule.plugin_name.as_str())
     {
@@ -166,41 +166,6 @@ async fn find(state: &AppState, id: &str) -> Result<ScheduleRecord, ApiError> {
 
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found("schedule_not_found", format!("no schedule with id {id:?}"))
-}
-
-fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Json_>, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(1 << 20)
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })?;
-    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {error}"),
-        )
-    })?;
-    let Json_::Object(request) = request else {
-        return Err(ApiError::bad_request(
-            "malformed_json",
-            "request body must be a JSON object",
-        ));
-    };
-    if let Some(unknown) = request
-        .keys()
-        .find(|key| !KNOWN_FIELDS.contains(&key.as_str()))
-    {
-        return Err(ApiError::invalid(
-            unknown.clone(),
-            format!(
-                "unknown field {unknown:?}; known fields: {}",
-                KNOWN_FIELDS.join(", ")
-            ),
-        ));
-    }
-    Ok(request)
 }
 
 /// Applies the fields present in `request` to `schedule` and validates the result; computes

@@ -725,73 +725,39 @@ fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
 /// Schedules: recurring triggers, their fires, and the runs they start.
 impl Store {
     pub async fn insert_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
-        let trigger = TriggerColumns::of(&schedule.trigger);
-        sqlx::query(
+        let labels = labels_json(&schedule.labels)?;
+        let query = sqlx::query(
             "INSERT INTO schedules (id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, \
              cron_expr, timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, \
              max_concurrent_runs, paused, next_fire_at, next_due_at, created_at, updated_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&schedule.id)
-        .bind(&schedule.plugin_name)
-        .bind(&schedule.params)
-        .bind(labels_json(&schedule.labels)?)
-        .bind(schedule.poll_interval_ms)
-        .bind(schedule.timeout_ms)
-        .bind(trigger.kind)
-        .bind(trigger.cron_expr)
-        .bind(trigger.timezone)
-        .bind(trigger.interval_ms)
-        .bind(trigger.jitter_ms)
-        .bind(trigger.start_at)
-        .bind(trigger.end_at)
-        .bind(trigger.at)
-        .bind(schedule.options.misfire_grace_ms)
-        .bind(schedule.options.coalesce)
-        .bind(i64::from(schedule.options.max_concurrent_runs))
-        .bind(schedule.options.paused)
-        .bind(schedule.next_fire_at)
-        .bind(schedule.next_due_at)
-        .bind(schedule.created_at)
-        .bind(schedule.updated_at)
-        .execute(&self.pool)
-        .await?;
+        .bind(&schedule.plugin_name);
+        bind_schedule_fields(query, schedule, &labels)
+            .bind(schedule.created_at)
+            .bind(schedule.updated_at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Replaces everything but the id and creation time. Bumping the lease token fences off a
     /// node that is firing the old version of the schedule at this moment.
     pub async fn update_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
-        let trigger = TriggerColumns::of(&schedule.trigger);
-        let updated = sqlx::query(
+        let labels = labels_json(&schedule.labels)?;
+        let query = sqlx::query(
             "UPDATE schedules SET params = ?, labels = ?, poll_interval_ms = ?, timeout_ms = ?, trigger_kind = ?, \
              cron_expr = ?, timezone = ?, interval_ms = ?, jitter_ms = ?, start_at = ?, end_at = ?, at = ?, \
              misfire_grace_ms = ?, coalesce = ?, max_concurrent_runs = ?, paused = ?, next_fire_at = ?, \
              next_due_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL, \
              lease_token = lease_token + 1 WHERE id = ?",
-        )
-        .bind(&schedule.params)
-        .bind(labels_json(&schedule.labels)?)
-        .bind(schedule.poll_interval_ms)
-        .bind(schedule.timeout_ms)
-        .bind(trigger.kind)
-        .bind(trigger.cron_expr)
-        .bind(trigger.timezone)
-        .bind(trigger.interval_ms)
-        .bind(trigger.jitter_ms)
-        .bind(trigger.start_at)
-        .bind(trigger.end_at)
-        .bind(trigger.at)
-        .bind(schedule.options.misfire_grace_ms)
-        .bind(schedule.options.coalesce)
-        .bind(i64::from(schedule.options.max_concurrent_runs))
-        .bind(schedule.options.paused)
-        .bind(schedule.next_fire_at)
-        .bind(schedule.next_due_at)
-        .bind(schedule.updated_at)
-        .bind(&schedule.id)
-        .execute(&self.pool)
-        .await?;
+        );
+        let updated = bind_schedule_fields(query, schedule, &labels)
+            .bind(schedule.updated_at)
+            .bind(&schedule.id)
+            .execute(&self.pool)
+            .await?;
         if updated.rows_affected() == 0 {
             return Err(Error::NotFound);
         }
@@ -1079,6 +1045,36 @@ impl ScheduleRow {
             updated_at: self.updated_at,
         })
     }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds the columns from `params` to `next_due_at`, in table order.
+fn bind_schedule_fields<'q>(
+    query: SqliteQuery<'q>,
+    schedule: &'q ScheduleRecord,
+    labels: &'q str,
+) -> SqliteQuery<'q> {
+    let trigger = TriggerColumns::of(&schedule.trigger);
+    query
+        .bind(&schedule.params)
+        .bind(labels)
+        .bind(schedule.poll_interval_ms)
+        .bind(schedule.timeout_ms)
+        .bind(trigger.kind)
+        .bind(trigger.cron_expr)
+        .bind(trigger.timezone)
+        .bind(trigger.interval_ms)
+        .bind(trigger.jitter_ms)
+        .bind(trigger.start_at)
+        .bind(trigger.end_at)
+        .bind(trigger.at)
+        .bind(schedule.options.misfire_grace_ms)
+        .bind(schedule.options.coalesce)
+        .bind(i64::from(schedule.options.max_concurrent_runs))
+        .bind(schedule.options.paused)
+        .bind(schedule.next_fire_at)
+        .bind(schedule.next_due_at)
 }
 
 fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {

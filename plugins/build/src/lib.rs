@@ -32,6 +32,24 @@ pub fn build_plugin_variants(package: &str, variants: &[(&str, &str)]) -> Vec<(S
         .collect()
 }
 
+/// Writes `$OUT_DIR/plugins.rs` with one constant per built plugin, named after it
+/// (`stepwise-plugin-http-status` → `HTTP_STATUS_WASM`), for `include!` in the crate.
+pub fn write_path_constants(built: &[(String, PathBuf)]) {
+    let mut constants = String::new();
+    for (name, path) in built {
+        let constant = name
+            .trim_start_matches("stepwise-plugin-")
+            .replace('-', "_")
+            .to_uppercase();
+        constants.push_str(&format!(
+            "pub const {constant}_WASM: &str = {:?};\n",
+            path.display().to_string()
+        ));
+    }
+    let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    std::fs::write(format!("{out_dir}/plugins.rs"), constants).expect("writing plugins.rs");
+}
+
 struct Build {
     workspace: PathBuf,
     /// Its own target dir: the outer cargo holds the lock on the outer one for the whole build.

@@ -6,12 +6,13 @@ mod containment;
 mod server;
 mod stats;
 mod swap;
+mod throughput;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N]
+usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
 
 scenarios (default: all):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -23,11 +24,22 @@ scenarios (default: all):
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
           latency of a runaway call; resident memory over 1,000 hostile attempts
 
+  triggers
+          POST /v1/runs from 64 connections for 10 s: requests/s and latency
+  due-at-once
+          --runs runs of a 3-step plugin (steps pass after 1, 2, 3 s; poll 1 s) all due at
+          the same moment: makespan against the ideal 3 s, tick lag, peak RSS
+  steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s
+  plugin-call
+          one instantiate + call + drop of a small Rust plugin, without the database
+
 --repeat N  measurements per row (default 30)
+--runs N    runs for due-at-once and steps (default 10000)
 ";
 
 pub struct Options {
     pub repeat: usize,
+    pub runs: usize,
     pub large: Option<PathBuf>,
 }
 
@@ -35,6 +47,7 @@ fn main() -> ExitCode {
     let mut scenarios = Vec::new();
     let mut options = Options {
         repeat: 30,
+        runs: 10_000,
         large: None,
     };
     let mut args = std::env::args().skip(1);
@@ -49,12 +62,27 @@ fn main() -> ExitCode {
                 print!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            "swap" | "containment" => scenarios.push(arg),
+            "--runs" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(runs) => options.runs = runs,
+                None => return usage("--runs needs a number"),
+            },
+            "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call" => {
+                scenarios.push(arg)
+            }
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["swap".to_owned(), "containment".to_owned()];
+        scenarios = [
+            "plugin-call",
+            "steps",
+            "triggers",
+            "due-at-once",
+            "swap",
+            "containment",
+        ]
+        .map(str::to_owned)
+        .to_vec();
     }
     let runtime = tokio::runtime::Runtime::new().expect("starting tokio");
     for scenario in scenarios {
@@ -62,6 +90,10 @@ fn main() -> ExitCode {
             match scenario.as_str() {
                 "swap" => swap::run(&options).await,
                 "containment" => containment::run(&options).await,
+                "triggers" => throughput::triggers(&options).await,
+                "due-at-once" => throughput::due_at_once(&options).await,
+                "steps" => throughput::trivial_steps(&options).await,
+                "plugin-call" => throughput::plugin_call(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

@@ -82,6 +82,13 @@ impl Check for Misbehave {
                     pending(format!("attempt {}", input.attempt))
                 }
             }
+            "pass_after_ms" => {
+                if input.elapsed_ms >= action["ms"].as_u64().unwrap_or(0) {
+                    passed(&json!({"step": input.step, "elapsed_ms": input.elapsed_ms}))
+                } else {
+                    pending(format!("{} ms elapsed", input.elapsed_ms))
+                }
+            }
             "trap" => panic!("told to trap"),
             "loop" => {
                 let mut counter = 0u64;

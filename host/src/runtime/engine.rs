@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::instance::StepState;
 use super::plugin::LoadedPlugin;
@@ -47,6 +47,13 @@ impl Runtime {
         config.epoch_interruption(true);
         // Deep recursion must trap inside the guest's own stack, far from the host's.
         config.max_wasm_stack(1 << 20);
+        // Instances take pre-mapped slots instead of mapping and unmapping their memories on
+        // every call: the per-call mmap/munmap and the TLB shootdowns it sends to every core
+        // dominated the cost of a short call. Slots are virtual address space (reserved, not
+        // committed); per-call limits still come from the store's limiter.
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
         let engine = Engine::new(&config)?;
         let engine_key = super::plugin::engine_key(&engine).into();
 

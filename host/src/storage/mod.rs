@@ -71,6 +71,52 @@ pub struct NewRun {
     pub steps: Vec<NewStep>,
 }
 
+impl NewRun {
+    /// The run as `find_run` would return it right after `enqueue_run` wrote it.
+    pub fn queued_record(&self) -> RunRecord {
+        RunRecord {
+            id: self.id.clone(),
+            plugin_name: self.plugin_name.as_str().to_owned(),
+            plugin_version: self.plugin_version.clone(),
+            params: self.params.clone(),
+            labels: self.labels.clone(),
+            status: RunStatus::Queued,
+            message: None,
+            poll_interval_ms: self.poll_interval_ms,
+            max_errors: self.max_errors,
+            error_count: 0,
+            current_step: 0,
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+            deadline_at: self.deadline_at,
+            next_tick_at: Some(self.created_at),
+            lease_owner: None,
+            http_requests: 0,
+            schedule_id: self.schedule_id.clone(),
+            steps: self
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(position, step)| StepRecord {
+                    position,
+                    name: step.name.clone(),
+                    status: StepStatus::Waiting,
+                    attempts: 0,
+                    timeout_ms: step.timeout_ms,
+                    max_attempts: step.max_attempts,
+                    message: None,
+                    output: None,
+                    first_attempt_at: None,
+                    last_attempt_at: None,
+                    finished_at: None,
+                    passed_after_ms: None,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NewStep {
     pub name: String,
@@ -85,7 +131,7 @@ pub enum Enqueued {
     Existing(RunRecord),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
     pub id: RunId,
     pub plugin_name: String,
@@ -111,7 +157,7 @@ pub struct RunRecord {
     pub steps: Vec<StepRecord>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
     pub position: usize,
     pub name: String,

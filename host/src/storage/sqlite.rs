@@ -235,8 +235,8 @@ impl Store {
             return Err(error);
         }
         transaction.commit().await?;
-        let created = self.find_run(&run.id).await?.ok_or(Error::NotFound)?;
-        Ok(Enqueued::Created(created))
+        // What was just written, without reading it back.
+        Ok(Enqueued::Created(run.queued_record()))
     }
 
     async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<RunRecord>> {
@@ -1111,18 +1111,19 @@ async fn insert_run(transaction: &mut sqlx::SqliteConnection, run: &NewRun) -> R
             .execute(&mut *transaction)
             .await?;
     }
-    for (position, step) in run.steps.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES (?, ?, ?, 'waiting', ?, ?)",
-        )
-        .bind(run.id.as_str())
-        .bind(position as i64)
-        .bind(&step.name)
-        .bind(step.timeout_ms)
-        .bind(step.max_attempts.map(i64::from))
-        .execute(&mut *transaction)
-        .await?;
-    }
+    // One statement for all steps: each statement is a round trip to the connection's thread.
+    let mut steps = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) ",
+    );
+    steps.push_values(run.steps.iter().enumerate(), |mut row, (position, step)| {
+        row.push_bind(run.id.as_str())
+            .push_bind(position as i64)
+            .push_bind(&step.name)
+            .push_bind("waiting")
+            .push_bind(step.timeout_ms)
+            .push_bind(step.max_attempts.map(i64::from));
+    });
+    steps.build().execute(&mut *transaction).await?;
     Ok(())
 }
 
@@ -1139,6 +1140,7 @@ fn version_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::NewStep;
 
     #[test]
     fn check_info_round_trips_through_json() {
@@ -1156,5 +1158,63 @@ mod tests {
         };
         let text = check_info_to_json(&info).to_string();
         assert_eq!(check_info_from_json(&text).expect("valid"), info);
+    }
+
+    #[tokio::test]
+    async fn the_record_enqueue_returns_is_what_is_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        let store = Store::open(&url).await.expect("opening");
+        let name = PluginName::parse("demo").expect("valid name");
+        let version = PluginVersion::of_bytes(b"component");
+        let info = CheckInfo {
+            name: "demo".into(),
+            version: "1".into(),
+            description: String::new(),
+            steps: vec![],
+            params_schema: None,
+        };
+        store
+            .save_plugin_version(&name, &version, b"component", &info, 1)
+            .await
+            .expect("saving");
+        store
+            .activate_plugin(&name, &version, "", 1)
+            .await
+            .expect("activating");
+        let run = NewRun {
+            id: RunId::generate(),
+            plugin_name: name,
+            plugin_version: version,
+            params: "{}".into(),
+            labels: [("team".to_owned(), "data".to_owned())].into(),
+            poll_interval_ms: 1000,
+            max_errors: 3,
+            deadline_at: 600_000,
+            created_at: 1_000,
+            idempotency_key: None,
+            schedule_id: Some("schedule".into()),
+            steps: vec![
+                NewStep {
+                    name: "a".into(),
+                    timeout_ms: Some(1500),
+                    max_attempts: None,
+                },
+                NewStep {
+                    name: "b".into(),
+                    timeout_ms: None,
+                    max_attempts: Some(4),
+                },
+            ],
+        };
+        let Enqueued::Created(returned) = store.enqueue_run(&run).await.expect("enqueueing") else {
+            panic!("a new run");
+        };
+        let stored = store
+            .find_run(&run.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(returned, stored);
     }
 }

@@ -6,7 +6,6 @@
 
 mod directory;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -208,7 +207,6 @@ impl Registry {
     async fn release_unused(&self) {
         match self.store.versions_in_use().await {
             Ok(in_use) => {
-                let in_use: HashSet<PluginVersion> = in_use;
                 let dropped = self.runtime.retain_compiled(&in_use);
                 if dropped > 0 {
                     tracing::debug!(dropped, "released compiled plugin versions");

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use stepwise_host::config::{ServeArgs, Settings};
-use stepwise_host::model::{Limits, PluginVersion};
+use stepwise_host::model::{Limits, PluginName, PluginVersion};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -37,6 +37,17 @@ enum Command {
         #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
     },
+    /// Run a plugin file locally to the end, printing every call (no server, no database).
+    /// The grant is `<file>.toml` beside it, if any. Exit 0 on passed, 1 on failed or
+    /// timed_out, 2 on errored.
+    Dev {
+        file: std::path::PathBuf,
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// A `stepwise.toml` for SQL sources and limits.
+        #[arg(long, env = "STEPWISE_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Work with plugin components without a server.
     Plugin {
         #[command(subcommand)]
@@ -49,6 +60,9 @@ enum PluginCommand {
     /// Validate a component as an upload would (compiles, exports the stepwise:plugin/check
     /// world, describe answers) and print its steps and imports; exit 1 if it is invalid.
     Check { file: std::path::PathBuf },
+    /// Scaffold a Rust plugin crate in a new directory NAME that builds as is
+    /// (`cargo build --release` gives `target/wasm32-wasip2/release/NAME.wasm`).
+    New { name: String },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +86,14 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),
+        Command::Plugin {
+            command: PluginCommand::New { name },
+        } => new_plugin(&name),
+        Command::Dev {
+            file,
+            params,
+            config,
+        } => runtime.block_on(dev(&file, &params, config)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -87,6 +109,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     stepwise_host::serve(listener, settings, shutdown).await
+}
+
+fn new_plugin(name: &str) -> anyhow::Result<ExitCode> {
+    let name = PluginName::parse(name).map_err(anyhow::Error::msg)?;
+    let dir = std::path::PathBuf::from(name.as_str());
+    stepwise_host::scaffold::new_plugin(&dir, &name)?;
+    println!(
+        "created {}/: cd {name} && cargo build --release",
+        dir.display()
+    );
+    println!(
+        "then: stepwise dev target/wasm32-wasip2/release/{}.wasm --params '{{\"expect\": \"hello\"}}'",
+        name.as_str().replace('-', "_")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev(
+    file: &std::path::Path,
+    params: &str,
+    config: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    anyhow::ensure!(params.is_object(), "--params must be a JSON object");
+    let settings = Settings::from_args(&ServeArgs {
+        listen: None,
+        data_dir: None,
+        database_url: None,
+        config,
+    })?;
+    let outcome =
+        stepwise_host::dev::run_file(file, &params, &settings, &mut std::io::stdout()).await?;
+    Ok(ExitCode::from(stepwise_host::dev::exit_code(outcome)))
 }
 
 async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -3,6 +3,7 @@
 
 mod api;
 mod demo;
+mod dev;
 mod hostile;
 mod http_status;
 mod registry;

@@ -1,0 +1,184 @@
+//! `stepwise dev`: one run of a plugin file, in this process, to the end, printing every
+//! call. No server and no database: the inner loop of a plugin author. The rules are the
+//! runner's (a passed step moves on at once, pending waits for the next tick, step timeouts,
+//! the run deadline, errored calls until `max_errors`), kept in memory.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{Map, Value as Json};
+
+use crate::capabilities::sql::SqlSources;
+use crate::config::{Settings, parse_grant};
+use crate::model::{AttemptOutcome, PluginVersion};
+use crate::runtime::{Capabilities, Runtime, StepCall};
+use crate::scheduler::planning::check_params;
+
+/// How a local run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevOutcome {
+    Passed,
+    Failed,
+    TimedOut,
+    Errored,
+}
+
+/// Runs `file` with `params` (a JSON object) to the end. The grant is `<file>.toml` beside it
+/// when there is one (no manifest, no capabilities), SQL sources and limits come from
+/// `settings`. Every call is written to `out` as one line.
+pub async fn run_file(
+    file: &Path,
+    params: &Json,
+    settings: &Settings,
+    out: &mut impl Write,
+) -> anyhow::Result<DevOutcome> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let manifest = file.with_extension("toml");
+    let grant_toml = match std::fs::read_to_string(&manifest) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", manifest.display())),
+    };
+    let grant = parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
+    let limits = settings.limits.with_overrides(&grant.limits);
+    let runtime = Runtime::new(None)?;
+    let version = PluginVersion::of_bytes(&bytes);
+    let inspected = runtime
+        .inspect(&version, bytes.into(), &limits)
+        .await
+        .context("the plugin is not valid")?;
+    let info = inspected.check_info;
+    if let Some(schema) = &info.params_schema {
+        check_params(schema, params).map_err(|error| anyhow::anyhow!("{error}"))?;
+    }
+    let poll = grant
+        .poll_interval
+        .unwrap_or(settings.default_poll_interval);
+    let sources = SqlSources::connect_lazy(&settings.sources)?;
+    let mut capabilities = Capabilities {
+        grant,
+        limits,
+        sources,
+        http_requests_left: limits.http_requests_per_run,
+    };
+    writeln!(
+        out,
+        "{} {} ({} steps), polling every {} ms",
+        info.name,
+        info.version,
+        info.steps.len(),
+        poll.as_millis()
+    )?;
+
+    let started = Instant::now();
+    let deadline = started + settings.default_run_timeout;
+    let mut outputs = Map::new();
+    let mut errors = 0;
+    let mut tick = 1;
+    for step in &info.steps {
+        let mut attempt = 0;
+        let step_started = Instant::now();
+        loop {
+            if Instant::now() >= deadline {
+                writeln!(
+                    out,
+                    "run deadline passed at step {:?}: timed_out",
+                    step.name
+                )?;
+                return Ok(DevOutcome::TimedOut);
+            }
+            if step
+                .timeout
+                .is_some_and(|timeout| attempt > 0 && step_started.elapsed() >= timeout)
+            {
+                writeln!(
+                    out,
+                    "step {:?} still pending after its timeout: timed_out",
+                    step.name
+                )?;
+                return Ok(DevOutcome::TimedOut);
+            }
+            attempt += 1;
+            let call = StepCall {
+                run_id: "dev".into(),
+                step: step.name.clone(),
+                attempt,
+                elapsed: started.elapsed(),
+                params: params.to_string(),
+                outputs: Json::Object(outputs.clone()).to_string(),
+            };
+            let report = runtime
+                .run_step(&inspected.plugin, call, &capabilities)
+                .await;
+            capabilities.http_requests_left = capabilities
+                .http_requests_left
+                .saturating_sub(report.http_requests);
+            let detail = match report.outcome {
+                AttemptOutcome::Passed => report.output.clone().unwrap_or_default(),
+                _ => report.message.clone().unwrap_or_default(),
+            };
+            writeln!(
+                out,
+                "tick {tick:<3} {:<16} attempt {attempt:<3} {:<8} {:>6} ms  {detail}",
+                step.name,
+                report.outcome.to_string(),
+                report.duration.as_millis()
+            )?;
+            for line in &report.logs {
+                writeln!(
+                    out,
+                    "         log {}: {}",
+                    line.level.as_str(),
+                    line.message
+                )?;
+            }
+            match report.outcome {
+                AttemptOutcome::Passed => {
+                    let output = report.output.as_deref().unwrap_or("null");
+                    outputs.insert(
+                        step.name.clone(),
+                        serde_json::from_str(output).unwrap_or(Json::Null),
+                    );
+                    break;
+                }
+                AttemptOutcome::Failed => return Ok(DevOutcome::Failed),
+                AttemptOutcome::Errored => {
+                    errors += 1;
+                    if errors >= limits.max_errors {
+                        writeln!(
+                            out,
+                            "{errors} errored calls (max_errors {}): errored",
+                            limits.max_errors
+                        )?;
+                        return Ok(DevOutcome::Errored);
+                    }
+                }
+                AttemptOutcome::Pending => {
+                    if step.max_attempts.is_some_and(|max| attempt >= max) {
+                        writeln!(
+                            out,
+                            "step {:?} still pending after {attempt} attempts: failed",
+                            step.name
+                        )?;
+                        return Ok(DevOutcome::Failed);
+                    }
+                }
+            }
+            tick += 1;
+            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+    writeln!(out, "passed in {} ms", started.elapsed().as_millis())?;
+    Ok(DevOutcome::Passed)
+}
+
+/// The exit code `stepwise dev` and `stepwise run --wait` share.
+pub fn exit_code(outcome: DevOutcome) -> u8 {
+    match outcome {
+        DevOutcome::Passed => 0,
+        DevOutcome::Failed | DevOutcome::TimedOut => 1,
+        DevOutcome::Errored => 2,
+    }
+}

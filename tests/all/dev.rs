@@ -1,0 +1,105 @@
+//! `stepwise dev`: a plugin file run locally to the end, without a server.
+
+use serde_json::json;
+use stepwise_host::config::Settings;
+use stepwise_host::dev::{DevOutcome, exit_code, run_file};
+
+use crate::support::MISBEHAVE_WASM;
+
+/// Copies the plugin into a temp dir with `manifest` beside it and runs it with `params`.
+async fn dev(manifest: &str, params: serde_json::Value) -> (DevOutcome, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("misbehave.wasm");
+    std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
+    std::fs::write(dir.path().join("misbehave.toml"), manifest).expect("writing the manifest");
+    let settings = Settings::for_data_dir(dir.path());
+    let mut out = Vec::new();
+    let outcome = run_file(&file, &params, &settings, &mut out)
+        .await
+        .expect("a local run");
+    (outcome, String::from_utf8(out).expect("utf-8 output"))
+}
+
+#[tokio::test]
+async fn a_local_run_prints_every_call_and_passes() {
+    let params = json!({"steps": {"second": {"action": "pending_until", "attempt": 3}}});
+    let (outcome, out) = dev("poll_interval_ms = 50\n", params).await;
+    assert_eq!(outcome, DevOutcome::Passed, "{out}");
+    assert_eq!(exit_code(outcome), 0);
+    let calls: Vec<&str> = out
+        .lines()
+        .filter(|line| line.starts_with("tick"))
+        .collect();
+    assert_eq!(calls.len(), 5, "{out}");
+    assert!(
+        calls[2].contains("second") && calls[2].contains("pending"),
+        "{out}"
+    );
+    assert!(
+        calls[3].contains("second") && calls[3].contains("passed"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .unwrap_or_default()
+            .starts_with("passed in"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_local_run_of_a_trapping_plugin_ends_errored() {
+    let params = json!({"steps": {"first": {"action": "trap"}}});
+    let (outcome, out) = dev("poll_interval_ms = 50\n[limits]\nmax_errors = 2\n", params).await;
+    assert_eq!(outcome, DevOutcome::Errored, "{out}");
+    assert_eq!(exit_code(outcome), 2);
+    assert!(
+        out.contains("2 errored calls (max_errors 2): errored"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_scaffolded_plugin_builds_as_is_and_passes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let crate_dir = dir.path().join("fresh-check");
+    let name = stepwise_host::model::PluginName::parse("fresh-check").expect("a valid name");
+    stepwise_host::scaffold::new_plugin(&crate_dir, &name).expect("scaffolding");
+
+    // The toolchain running this test (its cargo, and the rustc beside it), with the crate's
+    // own target dir and flags: nothing of this build's configuration may leak into it. The
+    // rustup settings (RUSTUP_*) stay: without them rustup may start installing toolchains.
+    let cargo = std::path::PathBuf::from(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut build = tokio::process::Command::new(&cargo);
+    build.current_dir(&crate_dir).args(["build", "--release"]);
+    if cargo.is_absolute() {
+        build.env("RUSTC", cargo.with_file_name("rustc"));
+    }
+    for (variable, _) in std::env::vars() {
+        let build_setting = variable.starts_with("CARGO_")
+            || matches!(
+                variable.as_str(),
+                "RUSTFLAGS" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "RUSTDOCFLAGS"
+            );
+        if build_setting {
+            build.env_remove(variable);
+        }
+    }
+    let output = build.output().await.expect("running cargo");
+    assert!(
+        output.status.success(),
+        "the scaffold does not build:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let wasm = crate_dir.join("target/wasm32-wasip2/release/fresh_check.wasm");
+    let settings = Settings::for_data_dir(dir.path());
+    let mut out = Vec::new();
+    let outcome = run_file(&wasm, &json!({"expect": "hello"}), &settings, &mut out)
+        .await
+        .expect("a local run");
+    let out = String::from_utf8(out).expect("utf-8 output");
+    assert_eq!(outcome, DevOutcome::Passed, "{out}");
+    assert!(out.contains(r#"{"expect":"hello"}"#), "{out}");
+}

@@ -8,6 +8,7 @@ pub mod bindings;
 pub mod capabilities;
 pub mod config;
 pub mod dev;
+pub mod junit;
 pub mod model;
 pub mod registry;
 pub mod runner;

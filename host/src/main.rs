@@ -34,6 +34,9 @@ enum Command {
         params: String,
         #[arg(long)]
         wait: bool,
+        /// Write a JUnit XML report of the finished run to this file (implies --wait).
+        #[arg(long)]
+        junit: Option<std::path::PathBuf>,
         #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
     },
@@ -81,8 +84,9 @@ fn main() -> ExitCode {
             plugin,
             params,
             wait,
+            junit,
             server,
-        } => runtime.block_on(run(&server, &plugin, &params, wait)),
+        } => runtime.block_on(run(&server, &plugin, &params, wait, junit.as_deref())),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),
@@ -217,7 +221,13 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Result<ExitCode> {
+async fn run(
+    server: &str,
+    plugin: &str,
+    params: &str,
+    wait: bool,
+    junit: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
     let client = reqwest::Client::new();
     let server = server.trim_end_matches('/');
@@ -237,7 +247,7 @@ async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Re
     }
     let id = run["id"].as_str().unwrap_or_default().to_owned();
     println!("run {id} queued ({server}/v1/runs/{id})");
-    if !wait {
+    if !wait && junit.is_none() {
         return Ok(ExitCode::SUCCESS);
     }
     let mut shown: Vec<String> = Vec::new();
@@ -291,6 +301,11 @@ async fn run(server: &str, plugin: &str, params: &str, wait: bool) -> anyhow::Re
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default()
         );
+        if let Some(path) = junit {
+            std::fs::write(path, stepwise_host::junit::render(&run))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("JUnit report written to {}", path.display());
+        }
         return Ok(ExitCode::from(code));
     }
 }

@@ -143,7 +143,7 @@ impl ResourceLimiter for Limiter {
 struct Fault(String);
 
 impl Runtime {
-    /// Calls `describe`, within the default limits and without capabilities.
+    /// Calls `describe` within `limits` and without capabilities, on a call thread.
     pub async fn describe(
         &self,
         plugin: &Arc<LoadedPlugin>,

@@ -72,10 +72,7 @@ impl BenchServer {
             .body(bytes)
             .send()
             .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        anyhow::ensure!(status.is_success(), "upload failed: {status} {body}");
-        Ok(body)
+        upload_answer(response).await
     }
 
     pub async fn upload_with_grant(
@@ -93,10 +90,7 @@ impl BenchServer {
             .multipart(form)
             .send()
             .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        anyhow::ensure!(status.is_success(), "upload failed: {status} {body}");
-        Ok(body)
+        upload_answer(response).await
     }
 
     pub async fn cancel(&self, id: &str) -> anyhow::Result<()> {
@@ -166,6 +160,13 @@ impl BenchServer {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+}
+
+async fn upload_answer(response: reqwest::Response) -> anyhow::Result<Value> {
+    let status = response.status();
+    let body: Value = response.json().await?;
+    anyhow::ensure!(status.is_success(), "upload failed: {status} {body}");
+    Ok(body)
 }
 
 impl Drop for BenchServer {

@@ -107,20 +107,13 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     let started_ms = now_millis();
     let server = BenchServer::start(dir.path()).await?;
     let database = sqlx::SqlitePool::connect(&settings.database_url).await?;
-    loop {
-        let (unfinished,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
-                .fetch_one(&database)
-                .await?;
-        if unfinished == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(1800),
-            "runs did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_finished(
+        &database,
+        started,
+        Duration::from_secs(1800),
+        Duration::from_millis(100),
+    )
+    .await?;
     let (first_start, last_finish, not_passed): (i64, i64, i64) = sqlx::query_as(
         "SELECT min(started_at), max(finished_at), sum(status <> 'passed') FROM runs",
     )
@@ -177,20 +170,13 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     let triggered = started.elapsed();
     let settings = Settings::for_data_dir(dir.path());
     let database = sqlx::SqlitePool::connect(&settings.database_url).await?;
-    loop {
-        let (unfinished,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
-                .fetch_one(&database)
-                .await?;
-        if unfinished == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "runs did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_finished(
+        &database,
+        started,
+        Duration::from_secs(600),
+        Duration::from_millis(20),
+    )
+    .await?;
     let elapsed = started.elapsed();
     println!(
         "\n## trivial steps end to end (trigger, claim, instantiate, call, persist)\n\n\
@@ -243,6 +229,26 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
     print_header("one plugin call (misbehave, a step that passes): instantiate + call + drop");
     print_row("per call (mean of 200 calls per sample)", "µs", &samples);
     Ok(())
+}
+
+/// Polls the database until no run is queued or running, or `limit` after `started`.
+async fn wait_until_finished(
+    database: &sqlx::SqlitePool,
+    started: Instant,
+    limit: Duration,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        let (unfinished,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")
+                .fetch_one(database)
+                .await?;
+        if unfinished == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < limit, "runs did not finish");
+        tokio::time::sleep(poll).await;
+    }
 }
 
 fn peak_rss_mib() -> anyhow::Result<f64> {

@@ -51,14 +51,8 @@ pub async fn schedules_create(
         Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
         None => return Err(ApiError::invalid("plugin", "plugin is required")),
     };
+    // Whether the plugin exists is checked with the params, in `apply_fields`.
     PluginName::parse(&plugin_name).map_err(|message| ApiError::invalid("plugin", message))?;
-    if state.store.find_plugin(&plugin_name).await?.is_none() {
-        return Err(ApiError::not_found(
-            "plugin_not_found",
-            format!("no plugin named {plugin_name:?}"),
-        )
-        .with_field("plugin"));
-    }
     if !request.contains_key("trigger") {
         return Err(ApiError::invalid("trigger", "trigger is required"));
     }

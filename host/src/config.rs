@@ -12,6 +12,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::model::{AllowedHost, Grant, LimitOverrides, Limits};
+use crate::storage::Backend;
 
 /// Flags of `stepwise serve`; each has its env var.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,7 +23,8 @@ pub struct ServeArgs {
     /// Directory for the SQLite database and the `plugins/` directory.
     #[arg(long, env = "STEPWISE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// `sqlite://...` (default: `<data-dir>/stepwise.db`).
+    /// `sqlite://PATH` (default: `<data-dir>/stepwise.db`), or `postgres://…` for several nodes
+    /// sharing one database.
     #[arg(long, env = "STEPWISE_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Optional `stepwise.toml`.
@@ -170,9 +172,9 @@ impl Settings {
         if let Some(url) = args.database_url.clone().or(file.database_url) {
             settings.database_url = url;
         }
-        if !settings.database_url.starts_with("sqlite:") {
+        if Backend::of_url(&settings.database_url).is_none() {
             anyhow::bail!(
-                "database_url {:?}: only sqlite:// is supported by this build",
+                "database_url {:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE",
                 settings.database_url
             );
         }

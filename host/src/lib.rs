@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bindings;
 pub mod capabilities;
+pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod junit;
@@ -32,7 +33,7 @@ use crate::runner::Runner;
 use crate::runtime::Runtime;
 use crate::scheduler::schedules::{Firer, ScheduleWakeup};
 use crate::scheduler::{Scheduler, Wakeup};
-use crate::storage::Store;
+use crate::storage::{Change, Changes, Store};
 
 /// Serves the API on `listener` and runs the scheduler until `shutdown` is cancelled, then
 /// stops accepting requests, lets ticks in flight finish and releases this node's leases.
@@ -77,6 +78,7 @@ pub async fn serve(
     );
 
     let (loaded_sender, loaded) = tokio::sync::oneshot::channel();
+    let registry_handle = registry.clone();
     let registry = tokio::spawn(registry.run(
         move || {
             let _ = loaded_sender.send(());
@@ -86,6 +88,17 @@ pub async fn serve(
     // Runs triggered before the directory is loaded would find no plugin; /readyz says when.
     let _ = loaded.await;
     state.mark_plugins_loaded();
+
+    // Other nodes on the same database tell this one about their changes at once.
+    if let Some(changes) = store.listen().await.context("listening for changes")? {
+        tokio::spawn(follow_changes(
+            changes,
+            wakeup.clone(),
+            schedule_wakeup.clone(),
+            registry_handle,
+            shutdown.clone(),
+        ));
+    }
 
     let firer = Firer::new(
         store.clone(),
@@ -106,6 +119,40 @@ pub async fn serve(
     firer.await.context("schedule firer task")?;
     registry.await.context("plugin registry task")?;
     Ok(())
+}
+
+/// Acts on what other nodes changed: new runs and cancellations wake the scheduler, schedule
+/// changes the firer, and a newly active plugin version is compiled before its first run.
+/// A dropped connection may have lost notifications, so it wakes everything.
+async fn follow_changes(
+    mut changes: Changes,
+    wakeup: Wakeup,
+    schedule_wakeup: ScheduleWakeup,
+    registry: Registry,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            change = changes.next() => change,
+        };
+        match change {
+            Some(Change::RunsQueued | Change::RunCancelled(_)) => wakeup.wake(),
+            Some(Change::SchedulesChanged) => schedule_wakeup.wake(),
+            Some(Change::PluginActivated(version)) => {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = registry.prepare(&version).await {
+                        tracing::warn!(%version, %error, "compiling a version another node activated failed");
+                    }
+                });
+            }
+            None => {
+                wakeup.wake();
+                schedule_wakeup.wake();
+            }
+        }
+    }
 }
 
 /// A stable id for this node, kept in the data dir so that a restarted process recognises the

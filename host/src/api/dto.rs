@@ -133,6 +133,8 @@ pub struct AttemptDto {
     pub due_at: Option<String>,
     /// `started_at - due_at`: how late the scheduler was.
     pub lag_ms: Option<i64>,
+    /// The node that made the call.
+    pub node: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +162,7 @@ impl AttemptDto {
             duration_ms: attempt.duration_ms,
             due_at: attempt.due_at.map(timestamp),
             lag_ms: attempt.due_at.map(|due| (attempt.started_at - due).max(0)),
+            node: attempt.node.clone(),
         }
     }
 }

@@ -127,13 +127,7 @@ impl Registry {
                 version: version.to_string(),
             })?;
         // Compiled before the switch, so the first run on it does not pay for compiling.
-        if self.runtime.load_precompiled(version).await.is_none() {
-            let bytes = self.store.load_component(version).await?;
-            self.runtime
-                .load(version, bytes.into())
-                .await
-                .map_err(|error| Error::InvalidComponent(format!("{error:#}")))?;
-        }
+        self.prepare(version).await?;
         self.store
             .activate_plugin(&plugin.name, version, &plugin.grant_toml, now_millis())
             .await?;
@@ -144,6 +138,22 @@ impl Registry {
             created: false,
             new_version: false,
         })
+    }
+
+    /// Makes sure this node has `version` compiled: another node activated it, and the first
+    /// run here should not wait for the compiler.
+    pub async fn prepare(&self, version: &PluginVersion) -> Result<()> {
+        if self.runtime.cached(version).is_some()
+            || self.runtime.load_precompiled(version).await.is_some()
+        {
+            return Ok(());
+        }
+        let bytes = self.store.load_component(version).await?;
+        self.runtime
+            .load(version, bytes.into())
+            .await
+            .map_err(|error| Error::InvalidComponent(format!("{error:#}")))?;
+        Ok(())
     }
 
     /// Replaces the grant of an existing plugin; its versions stay as they are.

@@ -165,7 +165,9 @@ impl Runner {
                 .limits
                 .http_requests_per_run
                 .saturating_sub(progress.http_requests);
-            let report = self.runtime.run_step(&plugin, call, &capabilities).await;
+            let report = self
+                .keeping_lease(claim, self.runtime.run_step(&plugin, call, &capabilities))
+                .await?;
             progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
             let finished_at = now_millis();
             tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
@@ -205,14 +207,13 @@ impl Runner {
                             None,
                         )
                     } else {
-                        let lease = finished_at + self.settings.lease.as_millis() as i64;
                         self.run_write(
                             &progress,
                             RunStatus::Running,
                             None,
                             progress.position + 1,
                             Some(finished_at),
-                            Some(lease),
+                            Some(self.lease_ms()),
                         )
                     };
                     self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
@@ -288,10 +289,38 @@ impl Runner {
                 }
             };
             self.store.record_tick(&write).await?;
-            if write.run.keep_lease_until.is_none() {
+            if write.run.keep_lease_ms.is_none() {
                 return Ok(());
             }
             progress.position += 1;
+        }
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.settings.lease.as_millis() as i64
+    }
+
+    /// Awaits `call` while renewing the run's lease every third of its length, so that a call
+    /// longer than the lease is not taken over by another node. A lease found lost (the run
+    /// was cancelled, or the node paused so long that another took over) drops the call's
+    /// result: the other holder writes instead.
+    async fn keeping_lease<T>(
+        &self,
+        claim: &ClaimedRun,
+        call: impl Future<Output = T>,
+    ) -> Result<T> {
+        let every = self.settings.lease / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut call = std::pin::pin!(call);
+        loop {
+            tokio::select! {
+                output = &mut call => return Ok(output),
+                _ = renew.tick() => {
+                    if !self.store.renew_lease(&claim.id, claim.lease_token, self.lease_ms()).await? {
+                        return Err(storage::Error::LeaseLost(claim.id.clone()).into());
+                    }
+                }
+            }
         }
     }
 
@@ -340,7 +369,7 @@ impl Runner {
         message: Option<String>,
         current_step: usize,
         next_tick_at: Option<UnixMillis>,
-        keep_lease_until: Option<UnixMillis>,
+        keep_lease_ms: Option<i64>,
     ) -> RunWrite {
         RunWrite {
             status,
@@ -350,7 +379,7 @@ impl Runner {
             http_requests: progress.http_requests,
             started_at: progress.started_at,
             next_tick_at,
-            keep_lease_until,
+            keep_lease_ms,
         }
     }
 
@@ -365,6 +394,7 @@ impl Runner {
         TickWrite {
             run_id: claim.id.clone(),
             lease_token: claim.lease_token,
+            node: claim.owner.clone(),
             now,
             attempt: Some(attempt),
             step,
@@ -424,6 +454,7 @@ impl Runner {
         TickWrite {
             run_id: claim.id.clone(),
             lease_token: claim.lease_token,
+            node: claim.owner.clone(),
             now: now_millis(),
             attempt,
             step: StepWrite {

@@ -70,7 +70,7 @@ impl Scheduler {
                 let now = now_millis();
                 match self
                     .store
-                    .claim_due_runs(&self.node_id, now, now + lease_ms, free)
+                    .claim_due_runs(&self.node_id, now, lease_ms, free)
                     .await
                 {
                     Ok(claims) => {

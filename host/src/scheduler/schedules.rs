@@ -194,12 +194,12 @@ impl Firer {
 
     /// One pass at time `now`: fires every schedule due by then. Returns the runs started.
     pub async fn fire_due(&self, now: UnixMillis) -> storage::Result<usize> {
-        let lease_until = now + self.settings.lease.as_millis() as i64;
+        let lease_ms = self.settings.lease.as_millis() as i64;
         let mut started = 0;
         loop {
             let claims = self
                 .store
-                .claim_due_schedules(&self.node_id, now, lease_until, CLAIM_BATCH)
+                .claim_due_schedules(&self.node_id, now, lease_ms, CLAIM_BATCH)
                 .await?;
             let claimed = claims.len();
             for claim in claims {

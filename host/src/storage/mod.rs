@@ -1,10 +1,11 @@
-//! The durable state: plugins and their versions, runs, steps and attempts. `Store` is one
-//! concrete type with narrow methods named after intent; the SQL lives in `sqlite.rs`, written
-//! in the subset PostgreSQL shares (integer millisecond times, `RETURNING`, no SQLite-only
-//! functions), so the PostgreSQL backend can sit behind the same methods. Only this module knows
-//! SQL; every transaction begins and ends inside one method.
+//! The durable state: plugins and their versions, runs, steps, attempts and schedules. `Store`
+//! is one concrete type with narrow methods named after intent, over SQLite (embedded, one node)
+//! or PostgreSQL (several nodes). The SQL lives in `store.rs`, one text for both backends;
+//! `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
+//! and ends inside one method.
 
-mod sqlite;
+mod backend;
+mod store;
 
 use std::collections::BTreeMap;
 
@@ -13,10 +14,25 @@ use crate::model::{
     StepStatus, TriggerSpec, UnixMillis,
 };
 
-pub use sqlite::Store;
+pub use backend::{Backend, Changes};
+pub use store::Store;
+
+/// What a node changed that other nodes sharing the database should react to at once rather
+/// than at their next backstop poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// New runs are due.
+    RunsQueued,
+    RunCancelled(RunId),
+    /// A plugin version became active: worth compiling before its first run arrives.
+    PluginActivated(PluginVersion),
+    SchedulesChanged,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
     #[error("not found")]
     NotFound,
     #[error("conflict on {constraint}")]
@@ -184,6 +200,7 @@ pub struct AttemptRecord {
     pub started_at: UnixMillis,
     pub duration_ms: i64,
     pub due_at: Option<UnixMillis>,
+    pub node: Option<String>,
 }
 
 /// Filters of `list_runs`; `before` is the cursor (a run id: ids sort by creation time).
@@ -201,6 +218,8 @@ pub struct RunFilter {
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
     pub id: RunId,
+    /// The node holding the lease.
+    pub owner: String,
     pub lease_token: i64,
     /// The tick's due time when it was claimed.
     pub due_at: UnixMillis,
@@ -218,6 +237,8 @@ pub enum Cancelled {
 pub struct TickWrite {
     pub run_id: RunId,
     pub lease_token: i64,
+    /// The node that made the call, recorded with the attempt.
+    pub node: String,
     pub now: UnixMillis,
     /// The call that was made, if any (a timeout found before calling makes none).
     pub attempt: Option<NewAttempt>,
@@ -258,8 +279,9 @@ pub struct RunWrite {
     pub started_at: UnixMillis,
     /// `None` once the run is terminal.
     pub next_tick_at: Option<UnixMillis>,
-    /// Keep the lease (the tick goes on to the next step) or release it.
-    pub keep_lease_until: Option<UnixMillis>,
+    /// Keep the lease for this long by the database's clock (the tick goes on to the next
+    /// step), or release it.
+    pub keep_lease_ms: Option<i64>,
 }
 
 /// A schedule's options, with APScheduler's names and meanings.

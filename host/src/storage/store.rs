@@ -1,32 +1,31 @@
-//! SQLite: WAL, `synchronous = FULL` (a `202` means the run is on disk), foreign keys and a busy
-//! timeout, all set on the connect options so every pooled connection has them.
+//! The storage methods, in SQL that SQLite and PostgreSQL share (`backend` holds the few
+//! places where they differ).
 
 use std::collections::{BTreeMap, HashSet};
-use std::str::FromStr;
+use std::fmt::Write;
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{FromRow, QueryBuilder, Sqlite};
+use sqlx::any::AnyArguments;
+use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, FromRow, Type};
 
+use super::backend::{Backend, Changes};
 use super::{
-    AttemptRecord, Cancelled, ClaimedRun, ClaimedSchedule, Enqueued, Error, FireRecord, FireWrite,
-    NewRun, PluginRecord, PluginVersionRecord, Result, RunFilter, RunRecord, ScheduleOptions,
-    ScheduleRecord, StepRecord, TickWrite,
+    AttemptRecord, Cancelled, Change, ClaimedRun, ClaimedSchedule, Enqueued, Error, FireRecord,
+    FireWrite, NewRun, PluginRecord, PluginVersionRecord, Result, RunFilter, RunRecord,
+    ScheduleOptions, ScheduleRecord, StepRecord, TickWrite,
 };
 use crate::model::{
     AttemptOutcome, CheckInfo, FireOutcome, LogLevel, LogLine, PluginName, PluginVersion, RunId,
     RunStatus, StepInfo, StepStatus, TriggerSpec, UnixMillis,
 };
 
-static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// The database of one Stepwise deployment.
+/// The database of one Stepwise deployment, shared by all its nodes.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+    url: String,
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
@@ -34,20 +33,28 @@ const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, stat
      http_requests, schedule_id";
 
 impl Store {
-    /// Opens (creating if needed) the database at `url` and applies pending migrations.
+    /// Opens the database at `url` (`sqlite://…`, created if needed, or `postgres://…`) and
+    /// applies pending migrations.
     pub async fn open(url: &str) -> Result<Store> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
-        MIGRATIONS.run(&pool).await?;
-        Ok(Store { pool })
+        let backend = Backend::of_url(url).ok_or_else(|| Error::UnsupportedUrl(url.to_owned()))?;
+        let pool = backend.connect(url).await?;
+        Ok(Store {
+            pool,
+            backend,
+            url: url.to_owned(),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Changes other nodes make, for a database that several nodes share; `None` for SQLite.
+    pub async fn listen(&self) -> Result<Option<Changes>> {
+        match self.backend {
+            Backend::Sqlite => Ok(None),
+            Backend::Postgres => Ok(Some(Changes::listen(&self.url).await?)),
+        }
     }
 
     /// Fails when the database cannot answer.
@@ -67,14 +74,14 @@ impl Store {
         now: UnixMillis,
     ) -> Result<bool> {
         let mut transaction = self.pool.begin().await?;
-        sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+        sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(version.as_str())
             .bind(bytes)
             .bind(now)
             .execute(&mut *transaction)
             .await?;
         let inserted = sqlx::query(
-            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT DO NOTHING",
         )
         .bind(name.as_str())
@@ -89,7 +96,7 @@ impl Store {
 
     /// Whether `version` was ever stored, under any plugin name.
     pub async fn component_exists(&self, version: &PluginVersion) -> Result<bool> {
-        let found: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM components WHERE version = ?")
+        let found: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM components WHERE version = $1")
             .bind(version.as_str())
             .fetch_optional(&self.pool)
             .await?;
@@ -103,7 +110,7 @@ impl Store {
         version: &PluginVersion,
     ) -> Result<Option<PluginVersionRecord>> {
         let row: Option<(String, String, i64)> = sqlx::query_as(
-            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = ? AND version = ?",
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
         )
         .bind(name)
         .bind(version.as_str())
@@ -115,7 +122,7 @@ impl Store {
     /// Replaces the grant of a plugin without touching its versions.
     pub async fn update_grant(&self, name: &str, grant_toml: &str, now: UnixMillis) -> Result<()> {
         let updated =
-            sqlx::query("UPDATE plugins SET grant_toml = ?, updated_at = ? WHERE name = ?")
+            sqlx::query("UPDATE plugins SET grant_toml = $1, updated_at = $2 WHERE name = $3")
                 .bind(grant_toml)
                 .bind(now)
                 .bind(name)
@@ -151,7 +158,7 @@ impl Store {
         now: UnixMillis,
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO plugins (name, active_version, grant_toml, updated_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO plugins (name, active_version, grant_toml, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version, \
              grant_toml = excluded.grant_toml, updated_at = excluded.updated_at",
         )
@@ -161,14 +168,17 @@ impl Store {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        self.backend
+            .notify(&mut connection, &Change::PluginActivated(version.clone()))
+            .await
     }
 
     /// The plugin with its active version, if the name is known.
     pub async fn find_plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
         let row: Option<PluginRow> = sqlx::query_as(
             "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info FROM plugins p \
-             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version WHERE p.name = ?",
+             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version WHERE p.name = $1",
         )
         .bind(name)
         .fetch_optional(&self.pool)
@@ -190,7 +200,7 @@ impl Store {
     /// All versions stored for `name`, newest first.
     pub async fn list_plugin_versions(&self, name: &str) -> Result<Vec<PluginVersionRecord>> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = ? \
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 \
              ORDER BY created_at DESC, version",
         )
         .bind(name)
@@ -202,7 +212,7 @@ impl Store {
     /// The component bytes of a version.
     pub async fn load_component(&self, version: &PluginVersion) -> Result<Vec<u8>> {
         let bytes: Option<(Vec<u8>,)> =
-            sqlx::query_as("SELECT bytes FROM components WHERE version = ?")
+            sqlx::query_as("SELECT bytes FROM components WHERE version = $1")
                 .bind(version.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
@@ -234,16 +244,20 @@ impl Store {
             }
             return Err(error);
         }
+        self.backend
+            .notify(&mut transaction, &Change::RunsQueued)
+            .await?;
         transaction.commit().await?;
         // What was just written, without reading it back.
         Ok(Enqueued::Created(run.queued_record()))
     }
 
     async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<RunRecord>> {
-        let id: Option<(String,)> = sqlx::query_as("SELECT id FROM runs WHERE idempotency_key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let id: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM runs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
         match id {
             Some((id,)) => self.find_run(&RunId::from_stored(id)).await,
             None => Ok(None),
@@ -252,7 +266,7 @@ impl Store {
 
     /// A run with its steps.
     pub async fn find_run(&self, id: &RunId) -> Result<Option<RunRecord>> {
-        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
         let Some(row) = sqlx::query_as::<_, RunRow>(&sql)
             .bind(id.as_str())
             .fetch_optional(&self.pool)
@@ -263,7 +277,7 @@ impl Store {
         let mut run = row.into_record()?;
         let steps: Vec<StepRow> = sqlx::query_as(
             "SELECT position, name, status, attempts, timeout_ms, max_attempts, message, output, first_attempt_at, \
-             last_attempt_at, finished_at, passed_after_ms FROM steps WHERE run_id = ? ORDER BY position",
+             last_attempt_at, finished_at, passed_after_ms FROM steps WHERE run_id = $1 ORDER BY position",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -277,45 +291,42 @@ impl Store {
 
     /// Runs newest first, without their steps.
     pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        let mut query =
-            QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        let mut query = Statement::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
         if let Some(plugin) = &filter.plugin {
-            query.push(" AND plugin_name = ").push_bind(plugin.clone());
+            query.push(" AND plugin_name = ").bind(plugin.as_str())?;
         }
         if let Some(status) = filter.status {
-            query.push(" AND status = ").push_bind(status.as_str());
+            query.push(" AND status = ").bind(status.as_str())?;
         }
         if let Some((key, value)) = &filter.label {
             query
                 .push(" AND id IN (SELECT run_id FROM run_labels WHERE key = ")
-                .push_bind(key.clone())
+                .bind(key.as_str())?
                 .push(" AND value = ")
-                .push_bind(value.clone())
+                .bind(value.as_str())?
                 .push(")");
         }
         if let Some(schedule) = &filter.schedule {
-            query
-                .push(" AND schedule_id = ")
-                .push_bind(schedule.clone());
+            query.push(" AND schedule_id = ").bind(schedule.as_str())?;
         }
         if let Some(before) = &filter.before {
-            query
-                .push(" AND id < ")
-                .push_bind(before.as_str().to_owned());
+            query.push(" AND id < ").bind(before.as_str())?;
         }
         query
             .push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(filter.limit));
-        let rows: Vec<RunRow> = query.build_query_as().fetch_all(&self.pool).await?;
+            .bind(i64::from(filter.limit))?;
+        let rows: Vec<RunRow> = sqlx::query_as_with(&query.sql, query.arguments)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(RunRow::into_record).collect()
     }
 
     /// Every attempt of a run, in order.
     pub async fn list_attempts(&self, id: &RunId) -> Result<Vec<AttemptRecord>> {
         let rows: Vec<AttemptRow> = sqlx::query_as(
-            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at \
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at, a.node \
              FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
-             WHERE a.run_id = ? ORDER BY a.position, a.attempt",
+             WHERE a.run_id = $1 ORDER BY a.position, a.attempt",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -328,9 +339,9 @@ impl Store {
     pub async fn cancel_run(&self, id: &RunId, now: UnixMillis) -> Result<Cancelled> {
         let mut transaction = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = ?, \
+            "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = $1, \
              next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1 \
-             WHERE id = ? AND status IN ('queued', 'running')",
+             WHERE id = $2 AND status IN ('queued', 'running')",
         )
         .bind(now)
         .bind(id.as_str())
@@ -341,52 +352,76 @@ impl Store {
             let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
             return Ok(Cancelled::AlreadyFinished(run.status));
         }
-        sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = ? AND status IN ('waiting', 'pending')")
+        sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND status IN ('waiting', 'pending')")
             .bind(id.as_str())
             .execute(&mut *transaction)
+            .await?;
+        self.backend
+            .notify(&mut transaction, &Change::RunCancelled(id.clone()))
             .await?;
         transaction.commit().await?;
         let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
         Ok(Cancelled::Cancelled(Box::new(run)))
     }
 
-    /// Claims up to `limit` runs whose next tick is due and whose lease is free or expired.
+    /// Claims up to `limit` runs whose next tick is due by `now` and whose lease is free or
+    /// expired by the database's clock, for `lease_ms` from now by that clock.
     pub async fn claim_due_runs(
         &self,
         owner: &str,
         now: UnixMillis,
-        lease_until: UnixMillis,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "UPDATE runs SET lease_owner = ?, lease_expires_at = ?, lease_token = lease_token + 1 \
-             WHERE id IN (SELECT id FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at <= ? \
-                          AND (lease_expires_at IS NULL OR lease_expires_at <= ?) \
-                          ORDER BY next_tick_at LIMIT ?) \
-             RETURNING id, lease_token, next_tick_at",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let db_now = self.backend.now_sql();
+        let skip_locked = self.backend.skip_locked();
+        let sql = format!(
+            "UPDATE runs SET lease_owner = $1, lease_expires_at = {db_now} + $2, lease_token = lease_token + 1 \
+             WHERE id IN (SELECT id FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at <= $3 \
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= {db_now}) \
+                          ORDER BY next_tick_at LIMIT $4{skip_locked}) \
+             RETURNING id, lease_token, next_tick_at"
+        );
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(id, lease_token, due_at)| ClaimedRun {
                 id: RunId::from_stored(id),
+                owner: owner.to_owned(),
                 lease_token,
                 due_at,
             })
             .collect())
     }
 
+    /// Extends a lease held with `lease_token` to `lease_ms` from now by the database's clock.
+    /// Returns false when the lease was lost (taken over, or the run cancelled).
+    pub async fn renew_lease(&self, id: &RunId, lease_token: i64, lease_ms: i64) -> Result<bool> {
+        let sql = format!(
+            "UPDATE runs SET lease_expires_at = {} + $1 WHERE id = $2 AND lease_token = $3 \
+             AND lease_owner IS NOT NULL",
+            self.backend.now_sql()
+        );
+        let renewed = sqlx::query(&sql)
+            .bind(lease_ms)
+            .bind(id.as_str())
+            .bind(lease_token)
+            .execute(&self.pool)
+            .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
     /// The earliest tick due after `now`, found through the due-time index. Ticks already due
     /// are either claimed or held by a lease; expired leases are found by the backstop poll.
     pub async fn next_due_after(&self, now: UnixMillis) -> Result<Option<UnixMillis>> {
         let next: Option<(i64,)> = sqlx::query_as(
-            "SELECT next_tick_at FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at > ? \
+            "SELECT next_tick_at FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at > $1 \
              ORDER BY next_tick_at LIMIT 1",
         )
         .bind(now)
@@ -399,7 +434,7 @@ impl Store {
     /// once instead of waiting for expiry.
     pub async fn release_leases(&self, owner: &str) -> Result<u64> {
         let released = sqlx::query(
-            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = ?",
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1",
         )
         .bind(owner)
         .execute(&self.pool)
@@ -412,15 +447,14 @@ impl Store {
     /// and `Error::LeaseLost` is returned.
     pub async fn record_tick(&self, write: &TickWrite) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
-        let (lease_owner_sql, lease_until) = match write.run.keep_lease_until {
-            Some(until) => ("lease_owner", Some(until)),
-            None => ("NULL", None),
+        let lease_sql = match write.run.keep_lease_ms {
+            Some(_) => format!("lease_expires_at = {} + $9", self.backend.now_sql()),
+            None => "lease_owner = NULL, lease_expires_at = $9".to_owned(),
         };
         let sql = format!(
-            "UPDATE runs SET status = ?, message = ?, current_step = ?, error_count = ?, http_requests = ?, \
-             started_at = COALESCE(started_at, ?), finished_at = ?, next_tick_at = ?, \
-             lease_owner = {lease_owner_sql}, lease_expires_at = ? \
-             WHERE id = ? AND lease_token = ? AND status IN ('queued', 'running')"
+            "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
+             started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease_sql} \
+             WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
         );
         let finished_at = write.run.status.is_terminal().then_some(write.now);
         let updated = sqlx::query(&sql)
@@ -432,7 +466,7 @@ impl Store {
             .bind(write.run.started_at)
             .bind(finished_at)
             .bind(write.run.next_tick_at)
-            .bind(lease_until)
+            .bind(write.run.keep_lease_ms)
             .bind(write.run_id.as_str())
             .bind(write.lease_token)
             .execute(&mut *transaction)
@@ -443,8 +477,8 @@ impl Store {
         let step = &write.step;
         if let Some(attempt) = &write.attempt {
             sqlx::query(
-                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms, due_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms, due_at, node) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(write.run_id.as_str())
             .bind(step.position as i64)
@@ -455,11 +489,12 @@ impl Store {
             .bind(attempt.started_at)
             .bind(attempt.duration_ms)
             .bind(attempt.due_at)
+            .bind(write.node.as_str())
             .execute(&mut *transaction)
             .await?;
             sqlx::query(
-                "UPDATE steps SET attempts = ?, first_attempt_at = COALESCE(first_attempt_at, ?), last_attempt_at = ? \
-                 WHERE run_id = ? AND position = ?",
+                "UPDATE steps SET attempts = $1, first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $3 \
+                 WHERE run_id = $4 AND position = $5",
             )
             .bind(i64::from(attempt.attempt))
             .bind(attempt.started_at)
@@ -474,9 +509,10 @@ impl Store {
             StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
         )
         .then_some(write.now);
-        sqlx::query(
-            "UPDATE steps SET status = ?, message = ?, output = ?, passed_after_ms = ?, finished_at = ? \
-             WHERE run_id = ? AND position = ?",
+        // A step's terminal result is written once: a step already finished is never updated.
+        let updated = sqlx::query(
+            "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, finished_at = $5 \
+             WHERE run_id = $6 AND position = $7 AND status IN ('waiting', 'pending')",
         )
         .bind(step.status.as_str())
         .bind(step.message.as_deref())
@@ -487,8 +523,11 @@ impl Store {
         .bind(step.position as i64)
         .execute(&mut *transaction)
         .await?;
+        if updated.rows_affected() == 0 {
+            return Err(Error::LeaseLost(write.run_id.clone()));
+        }
         if step.skip_rest {
-            sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = ? AND position > ?")
+            sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2")
                 .bind(write.run_id.as_str())
                 .bind(step.position as i64)
                 .execute(&mut *transaction)
@@ -630,6 +669,7 @@ struct AttemptRow {
     started_at: i64,
     duration_ms: i64,
     due_at: Option<i64>,
+    node: Option<String>,
 }
 
 impl AttemptRow {
@@ -645,6 +685,7 @@ impl AttemptRow {
             started_at: self.started_at,
             duration_ms: self.duration_ms,
             due_at: self.due_at,
+            node: self.node,
         })
     }
 }
@@ -730,7 +771,7 @@ impl Store {
             "INSERT INTO schedules (id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, \
              cron_expr, timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, \
              max_concurrent_runs, paused, next_fire_at, next_due_at, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
         )
         .bind(&schedule.id)
         .bind(&schedule.plugin_name);
@@ -739,7 +780,7 @@ impl Store {
             .bind(schedule.updated_at)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        self.schedules_changed().await
     }
 
     /// Replaces everything but the id and creation time. Bumping the lease token fences off a
@@ -747,11 +788,11 @@ impl Store {
     pub async fn update_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
         let labels = labels_json(&schedule.labels)?;
         let query = sqlx::query(
-            "UPDATE schedules SET params = ?, labels = ?, poll_interval_ms = ?, timeout_ms = ?, trigger_kind = ?, \
-             cron_expr = ?, timezone = ?, interval_ms = ?, jitter_ms = ?, start_at = ?, end_at = ?, at = ?, \
-             misfire_grace_ms = ?, coalesce = ?, max_concurrent_runs = ?, paused = ?, next_fire_at = ?, \
-             next_due_at = ?, updated_at = ?, lease_owner = NULL, lease_expires_at = NULL, \
-             lease_token = lease_token + 1 WHERE id = ?",
+            "UPDATE schedules SET params = $1, labels = $2, poll_interval_ms = $3, timeout_ms = $4, trigger_kind = $5, \
+             cron_expr = $6, timezone = $7, interval_ms = $8, jitter_ms = $9, start_at = $10, end_at = $11, at = $12, \
+             misfire_grace_ms = $13, coalesce = $14, max_concurrent_runs = $15, paused = $16, next_fire_at = $17, \
+             next_due_at = $18, updated_at = $19, lease_owner = NULL, lease_expires_at = NULL, \
+             lease_token = lease_token + 1 WHERE id = $20",
         );
         let updated = bind_schedule_fields(query, schedule, &labels)
             .bind(schedule.updated_at)
@@ -761,12 +802,19 @@ impl Store {
         if updated.rows_affected() == 0 {
             return Err(Error::NotFound);
         }
-        Ok(())
+        self.schedules_changed().await
+    }
+
+    async fn schedules_changed(&self) -> Result<()> {
+        let mut connection = self.pool.acquire().await?;
+        self.backend
+            .notify(&mut connection, &Change::SchedulesChanged)
+            .await
     }
 
     /// Deletes a schedule and its fire history; its runs stay. Returns whether it existed.
     pub async fn delete_schedule(&self, id: &str) -> Result<bool> {
-        let deleted = sqlx::query("DELETE FROM schedules WHERE id = ?")
+        let deleted = sqlx::query("DELETE FROM schedules WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -775,7 +823,7 @@ impl Store {
 
     pub async fn find_schedule(&self, id: &str) -> Result<Option<ScheduleRecord>> {
         let row: Option<ScheduleRow> = sqlx::query_as(&format!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?"
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -797,7 +845,7 @@ impl Store {
     pub async fn recent_fires(&self, id: &str, limit: u32) -> Result<Vec<FireRecord>> {
         let rows: Vec<FireRow> = sqlx::query_as(
             "SELECT scheduled_at, outcome, reason, run_id, recorded_at FROM schedule_fires \
-             WHERE schedule_id = ? ORDER BY scheduled_at DESC LIMIT ?",
+             WHERE schedule_id = $1 ORDER BY scheduled_at DESC LIMIT $2",
         )
         .bind(id)
         .bind(i64::from(limit))
@@ -817,28 +865,31 @@ impl Store {
             .collect()
     }
 
-    /// Leases unpaused schedules whose next fire is due, earliest first.
+    /// Leases unpaused schedules whose next fire is due by `now`, earliest first, for
+    /// `lease_ms` by the database's clock.
     pub async fn claim_due_schedules(
         &self,
         owner: &str,
         now: UnixMillis,
-        lease_until: UnixMillis,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedSchedule>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "UPDATE schedules SET lease_owner = ?, lease_expires_at = ?, lease_token = lease_token + 1 \
+        let db_now = self.backend.now_sql();
+        let skip_locked = self.backend.skip_locked();
+        let sql = format!(
+            "UPDATE schedules SET lease_owner = $1, lease_expires_at = {db_now} + $2, lease_token = lease_token + 1 \
              WHERE id IN (SELECT id FROM schedules WHERE next_due_at IS NOT NULL AND paused = 0 \
-                          AND next_due_at <= ? AND (lease_expires_at IS NULL OR lease_expires_at <= ?) \
-                          ORDER BY next_due_at LIMIT ?) \
-             RETURNING id, lease_token",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+                          AND next_due_at <= $3 AND (lease_expires_at IS NULL OR lease_expires_at <= {db_now}) \
+                          ORDER BY next_due_at LIMIT $4{skip_locked}) \
+             RETURNING id, lease_token"
+        );
+        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(id, lease_token)| ClaimedSchedule { id, lease_token })
@@ -849,7 +900,7 @@ impl Store {
     pub async fn next_schedule_due_after(&self, now: UnixMillis) -> Result<Option<UnixMillis>> {
         let due: Option<(i64,)> = sqlx::query_as(
             "SELECT next_due_at FROM schedules WHERE next_due_at IS NOT NULL AND paused = 0 \
-             AND next_due_at > ? ORDER BY next_due_at LIMIT 1",
+             AND next_due_at > $1 ORDER BY next_due_at LIMIT 1",
         )
         .bind(now)
         .fetch_optional(&self.pool)
@@ -860,7 +911,7 @@ impl Store {
     /// Runs of the schedule that have not finished.
     pub async fn count_unfinished_runs(&self, schedule_id: &str) -> Result<u32> {
         let (count,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM runs WHERE schedule_id = ? AND status IN ('queued', 'running')",
+            "SELECT count(*) FROM runs WHERE schedule_id = $1 AND status IN ('queued', 'running')",
         )
         .bind(schedule_id)
         .fetch_one(&self.pool)
@@ -874,8 +925,8 @@ impl Store {
     pub async fn record_fires(&self, write: &FireWrite) -> Result<usize> {
         let mut transaction = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE schedules SET next_fire_at = ?, next_due_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND lease_token = ?",
+            "UPDATE schedules SET next_fire_at = $1, next_due_at = $2, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $3 AND lease_token = $4",
         )
         .bind(write.next_fire_at)
         .bind(write.next_due_at)
@@ -892,7 +943,7 @@ impl Store {
         for fire in &write.fires {
             let inserted = sqlx::query(
                 "INSERT INTO schedule_fires (schedule_id, scheduled_at, outcome, reason, run_id, recorded_at) \
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             )
             .bind(&write.schedule_id)
             .bind(fire.scheduled_at)
@@ -908,6 +959,11 @@ impl Store {
                 insert_run(&mut transaction, run).await?;
                 started += 1;
             }
+        }
+        if started > 0 {
+            self.backend
+                .notify(&mut transaction, &Change::RunsQueued)
+                .await?;
         }
         transaction.commit().await?;
         Ok(started)
@@ -995,9 +1051,9 @@ struct ScheduleRow {
     end_at: Option<i64>,
     at: Option<i64>,
     misfire_grace_ms: Option<i64>,
-    coalesce: bool,
+    coalesce: i64,
     max_concurrent_runs: i64,
-    paused: bool,
+    paused: i64,
     next_fire_at: Option<i64>,
     next_due_at: Option<i64>,
     created_at: i64,
@@ -1035,9 +1091,9 @@ impl ScheduleRow {
             trigger,
             options: ScheduleOptions {
                 misfire_grace_ms: self.misfire_grace_ms,
-                coalesce: self.coalesce,
+                coalesce: self.coalesce != 0,
                 max_concurrent_runs: self.max_concurrent_runs as u32,
-                paused: self.paused,
+                paused: self.paused != 0,
             },
             next_fire_at: self.next_fire_at,
             next_due_at: self.next_due_at,
@@ -1047,14 +1103,14 @@ impl ScheduleRow {
     }
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
 /// Binds the columns from `params` to `next_due_at`, in table order.
 fn bind_schedule_fields<'q>(
-    query: SqliteQuery<'q>,
+    query: AnyQuery<'q>,
     schedule: &'q ScheduleRecord,
     labels: &'q str,
-) -> SqliteQuery<'q> {
+) -> AnyQuery<'q> {
     let trigger = TriggerColumns::of(&schedule.trigger);
     query
         .bind(&schedule.params)
@@ -1070,9 +1126,9 @@ fn bind_schedule_fields<'q>(
         .bind(trigger.end_at)
         .bind(trigger.at)
         .bind(schedule.options.misfire_grace_ms)
-        .bind(schedule.options.coalesce)
+        .bind(i64::from(schedule.options.coalesce))
         .bind(i64::from(schedule.options.max_concurrent_runs))
-        .bind(schedule.options.paused)
+        .bind(i64::from(schedule.options.paused))
         .bind(schedule.next_fire_at)
         .bind(schedule.next_due_at)
 }
@@ -1082,12 +1138,12 @@ fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
 }
 
 /// Inserts a queued run with its labels and steps, due at once.
-async fn insert_run(transaction: &mut sqlx::SqliteConnection, run: &NewRun) -> Result<()> {
+async fn insert_run(transaction: &mut AnyConnection, run: &NewRun) -> Result<()> {
     let labels =
         serde_json::to_string(&run.labels).map_err(|error| Error::Corrupt(error.to_string()))?;
     sqlx::query(
         "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
-         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(run.id.as_str())
     .bind(run.plugin_name.as_str())
@@ -1104,7 +1160,7 @@ async fn insert_run(transaction: &mut sqlx::SqliteConnection, run: &NewRun) -> R
     .execute(&mut *transaction)
     .await?;
     for (key, value) in &run.labels {
-        sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3)")
             .bind(run.id.as_str())
             .bind(key)
             .bind(value)
@@ -1112,19 +1168,59 @@ async fn insert_run(transaction: &mut sqlx::SqliteConnection, run: &NewRun) -> R
             .await?;
     }
     // One statement for all steps: each statement is a round trip to the connection's thread.
-    let mut steps = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) ",
+    let mut steps = Statement::new(
+        "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES "
+            .into(),
     );
-    steps.push_values(run.steps.iter().enumerate(), |mut row, (position, step)| {
-        row.push_bind(run.id.as_str())
-            .push_bind(position as i64)
-            .push_bind(&step.name)
-            .push_bind("waiting")
-            .push_bind(step.timeout_ms)
-            .push_bind(step.max_attempts.map(i64::from));
-    });
-    steps.build().execute(&mut *transaction).await?;
+    for (position, step) in run.steps.iter().enumerate() {
+        steps
+            .push(if position == 0 { "(" } else { ", (" })
+            .bind(run.id.as_str())?
+            .push(", ")
+            .bind(position as i64)?
+            .push(", ")
+            .bind(step.name.as_str())?
+            .push(", 'waiting', ")
+            .bind(step.timeout_ms)?
+            .push(", ")
+            .bind(step.max_attempts.map(i64::from))?
+            .push(")");
+    }
+    sqlx::query_with(&steps.sql, steps.arguments)
+        .execute(&mut *transaction)
+        .await?;
     Ok(())
+}
+
+/// A statement assembled at run time, with `$n` placeholders (which both backends read).
+struct Statement<'q> {
+    sql: String,
+    arguments: AnyArguments<'q>,
+}
+
+impl<'q> Statement<'q> {
+    fn new(sql: String) -> Statement<'q> {
+        Statement {
+            sql,
+            arguments: AnyArguments::default(),
+        }
+    }
+
+    fn push(&mut self, sql: &str) -> &mut Statement<'q> {
+        self.sql.push_str(sql);
+        self
+    }
+
+    fn bind<T: Encode<'q, Any> + Type<Any> + 'q>(
+        &mut self,
+        value: T,
+    ) -> Result<&mut Statement<'q>> {
+        self.arguments
+            .add(value)
+            .map_err(|error| Error::Corrupt(format!("binding a value: {error}")))?;
+        let _ = write!(self.sql, "${}", self.arguments.len());
+        Ok(self)
+    }
 }
 
 fn version_record(

@@ -1,0 +1,312 @@
+//! The `stepwise` command line: parses it, sets up telemetry, and either serves or acts as a
+//! client of a running server. `main.rs` is only its entry point, so that the test suite can
+//! build the same program as a binary of its own (the cluster test kills nodes with `kill -9`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{ServeArgs, Settings};
+use crate::model::{Limits, PluginName, PluginVersion};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "stepwise",
+    version,
+    about = "Multi-step asynchronous checks in sandboxed WebAssembly plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Trigger a run on a server; with --wait, follow it and exit 0 on passed, 1 on failed or
+    /// timed_out, 2 otherwise.
+    Run {
+        plugin: String,
+        #[arg(long, default_value = "{}")]
+        params: String,
+        #[arg(long)]
+        wait: bool,
+        /// Write a JUnit XML report of the finished run to this file (implies --wait).
+        #[arg(long)]
+        junit: Option<std::path::PathBuf>,
+        #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
+    /// Run a plugin file locally to the end, printing every call (no server, no database).
+    /// The grant is `<file>.toml` beside it, if any. Exit 0 on passed, 1 on failed or
+    /// timed_out, 2 on errored.
+    Dev {
+        file: std::path::PathBuf,
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// A `stepwise.toml` for SQL sources and limits.
+        #[arg(long, env = "STEPWISE_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Work with plugin components without a server.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a component as an upload would (compiles, exports the stepwise:plugin/check
+    /// world, describe answers) and print its steps and imports; exit 1 if it is invalid.
+    Check { file: std::path::PathBuf },
+    /// Scaffold a Rust plugin crate in a new directory NAME that builds as is
+    /// (`cargo build --release` gives `target/wasm32-wasip2/release/NAME.wasm`).
+    New { name: String },
+}
+
+/// The whole program; the exit code is the process's.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
+        Command::Run {
+            plugin,
+            params,
+            wait,
+            junit,
+            server,
+        } => runtime.block_on(run(&server, &plugin, &params, wait, junit.as_deref())),
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => runtime.block_on(check_plugin(&file)),
+        Command::Plugin {
+            command: PluginCommand::New { name },
+        } => new_plugin(&name),
+        Command::Dev {
+            file,
+            params,
+            config,
+        } => runtime.block_on(dev(&file, &params, config)),
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error:#}");
+        ExitCode::from(2)
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::from_args(&args)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    crate::serve(listener, settings, shutdown).await
+}
+
+fn new_plugin(name: &str) -> anyhow::Result<ExitCode> {
+    let name = PluginName::parse(name).map_err(anyhow::Error::msg)?;
+    let dir = std::path::PathBuf::from(name.as_str());
+    crate::scaffold::new_plugin(&dir, &name)?;
+    println!(
+        "created {}/: cd {name} && cargo build --release",
+        dir.display()
+    );
+    println!(
+        "then: stepwise dev target/wasm32-wasip2/release/{}.wasm --params '{{\"expect\": \"hello\"}}'",
+        name.as_str().replace('-', "_")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dev(
+    file: &std::path::Path,
+    params: &str,
+    config: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    anyhow::ensure!(params.is_object(), "--params must be a JSON object");
+    let settings = Settings::from_args(&ServeArgs {
+        listen: None,
+        data_dir: None,
+        database_url: None,
+        config,
+    })?;
+    let outcome = crate::dev::run_file(file, &params, &settings, &mut std::io::stdout()).await?;
+    Ok(ExitCode::from(crate::dev::exit_code(outcome)))
+}
+
+async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let version = PluginVersion::of_bytes(&bytes);
+    let runtime = crate::runtime::Runtime::new(None)?;
+    let inspected = match runtime
+        .inspect(&version, bytes.into(), &Limits::default())
+        .await
+    {
+        Ok(inspected) => inspected,
+        Err(error) => {
+            println!("{}: invalid: {error:#}", file.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let info = &inspected.check_info;
+    println!("{}: valid stepwise:plugin/check component", file.display());
+    println!("  version (sha256): {version}");
+    println!("  name: {}  reported version: {}", info.name, info.version);
+    if !info.description.is_empty() {
+        println!("  description: {}", info.description);
+    }
+    println!("  steps:");
+    for (position, step) in info.steps.iter().enumerate() {
+        let mut extras = Vec::new();
+        if let Some(timeout) = step.timeout {
+            extras.push(format!("timeout {} ms", timeout.as_millis()));
+        }
+        if let Some(attempts) = step.max_attempts {
+            extras.push(format!("max {attempts} attempts"));
+        }
+        let extras = if extras.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", extras.join(", "))
+        };
+        println!("    {}. {}{extras}", position + 1, step.name);
+    }
+    println!(
+        "  params schema: {}",
+        if info.params_schema.is_some() {
+            "yes"
+        } else {
+            "none"
+        }
+    );
+    println!("  imports:");
+    for import in &inspected.plugin.imports {
+        println!("    {import}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}
+
+async fn run(
+    server: &str,
+    plugin: &str,
+    params: &str,
+    wait: bool,
+    junit: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    let client = reqwest::Client::new();
+    let server = server.trim_end_matches('/');
+    let response = client
+        .post(format!("{server}/v1/runs"))
+        .json(&serde_json::json!({"plugin": plugin, "params": params}))
+        .send()
+        .await
+        .with_context(|| format!("calling {server}"))?;
+    let status = response.status();
+    let run: Value = response.json().await.context("reading the response")?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            run["detail"].as_str().unwrap_or("request failed")
+        );
+    }
+    let id = run["id"].as_str().unwrap_or_default().to_owned();
+    println!("run {id} queued ({server}/v1/runs/{id})");
+    if !wait && junit.is_none() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        let run: Value = client
+            .get(format!("{server}/v1/runs/{id}"))
+            .send()
+            .await
+            .with_context(|| format!("calling {server}"))?
+            .json()
+            .await?;
+        let steps = run["steps"].as_array().cloned().unwrap_or_default();
+        for (index, step) in steps.iter().enumerate() {
+            let line = format!(
+                "  {:<12} {:<10} attempts={:<3}{}{}",
+                step["name"].as_str().unwrap_or(""),
+                step["status"].as_str().unwrap_or(""),
+                step["attempts"],
+                step["passed_after_ms"]
+                    .as_i64()
+                    .map(|ms| format!(" passed_after_ms={ms}"))
+                    .unwrap_or_default(),
+                step["message"]
+                    .as_str()
+                    .map(|message| format!(" {message}"))
+                    .unwrap_or_default(),
+            );
+            if shown.get(index) != Some(&line) {
+                println!("{line}");
+                if index < shown.len() {
+                    shown[index] = line;
+                } else {
+                    shown.push(line);
+                }
+            }
+        }
+        let status = run["status"].as_str().unwrap_or("");
+        let code = match status {
+            "passed" => 0,
+            "failed" | "timed_out" => 1,
+            "errored" | "cancelled" => 2,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        println!(
+            "run {id} {status}{}",
+            run["message"]
+                .as_str()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+        if let Some(path) = junit {
+            std::fs::write(path, crate::junit::render(&run))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("JUnit report written to {}", path.display());
+        }
+        return Ok(ExitCode::from(code));
+    }
+}

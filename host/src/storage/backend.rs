@@ -1,0 +1,171 @@
+//! Where SQLite and PostgreSQL differ. Everything else in `storage` is one SQL text for both
+//! (sqlx's `Any` driver, `$n` placeholders, BIGINT millisecond times): connecting, migrations,
+//! the database clock that judges leases, row locks on claims, and the change notifications
+//! that wake other nodes.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::postgres::PgListener;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, Connection, Executor};
+
+use super::{Change, Result};
+use crate::model::{PluginVersion, RunId};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The channel every node of a PostgreSQL deployment listens on.
+const CHANNEL: &str = "stepwise";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded, one node: WAL, `synchronous = FULL` (a `202` means the run is on disk).
+    Sqlite,
+    /// Several nodes on one database.
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// Opens a pool on `url` and applies pending migrations.
+    pub(super) async fn connect(self, url: &str) -> Result<AnyPool> {
+        sqlx::any::install_default_drivers();
+        let pool = match self {
+            Backend::Sqlite => {
+                // Parsed here only to create the file: the `Any` driver opens it from the URL.
+                let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
+                drop(sqlx::SqliteConnection::connect_with(&options).await?);
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .after_connect(|connection, _| Box::pin(sqlite_pragmas(connection)))
+                    .connect(url)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
+        match self {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(pool)
+    }
+
+    /// The database's clock in Unix milliseconds. Lease expiry is judged by it, never by a
+    /// node's clock: nodes whose clocks disagree must still agree on whose lease has run out.
+    pub(super) fn now_sql(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
+    /// Appended to the subquery that picks rows to claim. PostgreSQL: two nodes claiming at
+    /// once each take different rows instead of waiting on, then re-checking, the same ones.
+    /// SQLite has one writer at a time, so there is nothing to skip.
+    pub(super) fn skip_locked(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// Tells the other nodes about `change` when the current transaction commits (nothing if
+    /// it rolls back). SQLite has no other nodes.
+    pub(super) async fn notify(
+        self,
+        connection: &mut AnyConnection,
+        change: &Change,
+    ) -> Result<()> {
+        if self == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(change.to_payload())
+                .execute(connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn sqlite_pragmas(connection: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in [
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = FULL",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA busy_timeout = 10000",
+    ] {
+        connection.execute(pragma).await?;
+    }
+    Ok(())
+}
+
+/// Changes made by other nodes, from PostgreSQL's `LISTEN`.
+pub struct Changes {
+    listener: PgListener,
+}
+
+impl Changes {
+    pub(super) async fn listen(url: &str) -> Result<Changes> {
+        let mut listener = PgListener::connect(url).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Changes { listener })
+    }
+
+    /// The next change. `None` when the connection dropped and notifications may have been
+    /// missed: the listener reconnects, and the caller should look at everything again.
+    pub async fn next(&mut self) -> Option<Change> {
+        match self.listener.try_recv().await {
+            Ok(Some(notification)) => Change::from_payload(notification.payload()),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%error, "listening for changes failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                None
+            }
+        }
+    }
+}
+
+impl Change {
+    fn to_payload(&self) -> String {
+        match self {
+            Change::RunsQueued => "runs".into(),
+            Change::RunCancelled(id) => format!("cancel {id}"),
+            Change::PluginActivated(version) => format!("plugin {version}"),
+            Change::SchedulesChanged => "schedules".into(),
+        }
+    }
+
+    fn from_payload(payload: &str) -> Option<Change> {
+        match payload.split_once(' ') {
+            None if payload == "runs" => Some(Change::RunsQueued),
+            None if payload == "schedules" => Some(Change::SchedulesChanged),
+            Some(("cancel", id)) => Some(Change::RunCancelled(RunId::from_stored(id.to_owned()))),
+            Some(("plugin", version)) => Some(Change::PluginActivated(PluginVersion::from_stored(
+                version.to_owned(),
+            ))),
+            _ => {
+                tracing::warn!(payload, "unknown change notification");
+                None
+            }
+        }
+    }
+}

@@ -19,6 +19,12 @@ const MISBEHAVE_VARIANTS: &[(&str, &str)] = &[
 ];
 
 fn main() {
+    // The PostgreSQL copy of the suite exists only when there is a database to run it on.
+    println!("cargo::rustc-check-cfg=cfg(postgres_suite)");
+    println!("cargo::rerun-if-env-changed=STEPWISE_TEST_POSTGRES_URL");
+    if std::env::var("STEPWISE_TEST_POSTGRES_URL").is_ok_and(|url| !url.is_empty()) {
+        println!("cargo::rustc-cfg=postgres_suite");
+    }
     let mut built = stepwise_plugin_build::build_plugins(PLUGINS);
     built.extend(stepwise_plugin_build::build_plugin_variants(
         "stepwise-plugin-misbehave",

@@ -44,6 +44,24 @@ impl PluginFile {
 pub struct Setup {
     pub plugins: Vec<PluginFile>,
     pub sources: BTreeMap<String, SourceConfig>,
+    pub scheduling: Scheduling,
+}
+
+/// How a node schedules; the defaults keep the suite fast.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheduling {
+    pub max_concurrent_ticks: usize,
+    /// How long the scheduler sleeps at most without a wake-up.
+    pub backstop: Duration,
+}
+
+impl Default for Scheduling {
+    fn default() -> Scheduling {
+        Scheduling {
+            max_concurrent_ticks: Settings::for_data_dir(".").max_concurrent_ticks,
+            backstop: Duration::from_millis(200),
+        }
+    }
 }
 
 impl Setup {
@@ -63,7 +81,9 @@ pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     data_dir: Arc<TempDir>,
+    database: Arc<TestDatabase>,
     sources: BTreeMap<String, SourceConfig>,
+    scheduling: Scheduling,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -85,10 +105,29 @@ impl TestServer {
             )
             .expect("writing a manifest");
         }
-        TestServer::boot(data_dir, setup.sources).await
+        let database = Arc::new(TestDatabase::create(data_dir.path()).await);
+        TestServer::boot(data_dir, database, setup.sources, setup.scheduling).await
     }
 
-    async fn boot(data_dir: Arc<TempDir>, sources: BTreeMap<String, SourceConfig>) -> TestServer {
+    /// Another node on this server's database, with a data dir (and plugins dir) of its own.
+    #[cfg_attr(not(postgres_suite), allow(dead_code))]
+    pub async fn another_node(&self, scheduling: Scheduling) -> TestServer {
+        let data_dir = Arc::new(tempfile::tempdir().expect("creating a temp dir"));
+        TestServer::boot(
+            data_dir,
+            self.database.clone(),
+            self.sources.clone(),
+            scheduling,
+        )
+        .await
+    }
+
+    async fn boot(
+        data_dir: Arc<TempDir>,
+        database: Arc<TestDatabase>,
+        sources: BTreeMap<String, SourceConfig>,
+        scheduling: Scheduling,
+    ) -> TestServer {
         // Through the test writer, so that only a failing test's server logs are shown.
         let filter = tracing_subscriber::EnvFilter::try_from_env("STEPWISE_LOG")
             .unwrap_or_else(|_| "info".into());
@@ -98,9 +137,11 @@ impl TestServer {
             .try_init();
         let mut settings = Settings::for_data_dir(data_dir.path());
         settings.sources = sources.clone();
+        settings.database_url = database.url.clone();
         // Short ticks keep the suite fast; the behaviour under test does not depend on them.
         settings.default_poll_interval = Duration::from_millis(100);
-        settings.scheduler_backstop = Duration::from_millis(200);
+        settings.scheduler_backstop = scheduling.backstop;
+        settings.max_concurrent_ticks = scheduling.max_concurrent_ticks;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");
@@ -111,7 +152,9 @@ impl TestServer {
             base,
             client: reqwest::Client::new(),
             data_dir,
+            database,
             sources,
+            scheduling,
             shutdown,
             task: Some(task),
         };
@@ -134,7 +177,13 @@ impl TestServer {
     /// Stops the server gracefully and starts a new one on the same data dir.
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        TestServer::boot(self.data_dir.clone(), self.sources.clone()).await
+        TestServer::boot(
+            self.data_dir.clone(),
+            self.database.clone(),
+            self.sources.clone(),
+            self.scheduling,
+        )
+        .await
     }
 
     pub async fn stop(&mut self) {
@@ -229,6 +278,10 @@ impl TestServer {
         self.data_dir.path()
     }
 
+    pub fn database_url(&self) -> &str {
+        &self.database.url
+    }
+
     /// Triggers a run and returns its id, asserting the 202.
     pub async fn trigger(&self, body: Value) -> String {
         let (status, run) = self.post_json("/v1/runs", &body).await;
@@ -277,6 +330,90 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// The database a test's servers share: a SQLite file in the data dir, or, for tests in the
+/// `postgres` copy of the suite, a PostgreSQL database created for the test and dropped after.
+pub struct TestDatabase {
+    pub url: String,
+    /// The server URL and the database name to drop.
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    pub async fn create(data_dir: &Path) -> TestDatabase {
+        let test = std::thread::current().name().unwrap_or_default().to_owned();
+        if test.starts_with("sqlite::") {
+            return TestDatabase {
+                url: Settings::for_data_dir(data_dir).database_url,
+                postgres: None,
+            };
+        }
+        assert!(
+            test.starts_with("postgres::") || test.starts_with("cluster::"),
+            "TestServer::start must be called from a test's own thread in the sqlite, postgres or \
+             cluster module (it picks the database by the test's name), not from {test:?}"
+        );
+        let server = std::env::var("STEPWISE_TEST_POSTGRES_URL")
+            .expect("STEPWISE_TEST_POSTGRES_URL was set when the suite was built");
+        let name = format!("stepwise_test_{}", uuid_like());
+        postgres_admin(&server, &format!("CREATE DATABASE {name}")).await;
+        let url = match server.rsplit_once('/') {
+            Some((base, _)) if base.contains("://") && base.len() > "postgres://".len() => {
+                format!("{base}/{name}")
+            }
+            _ => panic!("STEPWISE_TEST_POSTGRES_URL must name a database: {server}"),
+        };
+        TestDatabase {
+            url,
+            postgres: Some((server, name)),
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some((server, name)) = self.postgres.take() {
+            // Drop has no runtime to await on; a thread of its own with one does.
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime")
+                    .block_on(postgres_admin(
+                        &server,
+                        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    ));
+            })
+            .join()
+            .expect("dropping the test database");
+        }
+    }
+}
+
+async fn postgres_admin(server: &str, statement: &str) {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(server)
+        .await
+        .expect("connecting to STEPWISE_TEST_POSTGRES_URL");
+    sqlx::query(statement)
+        .execute(&mut connection)
+        .await
+        .unwrap_or_else(|error| panic!("{statement}: {error}"));
+}
+
+/// A name unique among concurrent tests and earlier runs.
+fn uuid_like() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    format!(
+        "{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 async fn read(response: reqwest::Response) -> (u16, Value) {

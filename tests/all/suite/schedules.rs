@@ -47,7 +47,7 @@ async fn patch(server: &TestServer, id: &str, body: Value) -> Value {
 /// A firer of our own on the server's database, to be driven at chosen times.
 async fn firer(server: &TestServer) -> Firer {
     let settings = Settings::for_data_dir(server.data_dir());
-    let store = Store::open(&settings.database_url)
+    let store = Store::open(server.database_url())
         .await
         .expect("opening the server's database");
     Firer::new(

@@ -1,0 +1,13 @@
+//! Every test that runs a server. `main.rs` compiles this directory twice: as `sqlite` and, when
+//! `STEPWISE_TEST_POSTGRES_URL` is set at build time, as `postgres`; `TestServer` picks the
+//! database from the module its test is in.
+
+mod api;
+mod demo;
+mod hostile;
+mod http_status;
+mod leases;
+mod registry;
+mod sandbox;
+mod schedules;
+mod steps;

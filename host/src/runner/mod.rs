@@ -101,7 +101,7 @@ impl Runner {
                     RunStatus::Errored,
                     message,
                 );
-                return Ok(self.store.record_tick(&write).await?);
+                return Ok(self.store.record_tick(write).await?);
             }
         };
         let mut capabilities = Capabilities {
@@ -130,7 +130,7 @@ impl Runner {
                     RunStatus::TimedOut,
                     message,
                 );
-                return Ok(self.store.record_tick(&write).await?);
+                return Ok(self.store.record_tick(write).await?);
             }
             if let (Some(timeout_ms), Some(first_attempt_at)) =
                 (step.timeout_ms, step.first_attempt_at)
@@ -149,7 +149,7 @@ impl Runner {
                     RunStatus::TimedOut,
                     message,
                 );
-                return Ok(self.store.record_tick(&write).await?);
+                return Ok(self.store.record_tick(write).await?);
             }
 
             let attempt = step.attempts + 1;
@@ -288,8 +288,9 @@ impl Runner {
                     }
                 }
             };
-            self.store.record_tick(&write).await?;
-            if write.run.keep_lease_ms.is_none() {
+            let tick_goes_on = write.run.keep_lease_ms.is_some();
+            self.store.record_tick(write).await?;
+            if !tick_goes_on {
                 return Ok(());
             }
             progress.position += 1;

@@ -5,6 +5,7 @@
 //! and ends inside one method.
 
 mod backend;
+mod group_commit;
 mod store;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,8 @@ pub enum Change {
 pub enum Error {
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
+    #[error("the storage writer stopped")]
+    WriterStopped,
     #[error("not found")]
     NotFound,
     #[error("conflict on {constraint}")]

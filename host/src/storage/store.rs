@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value as Json, json};
@@ -10,6 +11,7 @@ use sqlx::any::AnyArguments;
 use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, FromRow, Type};
 
 use super::backend::{Backend, Changes};
+use super::group_commit::GroupCommit;
 use super::{
     AttemptRecord, Cancelled, Change, ClaimedRun, ClaimedSchedule, Enqueued, Error, FireRecord,
     FireWrite, NewRun, PluginRecord, PluginVersionRecord, Result, RunFilter, RunRecord,
@@ -26,6 +28,10 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     url: String,
+    /// New runs without an idempotency key, written by group commit.
+    runs: Arc<GroupCommit<NewRun, ()>>,
+    /// Tick results, written by group commit where the backend gains from it.
+    ticks: Option<Arc<GroupCommit<TickWrite, ()>>>,
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
@@ -38,10 +44,26 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store> {
         let backend = Backend::of_url(url).ok_or_else(|| Error::UnsupportedUrl(url.to_owned()))?;
         let pool = backend.connect(url).await?;
+        let runs = {
+            let pool = pool.clone();
+            GroupCommit::start(move |runs| {
+                let pool = pool.clone();
+                async move { write_runs(&pool, backend, runs).await }
+            })
+        };
+        let ticks = backend.groups_tick_writes().then(|| {
+            let pool = pool.clone();
+            Arc::new(GroupCommit::start(move |writes| {
+                let pool = pool.clone();
+                async move { write_ticks(&pool, backend, writes).await }
+            }))
+        });
         Ok(Store {
             pool,
             backend,
             url: url.to_owned(),
+            runs: Arc::new(runs),
+            ticks,
         })
     }
 
@@ -227,14 +249,19 @@ impl Store {
         {
             return Ok(Enqueued::Existing(existing));
         }
-        let mut transaction = self.pool.begin().await?;
-        if let Err(error) = insert_run(&mut transaction, run).await {
+        let written = if run.idempotency_key.is_some() {
+            // Alone: its unique key may clash with a concurrent request's, which must not fail
+            // a batch of others.
+            write_runs_together(&self.pool, self.backend, std::slice::from_ref(run)).await
+        } else {
+            self.runs.submit(run.clone()).await
+        };
+        if let Err(error) = written {
             // Two requests with one key raced: the other one's run is the answer.
             if let Error::Database(database_error) = &error
                 && is_unique_violation(database_error)
                 && let Some(key) = &run.idempotency_key
             {
-                drop(transaction);
                 return match self.find_run_by_idempotency_key(key).await? {
                     Some(existing) => Ok(Enqueued::Existing(existing)),
                     None => Err(Error::Conflict {
@@ -244,10 +271,6 @@ impl Store {
             }
             return Err(error);
         }
-        self.backend
-            .notify(&mut transaction, &Change::RunsQueued)
-            .await?;
-        transaction.commit().await?;
         // What was just written, without reading it back.
         Ok(Enqueued::Created(run.queued_record()))
     }
@@ -442,100 +465,156 @@ impl Store {
         Ok(released.rows_affected())
     }
 
-    /// Writes one step's result, its attempt and the run's new state in one transaction, only
-    /// if `lease_token` is still current and the run unfinished; otherwise nothing is written
-    /// and `Error::LeaseLost` is returned.
-    pub async fn record_tick(&self, write: &TickWrite) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
-        let lease_sql = match write.run.keep_lease_ms {
-            Some(_) => format!("lease_expires_at = {} + $9", self.backend.now_sql()),
-            None => "lease_owner = NULL, lease_expires_at = $9".to_owned(),
-        };
-        let sql = format!(
-            "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
-             started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease_sql} \
-             WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
-        );
-        let finished_at = write.run.status.is_terminal().then_some(write.now);
-        let updated = sqlx::query(&sql)
-            .bind(write.run.status.as_str())
-            .bind(write.run.message.as_deref())
-            .bind(write.run.current_step as i64)
-            .bind(i64::from(write.run.error_count))
-            .bind(i64::from(write.run.http_requests))
-            .bind(write.run.started_at)
-            .bind(finished_at)
-            .bind(write.run.next_tick_at)
-            .bind(write.run.keep_lease_ms)
-            .bind(write.run_id.as_str())
-            .bind(write.lease_token)
-            .execute(&mut *transaction)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(Error::LeaseLost(write.run_id.clone()));
+    /// Writes one step's result, its attempt and the run's new state atomically, only if
+    /// `lease_token` is still current, the run unfinished and the step not yet decided;
+    /// otherwise nothing is written and `Error::LeaseLost` is returned. On SQLite, writes from
+    /// concurrent ticks share one commit (group commit), each in a savepoint of its own.
+    pub async fn record_tick(&self, write: TickWrite) -> Result<()> {
+        match &self.ticks {
+            Some(ticks) => ticks.submit(write).await,
+            None => write_tick_alone(&self.pool, self.backend, &write).await,
         }
-        let step = &write.step;
-        if let Some(attempt) = &write.attempt {
-            sqlx::query(
-                "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms, due_at, node) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(write.run_id.as_str())
-            .bind(step.position as i64)
-            .bind(i64::from(attempt.attempt))
-            .bind(attempt.outcome.as_str())
-            .bind(attempt.message.as_deref())
-            .bind(logs_to_json(&attempt.logs).to_string())
-            .bind(attempt.started_at)
-            .bind(attempt.duration_ms)
-            .bind(attempt.due_at)
-            .bind(write.node.as_str())
-            .execute(&mut *transaction)
-            .await?;
-            sqlx::query(
-                "UPDATE steps SET attempts = $1, first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $3 \
-                 WHERE run_id = $4 AND position = $5",
-            )
-            .bind(i64::from(attempt.attempt))
-            .bind(attempt.started_at)
-            .bind(attempt.started_at)
-            .bind(write.run_id.as_str())
-            .bind(step.position as i64)
-            .execute(&mut *transaction)
-            .await?;
+    }
+}
+
+/// Writes ticks in one transaction, each in a savepoint so that a lost lease undoes only its
+/// own write. If the transaction fails, one transaction per tick.
+async fn write_ticks(pool: &AnyPool, backend: Backend, writes: Vec<TickWrite>) -> Vec<Result<()>> {
+    if writes.len() == 1 {
+        return vec![write_tick_alone(pool, backend, &writes[0]).await];
+    }
+    let together = async {
+        let mut transaction = pool.begin().await?;
+        let mut results = Vec::with_capacity(writes.len());
+        for write in &writes {
+            let mut savepoint = sqlx::Connection::begin(&mut *transaction).await?;
+            match apply_tick(&mut savepoint, backend, write).await {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    results.push(Ok(()));
+                }
+                Err(Error::LeaseLost(id)) => {
+                    savepoint.rollback().await?;
+                    results.push(Err(Error::LeaseLost(id)));
+                }
+                Err(error) => return Err(error),
+            }
         }
-        let step_finished_at = matches!(
-            step.status,
-            StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
+        transaction.commit().await?;
+        Ok::<_, Error>(results)
+    };
+    match together.await {
+        Ok(results) => results,
+        Err(error) => {
+            tracing::warn!(%error, ticks = writes.len(), "writing ticks together failed; writing them one by one");
+            let mut results = Vec::with_capacity(writes.len());
+            for write in &writes {
+                results.push(write_tick_alone(pool, backend, write).await);
+            }
+            results
+        }
+    }
+}
+
+async fn write_tick_alone(pool: &AnyPool, backend: Backend, write: &TickWrite) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    apply_tick(&mut transaction, backend, write).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+async fn apply_tick(
+    transaction: &mut AnyConnection,
+    backend: Backend,
+    write: &TickWrite,
+) -> Result<()> {
+    let lease_sql = match write.run.keep_lease_ms {
+        Some(_) => format!("lease_expires_at = {} + $9", backend.now_sql()),
+        None => "lease_owner = NULL, lease_expires_at = $9".to_owned(),
+    };
+    let sql = format!(
+        "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
+         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease_sql} \
+         WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
+    );
+    let finished_at = write.run.status.is_terminal().then_some(write.now);
+    let updated = sqlx::query(&sql)
+        .bind(write.run.status.as_str())
+        .bind(write.run.message.as_deref())
+        .bind(write.run.current_step as i64)
+        .bind(i64::from(write.run.error_count))
+        .bind(i64::from(write.run.http_requests))
+        .bind(write.run.started_at)
+        .bind(finished_at)
+        .bind(write.run.next_tick_at)
+        .bind(write.run.keep_lease_ms)
+        .bind(write.run_id.as_str())
+        .bind(write.lease_token)
+        .execute(&mut *transaction)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::LeaseLost(write.run_id.clone()));
+    }
+    let step = &write.step;
+    if let Some(attempt) = &write.attempt {
+        sqlx::query(
+            "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, started_at, duration_ms, due_at, node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
-        .then_some(write.now);
-        // A step's terminal result is written once: a step already finished is never updated.
-        let updated = sqlx::query(
-            "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, finished_at = $5 \
-             WHERE run_id = $6 AND position = $7 AND status IN ('waiting', 'pending')",
+        .bind(write.run_id.as_str())
+        .bind(step.position as i64)
+        .bind(i64::from(attempt.attempt))
+        .bind(attempt.outcome.as_str())
+        .bind(attempt.message.as_deref())
+        .bind(logs_to_json(&attempt.logs).to_string())
+        .bind(attempt.started_at)
+        .bind(attempt.duration_ms)
+        .bind(attempt.due_at)
+        .bind(write.node.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "UPDATE steps SET attempts = $1, first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $3 \
+             WHERE run_id = $4 AND position = $5",
         )
-        .bind(step.status.as_str())
-        .bind(step.message.as_deref())
-        .bind(step.output.as_deref())
-        .bind(step.passed_after_ms)
-        .bind(step_finished_at)
+        .bind(i64::from(attempt.attempt))
+        .bind(attempt.started_at)
+        .bind(attempt.started_at)
         .bind(write.run_id.as_str())
         .bind(step.position as i64)
         .execute(&mut *transaction)
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(Error::LeaseLost(write.run_id.clone()));
-        }
-        if step.skip_rest {
-            sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2")
-                .bind(write.run_id.as_str())
-                .bind(step.position as i64)
-                .execute(&mut *transaction)
-                .await?;
-        }
-        transaction.commit().await?;
-        Ok(())
     }
+    let step_finished_at = matches!(
+        step.status,
+        StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
+    )
+    .then_some(write.now);
+    // A step's terminal result is written once: a step already finished is never updated.
+    let updated = sqlx::query(
+        "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, finished_at = $5 \
+         WHERE run_id = $6 AND position = $7 AND status IN ('waiting', 'pending')",
+    )
+    .bind(step.status.as_str())
+    .bind(step.message.as_deref())
+    .bind(step.output.as_deref())
+    .bind(step.passed_after_ms)
+    .bind(step_finished_at)
+    .bind(write.run_id.as_str())
+    .bind(step.position as i64)
+    .execute(&mut *transaction)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::LeaseLost(write.run_id.clone()));
+    }
+    if step.skip_rest {
+        sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2")
+            .bind(write.run_id.as_str())
+            .bind(step.position as i64)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    Ok(())
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -956,7 +1035,7 @@ impl Store {
             if inserted.rows_affected() == 1
                 && let Some(run) = &fire.run
             {
-                insert_run(&mut transaction, run).await?;
+                insert_runs(&mut transaction, std::slice::from_ref(run)).await?;
                 started += 1;
             }
         }
@@ -1137,59 +1216,157 @@ fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
-/// Inserts a queued run with its labels and steps, due at once.
-async fn insert_run(transaction: &mut AnyConnection, run: &NewRun) -> Result<()> {
-    let labels =
-        serde_json::to_string(&run.labels).map_err(|error| Error::Corrupt(error.to_string()))?;
-    sqlx::query(
+/// Most bind parameters in one statement (SQLite allows 32,766, PostgreSQL 65,535).
+const MAX_BINDS: usize = 30_000;
+
+/// Inserts queued runs with their labels and steps, due at once: one statement per table for
+/// all of them, since every statement is a round trip to the connection.
+async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<()> {
+    let labels: Vec<String> = runs
+        .iter()
+        .map(|run| labels_json(&run.labels))
+        .collect::<Result<_>>()?;
+    let mut rows = Inserts::new(
         "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
-         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, $9, $10, $11, $12)",
-    )
-    .bind(run.id.as_str())
-    .bind(run.plugin_name.as_str())
-    .bind(run.plugin_version.as_str())
-    .bind(&run.params)
-    .bind(&labels)
-    .bind(run.poll_interval_ms)
-    .bind(i64::from(run.max_errors))
-    .bind(run.idempotency_key.as_deref())
-    .bind(run.created_at)
-    .bind(run.deadline_at)
-    .bind(run.created_at)
-    .bind(run.schedule_id.as_deref())
-    .execute(&mut *transaction)
-    .await?;
-    for (key, value) in &run.labels {
-        sqlx::query("INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3)")
-            .bind(run.id.as_str())
-            .bind(key)
-            .bind(value)
-            .execute(&mut *transaction)
-            .await?;
-    }
-    // One statement for all steps: each statement is a round trip to the connection's thread.
-    let mut steps = Statement::new(
-        "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES "
-            .into(),
+         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES ",
     );
-    for (position, step) in run.steps.iter().enumerate() {
-        steps
-            .push(if position == 0 { "(" } else { ", (" })
-            .bind(run.id.as_str())?
-            .push(", ")
-            .bind(position as i64)?
-            .push(", ")
-            .bind(step.name.as_str())?
-            .push(", 'waiting', ")
-            .bind(step.timeout_ms)?
-            .push(", ")
-            .bind(step.max_attempts.map(i64::from))?
-            .push(")");
+    for (run, labels) in runs.iter().zip(&labels) {
+        rows.row()
+            .value(run.id.as_str())?
+            .value(run.plugin_name.as_str())?
+            .value(run.plugin_version.as_str())?
+            .value(run.params.as_str())?
+            .value(labels.as_str())?
+            .value("queued")?
+            .value(run.poll_interval_ms)?
+            .value(i64::from(run.max_errors))?
+            .value(run.idempotency_key.as_deref())?
+            .value(run.created_at)?
+            .value(run.deadline_at)?
+            .value(run.created_at)?
+            .value(run.schedule_id.as_deref())?;
+        rows.end_row(connection).await?;
     }
-    sqlx::query_with(&steps.sql, steps.arguments)
-        .execute(&mut *transaction)
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new("INSERT INTO run_labels (run_id, key, value) VALUES ");
+    for run in runs {
+        for (key, value) in &run.labels {
+            rows.row()
+                .value(run.id.as_str())?
+                .value(key.as_str())?
+                .value(value.as_str())?;
+            rows.end_row(connection).await?;
+        }
+    }
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new(
+        "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES ",
+    );
+    for run in runs {
+        for (position, step) in run.steps.iter().enumerate() {
+            rows.row()
+                .value(run.id.as_str())?
+                .value(position as i64)?
+                .value(step.name.as_str())?
+                .value("waiting")?
+                .value(step.timeout_ms)?
+                .value(step.max_attempts.map(i64::from))?;
+            rows.end_row(connection).await?;
+        }
+    }
+    rows.flush(connection).await
+}
+
+/// Writes runs in one transaction; if that fails, one transaction per run, so that each run
+/// gets its own answer and one bad run does not fail the others.
+async fn write_runs(pool: &AnyPool, backend: Backend, runs: Vec<NewRun>) -> Vec<Result<()>> {
+    match write_runs_together(pool, backend, &runs).await {
+        Ok(()) => runs.iter().map(|_| Ok(())).collect(),
+        Err(error) if runs.len() == 1 => vec![Err(error)],
+        Err(error) => {
+            tracing::warn!(%error, runs = runs.len(), "writing runs together failed; writing them one by one");
+            let mut results = Vec::with_capacity(runs.len());
+            for run in &runs {
+                results.push(write_runs_together(pool, backend, std::slice::from_ref(run)).await);
+            }
+            results
+        }
+    }
+}
+
+async fn write_runs_together(pool: &AnyPool, backend: Backend, runs: &[NewRun]) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    insert_runs(&mut transaction, runs).await?;
+    backend
+        .notify(&mut transaction, &Change::RunsQueued)
         .await?;
+    transaction.commit().await?;
     Ok(())
+}
+
+/// A multi-row `INSERT … VALUES (…), (…)`, sent in as few statements as the bind limit allows.
+struct Inserts<'q> {
+    head: &'static str,
+    statement: Statement<'q>,
+    rows: usize,
+}
+
+impl<'q> Inserts<'q> {
+    fn new(head: &'static str) -> Inserts<'q> {
+        Inserts {
+            head,
+            statement: Statement::new(head.to_owned()),
+            rows: 0,
+        }
+    }
+
+    /// Starts a row; bind its values, then call `end_row`.
+    fn row(&mut self) -> Values<'_, 'q> {
+        self.statement
+            .push(if self.rows == 0 { "(" } else { ", (" });
+        self.rows += 1;
+        Values {
+            statement: &mut self.statement,
+            first: true,
+        }
+    }
+
+    async fn end_row(&mut self, connection: &mut AnyConnection) -> Result<()> {
+        self.statement.push(")");
+        if self.statement.arguments.len() >= MAX_BINDS {
+            self.flush(connection).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, connection: &mut AnyConnection) -> Result<()> {
+        if self.rows > 0 {
+            let statement =
+                std::mem::replace(&mut self.statement, Statement::new(self.head.to_owned()));
+            self.rows = 0;
+            sqlx::query_with(&statement.sql, statement.arguments)
+                .execute(&mut *connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of one row of an `Inserts`.
+struct Values<'s, 'q> {
+    statement: &'s mut Statement<'q>,
+    first: bool,
+}
+
+impl<'q> Values<'_, 'q> {
+    fn value<T: Encode<'q, Any> + Type<Any> + 'q>(&mut self, value: T) -> Result<&mut Self> {
+        if !self.first {
+            self.statement.push(", ");
+        }
+        self.first = false;
+        self.statement.bind(value)?;
+        Ok(self)
+    }
 }
 
 /// A statement assembled at run time, with `$n` placeholders (which both backends read).

@@ -74,7 +74,7 @@ impl Runner {
     }
 
     async fn tick_inner(&self, claim: &ClaimedRun) -> Result<()> {
-        let Some(run) = self.store.find_run(&claim.id).await? else {
+        let Some((run, grant_toml)) = self.store.load_tick(&claim.id).await? else {
             return Ok(());
         };
         if run.status.is_terminal() {
@@ -89,7 +89,7 @@ impl Runner {
             outputs: passed_outputs(&run),
             http_requests: run.http_requests,
         };
-        let (plugin, grant) = match self.resolve_plugin(&run).await {
+        let (plugin, grant) = match self.resolve_plugin(&run, grant_toml.as_deref()).await {
             Ok(resolved) => resolved,
             Err(PluginUnavailable(message)) => {
                 let write = self.finish(
@@ -326,10 +326,11 @@ impl Runner {
     }
 
     /// Finds the pinned version's compiled component (compiling it if this process has not yet)
-    /// and the plugin's current grant.
+    /// and parses the plugin's current grant (`None`: the plugin no longer exists).
     async fn resolve_plugin(
         &self,
         run: &RunRecord,
+        grant_toml: Option<&str>,
     ) -> Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable> {
         let unavailable = |what: String| {
             PluginUnavailable(format!(
@@ -337,13 +338,9 @@ impl Runner {
                 run.plugin_name, run.plugin_version
             ))
         };
-        let record = self
-            .store
-            .find_plugin(&run.plugin_name)
-            .await
-            .map_err(|error| unavailable(format!("reading the plugin: {error}")))?
-            .ok_or_else(|| unavailable("the plugin no longer exists".into()))?;
-        let grant = parse_grant(&record.grant_toml)
+        let grant_toml =
+            grant_toml.ok_or_else(|| unavailable("the plugin no longer exists".into()))?;
+        let grant = parse_grant(grant_toml)
             .map_err(|error| unavailable(format!("invalid grant: {error:#}")))?;
         let loaded = match self.runtime.cached(&run.plugin_version) {
             Some(loaded) => loaded,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value as Json, json};
 use sqlx::any::AnyArguments;
-use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, FromRow, Type};
+use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, FromRow, Row, Type};
 
 use super::backend::{Backend, Changes};
 use super::group_commit::GroupCommit;
@@ -298,6 +298,11 @@ impl Store {
             return Ok(None);
         };
         let mut run = row.into_record()?;
+        run.steps = self.load_steps(id).await?;
+        Ok(Some(run))
+    }
+
+    async fn load_steps(&self, id: &RunId) -> Result<Vec<StepRecord>> {
         let steps: Vec<StepRow> = sqlx::query_as(
             "SELECT position, name, status, attempts, timeout_ms, max_attempts, message, output, first_attempt_at, \
              last_attempt_at, finished_at, passed_after_ms FROM steps WHERE run_id = $1 ORDER BY position",
@@ -305,11 +310,27 @@ impl Store {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        run.steps = steps
-            .into_iter()
-            .map(StepRow::into_record)
-            .collect::<Result<_>>()?;
-        Ok(Some(run))
+        steps.into_iter().map(StepRow::into_record).collect()
+    }
+
+    /// What a tick needs: the run with its steps, and its plugin's current grant (`None` if
+    /// the plugin no longer exists), in two queries.
+    pub async fn load_tick(&self, id: &RunId) -> Result<Option<(RunRecord, Option<String>)>> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS}, grant_toml FROM runs LEFT JOIN plugins ON plugins.name = runs.plugin_name \
+             WHERE runs.id = $1"
+        );
+        let Some(row) = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let grant_toml: Option<String> = row.try_get("grant_toml")?;
+        let mut run = RunRow::from_row(&row)?.into_record()?;
+        run.steps = self.load_steps(id).await?;
+        Ok(Some((run, grant_toml)))
     }
 
     /// Runs newest first, without their steps.
@@ -467,8 +488,9 @@ impl Store {
 
     /// Writes one step's result, its attempt and the run's new state atomically, only if
     /// `lease_token` is still current, the run unfinished and the step not yet decided;
-    /// otherwise nothing is written and `Error::LeaseLost` is returned. On SQLite, writes from
-    /// concurrent ticks share one commit (group commit), each in a savepoint of its own.
+    /// otherwise nothing is written and `Error::LeaseLost` is returned (`Error::Conflict` if
+    /// the step was already decided, which a held lease rules out). On SQLite, writes from
+    /// concurrent ticks share one commit (group commit).
     pub async fn record_tick(&self, write: TickWrite) -> Result<()> {
         match &self.ticks {
             Some(ticks) => ticks.submit(write).await,
@@ -477,8 +499,8 @@ impl Store {
     }
 }
 
-/// Writes ticks in one transaction, each in a savepoint so that a lost lease undoes only its
-/// own write. If the transaction fails, one transaction per tick.
+/// Writes ticks in one transaction. If that fails, one transaction per tick, so that each
+/// gets its own answer.
 async fn write_ticks(pool: &AnyPool, backend: Backend, writes: Vec<TickWrite>) -> Vec<Result<()>> {
     if writes.len() == 1 {
         return vec![write_tick_alone(pool, backend, &writes[0]).await];
@@ -487,16 +509,11 @@ async fn write_ticks(pool: &AnyPool, backend: Backend, writes: Vec<TickWrite>) -
         let mut transaction = pool.begin().await?;
         let mut results = Vec::with_capacity(writes.len());
         for write in &writes {
-            let mut savepoint = sqlx::Connection::begin(&mut *transaction).await?;
-            match apply_tick(&mut savepoint, backend, write).await {
-                Ok(()) => {
-                    savepoint.commit().await?;
-                    results.push(Ok(()));
-                }
-                Err(Error::LeaseLost(id)) => {
-                    savepoint.rollback().await?;
-                    results.push(Err(Error::LeaseLost(id)));
-                }
+            // A lost lease is found by the first statement, before anything is written, so it
+            // leaves the transaction clean; any other error abandons the batch.
+            match apply_tick(&mut transaction, backend, write).await {
+                Ok(()) => results.push(Ok(())),
+                Err(Error::LeaseLost(id)) => results.push(Err(Error::LeaseLost(id))),
                 Err(error) => return Err(error),
             }
         }
@@ -523,6 +540,8 @@ async fn write_tick_alone(pool: &AnyPool, backend: Backend, write: &TickWrite) -
     Ok(())
 }
 
+/// One tick's writes inside the caller's transaction: the run (fenced by the lease token,
+/// first, so that a lost lease is found before anything is written), the attempt, the step.
 async fn apply_tick(
     transaction: &mut AnyConnection,
     backend: Backend,
@@ -573,17 +592,6 @@ async fn apply_tick(
         .bind(write.node.as_str())
         .execute(&mut *transaction)
         .await?;
-        sqlx::query(
-            "UPDATE steps SET attempts = $1, first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $3 \
-             WHERE run_id = $4 AND position = $5",
-        )
-        .bind(i64::from(attempt.attempt))
-        .bind(attempt.started_at)
-        .bind(attempt.started_at)
-        .bind(write.run_id.as_str())
-        .bind(step.position as i64)
-        .execute(&mut *transaction)
-        .await?;
     }
     let step_finished_at = matches!(
         step.status,
@@ -591,21 +599,30 @@ async fn apply_tick(
     )
     .then_some(write.now);
     // A step's terminal result is written once: a step already finished is never updated.
+    // The attempt columns change only when a call was made.
+    let attempt = write.attempt.as_ref();
     let updated = sqlx::query(
-        "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, finished_at = $5 \
-         WHERE run_id = $6 AND position = $7 AND status IN ('waiting', 'pending')",
+        "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, finished_at = $5, \
+         attempts = COALESCE($6, attempts), first_attempt_at = COALESCE(first_attempt_at, $7), \
+         last_attempt_at = COALESCE($7, last_attempt_at) \
+         WHERE run_id = $8 AND position = $9 AND status IN ('waiting', 'pending')",
     )
     .bind(step.status.as_str())
     .bind(step.message.as_deref())
     .bind(step.output.as_deref())
     .bind(step.passed_after_ms)
     .bind(step_finished_at)
+    .bind(attempt.map(|attempt| i64::from(attempt.attempt)))
+    .bind(attempt.map(|attempt| attempt.started_at))
     .bind(write.run_id.as_str())
     .bind(step.position as i64)
     .execute(&mut *transaction)
     .await?;
     if updated.rows_affected() == 0 {
-        return Err(Error::LeaseLost(write.run_id.clone()));
+        // Unreachable while the lease is ours; after the run update, so not a clean refusal.
+        return Err(Error::Conflict {
+            constraint: "steps.status".into(),
+        });
     }
     if step.skip_rest {
         sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2")

@@ -163,6 +163,16 @@ text_enum!(
     }
 );
 
+impl StepStatus {
+    /// A result was recorded: the step ran to a verdict (not `skipped`, which it never did).
+    pub fn is_decided(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
+        )
+    }
+}
+
 text_enum!(
     /// What one call of `run-step` came to. `Errored` is a plugin fault (trap, limit, bad
     /// output); the other three are the check's own answer.

@@ -593,11 +593,7 @@ async fn apply_tick(
         .execute(&mut *transaction)
         .await?;
     }
-    let step_finished_at = matches!(
-        step.status,
-        StepStatus::Passed | StepStatus::Failed | StepStatus::Errored | StepStatus::TimedOut
-    )
-    .then_some(write.now);
+    let step_finished_at = step.status.is_decided().then_some(write.now);
     // A step's terminal result is written once: a step already finished is never updated.
     // The attempt columns change only when a call was made.
     let attempt = write.attempt.as_ref();

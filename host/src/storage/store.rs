@@ -417,15 +417,7 @@ impl Store {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>> {
-        let db_now = self.backend.now_sql();
-        let skip_locked = self.backend.skip_locked();
-        let sql = format!(
-            "UPDATE runs SET lease_owner = $1, lease_expires_at = {db_now} + $2, lease_token = lease_token + 1 \
-             WHERE id IN (SELECT id FROM runs WHERE next_tick_at IS NOT NULL AND next_tick_at <= $3 \
-                          AND (lease_expires_at IS NULL OR lease_expires_at <= {db_now}) \
-                          ORDER BY next_tick_at LIMIT $4{skip_locked}) \
-             RETURNING id, lease_token, next_tick_at"
-        );
+        let sql = self.claim_sql("runs", "next_tick_at", "", "id, lease_token, next_tick_at");
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
             .bind(owner)
             .bind(lease_ms)
@@ -442,6 +434,22 @@ impl Store {
                 due_at,
             })
             .collect())
+    }
+
+    /// The lease claim that runs and schedules share: rows of `table` due by `$3` (in the
+    /// `due` column) and passing `filter`, whose lease is free or expired by the database's
+    /// clock, earliest first, at most `$4`, leased to `$1` for `$2` ms by that clock with a
+    /// new fencing token.
+    fn claim_sql(&self, table: &str, due: &str, filter: &str, returning: &str) -> String {
+        let db_now = self.backend.now_sql();
+        let skip_locked = self.backend.skip_locked();
+        format!(
+            "UPDATE {table} SET lease_owner = $1, lease_expires_at = {db_now} + $2, lease_token = lease_token + 1 \
+             WHERE id IN (SELECT id FROM {table} WHERE {due} IS NOT NULL AND {due} <= $3{filter} \
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= {db_now}) \
+                          ORDER BY {due} LIMIT $4{skip_locked}) \
+             RETURNING {returning}"
+        )
     }
 
     /// Extends a lease held with `lease_token` to `lease_ms` from now by the database's clock.
@@ -966,14 +974,11 @@ impl Store {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedSchedule>> {
-        let db_now = self.backend.now_sql();
-        let skip_locked = self.backend.skip_locked();
-        let sql = format!(
-            "UPDATE schedules SET lease_owner = $1, lease_expires_at = {db_now} + $2, lease_token = lease_token + 1 \
-             WHERE id IN (SELECT id FROM schedules WHERE next_due_at IS NOT NULL AND paused = 0 \
-                          AND next_due_at <= $3 AND (lease_expires_at IS NULL OR lease_expires_at <= {db_now}) \
-                          ORDER BY next_due_at LIMIT $4{skip_locked}) \
-             RETURNING id, lease_token"
+        let sql = self.claim_sql(
+            "schedules",
+            "next_due_at",
+            " AND paused = 0",
+            "id, lease_token",
         );
         let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
             .bind(owner)

@@ -23,7 +23,7 @@ mod cluster;
 
 #[cfg(not(postgres_suite))]
 #[test]
-fn postgres_suite() {
+fn postgres_suite_skipped_as_stepwise_test_postgres_url_is_unset() {
     eprintln!(
         "SKIPPED: the suite on PostgreSQL and the cluster tests; set STEPWISE_TEST_POSTGRES_URL \
          (e.g. postgres://postgres@127.0.0.1:5432/postgres) to run them"

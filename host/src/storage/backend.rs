@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::PgListener;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AnyConnection, AnyPool, Connection, Executor};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 
 use super::{Change, Result};
 use crate::model::{PluginVersion, RunId};
@@ -96,18 +96,18 @@ impl Backend {
         self == Backend::Sqlite
     }
 
-    /// Tells the other nodes about `change` when the current transaction commits (nothing if
-    /// it rolls back). SQLite has no other nodes.
-    pub(super) async fn notify(
+    /// Tells the other nodes about `change`: when the transaction commits if `executor` is one
+    /// (nothing if it rolls back), at once on the pool. SQLite has no other nodes.
+    pub(super) async fn notify<'c>(
         self,
-        connection: &mut AnyConnection,
+        executor: impl Executor<'c, Database = Any>,
         change: &Change,
     ) -> Result<()> {
         if self == Backend::Postgres {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(change.to_payload())
-                .execute(connection)
+                .execute(executor)
                 .await?;
         }
         Ok(())

@@ -29,20 +29,17 @@ impl<W: Send + 'static, R: Send + 'static> GroupCommit<W, R> {
     {
         let (sender, mut receiver) = mpsc::unbounded_channel::<Request<W, R>>();
         tokio::spawn(async move {
-            let mut items = Vec::with_capacity(MAX_BATCH);
-            let mut replies = Vec::with_capacity(MAX_BATCH);
             while let Some((item, reply)) = receiver.recv().await {
-                items.push(item);
-                replies.push(reply);
+                let (mut items, mut replies) = (vec![item], vec![reply]);
                 while items.len() < MAX_BATCH
                     && let Ok((item, reply)) = receiver.try_recv()
                 {
                     items.push(item);
                     replies.push(reply);
                 }
-                let results = write(std::mem::take(&mut items)).await;
+                let results = write(items).await;
                 debug_assert_eq!(results.len(), replies.len());
-                for (reply, result) in replies.drain(..).zip(results) {
+                for (reply, result) in replies.into_iter().zip(results) {
                     // The requester may have gone (a client hung up); the write stands.
                     let _ = reply.send(result);
                 }

@@ -67,10 +67,6 @@ impl Store {
         })
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     /// Changes other nodes make, for a database that several nodes share; `None` for SQLite.
     pub async fn listen(&self) -> Result<Option<Changes>> {
         match self.backend {
@@ -190,9 +186,8 @@ impl Store {
         .bind(now)
         .execute(&self.pool)
         .await?;
-        let mut connection = self.pool.acquire().await?;
         self.backend
-            .notify(&mut connection, &Change::PluginActivated(version.clone()))
+            .notify(&self.pool, &Change::PluginActivated(version.clone()))
             .await
     }
 
@@ -401,7 +396,7 @@ impl Store {
             .execute(&mut *transaction)
             .await?;
         self.backend
-            .notify(&mut transaction, &Change::RunCancelled(id.clone()))
+            .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
             .await?;
         transaction.commit().await?;
         let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
@@ -906,9 +901,8 @@ impl Store {
     }
 
     async fn schedules_changed(&self) -> Result<()> {
-        let mut connection = self.pool.acquire().await?;
         self.backend
-            .notify(&mut connection, &Change::SchedulesChanged)
+            .notify(&self.pool, &Change::SchedulesChanged)
             .await
     }
 
@@ -1059,7 +1053,7 @@ impl Store {
         }
         if started > 0 {
             self.backend
-                .notify(&mut transaction, &Change::RunsQueued)
+                .notify(&mut *transaction, &Change::RunsQueued)
                 .await?;
         }
         transaction.commit().await?;
@@ -1316,7 +1310,7 @@ async fn write_runs_together(pool: &AnyPool, backend: Backend, runs: &[NewRun]) 
     let mut transaction = pool.begin().await?;
     insert_runs(&mut transaction, runs).await?;
     backend
-        .notify(&mut transaction, &Change::RunsQueued)
+        .notify(&mut *transaction, &Change::RunsQueued)
         .await?;
     transaction.commit().await?;
     Ok(())

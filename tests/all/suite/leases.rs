@@ -2,8 +2,6 @@
 //! claimed again (whatever the claiming node's clock says), an expired one is, and the node
 //! that lost it can neither renew it nor write a result.
 
-use std::time::Duration;
-
 use serde_json::json;
 use stepwise_host::model::{AttemptOutcome, RunId, RunStatus, StepStatus, now_millis};
 use stepwise_host::storage::{self, ClaimedRun, NewAttempt, RunWrite, StepWrite, Store, TickWrite};
@@ -95,7 +93,6 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off() {
             .claim_due_runs("node-b", now_millis(), 60_000, 10)
             .await
             .expect("claiming");
-        tokio::time::sleep(Duration::from_millis(20)).await;
         claims.into_iter().next()
     })
     .await

@@ -5,8 +5,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::auth::CreateError;
 use crate::config::{ServeArgs, Settings};
-use crate::model::{Limits, PluginName, PluginVersion};
+use crate::model::{Limits, PluginName, PluginVersion, Role};
+use crate::storage::{AuditEntry, Store};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
@@ -40,6 +42,9 @@ enum Command {
         junit: Option<std::path::PathBuf>,
         #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// Bearer token for a server that runs with `--auth tokens` (role runner or above).
+        #[arg(long, env = "STEPWISE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Run a plugin file locally to the end, printing every call (no server, no database).
     /// The grant is `<file>.toml` beside it, if any. Exit 0 on passed, 1 on failed or
@@ -57,6 +62,49 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Manage API tokens in the server's database (the same --data-dir, --database-url and
+    /// --config as `serve`; works while the server runs).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret, once, as the last line.
+    Create {
+        /// viewer, runner, publisher or admin; each includes the ones before it.
+        #[arg(long)]
+        role: String,
+        /// A name for the token ([a-z0-9][a-z0-9._-]{0,62}); default: the role and a random
+        /// suffix.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// List tokens: name, role, when and by whom they were created (never the secrets).
+    List {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Revoke a token: every node refuses it from the next request on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+impl TokenCommand {
+    fn serve_args(&self) -> &ServeArgs {
+        match self {
+            TokenCommand::Create { serve, .. }
+            | TokenCommand::List { serve }
+            | TokenCommand::Revoke { serve, .. } => serve,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -88,7 +136,16 @@ pub fn main() -> ExitCode {
             wait,
             junit,
             server,
-        } => runtime.block_on(run(&server, &plugin, &params, wait, junit.as_deref())),
+            token,
+        } => runtime.block_on(run(
+            &server,
+            token.as_deref(),
+            &plugin,
+            &params,
+            wait,
+            junit.as_deref(),
+        )),
+        Command::Token { command } => runtime.block_on(token(command)),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),
@@ -144,6 +201,7 @@ async fn dev(
         data_dir: None,
         database_url: None,
         config,
+        auth: None,
     })?;
     let outcome = crate::dev::run_file(file, &params, &settings, &mut std::io::stdout()).await?;
     Ok(ExitCode::from(crate::dev::exit_code(outcome)))
@@ -201,6 +259,69 @@ async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Who the audit log names for changes made with `stepwise token`.
+const CLI_ACTOR: &str = "cli";
+
+async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let settings = Settings::from_args(command.serve_args())?;
+    if settings.database_url == Settings::for_data_dir(&settings.data_dir).database_url {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    }
+    let store = Store::open(&settings.database_url)
+        .await
+        .with_context(|| format!("opening database {}", settings.database_url))?;
+    match command {
+        TokenCommand::Create { role, name, .. } => {
+            let role = Role::parse(&role).map_err(anyhow::Error::msg)?;
+            let token = match crate::auth::create_token(&store, name, role, CLI_ACTOR).await {
+                Ok(token) => token,
+                Err(CreateError::InvalidName(message)) => anyhow::bail!(message),
+                Err(CreateError::Taken(name)) => {
+                    anyhow::bail!(
+                        "a token named {name:?} exists; revoke it first or pick another name"
+                    )
+                }
+                Err(CreateError::Other(error)) => return Err(error),
+            };
+            println!(
+                "created token {:?} with role {role}; it is shown once, here:",
+                token.stored.name
+            );
+            println!("{}", token.secret);
+        }
+        TokenCommand::List { .. } => {
+            let tokens = store.list_tokens().await?;
+            if tokens.is_empty() {
+                println!("no tokens");
+            }
+            for token in tokens {
+                let created =
+                    std::time::UNIX_EPOCH + Duration::from_millis(token.created_at.max(0) as u64);
+                println!(
+                    "{:<24} {:<10} created {} by {}",
+                    token.name,
+                    token.role,
+                    humantime::format_rfc3339_seconds(created),
+                    token.created_by
+                );
+            }
+        }
+        TokenCommand::Revoke { name, .. } => {
+            let audit =
+                AuditEntry::new(CLI_ACTOR, "token.revoke", &name, crate::model::now_millis());
+            match store.revoke_token(&name, &audit).await {
+                Ok(()) => println!("revoked token {name:?}"),
+                Err(crate::storage::Error::NotFound) => {
+                    anyhow::bail!("no token named {name:?} (see `stepwise token list`)")
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn stop_on_signal(shutdown: CancellationToken) {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -224,13 +345,24 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 async fn run(
     server: &str,
+    token: Option<&str>,
     plugin: &str,
     params: &str,
     wait: bool,
     junit: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
-    let client = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("STEPWISE_TOKEN is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")?;
     let server = server.trim_end_matches('/');
     let response = client
         .post(format!("{server}/v1/runs"))

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::model::{AllowedHost, Grant, LimitOverrides, Limits};
+use crate::model::{AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Policy};
 use crate::storage::Backend;
 
 /// Flags of `stepwise serve`; each has its env var.
@@ -30,6 +30,39 @@ pub struct ServeArgs {
     /// Optional `stepwise.toml`.
     #[arg(long, env = "STEPWISE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// `tokens`: every /v1 call needs a bearer token (`stepwise token create`). `none`: no
+    /// authentication, refused unless the listen address is loopback. Default: `none` on a
+    /// loopback address, `tokens` on any other.
+    #[arg(long, env = "STEPWISE_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+}
+
+/// Whether the API asks who is calling (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Bearer tokens with roles.
+    Tokens,
+    /// Everyone who can connect is an admin: only for a loopback listen address.
+    None,
+}
+
+impl AuthMode {
+    /// The mode to use when none is configured, and whether `configured` may serve on
+    /// `listen`.
+    pub fn resolve(configured: Option<AuthMode>, listen: SocketAddr) -> anyhow::Result<AuthMode> {
+        let loopback = listen.ip().is_loopback();
+        match configured {
+            Some(AuthMode::None) if !loopback => anyhow::bail!(
+                "--auth none is refused on {listen}: without tokens anyone who can reach that \
+                 address could upload code and grant it capabilities. Listen on a loopback \
+                 address (127.0.0.1) or use --auth tokens with a token from `stepwise token create`"
+            ),
+            Some(mode) => Ok(mode),
+            None if loopback => Ok(AuthMode::None),
+            None => Ok(AuthMode::Tokens),
+        }
+    }
 }
 
 /// The keys `stepwise.toml` may hold. Unknown keys are errors.
@@ -44,10 +77,26 @@ struct FileConfig {
     default_run_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
+    auth: Option<AuthMode>,
+    /// Where clients reach this server (behind a proxy, under a name): their hosts are the
+    /// `Host` headers the API accepts besides the listen address.
+    #[serde(default)]
+    public_urls: Vec<String>,
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
     sources: BTreeMap<String, SourceFile>,
+    policy: Option<PolicyFile>,
+}
+
+/// `[policy]`: the ceilings every grant must stay within.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    allowed_hosts: Option<Vec<String>>,
+    sql_sources: Option<Vec<String>>,
+    #[serde(default)]
+    max_limits: LimitsFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +171,12 @@ pub struct Settings {
     /// Size of a plugin upload (`PUT /v1/plugins/{name}`); Python and JS components are
     /// 12-40 MB.
     pub upload_limit_bytes: usize,
+    pub auth: AuthMode,
+    /// `host[:port]` of each `public_urls` entry (lowercase; the scheme's port when none is
+    /// given): `Host` headers accepted besides the listen address.
+    pub public_hosts: Vec<String>,
+    /// The operator's ceilings on grants.
+    pub policy: Policy,
 }
 
 impl Settings {
@@ -144,6 +199,9 @@ impl Settings {
             scheduler_backstop: Duration::from_secs(1),
             body_limit_bytes: 1 << 20,
             upload_limit_bytes: 64 << 20,
+            auth: AuthMode::None,
+            public_hosts: Vec::new(),
+            policy: Policy::default(),
         }
     }
 
@@ -206,6 +264,21 @@ impl Settings {
                 (name, config)
             })
             .collect();
+        settings.auth = AuthMode::resolve(args.auth.or(file.auth), settings.listen)?;
+        settings.public_hosts = file
+            .public_urls
+            .iter()
+            .map(|url| public_host(url))
+            .collect::<anyhow::Result<_>>()?;
+        if let Some(policy) = file.policy {
+            settings.policy = parse_policy(policy, &settings, &file.limits.overrides())?;
+            // A default the operator did not set is lowered to the ceiling; one they set
+            // above it was refused by `parse_policy`.
+            let ceiling = settings.limits.with_overrides(&settings.policy.max_limits);
+            settings.limits = settings
+                .limits
+                .capped_by(&ceiling, &settings.policy.max_limits);
+        }
         Ok(settings)
     }
 
@@ -217,6 +290,69 @@ impl Settings {
     pub fn artifacts_dir(&self) -> PathBuf {
         self.data_dir.join("cache").join("compiled")
     }
+}
+
+/// The `host[:port]` a client sends as `Host` when it uses `url`.
+fn public_host(url: &str) -> anyhow::Result<String> {
+    let invalid = || {
+        anyhow::anyhow!(
+            "public_urls entry {url:?} must be an http:// or https:// URL, such as https://stepwise.example.com"
+        )
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(invalid)?;
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(invalid()),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let entry = AllowedHost::parse(&format!("{scheme}://{authority}")).map_err(|_| invalid())?;
+    let host = if entry.host.contains(':') {
+        format!("[{}]", entry.host)
+    } else {
+        entry.host
+    };
+    Ok(if entry.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", entry.port)
+    })
+}
+
+fn parse_policy(
+    file: PolicyFile,
+    settings: &Settings,
+    configured_limits: &LimitOverrides,
+) -> anyhow::Result<Policy> {
+    let allowed_hosts = file
+        .allowed_hosts
+        .map(|patterns| {
+            patterns
+                .iter()
+                .map(|pattern| HostPattern::parse(pattern).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .transpose()?;
+    if let Some(sources) = &file.sql_sources {
+        for source in sources {
+            anyhow::ensure!(
+                settings.sources.contains_key(source),
+                "policy.sql_sources names {source:?}, which is not a [sources.{source}] of this config"
+            );
+        }
+    }
+    let policy = Policy {
+        allowed_hosts,
+        sql_sources: file.sql_sources,
+        max_limits: file.max_limits.overrides(),
+    };
+    let ceiling = settings.limits.with_overrides(&policy.max_limits);
+    if let Some((key, value, max)) = settings.limits.first_above(&ceiling, configured_limits) {
+        anyhow::bail!(
+            "limits.{key} = {value} is above policy.max_limits.{key} = {max}: the host's own default may not exceed the operator's ceiling"
+        );
+    }
+    Ok(policy)
 }
 
 fn default_database_url(data_dir: &Path) -> String {
@@ -303,5 +439,57 @@ mod tests {
             toml::from_str("[sources.warehouse]\nurl = \"sqlite://x.db\"\nread_only = true\n")
                 .expect("valid config");
         assert!(file.sources["warehouse"].read_only);
+    }
+
+    fn settings_from(text: &str) -> anyhow::Result<Settings> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("stepwise.toml");
+        std::fs::write(&path, text).expect("writing config");
+        Settings::from_args(&ServeArgs {
+            listen: None,
+            data_dir: Some(dir.path().to_owned()),
+            database_url: None,
+            config: Some(path),
+            auth: None,
+        })
+    }
+
+    #[test]
+    fn auth_defaults_to_tokens_off_loopback_and_refuses_none_there() {
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let public: SocketAddr = "0.0.0.0:8080".parse().expect("address");
+        assert_eq!(AuthMode::resolve(None, loopback).ok(), Some(AuthMode::None));
+        assert_eq!(AuthMode::resolve(None, public).ok(), Some(AuthMode::Tokens));
+        assert_eq!(
+            AuthMode::resolve(Some(AuthMode::Tokens), loopback).ok(),
+            Some(AuthMode::Tokens)
+        );
+        let refused = AuthMode::resolve(Some(AuthMode::None), public).expect_err("refused");
+        assert!(refused.to_string().contains("--auth tokens"), "{refused}");
+        let settings = settings_from("listen = \"0.0.0.0:0\"").expect("valid");
+        assert_eq!(settings.auth, AuthMode::Tokens);
+    }
+
+    #[test]
+    fn policy_ceilings_are_checked_against_the_host_defaults() {
+        let settings = settings_from(
+            "public_urls = [\"https://Stepwise.Example.com/\", \"http://10.0.0.1:8081\"]\n\
+             [policy]\nallowed_hosts = [\"*.example.com:443\"]\n[policy.max_limits]\nmemory_mib = 32\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            settings.public_hosts,
+            ["stepwise.example.com", "10.0.0.1:8081"]
+        );
+        assert_eq!(settings.limits.memory_bytes, 32 << 20, "default lowered");
+        let error =
+            settings_from("[limits]\nmemory_mib = 64\n[policy.max_limits]\nmemory_mib = 32\n")
+                .expect_err("an explicit default above the ceiling");
+        assert!(error.to_string().contains("limits.memory_mib"), "{error}");
+        let error =
+            settings_from("[policy]\nsql_sources = [\"nowhere\"]\n").expect_err("unknown source");
+        assert!(error.to_string().contains("nowhere"), "{error}");
+        assert!(settings_from("[policy]\nallowed_hosts = [\"ex*ample.com\"]\n").is_err());
+        assert!(settings_from("public_urls = [\"stepwise.example.com\"]").is_err());
     }
 }

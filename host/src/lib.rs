@@ -4,6 +4,7 @@
 //! behind narrow methods that only `api`, `registry`, `scheduler` and `runner` call.
 
 pub mod api;
+pub mod auth;
 pub mod bindings;
 pub mod capabilities;
 pub mod cli;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
 use crate::capabilities::sql::SqlSources;
-use crate::config::Settings;
+use crate::config::{AuthMode, Settings};
 use crate::registry::Registry;
 use crate::runner::Runner;
 use crate::runtime::Runtime;
@@ -42,6 +43,9 @@ pub async fn serve(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let address = listener.local_addr().context("reading the bound address")?;
+    // Checked again here with the address actually bound: `Settings` may not come from flags.
+    AuthMode::resolve(Some(settings.auth), address)?;
     let settings = Arc::new(settings);
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
@@ -66,10 +70,10 @@ pub async fn serve(
         settings.clone(),
         wakeup.clone(),
         schedule_wakeup.clone(),
+        address,
     );
 
-    let address = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), "stepwise listening on http://{address}");
+    tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), auth = ?settings.auth, "stepwise listening on http://{address}");
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(
         axum::serve(listener, api::router(state.clone()))

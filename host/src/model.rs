@@ -280,6 +280,229 @@ impl AllowedHost {
     }
 }
 
+/// What a caller of the API may do (SPEC §10). Each role includes the ones before it, so the
+/// derived order is the order of power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Every `GET`.
+    Viewer,
+    /// Also triggers and cancels runs and manages schedules.
+    Runner,
+    /// Also uploads plugin bytes and activates versions.
+    Publisher,
+    /// Also sets grants, manages tokens and reads the audit log.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Viewer, Role::Runner, Role::Publisher, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Runner => "runner",
+            Role::Publisher => "publisher",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == text)
+            .ok_or_else(|| format!("role {text:?} must be one of viewer, runner, publisher, admin"))
+    }
+
+    /// Whether a caller with this role may do what `needed` allows.
+    pub fn includes(self, needed: Role) -> bool {
+        self >= needed
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An API token's name: `[a-z0-9][a-z0-9._-]{0,62}`, so that it is safe in logs, the audit log
+/// and the idempotency scope.
+pub fn parse_token_name(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if first_ok && rest_ok && name.len() <= 63 {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "token name {name:?} must match [a-z0-9][a-z0-9._-]{{0,62}}"
+        ))
+    }
+}
+
+/// One `allowed_hosts` pattern of the operator's `[policy]`: `[scheme://]host[:port]`, where
+/// the host may be `*` (any host) or `*.example.com` (any name under example.com, not
+/// example.com itself), and the port may be `*`. A missing port means any port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    scheme: Option<String>,
+    host: HostMatch,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostMatch {
+    Any,
+    /// Names ending in `.suffix`.
+    Subdomains(String),
+    Exact(String),
+}
+
+impl HostPattern {
+    pub fn parse(pattern: &str) -> Result<HostPattern, String> {
+        let invalid = || {
+            format!(
+                "policy allowed_hosts pattern {pattern:?} must be [scheme://]host[:port], where host may be * or *.domain and port may be *"
+            )
+        };
+        let (scheme, rest) = match pattern.split_once("://") {
+            Some((scheme, rest)) => {
+                let scheme = scheme.to_ascii_lowercase();
+                if scheme != "http" && scheme != "https" {
+                    return Err(invalid());
+                }
+                (Some(scheme), rest)
+            }
+            None => (None, pattern),
+        };
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or_else(invalid)?;
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or_else(invalid)?)),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        let port = match port {
+            None | Some("*") => None,
+            Some(port) => Some(port.parse::<u16>().map_err(|_| invalid())?),
+        };
+        let host = host.to_ascii_lowercase();
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            return Err(invalid());
+        }
+        let host = if host == "*" {
+            HostMatch::Any
+        } else if let Some(suffix) = host.strip_prefix("*.") {
+            if suffix.is_empty() || suffix.contains('*') {
+                return Err(invalid());
+            }
+            HostMatch::Subdomains(suffix.to_owned())
+        } else if host.contains('*') {
+            return Err(invalid());
+        } else {
+            HostMatch::Exact(host)
+        };
+        Ok(HostPattern { scheme, host, port })
+    }
+
+    /// Whether every request `entry` allows is one this pattern allows too.
+    pub fn covers(&self, entry: &AllowedHost) -> bool {
+        let scheme_ok = match (&self.scheme, &entry.scheme) {
+            (None, _) => true,
+            (Some(pattern), Some(entry)) => pattern == entry,
+            // The entry allows both schemes; the pattern only one.
+            (Some(_), None) => false,
+        };
+        let host_ok = match &self.host {
+            HostMatch::Any => true,
+            HostMatch::Exact(host) => *host == entry.host,
+            HostMatch::Subdomains(suffix) => entry
+                .host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
+        };
+        scheme_ok && host_ok && self.port.is_none_or(|port| port == entry.port)
+    }
+}
+
+/// The operator's ceilings on grants (`[policy]` in `stepwise.toml`). `None` means no ceiling
+/// of that kind.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    pub allowed_hosts: Option<Vec<HostPattern>>,
+    pub sql_sources: Option<Vec<String>>,
+    pub max_limits: LimitOverrides,
+}
+
+impl Policy {
+    /// The first part of `grant` beyond the ceilings, as the grant key that names it and why.
+    pub fn violation(&self, grant: &Grant, host_limits: &Limits) -> Option<(String, String)> {
+        if let Some(patterns) = &self.allowed_hosts {
+            for entry in &grant.allowed_hosts {
+                let covered = AllowedHost::parse(entry)
+                    .is_ok_and(|parsed| patterns.iter().any(|pattern| pattern.covers(&parsed)));
+                if !covered {
+                    return Some((
+                        "allowed_hosts".to_owned(),
+                        format!(
+                            "allowed_hosts entry {entry:?} is outside the operator's policy (policy.allowed_hosts)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(sources) = &self.sql_sources {
+            for source in &grant.sql_sources {
+                if !sources.contains(source) {
+                    return Some((
+                        "sql_sources".to_owned(),
+                        format!(
+                            "sql source {source:?} is outside the operator's policy (policy.sql_sources)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let granted = host_limits.with_overrides(&grant.limits);
+        let ceiling = host_limits.with_overrides(&self.max_limits);
+        granted
+            .first_above(&ceiling, &self.max_limits)
+            .map(|(key, granted, ceiling)| {
+                (
+                    format!("limits.{key}"),
+                    format!("limits.{key} = {granted} is above the operator's ceiling of {ceiling} (policy.max_limits)"),
+                )
+            })
+    }
+
+    /// `grant` cut down to the ceilings: what a run may use even if the grant was stored
+    /// before the policy was tightened.
+    pub fn confine(&self, mut grant: Grant, host_limits: &Limits) -> (Grant, Limits) {
+        if let Some(patterns) = &self.allowed_hosts {
+            grant.allowed_hosts.retain(|entry| {
+                AllowedHost::parse(entry)
+                    .is_ok_and(|parsed| patterns.iter().any(|pattern| pattern.covers(&parsed)))
+            });
+        }
+        if let Some(sources) = &self.sql_sources {
+            grant.sql_sources.retain(|source| sources.contains(source));
+        }
+        let limits = host_limits.with_overrides(&grant.limits).capped_by(
+            &host_limits.with_overrides(&self.max_limits),
+            &self.max_limits,
+        );
+        (grant, limits)
+    }
+}
+
 /// Sandbox limits of SPEC §7; the config sets defaults and a grant may override each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -367,6 +590,52 @@ impl Limits {
                 .unwrap_or(self.http_requests_per_run),
         }
     }
+}
+
+macro_rules! limit_comparisons {
+    ($($field:ident: $key:literal => |$value:ident: $ty:ty| $shown:expr,)+) => {
+        impl Limits {
+            /// The first limit (as its config key, with both values as configured) that is
+            /// above `ceiling`, among those `capped` names.
+            pub fn first_above(
+                &self,
+                ceiling: &Limits,
+                capped: &LimitOverrides,
+            ) -> Option<(&'static str, String, String)> {
+                $(
+                    if capped.$field.is_some() && self.$field > ceiling.$field {
+                        let shown = |$value: $ty| $shown.to_string();
+                        return Some(($key, shown(self.$field), shown(ceiling.$field)));
+                    }
+                )+
+                None
+            }
+
+            /// Each limit that `capped` names, lowered to `ceiling` where it is above it.
+            pub fn capped_by(mut self, ceiling: &Limits, capped: &LimitOverrides) -> Limits {
+                $(
+                    if capped.$field.is_some() && self.$field > ceiling.$field {
+                        self.$field = ceiling.$field;
+                    }
+                )+
+                self
+            }
+        }
+    };
+}
+
+limit_comparisons! {
+    call_timeout: "step_timeout_ms" => |value: Duration| value.as_millis(),
+    memory_bytes: "memory_mib" => |value: u64| value >> 20,
+    output_bytes: "output_bytes" => |value: usize| value,
+    http_response_bytes: "http_response_bytes" => |value: usize| value,
+    http_timeout: "http_timeout_ms" => |value: Duration| value.as_millis(),
+    sql_rows: "sql_rows" => |value: usize| value,
+    sql_timeout: "sql_timeout_ms" => |value: Duration| value.as_millis(),
+    max_errors: "max_errors" => |value: u32| value,
+    table_elements: "table_elements" => |value: usize| value,
+    instances: "instances" => |value: usize| value,
+    http_requests_per_run: "http_requests_per_run" => |value: u32| value,
 }
 
 /// When a schedule fires (SPEC §2): a cron expression in a time zone, a fixed interval, or
@@ -485,5 +754,71 @@ mod tests {
         let limits = Limits::default().with_overrides(&overrides);
         assert_eq!(limits.memory_bytes, 1 << 20);
         assert_eq!(limits.call_timeout, Limits::default().call_timeout);
+    }
+
+    #[test]
+    fn policy_patterns_cover_only_what_they_name() {
+        let entry = |text: &str| AllowedHost::parse(text).expect("valid entry");
+        let subdomains = HostPattern::parse("https://*.example.com").expect("valid");
+        assert!(subdomains.covers(&entry("https://api.example.com")));
+        assert!(subdomains.covers(&entry("https://a.b.example.com:8443")));
+        assert!(!subdomains.covers(&entry("https://example.com")));
+        assert!(!subdomains.covers(&entry("https://evilexample.com")));
+        assert!(
+            !subdomains.covers(&entry("api.example.com:443")),
+            "both schemes"
+        );
+        let port = HostPattern::parse("127.0.0.1:9000").expect("valid");
+        assert!(port.covers(&entry("127.0.0.1:9000")));
+        assert!(!port.covers(&entry("127.0.0.1:9001")));
+        assert!(
+            HostPattern::parse("*")
+                .expect("valid")
+                .covers(&entry("[::1]:1"))
+        );
+        for invalid in ["", "ftp://x", "a*b.com", "*.", "x:port"] {
+            assert!(HostPattern::parse(invalid).is_err(), "{invalid}");
+        }
+
+        let policy = Policy {
+            allowed_hosts: Some(vec![port]),
+            sql_sources: Some(vec!["warehouse".into()]),
+            max_limits: LimitOverrides {
+                memory_bytes: Some(16 << 20),
+                ..LimitOverrides::default()
+            },
+        };
+        let grant = Grant {
+            allowed_hosts: vec!["127.0.0.1:9000".into(), "evil.example:80".into()],
+            sql_sources: vec!["warehouse".into(), "other".into()],
+            limits: LimitOverrides {
+                memory_bytes: Some(64 << 20),
+                max_errors: Some(9),
+                ..LimitOverrides::default()
+            },
+            ..Grant::default()
+        };
+        let (key, _) = policy
+            .violation(&grant, &Limits::default())
+            .expect("beyond the policy");
+        assert_eq!(key, "allowed_hosts");
+        let (confined, limits) = policy.confine(grant, &Limits::default());
+        assert_eq!(confined.allowed_hosts, ["127.0.0.1:9000"]);
+        assert_eq!(confined.sql_sources, ["warehouse"]);
+        assert_eq!(limits.memory_bytes, 16 << 20);
+        assert_eq!(limits.max_errors, 9, "no ceiling on max_errors");
+        let within = Grant {
+            limits: LimitOverrides {
+                memory_bytes: Some(32 << 20),
+                ..LimitOverrides::default()
+            },
+            ..Grant::default()
+        };
+        assert_eq!(
+            policy
+                .violation(&within, &Limits::default())
+                .map(|(key, _)| key),
+            Some("limits.memory_mib".to_owned())
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stepwise_host::config::{Settings, SourceConfig};
+use stepwise_host::config::{AuthMode, ServeArgs, Settings, SourceConfig};
+use stepwise_host::model::Role;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,18 @@ pub struct Setup {
     pub plugins: Vec<PluginFile>,
     pub sources: BTreeMap<String, SourceConfig>,
     pub scheduling: Scheduling,
+    /// A `stepwise.toml` for the server, read the way `stepwise serve --config` reads it.
+    pub config: Option<String>,
+    pub auth: Option<AuthMode>,
+}
+
+/// What a server is started with, kept for its restarts and its other nodes.
+#[derive(Clone)]
+struct Boot {
+    sources: BTreeMap<String, SourceConfig>,
+    scheduling: Scheduling,
+    config: Option<String>,
+    auth: Option<AuthMode>,
 }
 
 /// How a node schedules; the defaults keep the suite fast.
@@ -70,6 +83,16 @@ impl Setup {
         self
     }
 
+    pub fn with_config(mut self, config: &str) -> Setup {
+        self.config = Some(config.to_owned());
+        self
+    }
+
+    pub fn with_auth(mut self, auth: AuthMode) -> Setup {
+        self.auth = Some(auth);
+        self
+    }
+
     pub fn with_source(mut self, name: &str, url: String, read_only: bool) -> Setup {
         self.sources
             .insert(name.to_owned(), SourceConfig { url, read_only });
@@ -82,8 +105,7 @@ pub struct TestServer {
     pub client: reqwest::Client,
     data_dir: Arc<TempDir>,
     database: Arc<TestDatabase>,
-    sources: BTreeMap<String, SourceConfig>,
-    scheduling: Scheduling,
+    boot: Boot,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -106,28 +128,27 @@ impl TestServer {
             .expect("writing a manifest");
         }
         let database = Arc::new(TestDatabase::create(data_dir.path()).await);
-        TestServer::boot(data_dir, database, setup.sources, setup.scheduling).await
+        let boot = Boot {
+            sources: setup.sources,
+            scheduling: setup.scheduling,
+            config: setup.config,
+            auth: setup.auth,
+        };
+        TestServer::boot(data_dir, database, boot).await
     }
 
     /// Another node on this server's database, with a data dir (and plugins dir) of its own.
     #[cfg_attr(not(postgres_suite), allow(dead_code))]
     pub async fn another_node(&self, scheduling: Scheduling) -> TestServer {
         let data_dir = Arc::new(tempfile::tempdir().expect("creating a temp dir"));
-        TestServer::boot(
-            data_dir,
-            self.database.clone(),
-            self.sources.clone(),
+        let boot = Boot {
             scheduling,
-        )
-        .await
+            ..self.boot.clone()
+        };
+        TestServer::boot(data_dir, self.database.clone(), boot).await
     }
 
-    async fn boot(
-        data_dir: Arc<TempDir>,
-        database: Arc<TestDatabase>,
-        sources: BTreeMap<String, SourceConfig>,
-        scheduling: Scheduling,
-    ) -> TestServer {
+    async fn boot(data_dir: Arc<TempDir>, database: Arc<TestDatabase>, boot: Boot) -> TestServer {
         // Through the test writer, so that only a failing test's server logs are shown.
         let filter = tracing_subscriber::EnvFilter::try_from_env("STEPWISE_LOG")
             .unwrap_or_else(|_| "info".into());
@@ -135,9 +156,31 @@ impl TestServer {
             .with_env_filter(filter)
             .with_test_writer()
             .try_init();
-        let mut settings = Settings::for_data_dir(data_dir.path());
-        settings.sources = sources.clone();
+        let mut settings = match &boot.config {
+            Some(text) => {
+                let path = data_dir.path().join("stepwise.toml");
+                std::fs::write(&path, text).expect("writing stepwise.toml");
+                Settings::from_args(&ServeArgs {
+                    listen: None,
+                    data_dir: Some(data_dir.path().to_owned()),
+                    database_url: Some(database.url.clone()),
+                    config: Some(path),
+                    auth: boot.auth,
+                })
+                .expect("a valid test config")
+            }
+            None => Settings::for_data_dir(data_dir.path()),
+        };
+        settings.sources.extend(
+            boot.sources
+                .iter()
+                .map(|(name, source)| (name.clone(), source.clone())),
+        );
         settings.database_url = database.url.clone();
+        if let Some(auth) = boot.auth {
+            settings.auth = auth;
+        }
+        let scheduling = boot.scheduling;
         // Short ticks keep the suite fast; the behaviour under test does not depend on them.
         settings.default_poll_interval = Duration::from_millis(100);
         settings.scheduler_backstop = scheduling.backstop;
@@ -153,8 +196,7 @@ impl TestServer {
             client: reqwest::Client::new(),
             data_dir,
             database,
-            sources,
-            scheduling,
+            boot,
             shutdown,
             task: Some(task),
         };
@@ -180,8 +222,7 @@ impl TestServer {
         TestServer::boot(
             self.data_dir.clone(),
             self.database.clone(),
-            self.sources.clone(),
-            self.scheduling,
+            self.boot.clone(),
         )
         .await
     }
@@ -280,6 +321,18 @@ impl TestServer {
 
     pub fn database_url(&self) -> &str {
         &self.database.url
+    }
+
+    /// A new API token with `role`, made the way `stepwise token create` makes one; returns
+    /// its secret.
+    pub async fn create_token(&self, role: Role) -> String {
+        let store = stepwise_host::storage::Store::open(&self.database.url)
+            .await
+            .expect("opening the server's database");
+        match stepwise_host::auth::create_token(&store, None, role, "test").await {
+            Ok(token) => token.secret,
+            Err(_) => panic!("creating a {role} token failed"),
+        }
     }
 
     /// Triggers a run and returns its id, asserting the 202.

@@ -7,10 +7,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::auth::StoredToken;
 use crate::model::{CheckInfo, Grant, TriggerSpec, UnixMillis};
 use crate::storage::{
-    AttemptRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord, ScheduleRecord,
-    StepRecord,
+    AttemptRecord, AuditRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord,
+    ScheduleRecord, StepRecord,
 };
 
 fn timestamp(millis: UnixMillis) -> String {
@@ -339,4 +340,73 @@ impl ScheduleDto {
             }),
         }
     }
+}
+
+#[derive(Serialize)]
+pub struct TokenDto {
+    pub name: String,
+    pub role: &'static str,
+    pub created_at: String,
+    /// The token (or `cli`) that created it.
+    pub created_by: String,
+}
+
+impl TokenDto {
+    pub fn new(token: &StoredToken) -> TokenDto {
+        TokenDto {
+            name: token.name.clone(),
+            role: token.role.as_str(),
+            created_at: timestamp(token.created_at),
+            created_by: token.created_by.clone(),
+        }
+    }
+}
+
+/// A token just created: the only answer that ever holds its secret.
+#[derive(Serialize)]
+pub struct NewTokenDto {
+    #[serde(flatten)]
+    pub token: TokenDto,
+    /// The bearer token. It is shown once; only a salted hash is stored.
+    pub secret: String,
+}
+
+impl NewTokenDto {
+    pub fn new(token: &StoredToken, secret: String) -> NewTokenDto {
+        NewTokenDto {
+            token: TokenDto::new(token),
+            secret,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AuditDto {
+    pub id: i64,
+    pub at: String,
+    /// The token name, `anonymous` without authentication, `cli` or `plugins-dir`.
+    pub actor: String,
+    pub action: &'static str,
+    pub target: String,
+    pub detail: BTreeMap<String, String>,
+}
+
+impl AuditDto {
+    pub fn new(record: &AuditRecord) -> AuditDto {
+        AuditDto {
+            id: record.id,
+            at: timestamp(record.entry.at),
+            actor: record.entry.actor.clone(),
+            action: record.entry.action,
+            target: record.entry.target.clone(),
+            detail: record.entry.detail.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AuditListDto {
+    pub entries: Vec<AuditDto>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }

@@ -80,6 +80,46 @@ impl ApiError {
         }
     }
 
+    /// 401: no token, or one this server does not know.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// 403: a known caller whose role does not allow the call, or a cross-site request.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// 421: the request names another server in `Host`.
+    pub fn misdirected(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::MISDIRECTED_REQUEST,
+            code: "misdirected_request",
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// 500 with a detail that is logged, never sent.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            field: None,
+            message: message.into(),
+        }
+    }
+
     pub fn with_field(mut self, field: impl Into<String>) -> ApiError {
         self.field = Some(field.into());
         self
@@ -119,6 +159,14 @@ impl From<registry::Error> for ApiError {
             ),
             registry::Error::InvalidGrant(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_grant", "grant")
+            }
+            registry::Error::GrantBeyondPolicy { key, .. } => {
+                return ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    code: "grant_beyond_policy",
+                    field: Some(format!("grant.{key}")),
+                    message,
+                };
             }
             registry::Error::UnknownPlugin(_) => {
                 return ApiError::not_found("plugin_not_found", message);
@@ -172,6 +220,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"stepwise\""),
+            );
+        }
         if server_error {
             response
                 .extensions_mut()

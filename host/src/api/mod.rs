@@ -2,6 +2,8 @@
 //! `storage` or the plugin `registry` and wake the scheduler; they never call the runner or
 //! wasmtime.
 
+mod audit;
+mod auth;
 mod dto;
 mod error;
 mod health;
@@ -9,11 +11,13 @@ mod plugins;
 mod runs;
 mod schedules;
 mod state;
+mod tokens;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 
+pub use auth::{Caller, host_allowed, required_role};
 pub use error::ApiError;
 pub use state::AppState;
 
@@ -47,10 +51,20 @@ pub fn router(state: AppState) -> Router {
                 .patch(schedules::schedules_update)
                 .delete(schedules::schedules_delete),
         )
+        .route(
+            "/v1/tokens",
+            post(tokens::tokens_create).get(tokens::tokens_index),
+        )
+        .route("/v1/tokens/{name}", delete(tokens::tokens_revoke))
+        .route("/v1/audit", get(audit::audit_index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

@@ -9,11 +9,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
+use super::auth::Caller;
 use super::dto::PluginDto;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::config::{grant_toml_from_json, parse_grant};
-use crate::model::{PluginName, PluginVersion};
+use crate::model::{PluginName, PluginVersion, Role};
 
 /// `GET /v1/plugins`
 pub async fn plugins_index(
@@ -35,9 +36,11 @@ pub async fn plugins_show(
 /// `PUT /v1/plugins/{name}`: the body is the `.wasm` (`application/wasm` or
 /// `application/octet-stream`), or `multipart/form-data` with a `component` part and an
 /// optional `grant` part (TOML, or JSON when the part says `application/json`). Answers 201
-/// for a new plugin, 200 otherwise, with the plugin as `GET` shows it.
+/// for a new plugin, 200 otherwise, with the plugin as `GET` shows it. New bytes never change
+/// the grant; a `grant` part does, and needs the admin role.
 pub async fn plugins_upload(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
@@ -66,7 +69,13 @@ pub async fn plugins_upload(
     let component = component
         .filter(|bytes| !bytes.is_empty())
         .ok_or_else(|| ApiError::invalid("component", "no component bytes: send the .wasm file"))?;
-    let installed = state.registry.install(&name, component, grant).await?;
+    if grant.is_some() {
+        caller.require(Role::Admin, "a grant part in an upload")?;
+    }
+    let installed = state
+        .registry
+        .install(&name, component, grant, &caller.name)
+        .await?;
     let status = if installed.created {
         StatusCode::CREATED
     } else {
@@ -83,6 +92,7 @@ pub async fn plugins_upload(
 /// `POST /v1/plugins/{name}/activate` with `{"version": "<sha256>"}`.
 pub async fn plugins_activate(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginDto>, ApiError> {
@@ -100,7 +110,10 @@ pub async fn plugins_activate(
     };
     let version =
         PluginVersion::parse(&version).map_err(|message| ApiError::invalid("version", message))?;
-    state.registry.activate(&name, &version).await?;
+    state
+        .registry
+        .activate(&name, &version, &caller.name)
+        .await?;
     Ok(Json(plugin_details(&state, &name).await?))
 }
 
@@ -108,6 +121,7 @@ pub async fn plugins_activate(
 /// without new bytes. Runs in flight use it from their next tick.
 pub async fn plugins_grant(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     request: Request,
 ) -> Result<Json<PluginDto>, ApiError> {
@@ -115,7 +129,10 @@ pub async fn plugins_grant(
     let limit = state.settings.body_limit_bytes;
     let body = read_body(Bytes::from_request(request, &state).await, limit)?;
     let grant = grant_text(&body, json)?;
-    state.registry.set_grant(&name, &grant).await?;
+    state
+        .registry
+        .set_grant(&name, &grant, &caller.name)
+        .await?;
     Ok(Json(plugin_details(&state, &name).await?))
 }
 

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
+use super::auth::Caller;
 use super::dto::{AttemptDto, RunDto, RunListDto};
 use super::error::ApiError;
 use super::state::AppState;
@@ -30,6 +31,7 @@ const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 /// `POST /v1/runs`: validates, makes the run durable, wakes the scheduler, answers 202.
 pub async fn runs_create(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -89,6 +91,9 @@ pub async fn runs_create(
             )
             .with_field("plugin")
         })?;
+    // Scoped to the caller and the plugin: one client's key never finds another's run.
+    // Token and plugin names cannot contain `/`, so the scoped key is unambiguous.
+    let idempotency_key = idempotency_key.map(|key| format!("{}/{plugin_name}/{key}", caller.name));
     let options = RunOptions {
         poll_interval,
         timeout: run_timeout,

@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,6 +17,8 @@ pub struct AppState {
     pub wakeup: Wakeup,
     pub schedule_wakeup: ScheduleWakeup,
     plugins_loaded: Arc<AtomicBool>,
+    /// The address the server actually bound (port 0 resolved): what `Host` must name.
+    listen: SocketAddr,
 }
 
 impl AppState {
@@ -25,6 +28,7 @@ impl AppState {
         settings: Arc<Settings>,
         wakeup: Wakeup,
         schedule_wakeup: ScheduleWakeup,
+        listen: SocketAddr,
     ) -> AppState {
         AppState {
             store,
@@ -33,7 +37,12 @@ impl AppState {
             wakeup,
             schedule_wakeup,
             plugins_loaded: Arc::default(),
+            listen,
         }
+    }
+
+    pub fn listen_address(&self) -> SocketAddr {
+        self.listen
     }
 
     /// Called once the plugins directory has been loaded; `/readyz` waits for it.

@@ -19,6 +19,9 @@ use crate::model::{PluginName, PluginVersion};
 /// producing events, so it is read once it has settled.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
+/// Who installs what the directory holds, as the audit log names it.
+const DIRECTORY_ACTOR: &str = "plugins-dir";
+
 /// What the directory held when this process last read each plugin's files, so that an
 /// event that changed nothing (a `touch`, a `chmod`, a rewrite with the same bytes) never
 /// re-activates a file's version over a later upload or rollback through the API.
@@ -107,7 +110,10 @@ impl Directory {
                 }
             }
         }
-        match registry.install(name, bytes.into(), Some(grant_toml)).await {
+        match registry
+            .install(name, bytes.into(), Some(grant_toml), DIRECTORY_ACTOR)
+            .await
+        {
             Ok(installed) if installed.new_version || installed.created => {
                 tracing::info!(plugin = %name, version = %installed.version, file = %wasm.display(), "plugin activated");
                 true
@@ -116,8 +122,16 @@ impl Directory {
                 tracing::info!(plugin = %name, version = %installed.version, file = %wasm.display(), "plugin active; grant reloaded");
                 false
             }
-            Err(error @ (Error::InvalidComponent(_) | Error::InvalidGrant(_))) => {
-                tracing::error!(plugin = %name, file = %wasm.display(), "plugin rejected, the active version keeps serving: {error}");
+            Err(
+                error @ (Error::InvalidComponent(_)
+                | Error::InvalidGrant(_)
+                | Error::GrantBeyondPolicy { .. }),
+            ) => {
+                let file = match error {
+                    Error::InvalidComponent(_) => &wasm,
+                    _ => &manifest,
+                };
+                tracing::error!(plugin = %name, file = %file.display(), "plugin rejected, the active version keeps serving: {error}");
                 false
             }
             Err(error) => {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Settings, parse_grant};
 use crate::model::{CheckInfo, Grant, PluginName, PluginVersion, now_millis};
 use crate::runtime::Runtime;
-use crate::storage::{self, Store};
+use crate::storage::{self, AuditEntry, Store};
 
 /// How often compiled versions that nothing needs any more are dropped from memory.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -27,6 +27,9 @@ pub enum Error {
     InvalidComponent(String),
     #[error("{0}")]
     InvalidGrant(String),
+    /// The grant goes beyond the operator's `[policy]`; `key` names the offending entry.
+    #[error("{message}")]
+    GrantBeyondPolicy { key: String, message: String },
     #[error("no plugin named {0:?}")]
     UnknownPlugin(String),
     #[error("plugin {name:?} has no version {version}")]
@@ -66,25 +69,32 @@ impl Registry {
 
     /// Inspects `bytes` and, if they pass, stores them and makes them the active version of
     /// `name`. `grant_toml` replaces the plugin's grant; `None` keeps the current one (no
-    /// capabilities for a new plugin). Installing the active version again changes nothing
-    /// but the grant.
+    /// capabilities for a new plugin): new bytes never change a grant by themselves.
+    /// Installing the active version again changes nothing but the grant. `actor` is who
+    /// asked, for the audit log.
     pub async fn install(
         &self,
         name: &PluginName,
         bytes: Bytes,
         grant_toml: Option<String>,
+        actor: &str,
     ) -> Result<Installed> {
         let existing = self.store.find_plugin(name.as_str()).await?;
-        let grant_toml = match grant_toml {
-            Some(text) => text,
+        // The grant the candidate is inspected under; the one stored is decided when it is
+        // activated (see `activate_plugin`), not from this read.
+        let inspect_grant = match &grant_toml {
+            Some(text) => text.clone(),
             None => existing
                 .as_ref()
                 .map(|plugin| plugin.grant_toml.clone())
                 .unwrap_or_default(),
         };
-        let grant = self.check_grant(&grant_toml)?;
+        let grant = match &grant_toml {
+            Some(text) => self.check_grant(text)?,
+            None => parse_grant(&inspect_grant).unwrap_or_default(),
+        };
         let version = PluginVersion::of_bytes(&bytes);
-        let limits = self.settings.limits.with_overrides(&grant.limits);
+        let (_, limits) = self.settings.policy.confine(grant, &self.settings.limits);
         let inspected = match self.runtime.inspect(&version, bytes.clone(), &limits).await {
             Ok(inspected) => inspected,
             Err(error) => {
@@ -94,14 +104,32 @@ impl Registry {
                 return Err(Error::InvalidComponent(format!("{error:#}")));
             }
         };
+        if let Some(plugin) = &existing
+            && plugin.active_version == version
+            && grant_toml
+                .as_ref()
+                .is_none_or(|text| *text == plugin.grant_toml)
+        {
+            // Nothing would change: no write, and no audit entry for a restart that reads
+            // the plugins directory again.
+            return Ok(Installed {
+                version,
+                check_info: inspected.check_info,
+                created: false,
+                new_version: false,
+            });
+        }
         let now = now_millis();
         let new_version = self
             .store
             .save_plugin_version(name, &version, &bytes, &inspected.check_info, now)
             .await?;
+        let audit = AuditEntry::new(actor, "plugin.upload", name.as_str(), now)
+            .with("new_version", new_version.to_string());
         self.store
-            .activate_plugin(name, &version, &grant_toml, now)
+            .activate_plugin(name, &version, grant_toml.as_deref(), audit)
             .await?;
+        tracing::info!(plugin = %name, %version, actor, new_version, grant_changed = grant_toml.is_some(), "plugin uploaded and active");
         self.release_unused().await;
         Ok(Installed {
             version,
@@ -112,7 +140,12 @@ impl Registry {
     }
 
     /// Makes a stored version of `name` active again (roll back or forward), keeping the grant.
-    pub async fn activate(&self, name: &str, version: &PluginVersion) -> Result<Installed> {
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: &PluginVersion,
+        actor: &str,
+    ) -> Result<Installed> {
         let plugin = self
             .store
             .find_plugin(name)
@@ -128,9 +161,11 @@ impl Registry {
             })?;
         // Compiled before the switch, so the first run on it does not pay for compiling.
         self.prepare(version).await?;
+        let audit = AuditEntry::new(actor, "plugin.activate", name, now_millis());
         self.store
-            .activate_plugin(&plugin.name, version, &plugin.grant_toml, now_millis())
+            .activate_plugin(&plugin.name, version, None, audit)
             .await?;
+        tracing::info!(plugin = %name, %version, actor, "plugin version activated");
         self.release_unused().await;
         Ok(Installed {
             version: record.version,
@@ -157,15 +192,16 @@ impl Registry {
     }
 
     /// Replaces the grant of an existing plugin; its versions stay as they are.
-    pub async fn set_grant(&self, name: &str, grant_toml: &str) -> Result<()> {
+    pub async fn set_grant(&self, name: &str, grant_toml: &str, actor: &str) -> Result<()> {
         self.check_grant(grant_toml)?;
-        match self
-            .store
-            .update_grant(name, grant_toml, now_millis())
-            .await
-        {
+        let audit = AuditEntry::new(actor, "plugin.grant", name, now_millis());
+        match self.store.update_grant(name, grant_toml, audit).await {
             Err(storage::Error::NotFound) => Err(Error::UnknownPlugin(name.to_owned())),
-            other => Ok(other?),
+            other => {
+                other?;
+                tracing::info!(plugin = %name, actor, "plugin grant changed");
+                Ok(())
+            }
         }
     }
 
@@ -200,6 +236,7 @@ impl Registry {
         }
     }
 
+    /// Parses a grant and checks it against the host's sources and the operator's policy.
     fn check_grant(&self, grant_toml: &str) -> Result<Grant> {
         let grant =
             parse_grant(grant_toml).map_err(|error| Error::InvalidGrant(format!("{error:#}")))?;
@@ -209,6 +246,13 @@ impl Registry {
                     "the grant names sql source {source:?}, which the host config does not define"
                 )));
             }
+        }
+        if let Some((key, message)) = self
+            .settings
+            .policy
+            .violation(&grant, &self.settings.limits)
+        {
+            return Err(Error::GrantBeyondPolicy { key, message });
         }
         Ok(grant)
     }

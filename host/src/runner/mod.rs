@@ -104,8 +104,10 @@ impl Runner {
                 return Ok(self.store.record_tick(write).await?);
             }
         };
+        // A grant stored before the operator tightened the policy is cut down to it here.
+        let (grant, limits) = self.settings.policy.confine(grant, &self.settings.limits);
         let mut capabilities = Capabilities {
-            limits: self.settings.limits.with_overrides(&grant.limits),
+            limits,
             grant,
             sources: self.sources.clone(),
             http_requests_left: 0,

@@ -59,7 +59,7 @@ pub fn plan_run(
         .or(grant.poll_interval)
         .unwrap_or(settings.default_poll_interval);
     let timeout = options.timeout.unwrap_or(settings.default_run_timeout);
-    let limits = settings.limits.with_overrides(&grant.limits);
+    let (_, limits) = settings.policy.confine(grant, &settings.limits);
     Ok(NewRun {
         id: RunId::generate(),
         plugin_name: plugin.name.clone(),

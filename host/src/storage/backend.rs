@@ -87,6 +87,27 @@ impl Backend {
         }
     }
 
+    /// Begins a transaction that reads rows and then writes. SQLite: `IMMEDIATE` takes the write
+    /// lock first (waiting up to the busy timeout), because a deferred transaction that read
+    /// while another connection committed cannot upgrade to a writer and fails at once with
+    /// "database is locked". PostgreSQL locks the rows it reads with `for_update`.
+    pub(super) fn begin_read_write(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+
+    /// Appended to a read of a row that the same transaction then updates from what it read.
+    /// PostgreSQL: a concurrent writer waits instead of being lost. SQLite holds the database's
+    /// write lock already (`begin_read_write`).
+    pub(super) fn for_update(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// Whether tick results are written by the host's group commit. SQLite has one writer at
     /// a time and one fsync per commit, so batching concurrent ticks into one transaction saves
     /// both. PostgreSQL commits concurrent transactions in parallel and already groups their

@@ -4,6 +4,7 @@
 //! `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
 //! and ends inside one method.
 
+mod access;
 mod backend;
 mod group_commit;
 mod store;
@@ -15,6 +16,7 @@ use crate::model::{
     StepStatus, TriggerSpec, UnixMillis,
 };
 
+pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord};
 pub use backend::{Backend, Changes};
 pub use store::Store;
 

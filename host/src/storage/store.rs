@@ -10,6 +10,7 @@ use serde_json::{Value as Json, json};
 use sqlx::any::AnyArguments;
 use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, FromRow, Row, Type};
 
+use super::access::{AuditEntry, insert_audit};
 use super::backend::{Backend, Changes};
 use super::group_commit::GroupCommit;
 use super::{
@@ -25,8 +26,8 @@ use crate::model::{
 /// The database of one Stepwise deployment, shared by all its nodes.
 #[derive(Clone)]
 pub struct Store {
-    pool: AnyPool,
-    backend: Backend,
+    pub(super) pool: AnyPool,
+    pub(super) backend: Backend,
     url: String,
     /// New runs without an idempotency key, written by group commit.
     runs: Arc<GroupCommit<NewRun, ()>>,
@@ -137,18 +138,39 @@ impl Store {
         row.map(version_record).transpose()
     }
 
-    /// Replaces the grant of a plugin without touching its versions.
-    pub async fn update_grant(&self, name: &str, grant_toml: &str, now: UnixMillis) -> Result<()> {
-        let updated =
-            sqlx::query("UPDATE plugins SET grant_toml = $1, updated_at = $2 WHERE name = $3")
-                .bind(grant_toml)
-                .bind(now)
-                .bind(name)
-                .execute(&self.pool)
-                .await?;
-        if updated.rows_affected() == 0 {
+    /// Replaces the grant of a plugin without touching its versions, and records the change
+    /// (with the grant it replaced) in the audit log.
+    pub async fn update_grant(
+        &self,
+        name: &str,
+        grant_toml: &str,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_read_write())
+            .await?;
+        let previous: Option<(String,)> = sqlx::query_as(&format!(
+            "SELECT grant_toml FROM plugins WHERE name = $1{}",
+            self.backend.for_update()
+        ))
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some((previous,)) = previous else {
             return Err(Error::NotFound);
-        }
+        };
+        sqlx::query("UPDATE plugins SET grant_toml = $1, updated_at = $2 WHERE name = $3")
+            .bind(grant_toml)
+            .bind(audit.at)
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        let audit = audit
+            .with("grant", grant_toml)
+            .with("previous_grant", previous);
+        insert_audit(&mut transaction, &audit).await?;
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -167,28 +189,59 @@ impl Store {
             .collect())
     }
 
-    /// Makes `version` the one new runs of `name` use, with `grant_toml` as its grant.
+    /// Makes `version` the one new runs of `name` use, and records it in the audit log with
+    /// the version it replaced. `grant_toml` replaces the grant; `None` keeps the grant as it
+    /// is *now* (none for a new plugin), so a grant changed while this version was being
+    /// compiled is never overwritten by an older read.
     pub async fn activate_plugin(
         &self,
         name: &PluginName,
         version: &PluginVersion,
-        grant_toml: &str,
-        now: UnixMillis,
+        grant_toml: Option<&str>,
+        audit: AuditEntry,
     ) -> Result<()> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_read_write())
+            .await?;
+        let previous: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT active_version, grant_toml FROM plugins WHERE name = $1{}",
+            self.backend.for_update()
+        ))
+        .bind(name.as_str())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        // The grant update is conditional in SQL, not decided from `previous`: on SQLite
+        // nothing locks the row between the read and the write.
         sqlx::query(
             "INSERT INTO plugins (name, active_version, grant_toml, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version, \
-             grant_toml = excluded.grant_toml, updated_at = excluded.updated_at",
+             grant_toml = CASE WHEN $5 = 1 THEN excluded.grant_toml ELSE plugins.grant_toml END, \
+             updated_at = excluded.updated_at",
         )
         .bind(name.as_str())
         .bind(version.as_str())
-        .bind(grant_toml)
-        .bind(now)
-        .execute(&self.pool)
+        .bind(grant_toml.unwrap_or_default())
+        .bind(audit.at)
+        .bind(i64::from(grant_toml.is_some()))
+        .execute(&mut *transaction)
         .await?;
+        let mut audit = audit.with("version", version.as_str());
+        if let Some((previous_version, _)) = &previous {
+            audit = audit.with("previous_version", previous_version.as_str());
+        }
+        if let Some(grant_toml) = grant_toml {
+            audit = audit.with("grant", grant_toml);
+            if let Some((_, previous_grant)) = &previous {
+                audit = audit.with("previous_grant", previous_grant.as_str());
+            }
+        }
+        insert_audit(&mut transaction, &audit).await?;
         self.backend
-            .notify(&self.pool, &Change::PluginActivated(version.clone()))
-            .await
+            .notify(&mut *transaction, &Change::PluginActivated(version.clone()))
+            .await?;
+        transaction.commit().await?;
+        Ok(())
     }
 
     /// The plugin with its active version, if the name is known.
@@ -1464,7 +1517,12 @@ mod tests {
             .await
             .expect("saving");
         store
-            .activate_plugin(&name, &version, "", 1)
+            .activate_plugin(
+                &name,
+                &version,
+                Some(""),
+                AuditEntry::new("test", "plugin.upload", "demo", 1),
+            )
             .await
             .expect("activating");
         let run = NewRun {

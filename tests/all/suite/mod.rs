@@ -3,6 +3,7 @@
 //! database from the module its test is in.
 
 mod api;
+mod auth;
 mod demo;
 mod hostile;
 mod http_status;

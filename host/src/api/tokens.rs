@@ -1,0 +1,84 @@
+//! `/v1/tokens` (admin): create a token (its secret is in the answer, and nowhere else ever
+//! again), list tokens without their secrets, revoke one.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value as Json_;
+
+use super::auth::Caller;
+use super::dto::{NewTokenDto, TokenDto};
+use super::error::ApiError;
+use super::runs::read_json_object;
+use super::state::AppState;
+use crate::auth::{CreateError, create_token};
+use crate::model::{Role, now_millis};
+use crate::storage::{self, AuditEntry};
+
+/// `POST /v1/tokens` with `{"role": "...", "name"?: "..."}`: 201 with the secret.
+pub async fn tokens_create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = read_json_object(body, &["role", "name"], state.settings.body_limit_bytes)?;
+    let role = match request.get("role") {
+        Some(Json_::String(role)) => {
+            Role::parse(role).map_err(|message| ApiError::invalid("role", message))?
+        }
+        Some(_) => return Err(ApiError::invalid("role", "role must be a string")),
+        None => return Err(ApiError::invalid("role", "role is required")),
+    };
+    let name = match request.get("name") {
+        Some(Json_::String(name)) => Some(name.clone()),
+        None | Some(Json_::Null) => None,
+        Some(_) => return Err(ApiError::invalid("name", "name must be a string")),
+    };
+    let token = create_token(&state.store, name, role, &caller.name)
+        .await
+        .map_err(|error| match error {
+            CreateError::InvalidName(message) => ApiError::invalid("name", message),
+            CreateError::Taken(name) => {
+                ApiError::conflict("token_exists", format!("a token named {name:?} exists"))
+                    .with_field("name")
+            }
+            CreateError::Other(error) => ApiError::internal(format!("{error:#}")),
+        })?;
+    let location = format!("/v1/tokens/{}", token.stored.name);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(NewTokenDto::new(&token.stored, token.secret)),
+    )
+        .into_response())
+}
+
+/// `GET /v1/tokens`: names, roles and who created them; never the secrets.
+pub async fn tokens_index(State(state): State<AppState>) -> Result<Json<Json_>, ApiError> {
+    let tokens = state.store.list_tokens().await?;
+    let tokens: Vec<TokenDto> = tokens.iter().map(TokenDto::new).collect();
+    Ok(Json(serde_json::json!({ "tokens": tokens })))
+}
+
+/// `DELETE /v1/tokens/{name}`: 204; the token fails on every node from now on.
+pub async fn tokens_revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let audit = AuditEntry::new(&caller.name, "token.revoke", &name, now_millis());
+    match state.store.revoke_token(&name, &audit).await {
+        Ok(()) => {
+            tracing::info!(token = %name, actor = %caller.name, "token revoked");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(storage::Error::NotFound) => Err(ApiError::not_found(
+            "token_not_found",
+            format!("no token named {name:?}"),
+        )),
+        Err(error) => Err(error.into()),
+    }
+}

@@ -1,0 +1,218 @@
+//! Who may call the API and what they changed: API tokens (only their salted hashes) and the
+//! audit log. Audit entries of plugin changes are written by the methods that make the change,
+//! in the same transaction (`store.rs`); token changes are written here.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+use sqlx::{Any, Transaction};
+
+use super::{Error, Result, Store};
+use crate::auth::StoredToken;
+use crate::model::{Role, UnixMillis};
+
+/// One change to record in the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// The token name, `anonymous` without authentication, `cli` or `plugins-dir`.
+    pub actor: String,
+    /// `plugin.upload`, `plugin.activate`, `plugin.grant`, `token.create`, `token.revoke`.
+    pub action: &'static str,
+    /// What was changed: a plugin or token name.
+    pub target: String,
+    /// What changed, as text values; the method that writes the entry may add to it.
+    pub detail: BTreeMap<String, String>,
+    pub at: UnixMillis,
+}
+
+impl AuditEntry {
+    pub fn new(actor: &str, action: &'static str, target: &str, at: UnixMillis) -> AuditEntry {
+        AuditEntry {
+            actor: actor.to_owned(),
+            action,
+            target: target.to_owned(),
+            detail: BTreeMap::new(),
+            at,
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> AuditEntry {
+        self.detail.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// A stored audit entry.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub entry: AuditEntry,
+}
+
+impl Store {
+    /// Stores a new token; `Conflict` if its name is taken.
+    pub async fn create_token(&self, token: &StoredToken, audit: &AuditEntry) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&token.name)
+        .bind(token.role.as_str())
+        .bind(&token.key_id)
+        .bind(&token.salt)
+        .bind(&token.hash)
+        .bind(token.created_at)
+        .bind(&token.created_by)
+        .execute(&mut *transaction)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::Conflict {
+                constraint: "tokens.name".into(),
+            });
+        }
+        insert_audit(&mut transaction, audit).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The token whose public key id is `key_id`. Read from the database on every request, so
+    /// a revocation holds on every node at once.
+    pub async fn find_token(&self, key_id: &str) -> Result<Option<StoredToken>> {
+        let row: Option<TokenRow> = sqlx::query_as(
+            "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(TokenRow::into_token).transpose()
+    }
+
+    /// Every token, by name.
+    pub async fn list_tokens(&self) -> Result<Vec<StoredToken>> {
+        let rows: Vec<TokenRow> = sqlx::query_as(
+            "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TokenRow::into_token).collect()
+    }
+
+    /// Deletes the token `name`; `NotFound` if there is none.
+    pub async fn revoke_token(&self, name: &str, audit: &AuditEntry) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM tokens WHERE name = $1")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(Error::NotFound);
+        }
+        insert_audit(&mut transaction, audit).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Audit entries newest first, older than the entry `before` if given.
+    pub async fn list_audit(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditRecord>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT id, at, actor, action, target, detail FROM audit \
+             WHERE $1 < 0 OR id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before.unwrap_or(-1))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(AuditRow::into_record).collect()
+    }
+}
+
+/// Records `entry` in the transaction that makes the change it describes.
+pub(super) async fn insert_audit(
+    transaction: &mut Transaction<'static, Any>,
+    entry: &AuditEntry,
+) -> Result<()> {
+    let detail = Json::Object(
+        entry
+            .detail
+            .iter()
+            .map(|(key, value)| (key.clone(), Json::String(value.clone())))
+            .collect(),
+    );
+    sqlx::query(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(entry.at)
+    .bind(&entry.actor)
+    .bind(entry.action)
+    .bind(&entry.target)
+    .bind(detail.to_string())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    name: String,
+    role: String,
+    key_id: String,
+    salt: String,
+    hash: String,
+    created_at: i64,
+    created_by: String,
+}
+
+impl TokenRow {
+    fn into_token(self) -> Result<StoredToken> {
+        Ok(StoredToken {
+            role: Role::parse(&self.role).map_err(Error::Corrupt)?,
+            name: self.name,
+            key_id: self.key_id,
+            salt: self.salt,
+            hash: self.hash,
+            created_at: self.created_at,
+            created_by: self.created_by,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    target: String,
+    detail: String,
+}
+
+impl AuditRow {
+    fn into_record(self) -> Result<AuditRecord> {
+        let action = AUDIT_ACTIONS
+            .iter()
+            .find(|known| **known == self.action)
+            .ok_or_else(|| Error::Corrupt(format!("audit action {:?}", self.action)))?;
+        let detail: BTreeMap<String, String> = serde_json::from_str(&self.detail)
+            .map_err(|_| Error::Corrupt(format!("audit detail {:?}", self.detail)))?;
+        Ok(AuditRecord {
+            id: self.id,
+            entry: AuditEntry {
+                actor: self.actor,
+                action,
+                target: self.target,
+                detail,
+                at: self.at,
+            },
+        })
+    }
+}
+
+/// Every action the audit log records.
+pub const AUDIT_ACTIONS: &[&str] = &[
+    "plugin.upload",
+    "plugin.activate",
+    "plugin.grant",
+    "token.create",
+    "token.revoke",
+];

@@ -25,7 +25,8 @@ scenarios (default: all):
           latency of a runaway call; resident memory over 1,000 hostile attempts
 
   triggers
-          POST /v1/runs from 64 connections for 10 s: requests/s and latency
+          POST /v1/runs from 64 connections for 10 s: requests/s and latency, without
+          authentication and with a bearer token, three interleaved rounds each
   due-at-once
           --runs runs of a 3-step plugin (steps pass after 1, 2, 3 s; poll 1 s) all due at
           the same moment: makespan against the ideal 3 s, tick lag, peak RSS

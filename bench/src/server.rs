@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::Value;
-use stepwise_host::config::Settings;
+use stepwise_host::config::{AuthMode, Settings};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,13 +21,38 @@ pub struct BenchServer {
 
 impl BenchServer {
     pub async fn start(data_dir: &Path) -> anyhow::Result<BenchServer> {
-        let settings = Settings::for_data_dir(data_dir);
+        BenchServer::start_with_auth(data_dir, AuthMode::None).await
+    }
+
+    /// With `AuthMode::Tokens`, the client sends an admin token made for it.
+    pub async fn start_with_auth(data_dir: &Path, auth: AuthMode) -> anyhow::Result<BenchServer> {
+        let mut settings = Settings::for_data_dir(data_dir);
+        settings.auth = auth;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if auth == AuthMode::Tokens {
+            std::fs::create_dir_all(data_dir)?;
+            let store = stepwise_host::storage::Store::open(&settings.database_url).await?;
+            let token = stepwise_host::auth::create_token(
+                &store,
+                None,
+                stepwise_host::model::Role::Admin,
+                "bench",
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("creating the bench's token"))?;
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {}", token.secret).parse()?,
+            );
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(stepwise_host::serve(listener, settings, shutdown.clone()));
         let server = BenchServer {
-            client: reqwest::Client::new(),
+            client: reqwest::Client::builder()
+                .default_headers(headers)
+                .build()?,
             base,
             data_dir: data_dir.to_owned(),
             shutdown,

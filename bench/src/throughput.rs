@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 use stepwise_host::capabilities::sql::SqlSources;
-use stepwise_host::config::Settings;
+use stepwise_host::config::{AuthMode, Settings};
 use stepwise_host::model::{Grant, Limits, PluginVersion, now_millis};
 use stepwise_host::runtime::{Capabilities, Runtime, StepCall};
 use stepwise_host::scheduler::planning::{RunOptions, plan_run};
@@ -18,13 +18,35 @@ use crate::Options;
 use crate::server::{BenchServer, MISBEHAVE_WASM};
 use crate::stats::{millis, print_header, print_row};
 
-/// `POST /v1/runs` from 64 connections for 10 s. Each run's first step stays pending with an
-/// hour's poll, so every run costs its trigger and one tick.
+/// `POST /v1/runs` from 64 connections for 10 s, without authentication and then with a
+/// bearer token checked on every request, on fresh servers. Each run's first step stays
+/// pending with an hour's poll, so every run costs its trigger and one tick.
 pub async fn triggers(_options: &Options) -> anyhow::Result<()> {
+    // Interleaved rounds, so that a noisy neighbour on the machine hits both modes alike.
+    const ROUNDS: usize = 3;
+    let (mut open, mut tokens) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        open.push(triggers_with(AuthMode::None).await?);
+        tokens.push(triggers_with(AuthMode::Tokens).await?);
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let (open, tokens) = (median(&mut open), median(&mut tokens));
+    println!(
+        "\ntoken check, median over {ROUNDS} rounds of each round's median request latency: \
+         {open:.3} ms with --auth none, {tokens:.3} ms with --auth tokens ({:+.3} ms)",
+        tokens - open
+    );
+    Ok(())
+}
+
+async fn triggers_with(auth: AuthMode) -> anyhow::Result<f64> {
     const CONNECTIONS: usize = 64;
     const SECONDS: u64 = 10;
     let dir = tempfile::tempdir()?;
-    let server = Arc::new(BenchServer::start(dir.path()).await?);
+    let server = Arc::new(BenchServer::start_with_auth(dir.path(), auth).await?);
     server
         .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
         .await?;
@@ -55,8 +77,12 @@ pub async fn triggers(_options: &Options) -> anyhow::Result<()> {
         latencies.extend(task.await.context("trigger task")??);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let auth_name = match auth {
+        AuthMode::None => "--auth none",
+        AuthMode::Tokens => "--auth tokens",
+    };
     print_header(&format!(
-        "POST /v1/runs, durable (SQLite WAL, synchronous FULL), {CONNECTIONS} connections, {SECONDS} s"
+        "POST /v1/runs, durable (SQLite WAL, synchronous FULL), {CONNECTIONS} connections, {SECONDS} s, {auth_name}"
     ));
     print_row("request latency", "ms", &latencies);
     println!(
@@ -64,7 +90,8 @@ pub async fn triggers(_options: &Options) -> anyhow::Result<()> {
         latencies.len() as f64 / elapsed,
         latencies.len()
     );
-    Ok(())
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies[latencies.len() / 2])
 }
 
 /// `runs` runs of a 3-step plugin, made due at the same moment: they are written while the

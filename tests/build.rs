@@ -16,6 +16,7 @@ const MISBEHAVE_VARIANTS: &[(&str, &str)] = &[
     ("describe-trap", "misbehave-describe-trap"),
     ("describe-loop", "misbehave-describe-loop"),
     ("duplicate-steps", "misbehave-duplicate-steps"),
+    ("describe-huge", "misbehave-describe-huge"),
 ];
 
 fn main() {

@@ -210,7 +210,7 @@ async fn dev(
 async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let version = PluginVersion::of_bytes(&bytes);
-    let runtime = crate::runtime::Runtime::new(None)?;
+    let runtime = crate::runtime::Runtime::new(None, 1, &Limits::default())?;
     let inspected = match runtime
         .inspect(&version, bytes.into(), &Limits::default())
         .await

@@ -109,10 +109,12 @@ struct LimitsFile {
     http_timeout_ms: Option<u64>,
     sql_rows: Option<usize>,
     sql_timeout_ms: Option<u64>,
+    sql_result_bytes: Option<usize>,
     max_errors: Option<u32>,
     table_elements: Option<usize>,
     instances: Option<usize>,
     http_requests_per_run: Option<u32>,
+    http_concurrent_requests: Option<usize>,
 }
 
 impl LimitsFile {
@@ -125,10 +127,12 @@ impl LimitsFile {
             http_timeout: self.http_timeout_ms.map(Duration::from_millis),
             sql_rows: self.sql_rows,
             sql_timeout: self.sql_timeout_ms.map(Duration::from_millis),
+            sql_result_bytes: self.sql_result_bytes,
             max_errors: self.max_errors,
             table_elements: self.table_elements,
             instances: self.instances,
             http_requests_per_run: self.http_requests_per_run,
+            http_concurrent_requests: self.http_concurrent_requests,
         }
     }
 }

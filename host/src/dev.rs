@@ -43,7 +43,7 @@ pub async fn run_file(
     };
     let grant = parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
     let limits = settings.limits.with_overrides(&grant.limits);
-    let runtime = Runtime::new(None)?;
+    let runtime = Runtime::new(None, 1, &limits)?;
     let version = PluginVersion::of_bytes(&bytes);
     let inspected = runtime
         .inspect(&version, bytes.into(), &limits)
@@ -111,7 +111,8 @@ pub async fn run_file(
             };
             let report = runtime
                 .run_step(&inspected.plugin, call, &capabilities)
-                .await;
+                .await
+                .map_err(|fault| anyhow::anyhow!("the host could not make the call: {fault}"))?;
             capabilities.http_requests_left = capabilities
                 .http_requests_left
                 .saturating_sub(report.http_requests);

@@ -58,9 +58,14 @@ pub async fn serve(
         .release_leases(&node_id)
         .await
         .context("releasing leases of the previous process")?;
-    let runtime =
-        Runtime::new(Some(settings.artifacts_dir())).context("starting the wasm runtime")?;
+    let runtime = Runtime::new(
+        Some(settings.artifacts_dir()),
+        settings.max_concurrent_ticks,
+        &settings.limits,
+    )
+    .context("starting the wasm runtime")?;
     let sources = SqlSources::connect_lazy(&settings.sources)?;
+    sources.check_roles(&settings.sources).await?;
     let wakeup = Wakeup::default();
     let schedule_wakeup = ScheduleWakeup::default();
     let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());

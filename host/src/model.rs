@@ -515,6 +515,9 @@ pub struct Limits {
     pub http_timeout: Duration,
     pub sql_rows: usize,
     pub sql_timeout: Duration,
+    /// Bytes of one query's result (every value of every row), counted while it is read, and
+    /// the largest string or blob a SQLite source may build.
+    pub sql_result_bytes: usize,
     /// Errored attempts after which the run is `errored`.
     pub max_errors: u32,
     /// Elements of all tables of one instance.
@@ -523,6 +526,8 @@ pub struct Limits {
     pub instances: usize,
     /// Outbound HTTP requests over the whole run, every attempt together.
     pub http_requests_per_run: u32,
+    /// Outbound HTTP requests of one call in flight at once.
+    pub http_concurrent_requests: usize,
 }
 
 impl Default for Limits {
@@ -535,10 +540,12 @@ impl Default for Limits {
             http_timeout: Duration::from_secs(10),
             sql_rows: 10_000,
             sql_timeout: Duration::from_secs(10),
+            sql_result_bytes: 4 << 20,
             max_errors: 3,
             table_elements: 100_000,
             instances: 64,
             http_requests_per_run: 10_000,
+            http_concurrent_requests: 8,
         }
     }
 }
@@ -564,10 +571,12 @@ pub struct LimitOverrides {
     pub http_timeout: Option<Duration>,
     pub sql_rows: Option<usize>,
     pub sql_timeout: Option<Duration>,
+    pub sql_result_bytes: Option<usize>,
     pub max_errors: Option<u32>,
     pub table_elements: Option<usize>,
     pub instances: Option<usize>,
     pub http_requests_per_run: Option<u32>,
+    pub http_concurrent_requests: Option<usize>,
 }
 
 impl Limits {
@@ -582,12 +591,16 @@ impl Limits {
             http_timeout: overrides.http_timeout.unwrap_or(self.http_timeout),
             sql_rows: overrides.sql_rows.unwrap_or(self.sql_rows),
             sql_timeout: overrides.sql_timeout.unwrap_or(self.sql_timeout),
+            sql_result_bytes: overrides.sql_result_bytes.unwrap_or(self.sql_result_bytes),
             max_errors: overrides.max_errors.unwrap_or(self.max_errors),
             table_elements: overrides.table_elements.unwrap_or(self.table_elements),
             instances: overrides.instances.unwrap_or(self.instances),
             http_requests_per_run: overrides
                 .http_requests_per_run
                 .unwrap_or(self.http_requests_per_run),
+            http_concurrent_requests: overrides
+                .http_concurrent_requests
+                .unwrap_or(self.http_concurrent_requests),
         }
     }
 }
@@ -632,10 +645,12 @@ limit_comparisons! {
     http_timeout: "http_timeout_ms" => |value: Duration| value.as_millis(),
     sql_rows: "sql_rows" => |value: usize| value,
     sql_timeout: "sql_timeout_ms" => |value: Duration| value.as_millis(),
+    sql_result_bytes: "sql_result_bytes" => |value: usize| value,
     max_errors: "max_errors" => |value: u32| value,
     table_elements: "table_elements" => |value: usize| value,
     instances: "instances" => |value: usize| value,
     http_requests_per_run: "http_requests_per_run" => |value: u32| value,
+    http_concurrent_requests: "http_concurrent_requests" => |value: usize| value,
 }
 
 /// When a schedule fires (SPEC §2): a cron expression in a time zone, a fixed interval, or

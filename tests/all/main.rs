@@ -6,6 +6,7 @@
 #![allow(clippy::duplicate_mod)]
 
 mod dev;
+mod runtime;
 mod support;
 
 /// The server tests on SQLite, the embedded default.

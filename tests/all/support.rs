@@ -348,10 +348,19 @@ impl TestServer {
         run
     }
 
+    /// Every attempt of the run, following the pages.
     pub async fn attempts(&self, id: &str) -> Vec<Value> {
-        let (status, body) = self.get_json(&format!("/v1/runs/{id}/attempts")).await;
-        assert_eq!(status, 200, "{body}");
-        body["attempts"].as_array().cloned().unwrap_or_default()
+        let mut attempts = Vec::new();
+        let mut path = format!("/v1/runs/{id}/attempts?limit=50");
+        loop {
+            let (status, body) = self.get_json(&path).await;
+            assert_eq!(status, 200, "{body}");
+            attempts.extend(body["attempts"].as_array().cloned().unwrap_or_default());
+            match body["next_cursor"].as_str() {
+                Some(cursor) => path = format!("/v1/runs/{id}/attempts?limit=50&cursor={cursor}"),
+                None => return attempts,
+            }
+        }
     }
 
     /// Polls the run until `done` holds, and returns it.
@@ -623,6 +632,30 @@ pub fn postgres_url() -> Option<String> {
             None
         }
     }
+}
+
+/// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
+/// missing): what the README tells operators to give a read-only source.
+pub async fn postgres_reader_url(url: &str, table: &str) -> String {
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .expect("connecting to PostgreSQL");
+    // Roles are shared by every database of the server and tests run concurrently: a role
+    // created by another test in between is fine.
+    sqlx::query(
+        "DO $$ BEGIN CREATE ROLE stepwise_reader LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+    )
+    .execute(&pool)
+    .await
+    .expect("creating the reader role");
+    sqlx::query(&format!("GRANT SELECT ON {table} TO stepwise_reader"))
+        .execute(&pool)
+        .await
+        .expect("granting SELECT");
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://stepwise_reader@{host}")
 }
 
 /// A SQLite database file in `dir` with one table `items(id INTEGER, name TEXT)` and two rows.

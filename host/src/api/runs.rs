@@ -222,11 +222,46 @@ pub async fn runs_show(
     Ok(Json(RunDto::new(&run, true)))
 }
 
-/// `GET /v1/runs/{id}/attempts`: every call of every step, with the plugin's log lines.
+/// `GET /v1/runs/{id}/attempts?limit=&cursor=`: the calls of the run's steps in order, with
+/// the plugin's log lines, a page at a time (a run polling for a day makes many).
 pub async fn runs_attempts(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Json_>, ApiError> {
+    const PARAMETERS: &[&str] = &["limit", "cursor"];
+    if let Some(unknown) = query.keys().find(|key| !PARAMETERS.contains(&key.as_str())) {
+        return Err(ApiError::invalid(
+            unknown.clone(),
+            format!(
+                "unknown query parameter {unknown:?}; known: {}",
+                PARAMETERS.join(", ")
+            ),
+        ));
+    }
+    let limit = match query.get("limit") {
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=1000).contains(limit))
+            .ok_or_else(|| ApiError::invalid("limit", "limit must be an integer from 1 to 1000"))?,
+        None => 100,
+    };
+    let after = match query.get("cursor") {
+        Some(text) => Some(
+            text.split_once('.')
+                .and_then(|(position, attempt)| {
+                    Some((position.parse().ok()?, attempt.parse().ok()?))
+                })
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "cursor",
+                        "cursor must be a next_cursor from an earlier page",
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let run_id = parse_run_id(&id)?;
     if state.store.find_run(&run_id).await?.is_none() {
         return Err(ApiError::not_found(
@@ -234,9 +269,18 @@ pub async fn runs_attempts(
             format!("no run with id {id:?}"),
         ));
     }
-    let attempts = state.store.list_attempts(&run_id).await?;
+    let attempts = state.store.list_attempts(&run_id, after, limit).await?;
+    let next_cursor = (attempts.len() == limit as usize)
+        .then(|| {
+            attempts
+                .last()
+                .map(|last| format!("{}.{}", last.position, last.attempt))
+        })
+        .flatten();
     let attempts: Vec<AttemptDto> = attempts.iter().map(AttemptDto::new).collect();
-    Ok(Json(serde_json::json!({ "attempts": attempts })))
+    Ok(Json(
+        serde_json::json!({ "attempts": attempts, "next_cursor": next_cursor }),
+    ))
 }
 
 /// `POST /v1/runs/{id}/cancel`

@@ -2,24 +2,33 @@
 //! through `send_request` below, so no guest-side client can route around the policy:
 //!
 //! - the scheme, host and port must be in the grant's `allowed_hosts`;
-//! - a host *name* that resolves to a loopback, private, link-local or otherwise internal
-//!   address is refused unless that address itself is granted (SSRF through DNS);
+//! - the name is resolved once, every address it resolves to is checked, and the host
+//!   connects to exactly those addresses itself (`connect.rs`), so a second DNS answer cannot
+//!   swap in another one (DNS rebinding); a lookup that fails refuses the request;
+//! - an address that is internal by the IANA special-purpose registries (loopback, private,
+//!   link-local, shared, documentation, benchmarking, multicast, reserved, NAT64, ...) is
+//!   refused unless that address itself is granted (SSRF through DNS);
 //! - headers that would let a plugin pose as a proxy or smuggle hop-by-hop semantics are
 //!   dropped (wasmtime already refuses `host`, `connection`, `transfer-encoding`, ...);
 //! - redirects are never followed here: the plugin sees the 3xx, and a client that follows it
 //!   sends a new request through this same check;
-//! - the run has a cap on requests, every request a time limit and every response a size
-//!   limit. Exceeding one of those limits is a [`Violation`]: the attempt ends `errored`.
+//! - the run has a cap on requests, a call a cap on requests in flight at once, every request
+//!   a time limit and every response a size limit. Exceeding one of those limits is a
+//!   [`Violation`]: the attempt ends `errored`.
 //!
 //! A refused request returns `HTTP-request-denied` to the guest and leaves a line in the
 //! attempt's log naming the host and the reason.
 
-use std::net::IpAddr;
+mod connect;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
 use http_body_util::{BodyExt, Limited};
-use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks, default_send_request};
+use tokio::sync::Semaphore;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
@@ -52,6 +61,10 @@ pub struct HttpPolicy {
     pub requests_left: u32,
     /// Requests this call made (sent or refused), added to the run's count afterwards.
     pub requests_made: u32,
+    /// Requests of this call in flight at once (`http_concurrent_requests`); a permit is
+    /// held from sending until the response body is done.
+    pub in_flight: Arc<Semaphore>,
+    pub max_in_flight: usize,
     pub log: LogBuffer,
     pub violation: Violation,
 }
@@ -90,41 +103,78 @@ fn target(uri: &http::Uri) -> Option<(String, String, u16)> {
     Some((scheme, host, port))
 }
 
+/// IPv4 blocks of the IANA special-purpose address registry that are not globally reachable
+/// (or not unicast), with what they are.
+const INTERNAL_V4: &[([u8; 4], u8, &str)] = &[
+    ([0, 0, 0, 0], 8, "unspecified (this network)"),
+    ([10, 0, 0, 0], 8, "private"),
+    ([100, 64, 0, 0], 10, "shared (carrier-grade NAT)"),
+    ([127, 0, 0, 0], 8, "loopback"),
+    ([169, 254, 0, 0], 16, "link-local"),
+    ([172, 16, 0, 0], 12, "private"),
+    ([192, 0, 0, 0], 24, "IETF protocol assignments"),
+    ([192, 0, 2, 0], 24, "documentation"),
+    ([192, 31, 196, 0], 24, "AS112"),
+    ([192, 52, 193, 0], 24, "AMT"),
+    ([192, 88, 99, 0], 24, "6to4 relay anycast"),
+    ([192, 168, 0, 0], 16, "private"),
+    ([192, 175, 48, 0], 24, "AS112"),
+    ([198, 18, 0, 0], 15, "benchmarking"),
+    ([198, 51, 100, 0], 24, "documentation"),
+    ([203, 0, 113, 0], 24, "documentation"),
+    ([224, 0, 0, 0], 4, "multicast"),
+    ([240, 0, 0, 0], 4, "reserved"),
+];
+
+/// The same for IPv6. Blocks that embed an IPv4 address (mapped, NAT64, 6to4, Teredo) are
+/// internal too: the host could not tell where they lead.
+const INTERNAL_V6: &[([u16; 8], u8, &str)] = &[
+    (
+        [0, 0, 0, 0, 0, 0, 0, 0],
+        96,
+        "IPv4-compatible (deprecated) or unspecified",
+    ),
+    ([0, 0, 0, 0, 0, 0xffff, 0, 0], 96, "IPv4-mapped"),
+    ([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96, "NAT64"),
+    ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "local-use NAT64"),
+    ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only"),
+    (
+        [0x2001, 0, 0, 0, 0, 0, 0, 0],
+        23,
+        "IETF protocol assignments (Teredo, benchmarking, ORCHID)",
+    ),
+    ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation"),
+    ([0x2002, 0, 0, 0, 0, 0, 0, 0], 16, "6to4"),
+    ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation"),
+    ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16, "segment routing"),
+    ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "private (unique local)"),
+    ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local"),
+    ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)"),
+    ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
+];
+
 /// What kind of internal address `ip` is, if it is not a public one.
 fn internal_kind(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_unspecified() || v4.is_broadcast() || a == 0 {
-                Some("unspecified")
-            } else if a == 100 && (64..128).contains(&b) {
-                Some("shared (carrier-grade NAT)")
-            } else {
-                None
+            if v4 == Ipv4Addr::BROADCAST {
+                return Some("broadcast");
             }
+            let address = u32::from(v4);
+            INTERNAL_V4.iter().find_map(|(network, prefix, kind)| {
+                let mask = u32::MAX << (32 - u32::from(*prefix));
+                (address & mask == u32::from_be_bytes(*network) & mask).then_some(*kind)
+            })
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return internal_kind(IpAddr::V4(v4));
+            if v6 == Ipv6Addr::LOCALHOST {
+                return Some("loopback");
             }
-            let first = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if first & 0xfe00 == 0xfc00 {
-                Some("private (unique local)")
-            } else if first & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else {
-                None
-            }
+            let address = u128::from(v6);
+            INTERNAL_V6.iter().find_map(|(network, prefix, kind)| {
+                let mask = u128::MAX << (128 - u32::from(*prefix));
+                (address & mask == u128::from(Ipv6Addr::from(*network)) & mask).then_some(*kind)
+            })
         }
     }
 }
@@ -203,25 +253,69 @@ impl WasiHttpHooks for HttpPolicy {
             between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
         };
         let target = format!("{host}:{port}");
+        let timeouts = connect::Timeouts {
+            connect: options.connect_timeout.unwrap_or(timeout),
+            first_byte: options.first_byte_timeout.unwrap_or(timeout),
+            between_bytes: options.between_bytes_timeout.unwrap_or(timeout),
+        };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let limit = format!(
+                "http limit of {} requests in flight at once exceeded",
+                self.max_in_flight
+            );
+            let denied = self.deny(&uri, &limit);
+            self.violation.record(limit);
+            return denied;
+        };
         Box::new(async move {
-            if host.parse::<IpAddr>().is_err() {
-                // A failed lookup is left to the real send, which reports it as a DNS error.
-                let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host(&target));
-                if let Ok(Ok(addresses)) = lookup.await {
-                    for address in addresses {
-                        let ip = address.ip();
-                        if let Some(kind) = internal_kind(ip)
-                            && !granted_addresses.contains(&ip)
-                        {
-                            log.push(
-                                LogLevel::Warn,
-                                &format!(
-                                    "http request to {uri} denied: {host} resolves to {ip}, a {kind} address that this plugin's allowed_hosts do not name"
-                                ),
-                            );
-                            return Err(Error::HttpRequestDenied);
+            let addresses: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => {
+                    let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host(&target));
+                    let failed = |why: String| {
+                        log.push(
+                            LogLevel::Warn,
+                            &format!("http request to {uri} denied: {why}"),
+                        );
+                    };
+                    match lookup.await {
+                        Ok(Ok(found)) => found.collect(),
+                        Ok(Err(error)) => {
+                            failed(format!("looking up {host} failed: {error}"));
+                            return Err(Error::DnsError {
+                                rcode: Some(error.to_string()),
+                                info_code: None,
+                            });
+                        }
+                        Err(_) => {
+                            failed(format!(
+                                "looking up {host} took longer than {} ms",
+                                timeout.as_millis()
+                            ));
+                            return Err(Error::DnsTimeout);
                         }
                     }
+                }
+            };
+            if addresses.is_empty() {
+                log.push(
+                    LogLevel::Warn,
+                    &format!("http request to {uri} denied: {host} resolves to no address"),
+                );
+                return Err(Error::DestinationNotFound);
+            }
+            for address in &addresses {
+                let ip = address.ip();
+                if let Some(kind) = internal_kind(ip)
+                    && !granted_addresses.contains(&ip)
+                {
+                    log.push(
+                        LogLevel::Warn,
+                        &format!(
+                            "http request to {uri} denied: {host} resolves to {ip}, a {kind} address that this plugin's allowed_hosts do not name"
+                        ),
+                    );
+                    return Err(Error::HttpRequestDenied);
                 }
             }
             let time_limit = || {
@@ -232,7 +326,12 @@ impl WasiHttpHooks for HttpPolicy {
                 );
                 violation.record(limit);
             };
-            let sent = tokio::time::timeout(timeout, default_send_request(request, Some(options)));
+            let destination = connect::Destination {
+                addresses: &addresses,
+                host: &host,
+                tls: scheme == "https",
+            };
+            let sent = tokio::time::timeout(timeout, connect::send(request, destination, timeouts));
             let (response, io) = match sent.await {
                 Ok(Ok(sent)) => sent,
                 Ok(Err(error)) => {
@@ -245,6 +344,13 @@ impl WasiHttpHooks for HttpPolicy {
                     time_limit();
                     return Err(Error::ConnectionTimeout);
                 }
+            };
+            // The permit goes with the connection: the request is in flight until its body
+            // has been read or dropped.
+            let io = async move {
+                let result = io.await;
+                drop(permit);
+                result
             };
             let response = response.map(|body| {
                 Limited::new(body, limit)
@@ -308,12 +414,26 @@ mod tests {
             ("192.168.0.1", Some("private")),
             ("169.254.169.254", Some("link-local")),
             ("100.64.0.1", Some("shared (carrier-grade NAT)")),
-            ("0.0.0.0", Some("unspecified")),
+            ("0.0.0.0", Some("unspecified (this network)")),
+            ("192.0.0.170", Some("IETF protocol assignments")),
+            ("198.19.255.1", Some("benchmarking")),
+            ("240.0.0.1", Some("reserved")),
+            ("255.255.255.255", Some("broadcast")),
+            ("224.0.0.251", Some("multicast")),
+            ("172.15.255.255", None),
+            ("172.16.0.1", Some("private")),
             ("::1", Some("loopback")),
-            ("::ffff:127.0.0.1", Some("loopback")),
+            ("::", Some("IPv4-compatible (deprecated) or unspecified")),
+            ("::ffff:127.0.0.1", Some("IPv4-mapped")),
+            ("::ffff:8.8.8.8", Some("IPv4-mapped")),
+            ("64:ff9b::7f00:1", Some("NAT64")),
+            ("2002:7f00:1::", Some("6to4")),
+            ("2001:db8::1", Some("documentation")),
             ("fd00::1", Some("private (unique local)")),
             ("fe80::1", Some("link-local")),
+            ("ff02::1", Some("multicast")),
             ("93.184.216.34", None),
+            ("8.8.8.8", None),
             ("2606:2800:220:1::1", None),
         ] {
             assert_eq!(internal_kind(ip.parse().expect("ip")), kind, "{ip}");

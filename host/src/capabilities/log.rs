@@ -100,13 +100,51 @@ impl Host for LogState {
         if !self.buffer.push(level, &message) {
             return Ok(());
         }
+        // One field, escaped and bounded: a plugin's newlines, terminal escapes or fake
+        // `key=value` text can never pass for a line or a field of the host's own.
+        let line = host_log_field(&message);
         match level {
-            LogLevel::Trace => tracing::trace!(target: "plugin", "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "plugin", "{message}"),
-            LogLevel::Info => tracing::info!(target: "plugin", "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "plugin", "{message}"),
-            LogLevel::Error => tracing::error!(target: "plugin", "{message}"),
+            LogLevel::Trace => tracing::trace!(target: "plugin", line, "plugin log"),
+            LogLevel::Debug => tracing::debug!(target: "plugin", line, "plugin log"),
+            LogLevel::Info => tracing::info!(target: "plugin", line, "plugin log"),
+            LogLevel::Warn => tracing::warn!(target: "plugin", line, "plugin log"),
+            LogLevel::Error => tracing::error!(target: "plugin", line, "plugin log"),
         }
         Ok(())
+    }
+}
+
+/// A plugin's line as the host logs it: quoted, with every control character, quote and
+/// backslash escaped, and cut to `MAX_LINE_BYTES`.
+fn host_log_field(message: &str) -> String {
+    let mut cut = message.len().min(MAX_LINE_BYTES);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut field = format!("{:?}", &message[..cut]);
+    if cut < message.len() {
+        field.push('…');
+    }
+    field
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_line_cannot_forge_a_host_line() {
+        let forged = "ok\n2026-11-29T00:00:00Z  INFO stepwise_host: admin token created \u{1b}[2J";
+        let field = host_log_field(forged);
+        assert!(
+            !field.contains('\n') && !field.contains('\u{1b}'),
+            "{field}"
+        );
+        assert!(field.starts_with('"') && field.contains("\\n"), "{field}");
+        let long = host_log_field(&"é".repeat(MAX_LINE_BYTES));
+        assert!(
+            long.len() < MAX_LINE_BYTES + 16 && long.ends_with('…'),
+            "{long}"
+        );
     }
 }

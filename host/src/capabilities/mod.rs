@@ -35,3 +35,17 @@ impl Violation {
             .take()
     }
 }
+
+/// A failure on the host's side during a call (a data source's pool exhausted or down): not
+/// the plugin's fault. A capability returns it as the call's trap; the runtime reports the
+/// call as a host fault, the tick is retried later, and the run is not charged.
+#[derive(Debug)]
+pub struct HostFault(pub String);
+
+impl std::fmt::Display for HostFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HostFault {}

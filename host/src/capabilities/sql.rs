@@ -1,10 +1,14 @@
 //! `stepwise:plugin/sql`: queries against the data sources named in the host's config
-//! (`[sources.*]`) and granted to the plugin. Parameters are always bound. A `read_only` source is
-//! read-only in the database itself (a read-only SQLite connection, a `READ ONLY` PostgreSQL
-//! transaction), not by inspecting SQL text. Rows and time are capped, and time is enforced by
-//! the database too (PostgreSQL's `statement_timeout`, an SQLite progress handler), so a query
-//! that runs forever is stopped, not just abandoned. Exceeding either cap is a [`Violation`]:
-//! the attempt ends `errored`.
+//! (`[sources.*]`) and granted to the plugin. Parameters are always bound, and a query is
+//! exactly one statement. A query is confined to itself: it reaches nothing but the source
+//! (no other database, no file, no program) and leaves nothing behind on the pooled
+//! connection for the next plugin (`sqlite.rs`, `postgres.rs`). A `read_only` source is
+//! read-only in the database itself, not by inspecting SQL text. Rows, result bytes and time
+//! are capped, and the database enforces time and value sizes too (PostgreSQL's
+//! `statement_timeout`, SQLite's progress handler and length limit), so a query that runs
+//! forever or builds a huge value is stopped, not just abandoned. Exceeding a cap is a
+//! [`Violation`]: the attempt ends `errored`. Waiting for a pooled connection has its own
+//! time limit and is the host's problem, not the plugin's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -32,6 +36,12 @@ struct SqlSource {
     read_only: bool,
 }
 
+/// How long a query waits for one of its source's pooled connections. A source busy with
+/// other plugins' slow queries is the host's condition: the wait does not count against the
+/// plugin's `sql_timeout`, and running out of it is not the plugin's violation.
+/// Short, so that the wait ends well inside the call's own time limit.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+
 enum SourcePool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
@@ -43,19 +53,30 @@ impl SqlSources {
     pub fn connect_lazy(configs: &BTreeMap<String, SourceConfig>) -> anyhow::Result<SqlSources> {
         let mut sources = HashMap::new();
         for (name, config) in configs {
+            let read_only = config.read_only;
             let pool = if config.url.starts_with("sqlite:") {
                 let options = SqliteConnectOptions::from_str(&config.url)
                     .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?
-                    .read_only(config.read_only)
+                    .read_only(read_only)
                     .busy_timeout(Duration::from_secs(5));
                 SourcePool::Sqlite(
                     SqlitePoolOptions::new()
                         .max_connections(4)
+                        .acquire_timeout(POOL_WAIT)
+                        .after_connect(move |connection, _| {
+                            Box::pin(async move {
+                                let mut handle = connection.lock_handle().await?;
+                                // SAFETY: the locked handle is ours alone during the call.
+                                unsafe { sqlite::confine(handle.as_raw_handle()) };
+                                Ok(())
+                            })
+                        })
                         .connect_lazy_with(options),
                 )
             } else if config.url.starts_with("postgres:") || config.url.starts_with("postgresql:") {
                 let pool = PgPoolOptions::new()
                     .max_connections(4)
+                    .acquire_timeout(POOL_WAIT)
                     .connect_lazy(&config.url)
                     .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
                 SourcePool::Postgres(pool)
@@ -74,6 +95,43 @@ impl SqlSources {
             sources: Arc::new(sources),
         })
     }
+
+    /// Connects once to every read-only PostgreSQL source and fails if its role could reach
+    /// beyond the database (a superuser, or a member of `pg_execute_server_program`,
+    /// `pg_read_server_files` or `pg_write_server_files`). A source that cannot be reached is
+    /// only logged: its queries fail until it is back, and every query checks the role again.
+    pub async fn check_roles(
+        &self,
+        configs: &BTreeMap<String, SourceConfig>,
+    ) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        for (name, config) in configs {
+            let is_postgres = matches!(
+                self.sources.get(name).map(|source| &source.pool),
+                Some(SourcePool::Postgres(_))
+            );
+            if !is_postgres || !config.read_only {
+                continue;
+            }
+            let connect = sqlx::PgConnection::connect(&config.url);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok(mut connection)) => {
+                    if let Err(refusal) =
+                        postgres::refuse_privileged_role(&mut connection, name).await
+                    {
+                        anyhow::bail!("{}", postgres::refusal_message(&refusal));
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role")
+                }
+                Err(_) => {
+                    tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role")
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// State of the `sql` interface for one step call.
@@ -82,6 +140,7 @@ pub struct SqlState {
     /// Source names from the plugin's grant.
     pub granted: Vec<String>,
     pub max_rows: usize,
+    pub max_result_bytes: usize,
     pub timeout: Duration,
     pub violation: Violation,
 }
@@ -112,21 +171,39 @@ impl Host for SqlState {
         };
         let limits = QueryLimits {
             max_rows: self.max_rows,
+            max_result_bytes: self.max_result_bytes,
             timeout: self.timeout,
         };
-        let query = async {
-            match &target.pool {
-                SourcePool::Sqlite(pool) => query_sqlite(pool, &statement, params, limits).await,
-                SourcePool::Postgres(pool) => {
-                    query_postgres(pool, target.read_only, &statement, params, limits).await
+        let result = match &target.pool {
+            SourcePool::Sqlite(pool) => match acquire(pool, &source).await? {
+                Ok(connection) => {
+                    within_time(
+                        self.timeout,
+                        query_sqlite(connection, &statement, params, limits),
+                    )
+                    .await
                 }
-            }
+                Err(error) => Err(error),
+            },
+            SourcePool::Postgres(pool) => match acquire(pool, &source).await? {
+                Ok(connection) => {
+                    within_time(
+                        self.timeout,
+                        postgres::query(
+                            connection,
+                            &source,
+                            target.read_only,
+                            &statement,
+                            params,
+                            limits,
+                        ),
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            },
         };
-        let result = match tokio::time::timeout(self.timeout, query).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(QueryError::Guest(time_limit(self.timeout))),
-        };
-        let result = result.map_err(|error| classify(error, &source, self.timeout));
+        let result = result.map_err(|error| classify(error, &source, limits));
         if let Err(SqlError::LimitExceeded(limit)) = &result {
             self.violation.record(limit.clone());
         }
@@ -134,10 +211,69 @@ impl Host for SqlState {
     }
 }
 
+/// A pooled connection of `source`. Running out of the pool wait, or failing to connect, is
+/// the host's fault (`Err`: the tick is retried and the run not charged).
+async fn acquire<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    source: &str,
+) -> wasmtime::Result<Result<sqlx::pool::PoolConnection<DB>, QueryError>> {
+    match pool.acquire().await {
+        Ok(connection) => Ok(Ok(connection)),
+        Err(error) => Err(wasmtime::Error::new(super::HostFault(format!(
+            "sql source {source:?} unavailable: {error}"
+        )))),
+    }
+}
+
+/// The query's own time limit, which starts once it has a connection.
+async fn within_time(
+    timeout: Duration,
+    query: impl Future<Output = Result<RowSet, QueryError>>,
+) -> Result<RowSet, QueryError> {
+    match tokio::time::timeout(timeout, query).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(QueryError::Guest(time_limit(timeout))),
+    }
+}
+
 #[derive(Clone, Copy)]
 struct QueryLimits {
     max_rows: usize,
+    max_result_bytes: usize,
     timeout: Duration,
+}
+
+/// Counts the bytes of a result as its rows arrive.
+struct ResultBytes {
+    used: usize,
+    limit: usize,
+}
+
+impl ResultBytes {
+    fn new(limit: usize) -> ResultBytes {
+        ResultBytes { used: 0, limit }
+    }
+
+    fn add(&mut self, row: &[Value]) -> Result<(), QueryError> {
+        for value in row {
+            self.used += match value {
+                Value::Null | Value::Boolean(_) => 1,
+                Value::Int(_) | Value::Float(_) => 8,
+                Value::Text(text) => text.len(),
+                Value::Bytes(bytes) => bytes.len(),
+            };
+        }
+        if self.used > self.limit {
+            return Err(result_too_big(self.limit));
+        }
+        Ok(())
+    }
+}
+
+fn result_too_big(limit: usize) -> QueryError {
+    QueryError::Guest(SqlError::LimitExceeded(format!(
+        "sql result size limit of {limit} bytes exceeded"
+    )))
 }
 
 fn time_limit(timeout: Duration) -> SqlError {
@@ -159,7 +295,8 @@ impl From<sqlx::Error> for QueryError {
     }
 }
 
-fn classify(error: QueryError, source: &str, timeout: Duration) -> SqlError {
+fn classify(error: QueryError, source: &str, limits: QueryLimits) -> SqlError {
+    let timeout = limits.timeout;
     let error = match error {
         QueryError::Guest(error) => return error,
         QueryError::Database(error) => error,
@@ -167,6 +304,24 @@ fn classify(error: QueryError, source: &str, timeout: Duration) -> SqlError {
     if let Some(database_error) = error.as_database_error() {
         let code = database_error.code().unwrap_or_default();
         let message = database_error.message();
+        // 18 = SQLITE_TOOBIG: a value beyond the length limit, which is the result limit;
+        // PostgreSQL's size guard raises its own message.
+        if code == "18"
+            || message.contains("string or blob too big")
+            || message.contains("sql result size limit")
+        {
+            return SqlError::LimitExceeded(format!(
+                "sql result size limit of {} bytes exceeded",
+                limits.max_result_bytes
+            ));
+        }
+        // 23 = SQLITE_AUTH: the source's authorizer refused an action.
+        if code == "23" || message.contains("not authorized") {
+            return SqlError::Denied(format!(
+                "sql source {source:?} refuses this statement ({message}): a query may only read the source{}",
+                " (and change a writable source's own tables); no ATTACH, PRAGMA, TEMP objects, transactions or file access"
+            ));
+        }
         // 25006 = read_only_sql_transaction (PostgreSQL); SQLite says "readonly".
         if code == "25006" || message.contains("readonly") {
             return SqlError::ReadOnly(format!("sql source {source:?} is read-only: {message}"));
@@ -198,6 +353,10 @@ macro_rules! bind_params {
     }};
 }
 
+// After `bind_params!`, which they use.
+mod postgres;
+mod sqlite;
+
 fn too_many_rows(max_rows: usize) -> QueryError {
     QueryError::Guest(SqlError::LimitExceeded(format!(
         "sql row limit of {max_rows} rows exceeded"
@@ -212,25 +371,58 @@ fn column_names<R: Row>(row: &R) -> Vec<String> {
 }
 
 async fn query_sqlite(
-    pool: &SqlitePool,
+    mut connection: sqlx::pool::PoolConnection<sqlx::Sqlite>,
     statement: &str,
     params: Vec<Value>,
     limits: QueryLimits,
 ) -> Result<RowSet, QueryError> {
-    let mut connection = pool.acquire().await?;
-    // Set before every query, replacing whatever an earlier (possibly abandoned) query left:
-    // the handler stops the statement inside SQLite once the time limit has passed.
-    let deadline = Instant::now() + limits.timeout;
-    connection
-        .lock_handle()
-        .await?
-        .set_progress_handler(1_000, move || Instant::now() < deadline);
+    {
+        let mut handle = connection.lock_handle().await?;
+        // Set before every query, replacing whatever an earlier (possibly abandoned) query
+        // left: the handler stops the statement inside SQLite once the time limit has passed.
+        let deadline = Instant::now() + limits.timeout;
+        handle.set_progress_handler(1_000, move || Instant::now() < deadline);
+        // SAFETY: the locked handle is ours alone while it is held.
+        let checked = unsafe {
+            sqlite::limit_value_bytes(handle.as_raw_handle(), limits.max_result_bytes);
+            sqlite::check_single_statement(handle.as_raw_handle(), statement)
+        };
+        match checked {
+            Ok(()) => {}
+            Err(sqlite::Refused::SeveralStatements) => {
+                return Err(QueryError::Guest(SqlError::QueryFailed(
+                    "a query must be exactly one statement; send each statement in its own query"
+                        .into(),
+                )));
+            }
+            Err(sqlite::Refused::Prepare { code, message }) => {
+                // A denied function is reported as a plain error with this text.
+                let denied =
+                    code == libsqlite3_sys::SQLITE_AUTH || message.contains("not authorized");
+                let error = match code {
+                    _ if denied => SqlError::Denied(format!(
+                        "the source refuses this statement ({message}): a query may read the \
+                         source and change a writable source's own tables, nothing else (no \
+                         ATTACH, VACUUM, PRAGMA that sets anything, TEMP objects, transactions \
+                         or file access)"
+                    )),
+                    libsqlite3_sys::SQLITE_TOOBIG => SqlError::LimitExceeded(format!(
+                        "sql result size limit of {} bytes exceeded",
+                        limits.max_result_bytes
+                    )),
+                    _ => SqlError::QueryFailed(message),
+                };
+                return Err(QueryError::Guest(error));
+            }
+        }
+    }
     let query = bind_params!(sqlx::query(statement), params);
     let mut stream = query.fetch(&mut *connection);
     let mut set = RowSet {
         columns: Vec::new(),
         rows: Vec::new(),
     };
+    let mut bytes = ResultBytes::new(limits.max_result_bytes);
     while let Some(row) = stream.try_next().await? {
         if set.rows.len() == limits.max_rows {
             return Err(too_many_rows(limits.max_rows));
@@ -238,7 +430,9 @@ async fn query_sqlite(
         if set.columns.is_empty() {
             set.columns = column_names(&row);
         }
-        set.rows.push(sqlite_values(&row)?);
+        let values = sqlite_values(&row)?;
+        bytes.add(&values)?;
+        set.rows.push(values);
     }
     Ok(set)
 }
@@ -261,45 +455,6 @@ fn sqlite_values(row: &SqliteRow) -> Result<Vec<Value>, QueryError> {
             Ok(value)
         })
         .collect()
-}
-
-async fn query_postgres(
-    pool: &PgPool,
-    read_only: bool,
-    statement: &str,
-    params: Vec<Value>,
-    limits: QueryLimits,
-) -> Result<RowSet, QueryError> {
-    let mut transaction = pool.begin().await?;
-    if read_only {
-        sqlx::query("SET TRANSACTION READ ONLY")
-            .execute(&mut *transaction)
-            .await?;
-    }
-    let set_timeout = format!(
-        "SET LOCAL statement_timeout = {}",
-        limits.timeout.as_millis()
-    );
-    sqlx::query(&set_timeout).execute(&mut *transaction).await?;
-    let mut set = RowSet {
-        columns: Vec::new(),
-        rows: Vec::new(),
-    };
-    {
-        let query = bind_params!(sqlx::query(statement), params);
-        let mut stream = query.fetch(&mut *transaction);
-        while let Some(row) = stream.try_next().await? {
-            if set.rows.len() == limits.max_rows {
-                return Err(too_many_rows(limits.max_rows));
-            }
-            if set.columns.is_empty() {
-                set.columns = column_names(&row);
-            }
-            set.rows.push(postgres_values(&row)?);
-        }
-    }
-    transaction.commit().await?;
-    Ok(set)
 }
 
 fn postgres_values(row: &PgRow) -> Result<Vec<Value>, QueryError> {

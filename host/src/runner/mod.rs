@@ -24,6 +24,10 @@ use crate::storage::{
 pub enum Error {
     #[error("storage: {0}")]
     Storage(#[from] storage::Error),
+    /// The host could not make the call fairly (instance pool full, a data source
+    /// unavailable); the plugin is not charged and the tick is tried again.
+    #[error("host fault during the call: {0}")]
+    HostFault(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -89,7 +93,14 @@ impl Runner {
             outputs: passed_outputs(&run),
             http_requests: run.http_requests,
         };
-        let (plugin, grant) = match self.resolve_plugin(&run, grant_toml.as_deref()).await {
+        // Checked before the plugin is loaded too: a host that cannot load it (a fault that
+        // is retried) must still end the run at its deadline.
+        if now >= run.deadline_at {
+            let write = self.deadline_passed(&run, claim, &progress);
+            return Ok(self.store.record_tick(write).await?);
+        }
+        let resolved = self.keeping_lease(claim, self.resolve_plugin(&run, grant_toml.as_deref()));
+        let (plugin, grant) = match resolved.await?? {
             Ok(resolved) => resolved,
             Err(PluginUnavailable(message)) => {
                 let write = self.finish(
@@ -118,20 +129,7 @@ impl Runner {
             let step = &run.steps[progress.position];
             let now = now_millis();
             if now >= run.deadline_at {
-                let message = format!(
-                    "run deadline passed ({} ms after creation) while step {:?} was not done",
-                    run.deadline_at - run.created_at,
-                    step.name
-                );
-                let write = self.finish(
-                    &run,
-                    claim,
-                    &progress,
-                    None,
-                    StepStatus::TimedOut,
-                    RunStatus::TimedOut,
-                    message,
-                );
+                let write = self.deadline_passed(&run, claim, &progress);
                 return Ok(self.store.record_tick(write).await?);
             }
             if let (Some(timeout_ms), Some(first_attempt_at)) =
@@ -169,7 +167,8 @@ impl Runner {
                 .saturating_sub(progress.http_requests);
             let report = self
                 .keeping_lease(claim, self.runtime.run_step(&plugin, call, &capabilities))
-                .await?;
+                .await?
+                .map_err(|fault| Error::HostFault(fault.0))?;
             progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
             let finished_at = now_millis();
             tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
@@ -327,39 +326,68 @@ impl Runner {
         }
     }
 
+    /// The write that ends a run whose deadline has passed at its current step.
+    fn deadline_passed(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &Progress,
+    ) -> TickWrite {
+        let message = format!(
+            "run deadline passed ({} ms after creation) while step {:?} was not done",
+            run.deadline_at - run.created_at,
+            run.steps[progress.position].name
+        );
+        self.finish(
+            run,
+            claim,
+            progress,
+            None,
+            StepStatus::TimedOut,
+            RunStatus::TimedOut,
+            message,
+        )
+    }
+
     /// Finds the pinned version's compiled component (compiling it if this process has not yet)
-    /// and parses the plugin's current grant (`None`: the plugin no longer exists).
+    /// and parses the plugin's current grant (`None`: the plugin no longer exists). Loading is
+    /// the host's job: a database error or a compile failure of bytes that passed inspection
+    /// is `Err` (retried, the run not charged); only the plugin's own state makes it
+    /// unavailable.
     async fn resolve_plugin(
         &self,
         run: &RunRecord,
         grant_toml: Option<&str>,
-    ) -> Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable> {
+    ) -> Result<Result<(Arc<LoadedPlugin>, Grant), PluginUnavailable>> {
         let unavailable = |what: String| {
             PluginUnavailable(format!(
                 "plugin {} version {}: {what}",
                 run.plugin_name, run.plugin_version
             ))
         };
-        let grant_toml =
-            grant_toml.ok_or_else(|| unavailable("the plugin no longer exists".into()))?;
-        let grant = parse_grant(grant_toml)
-            .map_err(|error| unavailable(format!("invalid grant: {error:#}")))?;
+        let Some(grant_toml) = grant_toml else {
+            return Ok(Err(unavailable("the plugin no longer exists".into())));
+        };
+        let grant = match parse_grant(grant_toml) {
+            Ok(grant) => grant,
+            Err(error) => return Ok(Err(unavailable(format!("invalid grant: {error:#}")))),
+        };
         let loaded = match self.runtime.cached(&run.plugin_version) {
             Some(loaded) => loaded,
-            None => self
-                .load_version(&run.plugin_version)
-                .await
-                .map_err(|error| unavailable(format!("{error:#}")))?,
+            None => self.load_version(&run.plugin_version).await?,
         };
-        Ok((loaded, grant))
+        Ok(Ok((loaded, grant)))
     }
 
-    async fn load_version(&self, version: &PluginVersion) -> anyhow::Result<Arc<LoadedPlugin>> {
+    async fn load_version(&self, version: &PluginVersion) -> Result<Arc<LoadedPlugin>> {
         if let Some(loaded) = self.runtime.load_precompiled(version).await {
             return Ok(loaded);
         }
         let bytes = self.store.load_component(version).await?;
-        self.runtime.load(version, bytes.into()).await
+        self.runtime
+            .load(version, bytes.into())
+            .await
+            .map_err(|error| Error::HostFault(format!("compiling {version}: {error:#}")))
     }
 
     fn run_write(

@@ -14,7 +14,7 @@ use super::plugin::LoadedPlugin;
 use crate::bindings;
 use crate::capabilities::log::LogCapability;
 use crate::capabilities::sql::SqlCapability;
-use crate::model::PluginVersion;
+use crate::model::{Limits, PluginVersion};
 
 /// How often the epoch advances; the granularity of every call's time limit.
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -37,8 +37,13 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker thread. Precompiled
-    /// artifacts are kept in `artifacts` (created if missing) when given.
-    pub fn new(artifacts: Option<PathBuf>) -> anyhow::Result<Runtime> {
+    /// artifacts are kept in `artifacts` (created if missing) when given. The instance pool
+    /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`.
+    pub fn new(
+        artifacts: Option<PathBuf>,
+        concurrent_calls: usize,
+        limits: &Limits,
+    ) -> anyhow::Result<Runtime> {
         if let Some(dir) = &artifacts {
             std::fs::create_dir_all(dir)?;
         }
@@ -51,9 +56,10 @@ impl Runtime {
         // every call: the per-call mmap/munmap and the TLB shootdowns it sends to every core
         // dominated the cost of a short call. Slots are virtual address space (reserved, not
         // committed); per-call limits still come from the store's limiter.
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(
-            PoolingAllocationConfig::default(),
-        ));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+            concurrent_calls,
+            limits,
+        )));
         let engine = Engine::new(&config)?;
         let engine_key = super::plugin::engine_key(&engine).into();
 
@@ -81,6 +87,33 @@ impl Runtime {
             _ticker: Arc::new(ticker),
         })
     }
+}
+
+/// Calls the pool must hold besides the ticks: inspections of uploads and `describe`.
+const INSPECTIONS: usize = 8;
+/// Instances, memories and tables of one call that the pool reserves room for. A grant may
+/// allow more `instances`; such a call waits for room like any other host condition.
+const MAX_POOLED_PER_CALL: usize = 64;
+/// Memories and tables in the whole pool at most: each memory slot reserves (virtual, not
+/// committed) address space.
+const MAX_POOLED: usize = 8_192;
+
+/// The pool sized from the host's settings rather than wasmtime's defaults (1,000 slots,
+/// 20,000 table elements): every call running at once gets the instances, memories and
+/// table elements its limits allow, so one plugin cannot take another's slots. Running out
+/// anyway is reported as a host condition, never as the plugin's fault.
+fn pool_config(concurrent_calls: usize, limits: &Limits) -> PoolingAllocationConfig {
+    let calls = concurrent_calls + INSPECTIONS;
+    let per_call = limits.instances.clamp(1, MAX_POOLED_PER_CALL);
+    let slots = (calls * per_call).min(MAX_POOLED);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(calls as u32)
+        .total_core_instances(slots as u32)
+        .total_memories(slots as u32)
+        .total_tables(slots as u32)
+        .total_stacks(calls as u32)
+        .table_elements(limits.table_elements);
+    pool
 }
 
 /// Owns the plugin-call threads; shuts them down without blocking, because the last

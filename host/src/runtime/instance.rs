@@ -15,11 +15,11 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::engine::{EPOCH_TICK, Runtime};
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
-use crate::capabilities::Violation;
 use crate::capabilities::grants::wasi_context;
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::sql::{SqlSources, SqlState};
+use crate::capabilities::{HostFault, Violation};
 use crate::model::{AttemptOutcome, CheckInfo, Grant, Limits, LogLine, StepInfo};
 
 /// Everything a call may use: the plugin's grant, the data sources and the limits in force.
@@ -88,33 +88,51 @@ impl WasiHttpView for StepState {
     }
 }
 
-/// Caps linear memory, tables and instances, and remembers which cap was hit so that the
-/// attempt's message can name it.
+/// Caps the memory of one call, all its linear memories and tables together, and its
+/// instances, and remembers which cap was hit so that the attempt's message can name it. A
+/// call may create many instances, each with memories of its own: a cap per memory would let
+/// it use `instances` times the limit.
 struct Limiter {
     memory_bytes: u64,
     table_elements: usize,
     instances: usize,
+    /// Bytes of every memory and table the call has now.
+    in_use: u64,
     exceeded: Option<String>,
+}
+
+/// What one table element counts against `memory_mib` (a reference is a pointer).
+const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
+
+impl Limiter {
+    fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
+        let total = self.in_use - current.min(self.in_use) + desired;
+        if total > self.memory_bytes {
+            let limit = format!(
+                "memory limit of {} MiB exceeded (all memories and tables of the call together)",
+                self.memory_bytes >> 20
+            );
+            self.exceeded = Some(limit.clone());
+            return Err(wasmtime::Error::msg(limit));
+        }
+        self.in_use = total;
+        Ok(true)
+    }
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.memory_bytes {
-            let limit = format!("memory limit of {} MiB exceeded", self.memory_bytes >> 20);
-            self.exceeded = Some(limit.clone());
-            return Err(wasmtime::Error::msg(limit));
-        }
-        Ok(true)
+        self.grow(current as u64, desired as u64)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -123,7 +141,10 @@ impl ResourceLimiter for Limiter {
             self.exceeded = Some(limit.clone());
             return Err(wasmtime::Error::msg(limit));
         }
-        Ok(true)
+        self.grow(
+            current as u64 * TABLE_ELEMENT_BYTES,
+            desired as u64 * TABLE_ELEMENT_BYTES,
+        )
     }
 
     fn instances(&self) -> usize {
@@ -139,8 +160,13 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// A call that did not produce a valid answer: the text for the `errored` attempt.
-struct Fault(String);
+/// Why a call produced no valid answer.
+enum Fault {
+    /// The plugin's fault: the text for the `errored` attempt.
+    Plugin(String),
+    /// The host's: no slot in the instance pool, a data source unavailable.
+    Host(HostFault),
+}
 
 impl Runtime {
     /// Calls `describe` within `limits` and without capabilities, on a call thread.
@@ -160,26 +186,29 @@ impl Runtime {
     }
 
     /// Calls `run-step` once, on the plugin threads. Plugin faults come back as an `errored`
-    /// report, never as `Err`.
+    /// report; `Err` is a fault of the host's (the call could not be made fairly), for which
+    /// the plugin is not charged.
     pub async fn run_step(
         &self,
         plugin: &Arc<LoadedPlugin>,
         call: StepCall,
         capabilities: &Capabilities,
-    ) -> StepReport {
+    ) -> Result<StepReport, HostFault> {
         let (runtime, plugin, capabilities) = (self.clone(), plugin.clone(), capabilities.clone());
         let started = Instant::now();
         self.on_call_thread(
             async move { runtime.run_step_here(&plugin, call, &capabilities).await },
         )
         .await
-        .unwrap_or_else(|panic| StepReport {
-            outcome: AttemptOutcome::Errored,
-            message: Some(format!("the host's call into the plugin panicked: {panic}")),
-            output: None,
-            logs: Vec::new(),
-            duration: started.elapsed(),
-            http_requests: 0,
+        .unwrap_or_else(|panic| {
+            Ok(StepReport {
+                outcome: AttemptOutcome::Errored,
+                message: Some(format!("the host's call into the plugin panicked: {panic}")),
+                output: None,
+                logs: Vec::new(),
+                duration: started.elapsed(),
+                http_requests: 0,
+            })
         })
     }
 
@@ -213,8 +242,15 @@ impl Runtime {
             check.call_describe(&mut store).await
         })
         .await;
-        let info = classify_call(call, &mut store, &stderr, deadline, limits)
-            .map_err(|Fault(message)| anyhow::anyhow!("describe failed: {message}"))?;
+        let info =
+            classify_call(call, &mut store, &stderr, deadline, limits).map_err(
+                |fault| match fault {
+                    Fault::Plugin(message) => anyhow::anyhow!("describe failed: {message}"),
+                    Fault::Host(fault) => {
+                        anyhow::anyhow!("describe could not run on this host right now: {fault}")
+                    }
+                },
+            )?;
         check_info_from_wit(info)
     }
 
@@ -223,7 +259,7 @@ impl Runtime {
         plugin: &LoadedPlugin,
         call: StepCall,
         capabilities: &Capabilities,
-    ) -> StepReport {
+    ) -> Result<StepReport, HostFault> {
         let started = Instant::now();
         let limits = capabilities.limits;
         let (mut store, stderr) = self.new_store(capabilities);
@@ -246,6 +282,7 @@ impl Runtime {
         let violation = store.data().violation.take();
         let http_requests = store.data().http.requests_made;
         let (outcome, message, output) = match (violation, classified) {
+            (_, Err(Fault::Host(fault))) => return Err(fault),
             (Some(limit), _) => (AttemptOutcome::Errored, Some(limit), None),
             (None, classified) => match classified {
                 Ok(StepOutcome::Passed(output)) => {
@@ -260,18 +297,19 @@ impl Runtime {
                 Ok(StepOutcome::Failed(message)) => {
                     bounded_message(AttemptOutcome::Failed, message, limits.output_bytes)
                 }
-                Err(Fault(fault)) => (AttemptOutcome::Errored, Some(fault), None),
+                Err(Fault::Plugin(fault)) => (AttemptOutcome::Errored, Some(fault), None),
+                Err(Fault::Host(fault)) => return Err(fault),
             },
         };
         drop(store);
-        StepReport {
+        Ok(StepReport {
             outcome,
             message,
             output,
             logs: log.take(),
             duration: started.elapsed(),
             http_requests,
-        }
+        })
     }
 
     fn new_store(&self, capabilities: &Capabilities) -> (Store<StepState>, MemoryOutputPipe) {
@@ -290,6 +328,8 @@ impl Runtime {
                 requests_per_run: limits.http_requests_per_run,
                 requests_left: capabilities.http_requests_left,
                 requests_made: 0,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(limits.http_concurrent_requests)),
+                max_in_flight: limits.http_concurrent_requests,
                 log: log.clone(),
                 violation: violation.clone(),
             },
@@ -298,6 +338,7 @@ impl Runtime {
                 sources: capabilities.sources.clone(),
                 granted: capabilities.grant.sql_sources.clone(),
                 max_rows: limits.sql_rows,
+                max_result_bytes: limits.sql_result_bytes,
                 timeout: limits.sql_timeout,
                 violation: violation.clone(),
             },
@@ -305,6 +346,7 @@ impl Runtime {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
                 instances: limits.instances,
+                in_use: 0,
                 exceeded: None,
             },
             violation,
@@ -348,8 +390,18 @@ fn classify_call<T>(
     let error = match result {
         Ok(Ok(value)) => return Ok(value),
         Ok(Err(error)) => error,
-        Err(_elapsed) => return Err(Fault(time_limit())),
+        Err(_elapsed) => return Err(Fault::Plugin(time_limit())),
     };
+    for cause in error.chain() {
+        if let Some(fault) = cause.downcast_ref::<HostFault>() {
+            return Err(Fault::Host(HostFault(fault.0.clone())));
+        }
+        if let Some(exhausted) = cause.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+            return Err(Fault::Host(HostFault(format!(
+                "no room in the instance pool: {exhausted}"
+            ))));
+        }
+    }
     let stderr = String::from_utf8_lossy(&stderr.contents())
         .trim()
         .to_owned();
@@ -366,7 +418,7 @@ fn classify_call<T>(
     };
     let mut text = cause;
     truncate_utf8(&mut text, limits.output_bytes);
-    Err(Fault(text))
+    Err(Fault::Plugin(text))
 }
 
 fn validate_output(output: &str, max_bytes: usize) -> Result<(), String> {
@@ -406,10 +458,59 @@ fn truncate_utf8(text: &mut String, max_bytes: usize) {
     }
 }
 
+/// Bounds on what `describe` may return: everything it says is stored, shown and used for
+/// arithmetic on times, so none of it may be unbounded.
+pub const MAX_STEPS: usize = 64;
+pub const MAX_NAME_BYTES: usize = 128;
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+pub const MAX_PARAMS_SCHEMA_BYTES: usize = 64 << 10;
+/// A step's own timeout may not exceed the longest run (the run timeout ceiling, 7 days).
+pub const MAX_STEP_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+pub const MAX_STEP_ATTEMPTS: u32 = 1_000_000;
+
 fn check_info_from_wit(info: WitCheckInfo) -> anyhow::Result<CheckInfo> {
     anyhow::ensure!(!info.steps.is_empty(), "describe returned no steps");
+    anyhow::ensure!(
+        info.steps.len() <= MAX_STEPS,
+        "describe returned {} steps; at most {MAX_STEPS} are allowed",
+        info.steps.len()
+    );
+    let bounded = |what: &str, text: &str, max: usize| {
+        anyhow::ensure!(
+            text.len() <= max,
+            "describe returned a {what} of {} bytes; at most {max} are allowed",
+            text.len()
+        );
+        Ok(())
+    };
+    bounded("name", &info.name, MAX_NAME_BYTES)?;
+    bounded("version", &info.version, MAX_NAME_BYTES)?;
+    bounded("description", &info.description, MAX_DESCRIPTION_BYTES)?;
+    if let Some(schema) = &info.params_schema {
+        bounded("params schema", schema, MAX_PARAMS_SCHEMA_BYTES)?;
+    }
     let mut seen = std::collections::HashSet::new();
     for step in &info.steps {
+        anyhow::ensure!(
+            !step.name.is_empty(),
+            "describe returned a step without a name"
+        );
+        bounded("step name", &step.name, MAX_NAME_BYTES)?;
+        bounded("step description", &step.description, MAX_DESCRIPTION_BYTES)?;
+        if let Some(timeout) = step.timeout_ms {
+            anyhow::ensure!(
+                (1..=MAX_STEP_TIMEOUT_MS).contains(&timeout),
+                "describe gave step {:?} a timeout of {timeout} ms; it must be 1 to {MAX_STEP_TIMEOUT_MS}",
+                step.name
+            );
+        }
+        if let Some(attempts) = step.max_attempts {
+            anyhow::ensure!(
+                (1..=MAX_STEP_ATTEMPTS).contains(&attempts),
+                "describe gave step {:?} max_attempts of {attempts}; it must be 1 to {MAX_STEP_ATTEMPTS}",
+                step.name
+            );
+        }
         anyhow::ensure!(
             seen.insert(step.name.as_str()),
             "describe returned the step name {:?} twice",
@@ -439,4 +540,80 @@ fn check_info_from_wit(info: WitCheckInfo) -> anyhow::Result<CheckInfo> {
             .collect(),
         params_schema: info.params_schema,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::types::StepInfo as WitStepInfo;
+
+    fn info(steps: Vec<WitStepInfo>) -> WitCheckInfo {
+        WitCheckInfo {
+            name: "check".into(),
+            version: "1".into(),
+            description: String::new(),
+            steps,
+            params_schema: None,
+        }
+    }
+
+    fn step(name: &str, timeout_ms: Option<u64>) -> WitStepInfo {
+        WitStepInfo {
+            name: name.into(),
+            description: String::new(),
+            timeout_ms,
+            max_attempts: None,
+        }
+    }
+
+    #[test]
+    fn describe_output_is_bounded() {
+        assert!(check_info_from_wit(info(vec![step("a", Some(1000))])).is_ok());
+        let many = (0..=MAX_STEPS)
+            .map(|i| step(&format!("s{i}"), None))
+            .collect();
+        assert!(check_info_from_wit(info(many)).is_err());
+        assert!(check_info_from_wit(info(vec![step(&"x".repeat(129), None)])).is_err());
+        assert!(check_info_from_wit(info(vec![step("a", Some(u64::MAX))])).is_err());
+        assert!(check_info_from_wit(info(vec![step("a", Some(0))])).is_err());
+        let mut long = info(vec![step("a", None)]);
+        long.description = "d".repeat(MAX_DESCRIPTION_BYTES + 1);
+        assert!(check_info_from_wit(long).is_err());
+    }
+
+    #[test]
+    fn memory_is_counted_over_every_memory_and_table_of_a_call() {
+        let mut limiter = Limiter {
+            memory_bytes: 64 << 20,
+            table_elements: 100_000,
+            instances: 64,
+            in_use: 0,
+            exceeded: None,
+        };
+        for _ in 0..3 {
+            assert!(limiter.memory_growing(0, 20 << 20, None).is_ok());
+        }
+        assert!(
+            limiter.memory_growing(0, 20 << 20, None).is_err(),
+            "a fourth memory"
+        );
+        assert!(
+            limiter
+                .exceeded
+                .as_deref()
+                .is_some_and(|text| text.contains("64 MiB"))
+        );
+        // Growing one memory counts only the growth.
+        let mut limiter = Limiter {
+            exceeded: None,
+            in_use: 0,
+            ..limiter
+        };
+        assert!(limiter.memory_growing(0, 32 << 20, None).is_ok());
+        assert!(limiter.memory_growing(32 << 20, 127 << 19, None).is_ok());
+        assert!(
+            limiter.table_growing(0, 100_000, None).is_err(),
+            "800 KB of table on top of 63.5 MiB"
+        );
+    }
 }

@@ -413,14 +413,27 @@ impl Store {
         rows.into_iter().map(RunRow::into_record).collect()
     }
 
-    /// Every attempt of a run, in order.
-    pub async fn list_attempts(&self, id: &RunId) -> Result<Vec<AttemptRecord>> {
+    /// Up to `limit` attempts of a run in order (by step, then attempt), after the attempt
+    /// `after` (a step position and attempt number) if given.
+    pub async fn list_attempts(
+        &self,
+        id: &RunId,
+        after: Option<(usize, u32)>,
+        limit: u32,
+    ) -> Result<Vec<AttemptRecord>> {
+        let (position, attempt) = after.map_or((-1, 0), |(position, attempt)| {
+            (position as i64, i64::from(attempt))
+        });
         let rows: Vec<AttemptRow> = sqlx::query_as(
             "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at, a.node \
              FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
-             WHERE a.run_id = $1 ORDER BY a.position, a.attempt",
+             WHERE a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
+             ORDER BY a.position, a.attempt LIMIT $4",
         )
         .bind(id.as_str())
+        .bind(position)
+        .bind(attempt)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(AttemptRow::into_record).collect()

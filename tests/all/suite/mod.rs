@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod demo;
+mod escapes;
 mod hostile;
 mod http_status;
 mod leases;

@@ -4,7 +4,8 @@
 use serde_json::{Value, json};
 
 use crate::support::{
-    Endpoint, PluginFile, Setup, TestServer, postgres_url, sqlite_source, sqlite_url, step_statuses,
+    Endpoint, PluginFile, Setup, TestServer, postgres_reader_url, postgres_url, sqlite_source,
+    sqlite_url, step_statuses,
 };
 
 async fn run_one(manifest: &str, params: Value) -> Value {
@@ -301,9 +302,10 @@ async fn a_read_only_postgres_source_reads_but_refuses_writes() {
     .await
     .expect("insert");
 
+    let reader = postgres_reader_url(&url, &table).await;
     let setup = Setup::default()
         .with_plugin(PluginFile::misbehave("sql_sources = [\"items\"]\n"))
-        .with_source("items", url.clone(), true);
+        .with_source("items", reader, true);
     let server = TestServer::start(setup).await;
     let params = json!({"steps": {
         "first": {"action": "sql", "source": "items", "statement": format!("SELECT name FROM {table} WHERE id >= $1 ORDER BY id"), "params": [1]},

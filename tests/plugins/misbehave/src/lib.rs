@@ -46,6 +46,18 @@ impl Check for Misbehave {
         } else {
             "third"
         };
+        if cfg!(feature = "describe-huge") {
+            // Beyond every bound on describe: too many steps, each with an absurd timeout.
+            return CheckInfo {
+                name: "misbehave".into(),
+                version: "huge".into(),
+                description: String::new(),
+                steps: (0..100)
+                    .map(|i| step(&format!("s{i}"), Some(u64::MAX)))
+                    .collect(),
+                params_schema: None,
+            };
+        }
         CheckInfo {
             name: "misbehave".into(),
             version: format!("{}-{VARIANT}", env!("CARGO_PKG_VERSION")),
@@ -110,6 +122,10 @@ impl Check for Misbehave {
                 }
                 passed(&json!({"logged": action["count"]}))
             }
+            "http_burst" => http_burst(
+                action["authority"].as_str().unwrap_or_default(),
+                action["count"].as_u64().unwrap_or(1),
+            ),
             "http" => {
                 let url = action["url"].as_str().unwrap_or_default();
                 let expect = action["expect_status"].as_u64().unwrap_or(200);
@@ -155,6 +171,39 @@ impl Check for Misbehave {
             other => failed(format!("unknown action {other:?}")),
         }
     }
+}
+
+/// Sends `count` GETs to `http://authority/` at once (all handed to the host before any is
+/// awaited) and reports how many were answered and how many refused.
+fn http_burst(authority: &str, count: u64) -> StepOutcome {
+    use stepwise_plugin::bindings::wasi::http::outgoing_handler;
+    use stepwise_plugin::bindings::wasi::http::types::{Fields, OutgoingRequest, Scheme};
+    let mut in_flight = Vec::new();
+    let mut refused = 0;
+    for _ in 0..count {
+        let request = OutgoingRequest::new(Fields::new());
+        let _ = request.set_scheme(Some(&Scheme::Http));
+        let _ = request.set_authority(Some(authority));
+        let _ = request.set_path_with_query(Some("/"));
+        match outgoing_handler::handle(request, None) {
+            Ok(future) => in_flight.push(future),
+            Err(_) => refused += 1,
+        }
+    }
+    let mut answered = 0;
+    let mut responses = Vec::new();
+    for future in in_flight {
+        future.subscribe().block();
+        match future.get() {
+            Some(Ok(Ok(response))) => {
+                answered += 1;
+                // Kept open until every request is settled, so they overlap.
+                responses.push(response);
+            }
+            _ => refused += 1,
+        }
+    }
+    passed(&json!({"answered": answered, "refused": refused}))
 }
 
 /// Recursion the optimiser cannot turn into a loop: each frame keeps a live buffer.

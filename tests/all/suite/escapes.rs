@@ -1,0 +1,335 @@
+//! The escapes an attack run found through the capabilities, each refused with a clear
+//! message while the host and its data stay untouched: SQL that reaches beyond its source or
+//! leaves state on a pooled connection, values built to exhaust the host's memory, requests
+//! that resolve elsewhere or pile up, and `describe` answers without bounds.
+
+use serde_json::{Value, json};
+
+use crate::support::{
+    Endpoint, MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, TestServer, postgres_reader_url,
+    postgres_url, sqlite_source, sqlite_url, step_statuses,
+};
+
+/// Runs `misbehave` with `action` as its first step and returns the finished run.
+async fn run_action(server: &TestServer, action: Value) -> Value {
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": action}}}))
+        .await;
+    server.wait_until_finished(&id).await
+}
+
+fn sql(statement: &str) -> Value {
+    json!({"action": "sql", "source": "warehouse", "statement": statement})
+}
+
+fn first_message(run: &Value) -> String {
+    run["steps"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn sqlite_server(dir: &std::path::Path, read_only: bool) -> TestServer {
+    let source = sqlite_source(dir).await;
+    TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\n",
+            ))
+            .with_source("warehouse", sqlite_url(&source), read_only),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_sqlite_query_reaches_nothing_but_its_source() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = sqlite_server(dir.path(), true).await;
+    let host_database = server.data_dir().join("stepwise.db");
+    let copy = dir.path().join("copy.db");
+    let attacks = [
+        format!("ATTACH DATABASE '{}' AS h", host_database.display()),
+        format!("VACUUM INTO '{}'", copy.display()),
+        "VACUUM".to_owned(),
+        "CREATE TEMP VIEW items AS SELECT 'poisoned' AS name".to_owned(),
+        "CREATE TEMP TABLE t (x)".to_owned(),
+        "PRAGMA writable_schema = 1".to_owned(),
+        "PRAGMA temp_store_directory = '/tmp'".to_owned(),
+        "BEGIN".to_owned(),
+        "SAVEPOINT s".to_owned(),
+        "SELECT load_extension('/tmp/evil.so')".to_owned(),
+        format!(
+            "SELECT 1; ATTACH DATABASE '{}' AS h",
+            host_database.display()
+        ),
+    ];
+    for attack in &attacks {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{attack}: {run:#}");
+        let message = first_message(&run);
+        assert!(
+            message.contains("refuses this statement") || message.contains("exactly one statement"),
+            "{attack}: {message}"
+        );
+    }
+    assert!(!copy.exists(), "VACUUM INTO wrote a file");
+    // Nothing an attack tried is left on the pooled connections: every later query of
+    // another run sees the source's own table.
+    for _ in 0..6 {
+        let run = run_action(&server, sql("SELECT name FROM items ORDER BY id")).await;
+        assert_eq!(run["status"], "passed", "{run:#}");
+        assert_eq!(run["steps"][0]["output"]["rows"], json!([["one"], ["two"]]));
+    }
+    // A schema pragma that only reads is allowed.
+    let run = run_action(&server, sql("PRAGMA table_info(items)")).await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+}
+
+#[tokio::test]
+async fn a_writable_sqlite_source_changes_its_tables_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = sqlite_server(dir.path(), false).await;
+    let run = run_action(
+        &server,
+        sql("INSERT INTO items (id, name) VALUES (3, 'three')"),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    for attack in [
+        "CREATE TEMP TABLE t (x)",
+        "ATTACH DATABASE ':memory:' AS m",
+        "PRAGMA journal_mode = DELETE",
+    ] {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{attack}: {run:#}");
+        assert!(
+            first_message(&run).contains("refuses this statement"),
+            "{run:#}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_huge_sqlite_result_is_stopped_at_the_result_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = sqlite_server(dir.path(), true).await;
+    for attack in [
+        "SELECT zeroblob(400000000)",
+        "SELECT randomblob(300000000)",
+        "SELECT hex(zeroblob(3000000))",
+        // Each value small, the result large.
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 100) \
+         SELECT zeroblob(100000) FROM c",
+    ] {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(run["status"], "errored", "{attack}: {run:#}");
+        assert!(
+            first_message(&run).contains("sql result size limit of 4194304 bytes exceeded"),
+            "{attack}: {run:#}"
+        );
+    }
+}
+
+/// A table in the PostgreSQL test database, readable by the reader role.
+async fn postgres_table(url: &str) -> String {
+    let table = format!("stepwise_escape_{}", std::process::id());
+    let pool = sqlx::PgPool::connect(url).await.expect("connecting");
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, name TEXT NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create");
+    sqlx::query(&format!(
+        "INSERT INTO {table} VALUES (1, 'one') ON CONFLICT DO NOTHING"
+    ))
+    .execute(&pool)
+    .await
+    .expect("insert");
+    table
+}
+
+#[tokio::test]
+async fn a_privileged_postgres_role_for_a_read_only_source_refuses_to_start() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stepwise.toml");
+    std::fs::write(
+        &config,
+        format!("[sources.warehouse]\nurl = \"{url}\"\nread_only = true\n"),
+    )
+    .expect("writing the config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("running the stepwise binary");
+    assert!(!output.status.success(), "the server started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"warehouse\"")
+            && stderr.contains("superuser")
+            && stderr.contains("CREATE ROLE"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_query_leaves_nothing_behind_and_cannot_exhaust_the_host() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url).await;
+    let reader = postgres_reader_url(&url, &table).await;
+    let server = TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\n",
+            ))
+            .with_source("warehouse", reader, true),
+    )
+    .await;
+    let run = run_action(
+        &server,
+        sql("SELECT set_config('search_path', 'poisoned', false)"),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    for _ in 0..6 {
+        let run = run_action(&server, sql("SELECT current_setting('search_path')")).await;
+        assert_eq!(run["status"], "passed", "{run:#}");
+        assert_ne!(
+            run["steps"][0]["output"]["rows"][0][0], "poisoned",
+            "a session setting leaked into a later query"
+        );
+    }
+    for attack in [
+        "COPY (SELECT 1) TO PROGRAM 'touch /tmp/stepwise-escaped'",
+        "SELECT pg_read_file('/etc/hostname')",
+        "SELECT 1; SELECT 2",
+    ] {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{attack}: {run:#}");
+    }
+    for attack in [
+        "SELECT repeat('x', 300000000)",
+        "SELECT repeat('x', 100000) FROM generate_series(1, 100)",
+    ] {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(run["status"], "errored", "{attack}: {run:#}");
+        assert!(
+            first_message(&run).contains("sql result size limit of 4194304 bytes exceeded"),
+            "{attack}: {run:#}"
+        );
+    }
+    let run = run_action(
+        &server,
+        sql(&format!(
+            "SELECT name FROM {table} WHERE id = 1 -- a comment"
+        )),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(run["steps"][0]["output"]["rows"], json!([["one"]]));
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_refused() {
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(
+        "allowed_hosts = [\"stepwise-test.invalid:80\"]\n",
+    )))
+    .await;
+    let run = run_action(
+        &server,
+        json!({"action": "http", "url": "http://stepwise-test.invalid/"}),
+    )
+    .await;
+    assert_eq!(step_statuses(&run)[0], "failed", "{run:#}");
+    let id = run["id"].as_str().expect("id");
+    let logs: Vec<String> = server
+        .attempts(id)
+        .await
+        .iter()
+        .flat_map(|attempt| attempt["logs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|line| line["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("looking up stepwise-test.invalid failed")),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_in_flight_at_once_are_capped() {
+    let endpoint = Endpoint::start(200).await;
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(format!(
+        "allowed_hosts = [\"{}\"]\n[limits]\nhttp_concurrent_requests = 2\nmax_errors = 1\n",
+        endpoint.host_port
+    ))))
+    .await;
+    let run = run_action(
+        &server,
+        json!({"action": "http_burst", "authority": endpoint.host_port, "count": 10}),
+    )
+    .await;
+    assert_eq!(run["status"], "errored", "{run:#}");
+    assert!(
+        first_message(&run).contains("http limit of 2 requests in flight at once exceeded"),
+        "{run:#}"
+    );
+    assert!(
+        endpoint.hits() <= 2,
+        "{} requests reached the endpoint",
+        endpoint.hits()
+    );
+}
+
+#[tokio::test]
+async fn a_describe_without_bounds_is_rejected_on_upload() {
+    let server = TestServer::start(Setup::default()).await;
+    let bytes = std::fs::read(MISBEHAVE_DESCRIBE_HUGE_WASM).expect("reading the plugin");
+    let (status, problem) = server.upload("huge", bytes).await;
+    assert_eq!(status, 422, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("100 steps; at most 64"),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn attempts_come_a_page_at_a_time() {
+    let server = TestServer::start(
+        Setup::default().with_plugin(PluginFile::misbehave("poll_interval_ms = 50\n")),
+    )
+    .await;
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "pass_after_ms", "ms": 400}}}}))
+        .await;
+    server.wait_until_finished(&id).await;
+    let all = server.attempts(&id).await;
+    assert!(all.len() >= 4, "{all:?}");
+    let (status, page) = server
+        .get_json(&format!("/v1/runs/{id}/attempts?limit=2"))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["attempts"].as_array().expect("attempts").len(), 2);
+    let cursor = page["next_cursor"].as_str().expect("a next page");
+    let (_, next) = server
+        .get_json(&format!("/v1/runs/{id}/attempts?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(next["attempts"][0], all[2]);
+    for bad in ["limit=0", "limit=1001", "cursor=x", "colour=red"] {
+        let (status, problem) = server
+            .get_json(&format!("/v1/runs/{id}/attempts?{bad}"))
+            .await;
+        assert_eq!(status, 422, "{bad}: {problem}");
+    }
+}

@@ -1,7 +1,9 @@
 //! Containment: well-behaved runs keep their tick lag while hostile plugins run beside them;
-//! the host's memory stays flat over many hostile attempts; a runaway call is stopped and
-//! recorded soon after its deadline.
+//! the host's memory stays flat over many hostile attempts of every kind (sandbox, SQL and
+//! HTTP escapes); a runaway call is stopped and recorded soon after its deadline.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,11 +22,27 @@ const HOSTILE_ACTIONS: [&str; 6] = ["loop", "oom", "trap", "recurse", "big_outpu
 
 pub async fn run(options: &Options) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = BenchServer::start(dir.path()).await?;
+    let source = dir.path().join("warehouse.db");
+    create_source(&source).await?;
+    let sources = [(
+        "warehouse".to_owned(),
+        stepwise_host::config::SourceConfig {
+            url: format!("sqlite://{}", source.display()),
+            read_only: true,
+        },
+    )]
+    .into();
+    let server = BenchServer::start_configured(
+        &dir.path().join("data"),
+        stepwise_host::config::AuthMode::None,
+        sources,
+    )
+    .await?;
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(
-        "[limits]\nstep_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n"
+        "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\"]\n[limits]\nstep_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
+        server.host_port()
     );
     server.upload_with_grant("hostile", bytes, &grant).await?;
     let runs = options.repeat.max(10);
@@ -46,7 +64,141 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     println!("\nhostile attempts during the second phase: {hostile_attempts}");
 
     runaway_latency(&server, options.repeat.clamp(5, 20)).await?;
-    memory_over_hostile_attempts(&server, 1_000).await?;
+    let server = Arc::new(server);
+    every_kind_of_attack(&server, runs, &alone_lag, 1_000).await?;
+    Ok(())
+}
+
+async fn create_source(path: &std::path::Path) -> anyhow::Result<()> {
+    use sqlx::ConnectOptions;
+    let mut connection = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .connect()
+        .await?;
+    sqlx::query("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        .execute(&mut connection)
+        .await?;
+    sqlx::query("INSERT INTO items VALUES (1, 'one'), (2, 'two')")
+        .execute(&mut connection)
+        .await?;
+    Ok(())
+}
+
+/// Every attack the hostile suites know, as `misbehave` steps: the sandbox's, and the
+/// capability escapes of SQL and HTTP.
+fn attacks(server: &BenchServer) -> Vec<Value> {
+    let sql =
+        |statement: &str| json!({"action": "sql", "source": "warehouse", "statement": statement});
+    let mut attacks: Vec<Value> = HOSTILE_ACTIONS
+        .iter()
+        .map(|action| json!({"action": action, "bytes": 1_000_000, "count": 1_000_000}))
+        .collect();
+    attacks.extend([
+        sql("SELECT zeroblob(400000000)"),
+        sql("SELECT randomblob(300000000)"),
+        sql("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000) SELECT zeroblob(100000) FROM c"),
+        sql("ATTACH DATABASE 'stepwise.db' AS h"),
+        sql("VACUUM INTO '/tmp/stepwise-bench-vacuum.db'"),
+        sql("CREATE TEMP VIEW items AS SELECT 'poisoned' AS name"),
+        sql("SELECT 1; SELECT 2"),
+        json!({"action": "http_burst", "authority": server.host_port(), "count": 100}),
+        json!({"action": "http", "url": "http://stepwise-bench.invalid/"}),
+    ]);
+    attacks
+}
+
+/// 20 hostile runs at once, every kind of attack among them, each replaced when it ends,
+/// until `target` hostile attempts were made; well-behaved runs go on beside them. Prints the
+/// host's resident memory against its value before the attacks, and the well-behaved tick
+/// lag against running alone.
+async fn every_kind_of_attack(
+    server: &Arc<BenchServer>,
+    runs: usize,
+    alone_lag: &[f64],
+    target: u64,
+) -> anyhow::Result<()> {
+    const CONCURRENT: usize = 20;
+    let attacks = attacks(server);
+    let rss_before = resident_mib()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = {
+        let (server, stop) = (server.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut lags = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                lags.extend(good_runs(&server, runs).await?.0);
+            }
+            anyhow::Ok(lags)
+        })
+    };
+    let trigger = |index: usize| {
+        let step = attacks[index % attacks.len()].clone();
+        let server = server.clone();
+        async move {
+            server
+                .trigger(&json!({"plugin": "hostile", "params": {"steps": {"first": step}}, "poll_interval_ms": 100}))
+                .await
+                .map(|id| (index, id))
+        }
+    };
+    let mut live = Vec::new();
+    for index in 0..CONCURRENT {
+        live.push(trigger(index).await?);
+    }
+    let mut next = CONCURRENT;
+    let (mut finished_attempts, mut rss_peak) = (0u64, rss_before);
+    let started = Instant::now();
+    let attempts = loop {
+        let mut live_attempts = 0;
+        for slot in live.iter_mut() {
+            let run = server.run(&slot.1).await?;
+            let attempts = run["steps"][0]["attempts"].as_u64().unwrap_or(0);
+            if finished(&run) {
+                finished_attempts += attempts;
+                *slot = trigger(next).await?;
+                next += 1;
+            } else {
+                live_attempts += attempts;
+            }
+        }
+        rss_peak = rss_peak.max(resident_mib()?);
+        let attempts = finished_attempts + live_attempts;
+        if attempts >= target {
+            break attempts;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "hostile attempts too slow: {attempts} in 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    let ids: Vec<String> = live.into_iter().map(|(_, id)| id).collect();
+    cancel_all(server, &ids).await?;
+    let beside = good.await.context("well-behaved runs")??;
+    let rss_after = resident_mib()?;
+    print_header(&format!(
+        "{attempts} hostile attempts from {CONCURRENT} concurrent runs ({} kinds of attack, {next} runs), well-behaved runs beside them",
+        attacks.len()
+    ));
+    print_row("well-behaved tick lag, alone", "ms", alone_lag);
+    print_row("well-behaved tick lag, under attack", "ms", &beside);
+    let p99 = |samples: &[f64]| {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[((sorted.len() as f64 * 0.99) as usize).min(sorted.len() - 1)]
+    };
+    println!(
+        "\ntick lag p99: {:.1} ms alone, {:.1} ms under attack ({:.2}×)",
+        p99(alone_lag),
+        p99(&beside),
+        p99(&beside) / p99(alone_lag).max(1.0)
+    );
+    println!(
+        "host RSS: {rss_before:.1} MiB before, {rss_peak:.1} MiB at the peak (+{:.1} MiB), {rss_after:.1} MiB after",
+        rss_peak - rss_before
+    );
     Ok(())
 }
 
@@ -159,40 +311,6 @@ async fn runaway_latency(server: &BenchServer, rounds: usize) -> anyhow::Result<
         "ms",
         &visible,
     );
-    Ok(())
-}
-
-/// The process's resident memory while hostile attempts pile up.
-async fn memory_over_hostile_attempts(server: &BenchServer, target: u64) -> anyhow::Result<()> {
-    let ids = start_hostile(server, 2).await?;
-    let mut samples = Vec::new();
-    let started = Instant::now();
-    let mut next_sample = 0;
-    loop {
-        let mut attempts = 0;
-        for id in &ids {
-            attempts += server.run(id).await?["error_count"].as_u64().unwrap_or(0);
-        }
-        if attempts >= next_sample {
-            samples.push((attempts, resident_mib()?));
-            next_sample += target / 5;
-        }
-        if attempts >= target {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "hostile attempts too slow"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    cancel_all(server, &ids).await?;
-    println!("\n## resident memory of the host process over {target} hostile attempts\n");
-    println!("| errored attempts so far | RSS |");
-    println!("|---|---|");
-    for (attempts, mib) in &samples {
-        println!("| {attempts} | {mib:.1} MiB |");
-    }
     Ok(())
 }
 

@@ -26,8 +26,18 @@ impl BenchServer {
 
     /// With `AuthMode::Tokens`, the client sends an admin token made for it.
     pub async fn start_with_auth(data_dir: &Path, auth: AuthMode) -> anyhow::Result<BenchServer> {
+        BenchServer::start_configured(data_dir, auth, Default::default()).await
+    }
+
+    /// With SQL data sources for the plugins to query.
+    pub async fn start_configured(
+        data_dir: &Path,
+        auth: AuthMode,
+        sources: std::collections::BTreeMap<String, stepwise_host::config::SourceConfig>,
+    ) -> anyhow::Result<BenchServer> {
         let mut settings = Settings::for_data_dir(data_dir);
         settings.auth = auth;
+        settings.sources = sources;
         let mut headers = reqwest::header::HeaderMap::new();
         if auth == AuthMode::Tokens {
             std::fs::create_dir_all(data_dir)?;
@@ -85,6 +95,11 @@ impl BenchServer {
         Ok(())
     }
 
+    /// `host:port` the server listens on.
+    pub fn host_port(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -136,7 +151,7 @@ impl BenchServer {
     pub async fn attempts(&self, id: &str) -> anyhow::Result<Vec<Value>> {
         let body: Value = self
             .client
-            .get(self.url(&format!("/v1/runs/{id}/attempts")))
+            .get(self.url(&format!("/v1/runs/{id}/attempts?limit=1000")))
             .send()
             .await?
             .json()

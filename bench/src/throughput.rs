@@ -218,7 +218,7 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
 /// One `run-step` call of a small Rust plugin: a fresh Store and instance from the cached
 /// `InstancePre`, the call, and the teardown, with no database.
 pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
-    let runtime = Runtime::new(None)?;
+    let runtime = Runtime::new(None, 64, &Limits::default())?;
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     let version = PluginVersion::of_bytes(&bytes);
     let plugin = runtime.load(&version, bytes.into()).await?;
@@ -241,7 +241,10 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         const CALLS: u32 = 200;
         let started = Instant::now();
         for _ in 0..CALLS {
-            let report = runtime.run_step(&plugin, call.clone(), &capabilities).await;
+            let report = runtime
+                .run_step(&plugin, call.clone(), &capabilities)
+                .await
+                .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
             anyhow::ensure!(
                 report.message.is_none(),
                 "the call failed: {:?}",

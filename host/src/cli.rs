@@ -32,14 +32,19 @@ enum Command {
     /// Trigger a run on a server; with --wait, follow it and exit 0 on passed, 1 on failed or
     /// timed_out, 2 otherwise.
     Run {
+        /// The plugin to run, by name.
         plugin: String,
+        /// The run's params, a JSON object.
         #[arg(long, default_value = "{}")]
         params: String,
+        /// Follow the run to its end, printing each step as it changes.
         #[arg(long)]
         wait: bool,
-        /// Write a JUnit XML report of the finished run to this file (implies --wait).
+        /// Write a JUnit XML report of the finished run to this file (implies --wait). The
+        /// file is checked to be writable before the run starts.
         #[arg(long)]
         junit: Option<std::path::PathBuf>,
+        /// The server's base URL, with its scheme.
         #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
         /// Bearer token for a server that runs with `--auth tokens` (role runner or above).
@@ -50,12 +55,17 @@ enum Command {
     /// The grant is `<file>.toml` beside it, if any. Exit 0 on passed, 1 on failed or
     /// timed_out, 2 on errored.
     Dev {
+        /// The plugin component (`.wasm`).
         file: std::path::PathBuf,
+        /// The run's params, a JSON object.
         #[arg(long, default_value = "{}")]
         params: String,
         /// A `stepwise.toml` for SQL sources and limits.
         #[arg(long, env = "STEPWISE_CONFIG")]
         config: Option<std::path::PathBuf>,
+        /// The run's deadline in milliseconds (default: `default_run_timeout_ms`, 600000).
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
     },
     /// Work with plugin components without a server.
     Plugin {
@@ -113,8 +123,12 @@ enum PluginCommand {
     /// world, describe answers) and print its steps and imports; exit 1 if it is invalid.
     Check { file: std::path::PathBuf },
     /// Scaffold a Rust plugin crate in a new directory NAME that builds as is
-    /// (`cargo build --release` gives `target/wasm32-wasip2/release/NAME.wasm`).
-    New { name: String },
+    /// (`cargo build --release` gives `target/wasm32-wasip2/release/NAME_WITH_UNDERSCORES.wasm`:
+    /// dashes in the name become underscores in the file name).
+    New {
+        /// The plugin's name: [a-z0-9][a-z0-9-]{0,62}.
+        name: String,
+    },
 }
 
 /// The whole program; the exit code is the process's.
@@ -156,7 +170,8 @@ pub fn main() -> ExitCode {
             file,
             params,
             config,
-        } => runtime.block_on(dev(&file, &params, config)),
+            timeout,
+        } => runtime.block_on(dev(&file, &params, config, timeout)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -166,6 +181,12 @@ pub fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Settings::from_args(&args)?;
+    if settings.data_dir.exists() && !settings.data_dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {} is a file, not a directory: give a directory (it is created if missing)",
+            settings.data_dir.display()
+        );
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
@@ -193,7 +214,12 @@ async fn dev(
     file: &std::path::Path,
     params: &str,
     config: Option<std::path::PathBuf>,
+    timeout: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        timeout.is_none_or(|ms| (1..=604_800_000).contains(&ms)),
+        "--timeout must be from 1 to 604800000 ms"
+    );
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
     anyhow::ensure!(params.is_object(), "--params must be a JSON object");
     let settings = Settings::from_args(&ServeArgs {
@@ -203,7 +229,9 @@ async fn dev(
         config,
         auth: None,
     })?;
-    let outcome = crate::dev::run_file(file, &params, &settings, &mut std::io::stdout()).await?;
+    let timeout = timeout.map(Duration::from_millis);
+    let outcome =
+        crate::dev::run_file(file, &params, &settings, timeout, &mut std::io::stdout()).await?;
     Ok(ExitCode::from(crate::dev::exit_code(outcome)))
 }
 
@@ -352,6 +380,24 @@ async fn run(
     junit: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        anyhow::bail!(
+            "--server {server:?} needs a scheme: http://{} (or https://…)",
+            server.trim_start_matches("//")
+        );
+    }
+    if let Some(path) = junit {
+        // Found out now, not after a run that may take an hour.
+        let existed = path.exists();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("--junit {} is not writable", path.display()))?;
+        if !existed {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -371,7 +417,13 @@ async fn run(
         .await
         .with_context(|| format!("calling {server}"))?;
     let status = response.status();
-    let run: Value = response.json().await.context("reading the response")?;
+    let text = response.text().await.context("reading the response")?;
+    let Ok(run) = serde_json::from_str::<Value>(&text) else {
+        anyhow::bail!(
+            "{server} answered {status} with a body that is not Stepwise's JSON (is it a Stepwise server?): {}",
+            text.chars().take(200).collect::<String>()
+        );
+    };
     if !status.is_success() {
         anyhow::bail!(
             "{status}: {}",
@@ -385,13 +437,21 @@ async fn run(
     }
     let mut shown: Vec<String> = Vec::new();
     loop {
-        let run: Value = client
+        let response = client
             .get(format!("{server}/v1/runs/{id}"))
             .send()
             .await
-            .with_context(|| format!("calling {server}"))?
-            .json()
-            .await?;
+            .with_context(|| format!("calling {server}"))?;
+        let status = response.status();
+        let run: Value = response.json().await.with_context(|| {
+            format!("{server} answered {status} with a body that is not Stepwise's JSON")
+        })?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{status}: {}",
+                run["detail"].as_str().unwrap_or("reading the run failed")
+            );
+        }
         let steps = run["steps"].as_array().cloned().unwrap_or_default();
         for (index, step) in steps.iter().enumerate() {
             let line = format!(

@@ -17,17 +17,19 @@ use crate::storage::Backend;
 /// Flags of `stepwise serve`; each has its env var.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the bound address is logged).
+    /// Address to listen on [default: 127.0.0.1:8080] (port 0 picks a free port; the bound
+    /// address is logged).
     #[arg(long, env = "STEPWISE_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory for the SQLite database and the `plugins/` directory.
+    /// Directory for the SQLite database, the compiled-plugin cache and the watched `plugins/`
+    /// directory [default: ./stepwise-data].
     #[arg(long, env = "STEPWISE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// `sqlite://PATH` (default: `<data-dir>/stepwise.db`), or `postgres://…` for several nodes
-    /// sharing one database.
+    /// `sqlite://PATH` [default: sqlite://<data-dir>/stepwise.db], or `postgres://…` for
+    /// several nodes sharing one database.
     #[arg(long, env = "STEPWISE_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Optional `stepwise.toml`.
+    /// A `stepwise.toml` (limits, sources, policy; unknown keys are errors) [default: none].
     #[arg(long, env = "STEPWISE_CONFIG")]
     pub config: Option<PathBuf>,
     /// `tokens`: every /v1 call needs a bearer token (`stepwise token create`). `none`: no
@@ -117,23 +119,83 @@ struct LimitsFile {
     http_concurrent_requests: Option<usize>,
 }
 
+/// The documented range of every numeric setting (README, "Configuration" and "What a plugin
+/// can and cannot do"), by key. Every path that reads one checks it here: `stepwise.toml`,
+/// `[limits]`, `[policy.max_limits]` and grants from the API or the plugins directory.
+pub const RANGES: &[(&str, u64, u64)] = &[
+    ("max_concurrent_ticks", 1, 4096),
+    ("default_poll_interval_ms", 50, 3_600_000),
+    ("default_run_timeout_ms", 1_000, 604_800_000),
+    ("lease_ms", 1_000, 3_600_000),
+    ("max_upload_mib", 1, 1024),
+    ("poll_interval_ms", 50, 3_600_000),
+    ("step_timeout_ms", 10, 3_600_000),
+    ("memory_mib", 1, 4096),
+    ("output_bytes", 1, 16 << 20),
+    ("http_response_bytes", 1, 1 << 30),
+    ("http_timeout_ms", 10, 3_600_000),
+    ("sql_rows", 1, 1_000_000),
+    ("sql_timeout_ms", 10, 3_600_000),
+    ("sql_result_bytes", 1, 1 << 30),
+    ("max_errors", 1, 1_000_000),
+    ("table_elements", 1, 10_000_000),
+    ("instances", 1, 64),
+    ("http_requests_per_run", 1, 10_000_000),
+    ("http_concurrent_requests", 1, 256),
+];
+
+/// `value` of `key` (written as `prefix` + `key` in messages), if it is within its range.
+fn in_range<T: Copy + TryInto<u64>>(
+    prefix: &str,
+    key: &str,
+    value: Option<T>,
+) -> anyhow::Result<Option<T>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let (_, min, max) = RANGES
+        .iter()
+        .find(|(known, ..)| *known == key)
+        .copied()
+        .unwrap_or((key, 0, u64::MAX));
+    let number = value.try_into().unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        (min..=max).contains(&number),
+        "{prefix}{key} = {number} is out of range: it must be from {min} to {max}"
+    );
+    Ok(Some(value))
+}
+
 impl LimitsFile {
-    fn overrides(&self) -> LimitOverrides {
-        LimitOverrides {
-            call_timeout: self.step_timeout_ms.map(Duration::from_millis),
-            memory_bytes: self.memory_mib.map(|mib| mib << 20),
-            output_bytes: self.output_bytes,
-            http_response_bytes: self.http_response_bytes,
-            http_timeout: self.http_timeout_ms.map(Duration::from_millis),
-            sql_rows: self.sql_rows,
-            sql_timeout: self.sql_timeout_ms.map(Duration::from_millis),
-            sql_result_bytes: self.sql_result_bytes,
-            max_errors: self.max_errors,
-            table_elements: self.table_elements,
-            instances: self.instances,
-            http_requests_per_run: self.http_requests_per_run,
-            http_concurrent_requests: self.http_concurrent_requests,
-        }
+    /// The limits this table sets, each checked against its range; `prefix` is where the
+    /// table sits (`limits.`, `policy.max_limits.`), for the message.
+    fn overrides(&self, prefix: &str) -> anyhow::Result<LimitOverrides> {
+        Ok(LimitOverrides {
+            call_timeout: in_range(prefix, "step_timeout_ms", self.step_timeout_ms)?
+                .map(Duration::from_millis),
+            memory_bytes: in_range(prefix, "memory_mib", self.memory_mib)?.map(|mib| mib << 20),
+            output_bytes: in_range(prefix, "output_bytes", self.output_bytes)?,
+            http_response_bytes: in_range(prefix, "http_response_bytes", self.http_response_bytes)?,
+            http_timeout: in_range(prefix, "http_timeout_ms", self.http_timeout_ms)?
+                .map(Duration::from_millis),
+            sql_rows: in_range(prefix, "sql_rows", self.sql_rows)?,
+            sql_timeout: in_range(prefix, "sql_timeout_ms", self.sql_timeout_ms)?
+                .map(Duration::from_millis),
+            sql_result_bytes: in_range(prefix, "sql_result_bytes", self.sql_result_bytes)?,
+            max_errors: in_range(prefix, "max_errors", self.max_errors)?,
+            table_elements: in_range(prefix, "table_elements", self.table_elements)?,
+            instances: in_range(prefix, "instances", self.instances)?,
+            http_requests_per_run: in_range(
+                prefix,
+                "http_requests_per_run",
+                self.http_requests_per_run,
+            )?,
+            http_concurrent_requests: in_range(
+                prefix,
+                "http_concurrent_requests",
+                self.http_concurrent_requests,
+            )?,
+        })
     }
 }
 
@@ -240,23 +302,39 @@ impl Settings {
                 settings.database_url
             );
         }
-        if let Some(ticks) = file.max_concurrent_ticks {
-            anyhow::ensure!(ticks > 0, "max_concurrent_ticks must be at least 1");
+        let config_error = |error: anyhow::Error| match &args.config {
+            Some(path) => error.context(format!("in config {}", path.display())),
+            None => error,
+        };
+        if let Some(ticks) =
+            in_range("", "max_concurrent_ticks", file.max_concurrent_ticks).map_err(config_error)?
+        {
             settings.max_concurrent_ticks = ticks;
         }
-        if let Some(ms) = file.default_poll_interval_ms {
+        if let Some(ms) = in_range(
+            "",
+            "default_poll_interval_ms",
+            file.default_poll_interval_ms,
+        )
+        .map_err(config_error)?
+        {
             settings.default_poll_interval = Duration::from_millis(ms);
         }
-        if let Some(ms) = file.default_run_timeout_ms {
+        if let Some(ms) = in_range("", "default_run_timeout_ms", file.default_run_timeout_ms)
+            .map_err(config_error)?
+        {
             settings.default_run_timeout = Duration::from_millis(ms);
         }
-        if let Some(ms) = file.lease_ms {
+        if let Some(ms) = in_range("", "lease_ms", file.lease_ms).map_err(config_error)? {
             settings.lease = Duration::from_millis(ms);
         }
-        if let Some(mib) = file.max_upload_mib {
+        if let Some(mib) =
+            in_range("", "max_upload_mib", file.max_upload_mib).map_err(config_error)?
+        {
             settings.upload_limit_bytes = mib << 20;
         }
-        settings.limits = settings.limits.with_overrides(&file.limits.overrides());
+        let configured_limits = file.limits.overrides("limits.").map_err(config_error)?;
+        settings.limits = settings.limits.with_overrides(&configured_limits);
         settings.sources = file
             .sources
             .into_iter()
@@ -275,7 +353,8 @@ impl Settings {
             .map(|url| public_host(url))
             .collect::<anyhow::Result<_>>()?;
         if let Some(policy) = file.policy {
-            settings.policy = parse_policy(policy, &settings, &file.limits.overrides())?;
+            settings.policy =
+                parse_policy(policy, &settings, &configured_limits).map_err(config_error)?;
             // A default the operator did not set is lowered to the ceiling; one they set
             // above it was refused by `parse_policy`.
             let ceiling = settings.limits.with_overrides(&settings.policy.max_limits);
@@ -348,7 +427,7 @@ fn parse_policy(
     let policy = Policy {
         allowed_hosts,
         sql_sources: file.sql_sources,
-        max_limits: file.max_limits.overrides(),
+        max_limits: file.max_limits.overrides("policy.max_limits.")?,
     };
     let ceiling = settings.limits.with_overrides(&policy.max_limits);
     if let Some((key, value, max)) = settings.limits.first_above(&ceiling, configured_limits) {
@@ -383,10 +462,11 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
         AllowedHost::parse(host).map_err(anyhow::Error::msg)?;
     }
     Ok(Grant {
+        poll_interval: in_range("", "poll_interval_ms", manifest.poll_interval_ms)?
+            .map(Duration::from_millis),
+        limits: manifest.limits.overrides("limits.")?,
         allowed_hosts: manifest.allowed_hosts,
         sql_sources: manifest.sql_sources,
-        poll_interval: manifest.poll_interval_ms.map(Duration::from_millis),
-        limits: manifest.limits.overrides(),
     })
 }
 
@@ -394,7 +474,32 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
 /// kept in.
 pub fn grant_toml_from_json(grant: &serde_json::Value) -> anyhow::Result<String> {
     anyhow::ensure!(grant.is_object(), "the grant must be a JSON object");
-    toml::to_string(grant).context("the grant cannot be written as a manifest (null values?)")
+    // `null` means "not set", as for every optional field of the API.
+    let grant = without_nulls(grant.clone());
+    // Checked as JSON first, so that a mistake is reported in the form it was sent in.
+    let manifest: ManifestFile =
+        serde_path_to_error::deserialize(grant.clone()).map_err(|error| {
+            anyhow::anyhow!(
+                "the grant is invalid at {}: {}",
+                error.path(),
+                error.inner()
+            )
+        })?;
+    drop(manifest);
+    toml::to_string(&grant).context("the grant cannot be written as a manifest")
+}
+
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(object) => serde_json::Value::Object(
+            object
+                .into_iter()
+                .filter(|(_, value)| !value.is_null())
+                .map(|(key, value)| (key, without_nulls(value)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -489,11 +594,66 @@ mod tests {
         let error =
             settings_from("[limits]\nmemory_mib = 64\n[policy.max_limits]\nmemory_mib = 32\n")
                 .expect_err("an explicit default above the ceiling");
-        assert!(error.to_string().contains("limits.memory_mib"), "{error}");
+        assert!(
+            format!("{error:#}").contains("limits.memory_mib"),
+            "{error:#}"
+        );
         let error =
             settings_from("[policy]\nsql_sources = [\"nowhere\"]\n").expect_err("unknown source");
-        assert!(error.to_string().contains("nowhere"), "{error}");
+        assert!(format!("{error:#}").contains("nowhere"), "{error:#}");
         assert!(settings_from("[policy]\nallowed_hosts = [\"ex*ample.com\"]\n").is_err());
         assert!(settings_from("public_urls = [\"stepwise.example.com\"]").is_err());
+    }
+
+    /// Every numeric setting, wherever it is read, refuses 0 (where 0 is out of its range), a
+    /// negative and an absurd value, naming the key.
+    #[test]
+    fn every_setting_refuses_values_out_of_its_range() {
+        let limit_keys: Vec<&str> = RANGES
+            .iter()
+            .map(|(key, ..)| *key)
+            .filter(|key| {
+                !matches!(
+                    *key,
+                    "max_concurrent_ticks"
+                        | "default_poll_interval_ms"
+                        | "default_run_timeout_ms"
+                        | "lease_ms"
+                        | "max_upload_mib"
+                        | "poll_interval_ms"
+                )
+            })
+            .collect();
+        for (key, min, _) in RANGES {
+            let is_limit = limit_keys.contains(key);
+            for value in ["0", "-1", "99999999999999999", "1e400"] {
+                if value == "0" && *min == 0 {
+                    continue;
+                }
+                let (file, grant) = if is_limit {
+                    (
+                        format!("[limits]\n{key} = {value}\n"),
+                        Some(format!("[limits]\n{key} = {value}\n")),
+                    )
+                } else if *key == "poll_interval_ms" {
+                    (String::new(), Some(format!("{key} = {value}\n")))
+                } else {
+                    (format!("{key} = {value}\n"), None)
+                };
+                if !file.is_empty() {
+                    let error = settings_from(&file).expect_err(&file);
+                    assert!(format!("{error:#}").contains(key), "{file}: {error:#}");
+                }
+                if is_limit {
+                    let ceiling = format!("[policy.max_limits]\n{key} = {value}\n");
+                    let error = settings_from(&ceiling).expect_err(&ceiling);
+                    assert!(format!("{error:#}").contains(key), "{ceiling}: {error:#}");
+                }
+                if let Some(grant) = grant {
+                    let error = parse_grant(&grant).expect_err(&grant);
+                    assert!(format!("{error:#}").contains(key), "{grant}: {error:#}");
+                }
+            }
+        }
     }
 }

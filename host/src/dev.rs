@@ -25,13 +25,15 @@ pub enum DevOutcome {
     Errored,
 }
 
-/// Runs `file` with `params` (a JSON object) to the end. The grant is `<file>.toml` beside it
-/// when there is one (no manifest, no capabilities), SQL sources and limits come from
-/// `settings`. Every call is written to `out` as one line.
+/// Runs `file` with `params` (a JSON object) to the end, or to `timeout` (default: the
+/// configured run timeout). The grant is `<file>.toml` beside it when there is one (no
+/// manifest, no capabilities), SQL sources and limits come from `settings`. Every call is
+/// written to `out` as one line, and the verdict as the last.
 pub async fn run_file(
     file: &Path,
     params: &Json,
     settings: &Settings,
+    timeout: Option<std::time::Duration>,
     out: &mut impl Write,
 ) -> anyhow::Result<DevOutcome> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
@@ -73,7 +75,7 @@ pub async fn run_file(
     )?;
 
     let started = Instant::now();
-    let deadline = started + settings.default_run_timeout;
+    let deadline = started + timeout.unwrap_or(settings.default_run_timeout);
     let mut outputs = Map::new();
     let mut errors = 0;
     let mut tick = 1;
@@ -144,7 +146,10 @@ pub async fn run_file(
                     );
                     break;
                 }
-                AttemptOutcome::Failed => return Ok(DevOutcome::Failed),
+                AttemptOutcome::Failed => {
+                    writeln!(out, "step {:?} failed: failed", step.name)?;
+                    return Ok(DevOutcome::Failed);
+                }
                 AttemptOutcome::Errored => {
                     errors += 1;
                     if errors >= limits.max_errors {

@@ -151,7 +151,8 @@ impl RunStatus {
 }
 
 text_enum!(
-    /// A step's status within one run (SPEC §2).
+    /// A step's status within one run (SPEC §2). `cancelled`: the run was cancelled before
+    /// the step finished.
     StepStatus {
         Waiting => "waiting",
         Pending => "pending",
@@ -160,6 +161,7 @@ text_enum!(
         Errored => "errored",
         TimedOut => "timed_out",
         Skipped => "skipped",
+        Cancelled => "cancelled",
     }
 );
 
@@ -624,6 +626,14 @@ macro_rules! limit_comparisons {
                 None
             }
 
+            /// Every limit as its config key and its value in the key's unit.
+            pub fn entries(&self) -> Vec<(&'static str, u64)> {
+                vec![$(($key, {
+                    let shown = |$value: $ty| $shown as u64;
+                    shown(self.$field)
+                })),+]
+            }
+
             /// Each limit that `capped` names, lowered to `ceiling` where it is above it.
             pub fn capped_by(mut self, ceiling: &Limits, capped: &LimitOverrides) -> Limits {
                 $(
@@ -632,6 +642,19 @@ macro_rules! limit_comparisons {
                     }
                 )+
                 self
+            }
+        }
+
+        impl LimitOverrides {
+            /// The config keys of the limits this sets.
+            pub fn keys(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $(
+                    if self.$field.is_some() {
+                        keys.push($key);
+                    }
+                )+
+                keys
             }
         }
     };

@@ -14,7 +14,7 @@ async fn dev(manifest: &str, params: serde_json::Value) -> (DevOutcome, String) 
     std::fs::write(dir.path().join("misbehave.toml"), manifest).expect("writing the manifest");
     let settings = Settings::for_data_dir(dir.path());
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, &mut out)
+    let outcome = run_file(&file, &params, &settings, None, &mut out)
         .await
         .expect("a local run");
     (outcome, String::from_utf8(out).expect("utf-8 output"))
@@ -96,9 +96,15 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
     let wasm = crate_dir.join("target/wasm32-wasip2/release/fresh_check.wasm");
     let settings = Settings::for_data_dir(dir.path());
     let mut out = Vec::new();
-    let outcome = run_file(&wasm, &json!({"expect": "hello"}), &settings, &mut out)
-        .await
-        .expect("a local run");
+    let outcome = run_file(
+        &wasm,
+        &json!({"expect": "hello"}),
+        &settings,
+        None,
+        &mut out,
+    )
+    .await
+    .expect("a local run");
     let out = String::from_utf8(out).expect("utf-8 output");
     assert_eq!(outcome, DevOutcome::Passed, "{out}");
     assert!(out.contains(r#"{"expect":"hello"}"#), "{out}");

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::auth::StoredToken;
-use crate::model::{CheckInfo, Grant, TriggerSpec, UnixMillis};
+use crate::model::{CheckInfo, Grant, Limits, TriggerSpec, UnixMillis};
 use crate::storage::{
     AttemptRecord, AuditRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord,
     ScheduleRecord, StepRecord,
@@ -84,7 +84,8 @@ impl RunDto {
             current_step: run
                 .steps
                 .get(run.current_step)
-                .map(|step| step.name.clone()),
+                .map(|step| step.name.clone())
+                .or_else(|| run.current_step_name.clone()),
             created_at: timestamp(run.created_at),
             started_at: run.started_at.map(timestamp),
             finished_at: run.finished_at.map(timestamp),
@@ -196,6 +197,16 @@ pub struct GrantDto {
     pub allowed_hosts: Vec<String>,
     pub sql_sources: Vec<String>,
     pub poll_interval_ms: Option<u64>,
+    /// Every limit in force for the plugin's calls, by config key, with where it comes from:
+    /// `grant` (set by the grant), `host` (the host's `[limits]` or default) or `policy`
+    /// (lowered to the operator's ceiling).
+    pub limits: BTreeMap<&'static str, LimitDto>,
+}
+
+#[derive(Serialize)]
+pub struct LimitDto {
+    pub value: u64,
+    pub from: &'static str,
 }
 
 #[derive(Serialize)]
@@ -233,13 +244,47 @@ impl PluginDto {
         }
     }
 
-    pub fn with_details(mut self, grant: &Grant, versions: &[PluginVersionRecord]) -> PluginDto {
+    /// Adds the grant, `effective` being the limits in force after the host's defaults and
+    /// the policy's ceilings.
+    pub fn with_details(
+        mut self,
+        grant: &Grant,
+        effective: &Limits,
+        versions: &[PluginVersionRecord],
+    ) -> PluginDto {
+        let granted: std::collections::HashMap<&str, u64> = effective
+            .entries()
+            .into_iter()
+            .filter(|(key, _)| grant.limits.keys().contains(key))
+            .collect();
+        let asked = Limits::default().with_overrides(&grant.limits).entries();
+        let limits = effective
+            .entries()
+            .into_iter()
+            .map(|(key, value)| {
+                let from = if granted.contains_key(key) {
+                    let asked_value = asked
+                        .iter()
+                        .find(|(asked_key, _)| *asked_key == key)
+                        .map(|(_, value)| *value);
+                    if asked_value == Some(value) {
+                        "grant"
+                    } else {
+                        "policy"
+                    }
+                } else {
+                    "host"
+                };
+                (key, LimitDto { value, from })
+            })
+            .collect();
         self.grant = Some(GrantDto {
             allowed_hosts: grant.allowed_hosts.clone(),
             sql_sources: grant.sql_sources.clone(),
             poll_interval_ms: grant
                 .poll_interval
                 .map(|interval| interval.as_millis() as u64),
+            limits,
         });
         self.versions = Some(
             versions
@@ -323,7 +368,11 @@ impl ScheduleDto {
             paused: schedule.options.paused,
             poll_interval_ms: schedule.poll_interval_ms,
             timeout_ms: schedule.timeout_ms,
-            next_fire_at: schedule.next_fire_at.map(timestamp),
+            // A paused schedule has no next fire; resuming computes one from then.
+            next_fire_at: schedule
+                .next_fire_at
+                .filter(|_| !schedule.options.paused)
+                .map(timestamp),
             created_at: timestamp(schedule.created_at),
             updated_at: timestamp(schedule.updated_at),
             recent_fires: fires.map(|fires| {

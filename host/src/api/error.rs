@@ -44,6 +44,16 @@ impl ApiError {
         }
     }
 
+    /// 422 with a code of its own, for a well-formed request that cannot be honoured.
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            field: None,
+            message: message.into(),
+        }
+    }
+
     pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,

@@ -8,6 +8,7 @@ mod dto;
 mod error;
 mod health;
 mod plugins;
+mod query;
 mod runs;
 mod schedules;
 mod state;

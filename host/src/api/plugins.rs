@@ -96,13 +96,8 @@ pub async fn plugins_activate(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginDto>, ApiError> {
-    let body = read_body(body, state.settings.body_limit_bytes)?;
-    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {error}"),
-        )
-    })?;
+    let request =
+        super::runs::read_json_object(body, &["version"], state.settings.body_limit_bytes)?;
     let version = match request.get("version") {
         Some(Json_::String(version)) => version.clone(),
         Some(_) => return Err(ApiError::invalid("version", "version must be a string")),
@@ -141,8 +136,12 @@ async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiEr
         ApiError::not_found("plugin_not_found", format!("no plugin named {name:?}"))
     })?;
     let grant = parse_grant(&plugin.grant_toml).unwrap_or_default();
+    let (_, effective) = state
+        .settings
+        .policy
+        .confine(grant.clone(), &state.settings.limits);
     let versions = state.store.list_plugin_versions(name).await?;
-    Ok(PluginDto::new(&plugin).with_details(&grant, &versions))
+    Ok(PluginDto::new(&plugin).with_details(&grant, &effective, &versions))
 }
 
 async fn read_upload_parts(

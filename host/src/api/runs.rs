@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
@@ -94,11 +94,19 @@ pub async fn runs_create(
     // Scoped to the caller and the plugin: one client's key never finds another's run.
     // Token and plugin names cannot contain `/`, so the scoped key is unambiguous.
     let idempotency_key = idempotency_key.map(|key| format!("{}/{plugin_name}/{key}", caller.name));
+    // serde_json keeps object keys sorted, so equal requests serialize to equal text.
+    let idempotency_fingerprint = idempotency_key.as_ref().map(|_| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            Json_::Object(request.clone()).to_string(),
+        ))
+    });
     let options = RunOptions {
         poll_interval,
         timeout: run_timeout,
         labels,
         idempotency_key,
+        idempotency_fingerprint,
         schedule_id: None,
     };
     let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis())?;
@@ -108,6 +116,16 @@ pub async fn runs_create(
             run
         }
         Enqueued::Existing(run) => run,
+        Enqueued::KeyReused(run) => {
+            return Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                format!(
+                    "this Idempotency-Key was used with a different request (run {}); use a new key for a new request",
+                    run.id
+                ),
+            )
+            .with_field("Idempotency-Key"));
+        }
     };
     let location = format!("/v1/runs/{}", run.id);
     Ok((
@@ -162,7 +180,8 @@ pub(super) fn optional_millis(
     min: Duration,
     max: Duration,
 ) -> Result<Option<Duration>, ApiError> {
-    let Some(value) = request.get(field) else {
+    // Absent and `null` both mean "not set".
+    let Some(value) = request.get(field).filter(|value| !value.is_null()) else {
         return Ok(None);
     };
     let millis = value
@@ -182,24 +201,55 @@ pub(super) fn optional_millis(
     Ok(Some(millis))
 }
 
+/// Most labels on one run or schedule.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key, and longest label value, in bytes.
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+
+/// Labels: an object of at most [`MAX_LABELS`] string values; keys of 1 to 63 bytes without
+/// `=` (the filter `?label=key=value` splits at the first one) or control characters; values
+/// of at most 256 bytes. `null` means none.
 pub(super) fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiError> {
-    let Some(value) = value else {
+    let Some(value) = value.filter(|value| !value.is_null()) else {
         return Ok(BTreeMap::new());
     };
-    let invalid = || {
-        ApiError::invalid(
+    let object = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("labels", "labels must be an object of string values"))?;
+    if object.len() > MAX_LABELS {
+        return Err(ApiError::invalid(
             "labels",
-            "labels must be an object of string values, keys 1 to 63 characters",
-        )
-    };
-    let object = value.as_object().ok_or_else(invalid)?;
+            format!(
+                "at most {MAX_LABELS} labels are allowed, not {}",
+                object.len()
+            ),
+        ));
+    }
     object
         .iter()
-        .map(|(key, value)| match value {
-            Json_::String(text) if !key.is_empty() && key.len() <= 63 => {
-                Ok((key.clone(), text.clone()))
+        .map(|(key, value)| {
+            let field = format!("labels.{key}");
+            if key.is_empty()
+                || key.len() > MAX_LABEL_KEY_BYTES
+                || key.contains('=')
+                || key.chars().any(char::is_control)
+            {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("a label key must be 1 to {MAX_LABEL_KEY_BYTES} bytes, without `=` or control characters"),
+                ));
             }
-            _ => Err(invalid()),
+            match value {
+                Json_::String(text) if text.len() <= MAX_LABEL_VALUE_BYTES => {
+                    Ok((key.clone(), text.clone()))
+                }
+                Json_::String(_) => Err(ApiError::invalid(
+                    field,
+                    format!("a label value may be at most {MAX_LABEL_VALUE_BYTES} bytes"),
+                )),
+                _ => Err(ApiError::invalid(field, "a label value must be a string")),
+            }
         })
         .collect()
 }
@@ -227,26 +277,10 @@ pub async fn runs_show(
 pub async fn runs_attempts(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<BTreeMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Json_>, ApiError> {
-    const PARAMETERS: &[&str] = &["limit", "cursor"];
-    if let Some(unknown) = query.keys().find(|key| !PARAMETERS.contains(&key.as_str())) {
-        return Err(ApiError::invalid(
-            unknown.clone(),
-            format!(
-                "unknown query parameter {unknown:?}; known: {}",
-                PARAMETERS.join(", ")
-            ),
-        ));
-    }
-    let limit = match query.get("limit") {
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=1000).contains(limit))
-            .ok_or_else(|| ApiError::invalid("limit", "limit must be an integer from 1 to 1000"))?,
-        None => 100,
-    };
+    let query = super::query::parse(raw.as_deref(), &["limit", "cursor"])?;
+    let limit = super::query::limit(&query, 100, 1000)?;
     let after = match query.get("cursor") {
         Some(text) => Some(
             text.split_once('.')
@@ -303,21 +337,15 @@ pub async fn runs_cancel(
     }
 }
 
-/// `GET /v1/runs?plugin=&status=&label=key=value&limit=&cursor=`
+/// `GET /v1/runs?plugin=&status=&label=key=value&schedule=&limit=&cursor=`
 pub async fn runs_index(
     State(state): State<AppState>,
-    Query(query): Query<BTreeMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<RunListDto>, ApiError> {
-    const FILTERS: &[&str] = &["plugin", "status", "label", "schedule", "limit", "cursor"];
-    if let Some(unknown) = query.keys().find(|key| !FILTERS.contains(&key.as_str())) {
-        return Err(ApiError::invalid(
-            unknown.clone(),
-            format!(
-                "unknown query parameter {unknown:?}; known: {}",
-                FILTERS.join(", ")
-            ),
-        ));
-    }
+    let query = super::query::parse(
+        raw.as_deref(),
+        &["plugin", "status", "label", "schedule", "limit", "cursor"],
+    )?;
     let status = match query.get("status") {
         Some(text) => Some(RunStatus::parse(text).ok_or_else(|| {
             let known: Vec<_> = RunStatus::ALL
@@ -334,20 +362,12 @@ pub async fn runs_index(
     let label = match query.get("label") {
         Some(text) => Some(
             text.split_once('=')
-                .or_else(|| text.split_once(':'))
                 .map(|(key, value)| (key.to_owned(), value.to_owned()))
                 .ok_or_else(|| ApiError::invalid("label", "label must be key=value"))?,
         ),
         None => None,
     };
-    let limit = match query.get("limit") {
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=500).contains(limit))
-            .ok_or_else(|| ApiError::invalid("limit", "limit must be an integer from 1 to 500"))?,
-        None => 50,
-    };
+    let limit = super::query::limit(&query, 50, 500)?;
     let before = match query.get("cursor") {
         Some(text) => Some(RunId::parse(text).ok_or_else(|| {
             ApiError::invalid(

@@ -6,11 +6,12 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
+use super::auth::Caller;
 use super::dto::ScheduleDto;
 use super::error::ApiError;
 use super::runs::{optional_millis, parse_labels, read_json_object};
@@ -43,6 +44,7 @@ const DEFAULT_MAX_CONCURRENT_RUNS: u32 = 1;
 /// `POST /v1/schedules`
 pub async fn schedules_create(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
@@ -78,6 +80,7 @@ pub async fn schedules_create(
     };
     apply_fields(&state, &mut schedule, &request, now, true).await?;
     state.store.insert_schedule(&schedule).await?;
+    tracing::info!(schedule = %schedule.id, plugin = %schedule.plugin_name, actor = %caller.name, "schedule created");
     state.schedule_wakeup.wake();
     let location = format!("/v1/schedules/{}", schedule.id);
     let body = ScheduleDto::new(&schedule, None);
@@ -89,13 +92,27 @@ pub async fn schedules_create(
         .into_response())
 }
 
-/// `GET /v1/schedules`
+/// `GET /v1/schedules?plugin=&paused=`
 pub async fn schedules_index(
     State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let query = super::query::parse(raw.as_deref(), &["plugin", "paused"])?;
+    let paused = match query.get("paused").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(ApiError::invalid("paused", "paused must be true or false")),
+    };
     let schedules = state.store.list_schedules().await?;
     let schedules: Vec<ScheduleDto> = schedules
         .iter()
+        .filter(|schedule| {
+            query
+                .get("plugin")
+                .is_none_or(|plugin| *plugin == schedule.plugin_name)
+                && paused.is_none_or(|paused| paused == schedule.options.paused)
+        })
         .map(|schedule| ScheduleDto::new(schedule, None))
         .collect();
     Ok(Json(serde_json::json!({ "schedules": schedules })))
@@ -116,6 +133,7 @@ pub async fn schedules_show(
 /// made up for.
 pub async fn schedules_update(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ScheduleDto>, ApiError> {
@@ -133,6 +151,7 @@ pub async fn schedules_update(
     apply_fields(&state, &mut schedule, &request, now, false).await?;
     schedule.updated_at = now;
     state.store.update_schedule(&schedule).await?;
+    tracing::info!(schedule = %schedule.id, paused = schedule.options.paused, actor = %caller.name, "schedule changed");
     state.schedule_wakeup.wake();
     let fires = state.store.recent_fires(&schedule.id, RECENT_FIRES).await?;
     Ok(Json(ScheduleDto::new(&schedule, Some(&fires))))
@@ -141,9 +160,11 @@ pub async fn schedules_update(
 /// `DELETE /v1/schedules/{id}`: no more fires; runs it started are kept.
 pub async fn schedules_delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if state.store.delete_schedule(&id).await? {
+        tracing::info!(schedule = %id, actor = %caller.name, "schedule deleted");
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_found(&id))
@@ -277,7 +298,33 @@ async fn apply_fields(
 
     let resumed = was_paused && !schedule.options.paused;
     if creating || new_trigger.is_some() || resumed {
-        schedule.next_fire_at = trigger.first_from(now);
+        let first = trigger.first_from(now);
+        if creating || new_trigger.is_some() {
+            match (&schedule.trigger, first) {
+                (TriggerSpec::At { at }, _) if *at < now => {
+                    return Err(ApiError::invalid(
+                        "trigger.at",
+                        "at is in the past: a one-shot schedule must fire in the future",
+                    ));
+                }
+                (TriggerSpec::Cron { expr, .. }, None) => {
+                    return Err(ApiError::invalid(
+                        "trigger.cron",
+                        format!(
+                            "the cron expression {expr:?} never fires (a date that does not exist, such as 30 February?)"
+                        ),
+                    ));
+                }
+                (TriggerSpec::Interval { .. }, None) => {
+                    return Err(ApiError::invalid(
+                        "trigger.end_at",
+                        "end_at is before the first fire: this schedule would never fire",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        schedule.next_fire_at = first;
         schedule.next_due_at = schedule
             .next_fire_at
             .map(|fire_at| due_time(&trigger, fire_at));

@@ -181,11 +181,20 @@ fn read_plugin_files(wasm: &Path, manifest: &Path) -> anyhow::Result<Option<(Vec
 }
 
 /// The plugin a file in the directory belongs to, if it is `<name>.<extension>`.
+/// The plugin a `.wasm` or `.toml` file in the directory is for. A file whose name is not a
+/// valid plugin name is skipped with a warning saying why, never silently.
 fn plugin_name_of(path: &Path, extension: &str) -> Option<PluginName> {
     if path.extension()? != extension {
         return None;
     }
-    PluginName::parse(path.file_stem()?.to_str()?).ok()
+    let stem = path.file_stem()?.to_string_lossy();
+    match PluginName::parse(&stem) {
+        Ok(name) => Some(name),
+        Err(message) => {
+            tracing::warn!(file = %path.display(), "plugin file ignored: {message}; rename it");
+            None
+        }
+    }
 }
 
 /// A debounced watch on the plugins directory.

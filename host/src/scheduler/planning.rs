@@ -18,6 +18,8 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
+    /// sha256 of the request the key came with.
+    pub idempotency_fingerprint: Option<String>,
     pub schedule_id: Option<String>,
 }
 
@@ -71,6 +73,7 @@ pub fn plan_run(
         deadline_at: now + timeout.as_millis() as i64,
         created_at: now,
         idempotency_key: options.idempotency_key,
+        idempotency_fingerprint: options.idempotency_fingerprint,
         schedule_id: options.schedule_id,
         steps: plugin
             .check_info

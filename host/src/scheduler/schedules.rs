@@ -72,7 +72,10 @@ pub fn plan_fires(
         decisions.push(Decision {
             scheduled_at: time,
             outcome: FireOutcome::Missed,
-            reason: Some(format!("coalesced into the fire scheduled at {latest}")),
+            reason: Some(format!(
+                "coalesced into the fire scheduled at {}",
+                rfc3339(latest)
+            )),
         });
     }
     for &time in &times[keep_from..] {
@@ -122,6 +125,12 @@ pub fn plan_fires(
         decisions,
         next_fire_at: next,
     }
+}
+
+/// A fire time as people read it in a reason: RFC 3339, UTC, milliseconds.
+fn rfc3339(millis: UnixMillis) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// The due time of a fire: its nominal time plus a random delay of up to the trigger's jitter.
@@ -266,6 +275,7 @@ impl Firer {
                         .map(|ms| Duration::from_millis(ms as u64)),
                     labels: schedule.labels.clone(),
                     idempotency_key: None,
+                    idempotency_fingerprint: None,
                     schedule_id: Some(schedule.id.clone()),
                 };
                 let planned = match &plugin {

@@ -38,6 +38,45 @@ pub struct InvalidTrigger {
     pub message: String,
 }
 
+/// Which field of a cron expression croner refuses, found by parsing it with every other field
+/// replaced by `*`.
+fn bad_cron_field(expr: &str) -> Option<&'static str> {
+    const FIVE: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
+    const SIX: [&str; 6] = [
+        "second",
+        "minute",
+        "hour",
+        "day-of-month",
+        "month",
+        "day-of-week",
+    ];
+    const SEVEN: [&str; 7] = [
+        "second",
+        "minute",
+        "hour",
+        "day-of-month",
+        "month",
+        "day-of-week",
+        "year",
+    ];
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let names: &[&'static str] = match fields.len() {
+        5 => &FIVE,
+        6 => &SIX,
+        7 => &SEVEN,
+        _ => return None,
+    };
+    (0..fields.len()).find_map(|index| {
+        let alone: Vec<&str> = (0..fields.len())
+            .map(|other| if other == index { fields[index] } else { "*" })
+            .collect();
+        CronParser::new()
+            .parse(&alone.join(" "))
+            .is_err()
+            .then_some(names[index])
+    })
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> InvalidTrigger {
     InvalidTrigger {
         field,
@@ -54,7 +93,12 @@ impl Trigger {
                 let cron = CronParser::new().parse(expr).map_err(|error| {
                     invalid(
                         "trigger.cron",
-                        format!("invalid cron expression {expr:?}: {error}"),
+                        format!(
+                            "invalid cron expression {expr:?}: {}{error}",
+                            bad_cron_field(expr)
+                                .map(|field| format!("the {field} field is invalid: "))
+                                .unwrap_or_default()
+                        ),
                     )
                 })?;
                 let zone: Tz = timezone.parse().map_err(|_| {
@@ -80,10 +124,12 @@ impl Trigger {
                         format!("interval_ms must be at least {MIN_INTERVAL_MS}"),
                     ));
                 }
-                if *jitter_ms < 0 {
+                if *jitter_ms < 0 || *jitter_ms >= *interval_ms {
                     return Err(invalid(
                         "trigger.jitter_ms",
-                        "jitter_ms must not be negative",
+                        format!(
+                            "jitter_ms must be from 0 to less than interval_ms ({interval_ms}): a fire delayed past the next one would always be missed"
+                        ),
                     ));
                 }
                 let start_at = start_at.unwrap_or(created_at + interval_ms);

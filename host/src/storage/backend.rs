@@ -54,6 +54,14 @@ impl Backend {
                     .await?
             }
             Backend::Postgres => {
+                // One plain connection first: a refused or misconfigured server is reported
+                // at once with its own error, where the pool would retry until its time-out
+                // and report only that.
+                let first = sqlx::PgConnection::connect(url);
+                match tokio::time::timeout(Duration::from_secs(10), first).await {
+                    Ok(connection) => drop(connection?),
+                    Err(_) => return Err(sqlx::Error::PoolTimedOut.into()),
+                }
                 AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))

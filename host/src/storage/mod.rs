@@ -87,6 +87,8 @@ pub struct NewRun {
     pub deadline_at: UnixMillis,
     pub created_at: UnixMillis,
     pub idempotency_key: Option<String>,
+    /// sha256 of the request that came with the idempotency key.
+    pub idempotency_fingerprint: Option<String>,
     /// The schedule whose fire started this run.
     pub schedule_id: Option<String>,
     pub steps: Vec<NewStep>,
@@ -115,6 +117,7 @@ impl NewRun {
             lease_owner: None,
             http_requests: 0,
             schedule_id: self.schedule_id.clone(),
+            current_step_name: None,
             steps: self
                 .steps
                 .iter()
@@ -150,6 +153,8 @@ pub struct NewStep {
 pub enum Enqueued {
     Created(RunRecord),
     Existing(RunRecord),
+    /// The key was used before with another request; that request's run.
+    KeyReused(RunRecord),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,6 +179,8 @@ pub struct RunRecord {
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
     pub schedule_id: Option<String>,
+    /// The name of the step at `current_step`: filled by `list_runs`, which has no steps.
+    pub current_step_name: Option<String>,
     /// Empty in listings; filled by `find_run`.
     pub steps: Vec<StepRecord>,
 }

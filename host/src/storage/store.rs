@@ -290,12 +290,12 @@ impl Store {
     }
 
     /// Makes a run durable and due at once. With an idempotency key already used, returns that
-    /// run instead.
+    /// run instead, or `KeyReused` if the key came with another request then.
     pub async fn enqueue_run(&self, run: &NewRun) -> Result<Enqueued> {
         if let Some(key) = &run.idempotency_key
             && let Some(existing) = self.find_run_by_idempotency_key(key).await?
         {
-            return Ok(Enqueued::Existing(existing));
+            return Ok(existing.answer_to(run));
         }
         let written = if run.idempotency_key.is_some() {
             // Alone: its unique key may clash with a concurrent request's, which must not fail
@@ -311,7 +311,7 @@ impl Store {
                 && let Some(key) = &run.idempotency_key
             {
                 return match self.find_run_by_idempotency_key(key).await? {
-                    Some(existing) => Ok(Enqueued::Existing(existing)),
+                    Some(existing) => Ok(existing.answer_to(run)),
                     None => Err(Error::Conflict {
                         constraint: "runs.idempotency_key".into(),
                     }),
@@ -323,16 +323,20 @@ impl Store {
         Ok(Enqueued::Created(run.queued_record()))
     }
 
-    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<RunRecord>> {
-        let id: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM runs WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?;
-        match id {
-            Some((id,)) => self.find_run(&RunId::from_stored(id)).await,
-            None => Ok(None),
-        }
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<KeyedRun>> {
+        let found: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((id, fingerprint)) = found else {
+            return Ok(None);
+        };
+        Ok(self
+            .find_run(&RunId::from_stored(id))
+            .await?
+            .map(|run| KeyedRun { run, fingerprint }))
     }
 
     /// A run with its steps.
@@ -383,7 +387,11 @@ impl Store {
 
     /// Runs newest first, without their steps.
     pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
-        let mut query = Statement::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"));
+        // The current step's name too, so that a listed run names it as a shown one does.
+        let mut query = Statement::new(format!(
+            "SELECT {RUN_COLUMNS}, (SELECT name FROM steps WHERE steps.run_id = runs.id \
+             AND steps.position = runs.current_step) AS current_step_name FROM runs WHERE 1 = 1"
+        ));
         if let Some(plugin) = &filter.plugin {
             query.push(" AND plugin_name = ").bind(plugin.as_str())?;
         }
@@ -457,10 +465,15 @@ impl Store {
             let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
             return Ok(Cancelled::AlreadyFinished(run.status));
         }
-        sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND status IN ('waiting', 'pending')")
-            .bind(id.as_str())
-            .execute(&mut *transaction)
-            .await?;
+        // Every step that had not finished was cancelled with the run, when it was.
+        sqlx::query(
+            "UPDATE steps SET status = 'cancelled', finished_at = $1 \
+             WHERE run_id = $2 AND status IN ('waiting', 'pending')",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *transaction)
+        .await?;
         self.backend
             .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
             .await?;
@@ -751,6 +764,9 @@ struct RunRow {
     lease_owner: Option<String>,
     http_requests: i64,
     schedule_id: Option<String>,
+    /// Only listings select it; a single run has its steps.
+    #[sqlx(default)]
+    current_step_name: Option<String>,
 }
 
 impl RunRow {
@@ -778,6 +794,7 @@ impl RunRow {
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
             schedule_id: self.schedule_id,
+            current_step_name: self.current_step_name,
             steps: Vec::new(),
         })
     }
@@ -1294,6 +1311,21 @@ fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
+/// A run found by its idempotency key, with the fingerprint of the request that made it.
+struct KeyedRun {
+    run: RunRecord,
+    fingerprint: Option<String>,
+}
+
+impl KeyedRun {
+    fn answer_to(self, request: &NewRun) -> Enqueued {
+        match (&self.fingerprint, &request.idempotency_fingerprint) {
+            (Some(first), Some(again)) if first != again => Enqueued::KeyReused(self.run),
+            _ => Enqueued::Existing(self.run),
+        }
+    }
+}
+
 /// Most bind parameters in one statement (SQLite allows 32,766, PostgreSQL 65,535).
 const MAX_BINDS: usize = 30_000;
 
@@ -1306,7 +1338,7 @@ async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<
         .collect::<Result<_>>()?;
     let mut rows = Inserts::new(
         "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
-         idempotency_key, created_at, deadline_at, next_tick_at, schedule_id) VALUES ",
+         idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, schedule_id) VALUES ",
     );
     for (run, labels) in runs.iter().zip(&labels) {
         rows.row()
@@ -1319,6 +1351,7 @@ async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<
             .value(run.poll_interval_ms)?
             .value(i64::from(run.max_errors))?
             .value(run.idempotency_key.as_deref())?
+            .value(run.idempotency_fingerprint.as_deref())?
             .value(run.created_at)?
             .value(run.deadline_at)?
             .value(run.created_at)?
@@ -1549,6 +1582,7 @@ mod tests {
             deadline_at: 600_000,
             created_at: 1_000,
             idempotency_key: None,
+            idempotency_fingerprint: None,
             schedule_id: Some("schedule".into()),
             steps: vec![
                 NewStep {

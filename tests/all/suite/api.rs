@@ -96,7 +96,7 @@ async fn malformed_requests_get_problem_json_naming_the_field() {
             "labels not strings",
             "{\"plugin\": \"misbehave\", \"labels\": {\"a\": 1}}".into(),
             422,
-            Some("labels"),
+            Some("labels.a"),
         ),
         (
             "params against the schema",

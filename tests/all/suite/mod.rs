@@ -13,3 +13,4 @@ mod registry;
 mod sandbox;
 mod schedules;
 mod steps;
+mod validation;

@@ -111,7 +111,10 @@ async fn cancel_stops_a_run_and_a_finished_run_cannot_be_cancelled() {
         .await;
     assert_eq!(status, 200, "{run}");
     assert_eq!(run["status"], "cancelled");
-    assert_eq!(step_statuses(&run), ["skipped", "skipped", "skipped"]);
+    assert_eq!(step_statuses(&run), ["cancelled", "cancelled", "cancelled"]);
+    for step in run["steps"].as_array().expect("steps") {
+        assert_eq!(step["finished_at"], run["finished_at"], "{run:#}");
+    }
     let attempts_at_cancel = server.attempts(&id).await.len();
 
     // A later tick must not resurrect it: trigger and finish another run, then look again.

@@ -1,0 +1,59 @@
+//! Query strings, read by one rule on every endpoint: a parameter the endpoint does not know,
+//! or one given twice, is a 422 naming it, never silently ignored or overwritten.
+
+use std::collections::BTreeMap;
+
+use super::error::ApiError;
+
+/// The parameters of `raw` (the URI's query), each at most once and each in `known`.
+pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
+        .map_err(|error| {
+            ApiError::bad_request(
+                "malformed_query",
+                format!("the query string is malformed: {error}"),
+            )
+        })?;
+    let mut parameters = BTreeMap::new();
+    for (name, value) in pairs {
+        if !known.contains(&name.as_str()) {
+            return Err(ApiError::invalid(
+                name.clone(),
+                format!(
+                    "unknown query parameter {name:?}; known: {}",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        if parameters.contains_key(&name) {
+            return Err(ApiError::invalid(
+                name.clone(),
+                format!("query parameter {name:?} is given more than once; give it once"),
+            ));
+        }
+        parameters.insert(name, value);
+    }
+    Ok(parameters)
+}
+
+/// `limit` from 1 to `max`, `default` when absent.
+pub fn limit(
+    parameters: &BTreeMap<String, String>,
+    default: u32,
+    max: u32,
+) -> Result<u32, ApiError> {
+    match parameters.get("limit") {
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=max).contains(limit))
+            .ok_or_else(|| {
+                ApiError::invalid("limit", format!("limit must be an integer from 1 to {max}"))
+            }),
+        None => Ok(default),
+    }
+}

@@ -64,6 +64,12 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     println!("\nhostile attempts during the second phase: {hostile_attempts}");
 
     runaway_latency(&server, options.repeat.clamp(5, 20)).await?;
+    // The baseline of the attack below: as many rounds alone as run beside the attacks, so
+    // that both p99s rest on about as many ticks (one round's 300 give a noisy p99).
+    let mut alone_lag = alone_lag;
+    for _ in 0..5 {
+        alone_lag.extend(good_runs(&server, runs).await?.0);
+    }
     let server = Arc::new(server);
     every_kind_of_attack(&server, runs, &alone_lag, 1_000).await?;
     Ok(())

@@ -109,3 +109,35 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
     assert_eq!(outcome, DevOutcome::Passed, "{out}");
     assert!(out.contains(r#"{"expect":"hello"}"#), "{out}");
 }
+
+#[tokio::test]
+async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
+    let (outcome, out) = dev("", json!({"steps": {"first": {"action": "fail"}}})).await;
+    assert_eq!(outcome, DevOutcome::Failed, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("step \"first\" failed: failed"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("misbehave.wasm");
+    std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
+    std::fs::write(dir.path().join("misbehave.toml"), "poll_interval_ms = 50\n")
+        .expect("writing the manifest");
+    let settings = Settings::for_data_dir(dir.path());
+    let mut out = Vec::new();
+    let params = json!({"steps": {"first": {"action": "pending"}}});
+    let timeout = std::time::Duration::from_millis(300);
+    let outcome = run_file(&file, &params, &settings, Some(timeout), &mut out)
+        .await
+        .expect("a local run");
+    let out = String::from_utf8(out).expect("utf-8 output");
+    assert_eq!(outcome, DevOutcome::TimedOut, "{out}");
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|line| line.ends_with("timed_out")),
+        "{out}"
+    );
+}

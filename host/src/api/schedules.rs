@@ -301,10 +301,16 @@ async fn apply_fields(
         let first = trigger.first_from(now);
         if creating || new_trigger.is_some() {
             match (&schedule.trigger, first) {
-                (TriggerSpec::At { at }, _) if *at < now => {
+                // Earlier than its misfire grace allows, the one fire would only be missed.
+                (TriggerSpec::At { at }, _)
+                    if schedule
+                        .options
+                        .misfire_grace_ms
+                        .is_some_and(|grace| *at < now - grace) =>
+                {
                     return Err(ApiError::invalid(
                         "trigger.at",
-                        "at is in the past: a one-shot schedule must fire in the future",
+                        "at is in the past, beyond misfire_grace_ms: the one fire would only be missed; give a time in the future",
                     ));
                 }
                 (TriggerSpec::Cron { expr, .. }, None) => {

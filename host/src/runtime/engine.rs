@@ -31,6 +31,10 @@ pub struct Runtime {
     /// Plugin calls run on their own threads, so that CPU-hungry plugins compete with each
     /// other, not with the API, the scheduler and the database writes of the host.
     pub(super) calls: tokio::runtime::Handle,
+    /// Calls that have used more than a CPU quantum run only while holding one of these:
+    /// one core fewer than the machine has (at least one), so that long, CPU-hungry calls
+    /// (a plugin looping to its time limit) never take the CPU from short ones and the host.
+    pub(super) long_calls: Arc<tokio::sync::Semaphore>,
     _calls: Arc<CallThreads>,
     _ticker: Arc<EpochTicker>,
 }
@@ -76,7 +80,9 @@ impl Runtime {
             .thread_name("stepwise-plugin")
             .enable_all()
             .build()?;
+        let long_calls = threads.saturating_sub(1).max(1);
         Ok(Runtime {
+            long_calls: Arc::new(tokio::sync::Semaphore::new(long_calls)),
             calls: calls.handle().clone(),
             _calls: Arc::new(CallThreads(Some(calls))),
             engine,

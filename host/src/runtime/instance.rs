@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -215,13 +216,19 @@ impl Runtime {
     /// Runs one call on a thread of its own (from tokio's blocking pool), driven by the
     /// plugin runtime's reactor and timers. The operating system then shares the CPU between
     /// calls preemptively: a short call is not queued behind a plugin that burns its whole
-    /// time limit, as it would be among the tasks of one async executor.
+    /// time limit, as it would be among the tasks of one async executor. The thread runs at
+    /// a lower priority than the host's own, so that however much CPU plugins want, the
+    /// scheduler still starts ticks on time and the API still answers.
     async fn on_call_thread<T: Send + 'static>(
         &self,
         call: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         let handle = self.calls.clone();
-        tokio::task::spawn_blocking(move || handle.block_on(call)).await
+        tokio::task::spawn_blocking(move || {
+            lower_thread_priority();
+            handle.block_on(call)
+        })
+        .await
     }
 
     async fn describe_here(
@@ -354,18 +361,87 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = Instant::now() + limits.call_timeout;
+        // This runs on the call's own thread, so the thread's CPU time is the call's.
+        let cpu_at_start = thread_cpu_time();
+        let long_calls = self.long_calls.clone();
+        let long_call: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
         // Check the clock on every epoch tick: yield to tokio so the call never hogs a worker,
-        // and trap once the wall-clock limit has passed.
+        // trap once the wall-clock limit has passed, and once the call has used more than a
+        // CPU quantum, go on only with a long-call permit (waiting for one, if need be, with
+        // the guest paused, until the deadline).
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_store| {
             if Instant::now() >= deadline {
-                Err(wasmtime::Error::msg("time limit exceeded"))
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+                return Err(wasmtime::Error::msg("time limit exceeded"));
             }
+            let holds_permit = long_call
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .is_some();
+            if holds_permit || thread_cpu_time().saturating_sub(cpu_at_start) < CPU_QUANTUM {
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            let (long_calls, long_call) = (long_calls.clone(), long_call.clone());
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    let permit =
+                        tokio::time::timeout_at(deadline.into(), long_calls.acquire_owned()).await;
+                    if let Ok(Ok(permit)) = permit {
+                        *long_call
+                            .lock()
+                            .unwrap_or_else(|poison| poison.into_inner()) = Some(permit);
+                    }
+                }),
+            ))
         });
         (store, stderr)
     }
+}
+
+/// CPU a call may use before it needs a long-call permit: far more than a check's step
+/// takes, far less than a plugin burning its time limit.
+const CPU_QUANTUM: Duration = Duration::from_millis(20);
+
+/// How much nicer than the host a plugin call's thread is (Linux niceness; a weight about
+/// nine times smaller than the host's threads when they compete for the CPU).
+#[cfg(target_os = "linux")]
+const CALL_NICENESS: i32 = 10;
+
+/// Makes the current thread nicer, once: raising niceness needs no privilege, and the thread
+/// only ever runs plugin calls (and compiles, which may wait too) from then on.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        thread_local! {
+            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        LOWERED.with(|lowered| {
+            if !lowered.replace(true) {
+                // SAFETY: plain syscalls on the calling thread; on Linux a thread id names one
+                // thread for `setpriority`. A failure leaves the thread as it was.
+                unsafe {
+                    let thread = libc::gettid() as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, thread, CALL_NICENESS);
+                }
+            }
+        });
+    }
+}
+
+/// CPU time the current thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid out-pointer; the clock id is a constant every Linux and BSD
+    // knows. On failure `time` stays zero, and the call is simply never treated as long.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    Duration::new(
+        time.tv_sec.max(0) as u64,
+        time.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// The epoch callback stops guest code; this backstop also bounds time spent in host calls.

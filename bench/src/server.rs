@@ -187,6 +187,16 @@ impl BenchServer {
 
     /// Polls the run every millisecond until `done` holds.
     pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        self.wait_for_every(id, Duration::from_millis(1), done).await
+    }
+
+    /// Polls the run every `poll` until `done` holds.
+    pub async fn wait_for_every(
+        &self,
+        id: &str,
+        poll: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let started = Instant::now();
         loop {
             let run = self.run(id).await?;
@@ -197,7 +207,7 @@ impl BenchServer {
                 started.elapsed() < Duration::from_secs(120),
                 "run {id} stuck: {run}"
             );
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(poll).await;
         }
     }
 }

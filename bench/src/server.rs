@@ -187,7 +187,8 @@ impl BenchServer {
 
     /// Polls the run every millisecond until `done` holds.
     pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-        self.wait_for_every(id, Duration::from_millis(1), done).await
+        self.wait_for_every(id, Duration::from_millis(1), done)
+            .await
     }
 
     /// Polls the run every `poll` until `done` holds.

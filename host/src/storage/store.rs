@@ -33,6 +33,11 @@ pub struct Store {
     runs: Arc<GroupCommit<NewRun, ()>>,
     /// Tick results, written by group commit where the backend gains from it.
     ticks: Option<Arc<GroupCommit<TickWrite, ()>>>,
+    /// SQLite has one writer at a time. The hot writers (claims, lease renewals, new runs,
+    /// tick results) take turns here, in order and woken at once, instead of meeting on
+    /// SQLite's lock, whose busy handler polls with sleeps that grow to tens of milliseconds
+    /// (tick lag). `None` on PostgreSQL, where writers run in parallel.
+    writer: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
@@ -45,18 +50,25 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store> {
         let backend = Backend::of_url(url).ok_or_else(|| Error::UnsupportedUrl(url.to_owned()))?;
         let pool = backend.connect(url).await?;
+        let writer = (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Mutex::new(())));
         let runs = {
-            let pool = pool.clone();
+            let (pool, writer) = (pool.clone(), writer.clone());
             GroupCommit::start(move |runs| {
-                let pool = pool.clone();
-                async move { write_runs(&pool, backend, runs).await }
+                let (pool, writer) = (pool.clone(), writer.clone());
+                async move {
+                    let _turn = take_turn(&writer).await;
+                    write_runs(&pool, backend, runs).await
+                }
             })
         };
         let ticks = backend.groups_tick_writes().then(|| {
-            let pool = pool.clone();
+            let (pool, writer) = (pool.clone(), writer.clone());
             Arc::new(GroupCommit::start(move |writes| {
-                let pool = pool.clone();
-                async move { write_ticks(&pool, backend, writes).await }
+                let (pool, writer) = (pool.clone(), writer.clone());
+                async move {
+                    let _turn = take_turn(&writer).await;
+                    write_ticks(&pool, backend, writes).await
+                }
             }))
         });
         Ok(Store {
@@ -65,6 +77,7 @@ impl Store {
             url: url.to_owned(),
             runs: Arc::new(runs),
             ticks,
+            writer,
         })
     }
 
@@ -300,6 +313,7 @@ impl Store {
         let written = if run.idempotency_key.is_some() {
             // Alone: its unique key may clash with a concurrent request's, which must not fail
             // a batch of others.
+            let _turn = take_turn(&self.writer).await;
             write_runs_together(&self.pool, self.backend, std::slice::from_ref(run)).await
         } else {
             self.runs.submit(run.clone()).await
@@ -492,6 +506,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ClaimedRun>> {
         let sql = self.claim_sql("runs", "next_tick_at", "", "id, lease_token, next_tick_at");
+        let _turn = take_turn(&self.writer).await;
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
             .bind(owner)
             .bind(lease_ms)
@@ -534,6 +549,7 @@ impl Store {
              AND lease_owner IS NOT NULL",
             self.backend.now_sql()
         );
+        let _turn = take_turn(&self.writer).await;
         let renewed = sqlx::query(&sql)
             .bind(lease_ms)
             .bind(id.as_str())
@@ -1309,6 +1325,16 @@ fn bind_schedule_fields<'q>(
 
 fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
+}
+
+/// Waits for this process's turn to write, where the backend has one writer at a time.
+async fn take_turn(
+    writer: &Option<Arc<tokio::sync::Mutex<()>>>,
+) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    match writer {
+        Some(writer) => Some(writer.clone().lock_owned().await),
+        None => None,
+    }
 }
 
 /// A run found by its idempotency key, with the fingerprint of the request that made it.

@@ -15,24 +15,10 @@ pub async fn audit_index(
 ) -> Result<Json<AuditListDto>, ApiError> {
     let query = super::query::parse(raw.as_deref(), &["limit", "cursor"])?;
     let limit = super::query::limit(&query, 50, 500)?;
-    let before = match query.get("cursor") {
-        Some(text) => Some(
-            text.parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "cursor",
-                        "cursor must be a next_cursor from an earlier page",
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let before =
+        super::query::cursor(&query, |text| text.parse::<i64>().ok().filter(|id| *id > 0))?;
     let entries = state.store.list_audit(before, limit).await?;
-    let next_cursor = (entries.len() == limit as usize)
-        .then(|| entries.last().map(|entry| entry.id.to_string()))
-        .flatten();
+    let next_cursor = super::query::next_cursor(&entries, limit, |entry| entry.id.to_string());
     Ok(Json(AuditListDto {
         entries: entries.iter().map(AuditDto::new).collect(),
         next_cursor,

@@ -252,28 +252,20 @@ impl PluginDto {
         effective: &Limits,
         versions: &[PluginVersionRecord],
     ) -> PluginDto {
-        let granted: std::collections::HashMap<&str, u64> = effective
-            .entries()
-            .into_iter()
-            .filter(|(key, _)| grant.limits.keys().contains(key))
-            .collect();
+        let set_by_grant = grant.limits.keys();
+        // Both lists hold every limit in the same order.
         let asked = Limits::default().with_overrides(&grant.limits).entries();
         let limits = effective
             .entries()
             .into_iter()
-            .map(|(key, value)| {
-                let from = if granted.contains_key(key) {
-                    let asked_value = asked
-                        .iter()
-                        .find(|(asked_key, _)| *asked_key == key)
-                        .map(|(_, value)| *value);
-                    if asked_value == Some(value) {
-                        "grant"
-                    } else {
-                        "policy"
-                    }
-                } else {
+            .zip(asked)
+            .map(|((key, value), (_, asked))| {
+                let from = if !set_by_grant.contains(&key) {
                     "host"
+                } else if asked == value {
+                    "grant"
+                } else {
+                    "policy"
                 };
                 (key, LimitDto { value, from })
             })

@@ -57,3 +57,32 @@ pub fn limit(
         None => Ok(default),
     }
 }
+
+/// `cursor`, read by `parse` (a `next_cursor` this endpoint handed out), if given.
+pub fn cursor<T>(
+    parameters: &BTreeMap<String, String>,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    parameters
+        .get("cursor")
+        .map(|text| {
+            parse(text).ok_or_else(|| {
+                ApiError::invalid(
+                    "cursor",
+                    "cursor must be a next_cursor from an earlier page",
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The `next_cursor` of a page: the last item's, when the page is full (there may be more).
+pub fn next_cursor<T>(
+    page: &[T],
+    limit: u32,
+    cursor_of: impl FnOnce(&T) -> String,
+) -> Option<String> {
+    (page.len() == limit as usize)
+        .then(|| page.last().map(cursor_of))
+        .flatten()
+}

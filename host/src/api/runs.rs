@@ -281,21 +281,10 @@ pub async fn runs_attempts(
 ) -> Result<Json<Json_>, ApiError> {
     let query = super::query::parse(raw.as_deref(), &["limit", "cursor"])?;
     let limit = super::query::limit(&query, 100, 1000)?;
-    let after = match query.get("cursor") {
-        Some(text) => Some(
-            text.split_once('.')
-                .and_then(|(position, attempt)| {
-                    Some((position.parse().ok()?, attempt.parse().ok()?))
-                })
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "cursor",
-                        "cursor must be a next_cursor from an earlier page",
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let after = super::query::cursor(&query, |text| {
+        let (position, attempt) = text.split_once('.')?;
+        Some((position.parse().ok()?, attempt.parse().ok()?))
+    })?;
     let run_id = parse_run_id(&id)?;
     if state.store.find_run(&run_id).await?.is_none() {
         return Err(ApiError::not_found(
@@ -304,13 +293,9 @@ pub async fn runs_attempts(
         ));
     }
     let attempts = state.store.list_attempts(&run_id, after, limit).await?;
-    let next_cursor = (attempts.len() == limit as usize)
-        .then(|| {
-            attempts
-                .last()
-                .map(|last| format!("{}.{}", last.position, last.attempt))
-        })
-        .flatten();
+    let next_cursor = super::query::next_cursor(&attempts, limit, |last| {
+        format!("{}.{}", last.position, last.attempt)
+    });
     let attempts: Vec<AttemptDto> = attempts.iter().map(AttemptDto::new).collect();
     Ok(Json(
         serde_json::json!({ "attempts": attempts, "next_cursor": next_cursor }),
@@ -368,15 +353,7 @@ pub async fn runs_index(
         None => None,
     };
     let limit = super::query::limit(&query, 50, 500)?;
-    let before = match query.get("cursor") {
-        Some(text) => Some(RunId::parse(text).ok_or_else(|| {
-            ApiError::invalid(
-                "cursor",
-                "cursor must be a next_cursor from an earlier page",
-            )
-        })?),
-        None => None,
-    };
+    let before = super::query::cursor(&query, RunId::parse)?;
     let filter = RunFilter {
         plugin: query.get("plugin").cloned(),
         status,
@@ -386,9 +363,7 @@ pub async fn runs_index(
         limit,
     };
     let runs = state.store.list_runs(&filter).await?;
-    let next_cursor = (runs.len() == limit as usize)
-        .then(|| runs.last().map(|run| run.id.to_string()))
-        .flatten();
+    let next_cursor = super::query::next_cursor(&runs, limit, |run| run.id.to_string());
     Ok(Json(RunListDto {
         runs: runs.iter().map(|run| RunDto::new(run, false)).collect(),
         next_cursor,

@@ -41,16 +41,8 @@ pub struct InvalidTrigger {
 /// Which field of a cron expression croner refuses, found by parsing it with every other field
 /// replaced by `*`.
 fn bad_cron_field(expr: &str) -> Option<&'static str> {
-    const FIVE: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
-    const SIX: [&str; 6] = [
-        "second",
-        "minute",
-        "hour",
-        "day-of-month",
-        "month",
-        "day-of-week",
-    ];
-    const SEVEN: [&str; 7] = [
+    /// The fields of 7; 6 leave out the year, 5 the seconds too.
+    const NAMES: [&str; 7] = [
         "second",
         "minute",
         "hour",
@@ -61,9 +53,9 @@ fn bad_cron_field(expr: &str) -> Option<&'static str> {
     ];
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let names: &[&'static str] = match fields.len() {
-        5 => &FIVE,
-        6 => &SIX,
-        7 => &SEVEN,
+        5 => &NAMES[1..6],
+        6 => &NAMES[..6],
+        7 => &NAMES,
         _ => return None,
     };
     (0..fields.len()).find_map(|index| {

@@ -213,8 +213,9 @@ impl Runtime {
         })
     }
 
-    /// Runs one call on a thread of its own (from tokio's blocking pool), driven by the
-    /// plugin runtime's reactor and timers. The operating system then shares the CPU between
+    /// Runs one call on a thread of its own (from the plugin runtime's blocking pool, never
+    /// the host's: a thread made nicer below must not later serve the host's own blocking
+    /// work), driven by the plugin runtime's reactor and timers. The operating system then shares the CPU between
     /// calls preemptively: a short call is not queued behind a plugin that burns its whole
     /// time limit, as it would be among the tasks of one async executor. The thread runs at
     /// a lower priority than the host's own, so that however much CPU plugins want, the
@@ -224,7 +225,7 @@ impl Runtime {
         call: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         let handle = self.calls.clone();
-        tokio::task::spawn_blocking(move || {
+        self.calls.spawn_blocking(move || {
             lower_thread_priority();
             handle.block_on(call)
         })

@@ -65,7 +65,8 @@ impl HttpError {
         let what = match code {
             ErrorCode::HttpRequestDenied => {
                 return HttpError::Denied(format!(
-                    "request to {url} denied by the host: not in this plugin's allowed_hosts"
+                    "request to {url} denied by the host (the attempt's log says why: a host outside \
+                     allowed_hosts, an internal address, or a secret it may not carry there)"
                 ));
             }
             ErrorCode::ConnectionRefused => "connection refused".to_owned(),
@@ -83,6 +84,17 @@ impl HttpError {
         };
         HttpError::Other(format!("request to {url} failed: {what}"))
     }
+}
+
+/// An `authorization: Bearer <secret>` header carrying the operator's secret `name`, filled in
+/// by the host (see [`crate::secret`]):
+///
+/// ```ignore
+/// let (name, value) = http::secret_header("crm");
+/// let response = http::request("GET", url, &[(name, &value)], None)?;
+/// ```
+pub fn secret_header(name: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer {}", crate::secret(name)))
 }
 
 /// `GET url`.

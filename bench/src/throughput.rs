@@ -226,6 +226,7 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         grant: Grant::default(),
         limits: Limits::default(),
         sources: SqlSources::default(),
+        secrets: Default::default(),
         http_requests_left: 0,
     };
     let call = StepCall {

@@ -66,6 +66,10 @@ enum Command {
         /// The run's deadline in milliseconds (default: `default_run_timeout_ms`, 600000).
         #[arg(long, value_name = "MS")]
         timeout: Option<u64>,
+        /// A secret for this run, which the plugin may send as `{{secret:NAME}}` to any host
+        /// its manifest allows (repeatable; `[secrets]` of --config work too).
+        #[arg(long = "secret", value_name = "NAME=VALUE")]
+        secrets: Vec<String>,
     },
     /// Work with plugin components without a server.
     Plugin {
@@ -171,7 +175,8 @@ pub fn main() -> ExitCode {
             params,
             config,
             timeout,
-        } => runtime.block_on(dev(&file, &params, config, timeout)),
+            secrets,
+        } => runtime.block_on(dev(&file, &params, config, timeout, &secrets)),
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -215,6 +220,7 @@ async fn dev(
     params: &str,
     config: Option<std::path::PathBuf>,
     timeout: Option<u64>,
+    secrets: &[String],
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
         timeout.is_none_or(|ms| (1..=604_800_000).contains(&ms)),
@@ -229,9 +235,27 @@ async fn dev(
         config,
         auth: None,
     })?;
+    let secrets = secrets
+        .iter()
+        .map(|secret| match secret.split_once('=') {
+            Some((name, value)) if crate::capabilities::secrets::valid_name(name) => {
+                Ok((name.to_owned(), value.to_owned()))
+            }
+            _ => Err(anyhow::anyhow!(
+                "--secret must be NAME=VALUE, NAME being letters, digits, '_' or '-'"
+            )),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let timeout = timeout.map(Duration::from_millis);
-    let outcome =
-        crate::dev::run_file(file, &params, &settings, timeout, &mut std::io::stdout()).await?;
+    let outcome = crate::dev::run_file(
+        file,
+        &params,
+        &settings,
+        timeout,
+        &secrets,
+        &mut std::io::stdout(),
+    )
+    .await?;
     Ok(ExitCode::from(crate::dev::exit_code(outcome)))
 }
 

@@ -88,7 +88,85 @@ struct FileConfig {
     limits: LimitsFile,
     #[serde(default)]
     sources: BTreeMap<String, SourceFile>,
+    #[serde(default)]
+    secrets: BTreeMap<String, SecretFile>,
     policy: Option<PolicyFile>,
+}
+
+/// `[secrets.NAME]`: where the value is read from, and where it may be sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    env: Option<String>,
+    file: Option<PathBuf>,
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+/// A secret the operator declared: never its value, which [`read_secret`] reads when the
+/// host starts and again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretDeclaration {
+    pub from: SecretFrom,
+    /// Where the value may be sent (`allowed_hosts` syntax).
+    pub hosts: Vec<AllowedHost>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretFrom {
+    Env(String),
+    File(PathBuf),
+}
+
+/// The value of a declared secret, read now: an env var, or a file without its final line
+/// break.
+pub fn read_secret(name: &str, declaration: &SecretDeclaration) -> anyhow::Result<String> {
+    let value = match &declaration.from {
+        SecretFrom::Env(var) => std::env::var(var).map_err(|_| {
+            anyhow::anyhow!(
+                "secret {name:?}: the environment variable {var} is not set (or not UTF-8)"
+            )
+        })?,
+        SecretFrom::File(path) => {
+            let mut text = std::fs::read_to_string(path)
+                .with_context(|| format!("secret {name:?}: reading {}", path.display()))?;
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            text
+        }
+    };
+    anyhow::ensure!(!value.is_empty(), "secret {name:?} is empty");
+    Ok(value)
+}
+
+fn parse_secret(name: &str, file: SecretFile) -> anyhow::Result<SecretDeclaration> {
+    anyhow::ensure!(
+        crate::capabilities::secrets::valid_name(name),
+        "[secrets.{name}]: a secret's name must be 1-63 letters, digits, '_' or '-'"
+    );
+    let from = match (file.env, file.file) {
+        (Some(var), None) => SecretFrom::Env(var),
+        (None, Some(path)) => SecretFrom::File(path),
+        _ => {
+            anyhow::bail!("[secrets.{name}] needs exactly one of env = \"VAR\" or file = \"/path\"")
+        }
+    };
+    let hosts = file
+        .hosts
+        .iter()
+        .map(|host| {
+            AllowedHost::parse(host).map_err(|_| {
+                anyhow::anyhow!(
+                    "secrets.{name}.hosts entry {host:?} must be host:port or scheme://host[:port] (scheme http or https)"
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(SecretDeclaration { from, hosts })
 }
 
 /// `[policy]`: the ceilings every grant must stay within.
@@ -221,7 +299,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub limits: Limits,
+    /// SQL sources; their URLs may hold secret placeholders, filled when the host connects.
     pub sources: BTreeMap<String, SourceConfig>,
+    pub secrets: BTreeMap<String, SecretDeclaration>,
     /// Step calls running at once on this node.
     pub max_concurrent_ticks: usize,
     pub default_poll_interval: Duration,
@@ -255,6 +335,7 @@ impl Settings {
             data_dir,
             limits: Limits::default(),
             sources: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             max_concurrent_ticks: 64,
             default_poll_interval: Duration::from_secs(1),
             min_poll_interval: Duration::from_millis(50),
@@ -346,6 +427,12 @@ impl Settings {
                 (name, config)
             })
             .collect();
+        settings.secrets = file
+            .secrets
+            .into_iter()
+            .map(|(name, secret)| Ok((name.clone(), parse_secret(&name, secret)?)))
+            .collect::<anyhow::Result<_>>()
+            .map_err(config_error)?;
         settings.auth = AuthMode::resolve(args.auth.or(file.auth), settings.listen)?;
         settings.public_hosts = file
             .public_urls
@@ -450,6 +537,8 @@ struct ManifestFile {
     allowed_hosts: Vec<String>,
     #[serde(default)]
     sql_sources: Vec<String>,
+    #[serde(default)]
+    secrets: Vec<String>,
     poll_interval_ms: Option<u64>,
     #[serde(default)]
     limits: LimitsFile,
@@ -467,6 +556,7 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
         limits: manifest.limits.overrides("limits.")?,
         allowed_hosts: manifest.allowed_hosts,
         sql_sources: manifest.sql_sources,
+        secrets: manifest.secrets,
     })
 }
 

@@ -5,11 +5,14 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::{Map, Value as Json};
 
+use crate::capabilities::http::HttpPolicy;
+use crate::capabilities::secrets::{Secret, SecretSet};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
 use crate::model::{AttemptOutcome, PluginVersion};
@@ -27,13 +30,16 @@ pub enum DevOutcome {
 
 /// Runs `file` with `params` (a JSON object) to the end, or to `timeout` (default: the
 /// configured run timeout). The grant is `<file>.toml` beside it when there is one (no
-/// manifest, no capabilities), SQL sources and limits come from `settings`. Every call is
-/// written to `out` as one line, and the verdict as the last.
+/// manifest, no capabilities), SQL sources, secrets and limits come from `settings`. Every
+/// secret is granted, and `secrets` (`--secret NAME=VALUE`) add values that may go to any of
+/// the grant's `allowed_hosts`. Every call is written to `out` as one line, and the verdict as
+/// the last.
 pub async fn run_file(
     file: &Path,
     params: &Json,
     settings: &Settings,
     timeout: Option<std::time::Duration>,
+    secrets: &[(String, String)],
     out: &mut impl Write,
 ) -> anyhow::Result<DevOutcome> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
@@ -43,7 +49,19 @@ pub async fn run_file(
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(error) => return Err(error).with_context(|| format!("reading {}", manifest.display())),
     };
-    let grant = parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
+    let mut grant =
+        parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
+    let mut known = crate::load_secrets(settings)?.secrets().to_vec();
+    for (name, value) in secrets {
+        known.retain(|secret| &secret.name != name);
+        known.push(Secret {
+            name: name.clone(),
+            value: value.clone(),
+            hosts: HttpPolicy::allowed(&grant.allowed_hosts),
+        });
+    }
+    grant.secrets = known.iter().map(|secret| secret.name.clone()).collect();
+    let secrets = Arc::new(SecretSet::new(known)?);
     let limits = settings.limits.with_overrides(&grant.limits);
     let runtime = Runtime::new(None, 1, &limits)?;
     let version = PluginVersion::of_bytes(&bytes);
@@ -58,11 +76,17 @@ pub async fn run_file(
     let poll = grant
         .poll_interval
         .unwrap_or(settings.default_poll_interval);
-    let sources = SqlSources::connect_lazy(&settings.sources)?;
+    let mut source_configs = settings.sources.clone();
+    for (name, source) in &mut source_configs {
+        source.url = secrets.fill_operator_text(name, &source.url)?;
+    }
+    let sources = SqlSources::connect_lazy(&source_configs)
+        .map_err(|error| anyhow::anyhow!("{}", secrets.redact(&format!("{error:#}"))))?;
     let mut capabilities = Capabilities {
         grant,
         limits,
         sources,
+        secrets,
         http_requests_left: limits.http_requests_per_run,
     };
     writeln!(

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
+use crate::capabilities::secrets::{Secret, SecretSet, Secrets};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{AuthMode, Settings};
 use crate::registry::Registry;
@@ -64,8 +65,38 @@ pub async fn serve(
         &settings.limits,
     )
     .context("starting the wasm runtime")?;
-    let sources = SqlSources::connect_lazy(&settings.sources)?;
-    sources.check_roles(&settings.sources).await?;
+    let secrets = Secrets::new(load_secrets(&settings)?);
+    // Source URLs may hold placeholders; the filled URLs stay in memory, and any error that
+    // could quote one is redacted.
+    let set = secrets.current();
+    let source_configs = settings
+        .sources
+        .iter()
+        .map(|(name, source)| {
+            let mut source = source.clone();
+            source.url = set.fill_operator_text(name, &source.url)?;
+            Ok((name.clone(), source))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let redacted = |error: anyhow::Error| anyhow::anyhow!("{}", set.redact(&format!("{error:#}")));
+    let sources = SqlSources::connect_lazy(&source_configs).map_err(redacted)?;
+    sources
+        .check_roles(&source_configs)
+        .await
+        .map_err(redacted)?;
+    #[cfg(unix)]
+    {
+        // Listened for before the server answers: a SIGHUP that came first would end the
+        // process.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("listening for SIGHUP (which reloads secrets)")?;
+        tokio::spawn(reload_secrets_on_hangup(
+            hangups,
+            secrets.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        ));
+    }
     let wakeup = Wakeup::default();
     let schedule_wakeup = ScheduleWakeup::default();
     let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
@@ -117,7 +148,7 @@ pub async fn serve(
         schedule_wakeup,
     );
     let firer = tokio::spawn(firer.run(shutdown.clone()));
-    let runner = Runner::new(store.clone(), runtime, sources, settings.clone());
+    let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone());
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
 
@@ -128,6 +159,48 @@ pub async fn serve(
     firer.await.context("schedule firer task")?;
     registry.await.context("plugin registry task")?;
     Ok(())
+}
+
+/// Reads the value of every secret the settings declare.
+pub fn load_secrets(settings: &Settings) -> anyhow::Result<SecretSet> {
+    let secrets = settings
+        .secrets
+        .iter()
+        .map(|(name, declaration)| {
+            Ok(Secret {
+                name: name.clone(),
+                value: config::read_secret(name, declaration)?,
+                hosts: declaration.hosts.clone(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    SecretSet::new(secrets)
+}
+
+/// On SIGHUP, reads every secret's value again (a rotated file, say); if one cannot be read,
+/// the values in force stay. Which secrets exist and their hosts are fixed at start.
+#[cfg(unix)]
+async fn reload_secrets_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    secrets: Secrets,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hangups.recv() => match load_secrets(&settings) {
+                Ok(set) => {
+                    let count = set.secrets().len();
+                    secrets.replace(set);
+                    tracing::info!(count, "SIGHUP: secrets reloaded");
+                }
+                Err(error) => tracing::warn!(
+                    "SIGHUP: reloading secrets failed, the values in force stay: {error:#}"
+                ),
+            },
+        }
+    }
 }
 
 /// Acts on what other nodes changed: new runs and cancellations wake the scheduler, schedule

@@ -232,6 +232,21 @@ pub struct AllowedHost {
     pub port: u16,
 }
 
+/// As an entry would be written: `scheme://host:port`, or `host:port` for either scheme.
+impl std::fmt::Display for AllowedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match &self.scheme {
+            Some(scheme) => write!(f, "{scheme}://{host}:{}", self.port),
+            None => write!(f, "{host}:{}", self.port),
+        }
+    }
+}
+
 impl AllowedHost {
     pub fn parse(entry: &str) -> Result<AllowedHost, String> {
         let invalid = || {
@@ -559,6 +574,8 @@ pub struct Grant {
     pub allowed_hosts: Vec<String>,
     /// Names of `[sources.*]` in the host config.
     pub sql_sources: Vec<String>,
+    /// Names of `[secrets.*]` in the host config whose placeholders the plugin may send.
+    pub secrets: Vec<String>,
     pub poll_interval: Option<Duration>,
     pub limits: LimitOverrides,
 }

@@ -8,16 +8,43 @@ use crate::support::MISBEHAVE_WASM;
 
 /// Copies the plugin into a temp dir with `manifest` beside it and runs it with `params`.
 async fn dev(manifest: &str, params: serde_json::Value) -> (DevOutcome, String) {
+    dev_with_secrets(manifest, params, &[]).await
+}
+
+async fn dev_with_secrets(
+    manifest: &str,
+    params: serde_json::Value,
+    secrets: &[(String, String)],
+) -> (DevOutcome, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("misbehave.wasm");
     std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
     std::fs::write(dir.path().join("misbehave.toml"), manifest).expect("writing the manifest");
     let settings = Settings::for_data_dir(dir.path());
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, None, &mut out)
+    let outcome = run_file(&file, &params, &settings, None, secrets, &mut out)
         .await
         .expect("a local run");
     (outcome, String::from_utf8(out).expect("utf-8 output"))
+}
+
+#[tokio::test]
+async fn a_local_run_fills_a_secret_from_the_command_line_and_prints_only_its_placeholder() {
+    let reflector = crate::support::Reflector::start().await;
+    let value = "dev-secret-value-1234".to_owned();
+    let params = json!({"steps": {"first": {
+        "action": "http",
+        "url": format!("http://{}/echo", reflector.host_port),
+        "headers": {"authorization": "Bearer {{secret:crm}}"},
+        "echo": true,
+    }}});
+    let manifest = format!("allowed_hosts = [\"{}\"]\n", reflector.host_port);
+    let (outcome, out) =
+        dev_with_secrets(&manifest, params, &[("crm".to_owned(), value.clone())]).await;
+    assert_eq!(outcome, DevOutcome::Passed, "{out}");
+    assert_eq!(reflector.received()[0], format!("Bearer {value}"));
+    assert!(out.contains("{{secret:crm}}"), "{out}");
+    assert!(!out.contains(&value), "{out}");
 }
 
 #[tokio::test]
@@ -101,6 +128,7 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
         &json!({"expect": "hello"}),
         &settings,
         None,
+        &[],
         &mut out,
     )
     .await
@@ -129,7 +157,7 @@ async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
     let mut out = Vec::new();
     let params = json!({"steps": {"first": {"action": "pending"}}});
     let timeout = std::time::Duration::from_millis(300);
-    let outcome = run_file(&file, &params, &settings, Some(timeout), &mut out)
+    let outcome = run_file(&file, &params, &settings, Some(timeout), &[], &mut out)
         .await
         .expect("a local run");
     let out = String::from_utf8(out).expect("utf-8 output");

@@ -37,6 +37,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
             ..limits
         },
         sources: SqlSources::default(),
+        secrets: Default::default(),
         http_requests_left: 100,
     };
     let call = StepCall {

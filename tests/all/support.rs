@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use stepwise_host::config::{AuthMode, ServeArgs, Settings, SourceConfig};
 use stepwise_host::model::Role;
 use tempfile::TempDir;
@@ -587,6 +587,74 @@ impl Endpoint {
     /// Requests `GET /` received.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// A server that answers `GET /echo` with what it was sent: the `authorization` header and
+/// the query, each also base64- and URL-encoded, as a system under check that reflects a
+/// credential would. It keeps every value it received.
+pub struct Reflector {
+    pub host_port: String,
+    received: Arc<std::sync::Mutex<Vec<String>>>,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Reflector {
+    pub async fn start() -> Reflector {
+        use axum::routing::get;
+        use base64::Engine;
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        let app = axum::Router::new().route(
+            "/echo",
+            get(
+                move |headers: axum::http::HeaderMap, uri: axum::http::Uri| async move {
+                    let header = headers
+                        .get("authorization")
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let query = uri.query().unwrap_or_default().to_owned();
+                    let mut kept = kept.lock().unwrap();
+                    kept.push(header.clone());
+                    kept.push(query.clone());
+                    let encoded = |text: &str| {
+                        json!({
+                            "base64": base64::engine::general_purpose::STANDARD.encode(text),
+                            "url": percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string(),
+                        })
+                    };
+                    axum::Json(json!({
+                        "header": header,
+                        "header_encoded": encoded(&header),
+                        "query": query,
+                        "query_encoded": encoded(&query),
+                    }))
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let address = listener.local_addr().expect("bound address");
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
+                .expect("reflector serves");
+        });
+        Reflector {
+            host_port: address.to_string(),
+            received,
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    /// Every header value and query received, in order.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
     }
 }
 

@@ -64,7 +64,9 @@ fn is_open(path: &str) -> bool {
 pub fn required_role(method: &Method, path: &str) -> Role {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (_, ["v1", "tokens", ..]) | (_, ["v1", "audit", ..]) => Role::Admin,
+        (_, ["v1", "tokens", ..]) | (_, ["v1", "audit", ..]) | (_, ["v1", "secrets", ..]) => {
+            Role::Admin
+        }
         (&Method::GET | &Method::HEAD, _) => Role::Viewer,
         (&Method::POST, ["v1", "runs"]) | (&Method::POST, ["v1", "runs", _, "cancel"]) => {
             Role::Runner

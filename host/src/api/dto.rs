@@ -196,6 +196,8 @@ pub struct PluginDto {
 pub struct GrantDto {
     pub allowed_hosts: Vec<String>,
     pub sql_sources: Vec<String>,
+    /// Names only: a secret's value never leaves the host's memory.
+    pub secrets: Vec<String>,
     pub poll_interval_ms: Option<u64>,
     /// Every limit in force for the plugin's calls, by config key, with where it comes from:
     /// `grant` (set by the grant), `host` (the host's `[limits]` or default) or `policy`
@@ -273,6 +275,7 @@ impl PluginDto {
         self.grant = Some(GrantDto {
             allowed_hosts: grant.allowed_hosts.clone(),
             sql_sources: grant.sql_sources.clone(),
+            secrets: grant.secrets.clone(),
             poll_interval_ms: grant
                 .poll_interval
                 .map(|interval| interval.as_millis() as u64),

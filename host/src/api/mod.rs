@@ -11,6 +11,7 @@ mod plugins;
 mod query;
 mod runs;
 mod schedules;
+mod secrets;
 mod state;
 mod tokens;
 
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/tokens/{name}", delete(tokens::tokens_revoke))
         .route("/v1/audit", get(audit::audit_index))
+        .route("/v1/secrets", get(secrets::secrets_index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(error::not_found_fallback)

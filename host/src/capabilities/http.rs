@@ -32,6 +32,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
+use super::secrets::{SecretSet, as_is, mentions_placeholder, percent_encode};
 use crate::model::{AllowedHost, LogLevel};
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -67,6 +68,9 @@ pub struct HttpPolicy {
     pub max_in_flight: usize,
     pub log: LogBuffer,
     pub violation: Violation,
+    /// The host's secrets, and the names this plugin is granted.
+    pub secrets: Arc<SecretSet>,
+    pub granted_secrets: Vec<String>,
 }
 
 impl HttpPolicy {
@@ -84,6 +88,54 @@ impl HttpPolicy {
             &format!("http request to {uri} denied: {reason}"),
         );
         Box::new(async { Err(Error::HttpRequestDenied) })
+    }
+
+    /// Replaces the secret placeholders of `request`'s header values and query for
+    /// `target`, or says why one may not be replaced; then no placeholder leaves the host.
+    fn fill_secrets<B>(
+        &self,
+        request: &mut http::Request<B>,
+        target: (&str, &str, u16),
+    ) -> Result<(), String> {
+        if mentions_placeholder(request.uri().path()) {
+            return Err(
+                "secret placeholders are replaced only in header values and in the query, not in the path"
+                    .to_owned(),
+            );
+        }
+        let refused = |refusal: super::secrets::Refusal| refusal.0;
+        if let Some(query) = request.uri().query()
+            && let Some(filled) = self
+                .secrets
+                .substitute(query, &self.granted_secrets, target, percent_encode)
+                .map_err(refused)?
+        {
+            let mut parts = request.uri().clone().into_parts();
+            let path_and_query = format!("{}?{filled}", request.uri().path());
+            parts.path_and_query = Some(
+                path_and_query
+                    .parse()
+                    .map_err(|_| "the query with its secrets is not a valid URL".to_owned())?,
+            );
+            *request.uri_mut() = http::Uri::from_parts(parts)
+                .map_err(|_| "the query with its secrets is not a valid URL".to_owned())?;
+        }
+        for (name, value) in request.headers_mut().iter_mut() {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            let Some(filled) = self
+                .secrets
+                .substitute(&text, &self.granted_secrets, target, as_is)
+                .map_err(refused)?
+            else {
+                continue;
+            };
+            let mut filled = http::HeaderValue::from_str(&filled).map_err(|_| {
+                format!("a secret's value cannot be sent in header {name}: it holds characters a header may not")
+            })?;
+            filled.set_sensitive(true);
+            *value = filled;
+        }
+        Ok(())
     }
 }
 
@@ -218,6 +270,9 @@ impl WasiHttpHooks for HttpPolicy {
             .any(|allowed| allowed.allows(&scheme, &host, port))
         {
             let reason = format!("{scheme}://{host}:{port} is not in this plugin's allowed_hosts");
+            return self.deny(&uri, &reason);
+        }
+        if let Err(reason) = self.fill_secrets(&mut request, (&scheme, &host, port)) {
             return self.deny(&uri, &reason);
         }
         for name in DROPPED_HEADERS {

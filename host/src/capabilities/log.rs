@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use wasmtime::component::HasData;
 
+use super::secrets::SecretSet;
 use crate::bindings::log::{Host, Level};
 use crate::model::{LogLevel, LogLine};
 
@@ -18,6 +19,9 @@ const MAX_LINE_BYTES: usize = 2048;
 #[derive(Clone, Default)]
 pub struct LogBuffer {
     inner: Arc<Mutex<LogLines>>,
+    /// Every line is redacted before it is kept, so no secret's value reaches the attempt
+    /// record or the host's log.
+    secrets: Arc<SecretSet>,
 }
 
 #[derive(Default)]
@@ -27,6 +31,18 @@ struct LogLines {
 }
 
 impl LogBuffer {
+    pub fn redacting(secrets: Arc<SecretSet>) -> LogBuffer {
+        LogBuffer {
+            inner: Arc::default(),
+            secrets,
+        }
+    }
+
+    /// `text` with the values of secrets replaced by their placeholders.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        self.secrets.redact(text)
+    }
+
     /// Records a line, or counts it as dropped once the buffer is full; returns whether it
     /// was kept.
     pub fn push(&self, level: LogLevel, message: &str) -> bool {
@@ -41,7 +57,8 @@ impl LogBuffer {
             lines.dropped += 1;
             return false;
         }
-        let mut message = message.to_owned();
+        // Redacted whole, before it is cut: a cut value would no longer match.
+        let mut message = self.secrets.redact(message).into_owned();
         if message.len() > MAX_LINE_BYTES {
             let mut cut = MAX_LINE_BYTES;
             while !message.is_char_boundary(cut) {
@@ -102,7 +119,7 @@ impl Host for LogState {
         }
         // One field, escaped and bounded: a plugin's newlines, terminal escapes or fake
         // `key=value` text can never pass for a line or a field of the host's own.
-        let line = host_log_field(&message);
+        let line = host_log_field(&self.buffer.redact(&message));
         match level {
             LogLevel::Trace => tracing::trace!(target: "plugin", line, "plugin log"),
             LogLevel::Debug => tracing::debug!(target: "plugin", line, "plugin log"),

@@ -5,6 +5,7 @@
 pub mod grants;
 pub mod http;
 pub mod log;
+pub mod secrets;
 pub mod sql;
 
 use std::sync::{Arc, Mutex};

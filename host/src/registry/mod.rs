@@ -247,6 +247,13 @@ impl Registry {
                 )));
             }
         }
+        for secret in &grant.secrets {
+            if !self.settings.secrets.contains_key(secret) {
+                return Err(Error::InvalidGrant(format!(
+                    "the grant names secret {secret:?}, which the host config does not declare ([secrets.{secret}])"
+                )));
+            }
+        }
         if let Some((key, message)) = self
             .settings
             .policy

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Map, Value as Json};
 use tracing::Instrument;
 
+use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
 use crate::model::{
@@ -37,6 +38,7 @@ pub struct Runner {
     store: Store,
     runtime: Runtime,
     sources: SqlSources,
+    secrets: Secrets,
     settings: Arc<Settings>,
 }
 
@@ -54,12 +56,14 @@ impl Runner {
         store: Store,
         runtime: Runtime,
         sources: SqlSources,
+        secrets: Secrets,
         settings: Arc<Settings>,
     ) -> Runner {
         Runner {
             store,
             runtime,
             sources,
+            secrets,
             settings,
         }
     }
@@ -121,6 +125,7 @@ impl Runner {
             limits,
             grant,
             sources: self.sources.clone(),
+            secrets: self.secrets.current(),
             http_requests_left: 0,
         };
         // Only the tick's first call was due at a time; later steps of the tick run at once.

@@ -19,6 +19,7 @@ use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::wasi_context;
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::log::{LogBuffer, LogState};
+use crate::capabilities::secrets::SecretSet;
 use crate::capabilities::sql::{SqlSources, SqlState};
 use crate::capabilities::{HostFault, Violation};
 use crate::model::{AttemptOutcome, CheckInfo, Grant, Limits, LogLine, StepInfo};
@@ -29,6 +30,8 @@ pub struct Capabilities {
     pub grant: Grant,
     pub limits: Limits,
     pub sources: SqlSources,
+    /// The host's secrets: filled into granted requests, redacted from everything returned.
+    pub secrets: Arc<SecretSet>,
     /// Outbound HTTP requests the run may still make.
     pub http_requests_left: u32,
 }
@@ -225,11 +228,12 @@ impl Runtime {
         call: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         let handle = self.calls.clone();
-        self.calls.spawn_blocking(move || {
-            lower_thread_priority();
-            handle.block_on(call)
-        })
-        .await
+        self.calls
+            .spawn_blocking(move || {
+                lower_thread_priority();
+                handle.block_on(call)
+            })
+            .await
     }
 
     async fn describe_here(
@@ -241,6 +245,7 @@ impl Runtime {
             grant: Grant::default(),
             limits: *limits,
             sources: SqlSources::default(),
+            secrets: Arc::default(),
             http_requests_left: 0,
         };
         let (mut store, stderr) = self.new_store(&capabilities);
@@ -288,6 +293,22 @@ impl Runtime {
         .await;
         let classified = classify_call(call, &mut store, &stderr, deadline, &limits);
         let violation = store.data().violation.take();
+        // Nothing a plugin returns is kept before the values of secrets are taken out of it.
+        let secrets = &capabilities.secrets;
+        let redact = |text: String| match secrets.redact(&text) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
+        let violation = violation.map(redact);
+        let classified = classified.map(|outcome| match outcome {
+            StepOutcome::Passed(output) => StepOutcome::Passed(redact(output)),
+            StepOutcome::Pending(message) => StepOutcome::Pending(redact(message)),
+            StepOutcome::Failed(message) => StepOutcome::Failed(redact(message)),
+        });
+        let classified = classified.map_err(|fault| match fault {
+            Fault::Plugin(message) => Fault::Plugin(redact(message)),
+            Fault::Host(fault) => Fault::Host(HostFault(redact(fault.0))),
+        });
         let http_requests = store.data().http.requests_made;
         let (outcome, message, output) = match (violation, classified) {
             (_, Err(Fault::Host(fault))) => return Err(fault),
@@ -323,7 +344,7 @@ impl Runtime {
     fn new_store(&self, capabilities: &Capabilities) -> (Store<StepState>, MemoryOutputPipe) {
         let limits = capabilities.limits;
         let (wasi, stderr) = wasi_context();
-        let log = LogBuffer::default();
+        let log = LogBuffer::redacting(capabilities.secrets.clone());
         let violation = Violation::default();
         let state = StepState {
             table: ResourceTable::new(),
@@ -340,6 +361,8 @@ impl Runtime {
                 max_in_flight: limits.http_concurrent_requests,
                 log: log.clone(),
                 violation: violation.clone(),
+                secrets: capabilities.secrets.clone(),
+                granted_secrets: capabilities.grant.secrets.clone(),
             },
             log: LogState { buffer: log },
             sql: SqlState {

@@ -80,3 +80,12 @@ pub fn pending(message: impl Into<String>) -> StepOutcome {
 pub fn failed(message: impl Into<String>) -> StepOutcome {
     StepOutcome::Failed(message.into())
 }
+
+/// The placeholder of the operator's secret `name` (`{{secret:NAME}}`). Put it in a header
+/// value or in the query of a request (URL-encoded there is fine) and the host sends the
+/// secret's value in its place, if this plugin is granted the secret and the request goes to
+/// one of the secret's hosts; otherwise the request is refused. The plugin never holds the
+/// value, and the host takes it out of anything the plugin returns or logs.
+pub fn secret(name: &str) -> String {
+    format!("{{{{secret:{name}}}}}")
+}

@@ -12,5 +12,6 @@ mod leases;
 mod registry;
 mod sandbox;
 mod schedules;
+mod secrets;
 mod steps;
 mod validation;

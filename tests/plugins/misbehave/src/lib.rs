@@ -141,6 +141,11 @@ impl Check for Misbehave {
                     })
                     .unwrap_or_default();
                 match http::request("GET", url, &headers, None) {
+                    // What a reflecting server echoed, handed back every way a plugin can.
+                    Ok(response) if action["echo"] == true => {
+                        log::info(&response.text());
+                        passed(&json!({"status": response.status, "body": response.text()}))
+                    }
                     Ok(response) if u64::from(response.status) == expect => {
                         passed(&json!({"status": response.status}))
                     }

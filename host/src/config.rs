@@ -158,12 +158,12 @@ fn parse_secret(name: &str, file: SecretFile) -> anyhow::Result<SecretDeclaratio
     let hosts = file
         .hosts
         .iter()
-        .map(|host| {
-            AllowedHost::parse(host).map_err(|_| {
-                anyhow::anyhow!(
-                    "secrets.{name}.hosts entry {host:?} must be host:port or scheme://host[:port] (scheme http or https)"
-                )
-            })
+        .map(|host| match AllowedHost::parse(host) {
+            // Without a scheme an entry would allow plain http too: the value in cleartext.
+            Ok(parsed) if parsed.scheme.is_some() => Ok(parsed),
+            _ => Err(anyhow::anyhow!(
+                "secrets.{name}.hosts entry {host:?} must be scheme://host[:port], such as \"https://crm.example.com\" (the scheme is required: a secret goes over http only if you say so)"
+            )),
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(SecretDeclaration { from, hosts })

@@ -51,7 +51,7 @@ pub async fn run_file(
     };
     let mut grant =
         parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
-    let mut known = crate::load_secrets(settings)?.secrets().to_vec();
+    let mut known = crate::load_secrets(settings)?;
     for (name, value) in secrets {
         known.retain(|secret| &secret.name != name);
         known.push(Secret {

@@ -65,7 +65,7 @@ pub async fn serve(
         &settings.limits,
     )
     .context("starting the wasm runtime")?;
-    let secrets = Secrets::new(load_secrets(&settings)?);
+    let secrets = Secrets::new(SecretSet::new(load_secrets(&settings)?)?);
     // Source URLs may hold placeholders; the filled URLs stay in memory, and any error that
     // could quote one is redacted.
     let set = secrets.current();
@@ -162,8 +162,8 @@ pub async fn serve(
 }
 
 /// Reads the value of every secret the settings declare.
-pub fn load_secrets(settings: &Settings) -> anyhow::Result<SecretSet> {
-    let secrets = settings
+pub fn load_secrets(settings: &Settings) -> anyhow::Result<Vec<Secret>> {
+    settings
         .secrets
         .iter()
         .map(|(name, declaration)| {
@@ -173,8 +173,7 @@ pub fn load_secrets(settings: &Settings) -> anyhow::Result<SecretSet> {
                 hosts: declaration.hosts.clone(),
             })
         })
-        .collect::<anyhow::Result<_>>()?;
-    SecretSet::new(secrets)
+        .collect()
 }
 
 /// On SIGHUP, reads every secret's value again (a rotated file, say); if one cannot be read,
@@ -189,7 +188,9 @@ async fn reload_secrets_on_hangup(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = hangups.recv() => match load_secrets(&settings) {
+            _ = hangups.recv() => match load_secrets(&settings)
+                .and_then(|loaded| SecretSet::after(loaded, &secrets.current()))
+            {
                 Ok(set) => {
                     let count = set.secrets().len();
                     secrets.replace(set);

@@ -32,7 +32,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
-use super::secrets::{SecretSet, as_is, mentions_placeholder, percent_encode};
+use super::secrets::{SecretSet, as_is, mentions_placeholder};
 use crate::model::{AllowedHost, LogLevel};
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -91,40 +91,34 @@ impl HttpPolicy {
     }
 
     /// Replaces the secret placeholders of `request`'s header values and query for
-    /// `target`, or says why one may not be replaced; then no placeholder leaves the host.
+    /// `target`, or says why one may not be replaced. Whatever still reads as a placeholder
+    /// afterwards (in the path, a parameter's name, an odd encoding) refuses the request: no
+    /// placeholder leaves the host unfilled.
     fn fill_secrets<B>(
         &self,
         request: &mut http::Request<B>,
         target: (&str, &str, u16),
     ) -> Result<(), String> {
-        if mentions_placeholder(request.uri().path()) {
-            return Err(
-                "secret placeholders are replaced only in header values and in the query, not in the path"
-                    .to_owned(),
-            );
-        }
         let refused = |refusal: super::secrets::Refusal| refusal.0;
         if let Some(query) = request.uri().query()
             && let Some(filled) = self
                 .secrets
-                .substitute(query, &self.granted_secrets, target, percent_encode)
+                .substitute_query(query, &self.granted_secrets, target)
                 .map_err(refused)?
         {
+            let invalid = || "the query with its secrets is not a valid URL".to_owned();
             let mut parts = request.uri().clone().into_parts();
             let path_and_query = format!("{}?{filled}", request.uri().path());
-            parts.path_and_query = Some(
-                path_and_query
-                    .parse()
-                    .map_err(|_| "the query with its secrets is not a valid URL".to_owned())?,
-            );
-            *request.uri_mut() = http::Uri::from_parts(parts)
-                .map_err(|_| "the query with its secrets is not a valid URL".to_owned())?;
+            parts.path_and_query = Some(path_and_query.parse().map_err(|_| invalid())?);
+            *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| invalid())?;
         }
         for (name, value) in request.headers_mut().iter_mut() {
-            let text = String::from_utf8_lossy(value.as_bytes());
+            let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
+                continue;
+            };
             let Some(filled) = self
                 .secrets
-                .substitute(&text, &self.granted_secrets, target, as_is)
+                .substitute(text, &self.granted_secrets, target, as_is)
                 .map_err(refused)?
             else {
                 continue;
@@ -134,6 +128,33 @@ impl HttpPolicy {
             })?;
             filled.set_sensitive(true);
             *value = filled;
+        }
+        let unfilled = request
+            .uri()
+            .path_and_query()
+            .map(|path| path.as_str())
+            .into_iter()
+            .chain(
+                request
+                    .uri()
+                    .authority()
+                    .map(|authority| authority.as_str()),
+            )
+            .map(|text| text.to_owned())
+            .chain(
+                request
+                    .headers()
+                    .values()
+                    .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            )
+            .any(|text| mentions_placeholder(&text));
+        if unfilled {
+            return Err(
+                "a secret placeholder is where the host does not fill it (only header values and \
+                 query values are filled, raw or URL-encoded) or is malformed; it may not leave \
+                 the host"
+                    .to_owned(),
+            );
         }
         Ok(())
     }

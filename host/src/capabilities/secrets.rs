@@ -16,12 +16,14 @@ use crate::model::AllowedHost;
 
 const OPEN: &str = "{{secret:";
 const CLOSE: &str = "}}";
-/// The placeholder's opening as it reads once URL-encoded, in a query.
-const OPEN_ENCODED: &str = "%7b%7bsecret:";
-const CLOSE_ENCODED: &str = "%7d%7d";
 
-/// Shortest value accepted: a shorter one would be redacted everywhere it happens to occur.
-pub const MIN_VALUE_BYTES: usize = 4;
+/// Shortest value accepted. Redaction tells a plugin whether a guess it returns was a value
+/// (the guess comes back as a placeholder), so a value must be too long to guess; a short one
+/// would also be redacted wherever it happens to occur.
+pub const MIN_VALUE_BYTES: usize = 8;
+/// Values replaced by a reload that are still redacted: a remote system may go on accepting,
+/// and echoing, a rotated-out value for a while.
+const RETIRED_KEPT: usize = 16;
 /// Shortest base64 run redacted for a value at an offset: shorter runs would match by chance.
 const MIN_BASE64_CHARS: usize = 6;
 
@@ -60,6 +62,8 @@ impl std::fmt::Debug for Secret {
 #[derive(Default)]
 pub struct SecretSet {
     secrets: Vec<Secret>,
+    /// Earlier values of these secrets, from before a reload: redacted, never sent.
+    retired: Vec<Secret>,
     /// Every redacted form of every value; `owners[i]` is the secret of pattern `i`.
     redactor: Option<AhoCorasick>,
     owners: Vec<usize>,
@@ -77,9 +81,26 @@ pub struct Refusal(pub String);
 
 impl SecretSet {
     pub fn new(secrets: Vec<Secret>) -> anyhow::Result<SecretSet> {
+        SecretSet::with_retired(secrets, Vec::new())
+    }
+
+    /// `secrets` loaded again to replace `previous`, whose values that changed stay redacted.
+    pub fn after(secrets: Vec<Secret>, previous: &SecretSet) -> anyhow::Result<SecretSet> {
+        let mut retired: Vec<Secret> = previous
+            .secrets
+            .iter()
+            .chain(&previous.retired)
+            .filter(|old| !secrets.iter().any(|new| new.value == old.value))
+            .cloned()
+            .collect();
+        retired.truncate(RETIRED_KEPT);
+        SecretSet::with_retired(secrets, retired)
+    }
+
+    fn with_retired(secrets: Vec<Secret>, retired: Vec<Secret>) -> anyhow::Result<SecretSet> {
         let mut patterns = Vec::new();
         let mut owners = Vec::new();
-        for (index, secret) in secrets.iter().enumerate() {
+        for secret in &secrets {
             anyhow::ensure!(
                 valid_name(&secret.name),
                 "secret name {:?} must be 1-63 letters, digits, '_' or '-'",
@@ -91,6 +112,8 @@ impl SecretSet {
                 secret.name,
                 secret.value.len()
             );
+        }
+        for (index, secret) in secrets.iter().chain(&retired).enumerate() {
             for form in redacted_forms(&secret.value) {
                 if !patterns.contains(&form) {
                     patterns.push(form);
@@ -109,6 +132,7 @@ impl SecretSet {
         };
         Ok(SecretSet {
             secrets,
+            retired,
             redactor,
             owners,
         })
@@ -140,11 +164,88 @@ impl SecretSet {
         for found in matches {
             redacted.push_str(&text[last..found.start()]);
             let owner = self.owners[found.pattern().as_usize()];
-            redacted.push_str(&placeholder(&self.secrets[owner].name));
+            let name = match self.secrets.get(owner) {
+                Some(secret) => &secret.name,
+                None => &self.retired[owner - self.secrets.len()].name,
+            };
+            redacted.push_str(&placeholder(name));
             last = found.end();
         }
         redacted.push_str(&text[last..]);
         Cow::Owned(redacted)
+    }
+
+    /// A step's JSON output redacted value by value: a value written with JSON escapes
+    /// (`\u0026`, `\/`) does not match as text, yet reads as the value once parsed. Text
+    /// that is not JSON is redacted as text.
+    pub fn redact_json(&self, output: String) -> String {
+        if self.redactor.is_none() {
+            return output;
+        }
+        let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&output) else {
+            return self.redact(&output).into_owned();
+        };
+        self.redact_value(&mut value);
+        value.to_string()
+    }
+
+    fn redact_value(&self, value: &mut serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => {
+                if let Cow::Owned(redacted) = self.redact(text) {
+                    *text = redacted;
+                }
+            }
+            Value::Number(number) => {
+                if let Cow::Owned(redacted) = self.redact(&number.to_string()) {
+                    *value = Value::String(redacted);
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| self.redact_value(item)),
+            Value::Object(object) => {
+                let entries = std::mem::take(object);
+                for (key, mut item) in entries {
+                    self.redact_value(&mut item);
+                    object.insert(self.redact(&key).into_owned(), item);
+                }
+            }
+            Value::Null | Value::Bool(_) => {}
+        }
+    }
+
+    /// `query` with the placeholders of its parameters filled, URL-encoded: each parameter
+    /// is decoded first, so a placeholder counts however it was encoded. `None` when none
+    /// holds one.
+    pub fn substitute_query(
+        &self,
+        query: &str,
+        granted: &[String],
+        target: (&str, &str, u16),
+    ) -> Result<Option<String>, Refusal> {
+        let mut changed = false;
+        let mut parts = Vec::new();
+        for part in query.split('&') {
+            let (name, value) = match part.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (part, None),
+            };
+            let filled = match value {
+                Some(value) => {
+                    let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                    self.substitute(&decoded, granted, target, as_is)?
+                }
+                None => None,
+            };
+            match filled {
+                Some(filled) => {
+                    changed = true;
+                    parts.push(format!("{name}={}", percent_encode(&filled)));
+                }
+                None => parts.push(part.to_owned()),
+            }
+        }
+        Ok(changed.then(|| parts.join("&")))
     }
 
     /// `text` with each placeholder replaced by its value, `encode`d, when the secret is
@@ -217,34 +318,41 @@ impl SecretSet {
     }
 }
 
-/// Whether `text` holds anything that reads as a placeholder (raw or URL-encoded).
+/// Whether `text` holds anything that reads as a placeholder, also once URL-decoded (up to
+/// three times, as layers of encoding may be undone on the way): such text never leaves the
+/// host unfilled.
 pub fn mentions_placeholder(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    lower.contains(OPEN) || lower.contains(OPEN_ENCODED)
+    let mut text = text.to_owned();
+    for _ in 0..4 {
+        if text.to_ascii_lowercase().contains(OPEN) {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(&text)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded == text {
+            return false;
+        }
+        text = decoded;
+    }
+    text.to_ascii_lowercase().contains(OPEN)
 }
 
-/// `(start, end, name)` of every placeholder in `text`, raw or URL-encoded (as a query may
-/// carry it), in order.
+/// `(start, end, name)` of every placeholder in `text`, in order.
 fn find_placeholders(text: &str) -> Vec<(usize, usize, &str)> {
     let lower = text.to_ascii_lowercase();
     let mut found = Vec::new();
     let mut at = 0;
-    while at < text.len() {
-        let next = [(OPEN, CLOSE), (OPEN_ENCODED, CLOSE_ENCODED)]
-            .into_iter()
-            .filter_map(|(open, close)| lower[at..].find(open).map(|i| (at + i, open, close)))
-            .min_by_key(|(start, ..)| *start);
-        let Some((start, open, close)) = next else {
-            break;
-        };
-        let name_start = start + open.len();
-        match lower[name_start..].find(close) {
+    while let Some(offset) = lower[at..].find(OPEN) {
+        let start = at + offset;
+        let name_start = start + OPEN.len();
+        match lower[name_start..].find(CLOSE) {
             Some(length) => {
-                let end = name_start + length + close.len();
+                let end = name_start + length + CLOSE.len();
                 found.push((start, end, &text[name_start..name_start + length]));
                 at = end;
             }
-            None => at = name_start,
+            None => break,
         }
     }
     found
@@ -272,9 +380,10 @@ fn redacted_forms(value: &str) -> Vec<String> {
             percent_encoding::utf8_percent_encode(base, percent_encoding::NON_ALPHANUMERIC)
                 .to_string(),
         ] {
-            forms.push(encoded.to_ascii_lowercase());
+            let lower = lower_hex(&encoded);
             forms.push(encoded.replace("%20", "+"));
-            forms.push(encoded.to_ascii_lowercase().replace("%20", "+"));
+            forms.push(lower.replace("%20", "+"));
+            forms.push(lower);
             forms.push(encoded);
         }
         for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
@@ -293,6 +402,24 @@ fn redacted_forms(value: &str) -> Vec<String> {
     }
     forms.retain(|form| !form.is_empty());
     forms
+}
+
+/// `encoded` with the hex digits of its escapes in lower case (`%2f`), the rest untouched.
+fn lower_hex(encoded: &str) -> String {
+    let mut lower = String::with_capacity(encoded.len());
+    let mut escape = 0;
+    for character in encoded.chars() {
+        if character == '%' {
+            escape = 2;
+            lower.push(character);
+        } else if escape > 0 {
+            escape -= 1;
+            lower.push(character.to_ascii_lowercase());
+        } else {
+            lower.push(character);
+        }
+    }
+    lower
 }
 
 /// A value sent as it is (in a header).
@@ -375,10 +502,28 @@ mod tests {
             set.substitute("Bearer {{secret:crm}}", &granted, to_crm, keep),
             Ok(Some("Bearer s3cr3t value/+".into()))
         );
-        assert_eq!(
-            set.substitute("a=%7B%7Bsecret:crm%7D%7D", &granted, to_crm, percent_encode),
-            Ok(Some("a=s3cr3t%20value%2F%2B".into()))
-        );
+        // However a query parameter encodes the placeholder, it is filled, encoded.
+        for query in [
+            "a=%7B%7Bsecret:crm%7D%7D&b=1",
+            "a=%7B%7Bsecret%3Acrm%7D%7D&b=1",
+            "a=%7b%7bsecret%3acrm%7d%7d&b=1",
+            "a={{secret:crm}}&b=1",
+        ] {
+            assert_eq!(
+                set.substitute_query(query, &granted, to_crm),
+                Ok(Some("a=s3cr3t%20value%2F%2B&b=1".into())),
+                "{query}"
+            );
+        }
+        // What is left over still reads as a placeholder, and is refused by the caller.
+        for malformed in [
+            "{{secret:crm%7D%7D",
+            "{%7Bsecret:crm}}",
+            "%257B%257Bsecret:x",
+        ] {
+            assert!(mentions_placeholder(malformed), "{malformed}");
+        }
+        assert!(!mentions_placeholder("/items?q=%7Bjson%7D"));
         assert_eq!(set.substitute("plain", &granted, to_crm, keep), Ok(None));
         let elsewhere = set.substitute(
             "{{secret:crm}}",
@@ -399,13 +544,38 @@ mod tests {
     }
 
     #[test]
+    fn escaped_json_lower_hex_and_rotated_out_values_are_redacted() {
+        let set = set();
+        let output = set.redact_json(r#"{"a":"s3cr3t value\/+","s3cr3t value/+":[1]}"#.to_owned());
+        assert_eq!(output, r#"{"a":"{{secret:crm}}","{{secret:crm}}":[1]}"#);
+        let mixed = SecretSet::new(vec![Secret {
+            name: "t".into(),
+            value: "Tok/en12abc".into(),
+            hosts: Vec::new(),
+        }])
+        .unwrap();
+        assert_eq!(mixed.redact("x=Tok%2fen12abc"), "x={{secret:t}}");
+        let rotated = SecretSet::after(
+            vec![Secret {
+                name: "crm".into(),
+                value: "the new value".into(),
+                hosts: Vec::new(),
+            }],
+            &set,
+        )
+        .unwrap();
+        assert_eq!(rotated.redact("old s3cr3t value/+"), "old {{secret:crm}}");
+        assert_eq!(rotated.redact("new the new value"), "new {{secret:crm}}");
+    }
+
+    #[test]
     fn short_values_and_odd_names_are_refused() {
         let short = SecretSet::new(vec![Secret {
             name: "pin".into(),
             value: "123".into(),
             hosts: Vec::new(),
         }]);
-        assert!(short.unwrap_err().to_string().contains("at least 4"));
+        assert!(short.unwrap_err().to_string().contains("at least 8"));
         assert!(!valid_name("a}}b"));
         assert!(valid_name("crm_token-2"));
     }

@@ -198,16 +198,20 @@ impl Runtime {
         call: StepCall,
         capabilities: &Capabilities,
     ) -> Result<StepReport, HostFault> {
-        let (runtime, plugin, capabilities) = (self.clone(), plugin.clone(), capabilities.clone());
+        let (runtime, plugin, capabilities_here) =
+            (self.clone(), plugin.clone(), capabilities.clone());
         let started = Instant::now();
-        self.on_call_thread(
-            async move { runtime.run_step_here(&plugin, call, &capabilities).await },
-        )
+        self.on_call_thread(async move {
+            runtime
+                .run_step_here(&plugin, call, &capabilities_here)
+                .await
+        })
         .await
         .unwrap_or_else(|panic| {
+            let message = format!("the host's call into the plugin panicked: {panic}");
             Ok(StepReport {
                 outcome: AttemptOutcome::Errored,
-                message: Some(format!("the host's call into the plugin panicked: {panic}")),
+                message: Some(capabilities.secrets.redact(&message).into_owned()),
                 output: None,
                 logs: Vec::new(),
                 duration: started.elapsed(),
@@ -255,15 +259,20 @@ impl Runtime {
             check.call_describe(&mut store).await
         })
         .await;
-        let info =
-            classify_call(call, &mut store, &stderr, deadline, limits).map_err(
-                |fault| match fault {
-                    Fault::Plugin(message) => anyhow::anyhow!("describe failed: {message}"),
-                    Fault::Host(fault) => {
-                        anyhow::anyhow!("describe could not run on this host right now: {fault}")
-                    }
-                },
-            )?;
+        let info = classify_call(
+            call,
+            &mut store,
+            &stderr,
+            deadline,
+            limits,
+            &SecretSet::default(),
+        )
+        .map_err(|fault| match fault {
+            Fault::Plugin(message) => anyhow::anyhow!("describe failed: {message}"),
+            Fault::Host(fault) => {
+                anyhow::anyhow!("describe could not run on this host right now: {fault}")
+            }
+        })?;
         check_info_from_wit(info)
     }
 
@@ -291,17 +300,17 @@ impl Runtime {
             check.call_run_step(&mut store, &input).await
         })
         .await;
-        let classified = classify_call(call, &mut store, &stderr, deadline, &limits);
+        let secrets = &capabilities.secrets;
+        let classified = classify_call(call, &mut store, &stderr, deadline, &limits, secrets);
         let violation = store.data().violation.take();
         // Nothing a plugin returns is kept before the values of secrets are taken out of it.
-        let secrets = &capabilities.secrets;
         let redact = |text: String| match secrets.redact(&text) {
             std::borrow::Cow::Borrowed(_) => text,
             std::borrow::Cow::Owned(redacted) => redacted,
         };
         let violation = violation.map(redact);
         let classified = classified.map(|outcome| match outcome {
-            StepOutcome::Passed(output) => StepOutcome::Passed(redact(output)),
+            StepOutcome::Passed(output) => StepOutcome::Passed(secrets.redact_json(output)),
             StepOutcome::Pending(message) => StepOutcome::Pending(redact(message)),
             StepOutcome::Failed(message) => StepOutcome::Failed(redact(message)),
         });
@@ -480,6 +489,7 @@ fn classify_call<T>(
     stderr: &MemoryOutputPipe,
     deadline: Instant,
     limits: &Limits,
+    secrets: &SecretSet,
 ) -> Result<T, Fault> {
     let time_limit = || {
         format!(
@@ -516,7 +526,8 @@ fn classify_call<T>(
         }
         text
     };
-    let mut text = cause;
+    // Redacted before it is cut: a cut value would no longer match.
+    let mut text = secrets.redact(&cause).into_owned();
     truncate_utf8(&mut text, limits.output_bytes);
     Err(Fault::Plugin(text))
 }

@@ -65,11 +65,26 @@ async fn server_with_secret(
 }
 
 /// Runs `plugin` once with a GET to `/echo` on `host_port` carrying the placeholder in the
-/// `authorization` header and (URL-encoded) in the query.
+/// `authorization` header and in the query, URL-encoded as `encodeURIComponent` does.
 async fn echo_run(server: &TestServer, plugin: &str, host_port: &str) -> Value {
+    echo_path_run(
+        server,
+        plugin,
+        host_port,
+        "/echo?key=%7B%7Bsecret%3Acrm%7D%7D",
+    )
+    .await
+}
+
+async fn echo_path_run(
+    server: &TestServer,
+    plugin: &str,
+    host_port: &str,
+    path_and_query: &str,
+) -> Value {
     let action = json!({
         "action": "http",
-        "url": format!("http://{host_port}/echo?key=%7B%7Bsecret:crm%7D%7D"),
+        "url": format!("http://{host_port}{path_and_query}"),
         "headers": {"authorization": "Bearer {{secret:crm}}"},
         "echo": true,
     });
@@ -178,6 +193,25 @@ async fn a_secret_reaches_its_host_and_nothing_keeps_it() {
     assert!(
         log.contains("secret \\\"crm\\\" may not be sent to http://127.0.0.1"),
         "{log}"
+    );
+
+    // A placeholder where the host does not fill it, or malformed: refused, nothing sent.
+    let calls_before = listed.received().len();
+    for path in [
+        "/echo/%7B%7Bsecret:crm%7D%7D",
+        "/echo?key={{secret:crm",
+        "/echo?%7B%7Bsecret:crm%7D%7D=1",
+    ] {
+        let run = echo_path_run(&server, "leaky", &listed.host_port, path).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{path}: {run}");
+        let attempts = server.attempts(run["id"].as_str().unwrap()).await;
+        let log = serde_json::to_string(&attempts[0]["logs"]).unwrap();
+        assert!(log.contains("may not leave the host"), "{path}: {log}");
+    }
+    assert_eq!(
+        listed.received().len(),
+        calls_before,
+        "an unfilled placeholder was sent"
     );
 
     // A plugin without the grant: refused too, even to the listed host.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
+use stepwise_host::capabilities::secrets::{Secret, SecretSet};
 use stepwise_host::capabilities::sql::SqlSources;
 use stepwise_host::config::{AuthMode, Settings};
 use stepwise_host::model::{Grant, Limits, PluginVersion, now_millis};
@@ -237,28 +238,72 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         params: "{}".into(),
         outputs: "{}".into(),
     };
+    // The same calls with three secrets configured: every output, message and log line is
+    // then redacted before the host keeps it.
+    let secret = |name: &str| Secret {
+        name: name.into(),
+        value: format!("{name}-0123456789abcdef/+="),
+        hosts: Vec::new(),
+    };
+    let secrets = Arc::new(SecretSet::new(vec![
+        secret("crm"),
+        secret("warehouse"),
+        secret("billing"),
+    ])?);
+    let with_secrets = Capabilities {
+        secrets: secrets.clone(),
+        ..capabilities.clone()
+    };
     let mut samples = Vec::new();
+    let mut samples_with_secrets = Vec::new();
     for round in 0..options.repeat.max(10) + 2 {
-        const CALLS: u32 = 200;
+        for (capabilities, samples) in [
+            (&capabilities, &mut samples),
+            (&with_secrets, &mut samples_with_secrets),
+        ] {
+            const CALLS: u32 = 200;
+            let started = Instant::now();
+            for _ in 0..CALLS {
+                let report = runtime
+                    .run_step(&plugin, call.clone(), capabilities)
+                    .await
+                    .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
+                anyhow::ensure!(
+                    report.message.is_none(),
+                    "the call failed: {:?}",
+                    report.message
+                );
+            }
+            // The first rounds warm caches and the thread pool.
+            if round >= 2 {
+                samples.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS));
+            }
+        }
+    }
+    // Redaction of a large output: 64 KiB of JSON strings, none of which holds a value.
+    let output = serde_json::to_string(&vec!["an ordinary field value"; 2_800])?;
+    let mut redacting = Vec::new();
+    for _ in 0..options.repeat.max(10) {
         let started = Instant::now();
-        for _ in 0..CALLS {
-            let report = runtime
-                .run_step(&plugin, call.clone(), &capabilities)
-                .await
-                .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
-            anyhow::ensure!(
-                report.message.is_none(),
-                "the call failed: {:?}",
-                report.message
-            );
-        }
-        // The first rounds warm caches and the thread pool.
-        if round >= 2 {
-            samples.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS));
-        }
+        let redacted = secrets.redact_json(output.clone());
+        redacting.push(started.elapsed().as_secs_f64() * 1e6);
+        anyhow::ensure!(redacted == output, "an ordinary output was changed");
     }
     print_header("one plugin call (misbehave, a step that passes): instantiate + call + drop");
     print_row("per call (mean of 200 calls per sample)", "µs", &samples);
+    print_row(
+        "per call, 3 secrets configured (outputs and logs redacted)",
+        "µs",
+        &samples_with_secrets,
+    );
+    print_row(
+        &format!(
+            "redacting a {} KiB JSON output (3 secrets)",
+            output.len() / 1024
+        ),
+        "µs",
+        &redacting,
+    );
     Ok(())
 }
 

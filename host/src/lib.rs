@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod junit;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod runner;
@@ -100,6 +101,7 @@ pub async fn serve(
     let wakeup = Wakeup::default();
     let schedule_wakeup = ScheduleWakeup::default();
     let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
+    let metrics = metrics::Metrics::default();
     let state = AppState::new(
         store.clone(),
         registry.clone(),
@@ -107,7 +109,8 @@ pub async fn serve(
         wakeup.clone(),
         schedule_wakeup.clone(),
         address,
-    );
+    )
+    .with_metrics(metrics.clone(), node_id.clone());
 
     tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), auth = ?settings.auth, "stepwise listening on http://{address}");
     let http_shutdown = shutdown.clone();
@@ -148,7 +151,8 @@ pub async fn serve(
         schedule_wakeup,
     );
     let firer = tokio::spawn(firer.run(shutdown.clone()));
-    let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone());
+    let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone())
+        .with_metrics(metrics);
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
 

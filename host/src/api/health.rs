@@ -25,3 +25,40 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     });
     (status, Json(body))
 }
+
+/// `GET /metrics`: Prometheus text (SPEC §14); open like the probes, and names no run.
+pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match state.store.metrics_counts(&state.node_id).await {
+        Ok(stored) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.render(&stored),
+        )
+            .into_response(),
+        Err(error) => {
+            super::error::ApiError::internal(format!("reading counts for /metrics: {error}"))
+                .into_response()
+        }
+    }
+}
+
+/// Counts every API request by its route template and status, for `/metrics`.
+pub async fn count_request(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .record_request(&route, response.status().as_u16());
+    response
+}

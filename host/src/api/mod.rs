@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/secrets", get(secrets::secrets_index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(
@@ -69,6 +70,10 @@ pub fn router(state: AppState) -> Router {
             auth::guard,
         ))
         .layer(axum::middleware::from_fn(error::log_server_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            health::count_request,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

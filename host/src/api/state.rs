@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::Wakeup;
 use crate::scheduler::schedules::ScheduleWakeup;
@@ -19,6 +20,9 @@ pub struct AppState {
     plugins_loaded: Arc<AtomicBool>,
     /// The address the server actually bound (port 0 resolved): what `Host` must name.
     listen: SocketAddr,
+    pub metrics: Metrics,
+    /// This node's id, whose leases `/metrics` counts.
+    pub node_id: String,
 }
 
 impl AppState {
@@ -38,7 +42,15 @@ impl AppState {
             schedule_wakeup,
             plugins_loaded: Arc::default(),
             listen,
+            metrics: Metrics::default(),
+            node_id: String::new(),
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: Metrics, node_id: String) -> AppState {
+        self.metrics = metrics;
+        self.node_id = node_id;
+        self
     }
 
     pub fn listen_address(&self) -> SocketAddr {

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
+use crate::metrics::Metrics;
 use crate::model::{
     AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, now_millis,
 };
@@ -40,6 +41,7 @@ pub struct Runner {
     sources: SqlSources,
     secrets: Secrets,
     settings: Arc<Settings>,
+    metrics: Metrics,
 }
 
 /// Where a run stands between two steps of one tick.
@@ -65,7 +67,14 @@ impl Runner {
             sources,
             secrets,
             settings,
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Where the runner records each call, its lag and each step's propagation latency.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Runner {
+        self.metrics = metrics;
+        self
     }
 
     /// Works on a claimed run until its current step is pending again or the run is finished.
@@ -177,6 +186,23 @@ impl Runner {
             progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
             let finished_at = now_millis();
             tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
+            if let Some(due) = due_at {
+                self.metrics.record_tick_lag(now - due);
+            }
+            self.metrics.record_call(
+                &run.plugin_name,
+                &step.name,
+                report.outcome.as_str(),
+                report.duration,
+                report.message.as_deref(),
+            );
+            if report.outcome == AttemptOutcome::Passed {
+                self.metrics.record_passed_after(
+                    &run.plugin_name,
+                    &step.name,
+                    finished_at - progress.started_at,
+                );
+            }
             let new_attempt = NewAttempt {
                 attempt,
                 outcome: report.outcome,

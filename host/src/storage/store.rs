@@ -89,6 +89,35 @@ impl Store {
         }
     }
 
+    /// What `/metrics` reads from the database at each scrape: runs by plugin and status,
+    /// each schedule's last passed run, and the leases `node` holds now.
+    pub async fn metrics_counts(&self, node: &str) -> Result<crate::metrics::Stored> {
+        let runs: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT plugin_name, status, count(*) FROM runs GROUP BY plugin_name, status \
+             ORDER BY plugin_name, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let schedule_successes: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT schedule_id, max(finished_at) FROM runs \
+             WHERE schedule_id IS NOT NULL AND status = 'passed' GROUP BY schedule_id ORDER BY schedule_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let (leases_held,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM runs WHERE lease_owner = $1 AND lease_expires_at > {}",
+            self.backend.now_sql()
+        ))
+        .bind(node)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(crate::metrics::Stored {
+            runs,
+            schedule_successes,
+            leases_held,
+        })
+    }
+
     /// Fails when the database cannot answer.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

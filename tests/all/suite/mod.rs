@@ -9,6 +9,7 @@ mod escapes;
 mod hostile;
 mod http_status;
 mod leases;
+mod metrics;
 mod registry;
 mod sandbox;
 mod schedules;

@@ -82,6 +82,78 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Runs on a server: list, show, cancel. Exit 0 on success, 1 when the server refuses
+    /// (an unknown id, a missing role), 2 when it cannot be reached or answers oddly.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Plugins on a server (exit codes as for `runs`).
+    Plugins {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Schedules on a server (exit codes as for `runs`).
+    Schedules {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+}
+
+/// Where a client command finds the server, and how it prints.
+#[derive(Debug, Clone, clap::Args)]
+struct ClientArgs {
+    /// The server's base URL, with its scheme.
+    #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Bearer token for a server that runs with `--auth tokens` (role viewer or above; runner
+    /// to cancel).
+    #[arg(long, env = "STEPWISE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the server's JSON as it is, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// The newest runs first, one line each.
+    List {
+        #[arg(long)]
+        plugin: Option<String>,
+        /// queued, running, passed, failed, errored, timed_out or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// A schedule's id.
+        #[arg(long)]
+        schedule: Option<String>,
+        /// At most this many (1-500) [default: 50].
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A run and its steps, as a table.
+    Show {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a run: it ends `cancelled`, the steps already verified stay as they are.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    /// One line each.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -164,6 +236,13 @@ pub fn main() -> ExitCode {
             junit.as_deref(),
         )),
         Command::Token { command } => runtime.block_on(token(command)),
+        Command::Runs { command } => runtime.block_on(runs(command)),
+        Command::Plugins {
+            command: ListCommand::List { client },
+        } => runtime.block_on(plugins_list(client)),
+        Command::Schedules {
+            command: ListCommand::List { client },
+        } => runtime.block_on(schedules_list(client)),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),
@@ -404,12 +483,7 @@ async fn run(
     junit: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
-    if !(server.starts_with("http://") || server.starts_with("https://")) {
-        anyhow::bail!(
-            "--server {server:?} needs a scheme: http://{} (or https://…)",
-            server.trim_start_matches("//")
-        );
-    }
+    check_server(server)?;
     if let Some(path) = junit {
         // Found out now, not after a run that may take an hour.
         let existed = path.exists();
@@ -422,17 +496,7 @@ async fn run(
             let _ = std::fs::remove_file(path);
         }
     }
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = token {
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("STEPWISE_TOKEN is not a valid header value")?;
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-    }
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .context("building the HTTP client")?;
+    let client = http_client(token)?;
     let server = server.trim_end_matches('/');
     let response = client
         .post(format!("{server}/v1/runs"))
@@ -525,4 +589,256 @@ async fn run(
         }
         return Ok(ExitCode::from(code));
     }
+}
+
+fn check_server(server: &str) -> anyhow::Result<()> {
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        anyhow::bail!(
+            "--server {server:?} needs a scheme: http://{} (or https://…)",
+            server.trim_start_matches("//")
+        );
+    }
+    Ok(())
+}
+
+/// A client that sends `token` as a bearer token on every request.
+fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("STEPWISE_TOKEN is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// What a client command got: the server's JSON, or its refusal (exit 1).
+enum Answer {
+    Ok(Value),
+    Refused(reqwest::StatusCode, Value),
+}
+
+/// Sends `method path` to the server and reads its JSON answer.
+async fn call(client: &ClientArgs, method: reqwest::Method, path: &str) -> anyhow::Result<Answer> {
+    check_server(&client.server)?;
+    let server = client.server.trim_end_matches('/');
+    let response = http_client(client.token.as_deref())?
+        .request(method, format!("{server}{path}"))
+        .send()
+        .await
+        .with_context(|| format!("calling {server}"))?;
+    let status = response.status();
+    let text = response.text().await.context("reading the response")?;
+    let Ok(body) = serde_json::from_str::<Value>(&text) else {
+        anyhow::bail!(
+            "{server} answered {status} with a body that is not Stepwise's JSON (is it a Stepwise server?): {}",
+            text.chars().take(200).collect::<String>()
+        );
+    };
+    Ok(if status.is_success() {
+        Answer::Ok(body)
+    } else {
+        Answer::Refused(status, body)
+    })
+}
+
+/// Prints the answer: as JSON with `--json`, else through `table`; a refusal on stderr.
+fn print_answer(
+    client: &ClientArgs,
+    answer: Answer,
+    table: impl FnOnce(&Value) -> String,
+) -> ExitCode {
+    match answer {
+        Answer::Ok(body) if client.json => {
+            println!("{body:#}");
+            ExitCode::SUCCESS
+        }
+        Answer::Ok(body) => {
+            print!("{}", table(&body));
+            ExitCode::SUCCESS
+        }
+        Answer::Refused(status, body) => {
+            if client.json {
+                println!("{body:#}");
+            }
+            eprintln!(
+                "error: {status}: {}",
+                body["detail"]
+                    .as_str()
+                    .unwrap_or("the server refused the request")
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Rows of text in aligned columns, the first row a header.
+fn columns(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+async fn runs(command: RunsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RunsCommand::List {
+            plugin,
+            status,
+            schedule,
+            limit,
+            client,
+        } => {
+            let query: Vec<(&str, String)> = [
+                ("plugin", plugin),
+                ("status", status),
+                ("schedule", schedule),
+                ("limit", limit.map(|limit| limit.to_string())),
+            ]
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|value| (key, value)))
+            .collect();
+            let query = serde_urlencoded::to_string(&query).context("encoding the filters")?;
+            let path = if query.is_empty() {
+                "/v1/runs".to_owned()
+            } else {
+                format!("/v1/runs?{query}")
+            };
+            let answer = call(&client, reqwest::Method::GET, &path).await?;
+            Ok(print_answer(&client, answer, |body| {
+                let mut rows = vec![
+                    ["ID", "PLUGIN", "STATUS", "STEP", "CREATED", "MESSAGE"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ];
+                for run in body["runs"].as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        text(&run["id"]),
+                        text(&run["plugin"]),
+                        text(&run["status"]),
+                        text(&run["current_step"]),
+                        text(&run["created_at"]),
+                        text(&run["message"]),
+                    ]);
+                }
+                columns(rows)
+            }))
+        }
+        RunsCommand::Show { id, client } => {
+            let answer = call(&client, reqwest::Method::GET, &format!("/v1/runs/{id}")).await?;
+            Ok(print_answer(&client, answer, |run| {
+                let mut out = format!(
+                    "run {} of {} ({}): {}{}\n",
+                    text(&run["id"]),
+                    text(&run["plugin"]),
+                    text(&run["plugin_version"])
+                        .chars()
+                        .take(12)
+                        .collect::<String>(),
+                    text(&run["status"]),
+                    run["message"]
+                        .as_str()
+                        .map(|message| format!(": {message}"))
+                        .unwrap_or_default()
+                );
+                let mut rows = vec![
+                    ["STEP", "STATUS", "ATTEMPTS", "PASSED_AFTER_MS", "MESSAGE"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ];
+                for step in run["steps"].as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        text(&step["name"]),
+                        text(&step["status"]),
+                        text(&step["attempts"]),
+                        text(&step["passed_after_ms"]),
+                        text(&step["message"]),
+                    ]);
+                }
+                out.push_str(&columns(rows));
+                out
+            }))
+        }
+        RunsCommand::Cancel { id, client } => {
+            let path = format!("/v1/runs/{id}/cancel");
+            let answer = call(&client, reqwest::Method::POST, &path).await?;
+            Ok(print_answer(&client, answer, |run| {
+                format!("run {} {}\n", text(&run["id"]), text(&run["status"]))
+            }))
+        }
+    }
+}
+
+async fn plugins_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
+    let answer = call(&client, reqwest::Method::GET, "/v1/plugins").await?;
+    Ok(print_answer(&client, answer, |body| {
+        let mut rows = vec![
+            ["NAME", "ACTIVE_VERSION", "STEPS", "UPDATED"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for plugin in body["plugins"].as_array().into_iter().flatten() {
+            let steps: Vec<String> = plugin["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|step| text(&step["name"]))
+                .collect();
+            rows.push(vec![
+                text(&plugin["name"]),
+                text(&plugin["active_version"]).chars().take(12).collect(),
+                steps.join(","),
+                text(&plugin["updated_at"]),
+            ]);
+        }
+        columns(rows)
+    }))
+}
+
+async fn schedules_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
+    let answer = call(&client, reqwest::Method::GET, "/v1/schedules").await?;
+    Ok(print_answer(&client, answer, |body| {
+        let mut rows = vec![
+            ["ID", "PLUGIN", "TRIGGER", "PAUSED", "NEXT_FIRE"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for schedule in body["schedules"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                text(&schedule["id"]),
+                text(&schedule["plugin"]),
+                text(&schedule["trigger"]),
+                text(&schedule["paused"]),
+                text(&schedule["next_fire_at"]),
+            ]);
+        }
+        columns(rows)
+    }))
 }

@@ -109,7 +109,8 @@ struct Observed {
     passed_after: BTreeMap<(String, String), Histogram>,
     calls: BTreeMap<String, Histogram>,
     tick_lag: Option<Histogram>,
-    requests: BTreeMap<(String, u16), u64>,
+    /// By route, then status: a request finds its counter without allocating.
+    requests: BTreeMap<String, BTreeMap<u16, u64>>,
 }
 
 /// What this process observed, shared by the runner (which records) and the API (which
@@ -179,11 +180,12 @@ impl Metrics {
 
     /// An API request, by its route template (`/v1/runs/{id}`), never its path.
     pub fn record_request(&self, route: &str, status: u16) {
-        *self
-            .observed()
-            .requests
-            .entry((route.to_owned(), status))
-            .or_default() += 1;
+        let mut observed = self.observed();
+        let statuses = match observed.requests.get_mut(route) {
+            Some(statuses) => statuses,
+            None => observed.requests.entry(route.to_owned()).or_default(),
+        };
+        *statuses.entry(status).or_default() += 1;
     }
 
     /// Everything, in the Prometheus text exposition format.
@@ -308,12 +310,14 @@ impl Metrics {
             "counter",
             "API requests by route template and status (this process).",
         );
-        for ((route, status), count) in &observed.requests {
-            let _ = writeln!(
-                out,
-                "stepwise_http_requests_total{{route=\"{}\",status=\"{status}\"}} {count}",
-                escape(route)
-            );
+        for (route, statuses) in &observed.requests {
+            for (status, count) in statuses {
+                let _ = writeln!(
+                    out,
+                    "stepwise_http_requests_total{{route=\"{}\",status=\"{status}\"}} {count}",
+                    escape(route)
+                );
+            }
         }
         out
     }

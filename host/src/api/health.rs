@@ -54,11 +54,11 @@ pub async fn count_request(
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |path| path.as_str())
-        .to_owned();
+        .cloned();
     let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", |path| path.as_str());
     state
         .metrics
-        .record_request(&route, response.status().as_u16());
+        .record_request(route, response.status().as_u16());
     response
 }

@@ -198,9 +198,12 @@ impl Metrics {
             &mut out,
             "stepwise_runs_total",
             "counter",
-            "Runs by plugin and status (from the database: every node agrees, restarts keep it).",
+            "Finished runs by plugin and final status (from the database: every node agrees, restarts keep it).",
         );
-        for (plugin, status, count) in &stored.runs {
+        // Only final statuses: a counter never goes down, and a queued run's count would.
+        let finished = |status: &str| !matches!(status, "queued" | "running");
+        for (plugin, status, count) in stored.runs.iter().filter(|(_, status, _)| finished(status))
+        {
             let _ = writeln!(
                 out,
                 "stepwise_runs_total{{plugin=\"{}\",status=\"{}\"}} {count}",

@@ -46,6 +46,15 @@ async fn metrics_count_runs_attempts_latency_and_violations() {
         .await;
     let run = server.wait_until_finished(&hoarding).await;
     assert_eq!(run["status"], "errored", "{run}");
+    // One run still going: active, and not counted among the finished.
+    let waiting = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "pending_until", "attempt": 1000000}}}, "poll_interval_ms": 60000}))
+        .await;
+    server
+        .wait_for_run(&waiting, "its first attempt", |run| {
+            run["steps"][0]["attempts"] == 1
+        })
+        .await;
 
     let text = scrape(&server).await;
     assert_eq!(
@@ -66,7 +75,12 @@ async fn metrics_count_runs_attempts_latency_and_violations() {
     );
     assert_eq!(
         sample(&text, r#"stepwise_runs_active{status="running"}"#),
-        Some(0.0)
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains(r#"stepwise_runs_total{plugin="misbehave",status="running"}"#),
+        "a counter of unfinished runs would go down: {text}"
     );
     assert_eq!(
         sample(
@@ -129,7 +143,7 @@ async fn metrics_count_runs_attempts_latency_and_violations() {
         "a request is counted by its route, not its path: {text}"
     );
     assert_eq!(sample(&text, "stepwise_leases_held"), Some(0.0), "{text}");
-    for id in [&passing, &hoarding] {
+    for id in [&passing, &hoarding, &waiting] {
         assert!(!text.contains(id.as_str()), "a run id is a label: {text}");
     }
 

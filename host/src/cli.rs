@@ -498,26 +498,10 @@ async fn run(
     }
     let client = http_client(token)?;
     let server = server.trim_end_matches('/');
-    let response = client
+    let trigger = client
         .post(format!("{server}/v1/runs"))
-        .json(&serde_json::json!({"plugin": plugin, "params": params}))
-        .send()
-        .await
-        .with_context(|| format!("calling {server}"))?;
-    let status = response.status();
-    let text = response.text().await.context("reading the response")?;
-    let Ok(run) = serde_json::from_str::<Value>(&text) else {
-        anyhow::bail!(
-            "{server} answered {status} with a body that is not Stepwise's JSON (is it a Stepwise server?): {}",
-            text.chars().take(200).collect::<String>()
-        );
-    };
-    if !status.is_success() {
-        anyhow::bail!(
-            "{status}: {}",
-            run["detail"].as_str().unwrap_or("request failed")
-        );
-    }
+        .json(&serde_json::json!({"plugin": plugin, "params": params}));
+    let run = send(trigger, server).await?.accepted("request failed")?;
     let id = run["id"].as_str().unwrap_or_default().to_owned();
     println!("run {id} queued ({server}/v1/runs/{id})");
     if !wait && junit.is_none() {
@@ -525,21 +509,9 @@ async fn run(
     }
     let mut shown: Vec<String> = Vec::new();
     loop {
-        let response = client
-            .get(format!("{server}/v1/runs/{id}"))
-            .send()
-            .await
-            .with_context(|| format!("calling {server}"))?;
-        let status = response.status();
-        let run: Value = response.json().await.with_context(|| {
-            format!("{server} answered {status} with a body that is not Stepwise's JSON")
-        })?;
-        if !status.is_success() {
-            anyhow::bail!(
-                "{status}: {}",
-                run["detail"].as_str().unwrap_or("reading the run failed")
-            );
-        }
+        let run = send(client.get(format!("{server}/v1/runs/{id}")), server)
+            .await?
+            .accepted("reading the run failed")?;
         let steps = run["steps"].as_array().cloned().unwrap_or_default();
         for (index, step) in steps.iter().enumerate() {
             let line = format!(
@@ -622,12 +594,22 @@ enum Answer {
     Refused(reqwest::StatusCode, Value),
 }
 
-/// Sends `method path` to the server and reads its JSON answer.
-async fn call(client: &ClientArgs, method: reqwest::Method, path: &str) -> anyhow::Result<Answer> {
-    check_server(&client.server)?;
-    let server = client.server.trim_end_matches('/');
-    let response = http_client(client.token.as_deref())?
-        .request(method, format!("{server}{path}"))
+impl Answer {
+    /// The JSON of an accepted request; a refusal as an error saying why (`fallback` when
+    /// the problem has no detail).
+    fn accepted(self, fallback: &str) -> anyhow::Result<Value> {
+        match self {
+            Answer::Ok(body) => Ok(body),
+            Answer::Refused(status, body) => {
+                anyhow::bail!("{status}: {}", body["detail"].as_str().unwrap_or(fallback))
+            }
+        }
+    }
+}
+
+/// Sends `request` to `server` and reads its JSON answer.
+async fn send(request: reqwest::RequestBuilder, server: &str) -> anyhow::Result<Answer> {
+    let response = request
         .send()
         .await
         .with_context(|| format!("calling {server}"))?;
@@ -644,6 +626,14 @@ async fn call(client: &ClientArgs, method: reqwest::Method, path: &str) -> anyho
     } else {
         Answer::Refused(status, body)
     })
+}
+
+/// Sends `method path` to the server of a client command.
+async fn call(client: &ClientArgs, method: reqwest::Method, path: &str) -> anyhow::Result<Answer> {
+    check_server(&client.server)?;
+    let server = client.server.trim_end_matches('/');
+    let request = http_client(client.token.as_deref())?.request(method, format!("{server}{path}"));
+    send(request, server).await
 }
 
 /// Prints the answer: as JSON with `--json`, else through `table`; a refusal on stderr.

@@ -76,12 +76,8 @@ pub async fn run_file(
     let poll = grant
         .poll_interval
         .unwrap_or(settings.default_poll_interval);
-    let mut source_configs = settings.sources.clone();
-    for (name, source) in &mut source_configs {
-        source.url = secrets.fill_operator_text(name, &source.url)?;
-    }
-    let sources = SqlSources::connect_lazy(&source_configs)
-        .map_err(|error| anyhow::anyhow!("{}", secrets.redact(&format!("{error:#}"))))?;
+    let sources = SqlSources::connect_lazy(&secrets.fill_source_urls(&settings.sources)?)
+        .map_err(|error| secrets.redact_error(error))?;
     let mut capabilities = Capabilities {
         grant,
         limits,

@@ -70,21 +70,13 @@ pub async fn serve(
     // Source URLs may hold placeholders; the filled URLs stay in memory, and any error that
     // could quote one is redacted.
     let set = secrets.current();
-    let source_configs = settings
-        .sources
-        .iter()
-        .map(|(name, source)| {
-            let mut source = source.clone();
-            source.url = set.fill_operator_text(name, &source.url)?;
-            Ok((name.clone(), source))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let redacted = |error: anyhow::Error| anyhow::anyhow!("{}", set.redact(&format!("{error:#}")));
-    let sources = SqlSources::connect_lazy(&source_configs).map_err(redacted)?;
+    let source_configs = set.fill_source_urls(&settings.sources)?;
+    let sources =
+        SqlSources::connect_lazy(&source_configs).map_err(|error| set.redact_error(error))?;
     sources
         .check_roles(&source_configs)
         .await
-        .map_err(redacted)?;
+        .map_err(|error| set.redact_error(error))?;
     #[cfg(unix)]
     {
         // Listened for before the server answers: a SIGHUP that came first would end the

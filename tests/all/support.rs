@@ -558,25 +558,14 @@ impl Endpoint {
                     axum::Json(names)
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding port 0");
-        let address = listener.local_addr().expect("bound address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .expect("endpoint serves");
-        });
+        let (address, shutdown) = serve_locally(app).await;
         Endpoint {
             url: format!("http://{address}/"),
             host_port: address.to_string(),
             port: address.port(),
             status,
             hits,
-            _shutdown: shutdown.drop_guard(),
+            _shutdown: shutdown,
         }
     }
 
@@ -588,6 +577,23 @@ impl Endpoint {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+}
+
+/// Serves `app` on 127.0.0.1 (a free port) until the returned guard is dropped.
+async fn serve_locally(app: axum::Router) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding port 0");
+    let address = listener.local_addr().expect("bound address");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+            .expect("a local server serves");
+    });
+    (address, shutdown.drop_guard())
 }
 
 /// A server that answers `GET /echo` with what it was sent: the `authorization` header and
@@ -633,22 +639,11 @@ impl Reflector {
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding port 0");
-        let address = listener.local_addr().expect("bound address");
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .expect("reflector serves");
-        });
+        let (address, shutdown) = serve_locally(app).await;
         Reflector {
             host_port: address.to_string(),
             received,
-            _shutdown: shutdown.drop_guard(),
+            _shutdown: shutdown,
         }
     }
 
@@ -704,6 +699,25 @@ pub fn postgres_url() -> Option<String> {
 
 /// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
 /// missing): what the README tells operators to give a read-only source.
+/// A table `{prefix}_{pid}` in the PostgreSQL database at `url`, holding the row `(1, 'one')`.
+pub async fn postgres_table(url: &str, prefix: &str) -> String {
+    let table = format!("{prefix}_{}", std::process::id());
+    let pool = sqlx::PgPool::connect(url).await.expect("connecting");
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, name TEXT NOT NULL)"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create");
+    sqlx::query(&format!(
+        "INSERT INTO {table} VALUES (1, 'one') ON CONFLICT DO NOTHING"
+    ))
+    .execute(&pool)
+    .await
+    .expect("insert");
+    table
+}
+
 pub async fn postgres_reader_url(url: &str, table: &str) -> String {
     let pool = sqlx::PgPool::connect(url)
         .await

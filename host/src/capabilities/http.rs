@@ -32,7 +32,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
-use super::secrets::{SecretSet, as_is, mentions_placeholder};
+use super::secrets::{SecretSet, mentions_placeholder};
 use crate::model::{AllowedHost, LogLevel};
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -118,7 +118,7 @@ impl HttpPolicy {
             };
             let Some(filled) = self
                 .secrets
-                .substitute(text, &self.granted_secrets, target, as_is)
+                .substitute(text, &self.granted_secrets, target)
                 .map_err(refused)?
             else {
                 continue;

@@ -38,14 +38,9 @@ impl LogBuffer {
         }
     }
 
-    /// `text` with the values of secrets replaced by their placeholders.
-    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        self.secrets.redact(text)
-    }
-
-    /// Records a line, or counts it as dropped once the buffer is full; returns whether it
-    /// was kept.
-    pub fn push(&self, level: LogLevel, message: &str) -> bool {
+    /// Records a line, or counts it as dropped once the buffer is full; returns the line as
+    /// kept (redacted, then cut to length).
+    pub fn push(&self, level: LogLevel, message: &str) -> Option<String> {
         // A poisoned lock only means another capability panicked mid-push; the lines are
         // still usable.
         let mut lines = self
@@ -55,7 +50,7 @@ impl LogBuffer {
         if lines.lines.len() >= MAX_LINES {
             // Counted without copying: a plugin may log millions of lines in a loop.
             lines.dropped += 1;
-            return false;
+            return None;
         }
         // Redacted whole, before it is cut: a cut value would no longer match.
         let mut message = self.secrets.redact(message).into_owned();
@@ -67,8 +62,11 @@ impl LogBuffer {
             message.truncate(cut);
             message.push_str("… (truncated)");
         }
-        lines.lines.push(LogLine { level, message });
-        true
+        lines.lines.push(LogLine {
+            level,
+            message: message.clone(),
+        });
+        Some(message)
     }
 
     /// The recorded lines, with a final line saying how many were dropped.
@@ -114,12 +112,12 @@ impl Host for LogState {
             Level::Error => LogLevel::Error,
         };
         // Only kept lines reach the host's log too: a plugin logging in a loop must not flood it.
-        if !self.buffer.push(level, &message) {
+        let Some(kept) = self.buffer.push(level, &message) else {
             return Ok(());
-        }
+        };
         // One field, escaped and bounded: a plugin's newlines, terminal escapes or fake
         // `key=value` text can never pass for a line or a field of the host's own.
-        let line = host_log_field(&self.buffer.redact(&message));
+        let line = host_log_field(&kept);
         match level {
             LogLevel::Trace => tracing::trace!(target: "plugin", line, "plugin log"),
             LogLevel::Debug => tracing::debug!(target: "plugin", line, "plugin log"),

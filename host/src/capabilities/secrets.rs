@@ -6,12 +6,14 @@
 //! back in (raw, JSON-escaped, URL-encoded, base64 at any alignment), becomes the placeholder.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 
+use crate::config::SourceConfig;
 use crate::model::AllowedHost;
 
 const OPEN: &str = "{{secret:";
@@ -142,10 +144,6 @@ impl SecretSet {
         &self.secrets
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
-    }
-
     fn get(&self, name: &str) -> Option<&Secret> {
         self.secrets.iter().find(|secret| secret.name == name)
     }
@@ -233,7 +231,7 @@ impl SecretSet {
             let filled = match value {
                 Some(value) => {
                     let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-                    self.substitute(&decoded, granted, target, as_is)?
+                    self.substitute(&decoded, granted, target)?
                 }
                 None => None,
             };
@@ -248,7 +246,7 @@ impl SecretSet {
         Ok(changed.then(|| parts.join("&")))
     }
 
-    /// `text` with each placeholder replaced by its value, `encode`d, when the secret is
+    /// `text` with each placeholder replaced by its value when the secret is
     /// `granted` and may go to `scheme://host:port`; the first placeholder that may not be
     /// replaced refuses the whole request. `None` when `text` holds no placeholder.
     pub fn substitute(
@@ -256,7 +254,6 @@ impl SecretSet {
         text: &str,
         granted: &[String],
         (scheme, host, port): (&str, &str, u16),
-        encode: fn(&str) -> Cow<'_, str>,
     ) -> Result<Option<String>, Refusal> {
         let placeholders = find_placeholders(text);
         if placeholders.is_empty() {
@@ -291,30 +288,41 @@ impl SecretSet {
                 )));
             }
             replaced.push_str(&text[last..start]);
-            replaced.push_str(&encode(&secret.value));
+            replaced.push_str(&secret.value);
             last = end;
         }
         replaced.push_str(&text[last..]);
         Ok(Some(replaced))
     }
 
-    /// `url` (a SQL source's) with its placeholders replaced; the operator wrote it, so every
-    /// secret may be used there, whatever its hosts.
-    pub fn fill_operator_text(&self, source: &str, url: &str) -> anyhow::Result<String> {
-        let mut filled = String::with_capacity(url.len());
-        let mut last = 0;
-        for (start, end, name) in find_placeholders(url) {
-            let secret = self.get(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "sources.{source}.url uses secret {name:?}, which is not a [secrets.{name}] of this config"
-                )
-            })?;
-            filled.push_str(&url[last..start]);
-            filled.push_str(&percent_encode(&secret.value));
-            last = end;
+    /// The sources with the placeholders of their URLs filled (URL-encoded); the operator
+    /// wrote them, so every secret may be used there, whatever its hosts.
+    pub fn fill_source_urls(
+        &self,
+        sources: &BTreeMap<String, SourceConfig>,
+    ) -> anyhow::Result<BTreeMap<String, SourceConfig>> {
+        let mut filled_sources = sources.clone();
+        for (source, config) in &mut filled_sources {
+            let url = std::mem::take(&mut config.url);
+            let mut last = 0;
+            for (start, end, name) in find_placeholders(&url) {
+                let secret = self.get(name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "sources.{source}.url uses secret {name:?}, which is not a [secrets.{name}] of this config"
+                    )
+                })?;
+                config.url.push_str(&url[last..start]);
+                config.url.push_str(&percent_encode(&secret.value));
+                last = end;
+            }
+            config.url.push_str(&url[last..]);
         }
-        filled.push_str(&url[last..]);
-        Ok(filled)
+        Ok(filled_sources)
+    }
+
+    /// `error` with the values of secrets taken out: one that could quote a filled URL.
+    pub fn redact_error(&self, error: anyhow::Error) -> anyhow::Error {
+        anyhow::anyhow!("{}", self.redact(&format!("{error:#}")))
     }
 }
 
@@ -422,11 +430,6 @@ fn lower_hex(encoded: &str) -> String {
     lower
 }
 
-/// A value sent as it is (in a header).
-pub fn as_is(value: &str) -> Cow<'_, str> {
-    Cow::Borrowed(value)
-}
-
 /// Every byte but the unreserved ones (RFC 3986) percent-encoded, for a query or a URL part.
 pub fn percent_encode(value: &str) -> Cow<'_, str> {
     const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -496,10 +499,9 @@ mod tests {
     fn placeholders_are_replaced_only_where_allowed() {
         let set = set();
         let granted = ["crm".to_owned()];
-        let keep = as_is;
         let to_crm = ("https", "crm.example.com", 443);
         assert_eq!(
-            set.substitute("Bearer {{secret:crm}}", &granted, to_crm, keep),
+            set.substitute("Bearer {{secret:crm}}", &granted, to_crm),
             Ok(Some("Bearer s3cr3t value/+".into()))
         );
         // However a query parameter encodes the placeholder, it is filled, encoded.
@@ -524,22 +526,17 @@ mod tests {
             assert!(mentions_placeholder(malformed), "{malformed}");
         }
         assert!(!mentions_placeholder("/items?q=%7Bjson%7D"));
-        assert_eq!(set.substitute("plain", &granted, to_crm, keep), Ok(None));
-        let elsewhere = set.substitute(
-            "{{secret:crm}}",
-            &granted,
-            ("https", "evil.example", 443),
-            keep,
-        );
+        assert_eq!(set.substitute("plain", &granted, to_crm), Ok(None));
+        let elsewhere = set.substitute("{{secret:crm}}", &granted, ("https", "evil.example", 443));
         assert!(
             elsewhere
                 .unwrap_err()
                 .0
                 .contains("may not be sent to https://evil.example:443")
         );
-        let ungranted = set.substitute("{{secret:crm}}", &[], to_crm, keep);
+        let ungranted = set.substitute("{{secret:crm}}", &[], to_crm);
         assert!(ungranted.unwrap_err().0.contains("not granted"));
-        let unknown = set.substitute("{{secret:other}}", &granted, to_crm, keep);
+        let unknown = set.substitute("{{secret:other}}", &granted, to_crm);
         assert!(unknown.unwrap_err().0.contains("not configured"));
     }
 

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, SilentServer, TestServer, postgres_reader_url,
-    postgres_url, sqlite_source, sqlite_url, step_statuses,
+    postgres_table, postgres_url, sqlite_source, sqlite_url, step_statuses,
 };
 
 /// Runs `misbehave` with `action` as its first step and returns the finished run.
@@ -130,25 +130,6 @@ async fn a_huge_sqlite_result_is_stopped_at_the_result_limit() {
     }
 }
 
-/// A table in the PostgreSQL test database, readable by the reader role.
-async fn postgres_table(url: &str) -> String {
-    let table = format!("stepwise_escape_{}", std::process::id());
-    let pool = sqlx::PgPool::connect(url).await.expect("connecting");
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, name TEXT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .expect("create");
-    sqlx::query(&format!(
-        "INSERT INTO {table} VALUES (1, 'one') ON CONFLICT DO NOTHING"
-    ))
-    .execute(&pool)
-    .await
-    .expect("insert");
-    table
-}
-
 #[tokio::test]
 async fn a_privileged_postgres_role_for_a_read_only_source_refuses_to_start() {
     let Some(url) = postgres_url() else {
@@ -183,7 +164,7 @@ async fn a_postgres_query_leaves_nothing_behind_and_cannot_exhaust_the_host() {
     let Some(url) = postgres_url() else {
         return;
     };
-    let table = postgres_table(&url).await;
+    let table = postgres_table(&url, "stepwise_escape").await;
     let reader = postgres_reader_url(&url, &table).await;
     let server = TestServer::start(
         Setup::default()

@@ -323,20 +323,7 @@ async fn a_sql_source_url_takes_its_credentials_from_a_secret() {
     let Some(url) = crate::support::postgres_url() else {
         return;
     };
-    let table = format!("stepwise_secret_source_{}", std::process::id());
-    let pool = sqlx::PgPool::connect(&url).await.expect("connecting");
-    sqlx::query(&format!(
-        "CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, name TEXT NOT NULL)"
-    ))
-    .execute(&pool)
-    .await
-    .expect("create");
-    sqlx::query(&format!(
-        "INSERT INTO {table} VALUES (1, 'one') ON CONFLICT DO NOTHING"
-    ))
-    .execute(&pool)
-    .await
-    .expect("insert");
+    let table = crate::support::postgres_table(&url, "stepwise_secret_source").await;
     let reader = crate::support::postgres_reader_url(&url, &table).await;
     // The role's name is the secret: without it filled in, the URL names no role at all.
     let (scheme, rest) = reader.split_once("://").expect("a URL");

@@ -98,6 +98,14 @@ enum Command {
         #[command(subcommand)]
         command: ListCommand,
     },
+    /// Print the API's OpenAPI 3.1 document, as `GET /openapi.json` serves it.
+    Openapi,
+}
+
+fn print_openapi() -> anyhow::Result<ExitCode> {
+    let document = crate::api::openapi_document();
+    println!("{}", serde_json::to_string_pretty(&document)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where a client command finds the server, and how it prints.
@@ -243,6 +251,7 @@ pub fn main() -> ExitCode {
         Command::Schedules {
             command: ListCommand::List { client },
         } => runtime.block_on(schedules_list(client)),
+        Command::Openapi => print_openapi(),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),

@@ -179,7 +179,7 @@ struct PolicyFile {
     max_limits: LimitsFile,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     step_timeout_ms: Option<u64>,
@@ -529,18 +529,26 @@ fn default_database_url(data_dir: &Path) -> String {
     format!("sqlite://{}", data_dir.join("stepwise.db").display())
 }
 
-/// A plugin manifest (`<name>.toml` beside `<name>.wasm`): the plugin's grant.
-#[derive(Debug, Default, Deserialize)]
+/// A plugin manifest (`<name>.toml` beside `<name>.wasm`): the plugin's grant, also its JSON
+/// form in the API.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ManifestFile {
+#[schema(as = Grant)]
+pub struct ManifestFile {
+    /// `host:port` patterns the plugin may call over HTTP (`*.` for subdomains).
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    /// Names of `[sources.*]` in the host's config.
     #[serde(default)]
     sql_sources: Vec<String>,
+    /// Names of `[secrets.*]` in the host's config.
     #[serde(default)]
     secrets: Vec<String>,
+    /// The plugin's default poll interval (50 to 3600000).
     poll_interval_ms: Option<u64>,
+    /// Limits of the plugin's calls; each within the host's `[policy.max_limits]`.
     #[serde(default)]
+    #[schema(inline)]
     limits: LimitsFile,
 }
 

@@ -725,6 +725,12 @@ pub enum FireOutcome {
 }
 
 impl FireOutcome {
+    pub const ALL: [FireOutcome; 3] = [
+        FireOutcome::Fired,
+        FireOutcome::Missed,
+        FireOutcome::Skipped,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FireOutcome::Fired => "fired",

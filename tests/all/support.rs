@@ -699,9 +699,13 @@ pub fn postgres_url() -> Option<String> {
 
 /// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
 /// missing): what the README tells operators to give a read-only source.
-/// A table `{prefix}_{pid}` in the PostgreSQL database at `url`, holding the row `(1, 'one')`.
+/// A new table `{prefix}_{pid}_{n}` in the PostgreSQL database at `url`, holding the row
+/// `(1, 'one')`. Each call has its own: the SQLite and PostgreSQL copies of a test run at once,
+/// and concurrent `CREATE TABLE IF NOT EXISTS` of one name can fail in PostgreSQL.
 pub async fn postgres_table(url: &str, prefix: &str) -> String {
-    let table = format!("{prefix}_{}", std::process::id());
+    static TABLES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let table = format!("{prefix}_{}_{n}", std::process::id());
     let pool = sqlx::PgPool::connect(url).await.expect("connecting");
     sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, name TEXT NOT NULL)"

@@ -6,14 +6,21 @@ use axum::extract::{RawQuery, State};
 
 use super::dto::{AuditDto, AuditListDto};
 use super::error::ApiError;
+use super::openapi::PageQuery;
 use super::state::AppState;
 
 /// `GET /v1/audit?limit=&cursor=`
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "audit",
+    summary = "Uploads, activations, grant and token changes, newest first",
+    params(PageQuery),
+    responses((status = 200, description = "A page of entries", body = AuditListDto))
+)]
 pub async fn audit_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<AuditListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), &["limit", "cursor"])?;
+    let query = super::query::parse(raw.as_deref(), super::query::PAGE)?;
     let limit = super::query::limit(&query, 50, 500)?;
     let before =
         super::query::cursor(&query, |text| text.parse::<i64>().ok().filter(|id| *id > 0))?;

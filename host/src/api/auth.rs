@@ -54,9 +54,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Routes anyone may call, on any `Host`: probes and scrapers carry no token.
-fn is_open(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
+/// Routes anyone may call, on any `Host`: probes and scrapers carry no token, and the API's
+/// description is no secret.
+pub(super) fn is_open(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json")
 }
 
 /// The least role that may make this call. Unknown state-changing routes need `admin`, so a
@@ -252,7 +253,8 @@ fn check_origin(state: &AppState, method: &Method, headers: &HeaderMap) -> Resul
 /// only send `text/plain`, `multipart/form-data` and `application/x-www-form-urlencoded`)
 /// cannot post JSON to the API.
 fn check_media_type(method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    // Only these carry a body here; any other method is answered 405 by the router.
+    if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         return Ok(());
     }
     let content_type = headers.get(header::CONTENT_TYPE);

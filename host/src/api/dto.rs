@@ -6,9 +6,15 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::Value as Json;
+use utoipa::ToSchema;
+use utoipa::openapi::schema::SchemaType;
+use utoipa::openapi::{ObjectBuilder, Type};
 
 use crate::auth::StoredToken;
-use crate::model::{CheckInfo, Grant, Limits, TriggerSpec, UnixMillis};
+use crate::model::{
+    AttemptOutcome, CheckInfo, FireOutcome, Grant, Limits, LogLevel, Role, RunStatus, StepStatus,
+    TriggerSpec, UnixMillis,
+};
 use crate::storage::{
     AttemptRecord, AuditRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord,
     ScheduleRecord, StepRecord,
@@ -19,15 +25,57 @@ fn timestamp(millis: UnixMillis) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
+/// A string that is one of `values`: the schema of the model's text enums.
+fn one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+}
+
+/// Any JSON value, `null` included (utoipa's `Option<Value>` is a `oneOf` that `null` matches
+/// twice).
+fn any_json() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(SchemaType::AnyValue)
+}
+
+fn run_status() -> ObjectBuilder {
+    one_of(RunStatus::ALL.iter().map(|status| status.as_str()))
+}
+
+fn step_status() -> ObjectBuilder {
+    one_of(StepStatus::ALL.iter().map(|status| status.as_str()))
+}
+
+fn attempt_outcome() -> ObjectBuilder {
+    one_of(AttemptOutcome::ALL.iter().map(|outcome| outcome.as_str()))
+}
+
+fn log_level() -> ObjectBuilder {
+    one_of(LogLevel::ALL.iter().map(|level| level.as_str()))
+}
+
+fn fire_outcome() -> ObjectBuilder {
+    one_of(FireOutcome::ALL.iter().map(|outcome| outcome.as_str()))
+}
+
+fn role() -> ObjectBuilder {
+    one_of(Role::ALL.iter().map(|role| role.as_str()))
+}
+
+fn limit_source() -> ObjectBuilder {
+    one_of(["grant", "host", "policy"])
+}
+
 fn json_text(text: &str) -> Json {
     serde_json::from_str(text).unwrap_or(Json::Null)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct RunDto {
     pub id: String,
     pub plugin: String,
     pub plugin_version: String,
+    #[schema(schema_with = run_status)]
     pub status: &'static str,
     pub message: Option<String>,
     pub params: Json,
@@ -41,10 +89,15 @@ pub struct RunDto {
     pub schedule_id: Option<String>,
     /// Name of the step being worked on (the last step once the run passed).
     pub current_step: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
+    #[schema(format = DateTime)]
     pub deadline_at: String,
+    #[schema(format = DateTime)]
     pub next_tick_at: Option<String>,
     /// The node holding the run's lease while a tick is in progress.
     pub node: Option<String>,
@@ -52,16 +105,21 @@ pub struct RunDto {
     pub steps: Option<Vec<StepDto>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct StepDto {
     pub name: String,
+    #[schema(schema_with = step_status)]
     pub status: &'static str,
     pub attempts: u32,
     pub message: Option<String>,
+    #[schema(schema_with = any_json)]
     pub output: Option<Json>,
     pub timeout_ms: Option<i64>,
+    #[schema(format = DateTime)]
     pub first_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
     pub last_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     pub passed_after_ms: Option<i64>,
 }
@@ -114,24 +172,27 @@ impl StepDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct RunListDto {
     pub runs: Vec<RunDto>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AttemptDto {
     pub step: String,
     pub attempt: u32,
+    #[schema(schema_with = attempt_outcome)]
     pub outcome: &'static str,
     pub message: Option<String>,
     pub logs: Vec<LogLineDto>,
+    #[schema(format = DateTime)]
     pub started_at: String,
     pub duration_ms: i64,
     /// When the tick that made this call was due; absent for a step tried at once after the
     /// previous one passed.
+    #[schema(format = DateTime)]
     pub due_at: Option<String>,
     /// `started_at - due_at`: how late the scheduler was.
     pub lag_ms: Option<i64>,
@@ -139,8 +200,9 @@ pub struct AttemptDto {
     pub node: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct LogLineDto {
+    #[schema(schema_with = log_level)]
     pub level: &'static str,
     pub message: String,
 }
@@ -169,7 +231,7 @@ impl AttemptDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct StepInfoDto {
     pub name: String,
     pub description: String,
@@ -177,14 +239,16 @@ pub struct StepInfoDto {
     pub max_attempts: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PluginDto {
     pub name: String,
     pub active_version: String,
     pub description: String,
     pub plugin_reported_version: String,
     pub steps: Vec<StepInfoDto>,
+    #[schema(schema_with = any_json)]
     pub params_schema: Option<Json>,
+    #[schema(format = DateTime)]
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantDto>,
@@ -192,7 +256,7 @@ pub struct PluginDto {
     pub versions: Option<Vec<PluginVersionDto>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct GrantDto {
     pub allowed_hosts: Vec<String>,
     pub sql_sources: Vec<String>,
@@ -205,17 +269,19 @@ pub struct GrantDto {
     pub limits: BTreeMap<&'static str, LimitDto>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct LimitDto {
     pub value: u64,
+    #[schema(schema_with = limit_source)]
     pub from: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PluginVersionDto {
     pub version: String,
     pub active: bool,
     pub steps: Vec<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -301,13 +367,13 @@ impl PluginDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ScheduleDto {
     pub id: String,
     pub plugin: String,
     pub params: Json,
     pub labels: BTreeMap<String, String>,
-    pub trigger: Json,
+    pub trigger: TriggerDto,
     pub misfire_grace_ms: Option<i64>,
     pub coalesce: bool,
     pub max_concurrent_runs: u32,
@@ -315,41 +381,70 @@ pub struct ScheduleDto {
     pub poll_interval_ms: Option<i64>,
     pub timeout_ms: Option<i64>,
     /// The next nominal fire time; null once the trigger is done.
+    #[schema(format = DateTime)]
     pub next_fire_at: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recent_fires: Option<Vec<FireDto>>,
 }
 
-#[derive(Serialize)]
+/// Exactly one of the three forms.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TriggerDto {
+    /// A cron expression with seconds (`sec min hour day month weekday`) in an IANA zone.
+    Cron { cron: String, timezone: String },
+    /// Every `interval_ms`, each fire moved by up to `jitter_ms`, between the optional bounds.
+    Interval {
+        interval_ms: i64,
+        jitter_ms: i64,
+        #[schema(format = DateTime)]
+        start_at: Option<String>,
+        #[schema(format = DateTime)]
+        end_at: Option<String>,
+    },
+    /// Once.
+    At {
+        #[schema(format = DateTime)]
+        at: String,
+    },
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct FireDto {
+    #[schema(format = DateTime)]
     pub scheduled_at: String,
     /// `fired`, `missed` or `skipped`.
+    #[schema(schema_with = fire_outcome)]
     pub outcome: &'static str,
     pub reason: Option<String>,
     pub run_id: Option<String>,
+    #[schema(format = DateTime)]
     pub recorded_at: String,
 }
 
 impl ScheduleDto {
     pub fn new(schedule: &ScheduleRecord, fires: Option<&[FireRecord]>) -> ScheduleDto {
         let trigger = match &schedule.trigger {
-            TriggerSpec::Cron { expr, timezone } => {
-                serde_json::json!({"cron": expr, "timezone": timezone})
-            }
+            TriggerSpec::Cron { expr, timezone } => TriggerDto::Cron {
+                cron: expr.clone(),
+                timezone: timezone.clone(),
+            },
             TriggerSpec::Interval {
                 interval_ms,
                 jitter_ms,
                 start_at,
                 end_at,
-            } => serde_json::json!({
-                "interval_ms": interval_ms,
-                "jitter_ms": jitter_ms,
-                "start_at": start_at.map(timestamp),
-                "end_at": end_at.map(timestamp),
-            }),
-            TriggerSpec::At { at } => serde_json::json!({"at": timestamp(*at)}),
+            } => TriggerDto::Interval {
+                interval_ms: *interval_ms,
+                jitter_ms: *jitter_ms,
+                start_at: start_at.map(timestamp),
+                end_at: end_at.map(timestamp),
+            },
+            TriggerSpec::At { at } => TriggerDto::At { at: timestamp(*at) },
         };
         ScheduleDto {
             id: schedule.id.clone(),
@@ -386,10 +481,12 @@ impl ScheduleDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct TokenDto {
     pub name: String,
+    #[schema(schema_with = role)]
     pub role: &'static str,
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// The token (or `cli`) that created it.
     pub created_by: String,
@@ -407,7 +504,7 @@ impl TokenDto {
 }
 
 /// A token just created: the only answer that ever holds its secret.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct NewTokenDto {
     #[serde(flatten)]
     pub token: TokenDto,
@@ -424,7 +521,7 @@ impl NewTokenDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AuditDto {
     pub id: i64,
     pub at: String,
@@ -448,9 +545,76 @@ impl AuditDto {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AuditListDto {
     pub entries: Vec<AuditDto>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AttemptListDto {
+    pub attempts: Vec<AttemptDto>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PluginListDto {
+    pub plugins: Vec<PluginDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ScheduleListDto {
+    pub schedules: Vec<ScheduleDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenListDto {
+    pub tokens: Vec<TokenDto>,
+}
+
+/// A secret the operator declared: where it may be sent and who may send it, never its value.
+#[derive(Serialize, ToSchema)]
+pub struct SecretDto {
+    pub name: String,
+    /// `scheme://host[:port]` origins the secret may be sent to.
+    pub hosts: Vec<String>,
+    /// The environment variable the value is read from, if it is read from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// The file the value is read from, if it is read from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Plugins whose grant lists the secret.
+    pub granted_to: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SecretListDto {
+    pub secrets: Vec<SecretDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HealthDto {
+    #[schema(schema_with = health_status)]
+    pub status: &'static str,
+}
+
+fn health_status() -> ObjectBuilder {
+    one_of(["ok"])
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReadinessDto {
+    #[schema(schema_with = readiness_status)]
+    pub status: &'static str,
+    /// Whether the database answered.
+    pub database: bool,
+    /// Whether the plugins directory has been loaded.
+    pub plugins_loaded: bool,
+}
+
+fn readiness_status() -> ObjectBuilder {
+    one_of(["ready", "not_ready"])
 }

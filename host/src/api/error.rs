@@ -7,7 +7,8 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::scheduler::planning::PlanError;
 use crate::{registry, storage};
@@ -18,6 +19,34 @@ pub struct ApiError {
     code: &'static str,
     field: Option<String>,
     message: String,
+}
+
+/// The body of every error response (`application/problem+json`, RFC 9457), with the code
+/// and the field of the style guide's `error` object repeated at the top for RFC 9457 clients.
+#[derive(Serialize, ToSchema)]
+pub struct Problem {
+    /// Always `about:blank`: `code` tells the errors apart.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// The status' reason phrase.
+    title: &'static str,
+    status: u16,
+    /// What went wrong, in words; `internal server error` for every 5xx.
+    detail: String,
+    /// Stable and machine-readable, e.g. `invalid_field`, `plugin_not_found`, `unauthorized`.
+    code: &'static str,
+    /// The request field, query parameter, header or part at fault, e.g. `params.amount`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    error: ProblemError,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProblemError {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
 }
 
 /// The detail of a 5xx, carried to the logging middleware in the response extensions.
@@ -212,19 +241,19 @@ impl IntoResponse for ApiError {
         } else {
             self.message.clone()
         };
-        let title = self.status.canonical_reason().unwrap_or("Error");
-        let mut body = json!({
-            "type": "about:blank",
-            "title": title,
-            "status": self.status.as_u16(),
-            "detail": message,
-            "code": self.code,
-            "error": {"code": self.code, "message": message},
-        });
-        if let Some(field) = &self.field {
-            body["field"] = json!(field);
-            body["error"]["field"] = json!(field);
-        }
+        let body = Problem {
+            kind: "about:blank",
+            title: self.status.canonical_reason().unwrap_or("Error"),
+            status: self.status.as_u16(),
+            detail: message.clone(),
+            code: self.code,
+            field: self.field.clone(),
+            error: ProblemError {
+                code: self.code,
+                message,
+                field: self.field.clone(),
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -1,16 +1,32 @@
+//! What probes and scrapers call, without a token.
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
 
+use super::dto::{HealthDto, ReadinessDto};
 use super::state::AppState;
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: the process answers.
+#[utoipa::path(
+    get, path = "/healthz", tag = "health",
+    summary = "Liveness",
+    responses((status = 200, description = "The process answers", body = HealthDto))
+)]
+pub async fn healthz() -> Json<HealthDto> {
+    Json(HealthDto { status: "ok" })
 }
 
 /// Ready once the database answers and the plugins directory has been loaded.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get, path = "/readyz", tag = "health",
+    summary = "Readiness: the database answers and the plugins directory is loaded",
+    responses(
+        (status = 200, description = "Ready", body = ReadinessDto),
+        (status = 503, description = "Not ready yet, and why", body = ReadinessDto),
+    )
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadinessDto>) {
     let database = state.store.ping().await.is_ok();
     let plugins = state.plugins_loaded();
     let status = if database && plugins {
@@ -18,15 +34,29 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-        "database": database,
-        "plugins_loaded": plugins,
-    });
+    let body = ReadinessDto {
+        status: if status == StatusCode::OK {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        database,
+        plugins_loaded: plugins,
+    };
     (status, Json(body))
 }
 
 /// `GET /metrics`: Prometheus text (SPEC §14); open like the probes, and names no run.
+#[utoipa::path(
+    get, path = "/metrics", tag = "health",
+    summary = "Prometheus metrics (text format 0.0.4)",
+    responses(
+        (status = 200, description = "The SPEC §14 metrics", body = String,
+            content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 500, description = "The database did not answer", body = super::error::Problem,
+            content_type = "application/problem+json"),
+    )
+)]
 pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match state.store.metrics_counts(&state.node_id).await {

@@ -7,6 +7,7 @@ mod auth;
 mod dto;
 mod error;
 mod health;
+mod openapi;
 mod plugins;
 mod query;
 mod runs;
@@ -15,9 +16,11 @@ mod secrets;
 mod state;
 mod tokens;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post, put};
+use axum::{Extension, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 pub use auth::{Caller, host_allowed, required_role};
 pub use error::ApiError;
@@ -25,55 +28,63 @@ pub use state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;
-    let upload_limit = state.settings.upload_limit_bytes;
-    Router::new()
-        .route("/v1/runs", post(runs::runs_create).get(runs::runs_index))
-        .route("/v1/runs/{id}", get(runs::runs_show))
-        .route("/v1/runs/{id}/attempts", get(runs::runs_attempts))
-        .route("/v1/runs/{id}/cancel", post(runs::runs_cancel))
-        .route("/v1/plugins", get(plugins::plugins_index))
-        .route(
-            "/v1/plugins/{name}",
-            get(plugins::plugins_show)
-                .put(plugins::plugins_upload)
-                .layer(DefaultBodyLimit::max(upload_limit)),
-        )
-        .route(
-            "/v1/plugins/{name}/activate",
-            post(plugins::plugins_activate),
-        )
-        .route("/v1/plugins/{name}/grant", put(plugins::plugins_grant))
-        .route(
-            "/v1/schedules",
-            post(schedules::schedules_create).get(schedules::schedules_index),
-        )
-        .route(
-            "/v1/schedules/{id}",
-            get(schedules::schedules_show)
-                .patch(schedules::schedules_update)
-                .delete(schedules::schedules_delete),
-        )
-        .route(
-            "/v1/tokens",
-            post(tokens::tokens_create).get(tokens::tokens_index),
-        )
-        .route("/v1/tokens/{name}", delete(tokens::tokens_revoke))
-        .route("/v1/audit", get(audit::audit_index))
-        .route("/v1/secrets", get(secrets::secrets_index))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .fallback(error::not_found_fallback)
-        .method_not_allowed_fallback(error::method_not_allowed_fallback)
-        .layer(axum::middleware::from_fn_with_state(
+    let (router, document) = routes(state.settings.upload_limit_bytes).split_for_parts();
+    let document = openapi::complete(document);
+    let document = openapi::Document(document.to_string().into());
+    router
+        // Only on routes that exist: a method a path does not have is a 405 (and a path that
+        // does not exist a 404) before any check of the body's type or the token.
+        .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::guard,
         ))
+        .fallback(error::not_found_fallback)
+        .method_not_allowed_fallback(error::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             health::count_request,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(Extension(document))
         .with_state(state)
+}
+
+/// The OpenAPI document of [`router`], as `GET /openapi.json` serves it.
+pub fn openapi_document() -> serde_json::Value {
+    openapi::complete(routes(0).split_for_parts().1)
+}
+
+/// Every route with its handler; each handler's `#[utoipa::path]` gives its path, method and
+/// description.
+fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(runs::runs_create, runs::runs_index))
+        .routes(routes!(runs::runs_show))
+        .routes(routes!(runs::runs_attempts))
+        .routes(routes!(runs::runs_cancel))
+        .routes(routes!(plugins::plugins_index))
+        .routes(
+            routes!(plugins::plugins_show, plugins::plugins_upload)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .routes(routes!(plugins::plugins_activate))
+        .routes(routes!(plugins::plugins_grant))
+        .routes(routes!(
+            schedules::schedules_create,
+            schedules::schedules_index
+        ))
+        .routes(routes!(
+            schedules::schedules_show,
+            schedules::schedules_update,
+            schedules::schedules_delete
+        ))
+        .routes(routes!(tokens::tokens_create, tokens::tokens_index))
+        .routes(routes!(tokens::tokens_revoke))
+        .routes(routes!(audit::audit_index))
+        .routes(routes!(secrets::secrets_index))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi::openapi_json))
 }

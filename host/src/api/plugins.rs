@@ -10,22 +10,39 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::PluginDto;
-use super::error::ApiError;
+use super::dto::{PluginDto, PluginListDto};
+use super::error::{ApiError, Problem};
+use super::openapi::{ActivateRequest, UploadForm};
 use super::state::AppState;
-use crate::config::{grant_toml_from_json, parse_grant};
+use crate::config::{ManifestFile, grant_toml_from_json, parse_grant};
 use crate::model::{PluginName, PluginVersion, Role};
 
+/// The fields of `POST /v1/plugins/{name}/activate`.
+pub(super) const ACTIVATE_FIELDS: &[&str] = &["version"];
+
 /// `GET /v1/plugins`
-pub async fn plugins_index(
-    State(state): State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/plugins", tag = "plugins",
+    summary = "Plugins with their active version and steps",
+    responses((status = 200, description = "Every plugin", body = PluginListDto))
+)]
+pub async fn plugins_index(State(state): State<AppState>) -> Result<Json<PluginListDto>, ApiError> {
     let plugins = state.store.list_plugins().await?;
-    let plugins: Vec<PluginDto> = plugins.iter().map(PluginDto::new).collect();
-    Ok(Json(serde_json::json!({ "plugins": plugins })))
+    Ok(Json(PluginListDto {
+        plugins: plugins.iter().map(PluginDto::new).collect(),
+    }))
 }
 
 /// `GET /v1/plugins/{name}`
+#[utoipa::path(
+    get, path = "/v1/plugins/{name}", tag = "plugins",
+    summary = "A plugin with its grant, the limits in force and every version",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    responses(
+        (status = 200, description = "The plugin", body = PluginDto),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn plugins_show(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -38,6 +55,25 @@ pub async fn plugins_show(
 /// optional `grant` part (TOML, or JSON when the part says `application/json`). Answers 201
 /// for a new plugin, 200 otherwise, with the plugin as `GET` shows it. New bytes never change
 /// the grant; a `grant` part does, and needs the admin role.
+#[utoipa::path(
+    put, path = "/v1/plugins/{name}", tag = "plugins",
+    summary = "Upload a version",
+    description = "Validated (it compiles, exports the world, `describe` answers) and activated; \
+        a rejected upload changes nothing. A `grant` part needs the admin role.",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    request_body(content(
+        (Vec<u8> = "application/wasm"),
+        (Vec<u8> = "application/octet-stream"),
+        (UploadForm = "multipart/form-data"),
+    )),
+    responses(
+        (status = 200, description = "A new version of a known plugin, or the same bytes again", body = PluginDto),
+        (status = 201, description = "A new plugin", body = PluginDto,
+            headers(("Location" = String, description = "`/v1/plugins/{name}`"))),
+        (status = 413, description = "Larger than `max_upload_mib`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a valid check, or a grant beyond the policy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn plugins_upload(
     State(state): State<AppState>,
     caller: Caller,
@@ -90,6 +126,16 @@ pub async fn plugins_upload(
 }
 
 /// `POST /v1/plugins/{name}/activate` with `{"version": "<sha256>"}`.
+#[utoipa::path(
+    post, path = "/v1/plugins/{name}/activate", tag = "plugins",
+    summary = "Roll back or forward to a kept version",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    request_body = ActivateRequest,
+    responses(
+        (status = 200, description = "The plugin, with the version active", body = PluginDto),
+        (status = 404, description = "No such plugin or version", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn plugins_activate(
     State(state): State<AppState>,
     caller: Caller,
@@ -97,7 +143,7 @@ pub async fn plugins_activate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginDto>, ApiError> {
     let request =
-        super::runs::read_json_object(body, &["version"], state.settings.body_limit_bytes)?;
+        super::runs::read_json_object(body, ACTIVATE_FIELDS, state.settings.body_limit_bytes)?;
     let version = match request.get("version") {
         Some(Json_::String(version)) => version.clone(),
         Some(_) => return Err(ApiError::invalid("version", "version must be a string")),
@@ -114,6 +160,20 @@ pub async fn plugins_activate(
 
 /// `PUT /v1/plugins/{name}/grant`: replaces the grant (TOML, or JSON with the same keys)
 /// without new bytes. Runs in flight use it from their next tick.
+#[utoipa::path(
+    put, path = "/v1/plugins/{name}/grant", tag = "plugins",
+    summary = "Replace the grant",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    request_body(content(
+        (ManifestFile = "application/json"),
+        (String = "application/toml"),
+    )),
+    responses(
+        (status = 200, description = "The plugin with its new grant", body = PluginDto),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "An invalid grant, or one beyond the policy", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn plugins_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -123,6 +183,15 @@ pub async fn plugins_grant(
     let json = media_type(&request).as_deref() == Some("application/json");
     let limit = state.settings.body_limit_bytes;
     let body = read_body(Bytes::from_request(request, &state).await, limit)?;
+    if body.is_empty() {
+        plugin_details(&state, &name).await?;
+        // Most likely a mistake, and it would take every capability away: an empty grant
+        // must be said (`{}`, or an empty TOML document with a comment).
+        return Err(ApiError::invalid(
+            "grant",
+            "the body is empty: send the grant as TOML or JSON (no capabilities: {})",
+        ));
+    }
     let grant = grant_text(&body, json)?;
     state
         .registry

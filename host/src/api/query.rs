@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use super::error::ApiError;
 
+/// The parameters of a paginated list that has no filters.
+pub const PAGE: &[&str] = &["limit", "cursor"];
+
 /// The parameters of `raw` (the URI's query), each at most once and each in `known`.
 pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())

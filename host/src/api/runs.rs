@@ -12,23 +12,41 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
 use super::auth::Caller;
-use super::dto::{AttemptDto, RunDto, RunListDto};
-use super::error::ApiError;
+use super::dto::{AttemptDto, AttemptListDto, RunDto, RunListDto};
+use super::error::{ApiError, Problem};
+use super::openapi::{AttemptPageQuery, RunsQuery, TriggerRunRequest};
 use super::state::AppState;
 use crate::model::{PluginName, RunId, RunStatus, now_millis};
 use crate::scheduler::planning::{RunOptions, plan_run};
 use crate::storage::{Cancelled, Enqueued, RunFilter};
 
-const KNOWN_FIELDS: &[&str] = &[
+pub(super) const KNOWN_FIELDS: &[&str] = &[
     "plugin",
     "params",
     "poll_interval_ms",
     "timeout_ms",
     "labels",
 ];
+/// The query parameters of `GET /v1/runs`.
+pub(super) const INDEX_QUERY: &[&str] =
+    &["plugin", "status", "label", "schedule", "limit", "cursor"];
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// `POST /v1/runs`: validates, makes the run durable, wakes the scheduler, answers 202.
+#[utoipa::path(
+    post, path = "/v1/runs", tag = "runs",
+    summary = "Trigger a run",
+    description = "Answers 202 once the run is committed; the scheduler starts it at once. \
+        An `Idempotency-Key` repeated with the same request returns the first run.",
+    request_body = TriggerRunRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; the same key and request give the same run")),
+    responses(
+        (status = 202, description = "The run, queued", body = RunDto,
+            headers(("Location" = String, description = "`/v1/runs/{id}`"))),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The plugin's active version cannot run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn runs_create(
     State(state): State<AppState>,
     caller: Caller,
@@ -260,6 +278,15 @@ fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
 }
 
 /// `GET /v1/runs/{id}`
+#[utoipa::path(
+    get, path = "/v1/runs/{id}", tag = "runs",
+    summary = "A run with its steps",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run", body = RunDto),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn runs_show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -274,12 +301,21 @@ pub async fn runs_show(
 
 /// `GET /v1/runs/{id}/attempts?limit=&cursor=`: the calls of the run's steps in order, with
 /// the plugin's log lines, a page at a time (a run polling for a day makes many).
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/attempts", tag = "runs",
+    summary = "Every call of a run's steps, with log lines",
+    params(("id" = String, Path, description = "The run's id"), AttemptPageQuery),
+    responses(
+        (status = 200, description = "A page of attempts, in order", body = AttemptListDto),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn runs_attempts(
     State(state): State<AppState>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Json_>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), &["limit", "cursor"])?;
+) -> Result<Json<AttemptListDto>, ApiError> {
+    let query = super::query::parse(raw.as_deref(), super::query::PAGE)?;
     let limit = super::query::limit(&query, 100, 1000)?;
     let after = super::query::cursor(&query, |text| {
         let (position, attempt) = text.split_once('.')?;
@@ -297,12 +333,23 @@ pub async fn runs_attempts(
         format!("{}.{}", last.position, last.attempt)
     });
     let attempts: Vec<AttemptDto> = attempts.iter().map(AttemptDto::new).collect();
-    Ok(Json(
-        serde_json::json!({ "attempts": attempts, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(AttemptListDto {
+        attempts,
+        next_cursor,
+    }))
 }
 
 /// `POST /v1/runs/{id}/cancel`
+#[utoipa::path(
+    post, path = "/v1/runs/{id}/cancel", tag = "runs",
+    summary = "Cancel a run that has not finished",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run, cancelled", body = RunDto),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run has finished", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn runs_cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -323,14 +370,17 @@ pub async fn runs_cancel(
 }
 
 /// `GET /v1/runs?plugin=&status=&label=key=value&schedule=&limit=&cursor=`
+#[utoipa::path(
+    get, path = "/v1/runs", tag = "runs",
+    summary = "Runs, newest first",
+    params(RunsQuery),
+    responses((status = 200, description = "A page of runs, without their steps", body = RunListDto))
+)]
 pub async fn runs_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<RunListDto>, ApiError> {
-    let query = super::query::parse(
-        raw.as_deref(),
-        &["plugin", "status", "label", "schedule", "limit", "cursor"],
-    )?;
+    let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
     let status = match query.get("status") {
         Some(text) => Some(RunStatus::parse(text).ok_or_else(|| {
             let known: Vec<_> = RunStatus::ALL

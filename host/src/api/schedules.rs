@@ -12,8 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
 use super::auth::Caller;
-use super::dto::ScheduleDto;
-use super::error::ApiError;
+use super::dto::{ScheduleDto, ScheduleListDto};
+use super::error::{ApiError, Problem};
+use super::openapi::{NewScheduleRequest, ScheduleChangeRequest, SchedulesQuery};
 use super::runs::{optional_millis, parse_labels, read_json_object};
 use super::state::AppState;
 use crate::model::{PluginName, TriggerSpec, UnixMillis, now_millis};
@@ -22,7 +23,7 @@ use crate::scheduler::schedules::due_time;
 use crate::scheduler::trigger::Trigger;
 use crate::storage::{ScheduleOptions, ScheduleRecord};
 
-const KNOWN_FIELDS: &[&str] = &[
+pub(super) const KNOWN_FIELDS: &[&str] = &[
     "plugin",
     "params",
     "trigger",
@@ -34,6 +35,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "poll_interval_ms",
     "timeout_ms",
 ];
+/// The query parameters of `GET /v1/schedules`.
+pub(super) const INDEX_QUERY: &[&str] = &["plugin", "paused"];
 /// Fires shown with a schedule.
 const RECENT_FIRES: u32 = 20;
 /// APScheduler's defaults: a fire more than a second late is missed, backlogs coalesce, one
@@ -42,12 +45,26 @@ const DEFAULT_MISFIRE_GRACE_MS: i64 = 1_000;
 const DEFAULT_MAX_CONCURRENT_RUNS: u32 = 1;
 
 /// `POST /v1/schedules`
+#[utoipa::path(
+    post, path = "/v1/schedules", tag = "schedules",
+    summary = "Create a schedule",
+    request_body = NewScheduleRequest,
+    responses(
+        (status = 201, description = "The schedule, with its first fire time", body = ScheduleDto,
+            headers(("Location" = String, description = "`/v1/schedules/{id}`"))),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn schedules_create(
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
+    let request = set_fields(read_json_object(
+        body,
+        KNOWN_FIELDS,
+        state.settings.body_limit_bytes,
+    )?);
     let plugin_name = match request.get("plugin") {
         Some(Json_::String(name)) => name.clone(),
         Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
@@ -93,11 +110,17 @@ pub async fn schedules_create(
 }
 
 /// `GET /v1/schedules?plugin=&paused=`
+#[utoipa::path(
+    get, path = "/v1/schedules", tag = "schedules",
+    summary = "Schedules",
+    params(SchedulesQuery),
+    responses((status = 200, description = "Every schedule that matches", body = ScheduleListDto))
+)]
 pub async fn schedules_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), &["plugin", "paused"])?;
+) -> Result<Json<ScheduleListDto>, ApiError> {
+    let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
     let paused = match query.get("paused").map(String::as_str) {
         None => None,
         Some("true") => Some(true),
@@ -115,10 +138,19 @@ pub async fn schedules_index(
         })
         .map(|schedule| ScheduleDto::new(schedule, None))
         .collect();
-    Ok(Json(serde_json::json!({ "schedules": schedules })))
+    Ok(Json(ScheduleListDto { schedules }))
 }
 
 /// `GET /v1/schedules/{id}`: with its recent fires, newest first.
+#[utoipa::path(
+    get, path = "/v1/schedules/{id}", tag = "schedules",
+    summary = "A schedule with its recent fires",
+    params(("id" = String, Path, description = "The schedule's id")),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleDto),
+        (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn schedules_show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -131,6 +163,16 @@ pub async fn schedules_show(
 /// `PATCH /v1/schedules/{id}`: any field of the create request but `plugin`. Resuming, or
 /// changing the trigger, computes the next fire from now: fires that fell in a pause are not
 /// made up for.
+#[utoipa::path(
+    patch, path = "/v1/schedules/{id}", tag = "schedules",
+    summary = "Pause, resume or edit a schedule",
+    params(("id" = String, Path, description = "The schedule's id")),
+    request_body = ScheduleChangeRequest,
+    responses(
+        (status = 200, description = "The schedule as changed", body = ScheduleDto),
+        (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn schedules_update(
     State(state): State<AppState>,
     caller: Caller,
@@ -138,7 +180,11 @@ pub async fn schedules_update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ScheduleDto>, ApiError> {
     let mut schedule = find(&state, &id).await?;
-    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
+    let request = set_fields(read_json_object(
+        body,
+        KNOWN_FIELDS,
+        state.settings.body_limit_bytes,
+    )?);
     if let Some(plugin) = request.get("plugin")
         && plugin.as_str() != Some(schedule.plugin_name.as_str())
     {
@@ -158,6 +204,15 @@ pub async fn schedules_update(
 }
 
 /// `DELETE /v1/schedules/{id}`: no more fires; runs it started are kept.
+#[utoipa::path(
+    delete, path = "/v1/schedules/{id}", tag = "schedules",
+    summary = "Delete a schedule; the runs it started are kept",
+    params(("id" = String, Path, description = "The schedule's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn schedules_delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -344,6 +399,12 @@ fn parse_trigger(value: &Json_) -> Result<TriggerSpec, ApiError> {
     let Some(trigger) = value.as_object() else {
         return Err(ApiError::invalid("trigger", "trigger must be an object"));
     };
+    let trigger: Map<String, Json_> = trigger
+        .iter()
+        .filter(|(_, value)| !value.is_null())
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let trigger = &trigger;
     let kinds = ["cron", "interval_ms", "at"]
         .iter()
         .filter(|kind| trigger.contains_key(**kind))
@@ -411,6 +472,15 @@ fn parse_trigger(value: &Json_) -> Result<TriggerSpec, ApiError> {
     let at = optional_time(trigger, "at")?
         .ok_or_else(|| ApiError::invalid("trigger.at", "at must be an RFC 3339 time"))?;
     Ok(TriggerSpec::At { at })
+}
+
+/// The fields that are set: `null` means "not set", as everywhere in the API, but for
+/// `misfire_grace_ms`, where it means "no limit".
+fn set_fields(request: Map<String, Json_>) -> Map<String, Json_> {
+    request
+        .into_iter()
+        .filter(|(name, value)| !value.is_null() || name == "misfire_grace_ms")
+        .collect()
 }
 
 fn optional_time(

@@ -1,16 +1,20 @@
 //! `/v1/secrets` (admin): the secrets the operator declared, where each may be sent and which
 //! plugins are granted it. Never a value: values live only in the host's memory.
 
-use axum::Json;
-use axum::extract::State;
-use serde_json::{Value as Json_, json};
-
+use super::dto::{SecretDto, SecretListDto};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::config::{SecretFrom, parse_grant};
+use axum::Json;
+use axum::extract::State;
 
 /// `GET /v1/secrets`
-pub async fn secrets_index(State(state): State<AppState>) -> Result<Json<Json_>, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/secrets", tag = "secrets",
+    summary = "Declared secrets: where each may be sent and who may send it, never a value",
+    responses((status = 200, description = "Every declared secret", body = SecretListDto))
+)]
+pub async fn secrets_index(State(state): State<AppState>) -> Result<Json<SecretListDto>, ApiError> {
     let plugins = state.store.list_plugins().await?;
     let grants: Vec<(String, Vec<String>)> = plugins
         .iter()
@@ -21,23 +25,27 @@ pub async fn secrets_index(State(state): State<AppState>) -> Result<Json<Json_>,
             (plugin.name.to_string(), secrets)
         })
         .collect();
-    let secrets: Vec<Json_> = state
+    let secrets = state
         .settings
         .secrets
         .iter()
         .map(|(name, declaration)| {
-            let hosts: Vec<String> = declaration.hosts.iter().map(ToString::to_string).collect();
-            let granted_to: Vec<&str> = grants
-                .iter()
-                .filter(|(_, secrets)| secrets.contains(name))
-                .map(|(plugin, _)| plugin.as_str())
-                .collect();
-            let (kind, from) = match &declaration.from {
-                SecretFrom::Env(var) => ("env", var.clone()),
-                SecretFrom::File(path) => ("file", path.display().to_string()),
+            let (env, file) = match &declaration.from {
+                SecretFrom::Env(var) => (Some(var.clone()), None),
+                SecretFrom::File(path) => (None, Some(path.display().to_string())),
             };
-            json!({"name": name, "hosts": hosts, kind: from, "granted_to": granted_to})
+            SecretDto {
+                name: name.clone(),
+                hosts: declaration.hosts.iter().map(ToString::to_string).collect(),
+                env,
+                file,
+                granted_to: grants
+                    .iter()
+                    .filter(|(_, secrets)| secrets.contains(name))
+                    .map(|(plugin, _)| plugin.clone())
+                    .collect(),
+            }
         })
         .collect();
-    Ok(Json(json!({ "secrets": secrets })))
+    Ok(Json(SecretListDto { secrets }))
 }

@@ -10,21 +10,35 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::{NewTokenDto, TokenDto};
-use super::error::ApiError;
+use super::dto::{NewTokenDto, TokenDto, TokenListDto};
+use super::error::{ApiError, Problem};
+use super::openapi::NewTokenRequest;
 use super::runs::read_json_object;
 use super::state::AppState;
 use crate::auth::{CreateError, create_token};
 use crate::model::{Role, now_millis};
 use crate::storage::{self, AuditEntry};
 
+/// The fields of `POST /v1/tokens`.
+pub(super) const CREATE_FIELDS: &[&str] = &["role", "name"];
+
 /// `POST /v1/tokens` with `{"role": "...", "name"?: "..."}`: 201 with the secret.
+#[utoipa::path(
+    post, path = "/v1/tokens", tag = "tokens",
+    summary = "Create a token",
+    request_body = NewTokenRequest,
+    responses(
+        (status = 201, description = "The token with its secret, shown this once", body = NewTokenDto,
+            headers(("Location" = String, description = "`/v1/tokens/{name}`"))),
+        (status = 409, description = "A token with this name exists", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn tokens_create(
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = read_json_object(body, &["role", "name"], state.settings.body_limit_bytes)?;
+    let request = read_json_object(body, CREATE_FIELDS, state.settings.body_limit_bytes)?;
     let role = match request.get("role") {
         Some(Json_::String(role)) => {
             Role::parse(role).map_err(|message| ApiError::invalid("role", message))?
@@ -57,13 +71,28 @@ pub async fn tokens_create(
 }
 
 /// `GET /v1/tokens`: names, roles and who created them; never the secrets.
-pub async fn tokens_index(State(state): State<AppState>) -> Result<Json<Json_>, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/tokens", tag = "tokens",
+    summary = "Tokens, without their secrets",
+    responses((status = 200, description = "Every token", body = TokenListDto))
+)]
+pub async fn tokens_index(State(state): State<AppState>) -> Result<Json<TokenListDto>, ApiError> {
     let tokens = state.store.list_tokens().await?;
-    let tokens: Vec<TokenDto> = tokens.iter().map(TokenDto::new).collect();
-    Ok(Json(serde_json::json!({ "tokens": tokens })))
+    Ok(Json(TokenListDto {
+        tokens: tokens.iter().map(TokenDto::new).collect(),
+    }))
 }
 
 /// `DELETE /v1/tokens/{name}`: 204; the token fails on every node from now on.
+#[utoipa::path(
+    delete, path = "/v1/tokens/{name}", tag = "tokens",
+    summary = "Revoke a token on every node",
+    params(("name" = String, Path, description = "The token's name")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn tokens_revoke(
     State(state): State<AppState>,
     caller: Caller,

@@ -166,10 +166,12 @@ async fn a_postgres_query_leaves_nothing_behind_and_cannot_exhaust_the_host() {
     };
     let table = postgres_table(&url, "stepwise_escape").await;
     let reader = postgres_reader_url(&url, &table).await;
+    // Generous time limits: the size limit must fire, however slow a loaded machine makes
+    // PostgreSQL build a 300 MB value.
     let server = TestServer::start(
         Setup::default()
             .with_plugin(PluginFile::misbehave(
-                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\n",
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\nsql_timeout_ms = 120000\nstep_timeout_ms = 120000\n",
             ))
             .with_source("warehouse", reader, true),
     )

@@ -11,6 +11,7 @@ mod hostile;
 mod http_status;
 mod leases;
 mod metrics;
+mod openapi;
 mod registry;
 mod sandbox;
 mod schedules;

@@ -237,6 +237,7 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         elapsed: Duration::ZERO,
         params: "{}".into(),
         outputs: "{}".into(),
+        traceparent: None,
     };
     // The same calls with three secrets configured: every output, message and log line is
     // then redacted before the host keeps it.

@@ -227,7 +227,11 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => {
+            let served = runtime.block_on(serve(args)).map(|()| ExitCode::SUCCESS);
+            crate::telemetry::shutdown();
+            served
+        }
         Command::Run {
             plugin,
             params,

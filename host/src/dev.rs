@@ -130,6 +130,7 @@ pub async fn run_file(
                 elapsed: started.elapsed(),
                 params: params.to_string(),
                 outputs: Json::Object(outputs.clone()).to_string(),
+                traceparent: None,
             };
             let report = runtime
                 .run_step(&inspected.plugin, call, &capabilities)

@@ -2,9 +2,8 @@
 //! `LISTEN/NOTIFY` rather than their backstop poll, and a node killed with `kill -9` loses no
 //! run and causes no step to be decided twice.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use sqlx::Row;
 
 use crate::support::{
     MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Scheduling, Setup, TestDatabase, TestServer,
-    poll_until,
+    poll_until, start_program,
 };
 
 fn misbehave() -> Setup {
@@ -112,41 +111,12 @@ impl Node {
             ),
         )
         .expect("writing the config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
+        command
             .args(["serve", "--config"])
             .arg(&config)
-            .env("STEPWISE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting a node");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (address_sender, address) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            let mut address_sender = Some(address_sender);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let address: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
-                    if let Some(sender) = address_sender.take() {
-                        let _ = sender.send(address);
-                    }
-                }
-                let mut lines = lines.lock().expect("log lock");
-                lines.push(line);
-                if lines.len() > 200 {
-                    lines.remove(0);
-                }
-            }
-        });
-        let address = address
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("the node did not start: {:#?}", log.lock()));
+            .env("STEPWISE_LOG", "info");
+        let (child, address, log) = start_program(command);
         let id = std::fs::read_to_string(dir.join("node-id")).expect("the node's id");
         Node {
             child,

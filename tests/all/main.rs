@@ -8,6 +8,7 @@
 mod dev;
 mod runtime;
 mod support;
+mod traces;
 
 /// The server tests on SQLite, the embedded default.
 #[path = "suite/mod.rs"]

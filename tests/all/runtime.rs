@@ -48,6 +48,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
         params: json!({"steps": {"first": {"action": "http", "url": format!("http://{}/", silent.host_port)}}})
             .to_string(),
         outputs: "{}".into(),
+        traceparent: None,
     };
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..24 {

@@ -580,7 +580,9 @@ impl Endpoint {
 }
 
 /// Serves `app` on 127.0.0.1 (a free port) until the returned guard is dropped.
-async fn serve_locally(app: axum::Router) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
+pub async fn serve_locally(
+    app: axum::Router,
+) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("binding port 0");
@@ -777,4 +779,52 @@ pub fn step_statuses(run: &Value) -> Vec<String> {
         .iter()
         .map(|step| step["status"].as_str().unwrap_or_default().to_owned())
         .collect()
+}
+
+/// Starts `command` (a `stepwise serve`) with its stderr piped, and waits for the address it
+/// says it listens on. The last 200 lines it logs are kept, to show when a test fails.
+pub fn start_program(
+    mut command: std::process::Command,
+) -> (
+    std::process::Child,
+    String,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::BufRead;
+    let mut child = command
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the stepwise program");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (address_sender, address) = std::sync::mpsc::channel();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        let mut address_sender = Some(address_sender);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let address: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                if let Some(sender) = address_sender.take() {
+                    let _ = sender.send(address);
+                }
+            }
+            let mut lines = lines.lock().expect("log lock");
+            lines.push(line);
+            if lines.len() > 200 {
+                lines.remove(0);
+            }
+        }
+    });
+    let address = address
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the program did not start: {:#?}", log.lock()));
+    (child, address, log)
 }

@@ -71,6 +71,9 @@ pub struct HttpPolicy {
     /// The host's secrets, and the names this plugin is granted.
     pub secrets: Arc<SecretSet>,
     pub granted_secrets: Vec<String>,
+    /// The step call's trace context, set on every request so the system under check joins
+    /// the run's trace; `None` without OpenTelemetry.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 impl HttpPolicy {
@@ -309,6 +312,11 @@ impl WasiHttpHooks for HttpPolicy {
                     ),
                 );
             }
+        }
+        if let Some(traceparent) = &self.traceparent {
+            request
+                .headers_mut()
+                .insert(HeaderName::from_static("traceparent"), traceparent.clone());
         }
         // Internal addresses the grant names literally, e.g. `127.0.0.1:9000`.
         let granted_addresses: Vec<IpAddr> = self

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value as Json};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sql::SqlSources;
@@ -21,6 +22,7 @@ use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
 use crate::storage::{
     self, ClaimedRun, NewAttempt, RunRecord, RunWrite, StepWrite, Store, TickWrite,
 };
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -79,8 +81,11 @@ impl Runner {
 
     /// Works on a claimed run until its current step is pending again or the run is finished.
     pub async fn tick(&self, claim: ClaimedRun) -> Result<()> {
-        let span =
-            tracing::info_span!("runner.tick", run_id = %claim.id, plugin = tracing::field::Empty);
+        let span = tracing::info_span!(target: telemetry::TARGET, "runner.tick", otel.name = "tick", run_id = %claim.id, plugin = tracing::field::Empty);
+        if let Some(run) = telemetry::run_context(&claim.id) {
+            // Before the span starts: its parent is the run's span, whatever node made it.
+            let _ = span.set_parent(run);
+        }
         match self.tick_inner(&claim).instrument(span).await {
             Err(Error::Storage(storage::Error::LeaseLost(_))) => {
                 tracing::info!(run_id = %claim.id, "run was cancelled or taken over during the tick; result dropped");
@@ -110,7 +115,7 @@ impl Runner {
         // is retried) must still end the run at its deadline.
         if now >= run.deadline_at {
             let write = self.deadline_passed(&run, claim, &progress);
-            return Ok(self.store.record_tick(write).await?);
+            return self.commit(&run, write).await;
         }
         let resolved = self.keeping_lease(claim, self.resolve_plugin(&run, grant_toml.as_deref()));
         let (plugin, grant) = match resolved.await?? {
@@ -125,7 +130,7 @@ impl Runner {
                     RunStatus::Errored,
                     message,
                 );
-                return Ok(self.store.record_tick(write).await?);
+                return self.commit(&run, write).await;
             }
         };
         // A grant stored before the operator tightened the policy is cut down to it here.
@@ -144,7 +149,7 @@ impl Runner {
             let now = now_millis();
             if now >= run.deadline_at {
                 let write = self.deadline_passed(&run, claim, &progress);
-                return Ok(self.store.record_tick(write).await?);
+                return self.commit(&run, write).await;
             }
             if let (Some(timeout_ms), Some(first_attempt_at)) =
                 (step.timeout_ms, step.first_attempt_at)
@@ -163,11 +168,23 @@ impl Runner {
                     RunStatus::TimedOut,
                     message,
                 );
-                return Ok(self.store.record_tick(write).await?);
+                return self.commit(&run, write).await;
             }
 
             let attempt = step.attempts + 1;
+            // Debug: the log does not need it, so without an exporter it costs nothing.
+            let call_span = tracing::debug_span!(
+                target: telemetry::TARGET,
+                "step.call",
+                otel.name = "step",
+                step = %step.name,
+                attempt,
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_message = tracing::field::Empty,
+            );
             let call = StepCall {
+                traceparent: telemetry::traceparent(&call_span),
                 run_id: run.id.to_string(),
                 step: step.name.clone(),
                 attempt,
@@ -181,8 +198,25 @@ impl Runner {
                 .saturating_sub(progress.http_requests);
             let report = self
                 .keeping_lease(claim, self.runtime.run_step(&plugin, call, &capabilities))
+                .instrument(call_span.clone())
                 .await?
                 .map_err(|fault| Error::HostFault(fault.0))?;
+            // The span's status is the call's outcome; `pending` leaves it unset.
+            call_span.record("outcome", report.outcome.as_str());
+            match report.outcome {
+                AttemptOutcome::Passed => {
+                    call_span.record("otel.status_code", "OK");
+                }
+                AttemptOutcome::Pending => {}
+                _ => {
+                    call_span.record("otel.status_code", "ERROR");
+                    call_span.record(
+                        "otel.status_message",
+                        report.message.as_deref().unwrap_or(report.outcome.as_str()),
+                    );
+                }
+            }
+            drop(call_span);
             progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
             let finished_at = now_millis();
             tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
@@ -321,7 +355,7 @@ impl Runner {
                 }
             };
             let tick_goes_on = write.run.keep_lease_ms.is_some();
-            self.store.record_tick(write).await?;
+            self.commit(&run, write).await?;
             if !tick_goes_on {
                 return Ok(());
             }
@@ -495,6 +529,27 @@ impl Runner {
             None,
         );
         self.tick_write(claim, now, attempt, step_write, run_write)
+    }
+
+    /// Records the tick's write; when it ends the run, reports the run's span.
+    async fn commit(&self, run: &RunRecord, write: TickWrite) -> Result<()> {
+        let ended = write
+            .run
+            .status
+            .is_terminal()
+            .then(|| (write.run.status, write.run.message.clone(), write.now));
+        self.store.record_tick(write).await?;
+        if let Some((status, message, finished_at)) = ended {
+            telemetry::run_finished(
+                &run.id,
+                &run.plugin_name,
+                status,
+                message.as_deref(),
+                run.created_at,
+                finished_at,
+            );
+        }
+        Ok(())
     }
 
     /// Ends the run at the current step; later steps become `skipped`.

@@ -45,6 +45,8 @@ pub struct StepCall {
     pub elapsed: Duration,
     pub params: String,
     pub outputs: String,
+    /// The W3C `traceparent` of the call's span, sent with the plugin's HTTP requests.
+    pub traceparent: Option<String>,
 }
 
 /// What one `run-step` call came to.
@@ -285,6 +287,10 @@ impl Runtime {
         let started = Instant::now();
         let limits = capabilities.limits;
         let (mut store, stderr) = self.new_store(capabilities);
+        store.data_mut().http.traceparent = call
+            .traceparent
+            .as_deref()
+            .and_then(|value| http::HeaderValue::from_str(value).ok());
         let log = store.data().log.buffer.clone();
         let deadline = started + limits.call_timeout;
         let input = StepInput {
@@ -372,6 +378,7 @@ impl Runtime {
                 violation: violation.clone(),
                 secrets: capabilities.secrets.clone(),
                 granted_secrets: capabilities.grant.secrets.clone(),
+                traceparent: None,
             },
             log: LogState { buffer: log },
             sql: SqlState {

@@ -41,7 +41,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(
-        "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\"]\n[limits]\nstep_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
+        "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\"]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
         server.host_port()
     );
     server.upload_with_grant("hostile", bytes, &grant).await?;

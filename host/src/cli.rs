@@ -40,6 +40,8 @@ enum Command {
         /// Follow the run to its end, printing each step as it changes.
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        budgets: TriggerArgs,
         /// Write a JUnit XML report of the finished run to this file (implies --wait). The
         /// file is checked to be writable before the run starts.
         #[arg(long)]
@@ -106,6 +108,71 @@ fn print_openapi() -> anyhow::Result<ExitCode> {
     let document = crate::api::openapi_document();
     println!("{}", serde_json::to_string_pretty(&document)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `stepwise run` sends besides the plugin and params.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct TriggerArgs {
+    /// The run's deadline in milliseconds from now [default: the server's
+    /// default_run_timeout_ms].
+    #[arg(long, value_name = "MS")]
+    timeout: Option<u64>,
+    /// How long the step NAME may stay pending, in milliseconds (repeatable) [default: the
+    /// grant's [steps.NAME] timeout_ms, else the plugin's, else the server's
+    /// default_step_timeout_ms].
+    #[arg(long = "step-timeout", value_name = "NAME=MS")]
+    step_timeouts: Vec<String>,
+    /// Milliseconds between calls of a pending step [default: the grant's, else the server's].
+    #[arg(long, value_name = "MS")]
+    poll_interval: Option<u64>,
+    /// A label of the run (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Sent as `Idempotency-Key`: the same key and request give the same run, not a second.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+}
+
+impl TriggerArgs {
+    /// The body of `POST /v1/runs`.
+    fn body(&self, plugin: &str, params: Value) -> anyhow::Result<Value> {
+        let pairs = |flag: &str, entries: &[String]| {
+            entries
+                .iter()
+                .map(|entry| {
+                    entry
+                        .split_once('=')
+                        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                        .with_context(|| format!("{flag} {entry:?} must be NAME=VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        };
+        let mut step_timeouts = serde_json::Map::new();
+        for (step, ms) in pairs("--step-timeout", &self.step_timeouts)? {
+            let ms: u64 = ms
+                .parse()
+                .with_context(|| format!("--step-timeout {step}={ms}: MS must be an integer"))?;
+            step_timeouts.insert(step, ms.into());
+        }
+        let labels: serde_json::Map<String, Value> = pairs("--label", &self.labels)?
+            .into_iter()
+            .map(|(key, value)| (key, value.into()))
+            .collect();
+        let mut body = serde_json::json!({"plugin": plugin, "params": params});
+        if let Some(ms) = self.timeout {
+            body["timeout_ms"] = ms.into();
+        }
+        if let Some(ms) = self.poll_interval {
+            body["poll_interval_ms"] = ms.into();
+        }
+        if !step_timeouts.is_empty() {
+            body["step_timeouts"] = step_timeouts.into();
+        }
+        if !labels.is_empty() {
+            body["labels"] = labels.into();
+        }
+        Ok(body)
+    }
 }
 
 /// Where a client command finds the server, and how it prints.
@@ -236,6 +303,7 @@ pub fn main() -> ExitCode {
             plugin,
             params,
             wait,
+            budgets,
             junit,
             server,
             token,
@@ -244,6 +312,7 @@ pub fn main() -> ExitCode {
             token.as_deref(),
             &plugin,
             &params,
+            &budgets,
             wait,
             junit.as_deref(),
         )),
@@ -492,10 +561,12 @@ async fn run(
     token: Option<&str>,
     plugin: &str,
     params: &str,
+    trigger: &TriggerArgs,
     wait: bool,
     junit: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
     let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    let body = trigger.body(plugin, params)?;
     check_server(server)?;
     if let Some(path) = junit {
         // Found out now, not after a run that may take an hour.
@@ -511,10 +582,11 @@ async fn run(
     }
     let client = http_client(token)?;
     let server = server.trim_end_matches('/');
-    let trigger = client
-        .post(format!("{server}/v1/runs"))
-        .json(&serde_json::json!({"plugin": plugin, "params": params}));
-    let run = send(trigger, server).await?.accepted("request failed")?;
+    let mut request = client.post(format!("{server}/v1/runs")).json(&body);
+    if let Some(key) = &trigger.idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let run = send(request, server).await?.accepted("request failed")?;
     let id = run["id"].as_str().unwrap_or_default().to_owned();
     println!("run {id} queued ({server}/v1/runs/{id})");
     if !wait && junit.is_none() {

@@ -77,6 +77,7 @@ struct FileConfig {
     max_concurrent_ticks: Option<usize>,
     default_poll_interval_ms: Option<u64>,
     default_run_timeout_ms: Option<u64>,
+    default_step_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
     auth: Option<AuthMode>,
@@ -182,6 +183,9 @@ struct PolicyFile {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
+    /// One call's wall clock.
+    call_timeout_ms: Option<u64>,
+    /// The old name of `call_timeout_ms`, read with a deprecation warning.
     step_timeout_ms: Option<u64>,
     memory_mib: Option<u64>,
     output_bytes: Option<usize>,
@@ -207,7 +211,10 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("lease_ms", 1_000, 3_600_000),
     ("max_upload_mib", 1, 1024),
     ("poll_interval_ms", 50, 3_600_000),
+    ("call_timeout_ms", 10, 3_600_000),
     ("step_timeout_ms", 10, 3_600_000),
+    ("default_step_timeout_ms", 1, 604_800_000),
+    ("timeout_ms", 1, 604_800_000),
     ("memory_mib", 1, 4096),
     ("output_bytes", 1, 16 << 20),
     ("http_response_bytes", 1, 1 << 30),
@@ -245,12 +252,25 @@ fn in_range<T: Copy + TryInto<u64>>(
 }
 
 impl LimitsFile {
+    /// `call_timeout_ms`, or its deprecated alias `step_timeout_ms` (not both).
+    fn call_timeout(&self, prefix: &str) -> anyhow::Result<Option<Duration>> {
+        let call = in_range(prefix, "call_timeout_ms", self.call_timeout_ms)?;
+        let alias = in_range(prefix, "step_timeout_ms", self.step_timeout_ms)?;
+        anyhow::ensure!(
+            call.is_none() || alias.is_none(),
+            "{prefix}step_timeout_ms is the deprecated name of {prefix}call_timeout_ms: set only call_timeout_ms"
+        );
+        if alias.is_some() {
+            warn_step_timeout_ms_once(prefix);
+        }
+        Ok(call.or(alias).map(Duration::from_millis))
+    }
+
     /// The limits this table sets, each checked against its range; `prefix` is where the
     /// table sits (`limits.`, `policy.max_limits.`), for the message.
     fn overrides(&self, prefix: &str) -> anyhow::Result<LimitOverrides> {
         Ok(LimitOverrides {
-            call_timeout: in_range(prefix, "step_timeout_ms", self.step_timeout_ms)?
-                .map(Duration::from_millis),
+            call_timeout: self.call_timeout(prefix)?,
             memory_bytes: in_range(prefix, "memory_mib", self.memory_mib)?.map(|mib| mib << 20),
             output_bytes: in_range(prefix, "output_bytes", self.output_bytes)?,
             http_response_bytes: in_range(prefix, "http_response_bytes", self.http_response_bytes)?,
@@ -308,6 +328,8 @@ pub struct Settings {
     pub min_poll_interval: Duration,
     pub max_poll_interval: Duration,
     pub default_run_timeout: Duration,
+    /// How long a step may stay pending when neither the run, the grant nor the plugin says.
+    pub default_step_timeout: Duration,
     pub max_run_timeout: Duration,
     /// How long a claimed run stays ours without a write; every write renews it.
     pub lease: Duration,
@@ -341,6 +363,7 @@ impl Settings {
             min_poll_interval: Duration::from_millis(50),
             max_poll_interval: Duration::from_secs(3600),
             default_run_timeout: Duration::from_secs(600),
+            default_step_timeout: Duration::from_secs(600),
             max_run_timeout: Duration::from_secs(7 * 24 * 3600),
             lease: Duration::from_secs(60),
             scheduler_backstop: Duration::from_secs(1),
@@ -405,6 +428,11 @@ impl Settings {
             .map_err(config_error)?
         {
             settings.default_run_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = in_range("", "default_step_timeout_ms", file.default_step_timeout_ms)
+            .map_err(config_error)?
+        {
+            settings.default_step_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = in_range("", "lease_ms", file.lease_ms).map_err(config_error)? {
             settings.lease = Duration::from_millis(ms);
@@ -529,6 +557,29 @@ fn default_database_url(data_dir: &Path) -> String {
     format!("sqlite://{}", data_dir.join("stepwise.db").display())
 }
 
+/// Grants are read at every tick: the warning is for the operator, once per process and place.
+fn warn_step_timeout_ms_once(prefix: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !warned.iter().any(|place| place == prefix) {
+        warned.push(prefix.to_owned());
+        tracing::warn!(
+            "{prefix}step_timeout_ms is deprecated: it limits one call, and is now called \
+             {prefix}call_timeout_ms; how long a step may stay pending is [steps.NAME] timeout_ms"
+        );
+    }
+}
+
+/// `[steps.NAME]` of a grant: the step's budget, over what the plugin's `describe` says.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct StepGrantFile {
+    /// How long the step may stay pending, from its first attempt (1 to 604800000).
+    timeout_ms: Option<u64>,
+}
+
 /// A plugin manifest (`<name>.toml` beside `<name>.wasm`): the plugin's grant, also its JSON
 /// form in the API.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -550,6 +601,11 @@ pub struct ManifestFile {
     #[serde(default)]
     #[schema(inline)]
     limits: LimitsFile,
+    /// Per step, by name: its budget. A name the plugin does not have is kept for a later
+    /// version that may have it.
+    #[serde(default)]
+    #[schema(inline)]
+    steps: BTreeMap<String, StepGrantFile>,
 }
 
 /// Parses a manifest's TOML text into a [`Grant`], checking every `allowed_hosts` entry.
@@ -562,6 +618,16 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
         poll_interval: in_range("", "poll_interval_ms", manifest.poll_interval_ms)?
             .map(Duration::from_millis),
         limits: manifest.limits.overrides("limits.")?,
+        step_timeouts: manifest
+            .steps
+            .iter()
+            .filter_map(|(name, step)| {
+                let prefix = format!("steps.{name}.");
+                in_range(&prefix, "timeout_ms", step.timeout_ms)
+                    .map(|ms| ms.map(|ms| (name.clone(), Duration::from_millis(ms))))
+                    .transpose()
+            })
+            .collect::<anyhow::Result<_>>()?,
         allowed_hosts: manifest.allowed_hosts,
         sql_sources: manifest.sql_sources,
         secrets: manifest.secrets,
@@ -716,6 +782,8 @@ mod tests {
                     "max_concurrent_ticks"
                         | "default_poll_interval_ms"
                         | "default_run_timeout_ms"
+                        | "default_step_timeout_ms"
+                        | "timeout_ms"
                         | "lease_ms"
                         | "max_upload_mib"
                         | "poll_interval_ms"
@@ -735,6 +803,11 @@ mod tests {
                     )
                 } else if *key == "poll_interval_ms" {
                     (String::new(), Some(format!("{key} = {value}\n")))
+                } else if *key == "timeout_ms" {
+                    (
+                        String::new(),
+                        Some(format!("[steps.first]\n{key} = {value}\n")),
+                    )
                 } else {
                     (format!("{key} = {value}\n"), None)
                 };

@@ -102,6 +102,14 @@ pub async fn run_file(
     for step in &info.steps {
         let mut attempt = 0;
         let step_started = Instant::now();
+        // The step budget as the server would set it, the run's own aside.
+        let budget = capabilities
+            .grant
+            .step_timeouts
+            .get(&step.name)
+            .copied()
+            .or(step.timeout)
+            .unwrap_or(settings.default_step_timeout);
         loop {
             if Instant::now() >= deadline {
                 writeln!(
@@ -111,14 +119,12 @@ pub async fn run_file(
                 )?;
                 return Ok(DevOutcome::TimedOut);
             }
-            if step
-                .timeout
-                .is_some_and(|timeout| attempt > 0 && step_started.elapsed() >= timeout)
-            {
+            if attempt > 0 && step_started.elapsed() >= budget {
                 writeln!(
                     out,
-                    "step {:?} still pending after its timeout: timed_out",
-                    step.name
+                    "step {:?} still pending after its timeout of {} ms: timed_out",
+                    step.name,
+                    budget.as_millis()
                 )?;
                 return Ok(DevOutcome::TimedOut);
             }

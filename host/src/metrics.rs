@@ -37,7 +37,7 @@ const LIMIT_PHRASES: &[(&str, &str)] = &[
     ("table limit of", "table_elements"),
     ("output size limit of", "output_bytes"),
     ("message size limit of", "output_bytes"),
-    ("time limit of", "step_timeout_ms"),
+    ("time limit of", "call_timeout_ms"),
 ];
 
 /// The limit key of a sandbox violation's message, if it is one.
@@ -345,7 +345,7 @@ mod tests {
                 "memory limit of 32 MiB exceeded (all memories and tables of the call together)",
                 "memory_mib",
             ),
-            ("time limit of 500 ms exceeded", "step_timeout_ms"),
+            ("time limit of 500 ms exceeded", "call_timeout_ms"),
             ("sql time limit of 100 ms exceeded", "sql_timeout_ms"),
             (
                 "sql result size limit of 10 bytes exceeded",

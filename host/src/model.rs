@@ -1,6 +1,7 @@
 //! Ids, enums and plain records shared by every layer. No I/O, no serde, no sqlx: the wire
 //! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -578,6 +579,8 @@ pub struct Grant {
     pub secrets: Vec<String>,
     pub poll_interval: Option<Duration>,
     pub limits: LimitOverrides,
+    /// `[steps.NAME] timeout_ms`: how long each named step may stay pending.
+    pub step_timeouts: BTreeMap<String, Duration>,
 }
 
 /// Per-plugin overrides of the configured [`Limits`].
@@ -678,7 +681,7 @@ macro_rules! limit_comparisons {
 }
 
 limit_comparisons! {
-    call_timeout: "step_timeout_ms" => |value: Duration| value.as_millis(),
+    call_timeout: "call_timeout_ms" => |value: Duration| value.as_millis(),
     memory_bytes: "memory_mib" => |value: u64| value >> 20,
     output_bytes: "output_bytes" => |value: usize| value,
     http_response_bytes: "http_response_bytes" => |value: usize| value,

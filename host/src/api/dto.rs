@@ -263,10 +263,17 @@ pub struct GrantDto {
     /// Names only: a secret's value never leaves the host's memory.
     pub secrets: Vec<String>,
     pub poll_interval_ms: Option<u64>,
+    /// `[steps.NAME] timeout_ms`: how long each named step may stay pending.
+    pub steps: BTreeMap<String, StepGrantDto>,
     /// Every limit in force for the plugin's calls, by config key, with where it comes from:
     /// `grant` (set by the grant), `host` (the host's `[limits]` or default) or `policy`
     /// (lowered to the operator's ceiling).
     pub limits: BTreeMap<&'static str, LimitDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StepGrantDto {
+    pub timeout_ms: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -345,6 +352,14 @@ impl PluginDto {
             poll_interval_ms: grant
                 .poll_interval
                 .map(|interval| interval.as_millis() as u64),
+            steps: grant
+                .step_timeouts
+                .iter()
+                .map(|(name, timeout)| {
+                    let timeout_ms = timeout.as_millis() as u64;
+                    (name.clone(), StepGrantDto { timeout_ms })
+                })
+                .collect(),
             limits,
         });
         self.versions = Some(

@@ -318,6 +318,9 @@ pub struct TriggerRunRequest {
     /// The run's deadline from its creation; the host's default when absent.
     #[schema(minimum = 1)]
     timeout_ms: Option<u64>,
+    /// How long each named step may stay pending, in milliseconds, over the grant's
+    /// `[steps.NAME] timeout_ms`, the plugin's own and the host's `default_step_timeout_ms`.
+    step_timeouts: Option<BTreeMap<String, u64>>,
     /// At most 32 labels; keys of 1 to 63 bytes without `=`, values of at most 256 bytes.
     labels: Option<BTreeMap<String, String>>,
 }

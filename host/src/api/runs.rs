@@ -25,6 +25,7 @@ pub(super) const KNOWN_FIELDS: &[&str] = &[
     "params",
     "poll_interval_ms",
     "timeout_ms",
+    "step_timeouts",
     "labels",
 ];
 /// The query parameters of `GET /v1/runs`.
@@ -77,6 +78,8 @@ pub async fn runs_create(
         Duration::from_millis(1),
         settings.max_run_timeout,
     )?;
+    let step_timeouts =
+        parse_step_timeouts(request.get("step_timeouts"), settings.max_run_timeout)?;
     let labels = parse_labels(request.get("labels"))?;
     let idempotency_key = match headers.get("idempotency-key") {
         Some(value) => {
@@ -122,6 +125,7 @@ pub async fn runs_create(
     let options = RunOptions {
         poll_interval,
         timeout: run_timeout,
+        step_timeouts,
         labels,
         idempotency_key,
         idempotency_fingerprint,
@@ -217,6 +221,41 @@ pub(super) fn optional_millis(
             )
         })?;
     Ok(Some(millis))
+}
+
+/// `step_timeouts`: an object of step names and milliseconds from 1 to `max`; whether each
+/// name is a step of the plugin is checked with the plan. `null` means none.
+fn parse_step_timeouts(
+    value: Option<&Json_>,
+    max: Duration,
+) -> Result<BTreeMap<String, Duration>, ApiError> {
+    let Some(value) = value.filter(|value| !value.is_null()) else {
+        return Ok(BTreeMap::new());
+    };
+    let object = value.as_object().ok_or_else(|| {
+        ApiError::invalid(
+            "step_timeouts",
+            "step_timeouts must be an object of step names and milliseconds",
+        )
+    })?;
+    object
+        .iter()
+        .map(|(name, ms)| {
+            let ms = ms
+                .as_u64()
+                .filter(|ms| (1..=max.as_millis() as u64).contains(ms))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("step_timeouts.{name}"),
+                        format!(
+                            "a step timeout must be an integer from 1 to {}",
+                            max.as_millis()
+                        ),
+                    )
+                })?;
+            Ok((name.clone(), Duration::from_millis(ms)))
+        })
+        .collect()
 }
 
 /// Most labels on one run or schedule.

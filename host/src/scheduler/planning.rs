@@ -16,6 +16,8 @@ use crate::storage::{NewRun, NewStep, PluginRecord};
 pub struct RunOptions {
     pub poll_interval: Option<Duration>,
     pub timeout: Option<Duration>,
+    /// Budgets of named steps for this run, over the grant's and the plugin's.
+    pub step_timeouts: BTreeMap<String, Duration>,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     /// sha256 of the request the key came with.
@@ -61,6 +63,48 @@ pub fn plan_run(
         .or(grant.poll_interval)
         .unwrap_or(settings.default_poll_interval);
     let timeout = options.timeout.unwrap_or(settings.default_run_timeout);
+    if let Some(unknown) = options.step_timeouts.keys().find(|name| {
+        !plugin
+            .check_info
+            .steps
+            .iter()
+            .any(|step| step.name == **name)
+    }) {
+        let steps: Vec<&str> = plugin
+            .check_info
+            .steps
+            .iter()
+            .map(|step| step.name.as_str())
+            .collect();
+        return Err(PlanError::InvalidParams {
+            field: format!("step_timeouts.{unknown}"),
+            message: format!(
+                "plugin {} has no step {unknown:?}; its steps: {}",
+                plugin.name,
+                steps.join(", ")
+            ),
+        });
+    }
+    // The step budget: the run's, else the grant's, else the plugin's, else the host's.
+    let step_timeout = |name: &str, described: Option<Duration>| {
+        options
+            .step_timeouts
+            .get(name)
+            .or(grant.step_timeouts.get(name))
+            .copied()
+            .or(described)
+            .unwrap_or(settings.default_step_timeout)
+    };
+    let steps = plugin
+        .check_info
+        .steps
+        .iter()
+        .map(|step| NewStep {
+            name: step.name.clone(),
+            timeout_ms: Some(step_timeout(&step.name, step.timeout).as_millis() as i64),
+            max_attempts: step.max_attempts,
+        })
+        .collect();
     let (_, limits) = settings.policy.confine(grant, &settings.limits);
     Ok(NewRun {
         id: RunId::generate(),
@@ -75,16 +119,7 @@ pub fn plan_run(
         idempotency_key: options.idempotency_key,
         idempotency_fingerprint: options.idempotency_fingerprint,
         schedule_id: options.schedule_id,
-        steps: plugin
-            .check_info
-            .steps
-            .iter()
-            .map(|step| NewStep {
-                name: step.name.clone(),
-                timeout_ms: step.timeout.map(|timeout| timeout.as_millis() as i64),
-                max_attempts: step.max_attempts,
-            })
-            .collect(),
+        steps,
     })
 }
 

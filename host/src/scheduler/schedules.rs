@@ -267,6 +267,7 @@ impl Firer {
             };
             if decision.outcome == FireOutcome::Fired {
                 let options = RunOptions {
+                    step_timeouts: Default::default(),
                     poll_interval: schedule
                         .poll_interval_ms
                         .map(|ms| Duration::from_millis(ms as u64)),

@@ -88,3 +88,66 @@ async fn runs_plugins_and_schedules_from_the_command_line() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("needs a scheme"), "{err}");
 }
+
+#[tokio::test]
+async fn stepwise_run_sets_the_budgets_labels_and_idempotency_key() {
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    let base = server.base.clone();
+    let args = [
+        "run",
+        "misbehave",
+        "--params",
+        r#"{"steps": {"first": {"action": "pending"}}}"#,
+        "--step-timeout",
+        "first=200",
+        "--poll-interval",
+        "50",
+        "--timeout",
+        "60000",
+        "--label",
+        "team=qa",
+        "--idempotency-key",
+        "nightly-1",
+        "--wait",
+        "--server",
+        &base,
+    ];
+    let (code, out, err) = stepwise(&args).await;
+    assert_eq!(code, 1, "timed_out exits 1: {out}{err}");
+    assert!(out.contains("timed_out"), "{out}");
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .expect("run <id> queued")
+        .to_owned();
+    let run = server.run(&id).await;
+    assert_eq!(run["steps"][0]["timeout_ms"], 200, "{run:#}");
+    assert_eq!(run["poll_interval_ms"], 50, "{run:#}");
+    assert_eq!(run["labels"], json!({"team": "qa"}), "{run:#}");
+    let deadline = run["deadline_at"].as_str().unwrap().to_owned();
+    assert_ne!(deadline, run["created_at"].as_str().unwrap());
+
+    // The same key and request: the same run, not a second one.
+    let (code, out, err) = stepwise(
+        &args[..args.len() - 3]
+            .iter()
+            .chain(["--server", base.as_str()].iter())
+            .copied()
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id), "{out}");
+
+    let (code, _, err) = stepwise(&[
+        "run",
+        "misbehave",
+        "--step-timeout",
+        "first",
+        "--server",
+        &base,
+    ])
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("NAME=VALUE"), "{err}");
+}

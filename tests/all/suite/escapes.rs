@@ -171,7 +171,7 @@ async fn a_postgres_query_leaves_nothing_behind_and_cannot_exhaust_the_host() {
     let server = TestServer::start(
         Setup::default()
             .with_plugin(PluginFile::misbehave(
-                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\nsql_timeout_ms = 120000\nstep_timeout_ms = 120000\n",
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\nsql_timeout_ms = 120000\ncall_timeout_ms = 120000\n",
             ))
             .with_source("warehouse", reader, true),
     )

@@ -142,7 +142,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
                 "--exclude-checks",
                 "positive_data_acceptance",
             ])
-            .args(["--max-examples", "25", "--workers", "2"])
+            .args(["--max-examples", "25", "--workers", "1"])
             .args(["--generation-database", "none", "--no-color"])
             .args(["--report", "junit", "--report-dir"])
             .arg(reports.path().join(pass.to_string()))

@@ -126,7 +126,7 @@ async fn invalid_uploads_get_422_naming_the_problem_and_the_active_version_keeps
         .upload_with_grant(
             "misbehave",
             bytes_of(MISBEHAVE_DESCRIBE_LOOP_WASM),
-            "[limits]\nstep_timeout_ms = 300\n",
+            "[limits]\ncall_timeout_ms = 300\n",
         )
         .await;
     assert_eq!(status, 422, "{problem}");

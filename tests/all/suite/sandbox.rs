@@ -49,7 +49,7 @@ async fn a_trapping_plugin_errors_until_max_errors() {
 #[tokio::test]
 async fn an_infinite_loop_is_stopped_by_the_time_limit() {
     let run = run_one(
-        "[limits]\nstep_timeout_ms = 300\nmax_errors = 1\n",
+        "[limits]\ncall_timeout_ms = 300\nmax_errors = 1\n",
         first_step(json!({"action": "loop"})),
     )
     .await;
@@ -124,7 +124,7 @@ async fn log_lines_are_capped_per_call() {
 #[tokio::test]
 async fn hostile_neighbours_do_not_stop_well_behaved_runs() {
     let manifest =
-        "poll_interval_ms = 50\n[limits]\nstep_timeout_ms = 500\nmemory_mib = 16\nmax_errors = 2\n";
+        "poll_interval_ms = 50\n[limits]\ncall_timeout_ms = 500\nmemory_mib = 16\nmax_errors = 2\n";
     let server =
         TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(manifest))).await;
     let mut hostile = Vec::new();

@@ -72,7 +72,7 @@ async fn the_plugin_shows_every_limit_in_force_and_where_it_comes_from() {
     );
     assert_eq!(limits["max_errors"], json!({"value": 9, "from": "grant"}));
     assert_eq!(
-        limits["step_timeout_ms"],
+        limits["call_timeout_ms"],
         json!({"value": 10000, "from": "host"})
     );
     assert_eq!(limits["sql_result_bytes"]["from"], "host");

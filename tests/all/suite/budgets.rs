@@ -1,0 +1,120 @@
+//! The time budgets, each named apart (SPEC §11): `call_timeout_ms` limits one call; the step
+//! budget (run, else grant, else plugin, else host) limits how long a step may stay pending;
+//! the run deadline limits the run.
+
+use serde_json::{Value, json};
+
+use crate::support::{PluginFile, Setup, TestServer, step_statuses};
+
+const PENDING: &str = "pending";
+
+fn pending_at(step: &str) -> Value {
+    json!({"steps": {step: {"action": PENDING}}})
+}
+
+#[tokio::test]
+async fn each_step_budget_ends_its_step_from_where_it_is_set() {
+    let server = TestServer::start(
+        Setup::default()
+            .with_config("default_step_timeout_ms = 300\n")
+            .with_plugin(PluginFile::misbehave(
+                "poll_interval_ms = 50\n[steps.third]\ntimeout_ms = 400\n",
+            )),
+    )
+    .await;
+    // (params, step options, the step that ends, its budget)
+    let cases = [
+        (pending_at("first"), None, 0, 300),
+        (pending_at("second"), None, 1, 1500),
+        (pending_at("third"), None, 2, 400),
+        (pending_at("third"), Some(json!({"third": 200})), 2, 200),
+    ];
+    let mut runs = Vec::new();
+    for (params, step_timeouts, ..) in &cases {
+        let mut body = json!({"plugin": "misbehave", "params": params});
+        if let Some(step_timeouts) = step_timeouts {
+            body["step_timeouts"] = step_timeouts.clone();
+        }
+        runs.push(server.trigger(body).await);
+    }
+    for (id, (_, _, position, budget)) in runs.iter().zip(&cases) {
+        let run = server.wait_until_finished(id).await;
+        assert_eq!(run["status"], "timed_out", "{run:#}");
+        let step = &run["steps"][*position];
+        assert_eq!(step["status"], "timed_out", "{run:#}");
+        assert_eq!(step["timeout_ms"], *budget, "{run:#}");
+        let message = step["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("timeout of {budget} ms")),
+            "{message}"
+        );
+        // The steps before it passed: the budget is the step's own, not the run's.
+        for earlier in &step_statuses(&run)[..*position] {
+            assert_eq!(earlier, "passed", "{run:#}");
+        }
+    }
+
+    for (step_timeouts, field) in [
+        (json!({"nope": 100}), "step_timeouts.nope"),
+        (json!({"first": 0}), "step_timeouts.first"),
+    ] {
+        let body = json!({"plugin": "misbehave", "step_timeouts": step_timeouts});
+        let (status, problem) = server.post_json("/v1/runs", &body).await;
+        assert_eq!(
+            (status, problem["field"].as_str()),
+            (422, Some(field)),
+            "{problem}"
+        );
+    }
+    let plugin = server.plugin("misbehave").await;
+    assert_eq!(
+        plugin["grant"]["steps"]["third"]["timeout_ms"], 400,
+        "{plugin:#}"
+    );
+}
+
+#[tokio::test]
+async fn call_timeout_ms_limits_one_call_and_step_timeout_ms_is_its_old_name() {
+    for manifest in [
+        "[limits]\ncall_timeout_ms = 300\nmax_errors = 1\n",
+        "[limits]\nstep_timeout_ms = 300\nmax_errors = 1\n",
+    ] {
+        let server =
+            TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(manifest))).await;
+        let plugin = server.plugin("misbehave").await;
+        assert_eq!(
+            plugin["grant"]["limits"]["call_timeout_ms"],
+            json!({"value": 300, "from": "grant"}),
+            "{manifest}: {plugin:#}"
+        );
+        let id = server
+            .trigger(
+                json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "loop"}}}}),
+            )
+            .await;
+        let run = server.wait_until_finished(&id).await;
+        assert_eq!(run["status"], "errored", "{manifest}: {run:#}");
+        let message = run["steps"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("time limit of 300 ms"),
+            "{manifest}: {message}"
+        );
+    }
+
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    let (status, problem) = server
+        .put_body(
+            "/v1/plugins/misbehave/grant",
+            "application/toml",
+            b"[limits]\ncall_timeout_ms = 300\nstep_timeout_ms = 300\n".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("set only call_timeout_ms"),
+        "{problem}"
+    );
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::model::{AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Policy};
+use crate::model::{AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Policy, Retry};
 use crate::storage::Backend;
 
 /// Flags of `stepwise serve`; each has its env var.
@@ -580,6 +580,51 @@ struct StepGrantFile {
     timeout_ms: Option<u64>,
 }
 
+/// `retry = {initial_ms, factor, max_ms}` in a grant, or `"retry"` on a run.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    /// The wait after the first errored attempt (1 to 3600000).
+    initial_ms: u64,
+    /// Each further errored attempt waits this many times longer (1 to 100; default 2).
+    factor: Option<f64>,
+    /// The longest wait (from initial_ms to 3600000; default 60000, or initial_ms if larger).
+    max_ms: Option<u64>,
+}
+
+impl RetryFile {
+    fn policy(&self, prefix: &str) -> anyhow::Result<Retry> {
+        anyhow::ensure!(
+            (1..=3_600_000).contains(&self.initial_ms),
+            "{prefix}initial_ms = {} is out of range: it must be from 1 to 3600000",
+            self.initial_ms
+        );
+        let factor = self.factor.unwrap_or(2.0);
+        anyhow::ensure!(
+            (1.0..=100.0).contains(&factor),
+            "{prefix}factor = {factor} is out of range: it must be from 1 to 100"
+        );
+        let max_ms = self.max_ms.unwrap_or(60_000.max(self.initial_ms));
+        anyhow::ensure!(
+            (self.initial_ms..=3_600_000).contains(&max_ms),
+            "{prefix}max_ms = {max_ms} is out of range: it must be from initial_ms ({}) to 3600000",
+            self.initial_ms
+        );
+        Ok(Retry {
+            initial: Duration::from_millis(self.initial_ms),
+            factor,
+            max: Duration::from_millis(max_ms),
+        })
+    }
+}
+
+/// A run's `"retry"` object from the API, checked as a grant's `retry` is.
+pub fn parse_retry_json(value: &serde_json::Value) -> anyhow::Result<Retry> {
+    let retry: RetryFile = serde_json::from_value(value.clone())
+        .map_err(|error| anyhow::anyhow!("retry is invalid: {error}"))?;
+    retry.policy("retry.")
+}
+
 /// A plugin manifest (`<name>.toml` beside `<name>.wasm`): the plugin's grant, also its JSON
 /// form in the API.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -606,6 +651,8 @@ pub struct ManifestFile {
     #[serde(default)]
     #[schema(inline)]
     steps: BTreeMap<String, StepGrantFile>,
+    /// The backoff after an errored attempt, for runs that set none of their own.
+    retry: Option<RetryFile>,
 }
 
 /// Parses a manifest's TOML text into a [`Grant`], checking every `allowed_hosts` entry.
@@ -618,6 +665,11 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
         poll_interval: in_range("", "poll_interval_ms", manifest.poll_interval_ms)?
             .map(Duration::from_millis),
         limits: manifest.limits.overrides("limits.")?,
+        retry: manifest
+            .retry
+            .as_ref()
+            .map(|retry| retry.policy("retry."))
+            .transpose()?,
         step_timeouts: manifest
             .steps
             .iter()

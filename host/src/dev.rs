@@ -164,6 +164,7 @@ pub async fn run_file(
                     line.message
                 )?;
             }
+            let mut wait = poll;
             match report.outcome {
                 AttemptOutcome::Passed => {
                     let output = report.output.as_deref().unwrap_or("null");
@@ -187,6 +188,9 @@ pub async fn run_file(
                         )?;
                         return Ok(DevOutcome::Errored);
                     }
+                    if let Some(retry) = capabilities.grant.retry {
+                        wait = retry.delay(errors);
+                    }
                 }
                 AttemptOutcome::Pending => {
                     if step.max_attempts.is_some_and(|max| attempt >= max) {
@@ -200,7 +204,7 @@ pub async fn run_file(
                 }
             }
             tick += 1;
-            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+            tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
     writeln!(out, "passed in {} ms", started.elapsed().as_millis())?;

@@ -581,6 +581,27 @@ pub struct Grant {
     pub limits: LimitOverrides,
     /// `[steps.NAME] timeout_ms`: how long each named step may stay pending.
     pub step_timeouts: BTreeMap<String, Duration>,
+    /// The backoff after an errored attempt, for runs that set none of their own.
+    pub retry: Option<Retry>,
+}
+
+/// How long to wait before calling a step again after an `errored` attempt (SPEC §11),
+/// instead of the poll interval, which is for `pending`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retry {
+    pub initial: Duration,
+    pub factor: f64,
+    pub max: Duration,
+}
+
+impl Retry {
+    /// The wait after the run's `errors`-th errored attempt (counting from 1):
+    /// `initial × factor^(errors − 1)`, at most `max`.
+    pub fn delay(&self, errors: u32) -> Duration {
+        let exponent = errors.saturating_sub(1).min(1024) as i32;
+        let millis = self.initial.as_millis() as f64 * self.factor.powi(exponent);
+        Duration::from_millis(millis.min(self.max.as_millis() as f64) as u64)
+    }
 }
 
 /// Per-plugin overrides of the configured [`Limits`].

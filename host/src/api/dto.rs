@@ -12,8 +12,8 @@ use utoipa::openapi::{ObjectBuilder, Type};
 
 use crate::auth::StoredToken;
 use crate::model::{
-    AttemptOutcome, CheckInfo, FireOutcome, Grant, Limits, LogLevel, Role, RunStatus, StepStatus,
-    TriggerSpec, UnixMillis,
+    AttemptOutcome, CheckInfo, FireOutcome, Grant, Limits, LogLevel, Retry, Role, RunStatus,
+    StepStatus, TriggerSpec, UnixMillis,
 };
 use crate::storage::{
     AttemptRecord, AuditRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord,
@@ -87,6 +87,9 @@ pub struct RunDto {
     pub http_requests: u32,
     /// The schedule whose fire started the run.
     pub schedule_id: Option<String>,
+    /// The run's own backoff for errored attempts; `null`: the grant's, else the poll
+    /// interval. When a step errored, `next_tick_at` is when it is called again.
+    pub retry: Option<RetryDto>,
     /// Name of the step being worked on (the last step once the run passed).
     pub current_step: Option<String>,
     #[schema(format = DateTime)]
@@ -139,6 +142,7 @@ impl RunDto {
             error_count: run.error_count,
             http_requests: run.http_requests,
             schedule_id: run.schedule_id.clone(),
+            retry: run.retry.map(RetryDto::new),
             current_step: run
                 .steps
                 .get(run.current_step)
@@ -265,10 +269,29 @@ pub struct GrantDto {
     pub poll_interval_ms: Option<u64>,
     /// `[steps.NAME] timeout_ms`: how long each named step may stay pending.
     pub steps: BTreeMap<String, StepGrantDto>,
+    /// The backoff after an errored attempt, for runs without their own.
+    pub retry: Option<RetryDto>,
     /// Every limit in force for the plugin's calls, by config key, with where it comes from:
     /// `grant` (set by the grant), `host` (the host's `[limits]` or default) or `policy`
     /// (lowered to the operator's ceiling).
     pub limits: BTreeMap<&'static str, LimitDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RetryDto {
+    pub initial_ms: u64,
+    pub factor: f64,
+    pub max_ms: u64,
+}
+
+impl RetryDto {
+    fn new(retry: Retry) -> RetryDto {
+        RetryDto {
+            initial_ms: retry.initial.as_millis() as u64,
+            factor: retry.factor,
+            max_ms: retry.max.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -352,6 +375,7 @@ impl PluginDto {
             poll_interval_ms: grant
                 .poll_interval
                 .map(|interval| interval.as_millis() as u64),
+            retry: grant.retry.map(RetryDto::new),
             steps: grant
                 .step_timeouts
                 .iter()

@@ -321,6 +321,9 @@ pub struct TriggerRunRequest {
     /// How long each named step may stay pending, in milliseconds, over the grant's
     /// `[steps.NAME] timeout_ms`, the plugin's own and the host's `default_step_timeout_ms`.
     step_timeouts: Option<BTreeMap<String, u64>>,
+    /// The wait before calling a step again after an errored attempt, over the grant's
+    /// `retry`; without either, the poll interval.
+    retry: Option<crate::config::RetryFile>,
     /// At most 32 labels; keys of 1 to 63 bytes without `=`, values of at most 256 bytes.
     labels: Option<BTreeMap<String, String>>,
 }

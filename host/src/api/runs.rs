@@ -26,6 +26,7 @@ pub(super) const KNOWN_FIELDS: &[&str] = &[
     "poll_interval_ms",
     "timeout_ms",
     "step_timeouts",
+    "retry",
     "labels",
 ];
 /// The query parameters of `GET /v1/runs`.
@@ -80,6 +81,13 @@ pub async fn runs_create(
     )?;
     let step_timeouts =
         parse_step_timeouts(request.get("step_timeouts"), settings.max_run_timeout)?;
+    let retry = match request.get("retry") {
+        None | Some(Json_::Null) => None,
+        Some(retry) => Some(
+            crate::config::parse_retry_json(retry)
+                .map_err(|error| ApiError::invalid("retry", format!("{error:#}")))?,
+        ),
+    };
     let labels = parse_labels(request.get("labels"))?;
     let idempotency_key = match headers.get("idempotency-key") {
         Some(value) => {
@@ -126,6 +134,7 @@ pub async fn runs_create(
         poll_interval,
         timeout: run_timeout,
         step_timeouts,
+        retry,
         labels,
         idempotency_key,
         idempotency_fingerprint,

@@ -307,6 +307,7 @@ impl Runner {
                             new_attempt,
                             finished_at,
                             message,
+                            run.poll_interval_ms,
                         )
                     }
                 }
@@ -343,6 +344,11 @@ impl Runner {
                         write.step.message = Some(message);
                         write
                     } else {
+                        // The run's backoff, else the grant's; without either the poll interval.
+                        let backoff = run
+                            .retry
+                            .or(capabilities.grant.retry)
+                            .map(|retry| retry.delay(progress.error_count));
                         self.wait_for_next_tick(
                             &run,
                             claim,
@@ -350,6 +356,7 @@ impl Runner {
                             new_attempt,
                             finished_at,
                             format!("errored: {message}"),
+                            backoff.map_or(run.poll_interval_ms, |wait| wait.as_millis() as i64),
                         )
                     }
                 }
@@ -497,6 +504,7 @@ impl Runner {
 
     /// The step is not done: keep it pending and come back after the poll interval, or sooner
     /// when the step timeout or the run deadline falls first.
+    #[allow(clippy::too_many_arguments)]
     fn wait_for_next_tick(
         &self,
         run: &RunRecord,
@@ -505,10 +513,11 @@ impl Runner {
         attempt: NewAttempt,
         now: UnixMillis,
         message: String,
+        wait_ms: i64,
     ) -> TickWrite {
         let step = &run.steps[progress.position];
         let first_attempt_at = step.first_attempt_at.unwrap_or(attempt.started_at);
-        let mut next_tick_at = (now + run.poll_interval_ms).min(run.deadline_at);
+        let mut next_tick_at = (now + wait_ms).min(run.deadline_at);
         if let Some(timeout_ms) = step.timeout_ms {
             next_tick_at = next_tick_at.min(first_attempt_at + timeout_ms);
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 
 use crate::config::{Settings, parse_grant};
-use crate::model::{RunId, UnixMillis};
+use crate::model::{Retry, RunId, UnixMillis};
 use crate::storage::{NewRun, NewStep, PluginRecord};
 
 /// What the trigger asked for beyond the plugin and its params.
@@ -18,6 +18,8 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Budgets of named steps for this run, over the grant's and the plugin's.
     pub step_timeouts: BTreeMap<String, Duration>,
+    /// The run's own backoff for errored attempts, over the grant's.
+    pub retry: Option<Retry>,
     pub labels: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     /// sha256 of the request the key came with.
@@ -119,6 +121,7 @@ pub fn plan_run(
         idempotency_key: options.idempotency_key,
         idempotency_fingerprint: options.idempotency_fingerprint,
         schedule_id: options.schedule_id,
+        retry: options.retry,
         steps,
     })
 }

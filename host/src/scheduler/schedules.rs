@@ -268,6 +268,7 @@ impl Firer {
             if decision.outcome == FireOutcome::Fired {
                 let options = RunOptions {
                     step_timeouts: Default::default(),
+                    retry: None,
                     poll_interval: schedule
                         .poll_interval_ms
                         .map(|ms| Duration::from_millis(ms as u64)),

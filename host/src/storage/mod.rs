@@ -12,8 +12,8 @@ mod store;
 use std::collections::BTreeMap;
 
 use crate::model::{
-    AttemptOutcome, CheckInfo, FireOutcome, LogLine, PluginName, PluginVersion, RunId, RunStatus,
-    StepStatus, TriggerSpec, UnixMillis,
+    AttemptOutcome, CheckInfo, FireOutcome, LogLine, PluginName, PluginVersion, Retry, RunId,
+    RunStatus, StepStatus, TriggerSpec, UnixMillis,
 };
 
 pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord};
@@ -91,6 +91,8 @@ pub struct NewRun {
     pub idempotency_fingerprint: Option<String>,
     /// The schedule whose fire started this run.
     pub schedule_id: Option<String>,
+    /// The run's own backoff for errored attempts.
+    pub retry: Option<Retry>,
     pub steps: Vec<NewStep>,
 }
 
@@ -117,6 +119,7 @@ impl NewRun {
             lease_owner: None,
             http_requests: 0,
             schedule_id: self.schedule_id.clone(),
+            retry: self.retry,
             current_step_name: None,
             steps: self
                 .steps
@@ -179,6 +182,8 @@ pub struct RunRecord {
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
     pub schedule_id: Option<String>,
+    /// The run's own backoff for errored attempts; `None`: the grant's.
+    pub retry: Option<Retry>,
     /// The name of the step at `current_step`: filled by `list_runs`, which has no steps.
     pub current_step_name: Option<String>,
     /// Empty in listings; filled by `find_run`.

@@ -19,8 +19,8 @@ use super::{
     ScheduleOptions, ScheduleRecord, StepRecord, TickWrite,
 };
 use crate::model::{
-    AttemptOutcome, CheckInfo, FireOutcome, LogLevel, LogLine, PluginName, PluginVersion, RunId,
-    RunStatus, StepInfo, StepStatus, TriggerSpec, UnixMillis,
+    AttemptOutcome, CheckInfo, FireOutcome, LogLevel, LogLine, PluginName, PluginVersion, Retry,
+    RunId, RunStatus, StepInfo, StepStatus, TriggerSpec, UnixMillis,
 };
 
 /// The database of one Stepwise deployment, shared by all its nodes.
@@ -42,7 +42,7 @@ pub struct Store {
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id";
+     http_requests, schedule_id, retry";
 
 impl Store {
     /// Opens the database at `url` (`sqlite://…`, created if needed, or `postgres://…`) and
@@ -809,6 +809,7 @@ struct RunRow {
     lease_owner: Option<String>,
     http_requests: i64,
     schedule_id: Option<String>,
+    retry: Option<String>,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -839,9 +840,37 @@ impl RunRow {
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
             schedule_id: self.schedule_id,
+            retry: self.retry.as_deref().map(retry_from_json).transpose()?,
             current_step_name: self.current_step_name,
             steps: Vec::new(),
         })
+    }
+}
+
+fn retry_json(retry: Retry) -> String {
+    serde_json::json!({
+        "initial_ms": retry.initial.as_millis() as u64,
+        "factor": retry.factor,
+        "max_ms": retry.max.as_millis() as u64,
+    })
+    .to_string()
+}
+
+fn retry_from_json(text: &str) -> Result<Retry> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| corrupt("run retry", text))?;
+    let millis = |key: &str| value[key].as_u64().map(Duration::from_millis);
+    match (
+        millis("initial_ms"),
+        value["factor"].as_f64(),
+        millis("max_ms"),
+    ) {
+        (Some(initial), Some(factor), Some(max)) => Ok(Retry {
+            initial,
+            factor,
+            max,
+        }),
+        _ => Err(corrupt("run retry", text)),
     }
 }
 
@@ -1391,11 +1420,12 @@ async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<
         .iter()
         .map(|run| labels_json(&run.labels))
         .collect::<Result<_>>()?;
+    let retries: Vec<Option<String>> = runs.iter().map(|run| run.retry.map(retry_json)).collect();
     let mut rows = Inserts::new(
         "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, poll_interval_ms, max_errors, \
-         idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, schedule_id) VALUES ",
+         idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, schedule_id, retry) VALUES ",
     );
-    for (run, labels) in runs.iter().zip(&labels) {
+    for ((run, labels), retry) in runs.iter().zip(&labels).zip(&retries) {
         rows.row()
             .value(run.id.as_str())?
             .value(run.plugin_name.as_str())?
@@ -1410,7 +1440,8 @@ async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<
             .value(run.created_at)?
             .value(run.deadline_at)?
             .value(run.created_at)?
-            .value(run.schedule_id.as_deref())?;
+            .value(run.schedule_id.as_deref())?
+            .value(retry.as_deref())?;
         rows.end_row(connection).await?;
     }
     rows.flush(connection).await?;
@@ -1639,6 +1670,7 @@ mod tests {
             idempotency_key: None,
             idempotency_fingerprint: None,
             schedule_id: Some("schedule".into()),
+            retry: None,
             steps: vec![
                 NewStep {
                     name: "a".into(),

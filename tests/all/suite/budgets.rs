@@ -118,3 +118,78 @@ async fn call_timeout_ms_limits_one_call_and_step_timeout_ms_is_its_old_name() {
         "{problem}"
     );
 }
+
+/// The times at which a run's attempts started, in milliseconds.
+async fn attempt_starts(server: &TestServer, id: &str) -> Vec<u128> {
+    server
+        .attempts(id)
+        .await
+        .iter()
+        .map(|attempt| {
+            let at = attempt["started_at"].as_str().expect("started_at");
+            humantime::parse_rfc3339(at)
+                .expect("an RFC 3339 time")
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn errored_attempts_wait_the_backoff_not_the_poll_interval() {
+    // A poll interval of a minute: any gap below it is the backoff's.
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(
+        "poll_interval_ms = 60000\nretry = {initial_ms = 100, factor = 2.0, max_ms = 400}\n\
+         [limits]\nmax_errors = 5\n",
+    )))
+    .await;
+    let plugin = server.plugin("misbehave").await;
+    assert_eq!(
+        plugin["grant"]["retry"],
+        json!({"initial_ms": 100, "factor": 2.0, "max_ms": 400})
+    );
+    let trap = json!({"steps": {"first": {"action": "trap"}}});
+    let from_grant = server
+        .trigger(json!({"plugin": "misbehave", "params": trap}))
+        .await;
+    let own = json!({"initial_ms": 50, "factor": 1.0});
+    let from_run = server
+        .trigger(json!({"plugin": "misbehave", "params": trap, "retry": own}))
+        .await;
+    for (id, waits) in [
+        (&from_grant, [100, 200, 400, 400]),
+        (&from_run, [50, 50, 50, 50]),
+    ] {
+        let run = server.wait_until_finished(id).await;
+        assert_eq!(run["status"], "errored", "{run:#}");
+        let starts = attempt_starts(&server, id).await;
+        assert_eq!(starts.len(), 5, "max_errors ends it at the fifth: {run:#}");
+        for (gap, wait) in starts.windows(2).map(|pair| pair[1] - pair[0]).zip(waits) {
+            assert!(
+                gap >= wait && gap < wait + 10_000,
+                "waited {gap} ms where the backoff is {wait} ms: {starts:?}"
+            );
+        }
+    }
+    let run = server.run(&from_run).await;
+    assert_eq!(
+        run["retry"],
+        json!({"initial_ms": 50, "factor": 1.0, "max_ms": 60000})
+    );
+
+    for retry in [
+        json!({"initial_ms": 0}),
+        json!({"initial_ms": 100, "max_ms": 50}),
+        json!({"initial_ms": 100, "factor": 0.5}),
+        json!({"initial_ms": 100, "jitter": 1}),
+    ] {
+        let body = json!({"plugin": "misbehave", "retry": retry});
+        let (status, problem) = server.post_json("/v1/runs", &body).await;
+        assert_eq!(
+            (status, problem["field"].as_str()),
+            (422, Some("retry")),
+            "{problem}"
+        );
+    }
+}

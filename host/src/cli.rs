@@ -422,6 +422,7 @@ async fn dev(
 
 async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let size = bytes.len();
     let version = PluginVersion::of_bytes(&bytes);
     let runtime = crate::runtime::Runtime::new(None, 1, &Limits::default())?;
     let inspected = match runtime
@@ -437,6 +438,12 @@ async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let info = &inspected.check_info;
     println!("{}: valid stepwise:plugin/check component", file.display());
     println!("  version (sha256): {version}");
+    println!(
+        "  size: {size} bytes ({:.1} MiB); compile: {} ms; first call (describe): {} ms",
+        size as f64 / f64::from(1 << 20),
+        inspected.compile_time.as_millis(),
+        inspected.describe_time.as_millis()
+    );
     println!("  name: {}  reported version: {}", info.name, info.version);
     if !info.description.is_empty() {
         println!("  description: {}", info.description);

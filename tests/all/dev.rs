@@ -169,3 +169,31 @@ async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn plugin_check_prints_the_steps_and_what_the_plugin_costs() {
+    let check = |file: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+            .args(["plugin", "check"])
+            .arg(file)
+            .output()
+            .expect("running stepwise plugin check")
+    };
+    let output = check(std::path::Path::new(MISBEHAVE_WASM));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let size = std::fs::metadata(MISBEHAVE_WASM).unwrap().len();
+    assert!(stdout.contains(&format!("size: {size} bytes")), "{stdout}");
+    assert!(stdout.contains(" ms; first call (describe): "), "{stdout}");
+    assert!(stdout.contains("compile: "), "{stdout}");
+    for step in ["1. first", "2. second (timeout 1500 ms)", "3. third"] {
+        assert!(stdout.contains(step), "{step}: {stdout}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.wasm");
+    std::fs::write(&broken, b"\0asm not really").unwrap();
+    let output = check(&broken);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("invalid"));
+}

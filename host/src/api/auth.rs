@@ -103,6 +103,11 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         return next.run(request).await;
     }
     let method = request.method().clone();
+    if percent_encoding::percent_decode_str(&path).any(|byte| byte == 0) {
+        // No name or id has one, and PostgreSQL's text cannot hold it.
+        return ApiError::bad_request("malformed_path", "the path may not contain a NUL character")
+            .into_response();
+    }
     let checked = check_host(&state, &request)
         .and_then(|()| check_origin(&state, &method, request.headers()))
         .and_then(|()| check_media_type(&method, &path, request.headers()));

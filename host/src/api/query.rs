@@ -19,6 +19,13 @@ pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, Strin
         })?;
     let mut parameters = BTreeMap::new();
     for (name, value) in pairs {
+        if name.contains('\0') || value.contains('\0') {
+            // PostgreSQL's text cannot hold NUL; no name or id has one.
+            return Err(ApiError::invalid(
+                name.replace('\0', "\\0"),
+                "a query parameter may not contain a NUL character",
+            ));
+        }
         if !known.contains(&name.as_str()) {
             return Err(ApiError::invalid(
                 name.clone(),

@@ -307,6 +307,10 @@ pub(super) fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, Str
                 ));
             }
             match value {
+                Json_::String(text) if text.contains('\0') => Err(ApiError::invalid(
+                    field,
+                    "a label value may not contain a NUL character",
+                )),
                 Json_::String(text) if text.len() <= MAX_LABEL_VALUE_BYTES => {
                     Ok((key.clone(), text.clone()))
                 }

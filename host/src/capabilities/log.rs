@@ -53,7 +53,7 @@ impl LogBuffer {
             return None;
         }
         // Redacted whole, before it is cut: a cut value would no longer match.
-        let mut message = self.secrets.redact(message).into_owned();
+        let mut message = storable(self.secrets.redact(message).into_owned());
         if message.len() > MAX_LINE_BYTES {
             let mut cut = MAX_LINE_BYTES;
             while !message.is_char_boundary(cut) {
@@ -141,6 +141,16 @@ fn host_log_field(message: &str) -> String {
         field.push('…');
     }
     field
+}
+
+/// `text` as the database can keep it: PostgreSQL's text cannot hold NUL, which a plugin may
+/// put anywhere; it becomes U+FFFD, every other character stays.
+pub fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
 }
 
 #[cfg(test)]

@@ -310,9 +310,12 @@ impl Runtime {
         let classified = classify_call(call, &mut store, &stderr, deadline, &limits, secrets);
         let violation = store.data().violation.take();
         // Nothing a plugin returns is kept before the values of secrets are taken out of it.
-        let redact = |text: String| match secrets.redact(&text) {
-            std::borrow::Cow::Borrowed(_) => text,
-            std::borrow::Cow::Owned(redacted) => redacted,
+        let redact = |text: String| {
+            let text = crate::capabilities::log::storable(text);
+            match secrets.redact(&text) {
+                std::borrow::Cow::Borrowed(_) => text,
+                std::borrow::Cow::Owned(redacted) => redacted,
+            }
         };
         let violation = violation.map(redact);
         let classified = classified.map(|outcome| match outcome {

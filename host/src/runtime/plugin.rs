@@ -32,6 +32,10 @@ pub struct LoadedPlugin {
 pub struct Inspected {
     pub plugin: Arc<LoadedPlugin>,
     pub check_info: CheckInfo,
+    /// Compiling and linking (or loading the precompiled artifact), and the first call,
+    /// `describe`: what a plugin costs before its first step.
+    pub compile_time: std::time::Duration,
+    pub describe_time: std::time::Duration,
 }
 
 impl Runtime {
@@ -44,9 +48,17 @@ impl Runtime {
         limits: &Limits,
     ) -> anyhow::Result<Inspected> {
         check_preamble(&bytes)?;
+        let started = std::time::Instant::now();
         let plugin = self.load(version, bytes).await?;
+        let compile_time = started.elapsed();
+        let started = std::time::Instant::now();
         let check_info = self.describe(&plugin, limits).await?;
-        Ok(Inspected { plugin, check_info })
+        Ok(Inspected {
+            plugin,
+            check_info,
+            compile_time,
+            describe_time: started.elapsed(),
+        })
     }
 
     /// Compiles `bytes` (off the async threads: it is CPU-heavy, seconds for a large

@@ -267,3 +267,19 @@ async fn a_million_log_calls_are_counted_not_kept() {
         "{last}"
     );
 }
+
+#[tokio::test]
+async fn a_nul_character_from_a_plugin_is_kept_as_u_fffd_on_every_backend() {
+    // The system under check answers with a NUL, which the plugin logs and returns.
+    let app = axum::Router::new().route("/nul", axum::routing::get(|| async { "a\0b" }));
+    let (address, _server) = crate::support::serve_locally(app).await;
+    let finished = run_first_step(
+        with_manifest(&format!("allowed_hosts = [\"{address}\"]\n")),
+        json!({"action": "http", "url": format!("http://{address}/nul"), "echo": true}),
+    )
+    .await;
+    assert_eq!(finished.run["status"], "passed", "{:#}", finished.run);
+    assert_eq!(finished.run["steps"][0]["output"]["body"], "a\0b");
+    let logs = finished.logs().await;
+    assert!(logs.iter().any(|line| line == "a\u{FFFD}b"), "{logs:?}");
+}

@@ -371,3 +371,41 @@ async fn the_command_line_reports_what_it_met() {
         started.elapsed()
     );
 }
+
+/// PostgreSQL's text cannot hold NUL: a NUL anywhere in a request is refused before it
+/// reaches the database, on every backend.
+#[tokio::test]
+async fn a_nul_character_in_a_request_is_refused_not_a_server_error() {
+    let server = server().await;
+    for path in [
+        "/v1/runs?schedule=a%00b",
+        "/v1/runs?plugin=%00",
+        "/v1/schedules?plugin=x%00",
+    ] {
+        let (status, problem) = server.get_json(path).await;
+        assert_eq!(status, 422, "{path}: {problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("NUL"),
+            "{problem}"
+        );
+    }
+    for path in ["/v1/schedules/a%00b", "/v1/plugins/a%00b", "/v1/runs/a%00b"] {
+        let (status, problem) = server.get_json(path).await;
+        assert_eq!(status, 400, "{path}: {problem}");
+        assert_eq!(problem["code"], "malformed_path", "{problem}");
+    }
+    let (status, problem) = server
+        .post_json(
+            "/v1/runs",
+            &json!({"plugin": "misbehave", "labels": {"team": "a\u{0}b"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["field"].as_str()),
+        (422, Some("labels.team")),
+        "{problem}"
+    );
+}

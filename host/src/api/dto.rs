@@ -38,7 +38,7 @@ fn any_json() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(SchemaType::AnyValue)
 }
 
-fn run_status() -> ObjectBuilder {
+pub(super) fn run_status() -> ObjectBuilder {
     one_of(RunStatus::ALL.iter().map(|status| status.as_str()))
 }
 
@@ -58,7 +58,7 @@ fn fire_outcome() -> ObjectBuilder {
     one_of(FireOutcome::ALL.iter().map(|outcome| outcome.as_str()))
 }
 
-fn role() -> ObjectBuilder {
+pub(super) fn role() -> ObjectBuilder {
     one_of(Role::ALL.iter().map(|role| role.as_str()))
 }
 

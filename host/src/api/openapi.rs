@@ -15,10 +15,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::link::LinkBuilder;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, ObjectBuilder, OpenApi, Ref, ResponseBuilder, Type};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{is_open, required_role};
@@ -108,15 +108,7 @@ fn describe_access(document: &mut OpenApi) {
         SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
     );
     for (path, item) in document.paths.paths.iter_mut() {
-        let operations = [
-            (Method::GET, &mut item.get),
-            (Method::PUT, &mut item.put),
-            (Method::POST, &mut item.post),
-            (Method::DELETE, &mut item.delete),
-            (Method::PATCH, &mut item.patch),
-        ];
-        for (method, operation) in operations {
-            let Some(operation) = operation else { continue };
+        for (method, operation) in operations(item) {
             if !is_open(path) {
                 let role = required_role(&method, path);
                 guard_operation(operation, role);
@@ -124,6 +116,19 @@ fn describe_access(document: &mut OpenApi) {
             add_problem(operation, "default", "An error, as problem+json");
         }
     }
+}
+
+/// The operations of a path, with their methods: the ones this API uses.
+fn operations(item: &mut PathItem) -> impl Iterator<Item = (Method, &mut Operation)> {
+    [
+        (Method::GET, &mut item.get),
+        (Method::PUT, &mut item.put),
+        (Method::POST, &mut item.post),
+        (Method::DELETE, &mut item.delete),
+        (Method::PATCH, &mut item.patch),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| Some((method, operation.as_mut()?)))
 }
 
 /// Where the answer of one operation gives the parameters of others, for clients and for
@@ -214,25 +219,16 @@ const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
 
 /// Adds [`LINKS`] to the answers they start from.
 fn add_links(document: &mut OpenApi) {
-    let mut operations: BTreeMap<String, &mut Operation> = BTreeMap::new();
+    let mut by_id: BTreeMap<String, &mut Operation> = BTreeMap::new();
     for item in document.paths.paths.values_mut() {
-        for operation in [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for (_, operation) in operations(item) {
             if let Some(id) = operation.operation_id.clone() {
-                operations.insert(id, operation);
+                by_id.insert(id, operation);
             }
         }
     }
     for &(from, status, name, to, parameter, value) in LINKS {
-        let operation = operations
+        let operation = by_id
             .get_mut(from)
             .unwrap_or_else(|| panic!("a link starts at {from}, which no route has"));
         let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) else {
@@ -288,12 +284,6 @@ fn add_problem(operation: &mut Operation, status: &str, description: &str) {
         .responses
         .entry(status.to_owned())
         .or_insert(problem.into());
-}
-
-fn role_schema() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(Role::ALL.iter().map(|role| role.as_str())))
 }
 
 // The types below are never built: they describe bodies and query strings that handlers read
@@ -428,7 +418,7 @@ pub struct ActivateRequest {
 #[schema(example = json!({"role": "viewer", "name": "grafana"}))]
 #[allow(dead_code)]
 pub struct NewTokenRequest {
-    #[schema(schema_with = role_schema)]
+    #[schema(schema_with = super::dto::role)]
     role: String,
     /// Generated when absent.
     #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -454,7 +444,7 @@ pub struct RunsQuery {
     /// Only runs of this plugin.
     plugin: Option<String>,
     /// Only runs with this status.
-    #[param(schema_with = run_status_schema)]
+    #[param(schema_with = super::dto::run_status)]
     status: Option<String>,
     /// Only runs with this label, as `key=value`.
     label: Option<String>,
@@ -466,16 +456,6 @@ pub struct RunsQuery {
     /// The `next_cursor` of the previous page.
     #[param(min_length = 1)]
     cursor: Option<String>,
-}
-
-fn run_status_schema() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .enum_values(Some(
-            crate::model::RunStatus::ALL
-                .iter()
-                .map(|status| status.as_str()),
-        ))
 }
 
 /// A page of a list without filters.

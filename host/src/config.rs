@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::model::{AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Policy, Retry};
+use crate::model::{
+    AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Notifier, NotifyEvent, NotifyFormat,
+    Policy, RetentionPolicy, Retry,
+};
 use crate::storage::Backend;
 
 /// Flags of `stepwise serve`; each has its env var.
@@ -92,6 +95,41 @@ struct FileConfig {
     #[serde(default)]
     secrets: BTreeMap<String, SecretFile>,
     policy: Option<PolicyFile>,
+    #[serde(default)]
+    notify: Vec<NotifyFile>,
+    #[serde(default)]
+    retention: RetentionFile,
+}
+
+/// `[[notify]]`: one notifier (SPEC §11).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotifyFile {
+    name: String,
+    url: String,
+    format: Option<String>,
+    on: Option<Vec<String>>,
+    #[serde(default)]
+    plugins: Vec<String>,
+    #[serde(default)]
+    schedules: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    after_consecutive: Option<u32>,
+    retry: Option<RetryFile>,
+    timeout_ms: Option<u64>,
+    max_delivery_ms: Option<u64>,
+}
+
+/// `[retention]`: days may be fractions (a soak test keeps attempts for minutes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    finished_runs_days: Option<f64>,
+    keep_last_per_schedule: Option<u32>,
+    attempts_days: Option<f64>,
+    plugin_versions_days: Option<f64>,
+    interval_ms: Option<u64>,
 }
 
 /// `[secrets.NAME]`: where the value is read from, and where it may be sent.
@@ -227,7 +265,135 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("instances", 1, 64),
     ("http_requests_per_run", 1, 10_000_000),
     ("http_concurrent_requests", 1, 256),
+    ("after_consecutive", 1, 1_000_000),
+    ("max_delivery_ms", 1_000, 604_800_000),
+    ("keep_last_per_schedule", 0, 1_000_000),
+    ("interval_ms", 100, 86_400_000),
 ];
+
+fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
+    let mut notifiers: Vec<Notifier> = Vec::with_capacity(files.len());
+    for file in files {
+        let name = file.name;
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "notify.name {name:?} must be 1 to 64 letters, digits, '-' or '_'"
+        );
+        anyhow::ensure!(
+            notifiers.iter().all(|other| other.name != name),
+            "notify.name {name:?} is given twice"
+        );
+        let prefix = format!("notify {name:?}: ");
+        let url = reqwest::Url::parse(&file.url)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{prefix}url {:?} must be an http:// or https:// URL",
+                    file.url
+                )
+            })?;
+        let format = match file.format.as_deref() {
+            None => NotifyFormat::Json,
+            Some(text) => NotifyFormat::parse(text).ok_or_else(|| {
+                anyhow::anyhow!("{prefix}format {text:?} must be \"json\" or \"slack\"")
+            })?,
+        };
+        let on = match file.on {
+            None => vec![
+                NotifyEvent::Failed,
+                NotifyEvent::TimedOut,
+                NotifyEvent::Errored,
+                NotifyEvent::Recovered,
+            ],
+            Some(events) => events
+                .iter()
+                .map(|text| {
+                    NotifyEvent::parse(text).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{prefix}on: {text:?} is not an event; use failed, timed_out, errored or recovered"
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        };
+        for plugin in &file.plugins {
+            crate::model::PluginName::parse(plugin)
+                .map_err(|error| anyhow::anyhow!("{prefix}plugins: {error}"))?;
+        }
+        let after_consecutive =
+            in_range(&prefix, "after_consecutive", file.after_consecutive)?.unwrap_or(1);
+        let retry = match &file.retry {
+            Some(retry) => retry.policy(&format!("{prefix}retry."))?,
+            None => Retry {
+                initial: Duration::from_secs(1),
+                factor: 2.0,
+                max: Duration::from_secs(300),
+            },
+        };
+        let timeout_ms = file.timeout_ms.unwrap_or(10_000);
+        anyhow::ensure!(
+            (10..=600_000).contains(&timeout_ms),
+            "{prefix}timeout_ms = {timeout_ms} is out of range: it must be from 10 to 600000"
+        );
+        let max_delivery_ms =
+            in_range(&prefix, "max_delivery_ms", file.max_delivery_ms)?.unwrap_or(3_600_000);
+        notifiers.push(Notifier {
+            name,
+            url: url.to_string(),
+            format,
+            on,
+            plugins: file.plugins,
+            schedules: file.schedules,
+            labels: file.labels,
+            after_consecutive,
+            retry,
+            timeout: Duration::from_millis(timeout_ms),
+            max_delivery: Duration::from_millis(max_delivery_ms),
+        });
+    }
+    Ok(notifiers)
+}
+
+fn parse_retention(file: &RetentionFile) -> anyhow::Result<RetentionPolicy> {
+    let defaults = RetentionPolicy::default();
+    let days = |key: &str, value: Option<f64>, default: Duration| -> anyhow::Result<Duration> {
+        let Some(days) = value else {
+            return Ok(default);
+        };
+        anyhow::ensure!(
+            days > 0.0 && days <= 36_500.0,
+            "retention.{key} = {days} is out of range: it must be more than 0 and at most 36500"
+        );
+        Ok(Duration::from_secs_f64(days * 86_400.0))
+    };
+    Ok(RetentionPolicy {
+        finished_runs: days(
+            "finished_runs_days",
+            file.finished_runs_days,
+            defaults.finished_runs,
+        )?,
+        keep_last_per_schedule: in_range(
+            "retention.",
+            "keep_last_per_schedule",
+            file.keep_last_per_schedule,
+        )?
+        .unwrap_or(defaults.keep_last_per_schedule),
+        attempts: days("attempts_days", file.attempts_days, defaults.attempts)?,
+        plugin_versions: days(
+            "plugin_versions_days",
+            file.plugin_versions_days,
+            defaults.plugin_versions,
+        )?,
+        interval: in_range("retention.", "interval_ms", file.interval_ms)?
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.interval),
+    })
+}
 
 /// `value` of `key` (written as `prefix` + `key` in messages), if it is within its range.
 fn in_range<T: Copy + TryInto<u64>>(
@@ -345,6 +511,11 @@ pub struct Settings {
     pub public_hosts: Vec<String>,
     /// The operator's ceilings on grants.
     pub policy: Policy,
+    /// The first `public_urls` entry without its trailing `/`: notifications link runs under
+    /// it.
+    pub public_url: Option<String>,
+    pub notifiers: Vec<std::sync::Arc<Notifier>>,
+    pub retention: RetentionPolicy,
 }
 
 impl Settings {
@@ -372,6 +543,9 @@ impl Settings {
             auth: AuthMode::None,
             public_hosts: Vec::new(),
             policy: Policy::default(),
+            public_url: None,
+            notifiers: Vec::new(),
+            retention: RetentionPolicy::default(),
         }
     }
 
@@ -467,6 +641,16 @@ impl Settings {
             .iter()
             .map(|url| public_host(url))
             .collect::<anyhow::Result<_>>()?;
+        settings.public_url = file
+            .public_urls
+            .first()
+            .map(|url| url.trim_end_matches('/').to_owned());
+        settings.notifiers = parse_notifiers(file.notify)
+            .map_err(config_error)?
+            .into_iter()
+            .map(std::sync::Arc::new)
+            .collect();
+        settings.retention = parse_retention(&file.retention).map_err(config_error)?;
         if let Some(policy) = file.policy {
             settings.policy =
                 parse_policy(policy, &settings, &configured_limits).map_err(config_error)?;
@@ -821,6 +1005,70 @@ mod tests {
         assert!(settings_from("public_urls = [\"stepwise.example.com\"]").is_err());
     }
 
+    #[test]
+    fn notifiers_and_retention_are_read_with_their_defaults() {
+        let settings = settings_from(
+            "public_urls = [\"https://stepwise.example.com/\"]\n\
+             [[notify]]\nname = \"ops\"\nurl = \"https://hooks.example.com/T/B/x\"\n\
+             format = \"slack\"\non = [\"failed\", \"recovered\"]\nplugins = [\"crm\"]\n\
+             labels = {env = \"prod\"}\nafter_consecutive = 3\nretry = {initial_ms = 500}\n\
+             [[notify]]\nname = \"audit\"\nurl = \"http://127.0.0.1:9000/hook\"\n\
+             [retention]\nattempts_days = 0.5\nkeep_last_per_schedule = 0\n",
+        )
+        .expect("a valid config");
+        assert_eq!(
+            settings.public_url.as_deref(),
+            Some("https://stepwise.example.com")
+        );
+        let ops = &settings.notifiers[0];
+        assert_eq!(ops.format, NotifyFormat::Slack);
+        assert_eq!(ops.on, [NotifyEvent::Failed, NotifyEvent::Recovered]);
+        assert_eq!(ops.plugins, ["crm"]);
+        assert_eq!(ops.labels.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(ops.after_consecutive, 3);
+        assert_eq!(ops.retry.initial, Duration::from_millis(500));
+        assert_eq!(ops.max_delivery, Duration::from_secs(3600));
+        let audit = &settings.notifiers[1];
+        assert_eq!(audit.format, NotifyFormat::Json);
+        assert_eq!(audit.on.len(), 4, "every event by default");
+        assert_eq!(audit.timeout, Duration::from_secs(10));
+        let retention = settings.retention;
+        assert_eq!(retention.attempts, Duration::from_secs(12 * 3600));
+        assert_eq!(retention.keep_last_per_schedule, 0);
+        assert_eq!(retention.finished_runs, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(
+            retention.plugin_versions,
+            Duration::from_secs(90 * 24 * 3600)
+        );
+
+        let notify = |extra: &str| {
+            format!("[[notify]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/\"\n{extra}")
+        };
+        for (bad, named) in [
+            (notify("format = \"xml\"\n"), "format"),
+            (notify("on = [\"passed\"]\n"), "on"),
+            (notify("plugins = [\"Not A Name\"]\n"), "plugins"),
+            (notify("timeout_ms = 0\n"), "timeout_ms"),
+            (notify("retry = {initial_ms = 0}\n"), "retry.initial_ms"),
+            (format!("{}{}", notify(""), notify("")), "given twice"),
+            (
+                "[[notify]]\nname = \"ops\"\nurl = \"ftp://example.com/\"\n".to_owned(),
+                "url",
+            ),
+            (
+                "[retention]\nattempts_days = 0\n".to_owned(),
+                "attempts_days",
+            ),
+            (
+                "[retention]\nfinished_runs_days = -1\n".to_owned(),
+                "finished_runs_days",
+            ),
+        ] {
+            let error = settings_from(&bad).expect_err(&bad);
+            assert!(format!("{error:#}").contains(named), "{bad}: {error:#}");
+        }
+    }
+
     /// Every numeric setting, wherever it is read, refuses 0 (where 0 is out of its range), a
     /// negative and an absurd value, naming the key.
     #[test]
@@ -839,6 +1087,10 @@ mod tests {
                         | "lease_ms"
                         | "max_upload_mib"
                         | "poll_interval_ms"
+                        | "after_consecutive"
+                        | "max_delivery_ms"
+                        | "keep_last_per_schedule"
+                        | "interval_ms"
                 )
             })
             .collect();
@@ -855,6 +1107,15 @@ mod tests {
                     )
                 } else if *key == "poll_interval_ms" {
                     (String::new(), Some(format!("{key} = {value}\n")))
+                } else if matches!(*key, "after_consecutive" | "max_delivery_ms") {
+                    (
+                        format!(
+                            "[[notify]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/\"\n{key} = {value}\n"
+                        ),
+                        None,
+                    )
+                } else if matches!(*key, "keep_last_per_schedule" | "interval_ms") {
+                    (format!("[retention]\n{key} = {value}\n"), None)
                 } else if *key == "timeout_ms" {
                     (
                         String::new(),

@@ -1,7 +1,8 @@
 //! Stepwise host: runs multi-step asynchronous checks whose logic lives in sandboxed WebAssembly
 //! plugins. Modules in reading order; calls go down this list and never back up:
 //! `api` → `registry` | `scheduler` → `runner` → `runtime` → `capabilities`, with `storage`
-//! behind narrow methods that only `api`, `registry`, `scheduler` and `runner` call.
+//! behind narrow methods that only `api`, `registry`, `scheduler`, `runner` and the two
+//! background jobs, `notify` (deliveries) and `retention`, call.
 
 pub mod api;
 pub mod auth;
@@ -13,7 +14,9 @@ pub mod dev;
 pub mod junit;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod registry;
+pub mod retention;
 pub mod runner;
 pub mod runtime;
 pub mod scaffold;
@@ -31,7 +34,9 @@ use crate::api::AppState;
 use crate::capabilities::secrets::{Secret, SecretSet, Secrets};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{AuthMode, Settings};
+use crate::notify::Deliverer;
 use crate::registry::Registry;
+use crate::retention::Retention;
 use crate::runner::Runner;
 use crate::runtime::Runtime;
 use crate::scheduler::schedules::{Firer, ScheduleWakeup};
@@ -143,6 +148,21 @@ pub async fn serve(
         schedule_wakeup,
     );
     let firer = tokio::spawn(firer.run(shutdown.clone()));
+    // Without notifiers nothing is written to the outbox, so nothing needs delivering.
+    let deliverer = if settings.notifiers.is_empty() {
+        None
+    } else {
+        let deliverer = Deliverer::new(store.clone(), &settings, node_id.clone(), metrics.clone())
+            .context("starting the notification deliverer")?;
+        Some(tokio::spawn(deliverer.run(shutdown.clone())))
+    };
+    let retention = Retention::new(
+        store.clone(),
+        settings.retention,
+        node_id.clone(),
+        settings.lease,
+    );
+    let retention = tokio::spawn(retention.run(shutdown.clone()));
     let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone())
         .with_metrics(metrics);
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
@@ -153,6 +173,10 @@ pub async fn serve(
         .context("http server")?;
     scheduler.await.context("scheduler task")?;
     firer.await.context("schedule firer task")?;
+    if let Some(deliverer) = deliverer {
+        deliverer.await.context("notification deliverer task")?;
+    }
+    retention.await.context("retention task")?;
     registry.await.context("plugin registry task")?;
     Ok(())
 }

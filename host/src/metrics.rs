@@ -111,6 +111,7 @@ struct Observed {
     tick_lag: Option<Histogram>,
     /// By route, then status: a request finds its counter without allocating.
     requests: BTreeMap<String, BTreeMap<u16, u64>>,
+    notifications: BTreeMap<(String, &'static str), u64>,
 }
 
 /// What this process observed, shared by the runner (which records) and the API (which
@@ -176,6 +177,15 @@ impl Metrics {
             .tick_lag
             .get_or_insert_with(|| Histogram::new(TICK_LAG_BUCKETS))
             .observe(lag_ms.max(0) as f64 / 1000.0);
+    }
+
+    /// A delivery attempt recorded: `delivered`, `retried` or `failed` (given up).
+    pub fn record_notification(&self, notifier: &str, result: &'static str) {
+        *self
+            .observed()
+            .notifications
+            .entry((notifier.to_owned(), result))
+            .or_default() += 1;
     }
 
     /// An API request, by its route template (`/v1/runs/{id}`), never its path.
@@ -321,6 +331,19 @@ impl Metrics {
                     escape(route)
                 );
             }
+        }
+        header(
+            &mut out,
+            "stepwise_notifications_total",
+            "counter",
+            "Notification delivery attempts by notifier and result: delivered, retried or failed (this process).",
+        );
+        for ((notifier, result), count) in &observed.notifications {
+            let _ = writeln!(
+                out,
+                "stepwise_notifications_total{{notifier=\"{}\",result=\"{result}\"}} {count}",
+                escape(notifier)
+            );
         }
         out
     }

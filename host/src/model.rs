@@ -604,6 +604,157 @@ impl Retry {
     }
 }
 
+text_enum!(
+    /// What a notifier is told about (SPEC §11).
+    NotifyEvent {
+        Failed => "failed",
+        TimedOut => "timed_out",
+        Errored => "errored",
+        Recovered => "recovered",
+    }
+);
+
+text_enum!(
+    /// The body a notifier posts: `json` (the run as the API shows it) or a Slack
+    /// incoming-webhook message.
+    NotifyFormat {
+        Json => "json",
+        Slack => "slack",
+    }
+);
+
+text_enum!(
+    /// Where one notification's delivery stands.
+    DeliveryStatus {
+        Pending => "pending",
+        Delivered => "delivered",
+        Failed => "failed",
+    }
+);
+
+/// An operator's `[[notify]]`: where to post, about which runs, and when (SPEC §11). Only the
+/// operator's config creates one; no API call or plugin can name a URL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notifier {
+    pub name: String,
+    pub url: String,
+    pub format: NotifyFormat,
+    pub on: Vec<NotifyEvent>,
+    /// Empty: every plugin.
+    pub plugins: Vec<String>,
+    /// Schedule ids; empty: runs of any schedule, and runs without one.
+    pub schedules: Vec<String>,
+    /// Each must be among the run's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Failing runs in a row of one series before a failure is sent.
+    pub after_consecutive: u32,
+    /// Gaps between delivery attempts (jittered by the deliverer).
+    pub retry: Retry,
+    /// One POST's wall clock.
+    pub timeout: Duration,
+    /// How long after the run finished a delivery is still tried; then it is `failed`.
+    pub max_delivery: Duration,
+}
+
+/// A series' failing runs in a row before and after the run that just finished (a passed run
+/// resets it to 0; a cancelled one leaves it alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streak {
+    pub before: u32,
+    pub now: u32,
+}
+
+impl Notifier {
+    /// Whether this notifier's filters select a run of `plugin`, started by `schedule`, with
+    /// `labels`.
+    pub fn watches(
+        &self,
+        plugin: &str,
+        schedule: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        (self.plugins.is_empty() || self.plugins.iter().any(|name| name == plugin))
+            && (self.schedules.is_empty()
+                || schedule.is_some_and(|id| self.schedules.iter().any(|wanted| wanted == id)))
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| labels.get(key) == Some(value))
+    }
+
+    /// What to tell about a run of a watched series that ended with `status`, leaving `streak`:
+    /// a failure once `after_consecutive` runs in a row failed, `recovered` for the first pass
+    /// after a streak that was reported.
+    pub fn event(&self, status: RunStatus, streak: Streak) -> Option<NotifyEvent> {
+        let event = match status {
+            RunStatus::Failed => NotifyEvent::Failed,
+            RunStatus::TimedOut => NotifyEvent::TimedOut,
+            RunStatus::Errored => NotifyEvent::Errored,
+            RunStatus::Passed if streak.before >= self.after_consecutive => NotifyEvent::Recovered,
+            _ => return None,
+        };
+        let reported = event == NotifyEvent::Recovered || streak.now >= self.after_consecutive;
+        (reported && self.on.contains(&event)).then_some(event)
+    }
+}
+
+impl RunStatus {
+    /// Whether a run that ended so counts against its series' streak.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Failed | RunStatus::TimedOut | RunStatus::Errored
+        )
+    }
+}
+
+/// The series a run belongs to for `recovered` and `after_consecutive`: its schedule, or for a
+/// run without one its plugin and labels.
+pub fn notify_series(
+    plugin: &str,
+    schedule: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> String {
+    match schedule {
+        Some(id) => format!("schedule:{id}"),
+        None => {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(key, value)| format!("{key:?}={value:?}"))
+                .collect();
+            format!("plugin:{plugin}:{}", labels.join(","))
+        }
+    }
+}
+
+/// `[retention]` (SPEC §11): how long finished work is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// A finished run (with its steps, labels and notifications) older than this is deleted.
+    pub finished_runs: Duration,
+    /// A schedule keeps at most this many finished runs, even younger ones; 0: no cap.
+    pub keep_last_per_schedule: u32,
+    /// Attempt rows (with their logs) older than this are deleted, the run's too.
+    pub attempts: Duration,
+    /// A plugin version no run uses and not active is deleted once this old.
+    pub plugin_versions: Duration,
+    /// How often a node looks for work (one node at a time does it).
+    pub interval: Duration,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> RetentionPolicy {
+        const DAY: u64 = 24 * 3600;
+        RetentionPolicy {
+            finished_runs: Duration::from_secs(30 * DAY),
+            keep_last_per_schedule: 100,
+            attempts: Duration::from_secs(7 * DAY),
+            plugin_versions: Duration::from_secs(90 * DAY),
+            interval: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Per-plugin overrides of the configured [`Limits`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LimitOverrides {
@@ -786,6 +937,101 @@ pub fn now_millis() -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_notifier_reports_failures_after_its_streak_and_recovery_once() {
+        let notifier = Notifier {
+            name: "ops".into(),
+            url: "http://127.0.0.1:1/".into(),
+            format: NotifyFormat::Json,
+            on: vec![NotifyEvent::Failed, NotifyEvent::Recovered],
+            plugins: vec![],
+            schedules: vec![],
+            labels: BTreeMap::new(),
+            after_consecutive: 2,
+            retry: Retry {
+                initial: Duration::from_secs(1),
+                factor: 2.0,
+                max: Duration::from_secs(60),
+            },
+            timeout: Duration::from_secs(10),
+            max_delivery: Duration::from_secs(3600),
+        };
+        let streak = |before, now| Streak { before, now };
+        assert_eq!(notifier.event(RunStatus::Failed, streak(0, 1)), None);
+        assert_eq!(
+            notifier.event(RunStatus::Failed, streak(1, 2)),
+            Some(NotifyEvent::Failed)
+        );
+        assert_eq!(
+            notifier.event(RunStatus::Failed, streak(2, 3)),
+            Some(NotifyEvent::Failed)
+        );
+        // Not in `on`.
+        assert_eq!(notifier.event(RunStatus::TimedOut, streak(3, 4)), None);
+        assert_eq!(
+            notifier.event(RunStatus::Passed, streak(4, 0)),
+            Some(NotifyEvent::Recovered)
+        );
+        // A pass after an unreported failure, or after a pass, is no news.
+        assert_eq!(notifier.event(RunStatus::Passed, streak(1, 0)), None);
+        assert_eq!(notifier.event(RunStatus::Passed, streak(0, 0)), None);
+        assert_eq!(notifier.event(RunStatus::Cancelled, streak(5, 5)), None);
+    }
+
+    #[test]
+    fn a_notifier_watches_runs_its_filters_select() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect()
+        };
+        let notifier = Notifier {
+            plugins: vec!["crm".into()],
+            labels: labels(&[("env", "prod")]),
+            ..notifier_for_filters()
+        };
+        assert!(notifier.watches("crm", None, &labels(&[("env", "prod"), ("x", "1")])));
+        assert!(!notifier.watches("crm", None, &labels(&[("env", "dev")])));
+        assert!(!notifier.watches("other", None, &labels(&[("env", "prod")])));
+        let scheduled = Notifier {
+            schedules: vec!["s1".into()],
+            ..notifier_for_filters()
+        };
+        assert!(scheduled.watches("crm", Some("s1"), &BTreeMap::new()));
+        assert!(!scheduled.watches("crm", Some("s2"), &BTreeMap::new()));
+        assert!(!scheduled.watches("crm", None, &BTreeMap::new()));
+        // Series: labels are part of an unscheduled run's series, in a form no value can forge.
+        assert_ne!(
+            notify_series("p", None, &labels(&[("a", "1,\"b\"=\"2")])),
+            notify_series("p", None, &labels(&[("a", "1"), ("b", "2")]))
+        );
+        assert_eq!(
+            notify_series("p", Some("s1"), &labels(&[("a", "1")])),
+            "schedule:s1"
+        );
+    }
+
+    fn notifier_for_filters() -> Notifier {
+        Notifier {
+            name: "ops".into(),
+            url: "http://127.0.0.1:1/".into(),
+            format: NotifyFormat::Slack,
+            on: vec![NotifyEvent::Failed],
+            plugins: vec![],
+            schedules: vec![],
+            labels: BTreeMap::new(),
+            after_consecutive: 1,
+            retry: Retry {
+                initial: Duration::from_secs(1),
+                factor: 2.0,
+                max: Duration::from_secs(60),
+            },
+            timeout: Duration::from_secs(10),
+            max_delivery: Duration::from_secs(3600),
+        }
+    }
 
     #[test]
     fn allowed_hosts_parse_with_and_without_scheme() {

@@ -11,8 +11,8 @@ use serde_json::json;
 use sqlx::Row;
 
 use crate::support::{
-    MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Scheduling, Setup, TestDatabase, TestServer,
-    poll_until, start_program,
+    MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Reply, Scheduling, Setup, TestDatabase,
+    TestServer, Webhook, poll_until, start_program,
 };
 
 fn misbehave() -> Setup {
@@ -97,6 +97,11 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, database_url: &str) -> Node {
+        Node::start_with(dir, database_url, "lease_ms = 2000\n")
+    }
+
+    /// A node whose `stepwise.toml` ends with `extra`.
+    fn start_with(dir: &Path, database_url: &str, extra: &str) -> Node {
         let plugins = dir.join("plugins");
         std::fs::create_dir_all(&plugins).expect("creating the plugins dir");
         std::fs::copy(MISBEHAVE_WASM, plugins.join("misbehave.wasm")).expect("copying");
@@ -105,8 +110,7 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\ndatabase_url = {database_url:?}\n\
-                 lease_ms = 2000\n",
+                "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\ndatabase_url = {database_url:?}\n{extra}",
                 dir.display().to_string()
             ),
         )
@@ -140,6 +144,21 @@ impl Drop for Node {
     }
 }
 
+async fn wait_until_ready(client: &reqwest::Client, nodes: &[Node]) {
+    for node in nodes {
+        let ready = poll_until(|| async {
+            let response = client
+                .get(format!("{}/readyz", node.base))
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "node not ready: {:#?}", node.log.lock());
+    }
+}
+
 const RUNS: usize = 2_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,18 +172,7 @@ async fn three_nodes_finish_every_run_exactly_once_when_one_is_killed() {
         .map(|dir| Node::start(dir.path(), &database.url))
         .collect();
     let client = reqwest::Client::new();
-    for node in &nodes {
-        let ready = poll_until(|| async {
-            let response = client
-                .get(format!("{}/readyz", node.base))
-                .send()
-                .await
-                .ok()?;
-            (response.status() == 200).then_some(())
-        })
-        .await;
-        assert!(ready.is_some(), "node not ready: {:#?}", node.log.lock());
-    }
+    wait_until_ready(&client, &nodes).await;
     let pool = sqlx::PgPool::connect(&database.url)
         .await
         .expect("connecting");
@@ -320,4 +328,84 @@ async fn three_nodes_finish_every_run_exactly_once_when_one_is_killed() {
         takeovers[takeovers.len() / 2],
         killed_at.elapsed(),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_delivery_leaves_exactly_one_delivery() {
+    // The first POST hangs until its sender dies; the next is answered 200.
+    let webhook = Webhook::start(vec![Reply::Hang]).await;
+    let config = format!(
+        "lease_ms = 1000\n[[notify]]\nname = \"ops\"\nurl = \"{}/ops\"\ntimeout_ms = 600000\n",
+        webhook.base
+    );
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("a temp dir"))
+        .collect();
+    let database = TestDatabase::create(dirs[0].path()).await;
+    let mut nodes: Vec<Node> = dirs
+        .iter()
+        .map(|dir| Node::start_with(dir.path(), &database.url, &config))
+        .collect();
+    let client = reqwest::Client::new();
+    wait_until_ready(&client, &nodes).await;
+    let pool = sqlx::PgPool::connect(&database.url)
+        .await
+        .expect("connecting");
+    let response = client
+        .post(format!("{}/v1/runs", nodes[0].base))
+        .json(&json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "fail"}}}}))
+        .send()
+        .await
+        .expect("triggering");
+    assert_eq!(response.status(), 202);
+    let run: serde_json::Value = response.json().await.expect("the run");
+    let run_id = run["id"].as_str().expect("an id").to_owned();
+
+    // Whoever holds the delivery's lease while its POST hangs is killed.
+    let posted = poll_until(|| async { (!webhook.received().is_empty()).then_some(()) }).await;
+    assert!(posted.is_some(), "the notification was never posted");
+    let holder: String = sqlx::query("SELECT lease_owner FROM notifications WHERE run_id = $1")
+        .bind(&run_id)
+        .fetch_one(&pool)
+        .await
+        .expect("the notification")
+        .get::<Option<String>, _>(0)
+        .expect("a lease holder");
+    let killed = nodes
+        .iter()
+        .position(|node| node.id == holder)
+        .expect("the holder is one of the nodes");
+    nodes[killed].kill();
+    let survivor = &nodes[(killed + 1) % 3];
+
+    let delivered = poll_until(|| async {
+        let response = client
+            .get(format!("{}/v1/runs/{run_id}/notifications", survivor.base))
+            .send()
+            .await
+            .ok()?;
+        let body: serde_json::Value = response.json().await.ok()?;
+        let notification = body["notifications"][0].clone();
+        (notification["status"] == "delivered").then_some(notification)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not delivered after the kill: {:#?}", survivor.log.lock()));
+    let received = webhook.received();
+    assert_eq!(received.len(), 2, "{received:#?}");
+    assert!(
+        received
+            .iter()
+            .all(|post| post.delivery == delivered["id"].as_str().unwrap()),
+        "every POST carries the one delivery id: {received:#?}"
+    );
+    let answered: Vec<_> = received
+        .iter()
+        .filter(|post| post.reply == Reply::Status(200))
+        .collect();
+    assert_eq!(answered.len(), 1, "{received:#?}");
+    // The dead node's attempt was never recorded; the survivor's was, once.
+    let attempts = delivered["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "{delivered:#}");
+    assert_eq!(attempts[0]["status_code"], 200);
+    assert_ne!(attempts[0]["node"], holder.as_str());
 }

@@ -828,3 +828,85 @@ pub fn start_program(
         .unwrap_or_else(|_| panic!("the program did not start: {:#?}", log.lock()));
     (child, address, log)
 }
+
+/// How the [`Webhook`] answers one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Status(u16),
+    /// Never answers (until the sender gives up or dies).
+    Hang,
+}
+
+/// One POST a [`Webhook`] received.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub path: String,
+    pub delivery: String,
+    pub event: String,
+    pub body: Value,
+    pub at: std::time::Instant,
+    #[cfg_attr(not(postgres_suite), allow(dead_code))]
+    pub reply: Reply,
+}
+
+/// A notification receiver on 127.0.0.1: keeps every POST and answers them with the scripted
+/// replies in order, then `200`.
+pub struct Webhook {
+    pub base: String,
+    received: Arc<std::sync::Mutex<Vec<Delivered>>>,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Webhook {
+    pub async fn start(script: Vec<Reply>) -> Webhook {
+        let received = Arc::new(std::sync::Mutex::new(Vec::<Delivered>::new()));
+        let script = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+            script,
+        )));
+        let kept = received.clone();
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (kept, script) = (kept.clone(), script.clone());
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|value| value.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let reply = script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or(Reply::Status(200));
+                    kept.lock().unwrap().push(Delivered {
+                        path: uri.path().to_owned(),
+                        delivery: header("x-stepwise-delivery"),
+                        event: header("x-stepwise-event"),
+                        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                        at: std::time::Instant::now(),
+                        reply,
+                    });
+                    match reply {
+                        Reply::Status(status) => {
+                            axum::http::StatusCode::from_u16(status).expect("a valid status")
+                        }
+                        Reply::Hang => std::future::pending().await,
+                    }
+                }
+            },
+        );
+        let (address, shutdown) = serve_locally(app).await;
+        Webhook {
+            base: format!("http://{address}"),
+            received,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// Every POST so far, in the order they came.
+    pub fn received(&self) -> Vec<Delivered> {
+        self.received.lock().unwrap().clone()
+    }
+}

@@ -12,12 +12,12 @@ use utoipa::openapi::{ObjectBuilder, Type};
 
 use crate::auth::StoredToken;
 use crate::model::{
-    AttemptOutcome, CheckInfo, FireOutcome, Grant, Limits, LogLevel, Retry, Role, RunStatus,
-    StepStatus, TriggerSpec, UnixMillis,
+    AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, Grant, Limits, LogLevel, NotifyEvent,
+    Retry, Role, RunStatus, StepStatus, TriggerSpec, UnixMillis,
 };
 use crate::storage::{
-    AttemptRecord, AuditRecord, FireRecord, PluginRecord, PluginVersionRecord, RunRecord,
-    ScheduleRecord, StepRecord,
+    AttemptRecord, AuditRecord, FireRecord, NotificationRecord, PluginRecord, PluginVersionRecord,
+    RunRecord, ScheduleRecord, StepRecord,
 };
 
 fn timestamp(millis: UnixMillis) -> String {
@@ -44,6 +44,14 @@ pub(super) fn run_status() -> ObjectBuilder {
 
 fn step_status() -> ObjectBuilder {
     one_of(StepStatus::ALL.iter().map(|status| status.as_str()))
+}
+
+fn notify_event() -> ObjectBuilder {
+    one_of(NotifyEvent::ALL.iter().map(|event| event.as_str()))
+}
+
+fn delivery_status() -> ObjectBuilder {
+    one_of(DeliveryStatus::ALL.iter().map(|status| status.as_str()))
 }
 
 fn attempt_outcome() -> ObjectBuilder {
@@ -596,6 +604,71 @@ pub struct AttemptListDto {
     pub attempts: Vec<AttemptDto>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
+}
+
+/// One notification of a run's end to one notifier.
+#[derive(Serialize, ToSchema)]
+pub struct NotificationDto {
+    /// Sent as the `X-Stepwise-Delivery` header of every POST of this notification.
+    pub id: String,
+    /// The `[[notify]]` name in the operator's config.
+    pub notifier: String,
+    #[schema(schema_with = notify_event)]
+    pub event: &'static str,
+    #[schema(schema_with = delivery_status)]
+    pub status: &'static str,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// When the next POST is due while the status is `pending`.
+    #[schema(format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub finished_at: Option<String>,
+    pub attempts: Vec<DeliveryAttemptDto>,
+}
+
+/// One POST of a notification.
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryAttemptDto {
+    pub attempt: u32,
+    pub node: String,
+    #[schema(format = DateTime)]
+    pub started_at: String,
+    pub duration_ms: i64,
+    /// The receiver's status code; `null` when no answer came.
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+}
+
+impl NotificationDto {
+    pub fn new(record: &NotificationRecord) -> NotificationDto {
+        NotificationDto {
+            id: record.id.clone(),
+            notifier: record.notifier.clone(),
+            event: record.event.as_str(),
+            status: record.status.as_str(),
+            created_at: timestamp(record.created_at),
+            next_attempt_at: record.next_attempt_at.map(timestamp),
+            finished_at: record.finished_at.map(timestamp),
+            attempts: record
+                .attempts
+                .iter()
+                .map(|attempt| DeliveryAttemptDto {
+                    attempt: attempt.attempt,
+                    node: attempt.node.clone(),
+                    started_at: timestamp(attempt.started_at),
+                    duration_ms: attempt.duration_ms,
+                    status_code: attempt.status_code,
+                    error: attempt.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NotificationListDto {
+    pub notifications: Vec<NotificationDto>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -23,6 +23,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 pub use auth::{Caller, host_allowed, required_role};
+pub use dto::RunDto;
 pub use error::ApiError;
 pub use state::AppState;
 
@@ -62,6 +63,7 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::runs_create, runs::runs_index))
         .routes(routes!(runs::runs_show))
         .routes(routes!(runs::runs_attempts))
+        .routes(routes!(runs::runs_notifications))
         .routes(routes!(runs::runs_cancel))
         .routes(routes!(plugins::plugins_index))
         .routes(

@@ -154,6 +154,14 @@ const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
     (
         "runs_create",
         "202",
+        "notifications",
+        "runs_notifications",
+        "id",
+        "$response.body#/id",
+    ),
+    (
+        "runs_create",
+        "202",
         "cancel",
         "runs_cancel",
         "id",

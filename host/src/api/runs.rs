@@ -12,13 +12,15 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value as Json_};
 
 use super::auth::Caller;
-use super::dto::{AttemptDto, AttemptListDto, RunDto, RunListDto};
+use super::dto::{
+    AttemptDto, AttemptListDto, NotificationDto, NotificationListDto, RunDto, RunListDto,
+};
 use super::error::{ApiError, Problem};
 use super::openapi::{AttemptPageQuery, RunsQuery, TriggerRunRequest};
 use super::state::AppState;
 use crate::model::{PluginName, RunId, RunStatus, now_millis};
 use crate::scheduler::planning::{RunOptions, plan_run};
-use crate::storage::{Cancelled, Enqueued, RunFilter};
+use crate::storage::{Cancelled, Enqueued, RunFilter, RunRecord};
 
 pub(super) const KNOWN_FIELDS: &[&str] = &[
     "plugin",
@@ -329,6 +331,27 @@ fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
         .ok_or_else(|| ApiError::not_found("run_not_found", format!("no run with id {id:?}")))
 }
 
+/// The 404 of a run that is not there: `run_expired` when retention deleted it (as far as
+/// the store can tell), else `run_not_found`.
+async fn missing_run(state: &AppState, id: &RunId) -> ApiError {
+    match state.store.run_expired(id).await {
+        Ok(true) => ApiError::not_found(
+            "run_expired",
+            format!("run {id} finished long enough ago that retention deleted it"),
+        ),
+        Ok(false) => ApiError::not_found("run_not_found", format!("no run with id {id:?}")),
+        Err(error) => error.into(),
+    }
+}
+
+/// The run, or the 404 that says why it is not there.
+async fn existing_run(state: &AppState, id: &RunId) -> Result<RunRecord, ApiError> {
+    match state.store.find_run(id).await? {
+        Some(run) => Ok(run),
+        None => Err(missing_run(state, id).await),
+    }
+}
+
 /// `GET /v1/runs/{id}`
 #[utoipa::path(
     get, path = "/v1/runs/{id}", tag = "runs",
@@ -344,10 +367,7 @@ pub async fn runs_show(
     Path(id): Path<String>,
 ) -> Result<Json<RunDto>, ApiError> {
     let run_id = parse_run_id(&id)?;
-    let run =
-        state.store.find_run(&run_id).await?.ok_or_else(|| {
-            ApiError::not_found("run_not_found", format!("no run with id {id:?}"))
-        })?;
+    let run = existing_run(&state, &run_id).await?;
     Ok(Json(RunDto::new(&run, true)))
 }
 
@@ -374,12 +394,7 @@ pub async fn runs_attempts(
         Some((position.parse().ok()?, attempt.parse().ok()?))
     })?;
     let run_id = parse_run_id(&id)?;
-    if state.store.find_run(&run_id).await?.is_none() {
-        return Err(ApiError::not_found(
-            "run_not_found",
-            format!("no run with id {id:?}"),
-        ));
-    }
+    existing_run(&state, &run_id).await?;
     let attempts = state.store.list_attempts(&run_id, after, limit).await?;
     let next_cursor = super::query::next_cursor(&attempts, limit, |last| {
         format!("{}.{}", last.position, last.attempt)
@@ -388,6 +403,29 @@ pub async fn runs_attempts(
     Ok(Json(AttemptListDto {
         attempts,
         next_cursor,
+    }))
+}
+
+/// `GET /v1/runs/{id}/notifications`: what the run's end told the operator's notifiers, with
+/// every delivery attempt.
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/notifications", tag = "runs",
+    summary = "A run's notifications and their delivery attempts",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run's notifications, oldest first", body = NotificationListDto),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn runs_notifications(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NotificationListDto>, ApiError> {
+    let run_id = parse_run_id(&id)?;
+    existing_run(&state, &run_id).await?;
+    let notifications = state.store.list_notifications(&run_id).await?;
+    Ok(Json(NotificationListDto {
+        notifications: notifications.iter().map(NotificationDto::new).collect(),
     }))
 }
 
@@ -413,10 +451,7 @@ pub async fn runs_cancel(
             "run_finished",
             format!("run {id} already finished with status {status}"),
         )),
-        Err(crate::storage::Error::NotFound) => Err(ApiError::not_found(
-            "run_not_found",
-            format!("no run with id {id:?}"),
-        )),
+        Err(crate::storage::Error::NotFound) => Err(missing_run(&state, &run_id).await),
         Err(error) => Err(error.into()),
     }
 }

@@ -16,11 +16,12 @@ use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
 use crate::metrics::Metrics;
 use crate::model::{
-    AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, now_millis,
+    AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, notify_series,
+    now_millis,
 };
 use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
 use crate::storage::{
-    self, ClaimedRun, NewAttempt, RunRecord, RunWrite, StepWrite, Store, TickWrite,
+    self, ClaimedRun, NewAttempt, NotifyWrite, RunRecord, RunWrite, StepWrite, Store, TickWrite,
 };
 use crate::telemetry;
 
@@ -499,6 +500,7 @@ impl Runner {
             attempt: Some(attempt),
             step,
             run,
+            notify: None,
         }
     }
 
@@ -541,7 +543,10 @@ impl Runner {
     }
 
     /// Records the tick's write; when it ends the run, reports the run's span.
-    async fn commit(&self, run: &RunRecord, write: TickWrite) -> Result<()> {
+    async fn commit(&self, run: &RunRecord, mut write: TickWrite) -> Result<()> {
+        if write.run.status.is_terminal() {
+            write.notify = self.notify_write(run);
+        }
         let ended = write
             .run
             .status
@@ -559,6 +564,22 @@ impl Runner {
             );
         }
         Ok(())
+    }
+
+    /// The notifiers whose filters select `run`, for the write that ends it.
+    fn notify_write(&self, run: &RunRecord) -> Option<NotifyWrite> {
+        let schedule = run.schedule_id.as_deref();
+        let notifiers: Vec<_> = self
+            .settings
+            .notifiers
+            .iter()
+            .filter(|notifier| notifier.watches(&run.plugin_name, schedule, &run.labels))
+            .cloned()
+            .collect();
+        (!notifiers.is_empty()).then(|| NotifyWrite {
+            series: notify_series(&run.plugin_name, schedule, &run.labels),
+            notifiers,
+        })
     }
 
     /// Ends the run at the current step; later steps become `skipped`.
@@ -596,6 +617,7 @@ impl Runner {
                 None,
                 None,
             ),
+            notify: None,
         }
     }
 }

@@ -46,7 +46,17 @@ impl Backend {
             Backend::Sqlite => {
                 // Parsed here only to create the file: the `Any` driver opens it from the URL.
                 let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
-                drop(sqlx::SqliteConnection::connect_with(&options).await?);
+                let mut first = sqlx::SqliteConnection::connect_with(&options).await?;
+                // Retention gives deleted pages back with `PRAGMA incremental_vacuum`, which
+                // needs this mode; a file made before it needs one full VACUUM to switch.
+                let (mode,): (i64,) = sqlx::query_as("PRAGMA auto_vacuum")
+                    .fetch_one(&mut first)
+                    .await?;
+                if mode != 2 {
+                    first.execute("PRAGMA auto_vacuum = INCREMENTAL").await?;
+                    first.execute("VACUUM").await?;
+                }
+                drop(first);
                 AnyPoolOptions::new()
                     .max_connections(8)
                     .after_connect(|connection, _| Box::pin(sqlite_pragmas(connection)))

@@ -7,6 +7,8 @@
 mod access;
 mod backend;
 mod group_commit;
+mod outbox;
+mod retention;
 mod store;
 
 use std::collections::BTreeMap;
@@ -18,6 +20,10 @@ use crate::model::{
 
 pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord};
 pub use backend::{Backend, Changes};
+pub use outbox::{
+    ClaimedNotification, DeliveryAttempt, DeliveryNext, NotificationRecord, NotifyWrite,
+};
+pub use retention::{Aged, Pruned};
 pub use store::Store;
 
 /// What a node changed that other nodes sharing the database should react to at once rather
@@ -261,6 +267,8 @@ pub struct TickWrite {
     pub attempt: Option<NewAttempt>,
     pub step: StepWrite,
     pub run: RunWrite,
+    /// The notifiers watching the run, when this write may end it.
+    pub notify: Option<NotifyWrite>,
 }
 
 #[derive(Debug, Clone)]

@@ -37,7 +37,7 @@ pub struct Store {
     /// tick results) take turns here, in order and woken at once, instead of meeting on
     /// SQLite's lock, whose busy handler polls with sleeps that grow to tens of milliseconds
     /// (tick lag). `None` on PostgreSQL, where writers run in parallel.
-    writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    pub(super) writer: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
@@ -558,7 +558,13 @@ impl Store {
     /// `due` column) and passing `filter`, whose lease is free or expired by the database's
     /// clock, earliest first, at most `$4`, leased to `$1` for `$2` ms by that clock with a
     /// new fencing token.
-    fn claim_sql(&self, table: &str, due: &str, filter: &str, returning: &str) -> String {
+    pub(super) fn claim_sql(
+        &self,
+        table: &str,
+        due: &str,
+        filter: &str,
+        returning: &str,
+    ) -> String {
         let db_now = self.backend.now_sql();
         let skip_locked = self.backend.skip_locked();
         format!(
@@ -573,15 +579,28 @@ impl Store {
     /// Extends a lease held with `lease_token` to `lease_ms` from now by the database's clock.
     /// Returns false when the lease was lost (taken over, or the run cancelled).
     pub async fn renew_lease(&self, id: &RunId, lease_token: i64, lease_ms: i64) -> Result<bool> {
+        self.renew_row_lease("runs", id.as_str(), lease_token, lease_ms)
+            .await
+    }
+
+    /// The lease renewal that runs, notifications and jobs share: `lease_ms` from now by the
+    /// database's clock, only while `lease_token` holds.
+    pub(super) async fn renew_row_lease(
+        &self,
+        table: &str,
+        id: &str,
+        lease_token: i64,
+        lease_ms: i64,
+    ) -> Result<bool> {
         let sql = format!(
-            "UPDATE runs SET lease_expires_at = {} + $1 WHERE id = $2 AND lease_token = $3 \
+            "UPDATE {table} SET lease_expires_at = {} + $1 WHERE id = $2 AND lease_token = $3 \
              AND lease_owner IS NOT NULL",
             self.backend.now_sql()
         );
         let _turn = take_turn(&self.writer).await;
         let renewed = sqlx::query(&sql)
             .bind(lease_ms)
-            .bind(id.as_str())
+            .bind(id)
             .bind(lease_token)
             .execute(&self.pool)
             .await?;
@@ -753,6 +772,11 @@ async fn apply_tick(
             .bind(step.position as i64)
             .execute(&mut *transaction)
             .await?;
+    }
+    if let Some(notify) = &write.notify
+        && write.run.status.is_terminal()
+    {
+        super::outbox::enqueue_notifications(transaction, write, notify).await?;
     }
     Ok(())
 }
@@ -1386,7 +1410,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
 }
 
 /// Waits for this process's turn to write, where the backend has one writer at a time.
-async fn take_turn(
+pub(super) async fn take_turn(
     writer: &Option<Arc<tokio::sync::Mutex<()>>>,
 ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
     match writer {

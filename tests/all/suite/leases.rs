@@ -54,6 +54,7 @@ fn first_step_passed(claim: &ClaimedRun) -> TickWrite {
             next_tick_at: Some(now),
             keep_lease_ms: None,
         },
+        notify: None,
     }
 }
 

@@ -1,0 +1,265 @@
+//! Retention (SPEC §11, `[retention]`): a background job that one node at a time runs (a lease
+//! on the `retention` row of `jobs`), every `interval_ms`. It deletes attempt logs first, then
+//! finished runs with their steps, then plugin versions nothing needs, each in transactions of
+//! at most `BATCH` rows that take their turn between claims and tick writes, and on SQLite
+//! gives the freed pages back to the file system.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{RetentionPolicy, UnixMillis, now_millis};
+use crate::storage::{self, Aged, Pruned, Store};
+
+/// Most rows one deleting transaction touches.
+pub const BATCH: usize = 1000;
+
+const JOB: &str = "retention";
+
+/// Runs picked per round of deletion.
+const RUNS_PER_ROUND: usize = 200;
+
+/// What one sweep deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub attempts: Pruned,
+    /// Finished runs, with their steps, labels, notifications and remaining attempts.
+    pub runs: Pruned,
+    pub fires: Pruned,
+    pub streaks: Pruned,
+    pub plugin_versions: Pruned,
+    /// SQLite pages given back to the file system.
+    pub pages_reclaimed: u64,
+}
+
+impl Swept {
+    pub fn rows(&self) -> u64 {
+        self.parts().iter().map(|part| part.rows).sum()
+    }
+
+    /// Rows deleted by the largest single transaction of the sweep.
+    pub fn largest_transaction(&self) -> u64 {
+        self.parts()
+            .iter()
+            .map(|part| part.largest_transaction)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn parts(&self) -> [Pruned; 5] {
+        [
+            self.attempts,
+            self.runs,
+            self.fires,
+            self.streaks,
+            self.plugin_versions,
+        ]
+    }
+}
+
+/// The retention job of one node.
+pub struct Retention {
+    store: Store,
+    policy: RetentionPolicy,
+    node: String,
+    lease: Duration,
+}
+
+/// The lease a sweep renews as it goes, when it runs as the job.
+struct Held<'a> {
+    store: &'a Store,
+    token: i64,
+    lease: Duration,
+    renewed: Instant,
+}
+
+impl Held<'_> {
+    /// Renews the lease once a third of it has passed; false if another node took it.
+    async fn keep(&mut self) -> storage::Result<bool> {
+        if self.renewed.elapsed() < self.lease / 3 {
+            return Ok(true);
+        }
+        self.renewed = Instant::now();
+        self.store
+            .renew_job(JOB, self.token, self.lease.as_millis() as i64)
+            .await
+    }
+}
+
+impl Retention {
+    pub fn new(store: Store, policy: RetentionPolicy, node: String, lease: Duration) -> Retention {
+        Retention {
+            store,
+            policy,
+            node,
+            lease,
+        }
+    }
+
+    /// Sweeps whenever the job is due and this node gets its lease, until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // Nodes look more often than the job is due, so a dead node's turn is taken soon.
+        let look_every = self.policy.interval.min(Duration::from_secs(60));
+        loop {
+            if let Err(error) = self.sweep_if_due().await {
+                tracing::warn!(%error, "retention sweep failed; it is tried again");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(look_every) => {}
+            }
+        }
+    }
+
+    async fn sweep_if_due(&self) -> storage::Result<()> {
+        let now = now_millis();
+        let lease_ms = self.lease.as_millis() as i64;
+        let Some(token) = self.store.claim_job(JOB, &self.node, now, lease_ms).await? else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut held = Held {
+            store: &self.store,
+            token,
+            lease: self.lease,
+            renewed: Instant::now(),
+        };
+        let swept = sweep_with(&self.store, &self.policy, now, BATCH, Some(&mut held)).await;
+        let next_due_at = now_millis() + self.policy.interval.as_millis() as i64;
+        self.store.finish_job(JOB, token, next_due_at).await?;
+        let swept = swept?;
+        if swept.rows() > 0 {
+            tracing::info!(
+                attempts = swept.attempts.rows,
+                run_rows = swept.runs.rows,
+                fires = swept.fires.rows,
+                plugin_version_rows = swept.plugin_versions.rows,
+                pages_reclaimed = swept.pages_reclaimed,
+                largest_transaction = swept.largest_transaction(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "retention sweep"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One sweep as of `now`, in transactions of at most `batch` rows.
+pub async fn sweep(
+    store: &Store,
+    policy: &RetentionPolicy,
+    now: UnixMillis,
+    batch: usize,
+) -> storage::Result<Swept> {
+    sweep_with(store, policy, now, batch, None).await
+}
+
+async fn sweep_with(
+    store: &Store,
+    policy: &RetentionPolicy,
+    now: UnixMillis,
+    batch: usize,
+    mut held: Option<&mut Held<'_>>,
+) -> storage::Result<Swept> {
+    let before = |age: Duration| now - age.as_millis() as i64;
+    let mut swept = Swept::default();
+    // Attempt logs first, then whole runs, then what outlives runs.
+    let (done, pruned) = drain_aged(
+        store,
+        Aged::Attempts,
+        before(policy.attempts),
+        batch,
+        &mut held,
+    )
+    .await?;
+    swept.attempts = pruned;
+    if !done {
+        return Ok(swept);
+    }
+    let cap = policy.keep_last_per_schedule;
+    for by_count in [false, true] {
+        if by_count && cap == 0 {
+            continue;
+        }
+        loop {
+            let ids = if by_count {
+                store.runs_beyond_schedule_keep(cap, RUNS_PER_ROUND).await?
+            } else {
+                store
+                    .runs_finished_before(before(policy.finished_runs), RUNS_PER_ROUND)
+                    .await?
+            };
+            if ids.is_empty() {
+                break;
+            }
+            let pruned = store.delete_runs(&ids, batch).await?;
+            swept.runs.merge(pruned);
+            if !still_ours(&mut held).await? {
+                return Ok(swept);
+            }
+            if pruned.rows == 0 {
+                break;
+            }
+        }
+    }
+    for what in [Aged::ScheduleFires, Aged::NotifyStreaks] {
+        let (done, pruned) =
+            drain_aged(store, what, before(policy.finished_runs), batch, &mut held).await?;
+        match what {
+            Aged::ScheduleFires => swept.fires = pruned,
+            _ => swept.streaks = pruned,
+        }
+        if !done {
+            return Ok(swept);
+        }
+    }
+    loop {
+        let pruned = store
+            .delete_unused_plugin_versions(before(policy.plugin_versions), batch)
+            .await?;
+        swept.plugin_versions.merge(pruned);
+        if !still_ours(&mut held).await? {
+            return Ok(swept);
+        }
+        if pruned.rows == 0 {
+            break;
+        }
+    }
+    if swept.rows() > 0 {
+        swept.pages_reclaimed = store.reclaim_space().await?;
+    }
+    Ok(swept)
+}
+
+/// Deletes `what` older than `before` a batch at a time until a batch comes back short.
+/// Returns false as its first value if the job's lease was lost on the way.
+async fn drain_aged(
+    store: &Store,
+    what: Aged,
+    before: UnixMillis,
+    batch: usize,
+    held: &mut Option<&mut Held<'_>>,
+) -> storage::Result<(bool, Pruned)> {
+    let mut pruned = Pruned::default();
+    loop {
+        let deleted = store.delete_aged(what, before, batch).await?;
+        pruned.merge(Pruned {
+            rows: deleted,
+            largest_transaction: deleted,
+        });
+        if !still_ours(held).await? {
+            return Ok((false, pruned));
+        }
+        if deleted < batch as u64 {
+            return Ok((true, pruned));
+        }
+    }
+}
+
+/// Between two batches: whether this node still holds the job (always, outside the job).
+async fn still_ours(held: &mut Option<&mut Held<'_>>) -> storage::Result<bool> {
+    match held {
+        Some(held) => held.keep().await,
+        None => Ok(true),
+    }
+}

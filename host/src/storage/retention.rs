@@ -1,0 +1,431 @@
+//! Retention (SPEC §11): deleting finished work in small transactions, each at most `batch`
+//! rows, so that deletion takes its turn between claims and tick writes instead of holding
+//! the database; and the lease of the background job that one node at a time runs.
+
+use std::fmt::Write;
+
+use sqlx::any::AnyArguments;
+use sqlx::{Arguments, FromRow};
+
+use super::backend::Backend;
+use super::store::take_turn;
+use super::{Result, Store};
+use crate::model::{RunId, UnixMillis};
+
+/// Rows that go by their age alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aged {
+    /// Attempt rows with their logs, of any run, by when they started.
+    Attempts,
+    /// Schedule fires, by their scheduled time.
+    ScheduleFires,
+    /// Notification streaks of series with no finished run since.
+    NotifyStreaks,
+}
+
+/// What one deletion did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    /// Rows deleted by the largest of its transactions.
+    pub largest_transaction: u64,
+}
+
+impl Pruned {
+    fn add(&mut self, rows: u64) {
+        self.rows += rows;
+        self.largest_transaction = self.largest_transaction.max(rows);
+    }
+
+    pub fn merge(&mut self, other: Pruned) {
+        self.rows += other.rows;
+        self.largest_transaction = self.largest_transaction.max(other.largest_transaction);
+    }
+}
+
+/// `$first, $first+1, …` for `count` values.
+fn placeholders(first: usize, count: usize) -> String {
+    let mut text = String::new();
+    for index in 0..count {
+        let _ = write!(
+            text,
+            "{}${}",
+            if index == 0 { "" } else { ", " },
+            first + index
+        );
+    }
+    text
+}
+
+fn run_id_arguments(ids: &[&RunId]) -> AnyArguments<'static> {
+    let mut arguments = AnyArguments::default();
+    for id in ids {
+        let _ = arguments.add(id.as_str().to_owned());
+    }
+    arguments
+}
+
+/// The run `run_id` (a qualified column) has no notification still being delivered: one keeps
+/// its run until it ends, whatever retention says.
+fn nothing_to_deliver(run_id: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM notifications n WHERE n.run_id = {run_id} AND n.status = 'pending')"
+    )
+}
+
+#[derive(FromRow)]
+struct RunWeight {
+    id: String,
+    dependents: i64,
+}
+
+impl Store {
+    /// Takes the lease of background job `job` if it is due by `now` and nobody holds it;
+    /// returns the fencing token.
+    pub async fn claim_job(
+        &self,
+        job: &str,
+        owner: &str,
+        now: UnixMillis,
+        lease_ms: i64,
+    ) -> Result<Option<i64>> {
+        let sql = self.claim_sql("jobs", "next_due_at", " AND id = $5", "lease_token");
+        let _turn = take_turn(&self.writer).await;
+        let token: Option<(i64,)> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(1_i64)
+            .bind(job)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(token.map(|(token,)| token))
+    }
+
+    /// Extends a job's lease; false if it was lost.
+    pub async fn renew_job(&self, job: &str, lease_token: i64, lease_ms: i64) -> Result<bool> {
+        self.renew_row_lease("jobs", job, lease_token, lease_ms)
+            .await
+    }
+
+    /// Releases a job's lease and sets when it is next due.
+    pub async fn finish_job(
+        &self,
+        job: &str,
+        lease_token: i64,
+        next_due_at: UnixMillis,
+    ) -> Result<()> {
+        let _turn = take_turn(&self.writer).await;
+        sqlx::query(
+            "UPDATE jobs SET next_due_at = $1, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $2 AND lease_token = $3",
+        )
+        .bind(next_due_at)
+        .bind(job)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes up to `batch` rows of `table` whose `key` columns a `SELECT … WHERE filter`
+    /// picks, in one transaction.
+    async fn delete_some(
+        &self,
+        table: &str,
+        key: &str,
+        from_where: &str,
+        arguments: AnyArguments<'static>,
+        batch: usize,
+    ) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM {table} WHERE ({key}) IN (SELECT {key} {from_where} LIMIT {batch})"
+        );
+        let _turn = take_turn(&self.writer).await;
+        let deleted = sqlx::query_with(&sql, arguments)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    /// Deletes up to `batch` rows of `what` older than `before`.
+    pub async fn delete_aged(&self, what: Aged, before: UnixMillis, batch: usize) -> Result<u64> {
+        let (table, key, age) = match what {
+            Aged::Attempts => ("attempts", "run_id, position, attempt", "started_at"),
+            Aged::ScheduleFires => (
+                "schedule_fires",
+                "schedule_id, scheduled_at",
+                "scheduled_at",
+            ),
+            Aged::NotifyStreaks => ("notify_streaks", "series", "updated_at"),
+        };
+        let mut arguments = AnyArguments::default();
+        let _ = arguments.add(before);
+        self.delete_some(
+            table,
+            key,
+            &format!("FROM {table} WHERE {age} < $1"),
+            arguments,
+            batch,
+        )
+        .await
+    }
+
+    /// Up to `limit` runs that finished before `before`, oldest first.
+    pub async fn runs_finished_before(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<RunId>> {
+        let ids: Vec<(String,)> = sqlx::query_as(&format!(
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1 \
+             AND {} ORDER BY finished_at LIMIT $2",
+            nothing_to_deliver("runs.id")
+        ))
+        .bind(before)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids
+            .into_iter()
+            .map(|(id,)| RunId::from_stored(id))
+            .collect())
+    }
+
+    /// Up to `limit` finished runs of each schedule beyond its newest `keep` finished ones.
+    pub async fn runs_beyond_schedule_keep(&self, keep: u32, limit: usize) -> Result<Vec<RunId>> {
+        let schedules: Vec<(String,)> = sqlx::query_as("SELECT id FROM schedules")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut ids = Vec::new();
+        for (schedule,) in schedules {
+            let beyond: Vec<(String,)> = sqlx::query_as(&format!(
+                "SELECT id FROM (SELECT id FROM runs WHERE schedule_id = $1 AND finished_at IS NOT NULL \
+                 ORDER BY id DESC LIMIT $2 OFFSET $3) beyond WHERE {}",
+                nothing_to_deliver("beyond.id")
+            ))
+            .bind(&schedule)
+            .bind(limit as i64)
+            .bind(i64::from(keep))
+            .fetch_all(&self.pool)
+            .await?;
+            ids.extend(beyond.into_iter().map(|(id,)| RunId::from_stored(id)));
+        }
+        Ok(ids)
+    }
+
+    /// Deletes finished runs with everything that hangs off them (attempts, notifications
+    /// and their attempts, labels, steps), no transaction deleting more than `batch` rows
+    /// (a single run with more dependent rows than that goes alone). The logs go first; a run
+    /// and its steps always go together. Unfinished runs are never deleted.
+    pub async fn delete_runs(&self, ids: &[RunId], batch: usize) -> Result<Pruned> {
+        let mut pruned = Pruned::default();
+        for chunk in ids.chunks(batch.clamp(1, 500)) {
+            let ids: Vec<&RunId> = chunk.iter().collect();
+            let list = placeholders(1, ids.len());
+            // The logs first, a batch at a time: a run polled for a day has many attempts.
+            let logs = [
+                (
+                    "attempts",
+                    "run_id, position, attempt",
+                    format!("FROM attempts WHERE run_id IN ({list})"),
+                ),
+                (
+                    "notification_attempts",
+                    "notification_id, attempt",
+                    format!(
+                        "FROM notification_attempts WHERE notification_id IN \
+                         (SELECT id FROM notifications WHERE run_id IN ({list}))"
+                    ),
+                ),
+            ];
+            for (table, key, from_where) in &logs {
+                loop {
+                    let deleted = self
+                        .delete_some(table, key, from_where, run_id_arguments(&ids), batch)
+                        .await?;
+                    pruned.add(deleted);
+                    if deleted < batch as u64 {
+                        break;
+                    }
+                }
+            }
+            let weights: Vec<RunWeight> = sqlx::query_as_with(
+                &format!(
+                    "SELECT r.id, (SELECT COUNT(*) FROM steps s WHERE s.run_id = r.id) \
+                     + (SELECT COUNT(*) FROM run_labels l WHERE l.run_id = r.id) \
+                     + (SELECT COUNT(*) FROM notifications n WHERE n.run_id = r.id) AS dependents \
+                     FROM runs r WHERE r.id IN ({list}) AND r.finished_at IS NOT NULL"
+                ),
+                run_id_arguments(&ids),
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            let mut group: Vec<RunId> = Vec::new();
+            let mut group_rows = 0;
+            for weight in weights {
+                let rows = 1 + weight.dependents as usize;
+                if !group.is_empty() && group_rows + rows > batch {
+                    pruned.add(self.delete_run_rows(&group).await?);
+                    group.clear();
+                    group_rows = 0;
+                }
+                group.push(RunId::from_stored(weight.id));
+                group_rows += rows;
+            }
+            if !group.is_empty() {
+                pruned.add(self.delete_run_rows(&group).await?);
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// One transaction: the runs' notifications, labels, steps and rows, and the newest
+    /// deleted id kept for `run_expired`.
+    async fn delete_run_rows(&self, group: &[RunId]) -> Result<u64> {
+        let ids: Vec<&RunId> = group.iter().collect();
+        let list = placeholders(1, ids.len());
+        let _turn = take_turn(&self.writer).await;
+        let mut transaction = self.pool.begin().await?;
+        let mut rows = 0;
+        for (table, column) in [
+            ("notifications", "run_id"),
+            ("run_labels", "run_id"),
+            ("steps", "run_id"),
+        ] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE {column} IN (SELECT id FROM runs WHERE id IN ({list}) \
+                 AND finished_at IS NOT NULL AND {})",
+                nothing_to_deliver("runs.id")
+            );
+            rows += sqlx::query_with(&sql, run_id_arguments(&ids))
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+        }
+        let sql = format!(
+            "DELETE FROM runs WHERE id IN ({list}) AND finished_at IS NOT NULL AND {}",
+            nothing_to_deliver("runs.id")
+        );
+        rows += sqlx::query_with(&sql, run_id_arguments(&ids))
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        let (through,): (Option<String>,) =
+            sqlx::query_as("SELECT expired_runs_through FROM jobs WHERE id = 'retention'")
+                .fetch_one(&mut *transaction)
+                .await?;
+        let newest = group.iter().map(RunId::as_str).max();
+        if let Some(newest) = newest
+            && through.as_deref().is_none_or(|through| newest > through)
+        {
+            sqlx::query("UPDATE jobs SET expired_runs_through = $1 WHERE id = 'retention'")
+                .bind(newest)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(rows)
+    }
+
+    /// Whether a run that is not found was deleted by retention, as far as can be told
+    /// without a row per deleted run: a run id (a UUIDv7, which sorts by creation time) no
+    /// newer than the newest run retention deleted.
+    pub async fn run_expired(&self, id: &RunId) -> Result<bool> {
+        let is_run_id = uuid::Uuid::parse_str(id.as_str())
+            .is_ok_and(|uuid| uuid.get_version_num() == 7 && uuid.to_string() == id.as_str());
+        if !is_run_id {
+            return Ok(false);
+        }
+        let through: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT expired_runs_through FROM jobs WHERE id = 'retention'")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(through
+            .and_then(|(through,)| through)
+            .is_some_and(|through| id.as_str() <= through.as_str()))
+    }
+
+    /// Deletes up to `batch` plugin versions created before `before` that are not active and
+    /// that no run (finished or not) pins, with the component bytes no version uses any more.
+    pub async fn delete_unused_plugin_versions(
+        &self,
+        before: UnixMillis,
+        batch: usize,
+    ) -> Result<Pruned> {
+        const UNUSED: &str = "NOT EXISTS (SELECT 1 FROM plugins p WHERE p.name = pv.plugin_name \
+             AND p.active_version = pv.version) \
+             AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.plugin_name = pv.plugin_name \
+             AND r.plugin_version = pv.version)";
+        let candidates: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT pv.plugin_name, pv.version FROM plugin_versions pv \
+             WHERE pv.created_at < $1 AND {UNUSED} LIMIT $2"
+        ))
+        .bind(before)
+        .bind(batch.div_ceil(2) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut pruned = Pruned::default();
+        if candidates.is_empty() {
+            return Ok(pruned);
+        }
+        let _turn = take_turn(&self.writer).await;
+        let mut transaction = self.pool.begin().await?;
+        let mut rows = 0;
+        for (name, version) in &candidates {
+            // Checked again in the delete: the version may have been activated since.
+            rows += sqlx::query(&format!(
+                "DELETE FROM plugin_versions WHERE plugin_name = $1 AND version = $2 AND EXISTS \
+                 (SELECT 1 FROM plugin_versions pv WHERE pv.plugin_name = $1 AND pv.version = $2 AND {UNUSED})"
+            ))
+            .bind(name)
+            .bind(version)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            rows += sqlx::query(
+                "DELETE FROM components WHERE version = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM plugin_versions WHERE version = $1)",
+            )
+            .bind(version)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        }
+        transaction.commit().await?;
+        pruned.add(rows);
+        Ok(pruned)
+    }
+
+    /// Gives the file's free pages back to the file system (SQLite, whose database is in
+    /// incremental auto-vacuum mode), 1,024 pages per turn of the writer; PostgreSQL's
+    /// autovacuum does this itself. Returns the pages given back.
+    pub async fn reclaim_space(&self) -> Result<u64> {
+        if self.backend != Backend::Sqlite {
+            return Ok(0);
+        }
+        let free_pages = async || -> Result<u64> {
+            let (free,): (i64,) = sqlx::query_as("PRAGMA freelist_count")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(free as u64)
+        };
+        let first = free_pages().await?;
+        let mut free = first;
+        while free > 0 {
+            {
+                let _turn = take_turn(&self.writer).await;
+                sqlx::query("PRAGMA incremental_vacuum(1024)")
+                    .execute(&self.pool)
+                    .await?;
+            }
+            let left = free_pages().await?;
+            if left >= free {
+                // Not in incremental mode after all (a file from elsewhere): nothing to gain.
+                break;
+            }
+            free = left;
+        }
+        Ok(first - free)
+    }
+}

@@ -4,6 +4,7 @@
 
 mod containment;
 mod server;
+mod soak;
 mod stats;
 mod swap;
 mod throughput;
@@ -13,8 +14,9 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
+                      [--minutes N] [--rate N]
 
-scenarios (default: all):
+scenarios (default: all but soak):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
@@ -33,15 +35,22 @@ scenarios (default: all):
   steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s
   plugin-call
           one instantiate + call + drop of a small Rust plugin, without the database
+  soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
+          finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
+          minute, and the lag of ticks during sweeps against the rest
 
 --repeat N  measurements per row (default 30)
 --runs N    runs for due-at-once and steps (default 10000)
+--minutes N length of the soak (default 30)
+--rate N    runs per minute in the soak (default 1000)
 ";
 
 pub struct Options {
     pub repeat: usize,
     pub runs: usize,
     pub large: Option<PathBuf>,
+    pub minutes: usize,
+    pub rate: usize,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +59,8 @@ fn main() -> ExitCode {
         repeat: 30,
         runs: 10_000,
         large: None,
+        minutes: 30,
+        rate: 1000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -67,9 +78,16 @@ fn main() -> ExitCode {
                 Some(runs) => options.runs = runs,
                 None => return usage("--runs needs a number"),
             },
-            "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call" => {
-                scenarios.push(arg)
-            }
+            "--minutes" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(minutes) if minutes > 0 => options.minutes = minutes,
+                _ => return usage("--minutes needs a positive number"),
+            },
+            "--rate" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(rate) if rate > 0 => options.rate = rate,
+                _ => return usage("--rate needs a positive number"),
+            },
+            "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
+            | "soak" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -95,6 +113,7 @@ fn main() -> ExitCode {
                 "due-at-once" => throughput::due_at_once(&options).await,
                 "steps" => throughput::trivial_steps(&options).await,
                 "plugin-call" => throughput::plugin_call(&options).await,
+                "soak" => soak::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

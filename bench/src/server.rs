@@ -35,9 +35,21 @@ impl BenchServer {
         auth: AuthMode,
         sources: std::collections::BTreeMap<String, stepwise_host::config::SourceConfig>,
     ) -> anyhow::Result<BenchServer> {
+        BenchServer::start_tuned(data_dir, |settings| {
+            settings.auth = auth;
+            settings.sources = sources;
+        })
+        .await
+    }
+
+    /// With the default settings changed by `tune`.
+    pub async fn start_tuned(
+        data_dir: &Path,
+        tune: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<BenchServer> {
         let mut settings = Settings::for_data_dir(data_dir);
-        settings.auth = auth;
-        settings.sources = sources;
+        tune(&mut settings);
+        let auth = settings.auth;
         let mut headers = reqwest::header::HeaderMap::new();
         if auth == AuthMode::Tokens {
             std::fs::create_dir_all(data_dir)?;

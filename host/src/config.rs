@@ -83,6 +83,7 @@ struct FileConfig {
     default_step_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
+    events_buffer: Option<usize>,
     auth: Option<AuthMode>,
     /// Where clients reach this server (behind a proxy, under a name): their hosts are the
     /// `Host` headers the API accepts besides the listen address.
@@ -248,6 +249,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("default_run_timeout_ms", 1_000, 604_800_000),
     ("lease_ms", 1_000, 3_600_000),
     ("max_upload_mib", 1, 1024),
+    ("events_buffer", 16, 1_000_000),
     ("poll_interval_ms", 50, 3_600_000),
     ("call_timeout_ms", 10, 3_600_000),
     ("step_timeout_ms", 10, 3_600_000),
@@ -515,6 +517,8 @@ pub struct Settings {
     /// it.
     pub public_url: Option<String>,
     pub notifiers: Vec<std::sync::Arc<Notifier>>,
+    /// Changes an event stream may fall behind before it is reset.
+    pub events_buffer: usize,
     pub retention: RetentionPolicy,
 }
 
@@ -545,6 +549,7 @@ impl Settings {
             policy: Policy::default(),
             public_url: None,
             notifiers: Vec::new(),
+            events_buffer: 1024,
             retention: RetentionPolicy::default(),
         }
     }
@@ -615,6 +620,11 @@ impl Settings {
             in_range("", "max_upload_mib", file.max_upload_mib).map_err(config_error)?
         {
             settings.upload_limit_bytes = mib << 20;
+        }
+        if let Some(events) =
+            in_range("", "events_buffer", file.events_buffer).map_err(config_error)?
+        {
+            settings.events_buffer = events;
         }
         let configured_limits = file.limits.overrides("limits.").map_err(config_error)?;
         settings.limits = settings.limits.with_overrides(&configured_limits);
@@ -1086,6 +1096,7 @@ mod tests {
                         | "timeout_ms"
                         | "lease_ms"
                         | "max_upload_mib"
+                        | "events_buffer"
                         | "poll_interval_ms"
                         | "after_consecutive"
                         | "max_delivery_ms"

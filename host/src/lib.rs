@@ -133,6 +133,7 @@ pub async fn serve(
     if let Some(changes) = store.listen().await.context("listening for changes")? {
         tokio::spawn(follow_changes(
             changes,
+            store.clone(),
             wakeup.clone(),
             schedule_wakeup.clone(),
             registry_handle,
@@ -148,6 +149,11 @@ pub async fn serve(
         schedule_wakeup,
     );
     let firer = tokio::spawn(firer.run(shutdown.clone()));
+    let events = tokio::spawn(state.events.clone().follow(
+        store.clone(),
+        settings.scheduler_backstop,
+        shutdown.clone(),
+    ));
     // Without notifiers nothing is written to the outbox, so nothing needs delivering.
     let deliverer = if settings.notifiers.is_empty() {
         None
@@ -177,6 +183,7 @@ pub async fn serve(
         deliverer.await.context("notification deliverer task")?;
     }
     retention.await.context("retention task")?;
+    events.await.context("event hub task")?;
     registry.await.context("plugin registry task")?;
     Ok(())
 }
@@ -225,10 +232,12 @@ async fn reload_secrets_on_hangup(
 }
 
 /// Acts on what other nodes changed: new runs and cancellations wake the scheduler, schedule
-/// changes the firer, and a newly active plugin version is compiled before its first run.
+/// changes the firer, new events the event hub, and a newly active plugin version is compiled
+/// before its first run.
 /// A dropped connection may have lost notifications, so it wakes everything.
 async fn follow_changes(
     mut changes: Changes,
+    store: Store,
     wakeup: Wakeup,
     schedule_wakeup: ScheduleWakeup,
     registry: Registry,
@@ -242,6 +251,7 @@ async fn follow_changes(
         match change {
             Some(Change::RunsQueued | Change::RunCancelled(_)) => wakeup.wake(),
             Some(Change::SchedulesChanged) => schedule_wakeup.wake(),
+            Some(Change::EventsVisible) => store.events_visible_elsewhere(),
             Some(Change::PluginActivated(version)) => {
                 let registry = registry.clone();
                 tokio::spawn(async move {
@@ -253,6 +263,7 @@ async fn follow_changes(
             None => {
                 wakeup.wake();
                 schedule_wakeup.wake();
+                store.events_visible_elsewhere();
             }
         }
     }

@@ -77,7 +77,7 @@ impl fmt::Display for PluginVersion {
 }
 
 /// A run id: a UUIDv7, so ids sort by creation time and double as the list cursor.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RunId(String);
 
 impl RunId {

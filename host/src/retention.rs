@@ -16,6 +16,10 @@ pub const BATCH: usize = 1000;
 
 const JOB: &str = "retention";
 
+/// How long the change log behind live events keeps a change: a stream that reconnects
+/// with an older `Last-Event-ID` is told to reset.
+const EVENTS_KEPT: Duration = Duration::from_secs(3600);
+
 /// Runs picked per round of deletion.
 const RUNS_PER_ROUND: usize = 200;
 
@@ -27,6 +31,8 @@ pub struct Swept {
     pub runs: Pruned,
     pub fires: Pruned,
     pub streaks: Pruned,
+    /// Changes behind live events, kept an hour.
+    pub events: Pruned,
     pub plugin_versions: Pruned,
     /// SQLite pages given back to the file system.
     pub pages_reclaimed: u64,
@@ -46,12 +52,13 @@ impl Swept {
             .unwrap_or(0)
     }
 
-    fn parts(&self) -> [Pruned; 5] {
+    fn parts(&self) -> [Pruned; 6] {
         [
             self.attempts,
             self.runs,
             self.fires,
             self.streaks,
+            self.events,
             self.plugin_versions,
         ]
     }
@@ -202,12 +209,16 @@ async fn sweep_with(
             }
         }
     }
-    for what in [Aged::ScheduleFires, Aged::NotifyStreaks] {
-        let (done, pruned) =
-            drain_aged(store, what, before(policy.finished_runs), batch, &mut held).await?;
+    for what in [Aged::ScheduleFires, Aged::NotifyStreaks, Aged::Events] {
+        let age = match what {
+            Aged::Events => EVENTS_KEPT,
+            _ => policy.finished_runs,
+        };
+        let (done, pruned) = drain_aged(store, what, before(age), batch, &mut held).await?;
         match what {
             Aged::ScheduleFires => swept.fires = pruned,
-            _ => swept.streaks = pruned,
+            Aged::NotifyStreaks => swept.streaks = pruned,
+            _ => swept.events = pruned,
         }
         if !done {
             return Ok(swept);

@@ -11,8 +11,8 @@ use serde_json::json;
 use sqlx::Row;
 
 use crate::support::{
-    MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Reply, Scheduling, Setup, TestDatabase,
-    TestServer, Webhook, poll_until, start_program,
+    EventStream, MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Reply, Scheduling, Setup,
+    TestDatabase, TestServer, Webhook, poll_until, start_program,
 };
 
 fn misbehave() -> Setup {
@@ -408,4 +408,38 @@ async fn a_node_killed_mid_delivery_leaves_exactly_one_delivery() {
     assert_eq!(attempts.len(), 1, "{delivered:#}");
     assert_eq!(attempts[0]["status_code"], 200);
     assert_ne!(attempts[0]["node"], holder.as_str());
+}
+
+#[tokio::test]
+async fn an_event_stream_on_one_node_sees_changes_made_on_another() {
+    let a = TestServer::start(misbehave()).await;
+    // `b` works on nothing: every change comes from `a`.
+    let b = a
+        .another_node(Scheduling {
+            max_concurrent_ticks: 0,
+            ..Scheduling::default()
+        })
+        .await;
+    let mut stream = EventStream::open(&b, "/v1/events", None).await;
+    let id = a
+        .trigger(json!({"plugin": "misbehave", "params": {}}))
+        .await;
+    // Four changes: the new run and three calls' writes (each event shows the state when
+    // it is sent).
+    let changes = std::cell::Cell::new(0);
+    let events = stream
+        .until(|event| {
+            changes.set(changes.get() + usize::from(event.id.is_some()));
+            changes.get() == 4
+        })
+        .await;
+    let steps: Vec<&str> = events
+        .iter()
+        .filter(|event| event.event == "step")
+        .map(|event| event.data["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["first", "second", "third"]);
+    let ids: Vec<i64> = events.iter().filter_map(|event| event.id).collect();
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+    assert_eq!(events.last().unwrap().data, b.run(&id).await);
 }

@@ -168,7 +168,7 @@ impl RunDto {
 }
 
 impl StepDto {
-    fn new(step: &StepRecord) -> StepDto {
+    pub fn new(step: &StepRecord) -> StepDto {
         StepDto {
             name: step.name.clone(),
             status: step.status.as_str(),

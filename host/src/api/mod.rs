@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod dto;
 mod error;
+mod events;
 mod health;
 mod openapi;
 mod plugins;
@@ -25,6 +26,7 @@ use utoipa_axum::routes;
 pub use auth::{Caller, host_allowed, required_role};
 pub use dto::RunDto;
 pub use error::ApiError;
+pub use events::EventHub;
 pub use state::AppState;
 
 pub fn router(state: AppState) -> Router {
@@ -64,6 +66,8 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::runs_show))
         .routes(routes!(runs::runs_attempts))
         .routes(routes!(runs::runs_notifications))
+        .routes(routes!(events::run_events))
+        .routes(routes!(events::events_index))
         .routes(routes!(runs::runs_cancel))
         .routes(routes!(plugins::plugins_index))
         .routes(

@@ -466,6 +466,20 @@ pub struct RunsQuery {
     cursor: Option<String>,
 }
 
+/// `GET /v1/events`
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventsQuery {
+    /// Only runs of this plugin.
+    plugin: Option<String>,
+    /// Only runs this schedule started.
+    schedule: Option<String>,
+    /// Only changes after which the run has this status.
+    #[param(schema_with = super::dto::run_status)]
+    status: Option<String>,
+}
+
 /// A page of a list without filters.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -546,6 +560,10 @@ mod tests {
             super::super::tokens::CREATE_FIELDS
         );
         assert_eq!(parameters::<RunsQuery>(), super::super::runs::INDEX_QUERY);
+        assert_eq!(
+            parameters::<EventsQuery>(),
+            super::super::events::EVENTS_QUERY
+        );
         assert_eq!(
             parameters::<SchedulesQuery>(),
             super::super::schedules::INDEX_QUERY

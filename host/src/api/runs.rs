@@ -326,7 +326,7 @@ pub(super) fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, Str
         .collect()
 }
 
-fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
+pub(super) fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
     RunId::parse(id)
         .ok_or_else(|| ApiError::not_found("run_not_found", format!("no run with id {id:?}")))
 }
@@ -345,7 +345,7 @@ async fn missing_run(state: &AppState, id: &RunId) -> ApiError {
 }
 
 /// The run, or the 404 that says why it is not there.
-async fn existing_run(state: &AppState, id: &RunId) -> Result<RunRecord, ApiError> {
+pub(super) async fn existing_run(state: &AppState, id: &RunId) -> Result<RunRecord, ApiError> {
     match state.store.find_run(id).await? {
         Some(run) => Ok(run),
         None => Err(missing_run(state, id).await),
@@ -369,6 +369,25 @@ pub async fn runs_show(
     let run_id = parse_run_id(&id)?;
     let run = existing_run(&state, &run_id).await?;
     Ok(Json(RunDto::new(&run, true)))
+}
+
+/// The `status` query parameter of a run listing or stream.
+pub(super) fn status_filter(
+    query: &BTreeMap<String, String>,
+) -> Result<Option<RunStatus>, ApiError> {
+    match query.get("status") {
+        Some(text) => Ok(Some(RunStatus::parse(text).ok_or_else(|| {
+            let known: Vec<_> = RunStatus::ALL
+                .iter()
+                .map(|status| status.as_str())
+                .collect();
+            ApiError::invalid(
+                "status",
+                format!("status must be one of {}", known.join(", ")),
+            )
+        })?)),
+        None => Ok(None),
+    }
 }
 
 /// `GET /v1/runs/{id}/attempts?limit=&cursor=`: the calls of the run's steps in order, with
@@ -468,19 +487,7 @@ pub async fn runs_index(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<RunListDto>, ApiError> {
     let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
-    let status = match query.get("status") {
-        Some(text) => Some(RunStatus::parse(text).ok_or_else(|| {
-            let known: Vec<_> = RunStatus::ALL
-                .iter()
-                .map(|status| status.as_str())
-                .collect();
-            ApiError::invalid(
-                "status",
-                format!("status must be one of {}", known.join(", ")),
-            )
-        })?),
-        None => None,
-    };
+    let status = status_filter(&query)?;
     let label = match query.get("label") {
         Some(text) => Some(
             text.split_once('=')

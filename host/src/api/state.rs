@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::events::EventHub;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// This node's id, whose leases `/metrics` counts.
     pub node_id: String,
+    /// Live changes for the event streams.
+    pub events: EventHub,
 }
 
 impl AppState {
@@ -35,6 +38,7 @@ impl AppState {
         listen: SocketAddr,
     ) -> AppState {
         AppState {
+            events: EventHub::new(settings.events_buffer),
             store,
             registry,
             settings,

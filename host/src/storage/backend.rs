@@ -199,6 +199,7 @@ impl Change {
             Change::RunCancelled(id) => format!("cancel {id}"),
             Change::PluginActivated(version) => format!("plugin {version}"),
             Change::SchedulesChanged => "schedules".into(),
+            Change::EventsVisible => "events".into(),
         }
     }
 
@@ -206,6 +207,7 @@ impl Change {
         match payload.split_once(' ') {
             None if payload == "runs" => Some(Change::RunsQueued),
             None if payload == "schedules" => Some(Change::SchedulesChanged),
+            None if payload == "events" => Some(Change::EventsVisible),
             Some(("cancel", id)) => Some(Change::RunCancelled(RunId::from_stored(id.to_owned()))),
             Some(("plugin", version)) => Some(Change::PluginActivated(PluginVersion::from_stored(
                 version.to_owned(),

@@ -6,6 +6,7 @@
 
 mod access;
 mod backend;
+mod events;
 mod group_commit;
 mod outbox;
 mod retention;
@@ -20,6 +21,7 @@ use crate::model::{
 
 pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord};
 pub use backend::{Backend, Changes};
+pub use events::EventRecord;
 pub use outbox::{
     ClaimedNotification, DeliveryAttempt, DeliveryNext, NotificationRecord, NotifyWrite,
 };
@@ -36,6 +38,8 @@ pub enum Change {
     /// A plugin version became active: worth compiling before its first run arrives.
     PluginActivated(PluginVersion),
     SchedulesChanged,
+    /// Events were numbered: live event streams have something to read.
+    EventsVisible,
 }
 
 #[derive(Debug, thiserror::Error)]

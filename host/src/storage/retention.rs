@@ -21,6 +21,9 @@ pub enum Aged {
     ScheduleFires,
     /// Notification streaks of series with no finished run since.
     NotifyStreaks,
+    /// The change log behind live events, by when the change was made; never the newest
+    /// change, whose id the next ones follow.
+    Events,
 }
 
 /// What one deletion did.
@@ -150,21 +153,28 @@ impl Store {
 
     /// Deletes up to `batch` rows of `what` older than `before`.
     pub async fn delete_aged(&self, what: Aged, before: UnixMillis, batch: usize) -> Result<u64> {
-        let (table, key, age) = match what {
-            Aged::Attempts => ("attempts", "run_id, position, attempt", "started_at"),
+        let (table, key, age, also) = match what {
+            Aged::Attempts => ("attempts", "run_id, position, attempt", "started_at", ""),
             Aged::ScheduleFires => (
                 "schedule_fires",
                 "schedule_id, scheduled_at",
                 "scheduled_at",
+                "",
             ),
-            Aged::NotifyStreaks => ("notify_streaks", "series", "updated_at"),
+            Aged::NotifyStreaks => ("notify_streaks", "series", "updated_at", ""),
+            Aged::Events => (
+                "events",
+                "id",
+                "at",
+                " AND id < (SELECT MAX(id) FROM events)",
+            ),
         };
         let mut arguments = AnyArguments::default();
         let _ = arguments.add(before);
         self.delete_some(
             table,
             key,
-            &format!("FROM {table} WHERE {age} < $1"),
+            &format!("FROM {table} WHERE {age} < $1{also}"),
             arguments,
             batch,
         )

@@ -38,6 +38,7 @@ pub struct Store {
     /// SQLite's lock, whose busy handler polls with sleeps that grow to tens of milliseconds
     /// (tick lag). `None` on PostgreSQL, where writers run in parallel.
     pub(super) writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    pub(super) events: Arc<super::events::EventSignals>,
 }
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
@@ -71,14 +72,17 @@ impl Store {
                 }
             }))
         });
-        Ok(Store {
+        let store = Store {
             pool,
             backend,
             url: url.to_owned(),
             runs: Arc::new(runs),
             ticks,
             writer,
-        })
+            events: Arc::default(),
+        };
+        store.start_numbering();
+        Ok(store)
     }
 
     /// Changes other nodes make, for a database that several nodes share; `None` for SQLite.
@@ -362,6 +366,7 @@ impl Store {
             }
             return Err(error);
         }
+        self.events_written();
         // What was just written, without reading it back.
         Ok(Enqueued::Created(run.queued_record()))
     }
@@ -517,10 +522,12 @@ impl Store {
         .bind(id.as_str())
         .execute(&mut *transaction)
         .await?;
+        super::events::record_event(&mut transaction, id, None, now).await?;
         self.backend
             .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
             .await?;
         transaction.commit().await?;
+        self.events_written();
         let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
         Ok(Cancelled::Cancelled(Box::new(run)))
     }
@@ -641,7 +648,9 @@ impl Store {
         match &self.ticks {
             Some(ticks) => ticks.submit(write).await,
             None => write_tick_alone(&self.pool, self.backend, &write).await,
-        }
+        }?;
+        self.events_written();
+        Ok(())
     }
 }
 
@@ -766,6 +775,13 @@ async fn apply_tick(
             constraint: "steps.status".into(),
         });
     }
+    super::events::record_event(
+        &mut *transaction,
+        &write.run_id,
+        Some(step.position),
+        write.now,
+    )
+    .await?;
     if step.skip_rest {
         sqlx::query("UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2")
             .bind(write.run_id.as_str())
@@ -1238,6 +1254,9 @@ impl Store {
                 .await?;
         }
         transaction.commit().await?;
+        if started > 0 {
+            self.events_written();
+        }
         Ok(started)
     }
 }
@@ -1478,6 +1497,12 @@ async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<
                 .value(value.as_str())?;
             rows.end_row(connection).await?;
         }
+    }
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new("INSERT INTO events (run_id, at) VALUES ");
+    for run in runs {
+        rows.row().value(run.id.as_str())?.value(run.created_at)?;
+        rows.end_row(connection).await?;
     }
     rows.flush(connection).await?;
     let mut rows = Inserts::new(

@@ -8,6 +8,7 @@ mod budgets;
 mod cli;
 mod demo;
 mod escapes;
+mod events;
 mod hostile;
 mod http_status;
 mod leases;

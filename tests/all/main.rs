@@ -5,6 +5,7 @@
 // Deliberate: `suite/` is compiled once per backend.
 #![allow(clippy::duplicate_mod)]
 
+mod dashboard;
 mod dev;
 mod runtime;
 mod support;

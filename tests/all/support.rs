@@ -394,7 +394,8 @@ impl Drop for TestServer {
     }
 }
 
-/// The database a test's servers share: a SQLite file in the data dir, or, for tests in the
+/// The database a test's servers share: a SQLite file in the data dir (the `sqlite` copy of the
+/// suite, and the dashboard's tests, which need no second backend), or, for tests in the
 /// `postgres` copy of the suite, a PostgreSQL database created for the test and dropped after.
 pub struct TestDatabase {
     pub url: String,
@@ -405,7 +406,7 @@ pub struct TestDatabase {
 impl TestDatabase {
     pub async fn create(data_dir: &Path) -> TestDatabase {
         let test = std::thread::current().name().unwrap_or_default().to_owned();
-        if test.starts_with("sqlite::") {
+        if test.starts_with("sqlite::") || test.starts_with("dashboard::") {
             return TestDatabase {
                 url: Settings::for_data_dir(data_dir).database_url,
                 postgres: None,

@@ -16,8 +16,8 @@ use crate::model::{
     Retry, Role, RunStatus, StepStatus, TriggerSpec, UnixMillis,
 };
 use crate::storage::{
-    AttemptRecord, AuditRecord, FireRecord, NotificationRecord, PluginRecord, PluginVersionRecord,
-    RunRecord, ScheduleRecord, StepRecord,
+    AttemptRecord, AuditRecord, ClusterHealth, FireRecord, NotificationRecord, PluginRecord,
+    PluginVersionRecord, RunRecord, ScheduleRecord, StepRecord,
 };
 
 fn timestamp(millis: UnixMillis) -> String {
@@ -705,6 +705,76 @@ pub struct SecretDto {
 #[derive(Serialize, ToSchema)]
 pub struct SecretListDto {
     pub secrets: Vec<SecretDto>,
+}
+
+/// The nodes sharing the database, for operators (`GET /v1/health`).
+#[derive(Serialize, ToSchema)]
+pub struct ClusterHealthDto {
+    /// The node that answered.
+    pub node: String,
+    /// Every node that holds a lease now or made a call in the last minute.
+    pub nodes: Vec<NodeHealthDto>,
+    /// Runs waiting for their first tick.
+    pub queued: i64,
+    pub running: i64,
+    /// Unfinished runs whose next tick is due now: the queue depth.
+    pub due_now: i64,
+    /// The lag of the ticks that started in the last minute.
+    pub tick_lag_last_minute: LagDto,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NodeHealthDto {
+    pub node: String,
+    /// Runs whose lease it holds now.
+    pub leases: i64,
+    /// Step calls it made in the last minute.
+    pub calls_last_minute: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LagDto {
+    pub ticks: usize,
+    pub p50_ms: Option<i64>,
+    pub p99_ms: Option<i64>,
+    pub max_ms: Option<i64>,
+}
+
+impl ClusterHealthDto {
+    pub fn new(node: &str, health: ClusterHealth) -> ClusterHealthDto {
+        let mut nodes: BTreeMap<String, NodeHealthDto> = BTreeMap::new();
+        fn entry(nodes: &mut BTreeMap<String, NodeHealthDto>, name: String) -> &mut NodeHealthDto {
+            nodes.entry(name.clone()).or_insert_with(|| NodeHealthDto {
+                node: name,
+                leases: 0,
+                calls_last_minute: 0,
+            })
+        }
+        for (name, leases) in health.leases {
+            entry(&mut nodes, name).leases = leases;
+        }
+        for (name, calls) in health.calls {
+            entry(&mut nodes, name).calls_last_minute = calls;
+        }
+        let mut lags = health.lags_ms;
+        lags.sort_unstable();
+        let at = |quantile: f64| {
+            (!lags.is_empty()).then(|| lags[((lags.len() - 1) as f64 * quantile).round() as usize])
+        };
+        ClusterHealthDto {
+            node: node.to_owned(),
+            nodes: nodes.into_values().collect(),
+            queued: health.queued,
+            running: health.running,
+            due_now: health.due,
+            tick_lag_last_minute: LagDto {
+                ticks: lags.len(),
+                p50_ms: at(0.5),
+                p99_ms: at(0.99),
+                max_ms: lags.last().copied(),
+            },
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::dto::{HealthDto, ReadinessDto};
+use super::dto::{ClusterHealthDto, HealthDto, ReadinessDto};
 use super::state::AppState;
 
 /// Liveness: the process answers.
@@ -15,6 +15,24 @@ use super::state::AppState;
 )]
 pub async fn healthz() -> Json<HealthDto> {
     Json(HealthDto { status: "ok" })
+}
+
+/// `GET /v1/health`: the nodes sharing the database, the queue and the last minute's lag.
+#[utoipa::path(
+    get, path = "/v1/health", tag = "health",
+    summary = "Nodes with the leases they hold, queue depth, and the last minute's tick lag",
+    responses(
+        (status = 200, description = "The cluster as the database sees it", body = ClusterHealthDto),
+    )
+)]
+pub async fn cluster(
+    State(state): State<AppState>,
+) -> Result<Json<ClusterHealthDto>, super::error::ApiError> {
+    let health = state
+        .store
+        .cluster_health(crate::model::now_millis())
+        .await?;
+    Ok(Json(ClusterHealthDto::new(&state.node_id, health)))
 }
 
 /// Ready once the database answers and the plugins directory has been loaded.

@@ -4,6 +4,7 @@
 
 mod audit;
 mod auth;
+mod dashboard;
 mod dto;
 mod error;
 mod events;
@@ -41,6 +42,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::guard,
         ))
+        .merge(dashboard::routes())
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn(error::log_server_errors))
@@ -91,6 +93,7 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(secrets::secrets_index))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(health::cluster))
         .routes(routes!(health::metrics))
         .routes(routes!(openapi::openapi_json))
 }

@@ -65,6 +65,21 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The state of the nodes sharing the database, as the dashboard shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterHealth {
+    /// `(node, runs)` whose lease the node holds now.
+    pub leases: Vec<(String, i64)>,
+    /// `(node, calls)` in the last minute.
+    pub calls: Vec<(String, i64)>,
+    pub queued: i64,
+    pub running: i64,
+    /// Unfinished runs whose next tick is due now.
+    pub due: i64,
+    /// The lag of every tick that started in the last minute, in milliseconds.
+    pub lags_ms: Vec<i64>,
+}
+
 /// A plugin name with its active version and grant.
 #[derive(Debug, Clone)]
 pub struct PluginRecord {

@@ -122,6 +122,52 @@ impl Store {
         })
     }
 
+    /// What the dashboard's health page shows: leases held per node now, the nodes that made
+    /// calls in the last minute, runs waiting and running, and the lag of the last minute's
+    /// ticks (milliseconds).
+    pub async fn cluster_health(&self, now: UnixMillis) -> Result<super::ClusterHealth> {
+        let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT lease_owner, count(*) FROM runs WHERE lease_owner IS NOT NULL \
+             AND lease_expires_at > {} GROUP BY lease_owner ORDER BY lease_owner",
+            self.backend.now_sql()
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let minute_ago = now - 60_000;
+        let calls: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT node, count(*) FROM attempts WHERE started_at > $1 GROUP BY node ORDER BY node",
+        )
+        .bind(minute_ago)
+        .fetch_all(&self.pool)
+        .await?;
+        let (queued, running, due): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN next_tick_at <= $1 THEN 1 ELSE 0 END), 0) \
+             FROM runs WHERE status IN ('queued', 'running')",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let lags: Vec<(i64,)> = sqlx::query_as(
+            "SELECT started_at - due_at FROM attempts WHERE started_at > $1 AND due_at IS NOT NULL",
+        )
+        .bind(minute_ago)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(super::ClusterHealth {
+            leases,
+            calls: calls
+                .into_iter()
+                .map(|(node, count)| (node.unwrap_or_default(), count))
+                .collect(),
+            queued,
+            running,
+            due,
+            lags_ms: lags.into_iter().map(|(lag,)| lag.max(0)).collect(),
+        })
+    }
+
     /// Fails when the database cannot answer.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

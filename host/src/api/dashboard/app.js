@@ -1,0 +1,624 @@
+// The Stepwise dashboard: plain ES modules, no build step. Every figure comes from the API
+// with the token kept in this browser (localStorage), sent as a bearer header; live updates
+// come from the API's Server-Sent Events, read with fetch so that the header can be sent.
+
+const TOKEN_KEY = "stepwise.token";
+const page = document.getElementById("page");
+let cleanup = [];
+
+// ---------- DOM ----------
+
+/** An element with attributes and children; text is always a text node, never HTML. */
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else if (name === "dataset") Object.assign(element.dataset, value);
+    // Through the CSSOM: the Content-Security-Policy refuses style attributes.
+    else if (name === "style") Object.assign(element.style, value);
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return element;
+}
+
+function svg(tag, attributes = {}, ...children) {
+  const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  for (const child of children.flat()) element.append(child);
+  return element;
+}
+
+function statusBadge(status) {
+  return h("span", { class: `status status-${status}` }, status);
+}
+
+/** A time in the viewer's zone, with the UTC value on hover. */
+function time(iso) {
+  if (!iso) return h("span", { class: "muted" }, "—");
+  const date = new Date(iso);
+  return h("time", { datetime: iso, title: `${date.toISOString()} (UTC)` }, date.toLocaleString());
+}
+
+function duration(ms) {
+  if (ms === null || ms === undefined) return "—";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 120000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+function short(id) {
+  return id ? id.slice(0, 8) : "";
+}
+
+function json(value) {
+  return h("pre", {}, JSON.stringify(value, null, 2));
+}
+
+// ---------- API ----------
+
+function token() {
+  return localStorage.getItem(TOKEN_KEY) || "";
+}
+
+function headers(extra = {}) {
+  const all = { Accept: "application/json", ...extra };
+  if (token()) all.Authorization = `Bearer ${token()}`;
+  return all;
+}
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem && problem.detail ? problem.detail : `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+async function api(method, path, body, contentType = "application/json") {
+  const options = { method, headers: headers() };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = contentType;
+    options.body = contentType === "application/json" ? JSON.stringify(body) : body;
+  }
+  const response = await fetch(path, options);
+  const text = await response.text();
+  const value = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new ApiError(response.status, value);
+  return value;
+}
+
+/**
+ * Follows a Server-Sent Events stream until `signal` aborts, reconnecting (with the last id)
+ * when it ends; `onEvent(type, data)` gets each event, `onReset()` a `reset`.
+ */
+async function follow(path, signal, onEvent, onReset) {
+  let lastId = null;
+  while (!signal.aborted) {
+    try {
+      const extra = { Accept: "text/event-stream" };
+      if (lastId !== null) extra["Last-Event-ID"] = lastId;
+      const response = await fetch(path, { headers: headers(extra), signal });
+      if (!response.ok) throw new ApiError(response.status, null);
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          let type = "message";
+          let data = "";
+          for (const line of block.split("\n")) {
+            const colon = line.indexOf(":");
+            if (colon <= 0) continue;
+            const field = line.slice(0, colon);
+            const text = line.slice(colon + 1).replace(/^ /, "");
+            if (field === "event") type = text;
+            else if (field === "id") lastId = text;
+            else if (field === "data") data += text;
+          }
+          if (!data) continue;
+          if (type === "reset") {
+            lastId = null;
+            onReset();
+          } else {
+            onEvent(type, JSON.parse(data));
+          }
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+function live(path, onEvent, onReset) {
+  const controller = new AbortController();
+  cleanup.push(() => controller.abort());
+  follow(path, controller.signal, onEvent, onReset);
+}
+
+function every(ms, action) {
+  const timer = setInterval(action, ms);
+  cleanup.push(() => clearInterval(timer));
+}
+
+function problemText(error) {
+  if (error instanceof ApiError) {
+    if (error.status === 401) return "This server needs a token: enter one above.";
+    const field = error.problem && error.problem.field ? ` (${error.problem.field})` : "";
+    return `${error.message}${field}`;
+  }
+  return String(error.message || error);
+}
+
+function showError(target, error) {
+  target.replaceChildren(h("p", { class: "error" }, problemText(error)));
+}
+
+async function pluginNames() {
+  try {
+    const list = await api("GET", "/v1/plugins");
+    return list.plugins.map((plugin) => plugin.name);
+  } catch (error) {
+    return [];
+  }
+}
+
+// ---------- Runs ----------
+
+const STATUSES = ["queued", "running", "passed", "failed", "errored", "timed_out", "cancelled"];
+const FINISHED = new Set(["passed", "failed", "errored", "timed_out", "cancelled"]);
+
+function runDuration(run) {
+  if (!run.started_at) return "—";
+  const end = run.finished_at ? Date.parse(run.finished_at) : Date.now();
+  return duration(end - Date.parse(run.created_at));
+}
+
+function runSummary(run) {
+  if (run.status === "passed") return h("span", { class: "muted" }, "all steps passed");
+  const step = run.current_step ? h("code", {}, run.current_step) : "";
+  const message = run.message ? h("span", {}, " ", run.message) : "";
+  return h("span", {}, step, message);
+}
+
+function runRow(run) {
+  return h("tr", { dataset: { run: run.id } },
+    h("td", {}, h("a", { href: `/runs/${run.id}`, "data-link": true, class: "mono" }, short(run.id))),
+    h("td", {}, run.plugin),
+    h("td", {}, statusBadge(run.status)),
+    h("td", {}, runSummary(run)),
+    h("td", {}, time(run.created_at)),
+    h("td", {}, runDuration(run)));
+}
+
+async function runsPage() {
+  const plugins = await pluginNames();
+  const query = new URLSearchParams(location.search);
+  const triggerError = h("div", { id: "trigger-error" });
+  const triggerPlugin = h("select", { id: "trigger-plugin" }, plugins.map((name) => h("option", { value: name }, name)));
+  const triggerParams = h("textarea", { id: "trigger-params", rows: 1 }, "{}");
+  const trigger = h("form", { class: "inline", onsubmit: async (event) => {
+    event.preventDefault();
+    triggerError.replaceChildren();
+    try {
+      const params = JSON.parse(triggerParams.value || "{}");
+      const run = await api("POST", "/v1/runs", { plugin: triggerPlugin.value, params });
+      upsert(run, true);
+    } catch (error) {
+      showError(triggerError, error);
+    }
+  } },
+  h("label", {}, "Plugin", triggerPlugin),
+  h("label", {}, "Params (JSON)", triggerParams),
+  h("button", { id: "trigger", type: "submit" }, "Trigger run"));
+
+  const filterPlugin = h("select", { id: "filter-plugin" }, h("option", { value: "" }, "any"),
+    plugins.map((name) => h("option", { value: name, selected: query.get("plugin") === name }, name)));
+  const filterStatus = h("select", { id: "filter-status" }, h("option", { value: "" }, "any"),
+    STATUSES.map((status) => h("option", { value: status, selected: query.get("status") === status }, status)));
+  const filterLabel = h("input", { id: "filter-label", placeholder: "key=value", value: query.get("label") || "" });
+  const filterSchedule = h("input", { id: "filter-schedule", placeholder: "schedule id", value: query.get("schedule") || "" });
+  const filters = h("form", { class: "inline", onsubmit: (event) => {
+    event.preventDefault();
+    const next = new URLSearchParams();
+    for (const [name, input] of [["plugin", filterPlugin], ["status", filterStatus], ["label", filterLabel], ["schedule", filterSchedule]]) {
+      if (input.value) next.set(name, input.value);
+    }
+    navigate(`/${next.toString() ? "?" + next.toString() : ""}`);
+  } },
+  h("label", {}, "Plugin", filterPlugin), h("label", {}, "Status", filterStatus),
+  h("label", {}, "Label", filterLabel), h("label", {}, "Schedule", filterSchedule),
+  h("button", { type: "submit", class: "secondary" }, "Filter"));
+
+  const body = h("tbody");
+  const table = h("table", { id: "runs" },
+    h("thead", {}, h("tr", {}, ["Run", "Plugin", "Status", "Step", "Created", "Duration"].map((name) => h("th", {}, name)))),
+    body);
+  const more = h("div");
+  const listError = h("div");
+  page.replaceChildren(
+    h("h1", {}, "Runs"),
+    h("section", { class: "card" }, h("h2", {}, "Trigger a run"), trigger, triggerError),
+    h("section", { class: "card" }, filters, listError, table, more));
+
+  const filter = {};
+  for (const name of ["plugin", "status", "label", "schedule"]) if (query.get(name)) filter[name] = query.get(name);
+  const matches = (run) => (!filter.plugin || run.plugin === filter.plugin)
+    && (!filter.status || run.status === filter.status)
+    && (!filter.schedule || run.schedule_id === filter.schedule)
+    && (!filter.label || (() => { const [key, value] = filter.label.split("="); return run.labels && run.labels[key] === value; })());
+
+  function upsert(run, fresh) {
+    const existing = body.querySelector(`tr[data-run="${CSS.escape(run.id)}"]`);
+    if (existing) existing.replaceWith(runRow(run));
+    else if (fresh && matches(run)) body.prepend(runRow(run));
+  }
+
+  async function load(cursor) {
+    const params = new URLSearchParams({ ...filter, limit: "50" });
+    if (cursor) params.set("cursor", cursor);
+    try {
+      const list = await api("GET", `/v1/runs?${params}`);
+      body.append(...list.runs.map(runRow));
+      more.replaceChildren(list.next_cursor
+        ? h("button", { class: "secondary", id: "older", onclick: () => load(list.next_cursor) }, "Older runs")
+        : "");
+    } catch (error) {
+      showError(listError, error);
+    }
+  }
+  await load(null);
+  const stream = new URLSearchParams();
+  if (filter.plugin) stream.set("plugin", filter.plugin);
+  if (filter.schedule) stream.set("schedule", filter.schedule);
+  live(`/v1/events?${stream}`, (type, data) => {
+    if (type === "run") upsert(data, true);
+  }, () => { body.replaceChildren(); load(null); });
+}
+
+// ---------- One run ----------
+
+function timeline(run) {
+  const start = Date.parse(run.created_at);
+  const end = run.finished_at ? Date.parse(run.finished_at) : Date.now();
+  const span = Math.max(end - start, 1);
+  return h("div", { class: "timeline" }, run.steps.map((step, position) => {
+    const track = h("div", { class: "track" });
+    if (step.first_attempt_at) {
+      const from = Date.parse(step.first_attempt_at);
+      const to = step.finished_at ? Date.parse(step.finished_at) : (step.last_attempt_at ? Date.parse(step.last_attempt_at) : Date.now());
+      const left = ((from - start) / span) * 100;
+      const width = Math.max(((to - from) / span) * 100, 0.5);
+      track.append(h("div", { class: `bar ${step.status}`, style: { left: `${left}%`, width: `${width}%` },
+        title: `${step.name}: ${step.first_attempt_at} → ${step.finished_at || "now"}` }));
+    }
+    const facts = [statusBadge(step.status), " "];
+    if (step.passed_after_ms !== null && step.passed_after_ms !== undefined) {
+      facts.push(h("span", { class: "passed-after" }, `passed after ${duration(step.passed_after_ms)}`), " · ");
+    }
+    facts.push(`${step.attempts} attempt${step.attempts === 1 ? "" : "s"}`);
+    const detail = [];
+    if (step.message) detail.push(h("div", { class: "muted" }, step.message));
+    if (step.output !== null && step.output !== undefined) detail.push(h("details", {}, h("summary", {}, "output"), json(step.output)));
+    return h("div", { class: "step", dataset: { position } },
+      h("div", {}, h("code", {}, step.name)),
+      track,
+      h("div", {}, facts, detail));
+  }));
+}
+
+function attemptsTable(attempts) {
+  return h("table", { id: "attempts" },
+    h("thead", {}, h("tr", {}, ["Step", "#", "Outcome", "Started", "Duration", "Lag", "Node", "Message"].map((name) => h("th", {}, name)))),
+    h("tbody", {}, attempts.map((attempt) => h("tr", {},
+      h("td", {}, h("code", {}, attempt.step)),
+      h("td", {}, attempt.attempt),
+      h("td", {}, statusBadge(attempt.outcome)),
+      h("td", {}, time(attempt.started_at)),
+      h("td", {}, duration(attempt.duration_ms)),
+      h("td", {}, attempt.due_at ? duration(Date.parse(attempt.started_at) - Date.parse(attempt.due_at)) : "—"),
+      h("td", { class: "mono" }, attempt.node || "—"),
+      h("td", {}, attempt.message || "",
+        attempt.logs.length ? h("details", {}, h("summary", {}, `${attempt.logs.length} log line${attempt.logs.length === 1 ? "" : "s"}`),
+          h("pre", {}, attempt.logs.map((line) => `${line.level.padEnd(5)} ${line.message}`).join("\n"))) : "")))));
+}
+
+async function runPage(id) {
+  const header = h("h1");
+  const actions = h("div", { class: "inline" });
+  const actionError = h("div");
+  const steps = h("section", { class: "card" });
+  const inputs = h("section", { class: "card" });
+  const attempts = h("section", { class: "card" });
+  page.replaceChildren(header, h("section", { class: "card" }, actions, actionError), steps, inputs, attempts);
+
+  async function loadAttempts() {
+    const all = [];
+    let cursor = null;
+    do {
+      const params = new URLSearchParams({ limit: "1000" });
+      if (cursor) params.set("cursor", cursor);
+      const list = await api("GET", `/v1/runs/${id}/attempts?${params}`);
+      all.push(...list.attempts);
+      cursor = list.next_cursor;
+    } while (cursor && all.length < 5000);
+    attempts.replaceChildren(h("h2", {}, `Attempts (${all.length})`), attemptsTable(all));
+  }
+
+  function show(run) {
+    header.replaceChildren(run.plugin, statusBadge(run.status), h("span", { class: "mono muted" }, run.id));
+    const cancel = h("button", { id: "cancel", class: "secondary", disabled: FINISHED.has(run.status), onclick: async () => {
+      try { show(await api("POST", `/v1/runs/${id}/cancel`)); } catch (error) { showError(actionError, error); }
+    } }, "Cancel");
+    const rerun = h("button", { id: "rerun", onclick: async () => {
+      try {
+        const again = await api("POST", "/v1/runs", { plugin: run.plugin, params: run.params, labels: run.labels });
+        navigate(`/runs/${again.id}`);
+      } catch (error) { showError(actionError, error); }
+    } }, "Re-run with the same params");
+    actions.replaceChildren(cancel, " ", rerun, " ",
+      h("span", { class: "muted" }, "created ", time(run.created_at), " · duration ", runDuration(run),
+        run.schedule_id ? ` · schedule ${short(run.schedule_id)}` : "", run.message ? ` · ${run.message}` : ""));
+    steps.replaceChildren(h("h2", {}, "Steps"), timeline(run));
+    inputs.replaceChildren(h("h2", {}, "Params"), json(run.params), h("h2", {}, "Labels"), json(run.labels),
+      h("p", { class: "muted" }, `version ${short(run.plugin_version)} · poll ${duration(run.poll_interval_ms)} · errors ${run.error_count}/${run.max_errors}`));
+  }
+
+  try {
+    show(await api("GET", `/v1/runs/${id}`));
+    await loadAttempts();
+  } catch (error) {
+    showError(steps, error);
+    return;
+  }
+  let pending = null;
+  live(`/v1/runs/${id}/events`, (type, data) => {
+    if (type !== "run") return;
+    show(data);
+    clearTimeout(pending);
+    pending = setTimeout(() => loadAttempts().catch(() => {}), 200);
+  }, async () => show(await api("GET", `/v1/runs/${id}`)));
+}
+
+// ---------- Plugins ----------
+
+async function pluginsPage() {
+  const uploadName = h("input", { id: "upload-name", placeholder: "plugin name" });
+  const uploadFile = h("input", { id: "upload-file", type: "file", accept: ".wasm,application/wasm" });
+  const uploadState = h("div");
+  const list = h("div", { id: "plugins" });
+  const upload = h("form", { class: "inline", onsubmit: async (event) => {
+    event.preventDefault();
+    uploadState.replaceChildren();
+    const file = uploadFile.files[0];
+    if (!uploadName.value || !file) {
+      uploadState.replaceChildren(h("p", { class: "error" }, "Give a name and a .wasm file."));
+      return;
+    }
+    try {
+      const answer = await api("PUT", `/v1/plugins/${encodeURIComponent(uploadName.value)}`, await file.arrayBuffer(), "application/wasm");
+      uploadState.replaceChildren(h("p", {}, `${answer.name}: version ${short(answer.active_version)} is active.`));
+      await load();
+    } catch (error) {
+      showError(uploadState, error);
+    }
+  } }, h("label", {}, "Name", uploadName), h("label", {}, "Component", uploadFile), h("button", { type: "submit" }, "Upload"));
+  page.replaceChildren(h("h1", {}, "Plugins"), h("section", { class: "card" }, h("h2", {}, "Upload a version"), upload, uploadState), list);
+
+  async function load() {
+    try {
+      const names = (await api("GET", "/v1/plugins")).plugins.map((plugin) => plugin.name);
+      const sections = [];
+      for (const name of names) sections.push(pluginSection(await api("GET", `/v1/plugins/${encodeURIComponent(name)}`)));
+      list.replaceChildren(...sections);
+    } catch (error) {
+      showError(list, error);
+    }
+  }
+
+  function pluginSection(plugin) {
+    const state = h("div");
+    const versions = h("table", { class: "versions" },
+      h("thead", {}, h("tr", {}, ["Version", "Steps", "Created", ""].map((name) => h("th", {}, name)))),
+      h("tbody", {}, (plugin.versions || []).map((version) => h("tr", { dataset: { version: version.version } },
+        h("td", { class: "mono", title: version.version }, short(version.version)),
+        h("td", {}, version.steps.join(" → ")),
+        h("td", {}, time(version.created_at)),
+        h("td", {}, version.active ? h("span", { class: "status status-passed active" }, "active")
+          : h("button", { class: "secondary activate", onclick: async () => {
+            try {
+              await api("POST", `/v1/plugins/${encodeURIComponent(plugin.name)}/activate`, { version: version.version });
+              await load();
+            } catch (error) { showError(state, error); }
+          } }, "Activate"))))));
+    return h("section", { class: "card", dataset: { plugin: plugin.name } },
+      h("h2", {}, plugin.name, " ", h("span", { class: "muted mono" }, short(plugin.active_version))),
+      plugin.description ? h("p", { class: "muted" }, plugin.description) : "",
+      versions, state,
+      h("details", {}, h("summary", {}, "grant"), json(plugin.grant)));
+  }
+  await load();
+}
+
+// ---------- Schedules ----------
+
+function describeTrigger(trigger) {
+  if (trigger.cron) return `cron ${trigger.cron} (${trigger.timezone})`;
+  if (trigger.interval_ms) return `every ${duration(trigger.interval_ms)}`;
+  if (trigger.at) return `once at ${new Date(trigger.at).toLocaleString()}`;
+  return JSON.stringify(trigger);
+}
+
+function sparkline(runs) {
+  const width = 150, height = 24, bar = width / 50;
+  const finished = runs.filter((run) => FINISHED.has(run.status)).reverse();
+  const rate = finished.length ? Math.round((100 * finished.filter((run) => run.status === "passed").length) / finished.length) : null;
+  return h("span", { title: rate === null ? "no finished runs" : `${rate}% passed of the last ${finished.length}` },
+    svg("svg", { class: "sparkline", width, height, viewBox: `0 0 ${width} ${height}` },
+      finished.map((run, index) => svg("rect", {
+        x: index * bar, y: run.status === "passed" ? 4 : 0, width: Math.max(bar - 1, 1),
+        height: run.status === "passed" ? height - 4 : height,
+        class: ["passed", "failed", "errored", "timed_out"].includes(run.status) ? run.status : "other" }))),
+    rate === null ? "" : ` ${rate}%`);
+}
+
+async function schedulesPage() {
+  const plugins = await pluginNames();
+  const createPlugin = h("select", { id: "schedule-plugin" }, plugins.map((name) => h("option", { value: name }, name)));
+  const createKind = h("select", { id: "schedule-kind" }, h("option", { value: "interval_ms" }, "every (ms)"), h("option", { value: "cron" }, "cron"));
+  const createValue = h("input", { id: "schedule-value", placeholder: "60000 or 0 */5 * * * *" });
+  const createParams = h("textarea", { id: "schedule-params", rows: 1 }, "{}");
+  const createState = h("div");
+  const body = h("tbody");
+  const create = h("form", { class: "inline", onsubmit: async (event) => {
+    event.preventDefault();
+    createState.replaceChildren();
+    try {
+      const trigger = createKind.value === "cron" ? { cron: createValue.value } : { interval_ms: Number(createValue.value) };
+      await api("POST", "/v1/schedules", { plugin: createPlugin.value, params: JSON.parse(createParams.value || "{}"), trigger });
+      await load();
+    } catch (error) { showError(createState, error); }
+  } }, h("label", {}, "Plugin", createPlugin), h("label", {}, "Trigger", createKind), h("label", {}, "Value", createValue),
+  h("label", {}, "Params (JSON)", createParams), h("button", { type: "submit" }, "Create"));
+  page.replaceChildren(h("h1", {}, "Schedules"),
+    h("section", { class: "card" }, h("h2", {}, "New schedule"), create, createState),
+    h("section", { class: "card" }, h("table", { id: "schedules" },
+      h("thead", {}, h("tr", {}, ["Schedule", "Plugin", "Trigger", "Next fire", "State", "Recent fires", "Last 50 runs", ""].map((name) => h("th", {}, name)))),
+      body)));
+
+  async function row(summary) {
+    const [schedule, runs] = await Promise.all([
+      api("GET", `/v1/schedules/${summary.id}`),
+      api("GET", `/v1/runs?schedule=${encodeURIComponent(summary.id)}&limit=50`),
+    ]);
+    const fires = (schedule.recent_fires || []).slice(0, 5).map((fire) => h("span", {
+      class: `status status-${fire.outcome}`, title: `${fire.scheduled_at}${fire.reason ? ": " + fire.reason : ""}` }, fire.outcome));
+    const state = h("div");
+    const toggle = h("button", { class: `secondary ${schedule.paused ? "resume" : "pause"}`, onclick: async () => {
+      try { await api("PATCH", `/v1/schedules/${schedule.id}`, { paused: !schedule.paused }); await load(); } catch (error) { showError(state, error); }
+    } }, schedule.paused ? "Resume" : "Pause");
+    const remove = h("button", { class: "secondary delete", onclick: async () => {
+      try { await api("DELETE", `/v1/schedules/${schedule.id}`); await load(); } catch (error) { showError(state, error); }
+    } }, "Delete");
+    return h("tr", { dataset: { schedule: schedule.id } },
+      h("td", {}, h("a", { href: `/?schedule=${schedule.id}`, "data-link": true, class: "mono" }, short(schedule.id))),
+      h("td", {}, schedule.plugin),
+      h("td", {}, describeTrigger(schedule.trigger)),
+      h("td", {}, schedule.paused ? h("span", { class: "muted" }, "—") : time(schedule.next_fire_at)),
+      h("td", {}, h("span", { class: "state" }, schedule.paused ? "paused" : "active")),
+      h("td", {}, fires),
+      h("td", {}, sparkline(runs.runs)),
+      h("td", {}, toggle, " ", remove, state));
+  }
+
+  async function load() {
+    try {
+      const list = await api("GET", "/v1/schedules");
+      body.replaceChildren(...await Promise.all(list.schedules.map(row)));
+    } catch (error) {
+      showError(createState, error);
+    }
+  }
+  await load();
+}
+
+// ---------- Health ----------
+
+async function healthPage() {
+  const content = h("div");
+  page.replaceChildren(h("h1", {}, "Health"), content);
+  async function load() {
+    try {
+      const health = await api("GET", "/v1/health");
+      const lag = health.tick_lag_last_minute;
+      content.replaceChildren(
+        h("div", { class: "grid" },
+          h("section", { class: "card" }, h("div", { class: "muted" }, "Due now"), h("div", { class: "figure", id: "due-now" }, health.due_now)),
+          h("section", { class: "card" }, h("div", { class: "muted" }, "Queued / running"), h("div", { class: "figure" }, `${health.queued} / ${health.running}`)),
+          h("section", { class: "card" }, h("div", { class: "muted" }, `Tick lag, last minute (${lag.ticks} ticks)`),
+            h("div", { class: "figure" }, lag.ticks ? `p50 ${duration(lag.p50_ms)} · p99 ${duration(lag.p99_ms)}` : "no ticks"))),
+        h("section", { class: "card" }, h("h2", {}, "Nodes"),
+          h("table", { id: "nodes" },
+            h("thead", {}, h("tr", {}, ["Node", "Leases held", "Calls, last minute"].map((name) => h("th", {}, name)))),
+            h("tbody", {}, health.nodes.map((node) => h("tr", {},
+              h("td", { class: "mono" }, node.node, node.node === health.node ? h("span", { class: "muted" }, " (this node)") : ""),
+              h("td", {}, node.leases), h("td", {}, node.calls_last_minute))))),
+          health.nodes.length ? "" : h("p", { class: "muted" }, "No node holds a lease or made a call in the last minute.")));
+    } catch (error) {
+      showError(content, error);
+    }
+  }
+  await load();
+  every(2000, load);
+}
+
+// ---------- Routing ----------
+
+/** Whether the server asks for a token (`--auth tokens`): then nothing is asked without one. */
+const NEEDS_TOKEN = document.querySelector('meta[name="stepwise-auth"]').content === "tokens";
+
+async function render() {
+  for (const stop of cleanup) stop();
+  cleanup = [];
+  if (NEEDS_TOKEN && !token()) {
+    page.replaceChildren(h("h1", {}, "Stepwise"),
+      h("section", { class: "card" }, h("p", {}, "This server needs an API token. Enter one above ",
+        "(from ", h("code", {}, "stepwise token create"), " or an admin); it stays in this browser.")));
+    return;
+  }
+  const path = location.pathname;
+  for (const link of document.querySelectorAll("nav a")) {
+    const target = link.getAttribute("href");
+    link.classList.toggle("current", target === "/" ? path === "/" || path.startsWith("/runs/") : path.startsWith(target));
+  }
+  const run = path.match(/^\/runs\/([0-9a-f-]+)$/);
+  if (run) return runPage(run[1]);
+  if (path === "/plugins") return pluginsPage();
+  if (path === "/schedules") return schedulesPage();
+  if (path === "/health") return healthPage();
+  return runsPage();
+}
+
+function navigate(path) {
+  history.pushState(null, "", path);
+  render();
+}
+
+document.addEventListener("click", (event) => {
+  const link = event.target.closest("a[data-link]");
+  if (!link || event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
+  event.preventDefault();
+  navigate(link.getAttribute("href"));
+});
+window.addEventListener("popstate", render);
+
+function showTokenState() {
+  document.getElementById("token-state").textContent = token() ? "token set" : "no token";
+}
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  if (input.value.trim()) localStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  showTokenState();
+  render();
+});
+document.getElementById("token-forget").addEventListener("click", () => {
+  localStorage.removeItem(TOKEN_KEY);
+  showTokenState();
+  render();
+});
+showTokenState();
+render();

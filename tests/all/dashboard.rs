@@ -1,0 +1,151 @@
+//! The dashboard at `/`: served from the binary under a strict Content-Security-Policy, and
+//! walked in a real browser (Debian's Chromium through Playwright, which `.ci/run` installs):
+//! a run triggered from the page goes live to passed, the run shows its three steps, a plugin
+//! is rolled back and a schedule paused, all without a console error.
+
+use serde_json::json;
+use stepwise_host::config::AuthMode;
+use stepwise_host::model::Role;
+
+use crate::support::{MISBEHAVE_B_WASM, PluginFile, Setup, TestServer};
+
+#[tokio::test]
+async fn the_pages_and_assets_are_served_without_a_token_and_carry_no_data() {
+    let server = TestServer::start(
+        Setup::default()
+            .with_auth(AuthMode::Tokens)
+            .with_plugin(PluginFile::misbehave("")),
+    )
+    .await;
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/runs/01a22b65-864a-72f2-afe2-07434d4f567d", "text/html"),
+        ("/plugins", "text/html"),
+        ("/schedules", "text/html"),
+        ("/health", "text/html"),
+        ("/assets/app.js", "text/javascript"),
+        ("/assets/style.css", "text/css"),
+    ] {
+        let response = server
+            .client
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("requesting");
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(header("content-type").starts_with(content_type), "{path}");
+        let policy = header("content-security-policy");
+        assert!(policy.contains("script-src 'self'"), "{path}: {policy}");
+        assert!(policy.contains("connect-src 'self'"), "{path}: {policy}");
+        let body = response.text().await.expect("a body");
+        if content_type == "text/html" {
+            assert!(
+                body.contains(r#"<meta name="stepwise-auth" content="tokens">"#),
+                "{body}"
+            );
+            assert!(!body.contains("misbehave"), "a page names no plugin");
+        }
+    }
+    // The API behind it still wants the token.
+    let (status, _) = server.get_json("/v1/runs").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_path_works_in_a_real_browser() {
+    let Ok(python) = std::env::var("STEPWISE_BROWSER_PYTHON") else {
+        eprintln!(
+            "SKIPPED: the dashboard in a real browser; set STEPWISE_BROWSER_PYTHON to a Python \
+             with Playwright, and STEPWISE_CHROMIUM to Chromium (.ci/run installs both)"
+        );
+        return;
+    };
+    let server = TestServer::start(
+        Setup::default()
+            .with_auth(AuthMode::Tokens)
+            .with_plugin(PluginFile::misbehave("")),
+    )
+    .await;
+    let token = server.create_token(Role::Admin).await;
+    let authorized = |request: reqwest::RequestBuilder| request.bearer_auth(&token);
+    // A second version to roll back from, and a schedule to pause.
+    let first_version = {
+        let response = authorized(server.client.get(server.url("/v1/plugins/misbehave")))
+            .send()
+            .await
+            .expect("reading the plugin");
+        let plugin: serde_json::Value = response.json().await.expect("the plugin");
+        plugin["active_version"].as_str().unwrap().to_owned()
+    };
+    let response = authorized(server.client.put(server.url("/v1/plugins/misbehave")))
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(MISBEHAVE_B_WASM).expect("variant b"))
+        .send()
+        .await
+        .expect("uploading");
+    assert_eq!(response.status(), 200);
+    let response = authorized(server.client.post(server.url("/v1/schedules")))
+        .json(&json!({"plugin": "misbehave", "trigger": {"interval_ms": 3_600_000}}))
+        .send()
+        .await
+        .expect("creating a schedule");
+    assert_eq!(response.status(), 201);
+    let schedule: serde_json::Value = response.json().await.expect("the schedule");
+
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
+    std::fs::create_dir_all(&shots).expect("a screenshot dir");
+    let walk = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/walk.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(walk)
+        .arg(&server.base)
+        .arg(&token)
+        .arg(&shots)
+        .output()
+        .await
+        .expect("running the browser walk");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the walk failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    for page in ["runs", "run", "plugins", "schedules", "health"] {
+        let shot = shots.join(format!("{page}.png"));
+        let bytes = std::fs::read(&shot).unwrap_or_default();
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "no screenshot {}",
+            shot.display()
+        );
+    }
+    // What the clicks did, as the API sees it.
+    let plugin: serde_json::Value =
+        authorized(server.client.get(server.url("/v1/plugins/misbehave")))
+            .send()
+            .await
+            .expect("reading the plugin")
+            .json()
+            .await
+            .expect("the plugin");
+    assert_eq!(plugin["active_version"], first_version.as_str());
+    let schedule: serde_json::Value = authorized(server.client.get(server.url(&format!(
+        "/v1/schedules/{}",
+        schedule["id"].as_str().unwrap()
+    ))))
+    .send()
+    .await
+    .expect("reading the schedule")
+    .json()
+    .await
+    .expect("the schedule");
+    assert_eq!(schedule["paused"], true);
+}

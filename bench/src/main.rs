@@ -3,6 +3,7 @@
 //! over repeated measurements. Run `cargo run --release -p stepwise-bench -- --help`.
 
 mod containment;
+mod fanout;
 mod server;
 mod soak;
 mod stats;
@@ -35,6 +36,8 @@ scenarios (default: all but soak):
   steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s
   plugin-call
           one instantiate + call + drop of a small Rust plugin, without the database
+  events  Server-Sent Events clients (10, 100, 1,000) held on one node while 25 runs/s change:
+          events delivered per second, clients reset for falling behind, RSS
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
           finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
           minute, and the lag of ticks during sweeps against the rest
@@ -87,7 +90,7 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "soak" => scenarios.push(arg),
+            | "events" | "soak" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             "due-at-once",
             "swap",
             "containment",
+            "events",
         ]
         .map(str::to_owned)
         .to_vec();
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
                 "due-at-once" => throughput::due_at_once(&options).await,
                 "steps" => throughput::trivial_steps(&options).await,
                 "plugin-call" => throughput::plugin_call(&options).await,
+                "events" => fanout::run(&options).await,
                 "soak" => soak::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }

@@ -187,7 +187,7 @@ fn database_mib(dir: &Path) -> anyhow::Result<f64> {
     Ok(bytes as f64 / (1024.0 * 1024.0))
 }
 
-fn rss_mib() -> anyhow::Result<f64> {
+pub fn rss_mib() -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let kib: f64 = status
         .lines()

@@ -16,8 +16,8 @@ pub const BATCH: usize = 1000;
 
 const JOB: &str = "retention";
 
-/// How long the change log behind live events keeps a change: a stream that reconnects
-/// with an older `Last-Event-ID` is told to reset.
+/// How long the change log behind live events keeps a change (or `attempts_days`, if
+/// shorter): a stream that reconnects with an older `Last-Event-ID` is told to reset.
 const EVENTS_KEPT: Duration = Duration::from_secs(3600);
 
 /// Runs picked per round of deletion.
@@ -211,7 +211,8 @@ async fn sweep_with(
     }
     for what in [Aged::ScheduleFires, Aged::NotifyStreaks, Aged::Events] {
         let age = match what {
-            Aged::Events => EVENTS_KEPT,
+            // No longer than the attempts the changes were about.
+            Aged::Events => EVENTS_KEPT.min(policy.attempts),
             _ => policy.finished_runs,
         };
         let (done, pruned) = drain_aged(store, what, before(age), batch, &mut held).await?;

@@ -285,7 +285,16 @@ async fn replay(
     let (oldest, newest) = store.event_bounds().await?;
     let newest = newest.unwrap_or(0);
     subscription.last = after.max(0);
-    if after >= newest {
+    if after == newest {
+        return Ok(());
+    }
+    if after > newest {
+        // An id this log never gave (another database, or one recreated): waiting for the
+        // log to pass it would skip every change until then.
+        subscription.queue.push_back(reset(
+            "Last-Event-ID is not an id of this server's changes; read the state again and reconnect without it",
+        ));
+        subscription.last = newest;
         return Ok(());
     }
     if oldest.is_some_and(|oldest| oldest > after + 1) {

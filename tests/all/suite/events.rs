@@ -88,6 +88,10 @@ async fn streams_send_every_change_in_order_and_resume_without_a_gap() {
     let own_ids: Vec<i64> = all_of_it.iter().filter_map(|event| event.id).collect();
     assert_eq!(own_ids, ids);
 
+    // An id this server never gave is told to reset, not left waiting for the log to reach it.
+    let mut unknown = EventStream::open(&server, "/v1/events", Some(1_000_000)).await;
+    assert_eq!(unknown.next().await.expect("an event").event, "reset");
+
     // Filters and ids are checked like the rest of the API.
     for (path, field) in [
         ("/v1/events?status=done", "status"),

@@ -408,7 +408,7 @@ impl Store {
     }
 
     /// Gives the file's free pages back to the file system (SQLite, whose database is in
-    /// incremental auto-vacuum mode), 1,024 pages per turn of the writer; PostgreSQL's
+    /// incremental auto-vacuum mode), 256 pages (1 MiB) per turn of the writer; PostgreSQL's
     /// autovacuum does this itself. Returns the pages given back.
     pub async fn reclaim_space(&self) -> Result<u64> {
         if self.backend != Backend::Sqlite {
@@ -425,7 +425,7 @@ impl Store {
         while free > 0 {
             {
                 let _turn = take_turn(&self.writer).await;
-                sqlx::query("PRAGMA incremental_vacuum(1024)")
+                sqlx::query("PRAGMA incremental_vacuum(256)")
                     .execute(&self.pool)
                     .await?;
             }

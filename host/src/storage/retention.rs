@@ -407,9 +407,12 @@ impl Store {
         Ok(pruned)
     }
 
-    /// Gives the file's free pages back to the file system (SQLite, whose database is in
-    /// incremental auto-vacuum mode), 256 pages (1 MiB) per turn of the writer; PostgreSQL's
-    /// autovacuum does this itself. Returns the pages given back.
+    /// Gives the file's free pages back to the file system once they are more than a quarter
+    /// of it (SQLite, whose database is in incremental auto-vacuum mode), 256 pages (1 MiB)
+    /// per turn of the writer; PostgreSQL's autovacuum does this itself. Fewer free pages are
+    /// left for the next inserts to reuse: moving pages back and forth on every sweep would
+    /// only write and checkpoint in the writer's turn, which ticks wait for. Returns the pages
+    /// given back.
     pub async fn reclaim_space(&self) -> Result<u64> {
         if self.backend != Backend::Sqlite {
             return Ok(0);
@@ -420,7 +423,13 @@ impl Store {
                 .await?;
             Ok(free as u64)
         };
+        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
+            .fetch_one(&self.pool)
+            .await?;
         let first = free_pages().await?;
+        if first * 4 < pages as u64 {
+            return Ok(0);
+        }
         let mut free = first;
         while free > 0 {
             {

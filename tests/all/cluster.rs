@@ -421,6 +421,7 @@ async fn an_event_stream_on_one_node_sees_changes_made_on_another() {
         })
         .await;
     let mut stream = EventStream::open(&b, "/v1/events", None).await;
+    assert_eq!(stream.next().await.expect("the open event").event, "open");
     let id = a
         .trigger(json!({"plugin": "misbehave", "params": {}}))
         .await;

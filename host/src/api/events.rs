@@ -249,7 +249,7 @@ async fn open(
     state: &AppState,
     headers: &HeaderMap,
     filter: Filter,
-    snapshot: Option<&RunRecord>,
+    snapshot_of: Option<&RunId>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     let resume = last_event_id(headers)?;
     let receiver = state.events.sender.subscribe();
@@ -260,15 +260,29 @@ async fn open(
         queue: VecDeque::new(),
         done: false,
     };
-    match resume {
-        Some(after) => replay(&state.store, after, &mut subscription).await?,
-        None => {
-            if let Some(run) = snapshot {
-                let json = serde_json::to_string(&RunDto::new(run, true)).unwrap_or_default();
+    match (resume, snapshot_of) {
+        (Some(after), _) => replay(&state.store, after, &mut subscription).await?,
+        // Read after subscribing: a change made meanwhile is in the snapshot or on its way.
+        (None, Some(id)) => {
+            if let Some(run) = state.store.find_run(id).await? {
+                let json = serde_json::to_string(&RunDto::new(&run, true)).unwrap_or_default();
                 subscription
                     .queue
                     .push_back(Event::default().event("run").data(json));
             }
+        }
+        // `open` says the stream is listening, so a client may read a list now and miss
+        // nothing after it; its id is where a reconnect resumes.
+        (None, None) => {
+            let (_, newest) = state.store.event_bounds().await?;
+            let head = newest.unwrap_or(0);
+            subscription.last = head;
+            subscription.queue.push_back(
+                Event::default()
+                    .event("open")
+                    .id(head.to_string())
+                    .data(json!({"id": head}).to_string()),
+            );
         }
     }
     let stream = futures::stream::unfold(subscription, Subscription::next);
@@ -383,12 +397,12 @@ pub async fn run_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let run_id = super::runs::parse_run_id(&id)?;
-    let run = super::runs::existing_run(&state, &run_id).await?;
+    super::runs::existing_run(&state, &run_id).await?;
     open(
         &state,
         &headers,
         Filter::Run(run_id.to_string()),
-        Some(&run),
+        Some(&run_id),
     )
     .await
 }
@@ -400,7 +414,8 @@ pub const EVENTS_QUERY: &[&str] = &["plugin", "schedule", "status"];
 #[utoipa::path(
     get, path = "/v1/events", tag = "runs",
     summary = "Changes of all runs, live (Server-Sent Events)",
-    description = "`event: step` and `event: run` after each change of a run that matches the \
+    description = "`event: open` once listening (its id is the latest change), then `event: step` \
+                   and `event: run` after each change of a run that matches the \
                    filters (`status` is the run's status after the change). Send the last `id:` \
                    back as `Last-Event-ID` to resume without a gap. `event: reset`: read the \
                    state again and reconnect.",

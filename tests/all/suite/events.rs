@@ -24,6 +24,9 @@ fn twice_pending() -> Value {
 async fn streams_send_every_change_in_order_and_resume_without_a_gap() {
     let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
     let mut all = EventStream::open(&server, "/v1/events?plugin=misbehave", None).await;
+    // Listening: the latest change's id (none yet).
+    let open = all.next().await.expect("the open event");
+    assert_eq!((open.event.as_str(), open.id), ("open", Some(0)));
     let id = server.trigger(twice_pending()).await;
     // Five changes: the new run, and four calls' writes (the first step pending once). Each
     // event carries the state when it is sent, which may be later than its change.

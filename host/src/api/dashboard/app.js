@@ -194,7 +194,7 @@ function runSummary(run) {
 }
 
 function runRow(run) {
-  return h("tr", { dataset: { run: run.id } },
+  return h("tr", { dataset: { run: run.id, status: run.status } },
     h("td", {}, h("a", { href: `/runs/${run.id}`, "data-link": true, class: "mono" }, short(run.id))),
     h("td", {}, run.plugin),
     h("td", {}, statusBadge(run.status)),
@@ -222,7 +222,7 @@ async function runsPage() {
   } },
   h("label", {}, "Plugin", triggerPlugin),
   h("label", {}, "Params (JSON)", triggerParams),
-  h("button", { id: "trigger", type: "submit" }, "Trigger run"));
+  h("button", { id: "trigger", type: "submit", disabled: true }, "Trigger run"));
 
   const filterPlugin = h("select", { id: "filter-plugin" }, h("option", { value: "" }, "any"),
     plugins.map((name) => h("option", { value: name, selected: query.get("plugin") === name }, name)));
@@ -260,10 +260,16 @@ async function runsPage() {
     && (!filter.schedule || run.schedule_id === filter.schedule)
     && (!filter.label || (() => { const [key, value] = filter.label.split("="); return run.labels && run.labels[key] === value; })());
 
+  // The trigger's answer can arrive after the stream has already said the run passed: a
+  // row never goes back to an earlier status.
+  const rank = (status) => (status === "queued" ? 0 : status === "running" ? 1 : 2);
   function upsert(run, fresh) {
     const existing = body.querySelector(`tr[data-run="${CSS.escape(run.id)}"]`);
-    if (existing) existing.replaceWith(runRow(run));
-    else if (fresh && matches(run)) body.prepend(runRow(run));
+    if (existing) {
+      if (rank(run.status) >= rank(existing.dataset.status)) existing.replaceWith(runRow(run));
+    } else if (fresh && matches(run)) {
+      body.prepend(runRow(run));
+    }
   }
 
   async function load(cursor) {
@@ -271,7 +277,10 @@ async function runsPage() {
     if (cursor) params.set("cursor", cursor);
     try {
       const list = await api("GET", `/v1/runs?${params}`);
-      body.append(...list.runs.map(runRow));
+      for (const run of list.runs) {
+        if (body.querySelector(`tr[data-run="${CSS.escape(run.id)}"]`)) upsert(run, false);
+        else body.append(runRow(run));
+      }
       more.replaceChildren(list.next_cursor
         ? h("button", { class: "secondary", id: "older", onclick: () => load(list.next_cursor) }, "Older runs")
         : "");
@@ -279,13 +288,20 @@ async function runsPage() {
       showError(listError, error);
     }
   }
-  await load(null);
+  // Listening first, then the list: a change made in between arrives on the stream.
   const stream = new URLSearchParams();
   if (filter.plugin) stream.set("plugin", filter.plugin);
   if (filter.schedule) stream.set("schedule", filter.schedule);
-  live(`/v1/events?${stream}`, (type, data) => {
-    if (type === "run") upsert(data, true);
-  }, () => { body.replaceChildren(); load(null); });
+  await new Promise((listening) => {
+    live(`/v1/events?${stream}`, (type, data) => {
+      if (type === "open") listening();
+      else if (type === "run") upsert(data, true);
+    }, () => { body.replaceChildren(); load(null); });
+    setTimeout(listening, 5000);
+  });
+  await load(null);
+  // Only now: a run triggered before the stream listened could finish unseen.
+  trigger.querySelector("#trigger").disabled = false;
 }
 
 // ---------- One run ----------

@@ -128,7 +128,7 @@ async fn every_kind_of_attack(
 ) -> anyhow::Result<()> {
     const CONCURRENT: usize = 20;
     let attacks = attacks(server);
-    let rss_before = resident_mib()?;
+    let rss_before = crate::stats::resident_mib()?;
     let stop = Arc::new(AtomicBool::new(false));
     let good = {
         let (server, stop) = (server.clone(), stop.clone());
@@ -170,7 +170,7 @@ async fn every_kind_of_attack(
                 live_attempts += attempts;
             }
         }
-        rss_peak = rss_peak.max(resident_mib()?);
+        rss_peak = rss_peak.max(crate::stats::resident_mib()?);
         let attempts = finished_attempts + live_attempts;
         if attempts >= target {
             break attempts;
@@ -185,7 +185,7 @@ async fn every_kind_of_attack(
     let ids: Vec<String> = live.into_iter().map(|(_, id)| id).collect();
     cancel_all(server, &ids).await?;
     let beside = good.await.context("well-behaved runs")??;
-    let rss_after = resident_mib()?;
+    let rss_after = crate::stats::resident_mib()?;
     print_header(&format!(
         "{attempts} hostile attempts from {CONCURRENT} concurrent runs ({} kinds of attack, {next} runs), well-behaved runs beside them",
         attacks.len()
@@ -332,14 +332,4 @@ async fn runaway_latency(server: &BenchServer, rounds: usize) -> anyhow::Result<
 
 fn finished(run: &Value) -> bool {
     !matches!(run["status"].as_str(), Some("queued" | "running"))
-}
-
-fn resident_mib() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/self/status")?;
-    Ok(kib / 1024.0)
 }

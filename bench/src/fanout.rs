@@ -121,7 +121,7 @@ async fn one(clients: usize) -> anyhow::Result<()> {
         delivered as f64 / elapsed / clients as f64,
         100.0 * delivered as f64 / sent.max(1) as f64,
         counts.resets.load(Ordering::Relaxed),
-        crate::soak::rss_mib()?,
+        crate::stats::resident_mib()?,
     );
     for reader in readers {
         reader.abort();

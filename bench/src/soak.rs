@@ -105,7 +105,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         println!(
             "| {minute} | {triggered} | {:.1} MiB | {:.0} MiB | {attempt_rows} | {run_rows} | {:.0} ms | {:.0} ms | {} |",
             database_mib(dir.path())?,
-            rss_mib()?,
+            crate::stats::resident_mib()?,
             lag.0,
             lag.1,
             windows.lock().unwrap().len(),
@@ -185,14 +185,4 @@ fn database_mib(dir: &Path) -> anyhow::Result<f64> {
         }
     }
     Ok(bytes as f64 / (1024.0 * 1024.0))
-}
-
-pub fn rss_mib() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("VmRSS in /proc/self/status"))?;
-    Ok(kib / 1024.0)
 }

@@ -46,3 +46,23 @@ pub fn print_row(what: &str, unit: &str, samples: &[f64]) {
         summary.count, summary.median, summary.p90, summary.p99, summary.min, summary.max
     );
 }
+
+/// This process's resident memory now (`VmRSS`), in MiB.
+pub fn resident_mib() -> anyhow::Result<f64> {
+    status_mib("VmRSS")
+}
+
+/// This process's peak resident memory (`VmHWM`), in MiB.
+pub fn peak_resident_mib() -> anyhow::Result<f64> {
+    status_mib("VmHWM")
+}
+
+fn status_mib(field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{field} in /proc/self/status"))?;
+    Ok(kib / 1024.0)
+}

@@ -164,7 +164,7 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
         "\nmakespan {makespan:.0} ms = {:.2} × the ideal 3000 ms; {not_passed} runs not passed; \
          peak RSS of the process {:.0} MiB; writing the runs took {:.1} s",
         makespan / 3000.0,
-        peak_rss_mib()?,
+        crate::stats::peak_resident_mib()?,
         written.as_secs_f64()
     );
     drop(server);
@@ -326,14 +326,4 @@ async fn wait_until_finished(
         anyhow::ensure!(started.elapsed() < limit, "runs did not finish");
         tokio::time::sleep(poll).await;
     }
-}
-
-fn peak_rss_mib() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM in /proc/self/status")?;
-    Ok(kib / 1024.0)
 }

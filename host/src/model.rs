@@ -941,21 +941,10 @@ mod tests {
     #[test]
     fn a_notifier_reports_failures_after_its_streak_and_recovery_once() {
         let notifier = Notifier {
-            name: "ops".into(),
-            url: "http://127.0.0.1:1/".into(),
             format: NotifyFormat::Json,
             on: vec![NotifyEvent::Failed, NotifyEvent::Recovered],
-            plugins: vec![],
-            schedules: vec![],
-            labels: BTreeMap::new(),
             after_consecutive: 2,
-            retry: Retry {
-                initial: Duration::from_secs(1),
-                factor: 2.0,
-                max: Duration::from_secs(60),
-            },
-            timeout: Duration::from_secs(10),
-            max_delivery: Duration::from_secs(3600),
+            ..notifier_for_filters()
         };
         let streak = |before, now| Streak { before, now };
         assert_eq!(notifier.event(RunStatus::Failed, streak(0, 1)), None);

@@ -28,6 +28,32 @@ const DIRECTORY_ACTOR: &str = "plugins-dir";
 #[derive(Default)]
 pub(super) struct Directory {
     seen: HashMap<PluginName, (PluginVersion, String)>,
+    /// The metadata of each plugin's two files when they were last read. Reading a file fires
+    /// the watcher again (inotify reports opens), so a name whose files still have this
+    /// metadata is skipped without opening them: otherwise every read would schedule the next
+    /// one, hashing a large component four times a second forever.
+    stamps: HashMap<PluginName, [Option<Stamp>; 2]>,
+}
+
+/// What a file's metadata says about its content: size, modification time and inode (a file
+/// renamed into place has a new one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 impl Directory {
@@ -77,7 +103,28 @@ impl Directory {
     ) -> bool {
         let wasm = dir.join(format!("{name}.wasm"));
         let manifest = dir.join(format!("{name}.toml"));
-        let (bytes, grant_toml) = match read_plugin_files(&wasm, &manifest) {
+        let stamps = [Stamp::of(&wasm), Stamp::of(&manifest)];
+        if self.stamps.get(name) == Some(&stamps) {
+            return false;
+        }
+        // Reading and hashing a large component takes long enough to stall an async worker.
+        let read = tokio::task::spawn_blocking({
+            let (wasm, manifest) = (wasm.clone(), manifest.clone());
+            move || {
+                read_plugin_files(&wasm, &manifest).map(|files| {
+                    files.map(|(bytes, grant_toml)| {
+                        (PluginVersion::of_bytes(&bytes), bytes, grant_toml)
+                    })
+                })
+            }
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            Err(anyhow::anyhow!(
+                "reading the plugin files panicked: {panic}"
+            ))
+        });
+        let (version, bytes, grant_toml) = match read {
             Ok(Some(files)) => files,
             Ok(None) => {
                 tracing::debug!(file = %wasm.display(), "plugin file still changing; waiting for it to settle");
@@ -89,7 +136,7 @@ impl Directory {
                 return false;
             }
         };
-        let version = PluginVersion::of_bytes(&bytes);
+        self.stamps.insert(name.clone(), stamps);
         let files = (version.clone(), grant_toml.clone());
         if self.seen.get(name) == Some(&files) {
             tracing::debug!(plugin = %name, "plugin files unchanged");
@@ -137,6 +184,7 @@ impl Directory {
             Err(error) => {
                 // Not remembered as seen: the next event on these files tries again.
                 self.seen.remove(name);
+                self.stamps.remove(name);
                 tracing::error!(plugin = %name, file = %wasm.display(), "plugin not loaded: {error}");
                 false
             }
@@ -239,5 +287,28 @@ impl Watcher {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_a_file_keeps_its_stamp_and_replacing_it_changes_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("check.wasm");
+        std::fs::write(&path, b"version one").unwrap();
+        let first = Stamp::of(&path).expect("a stamp");
+        // What the directory does with a file: read it (this fires the watcher again).
+        let _ = std::fs::read(&path).unwrap();
+        assert_eq!(Stamp::of(&path), Some(first.clone()));
+        // A same-sized copy renamed into place, as an editor or `cp` + `mv` leaves it.
+        let staged = dir.path().join("check.wasm.tmp");
+        std::fs::write(&staged, b"version two").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        assert_ne!(Stamp::of(&path), Some(first));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(Stamp::of(&path), None);
     }
 }

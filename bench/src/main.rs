@@ -4,6 +4,7 @@
 
 mod containment;
 mod fanout;
+mod languages;
 mod server;
 mod soak;
 mod stats;
@@ -17,11 +18,12 @@ const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N]
 
-scenarios (default: all but soak):
+scenarios (default: all but soak and languages):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
-          componentize-py one): upload time, and activation after a restart (precompiled)
+          componentize-py one): upload time, GET /healthz p99 and max while it uploads, and
+          activation after a restart (precompiled)
   containment
           tick lag and duration of well-behaved runs alone and beside hostile ones (loop,
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
@@ -36,6 +38,10 @@ scenarios (default: all but soak):
   steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s
   plugin-call
           one instantiate + call + drop of a small Rust plugin, without the database
+  languages
+          the scaffold's example step in Rust, Python and JavaScript, built by `stepwise
+          plugin build` (Python and JavaScript need STEPWISE_COMPONENTIZE_PY / _JS or
+          python3 / npm): size, compile, first call, per-call time
   events  Server-Sent Events clients (10, 100, 1,000) held on one node while 25 runs/s change:
           events delivered per second, clients reset for falling behind, RSS
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
@@ -90,7 +96,7 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "events" | "soak" => scenarios.push(arg),
+            | "languages" | "events" | "soak" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
                 "due-at-once" => throughput::due_at_once(&options).await,
                 "steps" => throughput::trivial_steps(&options).await,
                 "plugin-call" => throughput::plugin_call(&options).await,
+                "languages" => languages::run(&options).await,
                 "events" => fanout::run(&options).await,
                 "soak" => soak::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),

@@ -273,12 +273,22 @@ enum PluginCommand {
     /// Validate a component as an upload would (compiles, exports the stepwise:plugin/check
     /// world, describe answers) and print its steps and imports; exit 1 if it is invalid.
     Check { file: std::path::PathBuf },
-    /// Scaffold a Rust plugin crate in a new directory NAME that builds as is
-    /// (`cargo build --release` gives `target/wasm32-wasip2/release/NAME_WITH_UNDERSCORES.wasm`:
-    /// dashes in the name become underscores in the file name).
+    /// Scaffold a check in a new directory NAME that builds as is with `stepwise plugin build
+    /// NAME`: a Rust crate, a Python project (componentize-py) or a JavaScript one
+    /// (componentize-js), each with the WIT, a helper module and one example step.
     New {
         /// The plugin's name: [a-z0-9][a-z0-9-]{0,62}.
         name: String,
+        /// The check's language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: crate::scaffold::Lang,
+    },
+    /// Build the check in DIR (default: the current directory) with its language's toolchain
+    /// (cargo, componentize-py or componentize-js, installed into the project when missing)
+    /// and print the component's path as the last line.
+    Build {
+        #[arg(default_value = ".")]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -329,8 +339,14 @@ pub fn main() -> ExitCode {
             command: PluginCommand::Check { file },
         } => runtime.block_on(check_plugin(&file)),
         Command::Plugin {
-            command: PluginCommand::New { name },
-        } => new_plugin(&name),
+            command: PluginCommand::New { name, lang },
+        } => new_plugin(&name, lang),
+        Command::Plugin {
+            command: PluginCommand::Build { dir },
+        } => crate::plugin_build::build(&dir).map(|wasm| {
+            println!("{}", wasm.display());
+            ExitCode::SUCCESS
+        }),
         Command::Dev {
             file,
             params,
@@ -361,18 +377,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::serve(listener, settings, shutdown).await
 }
 
-fn new_plugin(name: &str) -> anyhow::Result<ExitCode> {
+fn new_plugin(name: &str, lang: crate::scaffold::Lang) -> anyhow::Result<ExitCode> {
     let name = PluginName::parse(name).map_err(anyhow::Error::msg)?;
     let dir = std::path::PathBuf::from(name.as_str());
-    crate::scaffold::new_plugin(&dir, &name)?;
-    println!(
-        "created {}/: cd {name} && cargo build --release",
-        dir.display()
-    );
-    println!(
-        "then: stepwise dev target/wasm32-wasip2/release/{}.wasm --params '{{\"expect\": \"hello\"}}'",
-        name.as_str().replace('-', "_")
-    );
+    crate::scaffold::new_plugin(&dir, &name, lang)?;
+    let wasm = match lang {
+        crate::scaffold::Lang::Rust => format!(
+            "{name}/target/wasm32-wasip2/release/{}.wasm",
+            name.as_str().replace('-', "_")
+        ),
+        _ => format!("{name}/dist/{name}.wasm"),
+    };
+    println!("created {}/: stepwise plugin build {name}", dir.display());
+    println!("then: stepwise dev {wasm} --params '{{\"expect\": \"hello\"}}'");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,6 +15,7 @@ pub mod junit;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod plugin_build;
 pub mod registry;
 pub mod retention;
 pub mod runner;

@@ -1,6 +1,9 @@
-//! `stepwise plugin new NAME`: a Rust check crate that builds as is, outside this repository.
-//! It carries its own copy of the WIT (the guest SDK is not published), uses `wit-bindgen`
-//! directly, and builds for `wasm32-wasip2` with a plain `cargo build --release`.
+//! `stepwise plugin new NAME [--lang rust|python|javascript]`: a check that builds as is,
+//! outside this repository, with `stepwise plugin build` (see [`crate::plugin_build`]).
+//! Each carries its own copy of the WIT. A Rust crate uses `wit-bindgen` directly (the guest SDK
+//! is not published) and builds for `wasm32-wasip2` with a plain `cargo build --release`; a
+//! Python or JavaScript check carries the helper module that `plugins/event-pipeline-py` and
+//! `plugins/event-pipeline-js` are written with, so the scaffold and the demo share one copy.
 
 use std::path::Path;
 
@@ -109,8 +112,16 @@ impl Guest for Plugin {
 export!(Plugin);
 "##;
 
-/// Writes the crate for plugin `name` into `dir`, which must not exist yet.
-pub fn new_plugin(dir: &Path, name: &PluginName) -> anyhow::Result<()> {
+/// The languages a check can be scaffolded and built in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    Rust,
+    Python,
+    Javascript,
+}
+
+/// Writes the check `name` in `lang` into `dir`, which must not exist yet.
+pub fn new_plugin(dir: &Path, name: &PluginName, lang: Lang) -> anyhow::Result<()> {
     anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
     let crate_name = name.as_str().replace('-', "_");
     let fill = |template: &str| {
@@ -118,12 +129,49 @@ pub fn new_plugin(dir: &Path, name: &PluginName) -> anyhow::Result<()> {
             .replace("{name}", name.as_str())
             .replace("{crate}", &crate_name)
     };
-    let mut files: Vec<(&str, String)> = vec![
-        ("Cargo.toml", fill(CARGO_TOML)),
-        (".cargo/config.toml", CARGO_CONFIG.to_owned()),
-        ("src/lib.rs", fill(LIB_RS)),
-        (".gitignore", "/target\n".to_owned()),
-    ];
+    let mut files: Vec<(&str, String)> = match lang {
+        Lang::Rust => vec![
+            ("Cargo.toml", fill(CARGO_TOML)),
+            (".cargo/config.toml", CARGO_CONFIG.to_owned()),
+            ("src/lib.rs", fill(LIB_RS)),
+            (".gitignore", "/target\n".to_owned()),
+        ],
+        Lang::Python => vec![
+            ("app.py", fill(include_str!("scaffold/python/app.py"))),
+            (
+                "stepwise.py",
+                include_str!("../../plugins/event-pipeline-py/stepwise.py").to_owned(),
+            ),
+            (
+                "pyproject.toml",
+                fill(include_str!("scaffold/python/pyproject.toml")),
+            ),
+            ("README.md", fill(include_str!("scaffold/python/README.md"))),
+            (
+                ".gitignore",
+                include_str!("scaffold/python/gitignore").to_owned(),
+            ),
+        ],
+        Lang::Javascript => vec![
+            ("app.js", fill(include_str!("scaffold/javascript/app.js"))),
+            (
+                "stepwise.js",
+                include_str!("../../plugins/event-pipeline-js/stepwise.js").to_owned(),
+            ),
+            (
+                "package.json",
+                fill(include_str!("scaffold/javascript/package.json")),
+            ),
+            (
+                "README.md",
+                fill(include_str!("scaffold/javascript/README.md")),
+            ),
+            (
+                ".gitignore",
+                include_str!("scaffold/javascript/gitignore").to_owned(),
+            ),
+        ],
+    };
     files.extend(
         WIT_FILES
             .iter()

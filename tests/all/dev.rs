@@ -4,7 +4,9 @@ use serde_json::json;
 use stepwise_host::config::Settings;
 use stepwise_host::dev::{DevOutcome, exit_code, run_file};
 
-use crate::support::MISBEHAVE_WASM;
+use stepwise_host::scaffold::Lang;
+
+use crate::support::{MISBEHAVE_WASM, toolchain_installed};
 
 /// Copies the plugin into a temp dir with `manifest` beside it and runs it with `params`.
 async fn dev(manifest: &str, params: serde_json::Value) -> (DevOutcome, String) {
@@ -92,7 +94,8 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let crate_dir = dir.path().join("fresh-check");
     let name = stepwise_host::model::PluginName::parse("fresh-check").expect("a valid name");
-    stepwise_host::scaffold::new_plugin(&crate_dir, &name).expect("scaffolding");
+    stepwise_host::scaffold::new_plugin(&crate_dir, &name, stepwise_host::scaffold::Lang::Rust)
+        .expect("scaffolding");
 
     // The toolchain running this test (its cargo, and the rustc beside it), with the crate's
     // own target dir and flags: nothing of this build's configuration may leak into it. The
@@ -136,6 +139,74 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
     let out = String::from_utf8(out).expect("utf-8 output");
     assert_eq!(outcome, DevOutcome::Passed, "{out}");
     assert!(out.contains(r#"{"expect":"hello"}"#), "{out}");
+}
+
+/// The README's path for a Python or JavaScript check, through the `stepwise` program, from
+/// the directory that will hold it: `stepwise plugin new fresh-check --lang LANG`, `stepwise
+/// plugin build fresh-check`, then a local run of what it printed last.
+async fn a_scaffolded_check_builds_and_passes(lang: Lang, lang_name: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    if !toolchain_installed(lang, &dir.path().join("fresh-check")) {
+        return;
+    }
+    let stepwise = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
+        command.current_dir(dir.path()).args(args);
+        command
+    };
+    let created = stepwise(&["plugin", "new", "fresh-check", "--lang", lang_name])
+        .output()
+        .await
+        .expect("running stepwise plugin new");
+    assert!(created.status.success(), "{created:?}");
+    let built = stepwise(&["plugin", "build", "fresh-check"])
+        .output()
+        .await
+        .expect("running stepwise plugin build");
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let wasm = std::path::PathBuf::from(stdout.lines().last().expect("a last line"));
+    assert_eq!(wasm, dir.path().join("fresh-check/dist/fresh-check.wasm"));
+
+    let settings = Settings::for_data_dir(dir.path());
+    for (params, verdict) in [
+        (json!({"expect": "hello"}), DevOutcome::Passed),
+        (json!({}), DevOutcome::TimedOut),
+    ] {
+        let mut out = Vec::new();
+        let outcome = run_file(
+            &wasm,
+            &params,
+            &settings,
+            Some(std::time::Duration::from_millis(1_500)),
+            &[],
+            &mut out,
+        )
+        .await
+        .expect("a local run");
+        let out = String::from_utf8(out).expect("utf-8 output");
+        assert_eq!(outcome, verdict, "{out}");
+        match verdict {
+            DevOutcome::Passed => assert!(out.contains(r#"{"expect":"hello"}"#), "{out}"),
+            _ => assert!(out.contains("params.expect is not set yet"), "{out}"),
+        }
+        // The helper's log line reaches the host.
+        assert!(out.contains("step expect attempt 1"), "{out}");
+    }
+}
+
+#[tokio::test]
+async fn a_scaffolded_python_check_builds_as_is_and_passes() {
+    a_scaffolded_check_builds_and_passes(Lang::Python, "python").await;
+}
+
+#[tokio::test]
+async fn a_scaffolded_javascript_check_builds_as_is_and_passes() {
+    a_scaffolded_check_builds_and_passes(Lang::Javascript, "javascript").await;
 }
 
 #[tokio::test]

@@ -19,18 +19,76 @@ include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
 /// How long any "eventually" assertion waits before failing.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Whether the toolchain for `lang` is installed for the suite (its variable is set); says
+/// SKIPPED, naming `what` and the variable, when it is not.
+pub fn toolchain_installed(lang: stepwise_host::scaffold::Lang, what: &Path) -> bool {
+    use stepwise_host::scaffold::Lang;
+    let (variable, tool) = match lang {
+        Lang::Python => ("STEPWISE_COMPONENTIZE_PY", "componentize-py 0.25.x"),
+        Lang::Javascript => ("STEPWISE_COMPONENTIZE_JS", "componentize-js 0.23.x"),
+        Lang::Rust => return true,
+    };
+    if std::env::var_os(variable).is_none_or(|value| value.is_empty()) {
+        eprintln!(
+            "SKIPPED: the {lang:?} check in {}; set {variable} to {tool}'s executable (.ci/run \
+             installs it under ~/.cache/stepwise/tools)",
+            what.display()
+        );
+        return false;
+    }
+    true
+}
+
+/// `path` inside this repository.
+pub fn repo_path(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// A check in another language, built by `stepwise plugin build` with the toolchain that
+/// `.ci/run` installs, once per test process: the component's path, or `None` after saying
+/// SKIPPED when the toolchain's variable is unset (the Rust-only set-up has neither).
+pub async fn built_in(lang: stepwise_host::scaffold::Lang, dir: &Path) -> Option<PathBuf> {
+    if !toolchain_installed(lang, dir) {
+        return None;
+    }
+    static BUILT: std::sync::Mutex<BTreeMap<PathBuf, Arc<tokio::sync::OnceCell<PathBuf>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let cell = BUILT
+        .lock()
+        .expect("the build table")
+        .entry(dir.to_owned())
+        .or_default()
+        .clone();
+    let path = cell
+        .get_or_init(|| async {
+            let source = dir.to_owned();
+            tokio::task::spawn_blocking(move || stepwise_host::plugin_build::build(&source))
+                .await
+                .expect("the build task")
+                .unwrap_or_else(|error| {
+                    panic!("stepwise plugin build {}: {error:#}", dir.display())
+                })
+        })
+        .await;
+    Some(path.clone())
+}
+
 /// A plugin to install into the data dir before the server starts.
 pub struct PluginFile {
     pub name: &'static str,
-    pub wasm: &'static str,
+    pub wasm: PathBuf,
     pub manifest: String,
 }
 
 impl PluginFile {
-    pub fn new(name: &'static str, wasm: &'static str, manifest: impl Into<String>) -> PluginFile {
+    pub fn new(
+        name: &'static str,
+        wasm: impl Into<PathBuf>,
+        manifest: impl Into<String>,
+    ) -> PluginFile {
         PluginFile {
             name,
-            wasm,
+            wasm: wasm.into(),
             manifest: manifest.into(),
         }
     }
@@ -117,7 +175,7 @@ impl TestServer {
         std::fs::create_dir_all(&plugins_dir).expect("creating the plugins dir");
         for plugin in &setup.plugins {
             std::fs::copy(
-                plugin.wasm,
+                &plugin.wasm,
                 plugins_dir.join(format!("{}.wasm", plugin.name)),
             )
             .expect("copying a plugin");

@@ -93,7 +93,14 @@ impl Registry {
             Some(text) => self.check_grant(text)?,
             None => parse_grant(&inspect_grant).unwrap_or_default(),
         };
-        let version = PluginVersion::of_bytes(&bytes);
+        // Hashing a 20 MB Python component takes milliseconds: not on an async worker (the
+        // fallback runs only if the blocking pool is shutting down).
+        let version = tokio::task::spawn_blocking({
+            let bytes = bytes.clone();
+            move || PluginVersion::of_bytes(&bytes)
+        })
+        .await
+        .unwrap_or_else(|_| PluginVersion::of_bytes(&bytes));
         let (_, limits) = self.settings.policy.confine(grant, &self.settings.limits);
         let inspected = match self.runtime.inspect(&version, bytes.clone(), &limits).await {
             Ok(inspected) => inspected,

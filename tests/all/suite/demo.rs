@@ -1,24 +1,44 @@
 //! The demo of SPEC §9: an event followed through the simulated collector, warehouse and
-//! report by the `event-pipeline` plugin.
+//! report by the `event-pipeline` plugin, in each of its three languages (SPEC §13): the Rust
+//! one that `build.rs` compiles, and the Python and JavaScript ones that `stepwise plugin build`
+//! builds. The Python and JavaScript checks run beside the Rust one on the same server and
+//! check the same events: their verdicts, messages and outputs must be the Rust one's.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use stepwise_demo::{PipelineConfig, start_pipeline};
+use stepwise_host::scaffold::Lang;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    EVENT_PIPELINE_WASM, PluginFile, Setup, TestServer, sqlite_url, step_statuses,
+    EVENT_PIPELINE_WASM, PluginFile, Setup, TestServer, built_in, repo_path, sqlite_url,
+    step_statuses,
 };
+
+/// The plugin names the demo server holds: the check under test, the same component without
+/// the HTTP grant, and (for Python and JavaScript) the Rust check as the reference.
+const UNDER_TEST: &str = "event-pipeline";
+const UNDER_TEST_DENIED: &str = "event-pipeline-denied";
+const REFERENCE: &str = "event-pipeline-rust";
+const REFERENCE_DENIED: &str = "event-pipeline-rust-denied";
 
 struct Demo {
     server: TestServer,
     pipeline_url: String,
+    /// The plugins each scenario runs, granted and denied: the check under test first.
+    checks: Vec<(&'static str, &'static str)>,
     _pipeline_dir: tempfile::TempDir,
     _stop: tokio_util::sync::DropGuard,
 }
 
-async fn start_demo() -> Demo {
+async fn start_demo(lang: Lang) -> Option<Demo> {
+    let wasm = match lang {
+        Lang::Rust => PathBuf::from(EVENT_PIPELINE_WASM),
+        Lang::Python => built_in(lang, &repo_path("plugins/event-pipeline-py")).await?,
+        Lang::Javascript => built_in(lang, &repo_path("plugins/event-pipeline-js")).await?,
+    };
     let pipeline_dir = tempfile::tempdir().expect("temp dir");
     let warehouse = pipeline_dir.path().join("warehouse.db");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -32,23 +52,36 @@ async fn start_demo() -> Demo {
     let pipeline = start_pipeline(listener, &warehouse, config, stop.clone())
         .await
         .expect("pipeline starts");
-    let manifest = format!(
-        "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\"]\npoll_interval_ms = 100\n",
-        pipeline.addr
-    );
-    let setup = Setup::default()
-        .with_plugin(PluginFile::new(
-            "event-pipeline",
-            EVENT_PIPELINE_WASM,
-            manifest,
-        ))
+    let manifest = |allowed: &str| {
+        format!(
+            "allowed_hosts = [{allowed}]\nsql_sources = [\"warehouse\"]\npoll_interval_ms = 100\n"
+        )
+    };
+    let granted = manifest(&format!("\"{}\"", pipeline.addr));
+    let denied = manifest("");
+    let mut checks = vec![(UNDER_TEST, UNDER_TEST_DENIED)];
+    // The same component twice is compiled once (versions are cached by content hash).
+    let mut setup = Setup::default()
+        .with_plugin(PluginFile::new(UNDER_TEST, &wasm, granted.clone()))
+        .with_plugin(PluginFile::new(UNDER_TEST_DENIED, &wasm, denied.clone()))
         .with_source("warehouse", sqlite_url(&warehouse), true);
-    Demo {
+    if lang != Lang::Rust {
+        checks.push((REFERENCE, REFERENCE_DENIED));
+        setup = setup
+            .with_plugin(PluginFile::new(REFERENCE, EVENT_PIPELINE_WASM, granted))
+            .with_plugin(PluginFile::new(
+                REFERENCE_DENIED,
+                EVENT_PIPELINE_WASM,
+                denied,
+            ));
+    }
+    Some(Demo {
         server: TestServer::start(setup).await,
         pipeline_url: format!("http://{}", pipeline.addr),
+        checks,
         _pipeline_dir: pipeline_dir,
         _stop: stop.drop_guard(),
-    }
+    })
 }
 
 impl Demo {
@@ -68,28 +101,89 @@ impl Demo {
         );
     }
 
-    async fn check(&self, event_id: &str, extra: Value) -> Value {
-        let mut body = json!({
-            "plugin": "event-pipeline",
-            "params": {"event_id": event_id, "name": "purchase", "amount_cents": 4200, "user_id": "u-7", "collector_url": self.pipeline_url},
-        });
-        if let Value::Object(extra) = extra {
-            body.as_object_mut().expect("object").extend(extra);
+    /// Checks `event_id` with every check (granted, or `denied` the HTTP grant) at once, and
+    /// returns their finished runs, the check under test first, after asserting that the
+    /// others reached the same verdict with the same messages and outputs.
+    async fn check(&self, event_id: &str, extra: Value, denied: bool) -> Value {
+        // Triggered one after the other, the runs then poll side by side.
+        let mut ids = Vec::new();
+        for (granted_name, denied_name) in &self.checks {
+            let plugin = if denied { denied_name } else { granted_name };
+            let mut body = json!({
+                "plugin": plugin,
+                "params": {"event_id": event_id, "name": "purchase", "amount_cents": 4200, "user_id": "u-7", "collector_url": self.pipeline_url},
+            });
+            if let Value::Object(extra) = &extra {
+                body.as_object_mut().expect("object").extend(extra.clone());
+            }
+            ids.push(self.server.trigger(body).await);
         }
-        let id = self.server.trigger(body).await;
-        self.server.wait_until_finished(&id).await
+        let mut runs = Vec::new();
+        for id in ids {
+            runs.push(self.server.wait_until_finished(&id).await);
+        }
+        let under_test = runs.remove(0);
+        for reference in runs {
+            assert_eq!(
+                verdict(&under_test),
+                verdict(&reference),
+                "the check differs from the Rust one:\n{under_test:#}\n{reference:#}"
+            );
+        }
+        under_test
     }
+}
+
+/// What a run concluded, without its timing: status, and each step's status, message and
+/// output.
+fn verdict(run: &Value) -> Value {
+    let steps: Vec<Value> = run["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|step| {
+            json!([
+                step["name"],
+                step["status"],
+                step["message"],
+                step["output"]
+            ])
+        })
+        .collect();
+    json!({"status": run["status"], "steps": steps})
 }
 
 fn event(event_id: &str) -> Value {
     json!({"event_id": event_id, "name": "purchase", "amount_cents": 4200, "user_id": "u-7"})
 }
 
-#[tokio::test]
-async fn an_event_is_verified_through_all_three_stages() {
-    let demo = start_demo().await;
+/// One test per language: the Rust check alone, and each of the others beside it.
+macro_rules! in_every_language {
+    ($($lang:ident: $test:ident;)*) => {$(
+        #[tokio::test]
+        async fn $test() {
+            let Some(demo) = start_demo(Lang::$lang).await else {
+                return;
+            };
+            tokio::join!(
+                verified_through_all_three_stages(&demo),
+                lost_before_the_warehouse(&demo),
+                corrupted_in_the_warehouse(&demo),
+                denied_without_a_grant(&demo),
+            );
+        }
+    )*};
+}
+
+in_every_language! {
+    Rust: the_rust_check_verifies_loses_and_fails_events;
+    Python: the_python_check_gives_the_rust_checks_verdicts;
+    Javascript: the_javascript_check_gives_the_rust_checks_verdicts;
+}
+
+async fn verified_through_all_three_stages(demo: &Demo) {
     demo.send_event(event("evt-happy")).await;
-    let run = demo.check("evt-happy", json!({})).await;
+    let run = demo.check("evt-happy", json!({}), false).await;
     assert_eq!(run["status"], "passed", "{run:#}");
     assert_eq!(step_statuses(&run), ["passed", "passed", "passed"]);
     let steps = run["steps"].as_array().expect("steps");
@@ -108,30 +202,49 @@ async fn an_event_is_verified_through_all_three_stages() {
     );
     // The warehouse receives the event 300 ms after the collector, the report 300 ms later.
     assert!(latencies[2] >= 500, "{latencies:?}");
-    assert_eq!(steps[1]["output"]["amount_cents"], 4200);
+    assert_eq!(
+        steps[1]["output"],
+        json!({"event_id": "evt-happy", "name": "purchase", "amount_cents": 4200, "user_id": "u-7"})
+    );
 }
 
-#[tokio::test]
-async fn an_event_lost_before_the_warehouse_times_out_at_step_two() {
-    let demo = start_demo().await;
+async fn lost_before_the_warehouse(demo: &Demo) {
     let mut lost = event("evt-lost");
     lost["drop_at"] = json!("warehouse");
     demo.send_event(lost).await;
-    let run = demo.check("evt-lost", json!({"timeout_ms": 2500})).await;
+    let run = demo
+        .check("evt-lost", json!({"timeout_ms": 2500}), false)
+        .await;
     assert_eq!(run["status"], "timed_out", "{run:#}");
     assert_eq!(step_statuses(&run), ["passed", "timed_out", "skipped"]);
     assert!(run["steps"][0]["passed_after_ms"].is_i64());
 }
 
-#[tokio::test]
-async fn an_event_corrupted_in_the_warehouse_fails_naming_the_field() {
-    let demo = start_demo().await;
+async fn corrupted_in_the_warehouse(demo: &Demo) {
     let mut corrupted = event("evt-corrupt");
     corrupted["corrupt"] = json!("amount");
     demo.send_event(corrupted).await;
-    let run = demo.check("evt-corrupt", json!({})).await;
+    let run = demo.check("evt-corrupt", json!({}), false).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert_eq!(step_statuses(&run), ["passed", "failed", "skipped"]);
-    let message = run["steps"][1]["message"].as_str().expect("message");
-    assert!(message.contains("amount_cents"), "{message}");
+    assert_eq!(
+        run["steps"][1]["message"], "warehouse: amount_cents is 4201, expected 4200",
+        "{run:#}"
+    );
+}
+
+/// The host's refusal reaches the check as its own error (not as a connection failure to be
+/// polled until the timeout), and the check fails the step with it.
+async fn denied_without_a_grant(demo: &Demo) {
+    demo.send_event(event("evt-denied")).await;
+    let run = demo.check("evt-denied", json!({}), true).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(step_statuses(&run), ["failed", "skipped", "skipped"]);
+    let expected = format!(
+        "request to {}/events/evt-denied denied by the host (the attempt's log says why: a host \
+         outside allowed_hosts, an internal address, or a secret it may not carry there)",
+        demo.pipeline_url
+    );
+    assert_eq!(run["steps"][0]["message"], expected.as_str(), "{run:#}");
+    assert_eq!(run["steps"][0]["attempts"], 1, "{run:#}");
 }

@@ -68,7 +68,42 @@ pub fn complete(mut document: OpenApi) -> Json {
     add_links(&mut document);
     let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
     name_link_fields(&mut document);
+    if let Some(schemas) = document
+        .pointer_mut("/components/schemas")
+        .and_then(Json::as_object_mut)
+    {
+        for name in NULL_LEAVES_UNSET {
+            if let Some(schema) = schemas.get_mut(*name) {
+                allow_null_for_optional_fields(schema);
+            }
+        }
+    }
     document
+}
+
+/// Request bodies whose handlers read `null` as "not given" (a grant's JSON becomes TOML,
+/// which has no null; a schedule's fields go through `set_fields`, where `null` on
+/// `misfire_grace_ms` means "no limit").
+const NULL_LEAVES_UNSET: &[&str] = &["Grant", "NewScheduleRequest", "ScheduleChangeRequest"];
+
+/// Makes every property that `schema` does not require accept `null` too, in inline objects
+/// below it as well.
+fn allow_null_for_optional_fields(schema: &mut Json) {
+    let required: Vec<Json> = schema
+        .get("required")
+        .and_then(Json::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let Some(properties) = schema.get_mut("properties").and_then(Json::as_object_mut) else {
+        return;
+    };
+    for (name, property) in properties.iter_mut() {
+        allow_null_for_optional_fields(property);
+        if !required.contains(&Json::String(name.clone())) {
+            let field = property.take();
+            *property = serde_json::json!({"anyOf": [field, {"type": "null"}]});
+        }
+    }
 }
 
 /// utoipa 5 writes a link's `operationId` and `requestBody` in snake case, which no OpenAPI

@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use stepwise_host::capabilities::sql::SqlSources;
-use stepwise_host::model::{Grant, Limits, PluginName, PluginVersion};
-use stepwise_host::runtime::{Capabilities, Runtime, StepCall};
+use stepwise_host::model::{Limits, PluginName, PluginVersion};
+use stepwise_host::runtime::{Runtime, StepCall};
 use stepwise_host::scaffold::Lang;
 
 use crate::Options;
@@ -16,13 +15,7 @@ use crate::stats::{print_header, print_row};
 pub async fn run(options: &Options) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let name = PluginName::parse("probe").map_err(anyhow::Error::msg)?;
-    let capabilities = Capabilities {
-        grant: Grant::default(),
-        limits: Limits::default(),
-        sources: SqlSources::default(),
-        secrets: Default::default(),
-        http_requests_left: 0,
-    };
+    let capabilities = crate::server::no_capabilities();
     let call = StepCall {
         run_id: "bench".into(),
         step: "expect".into(),

@@ -279,3 +279,15 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
         out.push(byte | 0x80);
     }
 }
+
+/// What a plugin call may use when it is granted nothing: no hosts, sources or secrets, and
+/// the default limits.
+pub fn no_capabilities() -> stepwise_host::runtime::Capabilities {
+    stepwise_host::runtime::Capabilities {
+        grant: stepwise_host::model::Grant::default(),
+        limits: stepwise_host::model::Limits::default(),
+        sources: stepwise_host::capabilities::sql::SqlSources::default(),
+        secrets: Default::default(),
+        http_requests_left: 0,
+    }
+}

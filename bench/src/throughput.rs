@@ -223,13 +223,7 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     let version = PluginVersion::of_bytes(&bytes);
     let plugin = runtime.load(&version, bytes.into()).await?;
-    let capabilities = Capabilities {
-        grant: Grant::default(),
-        limits: Limits::default(),
-        sources: SqlSources::default(),
-        secrets: Default::default(),
-        http_requests_left: 0,
-    };
+    let capabilities = crate::server::no_capabilities();
     let call = StepCall {
         run_id: "bench".into(),
         step: "first".into(),

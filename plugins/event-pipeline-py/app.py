@@ -48,24 +48,33 @@ def mismatch(stage, record, expected):
     return None
 
 
-def http_problem(error):
-    return failed(str(error)) if isinstance(error, stepwise.HttpDenied) else pending(str(error))
+def fetch_record(stage, url, not_yet):
+    """`(record, None)` from a 200 answer with JSON, else `(None, the step's outcome)`: a
+    refused request fails, anything else not there yet stays pending."""
+    try:
+        response = stepwise.get(url)
+    except stepwise.HttpDenied as error:
+        return None, failed(str(error))
+    except stepwise.HttpError as error:
+        return None, pending(str(error))
+    if response.status == 404:
+        return None, pending(not_yet)
+    if response.status != 200:
+        return None, pending(f"{stage} answered {response.status}")
+    try:
+        record = response.json()
+    except stepwise.HttpError as error:
+        return None, failed(f"{stage}: {error}")
+    if not isinstance(record, dict):
+        return None, failed(f"{stage}: response body is not the expected JSON: not an object")
+    return record, None
 
 
 def check_collector(params):
     url = f"{params.collector_url.rstrip('/')}/events/{params.event_id}"
-    try:
-        response = stepwise.get(url)
-    except stepwise.HttpError as error:
-        return http_problem(error)
-    if response.status == 404:
-        return pending("event not in the collector yet")
-    if response.status != 200:
-        return pending(f"collector answered {response.status}")
-    try:
-        record = response.json()
-    except stepwise.HttpError as error:
-        return failed(f"collector: {error}")
+    record, outcome = fetch_record("collector", url, "event not in the collector yet")
+    if outcome:
+        return outcome
     message = mismatch("collector", record, params.expected)
     if message:
         return failed(message)
@@ -99,18 +108,9 @@ def check_warehouse(params, input):
 
 def check_report(params):
     url = f"{params.collector_url.rstrip('/')}/report/events/{params.event_id}"
-    try:
-        response = stepwise.get(url)
-    except stepwise.HttpError as error:
-        return http_problem(error)
-    if response.status == 404:
-        return pending("event not in the report yet")
-    if response.status != 200:
-        return pending(f"report answered {response.status}")
-    try:
-        report = response.json()
-    except stepwise.HttpError as error:
-        return failed(f"report: {error}")
+    report, outcome = fetch_record("report", url, "event not in the report yet")
+    if outcome:
+        return outcome
     count = report.get("count")
     count = count if isinstance(count, int) and not isinstance(count, bool) else 0
     if count != 1:

@@ -15,20 +15,26 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 
 use crate::model::PluginName;
-use crate::scaffold::Lang;
 
 /// The componentize-py a Python project gets when its `pyproject.toml` names none.
 const COMPONENTIZE_PY: &str = "0.25.1";
 const WASM_TARGET: &str = "wasm32-wasip2";
 
-/// What `DIR` holds, as far as building it goes.
+/// What `DIR` holds, as far as building it goes. `name` is the plugin's, which names the
+/// `.wasm` of a Python or JavaScript check.
 #[derive(Debug)]
-struct Project {
-    lang: Lang,
-    /// The plugin's name, which names the `.wasm` (Python and JavaScript).
-    name: String,
-    /// Python: the componentize-py version to install; JavaScript: the entry module.
-    detail: String,
+enum Project {
+    Rust,
+    Python {
+        name: String,
+        /// The version installed when none is found.
+        componentize_py: String,
+    },
+    Javascript {
+        name: String,
+        /// The entry module, `package.json`'s `main`.
+        entry: String,
+    },
 }
 
 /// Builds the check in `dir` and returns the path of its component.
@@ -36,22 +42,20 @@ pub fn build(dir: &Path) -> anyhow::Result<PathBuf> {
     // Absolute, because the toolchains run inside it: a relative `x/.venv/bin/…` would be
     // looked up from there.
     let dir = &std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
-    let project = detect(dir)?;
-    match project.lang {
-        Lang::Rust => build_rust(dir),
-        Lang::Python => build_python(dir, &project),
-        Lang::Javascript => build_javascript(dir, &project),
+    match detect(dir)? {
+        Project::Rust => build_rust(dir),
+        Project::Python {
+            name,
+            componentize_py,
+        } => build_python(dir, &name, &componentize_py),
+        Project::Javascript { name, entry } => build_javascript(dir, &name, &entry),
     }
 }
 
 fn detect(dir: &Path) -> anyhow::Result<Project> {
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     if dir.join("Cargo.toml").is_file() {
-        return Ok(Project {
-            lang: Lang::Rust,
-            name: String::new(),
-            detail: String::new(),
-        });
+        return Ok(Project::Rust);
     }
     if dir.join("package.json").is_file() {
         let path = dir.join("package.json");
@@ -65,11 +69,7 @@ fn detect(dir: &Path) -> anyhow::Result<Project> {
             "{} names {entry} as \"main\", which does not exist",
             path.display()
         );
-        return Ok(Project {
-            lang: Lang::Javascript,
-            name,
-            detail: entry,
-        });
+        return Ok(Project::Javascript { name, entry });
     }
     if dir.join("pyproject.toml").is_file() {
         let path = dir.join("pyproject.toml");
@@ -81,7 +81,7 @@ fn detect(dir: &Path) -> anyhow::Result<Project> {
             .and_then(|project| project.get("name"))
             .and_then(toml::Value::as_str);
         let name = plugin_name(name, &path, "[project] name")?;
-        let version = project
+        let componentize_py = project
             .get("tool")
             .and_then(|tool| tool.get("stepwise"))
             .and_then(|stepwise| stepwise.get("componentize-py"))
@@ -93,10 +93,9 @@ fn detect(dir: &Path) -> anyhow::Result<Project> {
             "{} has no app.py: the check's module must be app.py (class WitWorld)",
             dir.display()
         );
-        return Ok(Project {
-            lang: Lang::Python,
+        return Ok(Project::Python {
             name,
-            detail: version,
+            componentize_py,
         });
     }
     anyhow::bail!(
@@ -170,9 +169,9 @@ fn ensure_wasm_target() {
         .status();
 }
 
-fn build_python(dir: &Path, project: &Project) -> anyhow::Result<PathBuf> {
-    let componentize = componentize_py(dir, &project.detail)?;
-    let out = output_path(dir, &project.name)?;
+fn build_python(dir: &Path, name: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let componentize = componentize_py(dir, version)?;
+    let out = output_path(dir, name)?;
     let status = Command::new(&componentize)
         .current_dir(dir)
         .args([
@@ -224,12 +223,12 @@ fn componentize_py(dir: &Path, version: &str) -> anyhow::Result<PathBuf> {
     Ok(local)
 }
 
-fn build_javascript(dir: &Path, project: &Project) -> anyhow::Result<PathBuf> {
+fn build_javascript(dir: &Path, name: &str, entry: &str) -> anyhow::Result<PathBuf> {
     let componentize = componentize_js(dir)?;
-    let out = output_path(dir, &project.name)?;
+    let out = output_path(dir, name)?;
     let status = Command::new(&componentize)
         .current_dir(dir)
-        .arg(&project.detail)
+        .arg(entry)
         .args(["--wit", "wit", "--world-name", "check", "-o"])
         .arg(&out)
         .stdout(std::io::stderr())
@@ -298,6 +297,24 @@ fn on_path(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scaffold::Lang;
+
+    impl Project {
+        fn lang(&self) -> Lang {
+            match self {
+                Project::Rust => Lang::Rust,
+                Project::Python { .. } => Lang::Python,
+                Project::Javascript { .. } => Lang::Javascript,
+            }
+        }
+
+        fn name(&self) -> &str {
+            match self {
+                Project::Rust => "",
+                Project::Python { name, .. } | Project::Javascript { name, .. } => name,
+            }
+        }
+    }
 
     #[test]
     fn a_directory_is_built_in_the_language_its_manifest_names() {
@@ -311,9 +328,9 @@ mod tests {
             let project_dir = dir.path().join(sub);
             crate::scaffold::new_plugin(&project_dir, &name, lang).expect("scaffolding");
             let project = detect(&project_dir).expect("detected");
-            assert_eq!(project.lang, lang);
+            assert_eq!(project.lang(), lang);
             if lang != Lang::Rust {
-                assert_eq!(project.name, "probe");
+                assert_eq!(project.name(), "probe");
             }
         }
         let error = detect(dir.path())

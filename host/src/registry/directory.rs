@@ -158,7 +158,13 @@ impl Directory {
             }
         }
         match registry
-            .install(name, bytes.into(), Some(grant_toml), DIRECTORY_ACTOR)
+            .install_hashed(
+                name,
+                version,
+                bytes.into(),
+                Some(grant_toml),
+                DIRECTORY_ACTOR,
+            )
             .await
         {
             Ok(installed) if installed.new_version || installed.created => {

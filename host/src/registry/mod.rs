@@ -79,6 +79,27 @@ impl Registry {
         grant_toml: Option<String>,
         actor: &str,
     ) -> Result<Installed> {
+        // Hashing a 20 MB Python component takes milliseconds: not on an async worker (the
+        // fallback runs only if the blocking pool is shutting down).
+        let version = tokio::task::spawn_blocking({
+            let bytes = bytes.clone();
+            move || PluginVersion::of_bytes(&bytes)
+        })
+        .await
+        .unwrap_or_else(|_| PluginVersion::of_bytes(&bytes));
+        self.install_hashed(name, version, bytes, grant_toml, actor)
+            .await
+    }
+
+    /// [`Registry::install`] for a caller that has hashed `bytes` already (`version`).
+    pub(super) async fn install_hashed(
+        &self,
+        name: &PluginName,
+        version: PluginVersion,
+        bytes: Bytes,
+        grant_toml: Option<String>,
+        actor: &str,
+    ) -> Result<Installed> {
         let existing = self.store.find_plugin(name.as_str()).await?;
         // The grant the candidate is inspected under; the one stored is decided when it is
         // activated (see `activate_plugin`), not from this read.
@@ -93,14 +114,6 @@ impl Registry {
             Some(text) => self.check_grant(text)?,
             None => parse_grant(&inspect_grant).unwrap_or_default(),
         };
-        // Hashing a 20 MB Python component takes milliseconds: not on an async worker (the
-        // fallback runs only if the blocking pool is shutting down).
-        let version = tokio::task::spawn_blocking({
-            let bytes = bytes.clone();
-            move || PluginVersion::of_bytes(&bytes)
-        })
-        .await
-        .unwrap_or_else(|_| PluginVersion::of_bytes(&bytes));
         let (_, limits) = self.settings.policy.confine(grant, &self.settings.limits);
         let inspected = match self.runtime.inspect(&version, bytes.clone(), &limits).await {
             Ok(inspected) => inspected,

@@ -5,6 +5,8 @@
 mod containment;
 mod fanout;
 mod languages;
+mod load;
+mod postgres;
 mod server;
 mod soak;
 mod stats;
@@ -16,9 +18,9 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
-                      [--minutes N] [--rate N]
+                      [--minutes N] [--rate N] [--postgres URL]
 
-scenarios (default: all but soak and languages):
+scenarios (default: all but soak, languages and postgres):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
@@ -31,7 +33,8 @@ scenarios (default: all but soak and languages):
 
   triggers
           POST /v1/runs from 64 connections for 10 s: requests/s and latency, without
-          authentication and with a bearer token, three interleaved rounds each
+          authentication and with a bearer token, three interleaved rounds each; GET
+          /healthz on the same servers, and the ratio
   due-at-once
           --runs runs of a 3-step plugin (steps pass after 1, 2, 3 s; poll 1 s) all due at
           the same moment: makespan against the ideal 3 s, tick lag, peak RSS
@@ -44,6 +47,10 @@ scenarios (default: all but soak and languages):
           python3 / npm): size, compile, first call, per-call time
   events  Server-Sent Events clients (10, 100, 1,000) held on one node while 25 runs/s change:
           events delivered per second, clients reset for falling behind, RSS
+  postgres
+          --postgres URL: steps and triggers with 1, 2 and 3 nodes on one PostgreSQL
+          database (a fresh one per measurement, made and dropped through URL): throughput
+          and the CPU time per step and per trigger of the database and of the nodes
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
           finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
           minute, and the lag of ticks during sweeps against the rest
@@ -52,6 +59,7 @@ scenarios (default: all but soak and languages):
 --runs N    runs for due-at-once and steps (default 10000)
 --minutes N length of the soak (default 30)
 --rate N    runs per minute in the soak (default 1000)
+--postgres URL  the database server of the postgres scenario
 ";
 
 pub struct Options {
@@ -60,6 +68,7 @@ pub struct Options {
     pub large: Option<PathBuf>,
     pub minutes: usize,
     pub rate: usize,
+    pub postgres: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -70,11 +79,13 @@ fn main() -> ExitCode {
         large: None,
         minutes: 30,
         rate: 1000,
+        postgres: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--large" => options.large = args.next().map(PathBuf::from),
+            "--postgres" => options.postgres = args.next(),
             "--repeat" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(repeat) => options.repeat = repeat,
                 None => return usage("--repeat needs a number"),
@@ -96,7 +107,7 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "languages" | "events" | "soak" => scenarios.push(arg),
+            | "languages" | "events" | "soak" | "postgres" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -126,6 +137,7 @@ fn main() -> ExitCode {
                 "languages" => languages::run(&options).await,
                 "events" => fanout::run(&options).await,
                 "soak" => soak::run(&options).await,
+                "postgres" => postgres::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

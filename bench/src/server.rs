@@ -13,6 +13,8 @@ include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
 
 pub struct BenchServer {
     pub client: reqwest::Client,
+    /// The `Authorization` header's value, with `AuthMode::Tokens`.
+    pub authorization: Option<String>,
     base: String,
     data_dir: PathBuf,
     shutdown: CancellationToken,
@@ -51,6 +53,7 @@ impl BenchServer {
         tune(&mut settings);
         let auth = settings.auth;
         let mut headers = reqwest::header::HeaderMap::new();
+        let mut authorization = None;
         if auth == AuthMode::Tokens {
             std::fs::create_dir_all(data_dir)?;
             let store = stepwise_host::storage::Store::open(&settings.database_url).await?;
@@ -62,10 +65,9 @@ impl BenchServer {
             )
             .await
             .map_err(|_| anyhow::anyhow!("creating the bench's token"))?;
-            headers.insert(
-                reqwest::header::AUTHORIZATION,
-                format!("Bearer {}", token.secret).parse()?,
-            );
+            let value = format!("Bearer {}", token.secret);
+            headers.insert(reqwest::header::AUTHORIZATION, value.parse()?);
+            authorization = Some(value);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
@@ -75,6 +77,7 @@ impl BenchServer {
             client: reqwest::Client::builder()
                 .default_headers(headers)
                 .build()?,
+            authorization,
             base,
             data_dir: data_dir.to_owned(),
             shutdown,
@@ -105,6 +108,12 @@ impl BenchServer {
             task.await.context("server task")??;
         }
         Ok(())
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.host_port()
+            .parse()
+            .expect("the server listens on an IP address")
     }
 
     /// `host:port` the server listens on.

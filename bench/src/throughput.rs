@@ -2,7 +2,6 @@
 //! plugin call on its own.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,13 +13,15 @@ use stepwise_host::runtime::{Capabilities, Runtime, StepCall};
 use stepwise_host::scheduler::planning::{RunOptions, plan_run};
 use stepwise_host::storage::Store;
 
-use crate::Options;
 use crate::server::{BenchServer, MISBEHAVE_WASM};
-use crate::stats::{millis, print_header, print_row};
+use crate::stats::{print_header, print_row};
+use crate::{Options, load};
 
 /// `POST /v1/runs` from 64 connections for 10 s, without authentication and then with a
-/// bearer token checked on every request, on fresh servers. Each run's first step stays
-/// pending with an hour's poll, so every run costs its trigger and one tick.
+/// bearer token checked on every request, on fresh servers; and `GET /healthz` on the same
+/// servers the same way, the limit of the HTTP stack. Each run's first step stays pending with
+/// an hour's poll, so every run costs its trigger and one tick. The load comes from
+/// `load::hammer`, on a thread of its own.
 pub async fn triggers(_options: &Options) -> anyhow::Result<()> {
     // Interleaved rounds, so that a noisy neighbour on the machine hits both modes alike.
     const ROUNDS: usize = 3;
@@ -29,20 +30,46 @@ pub async fn triggers(_options: &Options) -> anyhow::Result<()> {
         open.push(triggers_with(AuthMode::None).await?);
         tokens.push(triggers_with(AuthMode::Tokens).await?);
     }
-    let median = |values: &mut Vec<f64>| {
+    let median = |rounds: &[Round], of: fn(&Round) -> f64| {
+        let mut values: Vec<f64> = rounds.iter().map(of).collect();
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    let (open, tokens) = (median(&mut open), median(&mut tokens));
-    println!(
-        "\ntoken check, median over {ROUNDS} rounds of each round's median request latency: \
-         {open:.3} ms with --auth none, {tokens:.3} ms with --auth tokens ({:+.3} ms)",
-        tokens - open
-    );
+    println!("\n## triggers: medians over {ROUNDS} rounds\n");
+    println!("| | POST /v1/runs req/s | p50 ms | p99 ms | GET /healthz req/s | POST ÷ healthz |");
+    println!("|---|---|---|---|---|---|");
+    for (name, rounds) in [("--auth none", &open), ("--auth tokens", &tokens)] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} % |",
+            median(rounds, |round| round.per_second),
+            median(rounds, |round| round.p50_ms),
+            median(rounds, |round| round.p99_ms),
+            median(rounds, |round| round.healthz_per_second),
+            100.0 * median(rounds, |round| round.per_second / round.healthz_per_second),
+        );
+    }
     Ok(())
 }
 
-async fn triggers_with(auth: AuthMode) -> anyhow::Result<f64> {
+/// One round of `triggers`.
+struct Round {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    healthz_per_second: f64,
+}
+
+/// A trigger of a run whose first step stays pending for an hour: it costs its trigger and
+/// one tick.
+pub(crate) fn pending_run() -> serde_json::Value {
+    json!({
+        "plugin": "misbehave",
+        "poll_interval_ms": 3_600_000,
+        "params": {"steps": {"first": {"action": "pending"}}},
+    })
+}
+
+async fn triggers_with(auth: AuthMode) -> anyhow::Result<Round> {
     const CONNECTIONS: usize = 64;
     const SECONDS: u64 = 10;
     let dir = tempfile::tempdir()?;
@@ -50,33 +77,32 @@ async fn triggers_with(auth: AuthMode) -> anyhow::Result<f64> {
     server
         .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
         .await?;
-    let body = json!({
-        "plugin": "misbehave",
-        "poll_interval_ms": 3_600_000,
-        "params": {"steps": {"first": {"action": "pending"}}},
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let (server, stop, body) = (server.clone(), stop.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                server.trigger(&body).await?;
-                latencies.push(millis(started.elapsed()));
-            }
-            anyhow::Ok(latencies)
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(SECONDS)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.context("trigger task")??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let post = load::post_json(
+        server.host_port(),
+        "/v1/runs",
+        server.authorization.as_deref(),
+        &pending_run().to_string(),
+    );
+    let addr = server.addr();
+    let duration = Duration::from_secs(SECONDS);
+    let mut load =
+        tokio::task::spawn_blocking(move || load::hammer(addr, post, CONNECTIONS, duration))
+            .await??;
+    let healthz = load::get(server.host_port(), "/healthz");
+    let healthz =
+        tokio::task::spawn_blocking(move || load::hammer(addr, healthz, CONNECTIONS, duration))
+            .await??;
+    // Every 202 is a run on disk: the count must match.
+    let settings = Settings::for_data_dir(dir.path());
+    let database = sqlx::SqlitePool::connect(&settings.database_url).await?;
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM runs")
+        .fetch_one(&database)
+        .await?;
+    anyhow::ensure!(
+        stored as usize == load.latencies_ms.len(),
+        "{} runs accepted, {stored} stored",
+        load.latencies_ms.len()
+    );
     let auth_name = match auth {
         AuthMode::None => "--auth none",
         AuthMode::Tokens => "--auth tokens",
@@ -84,14 +110,27 @@ async fn triggers_with(auth: AuthMode) -> anyhow::Result<f64> {
     print_header(&format!(
         "POST /v1/runs, durable (SQLite WAL, synchronous FULL), {CONNECTIONS} connections, {SECONDS} s, {auth_name}"
     ));
-    print_row("request latency", "ms", &latencies);
-    println!(
-        "\nthroughput: {:.0} requests/s ({} accepted in {elapsed:.1} s)",
-        latencies.len() as f64 / elapsed,
-        latencies.len()
+    print_row("request latency", "ms", &load.latencies_ms);
+    print_row(
+        "GET /healthz latency, same server",
+        "ms",
+        &healthz.latencies_ms,
     );
-    latencies.sort_by(f64::total_cmp);
-    Ok(latencies[latencies.len() / 2])
+    println!(
+        "\nthroughput: {:.0} requests/s ({} accepted in {:.1} s); GET /healthz {:.0} requests/s",
+        load.per_second(),
+        load.latencies_ms.len(),
+        load.elapsed.as_secs_f64(),
+        healthz.per_second(),
+    );
+    load.latencies_ms.sort_by(f64::total_cmp);
+    let quantile = |q: usize| load.latencies_ms[(load.latencies_ms.len() * q).div_ceil(100) - 1];
+    Ok(Round {
+        per_second: load.per_second(),
+        p50_ms: quantile(50),
+        p99_ms: quantile(99),
+        healthz_per_second: healthz.per_second(),
+    })
 }
 
 /// `runs` runs of a 3-step plugin, made due at the same moment: they are written while the
@@ -99,36 +138,15 @@ async fn triggers_with(auth: AuthMode) -> anyhow::Result<f64> {
 /// the poll interval is 1 s, so the ideal makespan is 3 s.
 pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     let runs = options.runs;
-    let dir = tempfile::tempdir()?;
-    let mut server = BenchServer::start(dir.path()).await?;
-    server
-        .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
-        .await?;
-    server.stop().await?;
-
-    let settings = Settings::for_data_dir(dir.path());
-    let store = Store::open(&settings.database_url).await?;
-    let plugin = store
-        .find_plugin("misbehave")
-        .await?
-        .context("the uploaded plugin")?;
+    let (per_call_us, cores, ceiling) = call_ceiling().await?;
     let params = json!({"steps": {
         "first": {"action": "pass_after_ms", "ms": 1000},
         "second": {"action": "pass_after_ms", "ms": 2000},
         "third": {"action": "pass_after_ms", "ms": 3000},
     }});
     let written = Instant::now();
-    for _ in 0..runs {
-        let options = RunOptions {
-            poll_interval: Some(Duration::from_secs(1)),
-            ..RunOptions::default()
-        };
-        let run = plan_run(&plugin, &params, options, &settings, now_millis())
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-        store.enqueue_run(&run).await?;
-    }
+    let (dir, settings) = due_runs(runs, &params, Some(Duration::from_secs(1))).await?;
     let written = written.elapsed();
-    drop(store);
 
     let started = Instant::now();
     let started_ms = now_millis();
@@ -146,6 +164,9 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     )
     .fetch_one(&database)
     .await?;
+    let (calls,): (i64,) = sqlx::query_as("SELECT count(*) FROM attempts")
+        .fetch_one(&database)
+        .await?;
     // The runs were written before the server started: their first ticks count from the
     // start, not from when they were written.
     let lags: Vec<(i64,)> =
@@ -159,10 +180,15 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
         "{runs} runs of a 3-step plugin due at once (steps pass after 1 s, 2 s, 3 s; poll 1 s)"
     ));
     print_row("tick lag", "ms", &lags);
+    // The calls alone need this long at the machine's ceiling.
+    let calls_ms = calls as f64 * 1e3 / ceiling;
     println!(
-        "\nmakespan {makespan:.0} ms = {:.2} × the ideal 3000 ms; {not_passed} runs not passed; \
-         peak RSS of the process {:.0} MiB; writing the runs took {:.1} s",
+        "\nmakespan {makespan:.0} ms = {:.2} × the ideal 3000 ms; {calls} calls at the ceiling \
+         ({per_call_us:.1} µs per call, {cores} cores) take {calls_ms:.0} ms: makespan = {:.2} × \
+         the larger; {not_passed} runs not passed; peak RSS of the process {:.0} MiB; writing \
+         the runs took {:.1} s",
         makespan / 3000.0,
+        makespan / calls_ms.max(3000.0),
         crate::stats::peak_resident_mib()?,
         written.as_secs_f64()
     );
@@ -170,10 +196,29 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `runs` runs whose three steps pass at once: steps per second from the first trigger to the
-/// last step written.
+/// Trivial steps (three that pass at once per run) against the machine's call ceiling,
+/// `cores ÷ one plugin call`, measured in the same invocation: `runs` runs written before the
+/// server starts (the engine alone: claim, call, write), then as many triggered over HTTP by
+/// 16 clients while they run (from the first trigger to the last step written).
 pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
-    let runs = options.runs.min(5_000);
+    let runs = options.runs.min(20_000);
+    let (per_call_us, cores, ceiling) = call_ceiling().await?;
+
+    // Written first, then the server starts: every run is due at once.
+    let (dir, settings) = due_runs(runs, &json!({}), None).await?;
+    let started = Instant::now();
+    let server = BenchServer::start(dir.path()).await?;
+    let database = sqlx::SqlitePool::connect(&settings.database_url).await?;
+    wait_until_finished(
+        &database,
+        started,
+        Duration::from_secs(600),
+        Duration::from_millis(20),
+    )
+    .await?;
+    let engine = (runs * 3) as f64 / started.elapsed().as_secs_f64();
+    drop(server);
+
     let dir = tempfile::tempdir()?;
     let server = Arc::new(BenchServer::start(dir.path()).await?);
     server
@@ -205,14 +250,133 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     )
     .await?;
     let elapsed = started.elapsed();
+    let end_to_end = (runs * 3) as f64 / elapsed.as_secs_f64();
     println!(
-        "\n## trivial steps end to end (trigger, claim, instantiate, call, persist)\n\n\
-         {runs} runs × 3 steps in {:.2} s: {:.0} steps/s (triggering took {:.2} s of it)",
+        "\n## trivial steps (claim, instantiate, call, persist)\n\n\
+         one plugin call {per_call_us:.1} µs (median) on {cores} cores: ceiling {ceiling:.0} calls/s\n\
+         {runs} runs × 3 steps due at once: {engine:.0} steps/s = {:.0} % of the ceiling\n\
+         {runs} runs × 3 steps triggered over HTTP meanwhile: {end_to_end:.0} steps/s = {:.0} % \
+         (triggering took {:.2} s of {:.2} s)",
+        100.0 * engine / ceiling,
+        100.0 * end_to_end / ceiling,
+        triggered.as_secs_f64(),
         elapsed.as_secs_f64(),
-        (runs * 3) as f64 / elapsed.as_secs_f64(),
-        triggered.as_secs_f64()
     );
     Ok(())
+}
+
+/// A data dir whose database holds the misbehave plugin and `runs` runs of it with `params`,
+/// all due at once when a server starts on it.
+async fn due_runs(
+    runs: usize,
+    params: &serde_json::Value,
+    poll_interval: Option<Duration>,
+) -> anyhow::Result<(tempfile::TempDir, Settings)> {
+    let dir = tempfile::tempdir()?;
+    let mut server = BenchServer::start(dir.path()).await?;
+    server
+        .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
+        .await?;
+    server.stop().await?;
+    let settings = Settings::for_data_dir(dir.path());
+    let store = Store::open(&settings.database_url).await?;
+    let plugin = store
+        .find_plugin("misbehave")
+        .await?
+        .context("the uploaded plugin")?;
+    write_runs(&store, &plugin, params, poll_interval, &settings, runs).await?;
+    Ok((dir, settings))
+}
+
+/// Writes `runs` runs of `plugin` through the store, 64 at a time (so they share commits).
+pub(crate) async fn write_runs(
+    store: &Store,
+    plugin: &stepwise_host::storage::PluginRecord,
+    params: &serde_json::Value,
+    poll_interval: Option<Duration>,
+    settings: &Settings,
+    runs: usize,
+) -> anyhow::Result<()> {
+    const WRITERS: usize = 64;
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let count = runs / WRITERS + usize::from(writer < runs % WRITERS);
+        let (store, plugin, params, settings) = (
+            store.clone(),
+            plugin.clone(),
+            params.clone(),
+            settings.clone(),
+        );
+        writers.spawn(async move {
+            for _ in 0..count {
+                let options = RunOptions {
+                    poll_interval,
+                    ..RunOptions::default()
+                };
+                let run = plan_run(&plugin, &params, options, &settings, now_millis())
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                store.enqueue_run(&run).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(written) = writers.join_next().await {
+        written??;
+    }
+    Ok(())
+}
+
+/// One plugin call's median time in µs, the cores, and the calls per second they allow.
+async fn call_ceiling() -> anyhow::Result<(f64, usize, f64)> {
+    let runtime = Runtime::new(None, 64, &Limits::default())?;
+    let bytes = std::fs::read(MISBEHAVE_WASM)?;
+    let plugin = runtime
+        .load(&PluginVersion::of_bytes(&bytes), bytes.into())
+        .await?;
+    let mut samples = time_calls(&runtime, &plugin, &crate::server::no_capabilities(), 10).await?;
+    samples.sort_by(f64::total_cmp);
+    let per_call_us = samples[samples.len() / 2];
+    let cores = std::thread::available_parallelism()?.get();
+    Ok((per_call_us, cores, cores as f64 * 1e6 / per_call_us))
+}
+
+/// Mean time of one call (instantiate + call + drop), in µs, over 200 calls per sample; two
+/// rounds first warm caches and the thread pool.
+async fn time_calls(
+    runtime: &Runtime,
+    plugin: &Arc<stepwise_host::runtime::LoadedPlugin>,
+    capabilities: &Capabilities,
+    samples: usize,
+) -> anyhow::Result<Vec<f64>> {
+    const CALLS: u32 = 200;
+    let call = StepCall {
+        run_id: "bench".into(),
+        step: "first".into(),
+        attempt: 1,
+        elapsed: Duration::ZERO,
+        params: "{}".into(),
+        outputs: "{}".into(),
+        traceparent: None,
+    };
+    let mut times = Vec::new();
+    for round in 0..samples + 2 {
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            let report = runtime
+                .run_step(plugin, call.clone(), capabilities)
+                .await
+                .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
+            anyhow::ensure!(
+                report.message.is_none(),
+                "the call failed: {:?}",
+                report.message
+            );
+        }
+        if round >= 2 {
+            times.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS));
+        }
+    }
+    Ok(times)
 }
 
 /// One `run-step` call of a small Rust plugin: a fresh Store and instance from the cached
@@ -223,15 +387,6 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
     let version = PluginVersion::of_bytes(&bytes);
     let plugin = runtime.load(&version, bytes.into()).await?;
     let capabilities = crate::server::no_capabilities();
-    let call = StepCall {
-        run_id: "bench".into(),
-        step: "first".into(),
-        attempt: 1,
-        elapsed: Duration::ZERO,
-        params: "{}".into(),
-        outputs: "{}".into(),
-        traceparent: None,
-    };
     // The same calls with three secrets configured: every output, message and log line is
     // then redacted before the host keeps it.
     let secret = |name: &str| Secret {
@@ -248,31 +403,11 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         secrets: secrets.clone(),
         ..capabilities.clone()
     };
-    let mut samples = Vec::new();
-    let mut samples_with_secrets = Vec::new();
-    for round in 0..options.repeat.max(10) + 2 {
-        for (capabilities, samples) in [
-            (&capabilities, &mut samples),
-            (&with_secrets, &mut samples_with_secrets),
-        ] {
-            const CALLS: u32 = 200;
-            let started = Instant::now();
-            for _ in 0..CALLS {
-                let report = runtime
-                    .run_step(&plugin, call.clone(), capabilities)
-                    .await
-                    .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
-                anyhow::ensure!(
-                    report.message.is_none(),
-                    "the call failed: {:?}",
-                    report.message
-                );
-            }
-            // The first rounds warm caches and the thread pool.
-            if round >= 2 {
-                samples.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS));
-            }
-        }
+    let (mut samples, mut samples_with_secrets) = (Vec::new(), Vec::new());
+    // Interleaved, so that a noisy neighbour on the machine hits both alike.
+    for _ in 0..options.repeat.max(10) {
+        samples.extend(time_calls(&runtime, &plugin, &capabilities, 1).await?);
+        samples_with_secrets.extend(time_calls(&runtime, &plugin, &with_secrets, 1).await?);
     }
     // Redaction of a large output: 64 KiB of JSON strings, none of which holds a value.
     let output = serde_json::to_string(&vec!["an ordinary field value"; 2_800])?;

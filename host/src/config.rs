@@ -3,7 +3,7 @@
 //! This is the only module that reads env vars, and the only one that knows TOML, so plugin
 //! manifests (`<name>.toml`, the grant) are parsed here as well.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -849,6 +849,27 @@ pub struct ManifestFile {
     retry: Option<RetryFile>,
 }
 
+/// [`parse_grant`] of a grant the database holds (it passed `parse_grant` when stored),
+/// remembered by its text: every trigger and every tick reads its plugin's grant, grants
+/// change rarely, and parsing TOML costs more than the rest of planning a run.
+pub fn parse_stored_grant(text: &str) -> anyhow::Result<Grant> {
+    /// Distinct grant texts remembered at most; past it the memory starts again.
+    const REMEMBERED: usize = 256;
+    static PARSED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Grant>>> =
+        std::sync::LazyLock::new(Default::default);
+    let parsed = || PARSED.lock().unwrap_or_else(|poison| poison.into_inner());
+    if let Some(grant) = parsed().get(text) {
+        return Ok(grant.clone());
+    }
+    let grant = parse_grant(text)?;
+    let mut remembered = parsed();
+    if remembered.len() >= REMEMBERED {
+        remembered.clear();
+    }
+    remembered.insert(text.to_owned(), grant.clone());
+    Ok(grant)
+}
+
 /// Parses a manifest's TOML text into a [`Grant`], checking every `allowed_hosts` entry.
 pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
     let manifest: ManifestFile = toml::from_str(text).context("parsing plugin manifest")?;
@@ -884,6 +905,7 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
 /// kept in.
 pub fn grant_toml_from_json(grant: &serde_json::Value) -> anyhow::Result<String> {
     anyhow::ensure!(grant.is_object(), "the grant must be a JSON object");
+    check_names(grant)?;
     // `null` means "not set", as for every optional field of the API.
     let grant = without_nulls(grant.clone());
     // Checked as JSON first, so that a mistake is reported in the form it was sent in.
@@ -897,6 +919,60 @@ pub fn grant_toml_from_json(grant: &serde_json::Value) -> anyhow::Result<String>
         })?;
     drop(manifest);
     toml::to_string(&grant).context("the grant cannot be written as a manifest")
+}
+
+/// A `null` leaves a field unset, but a `null` under a name the grant does not have is still
+/// an unknown field. Each null that stops the check as the wrong type (a known field) is taken
+/// out and the check runs again, until it passes or names an unknown field; any other mistake
+/// is reported by the check of the grant without its nulls.
+fn check_names(grant: &serde_json::Value) -> anyhow::Result<()> {
+    let mut probe = grant.clone();
+    loop {
+        let Err(error) = serde_path_to_error::deserialize::<_, ManifestFile>(probe.clone()) else {
+            return Ok(());
+        };
+        if error.inner().to_string().starts_with("unknown field") {
+            anyhow::bail!(
+                "the grant is invalid at {}: {}",
+                error.path(),
+                error.inner()
+            );
+        }
+        if !remove_null(&mut probe, error.path()) {
+            return Ok(());
+        }
+    }
+}
+
+/// Removes the `null` at `path`; false if there is none.
+fn remove_null(value: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
+    let keys: Vec<String> = path
+        .iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    if keys.len() != path.iter().count() {
+        return false;
+    }
+    let Some((last, parents)) = keys.split_last() else {
+        return false;
+    };
+    let mut object = value;
+    for key in parents {
+        match object.get_mut(key) {
+            Some(inner) => object = inner,
+            None => return false,
+        }
+    }
+    match object.as_object_mut() {
+        Some(map) if map.get(last).is_some_and(serde_json::Value::is_null) => {
+            map.remove(last);
+            true
+        }
+        _ => false,
+    }
 }
 
 fn without_nulls(value: serde_json::Value) -> serde_json::Value {
@@ -915,6 +991,23 @@ fn without_nulls(value: serde_json::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_null_leaves_a_known_field_unset_but_never_hides_an_unknown_one() {
+        let known = serde_json::json!({"allowed_hosts": null, "limits": {"memory_mib": null}});
+        assert_eq!(
+            grant_toml_from_json(&known).expect("known fields").trim(),
+            "[limits]"
+        );
+        for unknown in [
+            serde_json::json!({"": null}),
+            serde_json::json!({"allowed_hosts": null, "zzz": null}),
+            serde_json::json!({"limits": {"memory_mib": null, "bogus": null}}),
+        ] {
+            let error = grant_toml_from_json(&unknown).expect_err("an unknown field");
+            assert!(format!("{error:#}").contains("unknown field"), "{error:#}");
+        }
+    }
 
     #[test]
     fn manifest_parses_into_a_grant() {

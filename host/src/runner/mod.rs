@@ -13,15 +13,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sql::SqlSources;
-use crate::config::{Settings, parse_grant};
+use crate::config::{Settings, parse_stored_grant};
 use crate::metrics::Metrics;
 use crate::model::{
     AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, notify_series,
     now_millis,
 };
-use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
+use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall, StepReport};
 use crate::storage::{
-    self, ClaimedRun, NewAttempt, NotifyWrite, RunRecord, RunWrite, StepWrite, Store, TickWrite,
+    self, ClaimedRun, LoadedTick, NewAttempt, NotifyWrite, RunRecord, RunWrite, StepWrite, Store,
+    TickWrite,
 };
 use crate::telemetry;
 
@@ -45,6 +46,14 @@ pub struct Runner {
     secrets: Secrets,
     settings: Arc<Settings>,
     metrics: Metrics,
+}
+
+/// The call a report answers: its attempt number, when it started, and when its tick was due
+/// (the tick's first call only).
+struct NewCall {
+    attempt: u32,
+    started_at: UnixMillis,
+    due_at: Option<UnixMillis>,
 }
 
 /// Where a run stands between two steps of one tick.
@@ -96,278 +105,361 @@ impl Runner {
         }
     }
 
+    /// A tick in four phases: resolve the plugin, then for each step that runs in this tick
+    /// check its budgets, call it, decide what its report means, and write that.
     async fn tick_inner(&self, claim: &ClaimedRun) -> Result<()> {
-        let Some((run, grant_toml)) = self.store.load_tick(&claim.id).await? else {
+        let Some(LoadedTick { run, grant_toml }) = self.store.load_tick(claim).await? else {
             return Ok(());
         };
         if run.status.is_terminal() {
             return Ok(());
         }
         tracing::Span::current().record("plugin", run.plugin_name.as_str());
-        let now = now_millis();
         let mut progress = Progress {
             position: run.current_step,
             error_count: run.error_count,
-            started_at: run.started_at.unwrap_or(now),
+            started_at: run.started_at.unwrap_or_else(now_millis),
             outputs: passed_outputs(&run),
             http_requests: run.http_requests,
         };
-        // Checked before the plugin is loaded too: a host that cannot load it (a fault that
-        // is retried) must still end the run at its deadline.
-        if now >= run.deadline_at {
-            let write = self.deadline_passed(&run, claim, &progress);
-            return self.commit(&run, write).await;
-        }
-        let resolved = self.keeping_lease(claim, self.resolve_plugin(&run, grant_toml.as_deref()));
-        let (plugin, grant) = match resolved.await?? {
-            Ok(resolved) => resolved,
-            Err(PluginUnavailable(message)) => {
-                let write = self.finish(
-                    &run,
-                    claim,
-                    &progress,
-                    None,
-                    StepStatus::Errored,
-                    RunStatus::Errored,
-                    message,
-                );
-                return self.commit(&run, write).await;
-            }
-        };
-        // A grant stored before the operator tightened the policy is cut down to it here.
-        let (grant, limits) = self.settings.policy.confine(grant, &self.settings.limits);
-        let mut capabilities = Capabilities {
-            limits,
-            grant,
-            sources: self.sources.clone(),
-            secrets: self.secrets.current(),
-            http_requests_left: 0,
+        let (plugin, mut capabilities) = match self
+            .resolve(&run, claim, &progress, grant_toml.as_deref())
+            .await?
+        {
+            Ok(ready) => ready,
+            Err(write) => return self.commit(&run, *write).await,
         };
         // Only the tick's first call was due at a time; later steps of the tick run at once.
         let mut due_at = Some(claim.due_at);
         loop {
-            let step = &run.steps[progress.position];
             let now = now_millis();
-            if now >= run.deadline_at {
-                let write = self.deadline_passed(&run, claim, &progress);
+            if let Some(write) = self.out_of_time(&run, claim, &progress, now) {
                 return self.commit(&run, write).await;
             }
-            if let (Some(timeout_ms), Some(first_attempt_at)) =
-                (step.timeout_ms, step.first_attempt_at)
-                && now >= first_attempt_at + timeout_ms
-            {
-                let message = format!(
-                    "step {:?} was still pending after its timeout of {timeout_ms} ms",
-                    step.name
-                );
-                let write = self.finish(
+            let (attempt, report) = self
+                .call(
                     &run,
                     claim,
+                    &plugin,
+                    &mut capabilities,
                     &progress,
-                    None,
-                    StepStatus::TimedOut,
-                    RunStatus::TimedOut,
-                    message,
-                );
-                return self.commit(&run, write).await;
-            }
-
-            let attempt = step.attempts + 1;
-            // Debug: the log does not need it, so without an exporter it costs nothing.
-            let call_span = tracing::debug_span!(
-                target: telemetry::TARGET,
-                "step.call",
-                otel.name = "step",
-                step = %step.name,
-                attempt,
-                outcome = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
-                otel.status_message = tracing::field::Empty,
+                    now,
+                    due_at,
+                )
+                .await?;
+            let write = self.decide(
+                &run,
+                claim,
+                &mut progress,
+                &capabilities,
+                report,
+                NewCall {
+                    attempt,
+                    started_at: now,
+                    due_at: due_at.take(),
+                },
             );
-            let call = StepCall {
-                traceparent: telemetry::traceparent(&call_span),
-                run_id: run.id.to_string(),
-                step: step.name.clone(),
-                attempt,
-                elapsed: Duration::from_millis((now - progress.started_at).max(0) as u64),
-                params: run.params.clone(),
-                outputs: Json::Object(progress.outputs.clone()).to_string(),
-            };
-            capabilities.http_requests_left = capabilities
-                .limits
-                .http_requests_per_run
-                .saturating_sub(progress.http_requests);
-            let report = self
-                .keeping_lease(claim, self.runtime.run_step(&plugin, call, &capabilities))
-                .instrument(call_span.clone())
-                .await?
-                .map_err(|fault| Error::HostFault(fault.0))?;
-            // The span's status is the call's outcome; `pending` leaves it unset.
-            call_span.record("outcome", report.outcome.as_str());
-            match report.outcome {
-                AttemptOutcome::Passed => {
-                    call_span.record("otel.status_code", "OK");
-                }
-                AttemptOutcome::Pending => {}
-                _ => {
-                    call_span.record("otel.status_code", "ERROR");
-                    call_span.record(
-                        "otel.status_message",
-                        report.message.as_deref().unwrap_or(report.outcome.as_str()),
-                    );
-                }
-            }
-            drop(call_span);
-            progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
-            let finished_at = now_millis();
-            tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
-            if let Some(due) = due_at {
-                self.metrics.record_tick_lag(now - due);
-            }
-            self.metrics.record_call(
-                &run.plugin_name,
-                &step.name,
-                report.outcome.as_str(),
-                report.duration,
-                report.message.as_deref(),
-            );
-            if report.outcome == AttemptOutcome::Passed {
-                self.metrics.record_passed_after(
-                    &run.plugin_name,
-                    &step.name,
-                    finished_at - progress.started_at,
-                );
-            }
-            let new_attempt = NewAttempt {
-                attempt,
-                outcome: report.outcome,
-                message: report.message.clone(),
-                logs: report.logs,
-                started_at: now,
-                duration_ms: report.duration.as_millis() as i64,
-                due_at: due_at.take(),
-            };
-            let message = report.message.unwrap_or_default();
-            let is_last = progress.position + 1 == run.steps.len();
-            let write = match report.outcome {
-                AttemptOutcome::Passed => {
-                    let output = report.output.unwrap_or_else(|| "null".into());
-                    progress.outputs.insert(
-                        step.name.clone(),
-                        serde_json::from_str(&output).unwrap_or(Json::Null),
-                    );
-                    let step_write = StepWrite {
-                        position: progress.position,
-                        status: StepStatus::Passed,
-                        message: None,
-                        output: Some(output),
-                        passed_after_ms: Some(finished_at - progress.started_at),
-                        skip_rest: false,
-                    };
-                    let run_write = if is_last {
-                        self.run_write(
-                            &progress,
-                            RunStatus::Passed,
-                            None,
-                            progress.position,
-                            None,
-                            None,
-                        )
-                    } else {
-                        self.run_write(
-                            &progress,
-                            RunStatus::Running,
-                            None,
-                            progress.position + 1,
-                            Some(finished_at),
-                            Some(self.lease_ms()),
-                        )
-                    };
-                    self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
-                }
-                AttemptOutcome::Pending => {
-                    if step.max_attempts.is_some_and(|max| attempt >= max) {
-                        let message = format!(
-                            "step {:?} was still pending after {attempt} attempts: {message}",
-                            step.name
-                        );
-                        self.finish(
-                            &run,
-                            claim,
-                            &progress,
-                            Some(new_attempt),
-                            StepStatus::Failed,
-                            RunStatus::Failed,
-                            message,
-                        )
-                    } else {
-                        self.wait_for_next_tick(
-                            &run,
-                            claim,
-                            &progress,
-                            new_attempt,
-                            finished_at,
-                            message,
-                            run.poll_interval_ms,
-                        )
-                    }
-                }
-                AttemptOutcome::Failed => {
-                    let run_message = format!("step {:?} failed: {message}", step.name);
-                    let mut write = self.finish(
-                        &run,
-                        claim,
-                        &progress,
-                        Some(new_attempt),
-                        StepStatus::Failed,
-                        RunStatus::Failed,
-                        run_message,
-                    );
-                    write.step.message = Some(message);
-                    write
-                }
-                AttemptOutcome::Errored => {
-                    progress.error_count += 1;
-                    if progress.error_count >= run.max_errors {
-                        let run_message = format!(
-                            "step {:?} errored {} times (max_errors {}); last error: {message}",
-                            step.name, progress.error_count, run.max_errors
-                        );
-                        let mut write = self.finish(
-                            &run,
-                            claim,
-                            &progress,
-                            Some(new_attempt),
-                            StepStatus::Errored,
-                            RunStatus::Errored,
-                            run_message,
-                        );
-                        write.step.message = Some(message);
-                        write
-                    } else {
-                        // The run's backoff, else the grant's; without either the poll interval.
-                        let backoff = run
-                            .retry
-                            .or(capabilities.grant.retry)
-                            .map(|retry| retry.delay(progress.error_count));
-                        self.wait_for_next_tick(
-                            &run,
-                            claim,
-                            &progress,
-                            new_attempt,
-                            finished_at,
-                            format!("errored: {message}"),
-                            backoff.map_or(run.poll_interval_ms, |wait| wait.as_millis() as i64),
-                        )
-                    }
-                }
-            };
             let tick_goes_on = write.run.keep_lease_ms.is_some();
             self.commit(&run, write).await?;
             if !tick_goes_on {
                 return Ok(());
             }
             progress.position += 1;
+        }
+    }
+
+    /// Phase 1: the plugin and what it may do, or the write that ends the run without a call
+    /// (its deadline passed, or the plugin is gone). The deadline is checked before the plugin
+    /// is loaded: a host that cannot load it (a fault that is retried) must still end the run
+    /// at its deadline.
+    async fn resolve(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &Progress,
+        grant_toml: Option<&str>,
+    ) -> Result<Result<(Arc<LoadedPlugin>, Capabilities), Box<TickWrite>>> {
+        if now_millis() >= run.deadline_at {
+            return Ok(Err(Box::new(self.deadline_passed(run, claim, progress))));
+        }
+        let resolved = self.keeping_lease(claim, self.resolve_plugin(run, grant_toml));
+        let (plugin, grant) = match resolved.await?? {
+            Ok(resolved) => resolved,
+            Err(PluginUnavailable(message)) => {
+                return Ok(Err(Box::new(self.finish(
+                    run,
+                    claim,
+                    progress,
+                    None,
+                    StepStatus::Errored,
+                    RunStatus::Errored,
+                    message,
+                ))));
+            }
+        };
+        // A grant stored before the operator tightened the policy is cut down to it here.
+        let (grant, limits) = self.settings.policy.confine(grant, &self.settings.limits);
+        let capabilities = Capabilities {
+            limits,
+            grant,
+            sources: self.sources.clone(),
+            secrets: self.secrets.current(),
+            http_requests_left: 0,
+        };
+        Ok(Ok((plugin, capabilities)))
+    }
+
+    /// Phase 2a: the write that ends the run when the run's deadline or the step's budget has
+    /// passed before the next call.
+    fn out_of_time(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &Progress,
+        now: UnixMillis,
+    ) -> Option<TickWrite> {
+        if now >= run.deadline_at {
+            return Some(self.deadline_passed(run, claim, progress));
+        }
+        let step = &run.steps[progress.position];
+        let (timeout_ms, first_attempt_at) = (step.timeout_ms?, step.first_attempt_at?);
+        if now < first_attempt_at + timeout_ms {
+            return None;
+        }
+        let message = format!(
+            "step {:?} was still pending after its timeout of {timeout_ms} ms",
+            step.name
+        );
+        Some(self.finish(
+            run,
+            claim,
+            progress,
+            None,
+            StepStatus::TimedOut,
+            RunStatus::TimedOut,
+            message,
+        ))
+    }
+
+    /// Phase 2b: one call of the current step, in its span, recorded in the metrics. Returns
+    /// the attempt's number with the report. A call the host could not make fairly is `Err`.
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        plugin: &Arc<LoadedPlugin>,
+        capabilities: &mut Capabilities,
+        progress: &Progress,
+        now: UnixMillis,
+        due_at: Option<UnixMillis>,
+    ) -> Result<(u32, StepReport)> {
+        let step = &run.steps[progress.position];
+        let attempt = step.attempts + 1;
+        // Debug: the log does not need it, so without an exporter it costs nothing.
+        let call_span = tracing::debug_span!(
+            target: telemetry::TARGET,
+            "step.call",
+            otel.name = "step",
+            step = %step.name,
+            attempt,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
+        );
+        let call = StepCall {
+            traceparent: telemetry::traceparent(&call_span),
+            run_id: run.id.to_string(),
+            step: step.name.clone(),
+            attempt,
+            elapsed: Duration::from_millis((now - progress.started_at).max(0) as u64),
+            params: run.params.clone(),
+            outputs: Json::Object(progress.outputs.clone()).to_string(),
+        };
+        capabilities.http_requests_left = capabilities
+            .limits
+            .http_requests_per_run
+            .saturating_sub(progress.http_requests);
+        let report = self
+            .keeping_lease(claim, self.runtime.run_step(plugin, call, capabilities))
+            .instrument(call_span.clone())
+            .await?
+            .map_err(|fault| Error::HostFault(fault.0))?;
+        // The span's status is the call's outcome; `pending` leaves it unset.
+        call_span.record("outcome", report.outcome.as_str());
+        match report.outcome {
+            AttemptOutcome::Passed => {
+                call_span.record("otel.status_code", "OK");
+            }
+            AttemptOutcome::Pending => {}
+            _ => {
+                call_span.record("otel.status_code", "ERROR");
+                call_span.record(
+                    "otel.status_message",
+                    report.message.as_deref().unwrap_or(report.outcome.as_str()),
+                );
+            }
+        }
+        drop(call_span);
+        tracing::info!(step = %step.name, attempt, outcome = %report.outcome, message = report.message.as_deref().unwrap_or(""), "step called");
+        if let Some(due) = due_at {
+            self.metrics.record_tick_lag(now - due);
+        }
+        self.metrics.record_call(
+            &run.plugin_name,
+            &step.name,
+            report.outcome.as_str(),
+            report.duration,
+            report.message.as_deref(),
+        );
+        Ok((attempt, report))
+    }
+
+    /// Phase 3: what a call's report means for the step and the run — the next step at once,
+    /// another tick after the poll interval or the retry backoff, or the end of the run.
+    fn decide(
+        &self,
+        run: &RunRecord,
+        claim: &ClaimedRun,
+        progress: &mut Progress,
+        capabilities: &Capabilities,
+        report: StepReport,
+        call: NewCall,
+    ) -> TickWrite {
+        let step = &run.steps[progress.position];
+        let attempt = call.attempt;
+        progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
+        let finished_at = now_millis();
+        if report.outcome == AttemptOutcome::Passed {
+            self.metrics.record_passed_after(
+                &run.plugin_name,
+                &step.name,
+                finished_at - progress.started_at,
+            );
+        }
+        let new_attempt = NewAttempt {
+            attempt,
+            outcome: report.outcome,
+            message: report.message.clone(),
+            logs: report.logs,
+            started_at: call.started_at,
+            duration_ms: report.duration.as_millis() as i64,
+            due_at: call.due_at,
+        };
+        let message = report.message.unwrap_or_default();
+        let is_last = progress.position + 1 == run.steps.len();
+        match report.outcome {
+            AttemptOutcome::Passed => {
+                let output = report.output.unwrap_or_else(|| "null".into());
+                progress.outputs.insert(
+                    step.name.clone(),
+                    serde_json::from_str(&output).unwrap_or(Json::Null),
+                );
+                let step_write = StepWrite {
+                    position: progress.position,
+                    status: StepStatus::Passed,
+                    message: None,
+                    output: Some(output),
+                    passed_after_ms: Some(finished_at - progress.started_at),
+                    skip_rest: false,
+                };
+                let run_write = if is_last {
+                    self.run_write(
+                        progress,
+                        RunStatus::Passed,
+                        None,
+                        progress.position,
+                        None,
+                        None,
+                    )
+                } else {
+                    self.run_write(
+                        progress,
+                        RunStatus::Running,
+                        None,
+                        progress.position + 1,
+                        Some(finished_at),
+                        Some(self.lease_ms()),
+                    )
+                };
+                self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
+            }
+            AttemptOutcome::Pending => {
+                if step.max_attempts.is_some_and(|max| attempt >= max) {
+                    let message = format!(
+                        "step {:?} was still pending after {attempt} attempts: {message}",
+                        step.name
+                    );
+                    self.finish(
+                        run,
+                        claim,
+                        progress,
+                        Some(new_attempt),
+                        StepStatus::Failed,
+                        RunStatus::Failed,
+                        message,
+                    )
+                } else {
+                    self.wait_for_next_tick(
+                        run,
+                        claim,
+                        progress,
+                        new_attempt,
+                        finished_at,
+                        message,
+                        run.poll_interval_ms,
+                    )
+                }
+            }
+            AttemptOutcome::Failed => {
+                let run_message = format!("step {:?} failed: {message}", step.name);
+                let mut write = self.finish(
+                    run,
+                    claim,
+                    progress,
+                    Some(new_attempt),
+                    StepStatus::Failed,
+                    RunStatus::Failed,
+                    run_message,
+                );
+                write.step.message = Some(message);
+                write
+            }
+            AttemptOutcome::Errored => {
+                progress.error_count += 1;
+                if progress.error_count >= run.max_errors {
+                    let run_message = format!(
+                        "step {:?} errored {} times (max_errors {}); last error: {message}",
+                        step.name, progress.error_count, run.max_errors
+                    );
+                    let mut write = self.finish(
+                        run,
+                        claim,
+                        progress,
+                        Some(new_attempt),
+                        StepStatus::Errored,
+                        RunStatus::Errored,
+                        run_message,
+                    );
+                    write.step.message = Some(message);
+                    write
+                } else {
+                    // The run's backoff, else the grant's; without either the poll interval.
+                    let backoff = run
+                        .retry
+                        .or(capabilities.grant.retry)
+                        .map(|retry| retry.delay(progress.error_count));
+                    self.wait_for_next_tick(
+                        run,
+                        claim,
+                        progress,
+                        new_attempt,
+                        finished_at,
+                        format!("errored: {message}"),
+                        backoff.map_or(run.poll_interval_ms, |wait| wait.as_millis() as i64),
+                    )
+                }
+            }
         }
     }
 
@@ -441,7 +533,7 @@ impl Runner {
         let Some(grant_toml) = grant_toml else {
             return Ok(Err(unavailable("the plugin no longer exists".into())));
         };
-        let grant = match parse_grant(grant_toml) {
+        let grant = match parse_stored_grant(grant_toml) {
             Ok(grant) => grant,
             Err(error) => return Ok(Err(unavailable(format!("invalid grant: {error:#}")))),
         };

@@ -2,12 +2,13 @@
 //! active version and steps, params checked against its schema, poll interval and deadline
 //! from the request, the grant and the defaults.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use serde_json::Value as Json;
 
-use crate::config::{Settings, parse_grant};
+use crate::config::{Settings, parse_stored_grant};
 use crate::model::{Retry, RunId, UnixMillis};
 use crate::storage::{NewRun, NewStep, PluginRecord};
 
@@ -45,6 +46,35 @@ impl std::fmt::Display for PlanError {
     }
 }
 
+/// The validator of a params schema, remembered by the schema's text: every trigger checks
+/// its params, and compiling a schema costs more than checking against it.
+fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, PlanError> {
+    /// Distinct schemas remembered at most; past it the memory starts again.
+    const REMEMBERED: usize = 256;
+    static COMPILED: LazyLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> =
+        LazyLock::new(Default::default);
+    let compiled = || COMPILED.lock().unwrap_or_else(|poison| poison.into_inner());
+    if let Some(validator) = compiled().get(schema) {
+        return Ok(validator.clone());
+    }
+    let parsed: Json = serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
+        code: "invalid_params_schema",
+        message: format!("the plugin's params schema is not JSON: {error}"),
+    })?;
+    let validator =
+        jsonschema::validator_for(&parsed).map_err(|error| PlanError::PluginBroken {
+            code: "invalid_params_schema",
+            message: format!("the plugin's params schema is invalid: {error}"),
+        })?;
+    let validator = Arc::new(validator);
+    let mut remembered = compiled();
+    if remembered.len() >= REMEMBERED {
+        remembered.clear();
+    }
+    remembered.insert(schema.to_owned(), validator.clone());
+    Ok(validator)
+}
+
 /// The run to enqueue for `plugin` with `params` (a JSON object).
 pub fn plan_run(
     plugin: &PluginRecord,
@@ -56,10 +86,11 @@ pub fn plan_run(
     if let Some(schema) = &plugin.check_info.params_schema {
         check_params(schema, params)?;
     }
-    let grant = parse_grant(&plugin.grant_toml).map_err(|error| PlanError::PluginBroken {
-        code: "invalid_grant",
-        message: format!("the plugin's grant is invalid: {error:#}"),
-    })?;
+    let grant =
+        parse_stored_grant(&plugin.grant_toml).map_err(|error| PlanError::PluginBroken {
+            code: "invalid_grant",
+            message: format!("the plugin's grant is invalid: {error:#}"),
+        })?;
     let poll_interval = options
         .poll_interval
         .or(grant.poll_interval)
@@ -128,15 +159,7 @@ pub fn plan_run(
 
 /// Checks `params` against the plugin's JSON Schema; the first violation names its field.
 pub fn check_params(schema: &str, params: &Json) -> Result<(), PlanError> {
-    let schema: Json = serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
-        code: "invalid_params_schema",
-        message: format!("the plugin's params schema is not JSON: {error}"),
-    })?;
-    let validator =
-        jsonschema::validator_for(&schema).map_err(|error| PlanError::PluginBroken {
-            code: "invalid_params_schema",
-            message: format!("the plugin's params schema is invalid: {error}"),
-        })?;
+    let validator = compiled_schema(schema)?;
     if let Some(error) = validator.iter_errors(params).next() {
         let pointer = error.instance_path.to_string();
         let field = if pointer.is_empty() {

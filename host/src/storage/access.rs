@@ -79,12 +79,15 @@ impl Store {
     /// The token whose public key id is `key_id`. Read from the database on every request, so
     /// a revocation holds on every node at once.
     pub async fn find_token(&self, key_id: &str) -> Result<Option<StoredToken>> {
-        let row: Option<TokenRow> = sqlx::query_as(
-            "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens WHERE key_id = $1",
-        )
-        .bind(key_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = match &self.readers {
+            Some(readers) => readers.find(FIND_TOKEN, key_id, TokenRow::from_sqlite)?,
+            None => {
+                sqlx::query_as(FIND_TOKEN)
+                    .bind(key_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
         row.map(TokenRow::into_token).transpose()
     }
 
@@ -163,7 +166,22 @@ struct TokenRow {
     created_by: String,
 }
 
+const FIND_TOKEN: &str =
+    "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens WHERE key_id = $1";
+
 impl TokenRow {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+        Ok(TokenRow {
+            name: row.get("name")?,
+            role: row.get("role")?,
+            key_id: row.get("key_id")?,
+            salt: row.get("salt")?,
+            hash: row.get("hash")?,
+            created_at: row.get("created_at")?,
+            created_by: row.get("created_by")?,
+        })
+    }
+
     fn into_token(self) -> Result<StoredToken> {
         Ok(StoredToken {
             role: Role::parse(&self.role).map_err(Error::Corrupt)?,

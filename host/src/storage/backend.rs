@@ -126,15 +126,6 @@ impl Backend {
         }
     }
 
-    /// Whether tick results are written by the host's group commit. SQLite has one writer at
-    /// a time and one fsync per commit, so batching concurrent ticks into one transaction saves
-    /// both. PostgreSQL commits concurrent transactions in parallel and already groups their
-    /// WAL flushes; there a single batching writer would only serialise the round trips (in
-    /// the cluster test it slowed tick processing about twofold).
-    pub(super) fn groups_tick_writes(self) -> bool {
-        self == Backend::Sqlite
-    }
-
     /// Tells the other nodes about `change`: when the transaction commits if `executor` is one
     /// (nothing if it rolls back), at once on the pool. SQLite has no other nodes.
     pub(super) async fn notify<'c>(

@@ -40,6 +40,9 @@ const NUMBERING_BATCH: i64 = 5000;
 /// The advisory lock that makes numbering one transaction at a time across all nodes.
 const NUMBERING_LOCK: i64 = 0x5354_4550_5749_5345; // "STEPWISE"
 
+pub(super) const INSERT_EVENT: &str =
+    "INSERT INTO events (run_id, position, at) VALUES ($1, $2, $3)";
+
 /// Adds one change of `run_id` inside the caller's transaction.
 pub(super) async fn record_event(
     connection: &mut AnyConnection,
@@ -47,7 +50,7 @@ pub(super) async fn record_event(
     position: Option<usize>,
     at: UnixMillis,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO events (run_id, position, at) VALUES ($1, $2, $3)")
+    sqlx::query(INSERT_EVENT)
         .bind(run_id.as_str())
         .bind(position.map(|position| position as i64))
         .bind(at)

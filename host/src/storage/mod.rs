@@ -1,15 +1,22 @@
 //! The durable state: plugins and their versions, runs, steps, attempts and schedules. `Store`
 //! is one concrete type with narrow methods named after intent, over SQLite (embedded, one node)
-//! or PostgreSQL (several nodes). The SQL lives in `store.rs`, one text for both backends;
-//! `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
+//! or PostgreSQL (several nodes). The SQL is one text for both backends, in a file per
+//! aggregate (`runs`, `plugins`, `schedules`, `leases`, `access`, `outbox`, `events`,
+//! `retention`; `store.rs` holds the `Store` itself); `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
 //! and ends inside one method.
 
 mod access;
 mod backend;
 mod events;
 mod group_commit;
+mod leases;
 mod outbox;
+mod plugins;
 mod retention;
+mod runs;
+mod schedules;
+mod sqlite_reader;
+mod sqlite_writer;
 mod store;
 
 use std::collections::BTreeMap;
@@ -59,11 +66,45 @@ pub enum Error {
     Corrupt(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// From the SQLite writer thread's own connection (rusqlite).
+    #[error("sqlite: {0}")]
+    Sqlite(String),
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the unique key `constraint` (`table.column`) was taken by another row, as
+    /// either driver reports it.
+    pub(super) fn is_unique_violation_of(&self, constraint: &str) -> bool {
+        match self {
+            Error::Database(error) => error
+                .as_database_error()
+                .is_some_and(|database_error| database_error.is_unique_violation()),
+            Error::Conflict { constraint: taken } => taken == constraint,
+            _ => false,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(error: rusqlite::Error) -> Error {
+        match error.sqlite_error() {
+            Some(code)
+                if code.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || code.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                // "UNIQUE constraint failed: runs.idempotency_key" names it last.
+                let message = error.to_string();
+                let constraint = message.rsplit(": ").next().unwrap_or_default().to_owned();
+                Error::Conflict { constraint }
+            }
+            _ => Error::Sqlite(error.to_string()),
+        }
+    }
+}
 
 /// The state of the nodes sharing the database, as the dashboard shows it.
 #[derive(Debug, Clone, Default)]
@@ -265,6 +306,16 @@ pub struct ClaimedRun {
     pub lease_token: i64,
     /// The tick's due time when it was claimed.
     pub due_at: UnixMillis,
+    /// The run as the claim found it, where the claim reads it too (SQLite's writer thread).
+    pub loaded: Option<std::sync::Arc<LoadedTick>>,
+}
+
+/// What a tick needs from the database.
+#[derive(Debug, Clone)]
+pub struct LoadedTick {
+    pub run: RunRecord,
+    /// The plugin's current grant; `None` if the plugin no longer exists.
+    pub grant_toml: Option<String>,
 }
 
 /// What `cancel_run` did.

@@ -66,50 +66,67 @@ pub struct NotificationRecord {
     pub attempts: Vec<DeliveryAttempt>,
 }
 
+/// Moves a series' streak (`$1` series, `$2` 1 for a failure, `$3` now), returning the
+/// failures in a row before and after. The upsert locks the streak row, so runs of one series
+/// finishing at once on several nodes count one after the other.
+pub(super) const MOVE_STREAK: &str = "INSERT INTO notify_streaks (series, failures, previous_failures, updated_at) \
+     VALUES ($1, $2, 0, $3) ON CONFLICT (series) DO UPDATE SET previous_failures = notify_streaks.failures, \
+     failures = CASE WHEN $2 = 0 THEN 0 ELSE notify_streaks.failures + 1 END, updated_at = $3 \
+     RETURNING previous_failures, failures";
+pub(super) const INSERT_NOTIFICATION: &str = "INSERT INTO notifications (id, run_id, notifier, event, status, \
+     created_at, next_attempt_at) VALUES ($1, $2, $3, $4, 'pending', $5, $5)";
+
+/// Whether a write's notifiers need the streak moved: it ends the run with a verdict.
+pub(super) fn moves_streak(write: &TickWrite, notify: &NotifyWrite) -> bool {
+    let status = write.run.status;
+    !notify.notifiers.is_empty()
+        && (status.is_failure() || status == crate::model::RunStatus::Passed)
+}
+
+/// The outbox rows `(notifier, event)` that a run ending with `write` makes, given the streak
+/// `MOVE_STREAK` returned.
+pub(super) fn outbox_rows<'a>(
+    write: &TickWrite,
+    notify: &'a NotifyWrite,
+    (before, now): (i64, i64),
+) -> impl Iterator<Item = (&'a str, NotifyEvent)> {
+    let status = write.run.status;
+    let streak = Streak {
+        before: before as u32,
+        now: now as u32,
+    };
+    notify.notifiers.iter().filter_map(move |notifier| {
+        notifier
+            .event(status, streak)
+            .map(|event| (notifier.name.as_str(), event))
+    })
+}
+
 /// Inside the transaction that ends a run: moves its series' streak and writes one outbox row
-/// per notifier whose rules make this an event. The streak row is locked by the upsert, so
-/// runs of one series finishing at once on several nodes count one after the other.
+/// per notifier whose rules make this an event.
 pub(super) async fn enqueue_notifications(
     transaction: &mut AnyConnection,
     write: &TickWrite,
     notify: &NotifyWrite,
 ) -> Result<()> {
-    let status = write.run.status;
-    if notify.notifiers.is_empty()
-        || !(status.is_failure() || status == crate::model::RunStatus::Passed)
-    {
+    if !moves_streak(write, notify) {
         return Ok(());
     }
-    let (before, now): (i64, i64) = sqlx::query_as(
-        "INSERT INTO notify_streaks (series, failures, previous_failures, updated_at) VALUES ($1, $2, 0, $3) \
-         ON CONFLICT (series) DO UPDATE SET previous_failures = notify_streaks.failures, \
-         failures = CASE WHEN $2 = 0 THEN 0 ELSE notify_streaks.failures + 1 END, updated_at = $3 \
-         RETURNING previous_failures, failures",
-    )
-    .bind(&notify.series)
-    .bind(i64::from(status.is_failure()))
-    .bind(write.now)
-    .fetch_one(&mut *transaction)
-    .await?;
-    let streak = Streak {
-        before: before as u32,
-        now: now as u32,
-    };
-    for notifier in &notify.notifiers {
-        let Some(event) = notifier.event(status, streak) else {
-            continue;
-        };
-        sqlx::query(
-            "INSERT INTO notifications (id, run_id, notifier, event, status, created_at, next_attempt_at) \
-             VALUES ($1, $2, $3, $4, 'pending', $5, $5)",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(write.run_id.as_str())
-        .bind(&notifier.name)
-        .bind(event.as_str())
+    let streak: (i64, i64) = sqlx::query_as(MOVE_STREAK)
+        .bind(&notify.series)
+        .bind(i64::from(write.run.status.is_failure()))
         .bind(write.now)
-        .execute(&mut *transaction)
+        .fetch_one(&mut *transaction)
         .await?;
+    for (notifier, event) in outbox_rows(write, notify, streak) {
+        sqlx::query(INSERT_NOTIFICATION)
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(write.run_id.as_str())
+            .bind(notifier)
+            .bind(event.as_str())
+            .bind(write.now)
+            .execute(&mut *transaction)
+            .await?;
     }
     Ok(())
 }

@@ -1,0 +1,341 @@
+//! Plugins and their versions: components stored once by content hash, the active version
+//! and grant of each name.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use sqlx::FromRow;
+
+use super::access::{AuditEntry, insert_audit};
+use super::store::corrupt;
+use super::{Change, Error, PluginRecord, PluginVersionRecord, Result, Store};
+use crate::model::{CheckInfo, PluginName, PluginVersion, StepInfo, UnixMillis};
+
+impl Store {
+    /// Stores a plugin version (bytes once per content hash). Saving the same version again is a
+    /// no-op; returns whether the version was new for this plugin name.
+    pub async fn save_plugin_version(
+        &self,
+        name: &PluginName,
+        version: &PluginVersion,
+        bytes: &[u8],
+        check_info: &CheckInfo,
+        now: UnixMillis,
+    ) -> Result<bool> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(version.as_str())
+            .bind(bytes)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name.as_str())
+        .bind(version.as_str())
+        .bind(check_info_to_json(check_info).to_string())
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Whether `version` was ever stored, under any plugin name.
+    pub async fn component_exists(&self, version: &PluginVersion) -> Result<bool> {
+        let found: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM components WHERE version = $1")
+            .bind(version.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// One stored version of `name`, if the plugin ever had it.
+    pub async fn find_plugin_version(
+        &self,
+        name: &str,
+        version: &PluginVersion,
+    ) -> Result<Option<PluginVersionRecord>> {
+        let row: Option<(String, String, i64)> = sqlx::query_as(
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
+        )
+        .bind(name)
+        .bind(version.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(version_record).transpose()
+    }
+
+    /// Replaces the grant of a plugin without touching its versions, and records the change
+    /// (with the grant it replaced) in the audit log.
+    pub async fn update_grant(
+        &self,
+        name: &str,
+        grant_toml: &str,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_read_write())
+            .await?;
+        let previous: Option<(String,)> = sqlx::query_as(&format!(
+            "SELECT grant_toml FROM plugins WHERE name = $1{}",
+            self.backend.for_update()
+        ))
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let Some((previous,)) = previous else {
+            return Err(Error::NotFound);
+        };
+        sqlx::query("UPDATE plugins SET grant_toml = $1, updated_at = $2 WHERE name = $3")
+            .bind(grant_toml)
+            .bind(audit.at)
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
+        let audit = audit
+            .with("grant", grant_toml)
+            .with("previous_grant", previous);
+        insert_audit(&mut transaction, &audit).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The versions something still needs compiled: every active version and the version of
+    /// every unfinished run.
+    pub async fn versions_in_use(&self) -> Result<HashSet<PluginVersion>> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT active_version FROM plugins UNION \
+             SELECT DISTINCT plugin_version FROM runs WHERE status IN ('queued', 'running')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(version,)| PluginVersion::from_stored(version))
+            .collect())
+    }
+
+    /// Makes `version` the one new runs of `name` use, and records it in the audit log with
+    /// the version it replaced. `grant_toml` replaces the grant; `None` keeps the grant as it
+    /// is *now* (none for a new plugin), so a grant changed while this version was being
+    /// compiled is never overwritten by an older read.
+    pub async fn activate_plugin(
+        &self,
+        name: &PluginName,
+        version: &PluginVersion,
+        grant_toml: Option<&str>,
+        audit: AuditEntry,
+    ) -> Result<()> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_read_write())
+            .await?;
+        let previous: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT active_version, grant_toml FROM plugins WHERE name = $1{}",
+            self.backend.for_update()
+        ))
+        .bind(name.as_str())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        // The grant update is conditional in SQL, not decided from `previous`: on SQLite
+        // nothing locks the row between the read and the write.
+        sqlx::query(
+            "INSERT INTO plugins (name, active_version, grant_toml, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version, \
+             grant_toml = CASE WHEN $5 = 1 THEN excluded.grant_toml ELSE plugins.grant_toml END, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(name.as_str())
+        .bind(version.as_str())
+        .bind(grant_toml.unwrap_or_default())
+        .bind(audit.at)
+        .bind(i64::from(grant_toml.is_some()))
+        .execute(&mut *transaction)
+        .await?;
+        let mut audit = audit.with("version", version.as_str());
+        if let Some((previous_version, _)) = &previous {
+            audit = audit.with("previous_version", previous_version.as_str());
+        }
+        if let Some(grant_toml) = grant_toml {
+            audit = audit.with("grant", grant_toml);
+            if let Some((_, previous_grant)) = &previous {
+                audit = audit.with("previous_grant", previous_grant.as_str());
+            }
+        }
+        insert_audit(&mut transaction, &audit).await?;
+        self.backend
+            .notify(&mut *transaction, &Change::PluginActivated(version.clone()))
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// The plugin with its active version, if the name is known.
+    pub async fn find_plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
+        let row = match &self.readers {
+            Some(readers) => readers.find(FIND_PLUGIN, name, PluginRow::from_sqlite)?,
+            None => {
+                sqlx::query_as(FIND_PLUGIN)
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        row.map(PluginRow::into_record).transpose()
+    }
+
+    /// Every plugin with its active version, by name.
+    pub async fn list_plugins(&self) -> Result<Vec<PluginRecord>> {
+        let rows: Vec<PluginRow> = sqlx::query_as(
+            "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info FROM plugins p \
+             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version ORDER BY p.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(PluginRow::into_record).collect()
+    }
+
+    /// All versions stored for `name`, newest first.
+    pub async fn list_plugin_versions(&self, name: &str) -> Result<Vec<PluginVersionRecord>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 \
+             ORDER BY created_at DESC, version",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(version_record).collect()
+    }
+
+    /// The component bytes of a version.
+    pub async fn load_component(&self, version: &PluginVersion) -> Result<Vec<u8>> {
+        let bytes: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT bytes FROM components WHERE version = $1")
+                .bind(version.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        bytes.map(|(bytes,)| bytes).ok_or(Error::NotFound)
+    }
+}
+
+#[derive(FromRow)]
+struct PluginRow {
+    name: String,
+    active_version: String,
+    grant_toml: String,
+    updated_at: i64,
+    check_info: String,
+}
+
+const FIND_PLUGIN: &str = "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info \
+     FROM plugins p JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version \
+     WHERE p.name = $1";
+
+impl PluginRow {
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<PluginRow> {
+        Ok(PluginRow {
+            name: row.get("name")?,
+            active_version: row.get("active_version")?,
+            grant_toml: row.get("grant_toml")?,
+            updated_at: row.get("updated_at")?,
+            check_info: row.get("check_info")?,
+        })
+    }
+
+    fn into_record(self) -> Result<PluginRecord> {
+        Ok(PluginRecord {
+            name: PluginName::parse(&self.name).map_err(Error::Corrupt)?,
+            active_version: PluginVersion::from_stored(self.active_version),
+            grant_toml: self.grant_toml,
+            check_info: check_info_from_json(&self.check_info)?,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+fn check_info_to_json(info: &CheckInfo) -> Json {
+    let steps: Vec<Json> = info
+        .steps
+        .iter()
+        .map(|step| {
+            json!({
+                "name": step.name,
+                "description": step.description,
+                "timeout_ms": step.timeout.map(|timeout| timeout.as_millis() as u64),
+                "max_attempts": step.max_attempts,
+            })
+        })
+        .collect();
+    json!({
+        "name": info.name,
+        "version": info.version,
+        "description": info.description,
+        "steps": steps,
+        "params_schema": info.params_schema,
+    })
+}
+
+fn check_info_from_json(text: &str) -> Result<CheckInfo> {
+    let bad = || corrupt("check info", text);
+    let value: Json = serde_json::from_str(text).map_err(|_| bad())?;
+    let string = |value: &Json, key: &str| value[key].as_str().map(str::to_owned);
+    let steps = value["steps"]
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|step| {
+            Ok(StepInfo {
+                name: string(step, "name").ok_or_else(bad)?,
+                description: string(step, "description").unwrap_or_default(),
+                timeout: step["timeout_ms"].as_u64().map(Duration::from_millis),
+                max_attempts: step["max_attempts"].as_u64().map(|max| max as u32),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CheckInfo {
+        name: string(&value, "name").unwrap_or_default(),
+        version: string(&value, "version").unwrap_or_default(),
+        description: string(&value, "description").unwrap_or_default(),
+        steps,
+        params_schema: string(&value, "params_schema"),
+    })
+}
+
+fn version_record(
+    (version, check_info, created_at): (String, String, i64),
+) -> Result<PluginVersionRecord> {
+    Ok(PluginVersionRecord {
+        version: PluginVersion::from_stored(version),
+        check_info: check_info_from_json(&check_info)?,
+        created_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StepInfo;
+
+    #[test]
+    fn check_info_round_trips_through_json() {
+        let info = CheckInfo {
+            name: "demo".into(),
+            version: "1".into(),
+            description: "d".into(),
+            steps: vec![StepInfo {
+                name: "a".into(),
+                description: String::new(),
+                timeout: Some(Duration::from_millis(1500)),
+                max_attempts: Some(3),
+            }],
+            params_schema: Some("{}".into()),
+        };
+        let text = check_info_to_json(&info).to_string();
+        assert_eq!(check_info_from_json(&text).expect("valid"), info);
+    }
+}

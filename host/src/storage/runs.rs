@@ -1,0 +1,841 @@
+//! Runs and their ticks: new runs, reads for the API, claims, and the lease-fenced results.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use sqlx::{AnyConnection, AnyPool, FromRow, Row};
+
+use super::backend::Backend;
+use super::leases::claim_sql;
+use super::store::HotPath;
+use super::store::{Inserts, Statement, corrupt, labels_json};
+use super::{
+    AttemptRecord, Cancelled, Change, ClaimedRun, Enqueued, Error, LoadedTick, NewRun, Result,
+    RunFilter, RunRecord, StepRecord, Store, TickWrite,
+};
+use crate::model::{
+    AttemptOutcome, LogLevel, LogLine, PluginVersion, Retry, RunId, RunStatus, StepStatus,
+    UnixMillis,
+};
+
+const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
+     max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
+     http_requests, schedule_id, retry";
+
+// The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
+// `INSERT_*` are heads: a `VALUES` list follows, one row or many.
+pub(super) const INSERT_RUNS: &str = "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, \
+     poll_interval_ms, max_errors, idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, \
+     schedule_id, retry) VALUES ";
+pub(super) const INSERT_LABELS: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ";
+pub(super) const INSERT_RUN_EVENTS: &str = "INSERT INTO events (run_id, at) VALUES ";
+pub(super) const INSERT_STEPS: &str =
+    "INSERT INTO steps (run_id, position, name, status, timeout_ms, max_attempts) VALUES ";
+pub(super) const STEPS_SQL: &str = "SELECT position, name, status, attempts, timeout_ms, max_attempts, message, \
+     output, first_attempt_at, last_attempt_at, finished_at, passed_after_ms FROM steps WHERE run_id = $1 ORDER BY position";
+pub(super) const NEXT_DUE_SQL: &str = "SELECT next_tick_at FROM runs WHERE next_tick_at IS NOT NULL \
+     AND next_tick_at > $1 ORDER BY next_tick_at LIMIT 1";
+pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, \
+     started_at, duration_ms, due_at, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+/// A step's terminal result is written once: a step already finished is never updated. The
+/// attempt columns change only when a call was made.
+pub(super) const UPDATE_STEP: &str = "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, \
+     finished_at = $5, attempts = COALESCE($6, attempts), first_attempt_at = COALESCE(first_attempt_at, $7), \
+     last_attempt_at = COALESCE($7, last_attempt_at) \
+     WHERE run_id = $8 AND position = $9 AND status IN ('waiting', 'pending')";
+pub(super) const SKIP_REST: &str =
+    "UPDATE steps SET status = 'skipped' WHERE run_id = $1 AND position > $2";
+
+/// The run and its plugin's grant, by `$1`.
+pub(super) fn load_tick_sql() -> String {
+    format!(
+        "SELECT {RUN_COLUMNS}, grant_toml FROM runs LEFT JOIN plugins ON plugins.name = runs.plugin_name \
+         WHERE runs.id = $1"
+    )
+}
+
+pub(super) fn claim_runs_sql(backend: Backend) -> String {
+    claim_sql(
+        backend,
+        "runs",
+        "next_tick_at",
+        "",
+        "id, lease_token, next_tick_at",
+    )
+}
+
+/// The run's side of a tick, fenced by the lease token (`$11`): a lost lease updates no row.
+/// `$9` is how long to keep the lease, or NULL with `keep_lease` false (it is released).
+pub(super) fn tick_run_sql(backend: Backend, keep_lease: bool) -> String {
+    let lease = match keep_lease {
+        true => format!("lease_expires_at = {} + $9", backend.now_sql()),
+        false => "lease_owner = NULL, lease_expires_at = $9".to_owned(),
+    };
+    format!(
+        "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
+         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease} \
+         WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
+    )
+}
+
+impl Store {
+    /// Makes a run durable and due at once. With an idempotency key already used, returns that
+    /// run instead, or `KeyReused` if the key came with another request then.
+    pub async fn enqueue_run(&self, run: &NewRun) -> Result<Enqueued> {
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = self.find_run_by_idempotency_key(key).await?
+        {
+            return Ok(existing.answer_to(run));
+        }
+        let written = match &self.hot {
+            HotPath::Sqlite(writer) => writer.enqueue(run.clone()).await,
+            // Alone: its unique key may clash with a concurrent request's, which must not fail
+            // a batch of others.
+            HotPath::Postgres(_) if run.idempotency_key.is_some() => {
+                write_runs_together(&self.pool, self.backend, std::slice::from_ref(run)).await
+            }
+            HotPath::Postgres(runs) => runs.submit(run.clone()).await,
+        };
+        if let Err(error) = written {
+            // Two requests with one key raced: the other one's run is the answer.
+            if error.is_unique_violation_of("runs.idempotency_key")
+                && let Some(key) = &run.idempotency_key
+            {
+                return match self.find_run_by_idempotency_key(key).await? {
+                    Some(existing) => Ok(existing.answer_to(run)),
+                    None => Err(Error::Conflict {
+                        constraint: "runs.idempotency_key".into(),
+                    }),
+                };
+            }
+            return Err(error);
+        }
+        self.events_written();
+        // What was just written, without reading it back.
+        Ok(Enqueued::Created(run.queued_record()))
+    }
+
+    async fn find_run_by_idempotency_key(&self, key: &str) -> Result<Option<KeyedRun>> {
+        let found: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT id, idempotency_fingerprint FROM runs WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((id, fingerprint)) = found else {
+            return Ok(None);
+        };
+        Ok(self
+            .find_run(&RunId::from_stored(id))
+            .await?
+            .map(|run| KeyedRun { run, fingerprint }))
+    }
+
+    /// A run with its steps.
+    pub async fn find_run(&self, id: &RunId) -> Result<Option<RunRecord>> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+        let Some(row) = sqlx::query_as::<_, RunRow>(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut run = row.into_record()?;
+        run.steps = self.load_steps(id).await?;
+        Ok(Some(run))
+    }
+
+    async fn load_steps(&self, id: &RunId) -> Result<Vec<StepRecord>> {
+        let steps: Vec<StepRow> = sqlx::query_as(STEPS_SQL)
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        steps.into_iter().map(StepRow::into_record).collect()
+    }
+
+    /// What a tick needs: the run with its steps, and its plugin's current grant (`None` if
+    /// the plugin no longer exists). On SQLite the claim loaded it already; else two queries.
+    pub async fn load_tick(&self, claim: &ClaimedRun) -> Result<Option<LoadedTick>> {
+        if let Some(loaded) = &claim.loaded {
+            return Ok(Some(LoadedTick::clone(loaded)));
+        }
+        let id = &claim.id;
+        let Some(row) = sqlx::query(&load_tick_sql())
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let grant_toml: Option<String> = row.try_get("grant_toml")?;
+        let mut run = RunRow::from_row(&row)?.into_record()?;
+        run.steps = self.load_steps(id).await?;
+        Ok(Some(LoadedTick { run, grant_toml }))
+    }
+
+    /// Runs newest first, without their steps.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>> {
+        // The current step's name too, so that a listed run names it as a shown one does.
+        let mut query = Statement::new(format!(
+            "SELECT {RUN_COLUMNS}, (SELECT name FROM steps WHERE steps.run_id = runs.id \
+             AND steps.position = runs.current_step) AS current_step_name FROM runs WHERE 1 = 1"
+        ));
+        if let Some(plugin) = &filter.plugin {
+            query.push(" AND plugin_name = ").bind(plugin.as_str())?;
+        }
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").bind(status.as_str())?;
+        }
+        if let Some((key, value)) = &filter.label {
+            query
+                .push(" AND id IN (SELECT run_id FROM run_labels WHERE key = ")
+                .bind(key.as_str())?
+                .push(" AND value = ")
+                .bind(value.as_str())?
+                .push(")");
+        }
+        if let Some(schedule) = &filter.schedule {
+            query.push(" AND schedule_id = ").bind(schedule.as_str())?;
+        }
+        if let Some(before) = &filter.before {
+            query.push(" AND id < ").bind(before.as_str())?;
+        }
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .bind(i64::from(filter.limit))?;
+        let rows: Vec<RunRow> = sqlx::query_as_with(&query.sql, query.arguments)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(RunRow::into_record).collect()
+    }
+
+    /// Up to `limit` attempts of a run in order (by step, then attempt), after the attempt
+    /// `after` (a step position and attempt number) if given.
+    pub async fn list_attempts(
+        &self,
+        id: &RunId,
+        after: Option<(usize, u32)>,
+        limit: u32,
+    ) -> Result<Vec<AttemptRecord>> {
+        let (position, attempt) = after.map_or((-1, 0), |(position, attempt)| {
+            (position as i64, i64::from(attempt))
+        });
+        let rows: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at, a.node \
+             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
+             WHERE a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
+             ORDER BY a.position, a.attempt LIMIT $4",
+        )
+        .bind(id.as_str())
+        .bind(position)
+        .bind(attempt)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(AttemptRow::into_record).collect()
+    }
+
+    /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
+    /// in the middle of a tick, so its result is dropped.
+    pub async fn cancel_run(&self, id: &RunId, now: UnixMillis) -> Result<Cancelled> {
+        let mut transaction = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = $1, \
+             next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1 \
+             WHERE id = $2 AND status IN ('queued', 'running')",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            drop(transaction);
+            let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
+            return Ok(Cancelled::AlreadyFinished(run.status));
+        }
+        // Every step that had not finished was cancelled with the run, when it was.
+        sqlx::query(
+            "UPDATE steps SET status = 'cancelled', finished_at = $1 \
+             WHERE run_id = $2 AND status IN ('waiting', 'pending')",
+        )
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        super::events::record_event(&mut transaction, id, None, now).await?;
+        self.backend
+            .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
+            .await?;
+        transaction.commit().await?;
+        self.events_written();
+        let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
+        Ok(Cancelled::Cancelled(Box::new(run)))
+    }
+
+    /// Claims up to `limit` runs whose next tick is due by `now` and whose lease is free or
+    /// expired by the database's clock, for `lease_ms` from now by that clock.
+    pub async fn claim_due_runs(
+        &self,
+        owner: &str,
+        now: UnixMillis,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ClaimedRun>> {
+        if let Some(writer) = self.sqlite_writer() {
+            return writer.claim(owner, now, lease_ms, limit).await;
+        }
+        let sql = claim_runs_sql(self.backend);
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, lease_token, due_at)| ClaimedRun {
+                id: RunId::from_stored(id),
+                owner: owner.to_owned(),
+                lease_token,
+                due_at,
+                loaded: None,
+            })
+            .collect())
+    }
+    /// The earliest tick due after `now`, found through the due-time index. Ticks already due
+    /// are either claimed or held by a lease; expired leases are found by the backstop poll.
+    pub async fn next_due_after(&self, now: UnixMillis) -> Result<Option<UnixMillis>> {
+        if let Some(writer) = self.sqlite_writer() {
+            return writer.next_due(now).await;
+        }
+        let next: Option<(i64,)> = sqlx::query_as(NEXT_DUE_SQL)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(next.map(|(at,)| at))
+    }
+
+    /// Gives up every lease `owner` holds, so another node (or this one restarted) can go on at
+    /// once instead of waiting for expiry.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64> {
+        let released = sqlx::query(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE lease_owner = $1",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(released.rows_affected())
+    }
+
+    /// Writes one step's result, its attempt and the run's new state atomically, only if
+    /// `lease_token` is still current, the run unfinished and the step not yet decided;
+    /// otherwise nothing is written and `Error::LeaseLost` is returned (`Error::Conflict` if
+    /// the step was already decided, which a held lease rules out). On SQLite, writes from
+    /// concurrent ticks share one commit (the writer thread's batch).
+    pub async fn record_tick(&self, write: TickWrite) -> Result<()> {
+        match self.sqlite_writer() {
+            Some(writer) => writer.tick(write).await,
+            None => write_tick_alone(&self.pool, self.backend, &write).await,
+        }?;
+        self.events_written();
+        Ok(())
+    }
+}
+
+async fn write_tick_alone(pool: &AnyPool, backend: Backend, write: &TickWrite) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    apply_tick(&mut transaction, backend, write).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// One tick's writes inside the caller's transaction: the run (fenced by the lease token,
+/// first, so that a lost lease is found before anything is written), the attempt, the step.
+async fn apply_tick(
+    transaction: &mut AnyConnection,
+    backend: Backend,
+    write: &TickWrite,
+) -> Result<()> {
+    let sql = tick_run_sql(backend, write.run.keep_lease_ms.is_some());
+    let finished_at = write.run.status.is_terminal().then_some(write.now);
+    let updated = sqlx::query(&sql)
+        .bind(write.run.status.as_str())
+        .bind(write.run.message.as_deref())
+        .bind(write.run.current_step as i64)
+        .bind(i64::from(write.run.error_count))
+        .bind(i64::from(write.run.http_requests))
+        .bind(write.run.started_at)
+        .bind(finished_at)
+        .bind(write.run.next_tick_at)
+        .bind(write.run.keep_lease_ms)
+        .bind(write.run_id.as_str())
+        .bind(write.lease_token)
+        .execute(&mut *transaction)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Err(Error::LeaseLost(write.run_id.clone()));
+    }
+    let step = &write.step;
+    if let Some(attempt) = &write.attempt {
+        sqlx::query(INSERT_ATTEMPT)
+            .bind(write.run_id.as_str())
+            .bind(step.position as i64)
+            .bind(i64::from(attempt.attempt))
+            .bind(attempt.outcome.as_str())
+            .bind(attempt.message.as_deref())
+            .bind(logs_to_json(&attempt.logs).to_string())
+            .bind(attempt.started_at)
+            .bind(attempt.duration_ms)
+            .bind(attempt.due_at)
+            .bind(write.node.as_str())
+            .execute(&mut *transaction)
+            .await?;
+    }
+    let step_finished_at = step.status.is_decided().then_some(write.now);
+    let attempt = write.attempt.as_ref();
+    let updated = sqlx::query(UPDATE_STEP)
+        .bind(step.status.as_str())
+        .bind(step.message.as_deref())
+        .bind(step.output.as_deref())
+        .bind(step.passed_after_ms)
+        .bind(step_finished_at)
+        .bind(attempt.map(|attempt| i64::from(attempt.attempt)))
+        .bind(attempt.map(|attempt| attempt.started_at))
+        .bind(write.run_id.as_str())
+        .bind(step.position as i64)
+        .execute(&mut *transaction)
+        .await?;
+    if updated.rows_affected() == 0 {
+        // Unreachable while the lease is ours; after the run update, so not a clean refusal.
+        return Err(Error::Conflict {
+            constraint: "steps.status".into(),
+        });
+    }
+    super::events::record_event(
+        &mut *transaction,
+        &write.run_id,
+        Some(step.position),
+        write.now,
+    )
+    .await?;
+    if step.skip_rest {
+        sqlx::query(SKIP_REST)
+            .bind(write.run_id.as_str())
+            .bind(step.position as i64)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    if let Some(notify) = &write.notify
+        && write.run.status.is_terminal()
+    {
+        super::outbox::enqueue_notifications(transaction, write, notify).await?;
+    }
+    Ok(())
+}
+
+#[derive(FromRow)]
+pub(super) struct RunRow {
+    id: String,
+    plugin_name: String,
+    plugin_version: String,
+    params: String,
+    labels: String,
+    status: String,
+    message: Option<String>,
+    poll_interval_ms: i64,
+    max_errors: i64,
+    error_count: i64,
+    current_step: i64,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    deadline_at: i64,
+    next_tick_at: Option<i64>,
+    lease_owner: Option<String>,
+    http_requests: i64,
+    schedule_id: Option<String>,
+    retry: Option<String>,
+    /// Only listings select it; a single run has its steps.
+    #[sqlx(default)]
+    current_step_name: Option<String>,
+}
+
+impl RunRow {
+    /// The columns of `RUN_COLUMNS`, read by name, from the SQLite writer thread's connection.
+    pub(super) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+        Ok(RunRow {
+            id: row.get("id")?,
+            plugin_name: row.get("plugin_name")?,
+            plugin_version: row.get("plugin_version")?,
+            params: row.get("params")?,
+            labels: row.get("labels")?,
+            status: row.get("status")?,
+            message: row.get("message")?,
+            poll_interval_ms: row.get("poll_interval_ms")?,
+            max_errors: row.get("max_errors")?,
+            error_count: row.get("error_count")?,
+            current_step: row.get("current_step")?,
+            created_at: row.get("created_at")?,
+            started_at: row.get("started_at")?,
+            finished_at: row.get("finished_at")?,
+            deadline_at: row.get("deadline_at")?,
+            next_tick_at: row.get("next_tick_at")?,
+            lease_owner: row.get("lease_owner")?,
+            http_requests: row.get("http_requests")?,
+            schedule_id: row.get("schedule_id")?,
+            retry: row.get("retry")?,
+            current_step_name: None,
+        })
+    }
+
+    pub(super) fn into_record(self) -> Result<RunRecord> {
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&self.labels).map_err(|_| corrupt("run labels", &self.labels))?;
+        Ok(RunRecord {
+            status: RunStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("run status", &self.status))?,
+            id: RunId::from_stored(self.id),
+            plugin_name: self.plugin_name,
+            plugin_version: PluginVersion::from_stored(self.plugin_version),
+            params: self.params,
+            labels,
+            message: self.message,
+            poll_interval_ms: self.poll_interval_ms,
+            max_errors: self.max_errors as u32,
+            error_count: self.error_count as u32,
+            current_step: self.current_step as usize,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            deadline_at: self.deadline_at,
+            next_tick_at: self.next_tick_at,
+            lease_owner: self.lease_owner,
+            http_requests: self.http_requests as u32,
+            schedule_id: self.schedule_id,
+            retry: self.retry.as_deref().map(retry_from_json).transpose()?,
+            current_step_name: self.current_step_name,
+            steps: Vec::new(),
+        })
+    }
+}
+
+pub(super) fn retry_json(retry: Retry) -> String {
+    serde_json::json!({
+        "initial_ms": retry.initial.as_millis() as u64,
+        "factor": retry.factor,
+        "max_ms": retry.max.as_millis() as u64,
+    })
+    .to_string()
+}
+
+fn retry_from_json(text: &str) -> Result<Retry> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| corrupt("run retry", text))?;
+    let millis = |key: &str| value[key].as_u64().map(Duration::from_millis);
+    match (
+        millis("initial_ms"),
+        value["factor"].as_f64(),
+        millis("max_ms"),
+    ) {
+        (Some(initial), Some(factor), Some(max)) => Ok(Retry {
+            initial,
+            factor,
+            max,
+        }),
+        _ => Err(corrupt("run retry", text)),
+    }
+}
+
+#[derive(FromRow)]
+pub(super) struct StepRow {
+    position: i64,
+    name: String,
+    status: String,
+    attempts: i64,
+    timeout_ms: Option<i64>,
+    max_attempts: Option<i64>,
+    message: Option<String>,
+    output: Option<String>,
+    first_attempt_at: Option<i64>,
+    last_attempt_at: Option<i64>,
+    finished_at: Option<i64>,
+    passed_after_ms: Option<i64>,
+}
+
+impl StepRow {
+    /// The columns of `STEPS_SQL`, from the SQLite writer thread's connection.
+    pub(super) fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
+        Ok(StepRow {
+            position: row.get("position")?,
+            name: row.get("name")?,
+            status: row.get("status")?,
+            attempts: row.get("attempts")?,
+            timeout_ms: row.get("timeout_ms")?,
+            max_attempts: row.get("max_attempts")?,
+            message: row.get("message")?,
+            output: row.get("output")?,
+            first_attempt_at: row.get("first_attempt_at")?,
+            last_attempt_at: row.get("last_attempt_at")?,
+            finished_at: row.get("finished_at")?,
+            passed_after_ms: row.get("passed_after_ms")?,
+        })
+    }
+
+    pub(super) fn into_record(self) -> Result<StepRecord> {
+        Ok(StepRecord {
+            status: StepStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("step status", &self.status))?,
+            position: self.position as usize,
+            name: self.name,
+            attempts: self.attempts as u32,
+            timeout_ms: self.timeout_ms,
+            max_attempts: self.max_attempts.map(|max| max as u32),
+            message: self.message,
+            output: self.output,
+            first_attempt_at: self.first_attempt_at,
+            last_attempt_at: self.last_attempt_at,
+            finished_at: self.finished_at,
+            passed_after_ms: self.passed_after_ms,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AttemptRow {
+    position: i64,
+    name: String,
+    attempt: i64,
+    outcome: String,
+    message: Option<String>,
+    logs: String,
+    started_at: i64,
+    duration_ms: i64,
+    due_at: Option<i64>,
+    node: Option<String>,
+}
+
+impl AttemptRow {
+    fn into_record(self) -> Result<AttemptRecord> {
+        Ok(AttemptRecord {
+            outcome: AttemptOutcome::parse(&self.outcome)
+                .ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
+            logs: logs_from_json(&self.logs)?,
+            position: self.position as usize,
+            step: self.name,
+            attempt: self.attempt as u32,
+            message: self.message,
+            started_at: self.started_at,
+            duration_ms: self.duration_ms,
+            due_at: self.due_at,
+            node: self.node,
+        })
+    }
+}
+
+pub(super) fn logs_to_json(logs: &[LogLine]) -> Json {
+    Json::Array(
+        logs.iter()
+            .map(|line| json!({"level": line.level.as_str(), "message": line.message}))
+            .collect(),
+    )
+}
+
+fn logs_from_json(text: &str) -> Result<Vec<LogLine>> {
+    let value: Json = serde_json::from_str(text).map_err(|_| corrupt("attempt logs", text))?;
+    let lines = value
+        .as_array()
+        .ok_or_else(|| corrupt("attempt logs", text))?;
+    Ok(lines
+        .iter()
+        .map(|line| LogLine {
+            level: line["level"]
+                .as_str()
+                .and_then(LogLevel::parse)
+                .unwrap_or(LogLevel::Info),
+            message: line["message"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
+}
+
+/// A run found by its idempotency key, with the fingerprint of the request that made it.
+struct KeyedRun {
+    run: RunRecord,
+    fingerprint: Option<String>,
+}
+
+impl KeyedRun {
+    fn answer_to(self, request: &NewRun) -> Enqueued {
+        match (&self.fingerprint, &request.idempotency_fingerprint) {
+            (Some(first), Some(again)) if first != again => Enqueued::KeyReused(self.run),
+            _ => Enqueued::Existing(self.run),
+        }
+    }
+}
+
+/// Inserts queued runs with their labels and steps, due at once: one statement per table for
+/// all of them, since every statement is a round trip to the connection.
+pub(super) async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun]) -> Result<()> {
+    let labels: Vec<String> = runs
+        .iter()
+        .map(|run| labels_json(&run.labels))
+        .collect::<Result<_>>()?;
+    let retries: Vec<Option<String>> = runs.iter().map(|run| run.retry.map(retry_json)).collect();
+    let mut rows = Inserts::new(INSERT_RUNS);
+    for ((run, labels), retry) in runs.iter().zip(&labels).zip(&retries) {
+        rows.row()
+            .value(run.id.as_str())?
+            .value(run.plugin_name.as_str())?
+            .value(run.plugin_version.as_str())?
+            .value(run.params.as_str())?
+            .value(labels.as_str())?
+            .value("queued")?
+            .value(run.poll_interval_ms)?
+            .value(i64::from(run.max_errors))?
+            .value(run.idempotency_key.as_deref())?
+            .value(run.idempotency_fingerprint.as_deref())?
+            .value(run.created_at)?
+            .value(run.deadline_at)?
+            .value(run.created_at)?
+            .value(run.schedule_id.as_deref())?
+            .value(retry.as_deref())?;
+        rows.end_row(connection).await?;
+    }
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new(INSERT_LABELS);
+    for run in runs {
+        for (key, value) in &run.labels {
+            rows.row()
+                .value(run.id.as_str())?
+                .value(key.as_str())?
+                .value(value.as_str())?;
+            rows.end_row(connection).await?;
+        }
+    }
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new(INSERT_RUN_EVENTS);
+    for run in runs {
+        rows.row().value(run.id.as_str())?.value(run.created_at)?;
+        rows.end_row(connection).await?;
+    }
+    rows.flush(connection).await?;
+    let mut rows = Inserts::new(INSERT_STEPS);
+    for run in runs {
+        for (position, step) in run.steps.iter().enumerate() {
+            rows.row()
+                .value(run.id.as_str())?
+                .value(position as i64)?
+                .value(step.name.as_str())?
+                .value("waiting")?
+                .value(step.timeout_ms)?
+                .value(step.max_attempts.map(i64::from))?;
+            rows.end_row(connection).await?;
+        }
+    }
+    rows.flush(connection).await
+}
+
+/// Writes runs in one transaction; if that fails, one transaction per run, so that each run
+/// gets its own answer and one bad run does not fail the others.
+pub(super) async fn write_runs(
+    pool: &AnyPool,
+    backend: Backend,
+    runs: Vec<NewRun>,
+) -> Vec<Result<()>> {
+    match write_runs_together(pool, backend, &runs).await {
+        Ok(()) => runs.iter().map(|_| Ok(())).collect(),
+        Err(error) if runs.len() == 1 => vec![Err(error)],
+        Err(error) => {
+            tracing::warn!(%error, runs = runs.len(), "writing runs together failed; writing them one by one");
+            let mut results = Vec::with_capacity(runs.len());
+            for run in &runs {
+                results.push(write_runs_together(pool, backend, std::slice::from_ref(run)).await);
+            }
+            results
+        }
+    }
+}
+
+async fn write_runs_together(pool: &AnyPool, backend: Backend, runs: &[NewRun]) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    insert_runs(&mut transaction, runs).await?;
+    backend
+        .notify(&mut *transaction, &Change::RunsQueued)
+        .await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CheckInfo, PluginName};
+    use crate::storage::{AuditEntry, NewStep};
+
+    #[tokio::test]
+    async fn the_record_enqueue_returns_is_what_is_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        let store = Store::open(&url).await.expect("opening");
+        let name = PluginName::parse("demo").expect("valid name");
+        let version = PluginVersion::of_bytes(b"component");
+        let info = CheckInfo {
+            name: "demo".into(),
+            version: "1".into(),
+            description: String::new(),
+            steps: vec![],
+            params_schema: None,
+        };
+        store
+            .save_plugin_version(&name, &version, b"component", &info, 1)
+            .await
+            .expect("saving");
+        store
+            .activate_plugin(
+                &name,
+                &version,
+                Some(""),
+                AuditEntry::new("test", "plugin.upload", "demo", 1),
+            )
+            .await
+            .expect("activating");
+        let run = NewRun {
+            id: RunId::generate(),
+            plugin_name: name,
+            plugin_version: version,
+            params: "{}".into(),
+            labels: [("team".to_owned(), "data".to_owned())].into(),
+            poll_interval_ms: 1000,
+            max_errors: 3,
+            deadline_at: 600_000,
+            created_at: 1_000,
+            idempotency_key: None,
+            idempotency_fingerprint: None,
+            schedule_id: Some("schedule".into()),
+            retry: None,
+            steps: vec![
+                NewStep {
+                    name: "a".into(),
+                    timeout_ms: Some(1500),
+                    max_attempts: None,
+                },
+                NewStep {
+                    name: "b".into(),
+                    timeout_ms: None,
+                    max_attempts: Some(4),
+                },
+            ],
+        };
+        let Enqueued::Created(returned) = store.enqueue_run(&run).await.expect("enqueueing") else {
+            panic!("a new run");
+        };
+        let stored = store
+            .find_run(&run.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(returned, stored);
+    }
+}

@@ -164,6 +164,15 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     )
     .fetch_one(&database)
     .await?;
+    let failures: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "SELECT status, message, count(*) FROM runs WHERE status <> 'passed' GROUP BY status, message \
+         ORDER BY count(*) DESC LIMIT 5",
+    )
+    .fetch_all(&database)
+    .await?;
+    for (status, message, count) in failures {
+        println!("not passed: {count} × {status}: {}", message.unwrap_or_default());
+    }
     let (calls,): (i64,) = sqlx::query_as("SELECT count(*) FROM attempts")
         .fetch_one(&database)
         .await?;

@@ -171,7 +171,10 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     .fetch_all(&database)
     .await?;
     for (status, message, count) in failures {
-        println!("not passed: {count} × {status}: {}", message.unwrap_or_default());
+        println!(
+            "not passed: {count} × {status}: {}",
+            message.unwrap_or_default()
+        );
     }
     let (calls,): (i64,) = sqlx::query_as("SELECT count(*) FROM attempts")
         .fetch_one(&database)

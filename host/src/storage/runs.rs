@@ -774,10 +774,9 @@ mod tests {
     use crate::model::{CheckInfo, PluginName};
     use crate::storage::{AuditEntry, NewStep};
 
-    #[tokio::test]
-    async fn the_record_enqueue_returns_is_what_is_stored() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    /// A store in a temp dir with the plugin `demo` active.
+    async fn store_with_plugin(dir: &std::path::Path) -> Store {
+        let url = format!("sqlite://{}", dir.join("db.sqlite").display());
         let store = Store::open(&url).await.expect("opening");
         let name = PluginName::parse("demo").expect("valid name");
         let version = PluginVersion::of_bytes(b"component");
@@ -801,6 +800,170 @@ mod tests {
             )
             .await
             .expect("activating");
+        store
+    }
+
+    /// A run of `demo` with one step, due now.
+    fn one_step_run(idempotency_key: Option<&str>) -> NewRun {
+        NewRun {
+            id: RunId::generate(),
+            plugin_name: PluginName::parse("demo").expect("valid name"),
+            plugin_version: PluginVersion::of_bytes(b"component"),
+            params: "{}".into(),
+            labels: BTreeMap::new(),
+            poll_interval_ms: 1000,
+            max_errors: 3,
+            deadline_at: crate::model::now_millis() + 600_000,
+            created_at: crate::model::now_millis(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            idempotency_fingerprint: None,
+            schedule_id: None,
+            retry: None,
+            steps: vec![NewStep {
+                name: "a".into(),
+                timeout_ms: None,
+                max_attempts: None,
+            }],
+        }
+    }
+
+    /// The write that passes a claimed run's only step and ends it.
+    fn passing_tick(claim: &ClaimedRun, now: UnixMillis) -> TickWrite {
+        TickWrite {
+            run_id: claim.id.clone(),
+            lease_token: claim.lease_token,
+            node: claim.owner.clone(),
+            now,
+            attempt: Some(super::super::NewAttempt {
+                attempt: 1,
+                outcome: AttemptOutcome::Passed,
+                message: None,
+                logs: Vec::new(),
+                started_at: now,
+                duration_ms: 1,
+                due_at: Some(claim.due_at),
+            }),
+            step: super::super::StepWrite {
+                position: 0,
+                status: StepStatus::Passed,
+                message: None,
+                output: Some("{}".into()),
+                passed_after_ms: Some(1),
+                skip_rest: false,
+            },
+            run: super::super::RunWrite {
+                status: RunStatus::Passed,
+                message: None,
+                current_step: 0,
+                error_count: 0,
+                http_requests: 0,
+                started_at: now,
+                next_tick_at: None,
+                keep_lease_ms: None,
+            },
+            notify: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_carries_its_run_and_a_fenced_off_write_fails_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let (kept, cancelled) = (one_step_run(None), one_step_run(None));
+        for run in [&kept, &cancelled] {
+            store.enqueue_run(run).await.expect("enqueueing");
+        }
+        let now = crate::model::now_millis();
+        let claims = store
+            .claim_due_runs("node-a", now, 60_000, 10)
+            .await
+            .expect("claiming");
+        assert_eq!(claims.len(), 2);
+        for claim in &claims {
+            let loaded = store
+                .load_tick(claim)
+                .await
+                .expect("loading")
+                .expect("a run");
+            assert_eq!(loaded.run.id, claim.id);
+            assert_eq!(loaded.run.steps.len(), 1);
+            assert_eq!(loaded.grant_toml.as_deref(), Some(""));
+        }
+        // Cancelling bumps the lease token: the tick in flight for that run is fenced off.
+        store
+            .cancel_run(&cancelled.id, now)
+            .await
+            .expect("cancelling");
+        let claim_of = |id: &RunId| {
+            claims
+                .iter()
+                .find(|claim| &claim.id == id)
+                .expect("claimed")
+        };
+        let (fenced, written) = tokio::join!(
+            store.record_tick(passing_tick(claim_of(&cancelled.id), now)),
+            store.record_tick(passing_tick(claim_of(&kept.id), now)),
+        );
+        assert!(matches!(fenced, Err(Error::LeaseLost(_))), "{fenced:?}");
+        written.expect("the other write stands");
+        let kept = store
+            .find_run(&kept.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(kept.status, RunStatus::Passed);
+        assert_eq!(kept.steps[0].status, StepStatus::Passed);
+        let cancelled_run = store
+            .find_run(&cancelled.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(cancelled_run.status, RunStatus::Cancelled);
+        assert_eq!(cancelled_run.steps[0].status, StepStatus::Cancelled);
+        let attempts = store
+            .list_attempts(&cancelled.id, None, 10)
+            .await
+            .expect("listing");
+        assert!(attempts.is_empty(), "a fenced-off write left {attempts:?}");
+    }
+
+    #[tokio::test]
+    async fn two_runs_with_one_idempotency_key_at_once_make_one_run() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let (first, second) = (one_step_run(Some("key")), one_step_run(Some("key")));
+        let (first, second) = tokio::join!(store.enqueue_run(&first), store.enqueue_run(&second));
+        let ids: Vec<RunId> = [first, second]
+            .into_iter()
+            .map(|enqueued| match enqueued.expect("enqueueing") {
+                Enqueued::Created(run) | Enqueued::Existing(run) | Enqueued::KeyReused(run) => {
+                    run.id
+                }
+            })
+            .collect();
+        assert_eq!(ids[0], ids[1], "both requests answer with the one run");
+        let runs = store
+            .list_runs(&RunFilter {
+                plugin: None,
+                status: None,
+                label: None,
+                schedule: None,
+                before: None,
+                limit: 10,
+            })
+            .await
+            .expect("listing");
+        assert_eq!(runs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_record_enqueue_returns_is_what_is_stored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let (name, version) = (
+            PluginName::parse("demo").expect("valid name"),
+            PluginVersion::of_bytes(b"component"),
+        );
         let run = NewRun {
             id: RunId::generate(),
             plugin_name: name,

@@ -198,6 +198,7 @@ impl Registry {
     /// Makes sure this node has `version` compiled: another node activated it, and the first
     /// run here should not wait for the compiler.
     pub async fn prepare(&self, version: &PluginVersion) -> Result<()> {
+        let _turn = self.runtime.loading_turn(version).await;
         if self.runtime.cached(version).is_some()
             || self.runtime.load_precompiled(version).await.is_some()
         {

@@ -545,6 +545,7 @@ impl Runner {
     }
 
     async fn load_version(&self, version: &PluginVersion) -> Result<Arc<LoadedPlugin>> {
+        let _turn = self.runtime.loading_turn(version).await;
         if let Some(loaded) = self.runtime.load_precompiled(version).await {
             return Ok(loaded);
         }

@@ -25,6 +25,8 @@ pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) linker: Arc<Linker<StepState>>,
     pub(super) compiled: Arc<Mutex<HashMap<PluginVersion, Arc<LoadedPlugin>>>>,
+    /// One lock per version being loaded: see [`Runtime::loading_turn`].
+    pub(super) loading: Arc<Mutex<HashMap<PluginVersion, Arc<tokio::sync::Mutex<()>>>>>,
     /// Where precompiled artifacts are kept; `None` compiles every time (the CLI's checks).
     pub(super) artifacts: Option<Arc<PathBuf>>,
     pub(super) engine_key: Arc<str>,
@@ -88,6 +90,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             compiled: Arc::default(),
+            loading: Arc::default(),
             artifacts: artifacts.map(Arc::new),
             engine_key,
             _ticker: Arc::new(ticker),

@@ -119,6 +119,21 @@ impl Runtime {
         Some(self.remember(loaded))
     }
 
+    /// Waits for this process's turn to load `version`. A node that meets a version first
+    /// through its runs (activated on another node) gets many ticks of it at once; without
+    /// this each would deserialize or compile it, dozens of compilations in parallel. With
+    /// it the first loads and the others find it cached.
+    pub async fn loading_turn(&self, version: &PluginVersion) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = self
+            .loading
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry(version.clone())
+            .or_default()
+            .clone();
+        turn.lock_owned().await
+    }
+
     /// The compiled plugin for `version`, if this process holds it in memory.
     pub fn cached(&self, version: &PluginVersion) -> Option<Arc<LoadedPlugin>> {
         self.compiled

@@ -3,7 +3,7 @@
 //! This is the only module that reads env vars, and the only one that knows TOML, so plugin
 //! manifests (`<name>.toml`, the grant) are parsed here as well.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -853,21 +853,8 @@ pub struct ManifestFile {
 /// remembered by its text: every trigger and every tick reads its plugin's grant, grants
 /// change rarely, and parsing TOML costs more than the rest of planning a run.
 pub fn parse_stored_grant(text: &str) -> anyhow::Result<Grant> {
-    /// Distinct grant texts remembered at most; past it the memory starts again.
-    const REMEMBERED: usize = 256;
-    static PARSED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Grant>>> =
-        std::sync::LazyLock::new(Default::default);
-    let parsed = || PARSED.lock().unwrap_or_else(|poison| poison.into_inner());
-    if let Some(grant) = parsed().get(text) {
-        return Ok(grant.clone());
-    }
-    let grant = parse_grant(text)?;
-    let mut remembered = parsed();
-    if remembered.len() >= REMEMBERED {
-        remembered.clear();
-    }
-    remembered.insert(text.to_owned(), grant.clone());
-    Ok(grant)
+    static PARSED: crate::memo::ByText<Grant> = crate::memo::ByText::new();
+    PARSED.get_or_derive(text, parse_grant)
 }
 
 /// Parses a manifest's TOML text into a [`Grant`], checking every `allowed_hosts` entry.

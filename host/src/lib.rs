@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod junit;
+mod memo;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -2,13 +2,14 @@
 //! active version and steps, params checked against its schema, poll interval and deadline
 //! from the request, the grant and the defaults.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value as Json;
 
 use crate::config::{Settings, parse_stored_grant};
+use crate::memo::ByText;
 use crate::model::{Retry, RunId, UnixMillis};
 use crate::storage::{NewRun, NewStep, PluginRecord};
 
@@ -49,30 +50,20 @@ impl std::fmt::Display for PlanError {
 /// The validator of a params schema, remembered by the schema's text: every trigger checks
 /// its params, and compiling a schema costs more than checking against it.
 fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, PlanError> {
-    /// Distinct schemas remembered at most; past it the memory starts again.
-    const REMEMBERED: usize = 256;
-    static COMPILED: LazyLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> =
-        LazyLock::new(Default::default);
-    let compiled = || COMPILED.lock().unwrap_or_else(|poison| poison.into_inner());
-    if let Some(validator) = compiled().get(schema) {
-        return Ok(validator.clone());
-    }
-    let parsed: Json = serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
-        code: "invalid_params_schema",
-        message: format!("the plugin's params schema is not JSON: {error}"),
-    })?;
-    let validator =
-        jsonschema::validator_for(&parsed).map_err(|error| PlanError::PluginBroken {
-            code: "invalid_params_schema",
-            message: format!("the plugin's params schema is invalid: {error}"),
-        })?;
-    let validator = Arc::new(validator);
-    let mut remembered = compiled();
-    if remembered.len() >= REMEMBERED {
-        remembered.clear();
-    }
-    remembered.insert(schema.to_owned(), validator.clone());
-    Ok(validator)
+    static COMPILED: ByText<Arc<jsonschema::Validator>> = ByText::new();
+    COMPILED.get_or_derive(schema, |schema| {
+        let parsed: Json =
+            serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
+                code: "invalid_params_schema",
+                message: format!("the plugin's params schema is not JSON: {error}"),
+            })?;
+        let validator =
+            jsonschema::validator_for(&parsed).map_err(|error| PlanError::PluginBroken {
+                code: "invalid_params_schema",
+                message: format!("the plugin's params schema is invalid: {error}"),
+            })?;
+        Ok(Arc::new(validator))
+    })
 }
 
 /// The run to enqueue for `plugin` with `params` (a JSON object).

@@ -79,7 +79,7 @@ impl Store {
     /// The token whose public key id is `key_id`. Read from the database on every request, so
     /// a revocation holds on every node at once.
     pub async fn find_token(&self, key_id: &str) -> Result<Option<StoredToken>> {
-        let row = match &self.readers {
+        let row = match self.sqlite_readers() {
             Some(readers) => readers.find(FIND_TOKEN, key_id, TokenRow::from_sqlite)?,
             None => {
                 sqlx::query_as(FIND_TOKEN)

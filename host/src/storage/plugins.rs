@@ -177,7 +177,7 @@ impl Store {
 
     /// The plugin with its active version, if the name is known.
     pub async fn find_plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
-        let row = match &self.readers {
+        let row = match self.sqlite_readers() {
             Some(readers) => readers.find(FIND_PLUGIN, name, PluginRow::from_sqlite)?,
             None => {
                 sqlx::query_as(FIND_PLUGIN)

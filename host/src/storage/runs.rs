@@ -89,7 +89,7 @@ impl Store {
             return Ok(existing.answer_to(run));
         }
         let written = match &self.hot {
-            HotPath::Sqlite(writer) => writer.enqueue(run.clone()).await,
+            HotPath::Sqlite { writer, .. } => writer.enqueue(run.clone()).await,
             // Alone: its unique key may clash with a concurrent request's, which must not fail
             // a batch of others.
             HotPath::Postgres(_) if run.idempotency_key.is_some() => {

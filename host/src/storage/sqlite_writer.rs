@@ -65,19 +65,33 @@ enum Answer {
 }
 
 impl Answer {
-    /// Sends the value, or `failed` when the commit did not happen. A requester that has gone
-    /// (a client hung up) does not undo what was written.
+    /// Sends the value, or `failed` when the commit did not happen.
     fn send(self, failed: Option<&str>) {
-        let error = || Error::Sqlite(failed.unwrap_or_default().to_owned());
-        match (self, failed) {
-            (Answer::Done(reply), None) => drop(reply.send(Ok(()))),
-            (Answer::Claimed(reply, claims), None) => drop(reply.send(Ok(claims))),
-            (Answer::Renewed(reply, renewed), None) => drop(reply.send(Ok(renewed))),
-            (Answer::Due(reply, due), None) => drop(reply.send(Ok(due))),
-            (Answer::Done(reply), Some(_)) => drop(reply.send(Err(error()))),
-            (Answer::Claimed(reply, _), Some(_)) => drop(reply.send(Err(error()))),
-            (Answer::Renewed(reply, _), Some(_)) => drop(reply.send(Err(error()))),
-            (Answer::Due(reply, _), Some(_)) => drop(reply.send(Err(error()))),
+        match self {
+            Answer::Done(reply) => answer(reply, (), failed),
+            Answer::Claimed(reply, claims) => answer(reply, claims, failed),
+            Answer::Renewed(reply, renewed) => answer(reply, renewed, failed),
+            Answer::Due(reply, due) => answer(reply, due, failed),
+        }
+    }
+}
+
+/// A requester that has gone (a client hung up) does not undo what was written.
+fn answer<T>(reply: Reply<T>, value: T, failed: Option<&str>) {
+    let _ = reply.send(match failed {
+        None => Ok(value),
+        Some(message) => Err(Error::Sqlite(message.to_owned())),
+    });
+}
+
+/// The answer to hold until the commit, or, for a request that failed, the error at once
+/// (its savepoint left nothing behind).
+fn held<T>(reply: Reply<T>, result: Result<T>, hold: fn(Reply<T>, T) -> Answer) -> Option<Answer> {
+    match result {
+        Ok(value) => Some(hold(reply, value)),
+        Err(error) => {
+            let _ = reply.send(Err(error));
+            None
         }
     }
 }
@@ -222,24 +236,16 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
     }
     for request in batch {
         let answer = match request {
-            Request::Enqueue(run, reply) => {
-                match in_savepoint(connection, || insert_run(connection, statements, &run)) {
-                    Ok(()) => Answer::Done(reply),
-                    Err(error) => {
-                        let _ = reply.send(Err(error));
-                        continue;
-                    }
-                }
-            }
-            Request::Tick(write, reply) => {
-                match in_savepoint(connection, || apply_tick(connection, statements, &write)) {
-                    Ok(()) => Answer::Done(reply),
-                    Err(error) => {
-                        let _ = reply.send(Err(error));
-                        continue;
-                    }
-                }
-            }
+            Request::Enqueue(run, reply) => held(
+                reply,
+                in_savepoint(connection, || insert_run(connection, statements, &run)),
+                |reply, ()| Answer::Done(reply),
+            ),
+            Request::Tick(write, reply) => held(
+                reply,
+                in_savepoint(connection, || apply_tick(connection, statements, &write)),
+                |reply, ()| Answer::Done(reply),
+            ),
             // Single statements, or reads: atomic without a savepoint.
             Request::Claim {
                 owner,
@@ -247,13 +253,11 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
                 lease_ms,
                 limit,
                 reply,
-            } => match claim(connection, statements, &owner, now, lease_ms, limit) {
-                Ok(claims) => Answer::Claimed(reply, claims),
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                    continue;
-                }
-            },
+            } => held(
+                reply,
+                claim(connection, statements, &owner, now, lease_ms, limit),
+                Answer::Claimed,
+            ),
             Request::Renew {
                 id,
                 lease_token,
@@ -264,14 +268,9 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
                     .prepare_cached(&statements.renew)
                     .and_then(|mut renew| {
                         renew.execute(params![lease_ms, id.as_str(), lease_token])
-                    });
-                match renewed {
-                    Ok(rows) => Answer::Renewed(reply, rows == 1),
-                    Err(error) => {
-                        let _ = reply.send(Err(error.into()));
-                        continue;
-                    }
-                }
+                    })
+                    .map(|rows| rows == 1);
+                held(reply, renewed.map_err(Error::from), Answer::Renewed)
             }
             Request::NextDue { after, reply } => {
                 let due = connection
@@ -279,16 +278,10 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
                     .and_then(|mut next| {
                         next.query_row(params![after], |row| row.get(0)).optional()
                     });
-                match due {
-                    Ok(due) => Answer::Due(reply, due),
-                    Err(error) => {
-                        let _ = reply.send(Err(error.into()));
-                        continue;
-                    }
-                }
+                held(reply, due.map_err(Error::from), Answer::Due)
             }
         };
-        answers.push(answer);
+        answers.extend(answer);
     }
     let failed = match connection.execute_batch("COMMIT") {
         Ok(()) => None,

@@ -25,8 +25,6 @@ pub struct Store {
     pub(super) backend: Backend,
     url: String,
     pub(super) hot: HotPath,
-    /// SQLite's point reads on the hot path, on the caller's thread; `None` on PostgreSQL.
-    pub(super) readers: Option<Arc<SqliteReaders>>,
     /// SQLite has one writer at a time. Writers in this process take turns here, in order and
     /// woken at once, instead of meeting on SQLite's lock, whose busy handler polls with
     /// sleeps that grow to tens of milliseconds (tick lag). `None` on PostgreSQL, where
@@ -38,8 +36,12 @@ pub struct Store {
 /// Who writes new runs and tick results.
 #[derive(Clone)]
 pub(super) enum HotPath {
-    /// The writer thread, which claims and renews leases too.
-    Sqlite(Arc<SqliteWriter>),
+    /// The writer thread, which claims and renews leases too, and the point reads made on the
+    /// caller's thread.
+    Sqlite {
+        writer: Arc<SqliteWriter>,
+        readers: Arc<SqliteReaders>,
+    },
     /// New runs without an idempotency key by group commit; the rest through the pool.
     Postgres(Arc<GroupCommit<NewRun, ()>>),
 }
@@ -50,15 +52,17 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store> {
         let backend = Backend::of_url(url).ok_or_else(|| Error::UnsupportedUrl(url.to_owned()))?;
         let pool = backend.connect(url).await?;
-        let (hot, writer, readers) = match backend {
+        let (hot, writer) = match backend {
             Backend::Sqlite => {
                 let turn = Arc::new(tokio::sync::Mutex::new(()));
                 let path = SqliteConnectOptions::from_str(url)?
                     .get_filename()
                     .to_owned();
-                let thread = SqliteWriter::start(&path, turn.clone())?;
-                let readers = Arc::new(SqliteReaders::new(path));
-                (HotPath::Sqlite(Arc::new(thread)), Some(turn), Some(readers))
+                let hot = HotPath::Sqlite {
+                    writer: Arc::new(SqliteWriter::start(&path, turn.clone())?),
+                    readers: Arc::new(SqliteReaders::new(path)),
+                };
+                (hot, Some(turn))
             }
             Backend::Postgres => {
                 let pool = pool.clone();
@@ -66,7 +70,7 @@ impl Store {
                     let pool = pool.clone();
                     async move { write_runs(&pool, backend, runs).await }
                 });
-                (HotPath::Postgres(Arc::new(runs)), None, None)
+                (HotPath::Postgres(Arc::new(runs)), None)
             }
         };
         let store = Store {
@@ -74,7 +78,6 @@ impl Store {
             backend,
             url: url.to_owned(),
             hot,
-            readers,
             writer,
             events: Arc::default(),
         };
@@ -85,7 +88,15 @@ impl Store {
     /// SQLite's writer thread, which does the hot path's writes there.
     pub(super) fn sqlite_writer(&self) -> Option<&SqliteWriter> {
         match &self.hot {
-            HotPath::Sqlite(writer) => Some(writer),
+            HotPath::Sqlite { writer, .. } => Some(writer),
+            HotPath::Postgres(_) => None,
+        }
+    }
+
+    /// SQLite's point readers, on the caller's thread.
+    pub(super) fn sqlite_readers(&self) -> Option<&SqliteReaders> {
+        match &self.hot {
+            HotPath::Sqlite { readers, .. } => Some(readers),
             HotPath::Postgres(_) => None,
         }
     }

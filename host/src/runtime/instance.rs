@@ -13,7 +13,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use super::engine::{EPOCH_TICK, Runtime};
+use super::engine::Runtime;
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::wasi_context;
@@ -222,17 +222,37 @@ impl Runtime {
         })
     }
 
-    /// Runs one call on a thread of its own (from the plugin runtime's blocking pool, never
-    /// the host's: a thread made nicer below must not later serve the host's own blocking
-    /// work), driven by the plugin runtime's reactor and timers. The operating system then shares the CPU between
-    /// calls preemptively: a short call is not queued behind a plugin that burns its whole
-    /// time limit, as it would be among the tasks of one async executor. The thread runs at
-    /// a lower priority than the host's own, so that however much CPU plugins want, the
-    /// scheduler still starts ticks on time and the API still answers.
+    /// Runs one call: first inline, on the caller's thread, until it first waits — for I/O,
+    /// or at the first epoch tick ([`EPOCH_TICK`](super::engine::EPOCH_TICK)) if it computes that long — and from there
+    /// on a thread of its own. Most calls of a check are done within their first slice, and
+    /// the two thread switches of a hand-off cost as much as the call. A call that goes on
+    /// moves to the plugin runtime's blocking pool (never the host's: a thread made nicer
+    /// below must not later serve the host's own blocking work), driven by the plugin
+    /// runtime's reactor and timers. The operating system then shares the CPU between calls
+    /// preemptively: a short call is not queued behind a plugin that burns its whole time
+    /// limit, as it would be among the tasks of one async executor. The thread runs at a lower
+    /// priority than the host's own, so that however much CPU plugins want, the scheduler
+    /// still starts ticks on time and the API still answers. A panic comes back as its text.
     async fn on_call_thread<T: Send + 'static>(
         &self,
         call: impl Future<Output = T> + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
+    ) -> Result<T, String> {
+        let mut call = Box::pin(call);
+        let first = std::future::poll_fn(|context| {
+            // Timers and sockets the call creates belong to the plugin runtime even when
+            // made here, so that they outlive the caller's runtime as the call may.
+            let _plugin_runtime = self.calls.enter();
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                call.as_mut().poll(context)
+            }));
+            std::task::Poll::Ready(polled)
+        })
+        .await;
+        match first {
+            Ok(std::task::Poll::Ready(value)) => return Ok(value),
+            Ok(std::task::Poll::Pending) => {}
+            Err(panic) => return Err(panic_text(panic.as_ref())),
+        }
         let handle = self.calls.clone();
         self.calls
             .spawn_blocking(move || {
@@ -240,6 +260,10 @@ impl Runtime {
                 handle.block_on(call)
             })
             .await
+            .map_err(|error| match error.try_into_panic() {
+                Ok(panic) => panic_text(panic.as_ref()),
+                Err(error) => error.to_string(),
+            })
     }
 
     async fn describe_here(
@@ -404,8 +428,7 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = Instant::now() + limits.call_timeout;
-        // This runs on the call's own thread, so the thread's CPU time is the call's.
-        let cpu_at_start = thread_cpu_time();
+        let mut cpu = CallCpu::start();
         let long_calls = self.long_calls.clone();
         let long_call: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
         // Check the clock on every epoch tick: yield to tokio so the call never hogs a worker,
@@ -421,7 +444,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner())
                 .is_some();
-            if holds_permit || thread_cpu_time().saturating_sub(cpu_at_start) < CPU_QUANTUM {
+            if holds_permit || cpu.used() < CPU_QUANTUM {
                 return Ok(UpdateDeadline::Yield(1));
             }
             let (long_calls, long_call) = (long_calls.clone(), long_call.clone());
@@ -472,6 +495,46 @@ fn lower_thread_priority() {
     }
 }
 
+/// What a panic's payload says.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// The CPU time one call has used, across the threads it runs on: inline on the caller's,
+/// then on a call thread of its own. Read at each epoch tick; what ran on the first thread
+/// after its last reading (less than a tick) is not counted.
+struct CallCpu {
+    thread: std::thread::ThreadId,
+    seen: Duration,
+    used: Duration,
+}
+
+impl CallCpu {
+    fn start() -> CallCpu {
+        CallCpu {
+            thread: std::thread::current().id(),
+            seen: thread_cpu_time(),
+            used: Duration::ZERO,
+        }
+    }
+
+    fn used(&mut self) -> Duration {
+        let now = thread_cpu_time();
+        let thread = std::thread::current().id();
+        if thread == self.thread {
+            self.used += now.saturating_sub(self.seen);
+        } else {
+            self.thread = thread;
+        }
+        self.seen = now;
+        self.used
+    }
+}
+
 /// CPU time the current thread has used.
 fn thread_cpu_time() -> Duration {
     let mut time = libc::timespec {
@@ -489,7 +552,7 @@ fn thread_cpu_time() -> Duration {
 
 /// The epoch callback stops guest code; this backstop also bounds time spent in host calls.
 fn backstop(limits: &Limits) -> Duration {
-    limits.call_timeout + EPOCH_TICK * 10
+    limits.call_timeout + Duration::from_millis(100)
 }
 
 /// Turns every way a guest call can go wrong into a [`Fault`] that names the cause.

@@ -60,10 +60,30 @@ fn placeholders(first: usize, count: usize) -> String {
     text
 }
 
-fn run_id_arguments(ids: &[&RunId]) -> AnyArguments<'static> {
+/// A value bound to a deleting statement, for either backend's driver.
+#[derive(Debug, Clone)]
+pub(super) enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// Statements that delete together, in one transaction: SQL with `$n` placeholders, and its
+/// values.
+pub(super) type Deletion = Vec<(String, Vec<Bind>)>;
+
+fn run_id_binds(ids: &[&RunId]) -> Vec<Bind> {
+    ids.iter()
+        .map(|id| Bind::Text(id.as_str().to_owned()))
+        .collect()
+}
+
+fn any_arguments(binds: &[Bind]) -> AnyArguments<'static> {
     let mut arguments = AnyArguments::default();
-    for id in ids {
-        let _ = arguments.add(id.as_str().to_owned());
+    for bind in binds {
+        let _ = match bind {
+            Bind::Int(value) => arguments.add(*value),
+            Bind::Text(value) => arguments.add(value.clone()),
+        };
     }
     arguments
 }
@@ -75,6 +95,10 @@ fn nothing_to_deliver(run_id: &str) -> String {
         "NOT EXISTS (SELECT 1 FROM notifications n WHERE n.run_id = {run_id} AND n.status = 'pending')"
     )
 }
+
+/// Free pages one step of SQLite's incremental vacuum gives back (256 KiB): each step is done
+/// in a writer's batch, which the ticks in it wait for.
+const VACUUM_PAGES: u32 = 64;
 
 #[derive(FromRow)]
 struct RunWeight {
@@ -131,6 +155,27 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `deletion`'s statements in one transaction and returns the rows each changed. On
+    /// SQLite the writer thread does it between (or with) the ticks it writes, so that no
+    /// tick waits for a transaction that goes back and forth between threads; elsewhere a
+    /// transaction of its own.
+    async fn delete_together(&self, deletion: Deletion) -> Result<Vec<u64>> {
+        if let Some(writer) = self.sqlite_writer() {
+            return writer.delete(deletion).await;
+        }
+        let _turn = take_turn(&self.writer).await;
+        let mut transaction = self.pool.begin().await?;
+        let mut changed = Vec::with_capacity(deletion.len());
+        for (sql, binds) in &deletion {
+            let done = sqlx::query_with(sql, any_arguments(binds))
+                .execute(&mut *transaction)
+                .await?;
+            changed.push(done.rows_affected());
+        }
+        transaction.commit().await?;
+        Ok(changed)
+    }
+
     /// Deletes up to `batch` rows of `table` whose `key` columns a `SELECT … WHERE filter`
     /// picks, in one transaction.
     async fn delete_some(
@@ -138,17 +183,14 @@ impl Store {
         table: &str,
         key: &str,
         from_where: &str,
-        arguments: AnyArguments<'static>,
+        binds: Vec<Bind>,
         batch: usize,
     ) -> Result<u64> {
         let sql = format!(
             "DELETE FROM {table} WHERE ({key}) IN (SELECT {key} {from_where} LIMIT {batch})"
         );
-        let _turn = take_turn(&self.writer).await;
-        let deleted = sqlx::query_with(&sql, arguments)
-            .execute(&self.pool)
-            .await?;
-        Ok(deleted.rows_affected())
+        let changed = self.delete_together(vec![(sql, binds)]).await?;
+        Ok(changed.iter().sum())
     }
 
     /// Deletes up to `batch` rows of `what` older than `before`.
@@ -169,13 +211,11 @@ impl Store {
                 " AND id < (SELECT MAX(id) FROM events)",
             ),
         };
-        let mut arguments = AnyArguments::default();
-        let _ = arguments.add(before);
         self.delete_some(
             table,
             key,
             &format!("FROM {table} WHERE {age} < $1{also}"),
-            arguments,
+            vec![Bind::Int(before)],
             batch,
         )
         .await
@@ -252,7 +292,7 @@ impl Store {
             for (table, key, from_where) in &logs {
                 loop {
                     let deleted = self
-                        .delete_some(table, key, from_where, run_id_arguments(&ids), batch)
+                        .delete_some(table, key, from_where, run_id_binds(&ids), batch)
                         .await?;
                     pruned.add(deleted);
                     if deleted < batch as u64 {
@@ -267,7 +307,7 @@ impl Store {
                      + (SELECT COUNT(*) FROM notifications n WHERE n.run_id = r.id) AS dependents \
                      FROM runs r WHERE r.id IN ({list}) AND r.finished_at IS NOT NULL"
                 ),
-                run_id_arguments(&ids),
+                any_arguments(&run_id_binds(&ids)),
             )
             .fetch_all(&self.pool)
             .await?;
@@ -295,47 +335,38 @@ impl Store {
     async fn delete_run_rows(&self, group: &[RunId]) -> Result<u64> {
         let ids: Vec<&RunId> = group.iter().collect();
         let list = placeholders(1, ids.len());
-        let _turn = take_turn(&self.writer).await;
-        let mut transaction = self.pool.begin().await?;
-        let mut rows = 0;
-        for (table, column) in [
+        let binds = run_id_binds(&ids);
+        let mut deletion: Deletion = [
             ("notifications", "run_id"),
             ("run_labels", "run_id"),
             ("steps", "run_id"),
-        ] {
+        ]
+        .into_iter()
+        .map(|(table, column)| {
             let sql = format!(
                 "DELETE FROM {table} WHERE {column} IN (SELECT id FROM runs WHERE id IN ({list}) \
                  AND finished_at IS NOT NULL AND {})",
                 nothing_to_deliver("runs.id")
             );
-            rows += sqlx::query_with(&sql, run_id_arguments(&ids))
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
-        }
+            (sql, binds.clone())
+        })
+        .collect();
         let sql = format!(
             "DELETE FROM runs WHERE id IN ({list}) AND finished_at IS NOT NULL AND {}",
             nothing_to_deliver("runs.id")
         );
-        rows += sqlx::query_with(&sql, run_id_arguments(&ids))
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-        let (through,): (Option<String>,) =
-            sqlx::query_as("SELECT expired_runs_through FROM jobs WHERE id = 'retention'")
-                .fetch_one(&mut *transaction)
-                .await?;
-        let newest = group.iter().map(RunId::as_str).max();
-        if let Some(newest) = newest
-            && through.as_deref().is_none_or(|through| newest > through)
-        {
-            sqlx::query("UPDATE jobs SET expired_runs_through = $1 WHERE id = 'retention'")
-                .bind(newest)
-                .execute(&mut *transaction)
-                .await?;
+        deletion.push((sql, binds));
+        if let Some(newest) = group.iter().map(RunId::as_str).max() {
+            deletion.push((
+                "UPDATE jobs SET expired_runs_through = $1 WHERE id = 'retention' \
+                 AND (expired_runs_through IS NULL OR expired_runs_through < $1)"
+                    .to_owned(),
+                vec![Bind::Text(newest.to_owned())],
+            ));
         }
-        transaction.commit().await?;
-        Ok(rows)
+        let changed = self.delete_together(deletion).await?;
+        // The rows of the four deletes, not the job's row.
+        Ok(changed.iter().take(4).sum())
     }
 
     /// Whether a run that is not found was deleted by retention, as far as can be told
@@ -379,37 +410,30 @@ impl Store {
         if candidates.is_empty() {
             return Ok(pruned);
         }
-        let _turn = take_turn(&self.writer).await;
-        let mut transaction = self.pool.begin().await?;
-        let mut rows = 0;
-        for (name, version) in &candidates {
+        let mut deletion = Deletion::new();
+        for (name, version) in candidates {
             // Checked again in the delete: the version may have been activated since.
-            rows += sqlx::query(&format!(
-                "DELETE FROM plugin_versions WHERE plugin_name = $1 AND version = $2 AND EXISTS \
-                 (SELECT 1 FROM plugin_versions pv WHERE pv.plugin_name = $1 AND pv.version = $2 AND {UNUSED})"
-            ))
-            .bind(name)
-            .bind(version)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            rows += sqlx::query(
+            deletion.push((
+                format!(
+                    "DELETE FROM plugin_versions WHERE plugin_name = $1 AND version = $2 AND EXISTS \
+                     (SELECT 1 FROM plugin_versions pv WHERE pv.plugin_name = $1 AND pv.version = $2 AND {UNUSED})"
+                ),
+                vec![Bind::Text(name), Bind::Text(version.clone())],
+            ));
+            deletion.push((
                 "DELETE FROM components WHERE version = $1 \
-                 AND NOT EXISTS (SELECT 1 FROM plugin_versions WHERE version = $1)",
-            )
-            .bind(version)
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
+                 AND NOT EXISTS (SELECT 1 FROM plugin_versions WHERE version = $1)"
+                    .to_owned(),
+                vec![Bind::Text(version)],
+            ));
         }
-        transaction.commit().await?;
-        pruned.add(rows);
+        pruned.add(self.delete_together(deletion).await?.iter().sum());
         Ok(pruned)
     }
 
     /// Gives the file's free pages back to the file system once they are more than a quarter
-    /// of it (SQLite, whose database is in incremental auto-vacuum mode), 256 pages (1 MiB)
-    /// per turn of the writer; PostgreSQL's autovacuum does this itself. Fewer free pages are
+    /// of it (SQLite, whose database is in incremental auto-vacuum mode), `VACUUM_PAGES` at a
+    /// time on the writer thread; PostgreSQL's autovacuum does this itself. Fewer free pages are
     /// left for the next inserts to reuse: moving pages back and forth on every sweep would
     /// only write and checkpoint in the writer's turn, which ticks wait for. Returns the pages
     /// given back.
@@ -432,12 +456,11 @@ impl Store {
         }
         let mut free = first;
         while free > 0 {
-            {
-                let _turn = take_turn(&self.writer).await;
-                sqlx::query("PRAGMA incremental_vacuum(256)")
-                    .execute(&self.pool)
-                    .await?;
-            }
+            self.delete_together(vec![(
+                format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
+                Vec::new(),
+            )])
+            .await?;
             let left = free_pages().await?;
             if left >= free {
                 // Not in incremental mode after all (a file from elsewhere): nothing to gain.
@@ -446,5 +469,72 @@ impl Store {
             free = left;
         }
         Ok(first - free)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{CheckInfo, PluginName, PluginVersion};
+    use crate::storage::{AuditEntry, Store};
+
+    /// On SQLite, deletions and the vacuum after them go through the writer thread: an unused
+    /// version's component is deleted there, and the pages it held go back to the file system.
+    #[tokio::test]
+    async fn deleted_versions_give_their_pages_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        let store = Store::open(&url).await.expect("opening");
+        let name = PluginName::parse("demo").expect("valid name");
+        let info = CheckInfo {
+            name: "demo".into(),
+            version: "1".into(),
+            description: String::new(),
+            steps: vec![],
+            params_schema: None,
+        };
+        let (active, unused) = (
+            PluginVersion::of_bytes(b"active"),
+            PluginVersion::of_bytes(b"unused"),
+        );
+        store
+            .save_plugin_version(&name, &active, b"active", &info, 1)
+            .await
+            .expect("saving");
+        store
+            .activate_plugin(
+                &name,
+                &active,
+                Some(""),
+                AuditEntry::new("test", "plugin.upload", "demo", 1),
+            )
+            .await
+            .expect("activating");
+        let big = vec![7u8; 4 << 20];
+        store
+            .save_plugin_version(&name, &unused, &big, &info, 1)
+            .await
+            .expect("saving");
+        let file_pages = async || -> i64 {
+            let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
+                .fetch_one(&store.pool)
+                .await
+                .expect("page count");
+            pages
+        };
+        let before = file_pages().await;
+
+        let pruned = store
+            .delete_unused_plugin_versions(2, 10)
+            .await
+            .expect("deleting");
+        assert_eq!(pruned.rows, 2, "the version and its component");
+        let reclaimed = store.reclaim_space().await.expect("reclaiming");
+        assert!(reclaimed >= 1000, "4 MiB of pages given back: {reclaimed}");
+        assert!(file_pages().await <= before - 1000, "the file shrank");
+        let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM plugin_versions")
+            .fetch_one(&store.pool)
+            .await
+            .expect("counting");
+        assert_eq!(left, 1, "the active version stays");
     }
 }

@@ -20,6 +20,7 @@ use super::backend::Backend;
 use super::events::INSERT_EVENT;
 use super::leases::renew_sql;
 use super::outbox::{INSERT_NOTIFICATION, MOVE_STREAK, moves_streak, outbox_rows};
+use super::retention::{Bind, Deletion};
 use super::runs::{
     INSERT_ATTEMPT, INSERT_LABELS, INSERT_RUN_EVENTS, INSERT_RUNS, INSERT_STEPS, NEXT_DUE_SQL,
     RunRow, SKIP_REST, STEPS_SQL, StepRow, UPDATE_STEP, claim_runs_sql, load_tick_sql,
@@ -54,6 +55,8 @@ enum Request {
         after: UnixMillis,
         reply: Reply<Option<UnixMillis>>,
     },
+    /// Retention's deletions: bounded by their `LIMIT`s, done in a batch like a tick.
+    Delete(Deletion, Reply<Vec<u64>>),
 }
 
 /// An answer held back until the transaction that made it commits.
@@ -62,6 +65,7 @@ enum Answer {
     Claimed(Reply<Vec<ClaimedRun>>, Vec<ClaimedRun>),
     Renewed(Reply<bool>, bool),
     Due(Reply<Option<UnixMillis>>, Option<UnixMillis>),
+    Deleted(Reply<Vec<u64>>, Vec<u64>),
 }
 
 impl Answer {
@@ -72,6 +76,7 @@ impl Answer {
             Answer::Claimed(reply, claims) => answer(reply, claims, failed),
             Answer::Renewed(reply, renewed) => answer(reply, renewed, failed),
             Answer::Due(reply, due) => answer(reply, due, failed),
+            Answer::Deleted(reply, changed) => answer(reply, changed, failed),
         }
     }
 }
@@ -170,6 +175,11 @@ impl SqliteWriter {
 
     pub(super) async fn next_due(&self, after: UnixMillis) -> Result<Option<UnixMillis>> {
         self.ask(|reply| Request::NextDue { after, reply }).await
+    }
+
+    /// Runs the statements together; returns the rows each changed.
+    pub(super) async fn delete(&self, deletion: Deletion) -> Result<Vec<u64>> {
+        self.ask(|reply| Request::Delete(deletion, reply)).await
     }
 }
 
@@ -280,6 +290,16 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
                     });
                 held(reply, due.map_err(Error::from), Answer::Due)
             }
+            Request::Delete(deletion, reply) => {
+                let mut changed = Vec::with_capacity(deletion.len());
+                let deleted = in_savepoint(connection, || {
+                    for (sql, binds) in &deletion {
+                        changed.push(delete(connection, sql, binds)?);
+                    }
+                    Ok(())
+                });
+                held(reply, deleted.map(|()| changed), Answer::Deleted)
+            }
         };
         answers.extend(answer);
     }
@@ -303,7 +323,24 @@ fn answer_of(request: Request) -> Answer {
         Request::Claim { reply, .. } => Answer::Claimed(reply, Vec::new()),
         Request::Renew { reply, .. } => Answer::Renewed(reply, false),
         Request::NextDue { reply, .. } => Answer::Due(reply, None),
+        Request::Delete(_, reply) => Answer::Deleted(reply, Vec::new()),
     }
+}
+
+/// One statement of a deletion; returns the rows it changed. Not cached: the texts vary with
+/// the number of ids, and each is far cheaper to prepare than to run.
+fn delete(connection: &Connection, sql: &str, binds: &[Bind]) -> Result<u64> {
+    let mut statement = connection.prepare(sql)?;
+    for (index, bind) in binds.iter().enumerate() {
+        match bind {
+            Bind::Int(value) => statement.raw_bind_parameter(index + 1, value)?,
+            Bind::Text(value) => statement.raw_bind_parameter(index + 1, value)?,
+        }
+    }
+    // A pragma such as `incremental_vacuum` may answer with rows; step through them.
+    let mut rows = statement.raw_query();
+    while rows.next()?.is_some() {}
+    Ok(connection.changes())
 }
 
 /// Runs `write` so that on failure nothing of it stays in the batch's transaction.

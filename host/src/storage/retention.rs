@@ -474,44 +474,26 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{CheckInfo, PluginName, PluginVersion};
-    use crate::storage::{AuditEntry, Store};
+    use crate::model::{CheckInfo, PluginVersion};
+    use crate::storage::runs::tests::store_with_plugin;
 
     /// On SQLite, deletions and the vacuum after them go through the writer thread: an unused
     /// version's component is deleted there, and the pages it held go back to the file system.
     #[tokio::test]
     async fn deleted_versions_give_their_pages_back() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
-        let store = Store::open(&url).await.expect("opening");
-        let name = PluginName::parse("demo").expect("valid name");
+        let store = store_with_plugin(dir.path()).await;
         let info = CheckInfo {
             name: "demo".into(),
-            version: "1".into(),
+            version: "2".into(),
             description: String::new(),
             steps: vec![],
             params_schema: None,
         };
-        let (active, unused) = (
-            PluginVersion::of_bytes(b"active"),
-            PluginVersion::of_bytes(b"unused"),
-        );
-        store
-            .save_plugin_version(&name, &active, b"active", &info, 1)
-            .await
-            .expect("saving");
-        store
-            .activate_plugin(
-                &name,
-                &active,
-                Some(""),
-                AuditEntry::new("test", "plugin.upload", "demo", 1),
-            )
-            .await
-            .expect("activating");
+        let name = crate::model::PluginName::parse("demo").expect("valid name");
         let big = vec![7u8; 4 << 20];
         store
-            .save_plugin_version(&name, &unused, &big, &info, 1)
+            .save_plugin_version(&name, &PluginVersion::of_bytes(b"unused"), &big, &info, 1)
             .await
             .expect("saving");
         let file_pages = async || -> i64 {

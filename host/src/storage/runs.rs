@@ -769,13 +769,13 @@ async fn write_runs_together(pool: &AnyPool, backend: Backend, runs: &[NewRun]) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::{CheckInfo, PluginName};
     use crate::storage::{AuditEntry, NewStep};
 
     /// A store in a temp dir with the plugin `demo` active.
-    async fn store_with_plugin(dir: &std::path::Path) -> Store {
+    pub(in crate::storage) async fn store_with_plugin(dir: &std::path::Path) -> Store {
         let url = format!("sqlite://{}", dir.join("db.sqlite").display());
         let store = Store::open(&url).await.expect("opening");
         let name = PluginName::parse("demo").expect("valid name");

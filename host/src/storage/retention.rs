@@ -431,44 +431,30 @@ impl Store {
         Ok(pruned)
     }
 
-    /// Gives the file's free pages back to the file system once they are more than a quarter
-    /// of it (SQLite, whose database is in incremental auto-vacuum mode), `VACUUM_PAGES` at a
-    /// time on the writer thread; PostgreSQL's autovacuum does this itself. Fewer free pages are
-    /// left for the next inserts to reuse: moving pages back and forth on every sweep would
-    /// only write and checkpoint in the writer's turn, which ticks wait for. Returns the pages
-    /// given back.
-    pub async fn reclaim_space(&self) -> Result<u64> {
+    /// SQLite's free pages and all its pages; `None` on PostgreSQL, whose autovacuum gives
+    /// space back by itself.
+    pub async fn free_pages(&self) -> Result<Option<(u64, u64)>> {
         if self.backend != Backend::Sqlite {
-            return Ok(0);
+            return Ok(None);
         }
-        let free_pages = async || -> Result<u64> {
-            let (free,): (i64,) = sqlx::query_as("PRAGMA freelist_count")
-                .fetch_one(&self.pool)
-                .await?;
-            Ok(free as u64)
-        };
+        let (free,): (i64,) = sqlx::query_as("PRAGMA freelist_count")
+            .fetch_one(&self.pool)
+            .await?;
         let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
             .fetch_one(&self.pool)
             .await?;
-        let first = free_pages().await?;
-        if first * 4 < pages as u64 {
-            return Ok(0);
-        }
-        let mut free = first;
-        while free > 0 {
-            self.delete_together(vec![(
-                format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
-                Vec::new(),
-            )])
-            .await?;
-            let left = free_pages().await?;
-            if left >= free {
-                // Not in incremental mode after all (a file from elsewhere): nothing to gain.
-                break;
-            }
-            free = left;
-        }
-        Ok(first - free)
+        Ok(Some((free as u64, pages as u64)))
+    }
+
+    /// Gives up to `VACUUM_PAGES` free pages back to the file system (SQLite, whose database is
+    /// in incremental auto-vacuum mode), on the writer thread.
+    pub async fn vacuum_step(&self) -> Result<()> {
+        self.delete_together(vec![(
+            format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
+            Vec::new(),
+        )])
+        .await?;
+        Ok(())
     }
 }
 
@@ -496,23 +482,31 @@ mod tests {
             .save_plugin_version(&name, &PluginVersion::of_bytes(b"unused"), &big, &info, 1)
             .await
             .expect("saving");
-        let file_pages = async || -> i64 {
-            let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
-                .fetch_one(&store.pool)
+        let pages = async || {
+            store
+                .free_pages()
                 .await
-                .expect("page count");
-            pages
+                .expect("free pages")
+                .expect("SQLite")
         };
-        let before = file_pages().await;
+        let (_, before) = pages().await;
 
         let pruned = store
             .delete_unused_plugin_versions(2, 10)
             .await
             .expect("deleting");
         assert_eq!(pruned.rows, 2, "the version and its component");
-        let reclaimed = store.reclaim_space().await.expect("reclaiming");
-        assert!(reclaimed >= 1000, "4 MiB of pages given back: {reclaimed}");
-        assert!(file_pages().await <= before - 1000, "the file shrank");
+        let (free, _) = pages().await;
+        assert!(free >= 1000, "4 MiB of pages free: {free}");
+        for _ in 0..free.div_ceil(u64::from(super::VACUUM_PAGES)) {
+            store.vacuum_step().await.expect("vacuuming");
+        }
+        let (left, after) = pages().await;
+        assert_eq!(left, 0, "every free page given back");
+        assert!(
+            after <= before - 1000,
+            "the file shrank: {before} to {after} pages"
+        );
         let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM plugin_versions")
             .fetch_one(&store.pool)
             .await

@@ -69,9 +69,12 @@ pub struct Options {
     pub minutes: usize,
     pub rate: usize,
     pub postgres: Option<String>,
+    pub attacks: Option<String>,
 }
 
 fn main() -> ExitCode {
+    // As the `stepwise` binary does: the host's threads (in this process) before plugin calls.
+    stepwise_host::runtime::favour_host_threads();
     let mut scenarios = Vec::new();
     let mut options = Options {
         repeat: 30,

@@ -294,6 +294,7 @@ enum PluginCommand {
 
 /// The whole program; the exit code is the process's.
 pub fn main() -> ExitCode {
+    crate::runtime::favour_host_threads();
     let cli = Cli::parse();
     crate::telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {

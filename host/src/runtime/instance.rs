@@ -256,7 +256,7 @@ impl Runtime {
         let handle = self.calls.clone();
         self.calls
             .spawn_blocking(move || {
-                lower_thread_priority();
+                super::priority::lower_thread_priority();
                 handle.block_on(call)
             })
             .await
@@ -468,32 +468,6 @@ impl Runtime {
 /// CPU a call may use before it needs a long-call permit: far more than a check's step
 /// takes, far less than a plugin burning its time limit.
 const CPU_QUANTUM: Duration = Duration::from_millis(20);
-
-/// How much nicer than the host a plugin call's thread is (Linux niceness; a weight about
-/// nine times smaller than the host's threads when they compete for the CPU).
-#[cfg(target_os = "linux")]
-const CALL_NICENESS: i32 = 10;
-
-/// Makes the current thread nicer, once: raising niceness needs no privilege, and the thread
-/// only ever runs plugin calls (and compiles, which may wait too) from then on.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        thread_local! {
-            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        LOWERED.with(|lowered| {
-            if !lowered.replace(true) {
-                // SAFETY: plain syscalls on the calling thread; on Linux a thread id names one
-                // thread for `setpriority`. A failure leaves the thread as it was.
-                unsafe {
-                    let thread = libc::gettid() as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, thread, CALL_NICENESS);
-                }
-            }
-        });
-    }
-}
 
 /// What a panic's payload says.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {

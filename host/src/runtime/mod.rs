@@ -7,7 +7,9 @@
 mod engine;
 mod instance;
 mod plugin;
+mod priority;
 
 pub use engine::Runtime;
 pub use instance::{Capabilities, StepCall, StepReport};
 pub use plugin::{Inspected, LoadedPlugin};
+pub use priority::favour_host_threads;

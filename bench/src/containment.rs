@@ -73,7 +73,12 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         alone_lag.extend(good_runs(&server, runs, CLIENT_POLL).await?.0);
     }
     let server = Arc::new(server);
-    every_kind_of_attack(&server, runs, &alone_lag, 1_000).await?;
+    let mut attacks = attacks(&server);
+    if let Some(only) = &options.attacks {
+        attacks.retain(|attack| attack.to_string().contains(only.as_str()));
+        anyhow::ensure!(!attacks.is_empty(), "no attack contains {only:?}");
+    }
+    every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000).await?;
     Ok(())
 }
 
@@ -124,10 +129,10 @@ async fn every_kind_of_attack(
     server: &Arc<BenchServer>,
     runs: usize,
     alone_lag: &[f64],
+    attacks: &[Value],
     target: u64,
 ) -> anyhow::Result<()> {
     const CONCURRENT: usize = 20;
-    let attacks = attacks(server);
     let rss_before = crate::stats::resident_mib()?;
     let stop = Arc::new(AtomicBool::new(false));
     let good = {

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
-                      [--minutes N] [--rate N] [--postgres URL]
+                      [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
 
 scenarios (default: all but soak, languages and postgres):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -60,6 +60,8 @@ scenarios (default: all but soak, languages and postgres):
 --minutes N length of the soak (default 30)
 --rate N    runs per minute in the soak (default 1000)
 --postgres URL  the database server of the postgres scenario
+--attacks TEXT  containment's attack phase with only the attacks whose JSON contains TEXT
+                (for example oom, zeroblob, http_burst), to see what each costs
 ";
 
 pub struct Options {
@@ -83,12 +85,14 @@ fn main() -> ExitCode {
         minutes: 30,
         rate: 1000,
         postgres: None,
+        attacks: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--large" => options.large = args.next().map(PathBuf::from),
             "--postgres" => options.postgres = args.next(),
+            "--attacks" => options.attacks = args.next(),
             "--repeat" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(repeat) => options.repeat = repeat,
                 None => return usage("--repeat needs a number"),

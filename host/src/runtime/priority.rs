@@ -25,9 +25,9 @@ pub fn favour_host_threads() {
 }
 
 /// Makes the current thread a plugin call's, once: nicer than the host (raising niceness
-/// needs no privilege) and with the kernel's default slice, which a thread started by a host
-/// thread did not inherit. It only ever runs plugin calls (and compiles, which may wait too)
-/// from then on.
+/// needs no privilege), and with the kernel's default slice instead of the host's short one,
+/// which it inherited from the host thread that started it. It only ever runs plugin calls
+/// (and compiles, which may wait too) from then on.
 pub(super) fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {

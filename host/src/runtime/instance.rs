@@ -224,8 +224,9 @@ impl Runtime {
 
     /// Runs one call: first inline, on the caller's thread, until it first waits — for I/O,
     /// or at the first epoch tick ([`EPOCH_TICK`](super::engine::EPOCH_TICK)) if it
-    /// computes that long — and from there on a thread of its own. Most calls of a check are done within their first slice, and
-    /// the two thread switches of a hand-off cost as much as the call. A call that goes on
+    /// computes that long — and from there on a thread of its own. Most calls of a check are
+    /// done within their first slice, and the two thread switches of a hand-off cost as much
+    /// as the call. A call that goes on
     /// moves to the plugin runtime's blocking pool (never the host's: a thread made nicer
     /// below must not later serve the host's own blocking work), driven by the plugin
     /// runtime's reactor and timers. The operating system then shares the CPU between calls

@@ -32,12 +32,19 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         },
     )]
     .into();
-    let server = BenchServer::start_configured(
-        &dir.path().join("data"),
-        stepwise_host::config::AuthMode::None,
-        sources,
-    )
+    let server = BenchServer::start_tuned(&dir.path().join("data"), |settings| {
+        settings.sources = sources;
+        if let Some(mib) = options.plugin_memory_mib {
+            settings.plugin_memory_bytes = mib << 20;
+        }
+    })
     .await?;
+    println!(
+        "plugin_memory_mib = {} (memory all calls hold at once beyond 4 MiB each)",
+        options
+            .plugin_memory_mib
+            .unwrap_or(stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB)
+    );
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(

@@ -19,6 +19,7 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
+                      [--plugin-memory-mib N]
 
 scenarios (default: all but soak, languages and postgres):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -62,6 +63,7 @@ scenarios (default: all but soak, languages and postgres):
 --postgres URL  the database server of the postgres scenario
 --attacks TEXT  containment's attack phase with only the attacks whose JSON contains TEXT
                 (for example oom, zeroblob, http_burst), to see what each costs
+--plugin-memory-mib N  the containment server's plugin_memory_mib (default: the host's)
 ";
 
 pub struct Options {
@@ -72,6 +74,7 @@ pub struct Options {
     pub rate: usize,
     pub postgres: Option<String>,
     pub attacks: Option<String>,
+    pub plugin_memory_mib: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         rate: 1000,
         postgres: None,
         attacks: None,
+        plugin_memory_mib: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -93,6 +97,10 @@ fn main() -> ExitCode {
             "--large" => options.large = args.next().map(PathBuf::from),
             "--postgres" => options.postgres = args.next(),
             "--attacks" => options.attacks = args.next(),
+            "--plugin-memory-mib" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(mib) if mib > 0 => options.plugin_memory_mib = Some(mib),
+                _ => return usage("--plugin-memory-mib needs a positive number"),
+            },
             "--repeat" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(repeat) => options.repeat = repeat,
                 None => return usage("--repeat needs a number"),

@@ -70,6 +70,9 @@ impl AuthMode {
     }
 }
 
+/// `plugin_memory_mib` when the config does not say: four calls at the default `memory_mib`.
+pub const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 256;
+
 /// The keys `stepwise.toml` may hold. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +87,7 @@ struct FileConfig {
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
     events_buffer: Option<usize>,
+    plugin_memory_mib: Option<u64>,
     auth: Option<AuthMode>,
     /// Where clients reach this server (behind a proxy, under a name): their hosts are the
     /// `Host` headers the API accepts besides the listen address.
@@ -250,6 +254,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("lease_ms", 1_000, 3_600_000),
     ("max_upload_mib", 1, 1024),
     ("events_buffer", 16, 1_000_000),
+    ("plugin_memory_mib", 1, 65_536),
     ("poll_interval_ms", 50, 3_600_000),
     ("call_timeout_ms", 10, 3_600_000),
     ("step_timeout_ms", 10, 3_600_000),
@@ -519,6 +524,9 @@ pub struct Settings {
     pub notifiers: Vec<std::sync::Arc<Notifier>>,
     /// Changes an event stream may fall behind before it is reset.
     pub events_buffer: usize,
+    /// Memory all plugin calls on this node may hold at once beyond each call's own first
+    /// few MiB (`plugin_memory_mib`).
+    pub plugin_memory_bytes: u64,
     pub retention: RetentionPolicy,
 }
 
@@ -550,6 +558,7 @@ impl Settings {
             public_url: None,
             notifiers: Vec::new(),
             events_buffer: 1024,
+            plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
         }
     }
@@ -625,6 +634,11 @@ impl Settings {
             in_range("", "events_buffer", file.events_buffer).map_err(config_error)?
         {
             settings.events_buffer = events;
+        }
+        if let Some(mib) =
+            in_range("", "plugin_memory_mib", file.plugin_memory_mib).map_err(config_error)?
+        {
+            settings.plugin_memory_bytes = mib << 20;
         }
         let configured_limits = file.limits.overrides("limits.").map_err(config_error)?;
         settings.limits = settings.limits.with_overrides(&configured_limits);
@@ -1177,6 +1191,7 @@ mod tests {
                         | "lease_ms"
                         | "max_upload_mib"
                         | "events_buffer"
+                        | "plugin_memory_mib"
                         | "poll_interval_ms"
                         | "after_consecutive"
                         | "max_delivery_ms"

@@ -71,6 +71,7 @@ pub async fn serve(
         Some(settings.artifacts_dir()),
         settings.max_concurrent_ticks,
         &settings.limits,
+        settings.plugin_memory_bytes,
     )
     .context("starting the wasm runtime")?;
     let secrets = Secrets::new(SecretSet::new(load_secrets(&settings)?)?);

@@ -1,7 +1,8 @@
 //! The wasm runtime on its own, without a server: what happens when the instance pool is
-//! full is the host's condition, never a fault charged to the plugin that happened to ask.
+//! full, or the host's memory for plugins is in use, is the host's condition, never a fault
+//! charged to the plugin that happened to ask.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stepwise_host::capabilities::sql::SqlSources;
@@ -18,7 +19,13 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
         http_timeout: Duration::from_secs(2),
         ..Limits::default()
     };
-    let runtime = Runtime::new(None, 0, &limits).expect("a runtime");
+    let runtime = Runtime::new(
+        None,
+        0,
+        &limits,
+        stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
+    )
+    .expect("a runtime");
     let bytes = std::fs::read(MISBEHAVE_WASM).expect("reading the plugin");
     let version = PluginVersion::of_bytes(&bytes);
     let plugin = runtime
@@ -79,4 +86,87 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
     }
     assert!(host_faults > 0, "the pool never ran out");
     assert!(made > 0, "no call got an instance");
+}
+
+fn hold_call(bytes: u64) -> StepCall {
+    StepCall {
+        run_id: "memory".into(),
+        step: "first".into(),
+        attempt: 1,
+        elapsed: Duration::ZERO,
+        params: json!({"steps": {"first": {"action": "hold", "bytes": bytes}}}).to_string(),
+        outputs: "{}".into(),
+        traceparent: None,
+    }
+}
+
+fn with_call_timeout(limits: &Limits, call_timeout: Duration) -> Capabilities {
+    Capabilities {
+        grant: Grant::default(),
+        limits: Limits {
+            call_timeout,
+            ..*limits
+        },
+        sources: SqlSources::default(),
+        secrets: Default::default(),
+        http_requests_left: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_call_waits_for_the_hosts_plugin_memory_and_is_not_charged_when_it_runs_out() {
+    // 16 MiB for all calls beyond their first 4 MiB: one call holding 12 MiB takes most of it.
+    let limits = Limits::default();
+    let runtime = Runtime::new(None, 4, &limits, 16 << 20).expect("a runtime");
+    let bytes = std::fs::read(MISBEHAVE_WASM).expect("reading the plugin");
+    let version = PluginVersion::of_bytes(&bytes);
+    let plugin = runtime
+        .load(&version, bytes.into())
+        .await
+        .expect("compiles");
+    let holder = {
+        let (runtime, plugin) = (runtime.clone(), plugin.clone());
+        let capabilities = with_call_timeout(&limits, Duration::from_secs(2));
+        tokio::spawn(async move {
+            runtime
+                .run_step(&plugin, hold_call(12 << 20), &capabilities)
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runtime.plugin_memory_held() < 8 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never took the memory"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // The second call waits, paused, until its own time limit: the host's condition.
+    let capabilities = with_call_timeout(&limits, Duration::from_millis(300));
+    let fault = runtime
+        .run_step(&plugin, hold_call(12 << 20), &capabilities)
+        .await
+        .expect_err("no memory for the second call");
+    assert!(fault.0.contains("plugin_memory_mib = 16"), "{fault}");
+
+    // The holder is stopped by its own limit, and gives the memory back.
+    let report = holder.await.expect("the holder").expect("a report");
+    assert_eq!(report.outcome.to_string(), "errored");
+    let message = report.message.unwrap_or_default();
+    assert!(message.contains("time limit of 2000 ms"), "{message}");
+    assert_eq!(runtime.plugin_memory_held(), 0);
+
+    // A call needing more than its 4 MiB plus all of the host's is refused as the plugin's own limit.
+    let report = runtime
+        .run_step(&plugin, hold_call(40 << 20), &capabilities)
+        .await
+        .expect("the plugin's fault, not the host's");
+    let message = report.message.unwrap_or_default();
+    assert!(
+        message.contains("memory limit of 20 MiB exceeded")
+            && message.contains("plugin_memory_mib of 16 MiB"),
+        "{message}"
+    );
+    assert_eq!(runtime.plugin_memory_held(), 0);
 }

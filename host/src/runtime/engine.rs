@@ -10,6 +10,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::instance::StepState;
+use super::memory::PluginMemory;
 use super::plugin::LoadedPlugin;
 use crate::bindings;
 use crate::capabilities::log::LogCapability;
@@ -38,6 +39,8 @@ pub struct Runtime {
     /// one core fewer than the machine has (at least one), so that long, CPU-hungry calls
     /// (a plugin looping to its time limit) never take the CPU from short ones and the host.
     pub(super) long_calls: Arc<tokio::sync::Semaphore>,
+    /// What all calls may hold at once beyond their allowances (`plugin_memory_mib`).
+    pub(super) plugin_memory: PluginMemory,
     _calls: Arc<CallThreads>,
     _ticker: Arc<EpochTicker>,
 }
@@ -45,11 +48,14 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker thread. Precompiled
     /// artifacts are kept in `artifacts` (created if missing) when given. The instance pool
-    /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`.
+    /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`;
+    /// together they hold at most `plugin_memory_bytes` beyond each call's first
+    /// [`CALL_ALLOWANCE`](super::memory::CALL_ALLOWANCE).
     pub fn new(
         artifacts: Option<PathBuf>,
         concurrent_calls: usize,
         limits: &Limits,
+        plugin_memory_bytes: u64,
     ) -> anyhow::Result<Runtime> {
         if let Some(dir) = &artifacts {
             std::fs::create_dir_all(dir)?;
@@ -86,6 +92,7 @@ impl Runtime {
         let long_calls = threads.saturating_sub(1).max(1);
         Ok(Runtime {
             long_calls: Arc::new(tokio::sync::Semaphore::new(long_calls)),
+            plugin_memory: PluginMemory::new(plugin_memory_bytes),
             calls: calls.handle().clone(),
             _calls: Arc::new(CallThreads(Some(calls))),
             engine,
@@ -96,6 +103,13 @@ impl Runtime {
             engine_key,
             _ticker: Arc::new(ticker),
         })
+    }
+}
+
+impl Runtime {
+    /// Bytes of `plugin_memory_mib` that calls hold now (memory beyond their allowances).
+    pub fn plugin_memory_held(&self) -> u64 {
+        self.plugin_memory.held()
     }
 }
 

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::engine::Runtime;
+use super::memory::Limiter;
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::wasi_context;
@@ -91,78 +92,6 @@ impl WasiHttpView for StepState {
             table: &mut self.table,
             hooks: &mut self.http,
         }
-    }
-}
-
-/// Caps the memory of one call, all its linear memories and tables together, and its
-/// instances, and remembers which cap was hit so that the attempt's message can name it. A
-/// call may create many instances, each with memories of its own: a cap per memory would let
-/// it use `instances` times the limit.
-struct Limiter {
-    memory_bytes: u64,
-    table_elements: usize,
-    instances: usize,
-    /// Bytes of every memory and table the call has now.
-    in_use: u64,
-    exceeded: Option<String>,
-}
-
-/// What one table element counts against `memory_mib` (a reference is a pointer).
-const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
-
-impl Limiter {
-    fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
-        let total = self.in_use - current.min(self.in_use) + desired;
-        if total > self.memory_bytes {
-            let limit = format!(
-                "memory limit of {} MiB exceeded (all memories and tables of the call together)",
-                self.memory_bytes >> 20
-            );
-            self.exceeded = Some(limit.clone());
-            return Err(wasmtime::Error::msg(limit));
-        }
-        self.in_use = total;
-        Ok(true)
-    }
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        self.grow(current as u64, desired as u64)
-    }
-
-    fn table_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.table_elements {
-            let limit = format!("table limit of {} elements exceeded", self.table_elements);
-            self.exceeded = Some(limit.clone());
-            return Err(wasmtime::Error::msg(limit));
-        }
-        self.grow(
-            current as u64 * TABLE_ELEMENT_BYTES,
-            desired as u64 * TABLE_ELEMENT_BYTES,
-        )
-    }
-
-    fn instances(&self) -> usize {
-        self.instances
-    }
-
-    fn tables(&self) -> usize {
-        self.instances
-    }
-
-    fn memories(&self) -> usize {
-        self.instances
     }
 }
 
@@ -386,6 +315,7 @@ impl Runtime {
 
     fn new_store(&self, capabilities: &Capabilities) -> (Store<StepState>, MemoryOutputPipe) {
         let limits = capabilities.limits;
+        let deadline = Instant::now() + limits.call_timeout;
         let (wasi, stderr) = wasi_context();
         let log = LogBuffer::redacting(capabilities.secrets.clone());
         let violation = Violation::default();
@@ -417,18 +347,11 @@ impl Runtime {
                 timeout: limits.sql_timeout,
                 violation: violation.clone(),
             },
-            limiter: Limiter {
-                memory_bytes: limits.memory_bytes,
-                table_elements: limits.table_elements,
-                instances: limits.instances,
-                in_use: 0,
-                exceeded: None,
-            },
+            limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),
             violation,
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        let deadline = Instant::now() + limits.call_timeout;
+        store.limiter_async(|state| &mut state.limiter);
         let mut cpu = CallCpu::start();
         let long_calls = self.long_calls.clone();
         let long_call: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
@@ -738,41 +661,5 @@ mod tests {
         let mut long = info(vec![step("a", None)]);
         long.description = "d".repeat(MAX_DESCRIPTION_BYTES + 1);
         assert!(check_info_from_wit(long).is_err());
-    }
-
-    #[test]
-    fn memory_is_counted_over_every_memory_and_table_of_a_call() {
-        let mut limiter = Limiter {
-            memory_bytes: 64 << 20,
-            table_elements: 100_000,
-            instances: 64,
-            in_use: 0,
-            exceeded: None,
-        };
-        for _ in 0..3 {
-            assert!(limiter.memory_growing(0, 20 << 20, None).is_ok());
-        }
-        assert!(
-            limiter.memory_growing(0, 20 << 20, None).is_err(),
-            "a fourth memory"
-        );
-        assert!(
-            limiter
-                .exceeded
-                .as_deref()
-                .is_some_and(|text| text.contains("64 MiB"))
-        );
-        // Growing one memory counts only the growth.
-        let mut limiter = Limiter {
-            exceeded: None,
-            in_use: 0,
-            ..limiter
-        };
-        assert!(limiter.memory_growing(0, 32 << 20, None).is_ok());
-        assert!(limiter.memory_growing(32 << 20, 127 << 19, None).is_ok());
-        assert!(
-            limiter.table_growing(0, 100_000, None).is_err(),
-            "800 KB of table on top of 63.5 MiB"
-        );
     }
 }

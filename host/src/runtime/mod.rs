@@ -6,6 +6,7 @@
 
 mod engine;
 mod instance;
+mod memory;
 mod plugin;
 mod priority;
 

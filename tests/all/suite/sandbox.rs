@@ -77,6 +77,29 @@ async fn a_memory_bomb_is_stopped_by_the_memory_limit() {
 }
 
 #[tokio::test]
+async fn no_call_holds_more_than_the_hosts_plugin_memory_whatever_its_grant() {
+    let server = TestServer::start(
+        Setup::default()
+            .with_config("plugin_memory_mib = 8\n")
+            .with_plugin(PluginFile::misbehave(
+                "[limits]\nmemory_mib = 64\nmax_errors = 1\n",
+            )),
+    )
+    .await;
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": first_step(json!({"action": "oom"}))}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "errored", "{run:#}");
+    let message = run["steps"][0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("memory limit of 12 MiB exceeded")
+            && message.contains("plugin_memory_mib of 8 MiB"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn deep_recursion_traps_inside_the_guest() {
     let run = run_one(
         "[limits]\nmax_errors = 1\n",

@@ -114,6 +114,13 @@ impl Check for Misbehave {
                     hoard.push(black_box(vec![1u8; 1 << 20]));
                 }
             }
+            "hold" => {
+                // Keeps `bytes` of memory until the time limit stops the call.
+                let hoard = black_box(vec![1u8; action["bytes"].as_u64().unwrap_or(0) as usize]);
+                loop {
+                    black_box(&hoard);
+                }
+            }
             "recurse" => passed(&json!({"depth": recurse(black_box(0))})),
             "big_output" => passed(&"x".repeat(action["bytes"].as_u64().unwrap_or(0) as usize)),
             "log_spam" => {

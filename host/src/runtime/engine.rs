@@ -104,9 +104,7 @@ impl Runtime {
             _ticker: Arc::new(ticker),
         })
     }
-}
 
-impl Runtime {
     /// Bytes of `plugin_memory_mib` that calls hold now (memory beyond their allowances).
     pub fn plugin_memory_held(&self) -> u64 {
         self.plugin_memory.held()

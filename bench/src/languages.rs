@@ -43,12 +43,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         let (mut compile_ms, mut first_call_ms) = (Vec::new(), Vec::new());
         let mut plugin = None;
         for _ in 0..rounds {
-            let runtime = Runtime::new(
-                None,
-                64,
-                &Limits::default(),
-                stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
-            )?;
+            let runtime = Runtime::new(None, 64, &Limits::default())?;
             let started = Instant::now();
             let loaded = runtime.load(&version, bytes.clone().into()).await?;
             compile_ms.push(started.elapsed().as_secs_f64() * 1e3);

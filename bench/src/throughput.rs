@@ -340,12 +340,7 @@ pub(crate) async fn write_runs(
 
 /// One plugin call's median time in µs, the cores, and the calls per second they allow.
 async fn call_ceiling() -> anyhow::Result<(f64, usize, f64)> {
-    let runtime = Runtime::new(
-        None,
-        64,
-        &Limits::default(),
-        stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
-    )?;
+    let runtime = Runtime::new(None, 64, &Limits::default())?;
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     let plugin = runtime
         .load(&PluginVersion::of_bytes(&bytes), bytes.into())
@@ -399,12 +394,7 @@ async fn time_calls(
 /// One `run-step` call of a small Rust plugin: a fresh Store and instance from the cached
 /// `InstancePre`, the call, and the teardown, with no database.
 pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
-    let runtime = Runtime::new(
-        None,
-        64,
-        &Limits::default(),
-        stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
-    )?;
+    let runtime = Runtime::new(None, 64, &Limits::default())?;
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     let version = PluginVersion::of_bytes(&bytes);
     let plugin = runtime.load(&version, bytes.into()).await?;

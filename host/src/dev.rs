@@ -63,12 +63,7 @@ pub async fn run_file(
     grant.secrets = known.iter().map(|secret| secret.name.clone()).collect();
     let secrets = Arc::new(SecretSet::new(known)?);
     let limits = settings.limits.with_overrides(&grant.limits);
-    let runtime = Runtime::new(
-        None,
-        1,
-        &limits,
-        crate::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
-    )?;
+    let runtime = Runtime::new(None, 1, &limits)?;
     let version = PluginVersion::of_bytes(&bytes);
     let inspected = runtime
         .inspect(&version, bytes.into(), &limits)

@@ -71,9 +71,9 @@ pub async fn serve(
         Some(settings.artifacts_dir()),
         settings.max_concurrent_ticks,
         &settings.limits,
-        settings.plugin_memory_bytes,
     )
-    .context("starting the wasm runtime")?;
+    .context("starting the wasm runtime")?
+    .with_plugin_memory(settings.plugin_memory_bytes);
     let secrets = Secrets::new(SecretSet::new(load_secrets(&settings)?)?);
     // Source URLs may hold placeholders; the filled URLs stay in memory, and any error that
     // could quote one is redacted.

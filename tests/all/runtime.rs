@@ -2,14 +2,24 @@
 //! full, or the host's memory for plugins is in use, is the host's condition, never a fault
 //! charged to the plugin that happened to ask.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stepwise_host::capabilities::sql::SqlSources;
 use stepwise_host::model::{Grant, Limits, PluginVersion};
-use stepwise_host::runtime::{Capabilities, Runtime, StepCall};
+use stepwise_host::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
 
 use crate::support::{MISBEHAVE_WASM, SilentServer};
+
+async fn load_misbehave(runtime: &Runtime) -> Arc<LoadedPlugin> {
+    let bytes = std::fs::read(MISBEHAVE_WASM).expect("reading the plugin");
+    let version = PluginVersion::of_bytes(&bytes);
+    runtime
+        .load(&version, bytes.into())
+        .await
+        .expect("compiles")
+}
 
 #[tokio::test]
 async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
@@ -19,19 +29,8 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
         http_timeout: Duration::from_secs(2),
         ..Limits::default()
     };
-    let runtime = Runtime::new(
-        None,
-        0,
-        &limits,
-        stepwise_host::config::DEFAULT_PLUGIN_MEMORY_MIB << 20,
-    )
-    .expect("a runtime");
-    let bytes = std::fs::read(MISBEHAVE_WASM).expect("reading the plugin");
-    let version = PluginVersion::of_bytes(&bytes);
-    let plugin = runtime
-        .load(&version, bytes.into())
-        .await
-        .expect("compiles");
+    let runtime = Runtime::new(None, 0, &limits).expect("a runtime");
+    let plugin = load_misbehave(&runtime).await;
     // Each call holds its instance while it waits on a server that never answers.
     let silent = SilentServer::start().await;
     let capabilities = Capabilities {
@@ -117,13 +116,10 @@ fn with_call_timeout(limits: &Limits, call_timeout: Duration) -> Capabilities {
 async fn a_call_waits_for_the_hosts_plugin_memory_and_is_not_charged_when_it_runs_out() {
     // 16 MiB for all calls beyond their first 4 MiB: one call holding 12 MiB takes most of it.
     let limits = Limits::default();
-    let runtime = Runtime::new(None, 4, &limits, 16 << 20).expect("a runtime");
-    let bytes = std::fs::read(MISBEHAVE_WASM).expect("reading the plugin");
-    let version = PluginVersion::of_bytes(&bytes);
-    let plugin = runtime
-        .load(&version, bytes.into())
-        .await
-        .expect("compiles");
+    let runtime = Runtime::new(None, 4, &limits)
+        .expect("a runtime")
+        .with_plugin_memory(16 << 20);
+    let plugin = load_misbehave(&runtime).await;
     let holder = {
         let (runtime, plugin) = (runtime.clone(), plugin.clone());
         let capabilities = with_call_timeout(&limits, Duration::from_secs(2));

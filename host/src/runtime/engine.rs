@@ -49,13 +49,12 @@ impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker thread. Precompiled
     /// artifacts are kept in `artifacts` (created if missing) when given. The instance pool
     /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`;
-    /// together they hold at most `plugin_memory_bytes` beyond each call's first
-    /// [`CALL_ALLOWANCE`](super::memory::CALL_ALLOWANCE).
+    /// together they hold at most the default `plugin_memory_mib` beyond each call's first
+    /// [`CALL_ALLOWANCE`](super::memory::CALL_ALLOWANCE) (see [`Runtime::with_plugin_memory`]).
     pub fn new(
         artifacts: Option<PathBuf>,
         concurrent_calls: usize,
         limits: &Limits,
-        plugin_memory_bytes: u64,
     ) -> anyhow::Result<Runtime> {
         if let Some(dir) = &artifacts {
             std::fs::create_dir_all(dir)?;
@@ -92,7 +91,7 @@ impl Runtime {
         let long_calls = threads.saturating_sub(1).max(1);
         Ok(Runtime {
             long_calls: Arc::new(tokio::sync::Semaphore::new(long_calls)),
-            plugin_memory: PluginMemory::new(plugin_memory_bytes),
+            plugin_memory: PluginMemory::new(crate::config::DEFAULT_PLUGIN_MEMORY_MIB << 20),
             calls: calls.handle().clone(),
             _calls: Arc::new(CallThreads(Some(calls))),
             engine,
@@ -103,6 +102,14 @@ impl Runtime {
             engine_key,
             _ticker: Arc::new(ticker),
         })
+    }
+
+    /// The same runtime with `bytes` for all calls together beyond their allowances (the
+    /// host's `plugin_memory_mib`). Before the first call: calls already made keep the old
+    /// budget.
+    pub fn with_plugin_memory(mut self, bytes: u64) -> Runtime {
+        self.plugin_memory = PluginMemory::new(bytes);
+        self
     }
 
     /// Bytes of `plugin_memory_mib` that calls hold now (memory beyond their allowances).

@@ -97,12 +97,13 @@ impl Limiter {
         }
         // A call that alone needs more than the whole budget would wait for ever: it is
         // refused like any call over its limit, and the message says which limit it was.
-        if total > CALL_ALLOWANCE + self.host.bytes {
+        let most = CALL_ALLOWANCE + self.host.bytes;
+        if total > most {
             return self.refuse(format!(
                 "memory limit of {} MiB exceeded: this host gives one call at most {} MiB \
                  ({} MiB of its own and the host's plugin_memory_mib of {} MiB)",
-                (CALL_ALLOWANCE + self.host.bytes) >> 20,
-                (CALL_ALLOWANCE + self.host.bytes) >> 20,
+                most >> 20,
+                most >> 20,
                 CALL_ALLOWANCE >> 20,
                 self.host.bytes >> 20
             ));

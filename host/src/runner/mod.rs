@@ -38,6 +38,11 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How long a call may take before the results of the steps that passed before it in the
+/// same tick are written without waiting for it: short enough that nobody sees the delay,
+/// long enough for most calls (a Rust check answers in tens of microseconds).
+const WRITE_BESIDE: Duration = Duration::from_millis(5);
+
 /// Everything a tick needs; cheap to share between concurrent ticks.
 pub struct Runner {
     store: Store,
@@ -127,26 +132,29 @@ impl Runner {
             .await?
         {
             Ok(ready) => ready,
-            Err(write) => return self.commit(&run, *write).await,
+            Err(write) => return self.commit(&run, vec![*write]).await,
         };
         // Only the tick's first call was due at a time; later steps of the tick run at once.
         let mut due_at = Some(claim.due_at);
+        // Results of steps that passed in this tick and are not written yet: written with the
+        // next one, or beside the next call once it takes a while (`written_beside`).
+        let mut unwritten = Vec::new();
         loop {
             let now = now_millis();
             if let Some(write) = self.out_of_time(&run, claim, &progress, now) {
-                return self.commit(&run, write).await;
+                unwritten.push(write);
+                return self.commit(&run, unwritten).await;
             }
-            let (attempt, report) = self
-                .call(
-                    &run,
-                    claim,
-                    &plugin,
-                    &mut capabilities,
-                    &progress,
-                    now,
-                    due_at,
-                )
-                .await?;
+            let call = self.call(
+                &run,
+                claim,
+                &plugin,
+                &mut capabilities,
+                &progress,
+                now,
+                due_at,
+            );
+            let (attempt, report) = self.written_beside(&run, &mut unwritten, call).await?;
             let write = self.decide(
                 &run,
                 claim,
@@ -160,12 +168,37 @@ impl Runner {
                 },
             );
             let tick_goes_on = write.run.keep_lease_ms.is_some();
-            self.commit(&run, write).await?;
+            unwritten.push(write);
             if !tick_goes_on {
-                return Ok(());
+                return self.commit(&run, unwritten).await;
             }
             progress.position += 1;
         }
+    }
+
+    /// Awaits the next call of the tick. The results before it are written together with its
+    /// own when it answers soon, as most calls do (one transaction and one round trip to the
+    /// database for the tick instead of one per step); once it has taken `WRITE_BESIDE`,
+    /// they are written while it goes on, so that a slow step never holds back the results
+    /// before it. A result that cannot be written (the lease was lost) drops the call's.
+    async fn written_beside<T>(
+        &self,
+        run: &RunRecord,
+        unwritten: &mut Vec<TickWrite>,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let mut call = std::pin::pin!(call);
+        if unwritten.is_empty() {
+            return call.await;
+        }
+        tokio::select! {
+            biased;
+            output = &mut call => return output,
+            () = tokio::time::sleep(WRITE_BESIDE) => {}
+        }
+        let (output, written) = tokio::join!(call, self.commit(run, std::mem::take(unwritten)));
+        written?;
+        output
     }
 
     /// Phase 1: the plugin and what it may do, or the write that ends the run without a call
@@ -635,17 +668,21 @@ impl Runner {
         self.tick_write(claim, now, attempt, step_write, run_write)
     }
 
-    /// Records the tick's write; when it ends the run, reports the run's span.
-    async fn commit(&self, run: &RunRecord, mut write: TickWrite) -> Result<()> {
-        if write.run.status.is_terminal() {
-            write.notify = self.notify_write(run);
+    /// Records the tick's writes (in order, together); when the last ends the run, reports
+    /// the run's span.
+    async fn commit(&self, run: &RunRecord, mut writes: Vec<TickWrite>) -> Result<()> {
+        let Some(last) = writes.last_mut() else {
+            return Ok(());
+        };
+        if last.run.status.is_terminal() {
+            last.notify = self.notify_write(run);
         }
-        let ended = write
+        let ended = last
             .run
             .status
             .is_terminal()
-            .then(|| (write.run.status, write.run.message.clone(), write.now));
-        self.store.record_tick(write).await?;
+            .then(|| (last.run.status, last.run.message.clone(), last.now));
+        self.store.record_tick(writes).await?;
         if let Some((status, message, finished_at)) = ended {
             telemetry::run_finished(
                 &run.id,

@@ -335,19 +335,23 @@ impl Store {
     /// otherwise nothing is written and `Error::LeaseLost` is returned (`Error::Conflict` if
     /// the step was already decided, which a held lease rules out). On SQLite, writes from
     /// concurrent ticks share one commit (the writer thread's batch).
-    pub async fn record_tick(&self, write: TickWrite) -> Result<()> {
+    /// A tick's results, in the order they happened (the steps that passed one after the
+    /// other, then the last), in one transaction: all of them stand, or none.
+    pub async fn record_tick(&self, writes: Vec<TickWrite>) -> Result<()> {
         match self.sqlite_writer() {
-            Some(writer) => writer.tick(write).await,
-            None => write_tick_alone(&self.pool, self.backend, &write).await,
+            Some(writer) => writer.tick(writes).await,
+            None => write_tick_alone(&self.pool, self.backend, &writes).await,
         }?;
         self.events_written();
         Ok(())
     }
 }
 
-async fn write_tick_alone(pool: &AnyPool, backend: Backend, write: &TickWrite) -> Result<()> {
+async fn write_tick_alone(pool: &AnyPool, backend: Backend, writes: &[TickWrite]) -> Result<()> {
     let mut transaction = pool.begin().await?;
-    apply_tick(&mut transaction, backend, write).await?;
+    for write in writes {
+        apply_tick(&mut transaction, backend, write).await?;
+    }
     transaction.commit().await?;
     Ok(())
 }
@@ -901,8 +905,8 @@ pub(super) mod tests {
                 .expect("claimed")
         };
         let (fenced, written) = tokio::join!(
-            store.record_tick(passing_tick(claim_of(&cancelled.id), now)),
-            store.record_tick(passing_tick(claim_of(&kept.id), now)),
+            store.record_tick(vec![passing_tick(claim_of(&cancelled.id), now)]),
+            store.record_tick(vec![passing_tick(claim_of(&kept.id), now)]),
         );
         assert!(matches!(fenced, Err(Error::LeaseLost(_))), "{fenced:?}");
         written.expect("the other write stands");

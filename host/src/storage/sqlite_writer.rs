@@ -50,7 +50,7 @@ enum Request {
         lease_ms: i64,
         reply: Reply<bool>,
     },
-    Tick(Box<TickWrite>, Reply<()>),
+    Tick(Vec<TickWrite>, Reply<()>),
     NextDue {
         after: UnixMillis,
         reply: Reply<Option<UnixMillis>>,
@@ -168,9 +168,8 @@ impl SqliteWriter {
         .await
     }
 
-    pub(super) async fn tick(&self, write: TickWrite) -> Result<()> {
-        self.ask(|reply| Request::Tick(Box::new(write), reply))
-            .await
+    pub(super) async fn tick(&self, writes: Vec<TickWrite>) -> Result<()> {
+        self.ask(|reply| Request::Tick(writes, reply)).await
     }
 
     pub(super) async fn next_due(&self, after: UnixMillis) -> Result<Option<UnixMillis>> {
@@ -251,9 +250,13 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
                 in_savepoint(connection, || insert_run(connection, statements, &run)),
                 |reply, ()| Answer::Done(reply),
             ),
-            Request::Tick(write, reply) => held(
+            Request::Tick(writes, reply) => held(
                 reply,
-                in_savepoint(connection, || apply_tick(connection, statements, &write)),
+                in_savepoint(connection, || {
+                    writes
+                        .iter()
+                        .try_for_each(|write| apply_tick(connection, statements, write))
+                }),
                 |reply, ()| Answer::Done(reply),
             ),
             // Single statements, or reads: atomic without a savepoint.

@@ -106,7 +106,7 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off() {
         .await
         .expect("renewing");
     assert!(!renewed, "a lost lease was renewed");
-    match store.record_tick(first_step_passed(&a)).await {
+    match store.record_tick(vec![first_step_passed(&a)]).await {
         Err(storage::Error::LeaseLost(lost)) => assert_eq!(lost, RunId::from_stored(id.clone())),
         other => panic!("the old holder wrote a result: {other:?}"),
     }
@@ -118,12 +118,17 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_off() {
         "the holder renews its lease"
     );
     store
-        .record_tick(first_step_passed(&b))
+        .record_tick(vec![first_step_passed(&b)])
         .await
         .expect("the holder writes");
     // The same result again (a retried write, or a racing node with the same token) is refused:
     // a step's terminal result is written once.
-    assert!(store.record_tick(first_step_passed(&b)).await.is_err());
+    assert!(
+        store
+            .record_tick(vec![first_step_passed(&b)])
+            .await
+            .is_err()
+    );
 
     let attempts = server.attempts(&id).await;
     assert_eq!(attempts.len(), 1, "{attempts:#?}");

@@ -60,6 +60,34 @@ async fn a_failing_step_fails_the_run_and_skips_the_rest() {
 }
 
 #[tokio::test]
+async fn a_passed_step_is_written_while_the_next_call_of_its_tick_goes_on() {
+    let grant = "[limits]\ncall_timeout_ms = 3000\nmax_errors = 1\n";
+    let server =
+        TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(grant))).await;
+    let id = server
+        .trigger(
+            json!({"plugin": "misbehave", "params": {"steps": {"second": {"action": "loop"}}}}),
+        )
+        .await;
+    // The second step's call spins until its 3 s limit; the first step's result, from the
+    // same tick, is in the database long before.
+    let run = server
+        .wait_for_run(&id, "the first step passed", |run| {
+            run["steps"][0]["status"] == "passed"
+        })
+        .await;
+    assert_eq!(run["status"], "running", "{run:#}");
+    assert_eq!(run["steps"][1]["attempts"], 0, "{run:#}");
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(
+        step_statuses(&run),
+        ["passed", "errored", "skipped"],
+        "{run:#}"
+    );
+    assert_eq!(run["steps"][0]["output"]["step"], "first");
+}
+
+#[tokio::test]
 async fn a_step_pending_beyond_its_timeout_times_out_the_run() {
     let server = TestServer::start(Setup::default().with_plugin(fast_polling())).await;
     let id = server

@@ -88,16 +88,26 @@ impl Store {
         }
     }
 
-    /// Up to `limit` events after id `after`, in order.
+    /// Up to `limit` events after id `after`, in order. On SQLite a point read on the
+    /// caller's thread: the event hub makes one after every commit.
     pub async fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>> {
-        let order = self.event_order();
-        let rows: Vec<(i64, String, Option<i64>)> = sqlx::query_as(&format!(
-            "SELECT {order}, run_id, position FROM events WHERE {order} > $1 ORDER BY {order} LIMIT $2"
-        ))
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(i64, String, Option<i64>)> = match self.sqlite_readers() {
+            Some(readers) => readers.select(
+                "SELECT id, run_id, position FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+                rusqlite::params![after, limit as i64],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )?,
+            None => {
+                let order = self.event_order();
+                sqlx::query_as(&format!(
+                    "SELECT {order}, run_id, position FROM events WHERE {order} > $1 ORDER BY {order} LIMIT $2"
+                ))
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         Ok(rows
             .into_iter()
             .map(|(seq, run_id, position)| EventRecord {

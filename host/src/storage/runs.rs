@@ -347,18 +347,23 @@ impl Store {
     }
 }
 
+/// One tick's writes in one transaction: the run first, as the last write leaves it (each
+/// write carries the whole run), fenced by the lease token, so that a lost lease is found
+/// before anything is written; then each step's result in order.
 async fn write_tick_alone(pool: &AnyPool, backend: Backend, writes: &[TickWrite]) -> Result<()> {
+    let Some(last) = writes.last() else {
+        return Ok(());
+    };
     let mut transaction = pool.begin().await?;
+    update_run(&mut transaction, backend, last).await?;
     for write in writes {
-        apply_tick(&mut transaction, backend, write).await?;
+        record_step(&mut transaction, write).await?;
     }
     transaction.commit().await?;
     Ok(())
 }
 
-/// One tick's writes inside the caller's transaction: the run (fenced by the lease token,
-/// first, so that a lost lease is found before anything is written), the attempt, the step.
-async fn apply_tick(
+async fn update_run(
     transaction: &mut AnyConnection,
     backend: Backend,
     write: &TickWrite,
@@ -382,6 +387,11 @@ async fn apply_tick(
     if updated.rows_affected() == 0 {
         return Err(Error::LeaseLost(write.run_id.clone()));
     }
+    Ok(())
+}
+
+/// A step's attempt and result, its event, and what ending the run there writes.
+async fn record_step(transaction: &mut AnyConnection, write: &TickWrite) -> Result<()> {
     let step = &write.step;
     if let Some(attempt) = &write.attempt {
         sqlx::query(INSERT_ATTEMPT)

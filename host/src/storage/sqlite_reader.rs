@@ -1,8 +1,8 @@
-//! SQLite's hot point reads — a trigger's plugin, a request's token — made on the calling
-//! thread through connections of their own instead of being handed to sqlx's worker thread
-//! and back. An indexed lookup takes microseconds, less than the two thread switches it saves;
-//! in WAL mode a reader never waits for the writer, so the caller's thread is held only for
-//! the lookup itself.
+//! SQLite's hot point reads — a trigger's plugin, a request's token, the change log's next
+//! rows after each commit — made on the calling thread through connections of their own
+//! instead of being handed to sqlx's worker thread and back. An indexed lookup takes
+//! microseconds, less than the two thread switches it saves; in WAL mode a reader never waits
+//! for the writer, so the caller's thread is held only for the lookup itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -33,6 +33,29 @@ impl SqliteReaders {
         key: &str,
         row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
     ) -> Result<Option<T>> {
+        self.with(|connection| {
+            connection
+                .prepare_cached(sql)
+                .and_then(|mut statement| statement.query_row([key], row).optional())
+        })
+    }
+
+    /// The rows `sql` selects with `params`, each read by `row`.
+    pub(super) fn select<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        self.with(|connection| {
+            connection
+                .prepare_cached(sql)?
+                .query_map(params, row)?
+                .collect()
+        })
+    }
+
+    fn with<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         let idle = self
             .idle
             .lock()
@@ -42,14 +65,12 @@ impl SqliteReaders {
             Some(connection) => connection,
             None => open(&self.path)?,
         };
-        let found = connection
-            .prepare_cached(sql)
-            .and_then(|mut statement| statement.query_row([key], row).optional());
+        let read = read(&connection);
         self.idle
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .push(connection);
-        Ok(found?)
+        Ok(read?)
     }
 }
 

@@ -252,11 +252,7 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
             ),
             Request::Tick(writes, reply) => held(
                 reply,
-                in_savepoint(connection, || {
-                    writes
-                        .iter()
-                        .try_for_each(|write| apply_tick(connection, statements, write))
-                }),
+                in_savepoint(connection, || apply_tick(connection, statements, &writes)),
                 |reply, ()| Answer::Done(reply),
             ),
             // Single statements, or reads: atomic without a savepoint.
@@ -445,9 +441,24 @@ fn claim(
     Ok(claims)
 }
 
-/// One tick's writes, as `runs::apply_tick` does them through sqlx: the run first, fenced by
-/// the lease token, so that a lost lease is found before anything is written.
-fn apply_tick(connection: &Connection, statements: &Statements, write: &TickWrite) -> Result<()> {
+/// One tick's writes, as `runs::write_tick_alone` does them through sqlx: the run first, as the last
+/// write leaves it (each write carries the whole run), fenced by the lease token, so that a
+/// lost lease is found before anything is written; then each step's result in order.
+fn apply_tick(
+    connection: &Connection,
+    statements: &Statements,
+    writes: &[TickWrite],
+) -> Result<()> {
+    let Some(last) = writes.last() else {
+        return Ok(());
+    };
+    update_run(connection, statements, last)?;
+    writes
+        .iter()
+        .try_for_each(|write| record_step(connection, write))
+}
+
+fn update_run(connection: &Connection, statements: &Statements, write: &TickWrite) -> Result<()> {
     let run_sql = match write.run.keep_lease_ms {
         Some(_) => &statements.tick_keeping_lease,
         None => &statements.tick_releasing_lease,
@@ -469,6 +480,11 @@ fn apply_tick(connection: &Connection, statements: &Statements, write: &TickWrit
     if updated == 0 {
         return Err(Error::LeaseLost(write.run_id.clone()));
     }
+    Ok(())
+}
+
+/// A step's attempt and result, its event, and what ending the run there writes.
+fn record_step(connection: &Connection, write: &TickWrite) -> Result<()> {
     let step = &write.step;
     if let Some(attempt) = &write.attempt {
         connection.prepare_cached(INSERT_ATTEMPT)?.execute(params![

@@ -818,7 +818,7 @@ pub(super) mod tests {
     }
 
     /// A run of `demo` with one step, due now.
-    fn one_step_run(idempotency_key: Option<&str>) -> NewRun {
+    pub(in crate::storage) fn one_step_run(idempotency_key: Option<&str>) -> NewRun {
         NewRun {
             id: RunId::generate(),
             plugin_name: PluginName::parse("demo").expect("valid name"),
@@ -842,7 +842,7 @@ pub(super) mod tests {
     }
 
     /// The write that passes a claimed run's only step and ends it.
-    fn passing_tick(claim: &ClaimedRun, now: UnixMillis) -> TickWrite {
+    pub(in crate::storage) fn passing_tick(claim: &ClaimedRun, now: UnixMillis) -> TickWrite {
         TickWrite {
             run_id: claim.id.clone(),
             lease_token: claim.lease_token,

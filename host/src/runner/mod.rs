@@ -313,8 +313,11 @@ impl Runner {
             .limits
             .http_requests_per_run
             .saturating_sub(progress.http_requests);
+        // Boxed: wasmtime's call future is large, and the tick's future holding it is moved
+        // whole into its task (`memmove` was 5 % of the workers' samples).
+        let step_call = Box::pin(self.runtime.run_step(plugin, call, capabilities));
         let report = self
-            .keeping_lease(claim, self.runtime.run_step(plugin, call, capabilities))
+            .keeping_lease(claim, step_call)
             .instrument(call_span.clone())
             .await?
             .map_err(|fault| Error::HostFault(fault.0))?;

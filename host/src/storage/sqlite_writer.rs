@@ -128,42 +128,35 @@ impl Request {
     /// Sends what the request came to. A requester that has gone (a client hung up) does not
     /// undo what was written.
     fn answer(self, outcome: Result<Outcome>) {
-        fn send<T>(reply: Reply<T>, value: Result<T>) {
+        /// `pick` takes the value out of the outcome a request of its kind gets.
+        fn send<T>(reply: Reply<T>, outcome: Result<Outcome>, pick: fn(Outcome) -> Option<T>) {
+            let value = outcome.and_then(|outcome| {
+                pick(outcome).ok_or_else(|| {
+                    Error::Sqlite("the writer's answer does not match its request".into())
+                })
+            });
             let _ = reply.send(value);
         }
-        let mismatch = || Error::Sqlite("the writer's answer does not match its request".into());
         match self {
             Request::Enqueue(_, reply) | Request::Tick(_, reply) => {
-                send(reply, outcome.map(|_| ()));
+                send(reply, outcome, |_| Some(()))
             }
-            Request::Claim { reply, .. } => send(
-                reply,
-                outcome.and_then(|outcome| match outcome {
-                    Outcome::Claimed(claims) => Ok(claims),
-                    _ => Err(mismatch()),
-                }),
-            ),
-            Request::Renew { reply, .. } => send(
-                reply,
-                outcome.and_then(|outcome| match outcome {
-                    Outcome::Renewed(renewed) => Ok(renewed),
-                    _ => Err(mismatch()),
-                }),
-            ),
-            Request::NextDue { reply, .. } => send(
-                reply,
-                outcome.and_then(|outcome| match outcome {
-                    Outcome::Due(due) => Ok(due),
-                    _ => Err(mismatch()),
-                }),
-            ),
-            Request::Delete(_, reply) => send(
-                reply,
-                outcome.and_then(|outcome| match outcome {
-                    Outcome::Deleted(changed) => Ok(changed),
-                    _ => Err(mismatch()),
-                }),
-            ),
+            Request::Claim { reply, .. } => send(reply, outcome, |outcome| match outcome {
+                Outcome::Claimed(claims) => Some(claims),
+                _ => None,
+            }),
+            Request::Renew { reply, .. } => send(reply, outcome, |outcome| match outcome {
+                Outcome::Renewed(renewed) => Some(renewed),
+                _ => None,
+            }),
+            Request::NextDue { reply, .. } => send(reply, outcome, |outcome| match outcome {
+                Outcome::Due(due) => Some(due),
+                _ => None,
+            }),
+            Request::Delete(_, reply) => send(reply, outcome, |outcome| match outcome {
+                Outcome::Deleted(changed) => Some(changed),
+                _ => None,
+            }),
         }
     }
 }

@@ -181,6 +181,11 @@ impl EpochTicker {
         std::thread::Builder::new()
             .name("stepwise-epoch".into())
             .spawn(move || {
+                if !super::priority::make_ticker_thread_real_time() {
+                    tracing::debug!(
+                        "the epoch ticker runs at normal priority (no permission for a real-time one)"
+                    );
+                }
                 while !thread_stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();

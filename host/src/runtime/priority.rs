@@ -7,6 +7,15 @@
 //! (`sched_runtime` of a normal thread, Linux ≥ 6.12): a host thread that wakes takes the CPU
 //! from a CPU-bound plugin at once. Elsewhere, or when the kernel refuses, threads stay as
 //! they are.
+//!
+//! The epoch ticker is what stops guest code, so it must never wait for the CPU behind the
+//! code it stops: a call runs its first millisecond inline on a runtime worker, at the host's
+//! priority, and a CPU-bound plugin there kept the ticker (and with it the hand-off to a call
+//! thread) off the CPU until the kernel's next scheduler tick, up to 7 ms (`perf sched`,
+//! twenty hostile runs logging in a loop). Where the process may (root, `CAP_SYS_NICE` or an
+//! `RLIMIT_RTPRIO`), the ticker runs real-time at the lowest priority: it wakes every
+//! millisecond for a microsecond's work, and the kernel's real-time throttling bounds it
+//! anyway.
 
 /// The slice the host's threads ask for: the shortest the kernel allows.
 #[cfg(target_os = "linux")]
@@ -40,6 +49,21 @@ pub(super) fn lower_thread_priority() {
             }
         });
     }
+}
+
+/// Makes the calling thread (the epoch ticker) real-time at the lowest priority if the
+/// process may; returns whether it did.
+#[cfg(target_os = "linux")]
+pub(super) fn make_ticker_thread_real_time() -> bool {
+    let parameters = libc::sched_param { sched_priority: 1 };
+    // SAFETY: a plain syscall on the calling thread (0) with a valid parameter block; on
+    // failure the thread keeps its policy.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &parameters) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn make_ticker_thread_real_time() -> bool {
+    false
 }
 
 /// Sets the calling thread's niceness (when given) and slice (0: the kernel's default).
@@ -118,6 +142,24 @@ mod tests {
             let call = attributes();
             assert_eq!(call.sched_nice, super::CALL_NICENESS);
             assert_ne!(call.sched_runtime, super::HOST_SLICE_NS);
+        })
+        .join()
+        .expect("the checks passed");
+    }
+
+    /// The epoch ticker is real-time where the process may be, and otherwise stays as it was.
+    #[test]
+    fn the_ticker_thread_is_real_time_where_the_process_may_be() {
+        std::thread::spawn(|| {
+            let made = super::make_ticker_thread_real_time();
+            // SAFETY: a plain query of the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            if made {
+                assert_eq!(policy, libc::SCHED_FIFO);
+            } else {
+                assert_eq!(policy, libc::SCHED_OTHER);
+                eprintln!("SKIPPED the real-time check: this process may not make one");
+            }
         })
         .join()
         .expect("the checks passed");

@@ -119,6 +119,12 @@ impl Runner {
         if run.status.is_terminal() {
             return Ok(());
         }
+        // Claimed ahead of its time (the scheduler's lookahead): loaded already, it calls no
+        // earlier than due. A cancel meanwhile is found by the write's lease fence.
+        let early = claim.due_at - now_millis();
+        if early > 0 {
+            tokio::time::sleep(Duration::from_millis(early as u64)).await;
+        }
         tracing::Span::current().record("plugin", run.plugin_name.as_str());
         let mut progress = Progress {
             position: run.current_step,

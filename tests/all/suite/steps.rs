@@ -34,6 +34,41 @@ async fn pending_steps_are_polled_until_they_pass() {
     assert_eq!(steps[2]["output"]["step"], "third");
 }
 
+/// Milliseconds since the epoch of an RFC 3339 time in a response.
+fn millis(timestamp: &serde_json::Value) -> i64 {
+    let text = timestamp.as_str().expect("a timestamp");
+    humantime::parse_rfc3339(text)
+        .expect("RFC 3339")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn a_tick_claimed_ahead_of_its_time_calls_no_earlier_than_due() {
+    // The scheduler claims ticks up to its lookahead (20 ms) before they are due; at a 50 ms
+    // poll interval, a tick that called when claimed would start well before its due time.
+    let server = TestServer::start(Setup::default().with_plugin(fast_polling())).await;
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "pending_until", "attempt": 6}}}}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    let attempts = server.attempts(&id).await;
+    let polled: Vec<_> = attempts
+        .iter()
+        .filter(|attempt| attempt["step"] == "first" && attempt["attempt"].as_u64() > Some(1))
+        .collect();
+    assert_eq!(polled.len(), 5, "{attempts:#?}");
+    for attempt in polled {
+        let due = millis(&attempt["due_at"]);
+        assert!(
+            millis(&attempt["started_at"]) >= due,
+            "a call started before its tick was due: {attempt:#}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_failing_step_fails_the_run_and_skips_the_rest() {
     let server = TestServer::start(Setup::default().with_plugin(fast_polling())).await;

@@ -546,6 +546,16 @@ async fn read(response: reqwest::Response) -> (u16, Value) {
     )
 }
 
+/// Milliseconds since the epoch of an RFC 3339 time in a response.
+pub fn millis(timestamp: &Value) -> i64 {
+    let text = timestamp.as_str().expect("a timestamp");
+    humantime::parse_rfc3339(text)
+        .expect("RFC 3339")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
+}
+
 /// Calls `probe` every 50 ms until it returns `Some`, or gives up after [`DEADLINE`].
 pub async fn poll_until<T, F, Fut>(mut probe: F) -> Option<T>
 where

@@ -11,7 +11,7 @@ use stepwise_host::scheduler::Wakeup;
 use stepwise_host::scheduler::schedules::{Firer, ScheduleWakeup};
 use stepwise_host::storage::Store;
 
-use crate::support::{PluginFile, Setup, TestServer, poll_until};
+use crate::support::{PluginFile, Setup, TestServer, millis, poll_until};
 
 async fn server() -> TestServer {
     TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await
@@ -57,15 +57,6 @@ async fn firer(server: &TestServer) -> Firer {
         Wakeup::default(),
         ScheduleWakeup::default(),
     )
-}
-
-fn millis(timestamp: &Value) -> i64 {
-    let text = timestamp.as_str().expect("a timestamp");
-    humantime::parse_rfc3339(text)
-        .expect("RFC 3339")
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{Endpoint, PluginFile, Setup, TestServer, step_statuses};
+use crate::support::{Endpoint, PluginFile, Setup, TestServer, millis, step_statuses};
 
 fn fast_polling() -> PluginFile {
     PluginFile::misbehave("poll_interval_ms = 50\n")
@@ -32,16 +32,6 @@ async fn pending_steps_are_polled_until_they_pass() {
     // Two pending answers at a 50 ms interval come before the second step passes.
     assert!(passed_after[1] >= 100, "{passed_after:?}");
     assert_eq!(steps[2]["output"]["step"], "third");
-}
-
-/// Milliseconds since the epoch of an RFC 3339 time in a response.
-fn millis(timestamp: &serde_json::Value) -> i64 {
-    let text = timestamp.as_str().expect("a timestamp");
-    humantime::parse_rfc3339(text)
-        .expect("RFC 3339")
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64
 }
 
 #[tokio::test]

@@ -69,13 +69,13 @@ impl Scheduler {
         let permits = Arc::new(Semaphore::new(self.settings.max_concurrent_ticks));
         let mut ticks = JoinSet::new();
         let lease_ms = self.settings.lease.as_millis() as i64;
+        let lookahead = LOOKAHEAD.as_millis() as i64;
         loop {
             while let Some(finished) = ticks.try_join_next() {
                 if let Err(error) = finished {
                     tracing::error!(%error, "a tick task panicked");
                 }
             }
-            let lookahead = LOOKAHEAD.as_millis() as i64;
             let free = permits.available_permits();
             if free > 0 {
                 let horizon = now_millis() + lookahead;

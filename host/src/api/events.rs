@@ -52,6 +52,12 @@ struct Published {
 #[derive(Clone)]
 pub struct EventHub {
     sender: broadcast::Sender<Arc<Published>>,
+    /// How far the hub has read the change log: `None` while nobody listens, when it reads
+    /// nothing (after every commit that read was a tenth of a busy node's CPU), and set to
+    /// the log's end by the first stream to subscribe. The hub holds it while it reads and
+    /// broadcasts, and `subscribe` while it sets it, so that a stream misses no change
+    /// committed after it subscribed and is sent none from before.
+    cursor: Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 impl EventHub {
@@ -59,30 +65,40 @@ impl EventHub {
     pub fn new(capacity: usize) -> EventHub {
         EventHub {
             sender: broadcast::channel(capacity.max(1)).0,
+            cursor: Arc::default(),
         }
     }
 
-    /// Follows the change log from its current end until `shutdown`, broadcasting each change
-    /// while anyone listens.
+    /// A receiver of every change committed from now on.
+    async fn subscribe(
+        &self,
+        store: &Store,
+    ) -> crate::storage::Result<broadcast::Receiver<Arc<Published>>> {
+        let mut cursor = self.cursor.lock().await;
+        if cursor.is_none() {
+            *cursor = Some(store.newest_event().await?.unwrap_or(0));
+        }
+        Ok(self.sender.subscribe())
+    }
+
+    /// Follows the change log until `shutdown`, broadcasting each change while anyone
+    /// listens.
     pub async fn follow(self, store: Store, backstop: Duration, shutdown: CancellationToken) {
-        let mut cursor = loop {
-            match store.event_bounds().await {
-                Ok((_, newest)) => break newest.unwrap_or(0),
-                Err(error) => {
-                    tracing::warn!(%error, "reading the change log failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backstop) => {}
-                    }
-                }
-            }
-        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = store.event_signal().notified() => {}
                 _ = tokio::time::sleep(backstop) => {}
             }
+            let mut held = self.cursor.lock().await;
+            if self.sender.receiver_count() == 0 {
+                *held = None;
+                continue;
+            }
+            let Some(mut cursor) = *held else {
+                // Every receiver comes from `subscribe`, which sets the cursor.
+                continue;
+            };
             loop {
                 let batch = match store.events_after(cursor, READ_BATCH).await {
                     Ok(batch) => batch,
@@ -95,20 +111,19 @@ impl EventHub {
                     break;
                 };
                 cursor = last.seq;
-                if self.sender.receiver_count() > 0 {
-                    match render(&store, &batch).await {
-                        Ok(published) => {
-                            for change in published {
-                                let _ = self.sender.send(Arc::new(change));
-                            }
+                match render(&store, &batch).await {
+                    Ok(published) => {
+                        for change in published {
+                            let _ = self.sender.send(Arc::new(change));
                         }
-                        Err(error) => tracing::warn!(%error, "rendering events failed"),
                     }
+                    Err(error) => tracing::warn!(%error, "rendering events failed"),
                 }
                 if batch.len() < READ_BATCH {
                     break;
                 }
             }
+            *held = Some(cursor);
         }
     }
 }
@@ -252,7 +267,7 @@ async fn open(
     snapshot_of: Option<&RunId>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     let resume = last_event_id(headers)?;
-    let receiver = state.events.sender.subscribe();
+    let receiver = state.events.subscribe(&state.store).await?;
     let mut subscription = Subscription {
         receiver,
         filter,

@@ -128,6 +128,16 @@ impl Store {
         Ok(bounds)
     }
 
+    /// The newest event's place in the order, if any: one indexed read, on SQLite on the
+    /// caller's thread like `events_after`.
+    pub async fn newest_event(&self) -> Result<Option<i64>> {
+        if let Some(readers) = self.sqlite_readers() {
+            let newest = readers.select("SELECT MAX(id) FROM events", [], |row| row.get(0))?;
+            return Ok(newest.into_iter().next().flatten());
+        }
+        Ok(self.event_bounds().await?.1)
+    }
+
     /// PostgreSQL: numbers the rows that are visible and not numbered yet, after the highest
     /// number so far, one transaction at a time across all nodes; tells every node when it
     /// numbered any. Returns how many.

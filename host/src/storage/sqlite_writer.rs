@@ -1,8 +1,8 @@
 //! SQLite's hot path: one thread owns a connection of its own (rusqlite) and does every write
 //! the engine makes per run and per tick — new runs, claims (which read the claimed runs too),
 //! lease renewals, tick results — and the due-time lookup between claims. Requests queue on a
-//! channel; the thread takes everything waiting, does it in one transaction, commits once,
-//! then answers. A failure answers only its own request: one that fails after writing part
+//! channel; the thread takes everything waiting, and what queues while it writes that, does
+//! it in one transaction, commits once, then answers. A failure answers only its own request: one that fails after writing part
 //! of itself has the batch done again with a savepoint per request (`write_batch`).
 //!
 //! Why a thread and not sqlx: through sqlx every statement is a hand-off to the connection's
@@ -289,7 +289,7 @@ fn serve(
             batch.push(request);
         }
         let _turn = turn.blocking_lock();
-        write_batch(connection, statements, batch);
+        write_batch(connection, statements, batch, Some(queue));
     }
 }
 
@@ -309,9 +309,14 @@ enum Batch {
 /// journal, about a tenth of this thread's time. A request that fails after writing part of
 /// itself (never in normal operation: a lost lease is found by the first statement, which
 /// writes nothing) rolls the batch back, and it is done again with a savepoint per request.
-fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Request>) {
-    let ended = match transaction(connection, statements, &batch, false) {
-        Batch::Redo => transaction(connection, statements, &batch, true),
+fn write_batch(
+    connection: &Connection,
+    statements: &Statements,
+    mut batch: Vec<Request>,
+    more: Option<&mpsc::Receiver<Request>>,
+) {
+    let ended = match transaction(connection, statements, &mut batch, more, false) {
+        Batch::Redo => transaction(connection, statements, &mut batch, None, true),
         ended => ended,
     };
     match ended {
@@ -333,31 +338,48 @@ fn write_batch(connection: &Connection, statements: &Statements, batch: Vec<Requ
     }
 }
 
+/// Does `batch` in one transaction. With `more`, the requests that queue meanwhile join it
+/// (up to `MAX_BATCH`): a commit writes every page the batch changed and syncs the log, so
+/// on a busy node most of the writer's time went to commits of a few ticks each, and the
+/// pages that ticks share (the ends of the append-only tables and indexes) were written
+/// again with every one.
 fn transaction(
     connection: &Connection,
     statements: &Statements,
-    batch: &[Request],
+    batch: &mut Vec<Request>,
+    more: Option<&mpsc::Receiver<Request>>,
     savepoints: bool,
 ) -> Batch {
     if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
         return Batch::Failed(Error::from(error).to_string());
     }
     let mut outcomes = Vec::with_capacity(batch.len());
-    for request in batch {
-        let outcome = if savepoints && request.writes_several() {
-            in_savepoint(connection, || request.perform(connection, statements))
-        } else {
-            request.perform(connection, statements)
-        };
-        if let Err(error) = &outcome
-            && !savepoints
-            && request.writes_several()
-            && !matches!(error, Error::LeaseLost(_))
-        {
-            let _ = connection.execute_batch("ROLLBACK");
-            return Batch::Redo;
+    loop {
+        for request in &batch[outcomes.len()..] {
+            let outcome = if savepoints && request.writes_several() {
+                in_savepoint(connection, || request.perform(connection, statements))
+            } else {
+                request.perform(connection, statements)
+            };
+            if let Err(error) = &outcome
+                && !savepoints
+                && request.writes_several()
+                && !matches!(error, Error::LeaseLost(_))
+            {
+                let _ = connection.execute_batch("ROLLBACK");
+                return Batch::Redo;
+            }
+            outcomes.push(outcome);
         }
-        outcomes.push(outcome);
+        let Some(queue) = more else { break };
+        while batch.len() < MAX_BATCH
+            && let Ok(request) = queue.try_recv()
+        {
+            batch.push(request);
+        }
+        if outcomes.len() == batch.len() {
+            break;
+        }
     }
     match connection.execute_batch("COMMIT") {
         Ok(()) => Batch::Committed(outcomes),
@@ -602,6 +624,41 @@ mod tests {
     use crate::model::{RunStatus, now_millis};
     use crate::storage::runs::tests::{one_step_run, passing_tick, store_with_plugin};
 
+    /// Requests that queue while a batch is written are done in its transaction and answered
+    /// by its commit.
+    #[tokio::test]
+    async fn requests_queued_while_a_batch_is_written_join_its_commit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let (first, second) = (one_step_run(None), one_step_run(None));
+        let connection = Connection::open(dir.path().join("db.sqlite")).expect("opening");
+        connection
+            .execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+            .expect("pragmas");
+        let (queued, queue) = mpsc::channel();
+        let (second_reply, second_answer) = oneshot::channel();
+        queued
+            .send(Request::Enqueue(Box::new(second.clone()), second_reply))
+            .expect("queued");
+        let (first_reply, first_answer) = oneshot::channel();
+        write_batch(
+            &connection,
+            &Statements::new(),
+            vec![Request::Enqueue(Box::new(first.clone()), first_reply)],
+            Some(&queue),
+        );
+        assert!(
+            queue.try_recv().is_err(),
+            "the queued request was left behind"
+        );
+        first_answer.await.expect("answered").expect("written");
+        second_answer.await.expect("answered").expect("written");
+        for run in [&first, &second] {
+            let stored = store.find_run(&run.id).await.expect("reading");
+            assert!(stored.is_some(), "{} was not written", run.id);
+        }
+    }
+
     /// A request that fails after writing part of itself is undone, and the requests batched
     /// with it are written exactly once: without savepoints the batch is rolled back and done
     /// again with them.
@@ -639,6 +696,7 @@ mod tests {
                 Request::Tick(vec![passing_tick(claim_of(&good.id), now)], good_reply),
                 Request::Tick(vec![broken], bad_reply),
             ],
+            None,
         );
         let refused = bad_answer.await.expect("answered");
         assert!(

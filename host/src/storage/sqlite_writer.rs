@@ -624,6 +624,15 @@ mod tests {
     use crate::model::{RunStatus, now_millis};
     use crate::storage::runs::tests::{one_step_run, passing_tick, store_with_plugin};
 
+    /// A connection of the test's own to the store's database in `dir`, as the writer's.
+    fn connection_to(dir: &Path) -> Connection {
+        let connection = Connection::open(dir.join("db.sqlite")).expect("opening");
+        connection
+            .execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+            .expect("pragmas");
+        connection
+    }
+
     /// Requests that queue while a batch is written are done in its transaction and answered
     /// by its commit.
     #[tokio::test]
@@ -631,10 +640,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = store_with_plugin(dir.path()).await;
         let (first, second) = (one_step_run(None), one_step_run(None));
-        let connection = Connection::open(dir.path().join("db.sqlite")).expect("opening");
-        connection
-            .execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
-            .expect("pragmas");
+        let connection = connection_to(dir.path());
         let (queued, queue) = mpsc::channel();
         let (second_reply, second_answer) = oneshot::channel();
         queued
@@ -683,10 +689,7 @@ mod tests {
         // No step 7: the run row is written, then the step is not found.
         let mut broken = passing_tick(claim_of(&bad.id), now);
         broken.step.position = 7;
-        let connection = Connection::open(dir.path().join("db.sqlite")).expect("opening");
-        connection
-            .execute_batch("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
-            .expect("pragmas");
+        let connection = connection_to(dir.path());
         let (good_reply, good_answer) = oneshot::channel();
         let (bad_reply, bad_answer) = oneshot::channel();
         write_batch(

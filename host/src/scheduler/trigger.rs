@@ -12,6 +12,10 @@ use crate::model::{TriggerSpec, UnixMillis};
 /// The shortest interval a schedule may have.
 pub const MIN_INTERVAL_MS: i64 = 100;
 
+/// The longest interval a schedule may have: ten years. Rarer fires are one-shot `at` times
+/// or a cron expression's job, and the bound keeps every fire time within an `i64`.
+pub const MAX_INTERVAL_MS: i64 = 10 * 366 * 86_400_000;
+
 /// A validated trigger.
 #[derive(Debug, Clone)]
 pub struct Trigger(Kind);
@@ -110,10 +114,12 @@ impl Trigger {
                 start_at,
                 end_at,
             } => {
-                if *interval_ms < MIN_INTERVAL_MS {
+                if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(interval_ms) {
                     return Err(invalid(
                         "trigger.interval_ms",
-                        format!("interval_ms must be at least {MIN_INTERVAL_MS}"),
+                        format!(
+                            "interval_ms must be from {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} (ten years)"
+                        ),
                     ));
                 }
                 if *jitter_ms < 0 || *jitter_ms >= *interval_ms {
@@ -158,10 +164,13 @@ impl Trigger {
                 end_at,
                 ..
             } => {
+                // Checked: RFC 3339 times reach ±262,000 years, and a fire past the range of an
+                // `i64` is a fire that never comes.
                 let next = if after < *start_at {
                     *start_at
                 } else {
-                    start_at + ((after - start_at) / every + 1) * every
+                    let fires = after.checked_sub(*start_at)? / every + 1;
+                    fires.checked_mul(*every)?.checked_add(*start_at)?
                 };
                 end_at.is_none_or(|end| next <= end).then_some(next)
             }
@@ -336,5 +345,30 @@ mod tests {
         let once = Trigger::new(&TriggerSpec::At { at: 5_000 }, 0).expect("valid");
         assert_eq!(once.next_after(0), Some(5_000));
         assert_eq!(once.next_after(5_000), None);
+    }
+
+    #[test]
+    fn huge_intervals_are_refused_and_far_fire_times_end_the_trigger() {
+        let huge = TriggerSpec::Interval {
+            interval_ms: i64::MAX,
+            jitter_ms: 0,
+            start_at: None,
+            end_at: None,
+        };
+        assert_eq!(
+            Trigger::new(&huge, 1_000).unwrap_err().field,
+            "trigger.interval_ms"
+        );
+        // A start near the end of an `i64`: the fire after it lies past the range, so it is
+        // none at all rather than an overflow.
+        let latest = TriggerSpec::Interval {
+            interval_ms: MAX_INTERVAL_MS,
+            jitter_ms: MAX_INTERVAL_MS - 1,
+            start_at: Some(i64::MAX - MAX_INTERVAL_MS / 2),
+            end_at: None,
+        };
+        let trigger = Trigger::new(&latest, 0).expect("valid");
+        assert_eq!(trigger.next_after(i64::MAX - MAX_INTERVAL_MS / 2), None);
+        assert_eq!(trigger.next_after(0), Some(i64::MAX - MAX_INTERVAL_MS / 2));
     }
 }

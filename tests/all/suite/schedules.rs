@@ -297,6 +297,8 @@ async fn invalid_schedules_get_422_naming_the_field() {
             "trigger.end_at",
         ),
         (json!({"interval_ms": 5}), "trigger.interval_ms"),
+        // Found by schemathesis: the first fire, one interval after now, overflowed.
+        (json!({"interval_ms": i64::MAX}), "trigger.interval_ms"),
         (json!({"at": "tomorrow"}), "trigger.at"),
         (json!({"cron": "* * * * *", "interval_ms": 1000}), "trigger"),
     ];

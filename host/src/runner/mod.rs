@@ -63,6 +63,8 @@ struct NewCall {
 
 /// Where a run stands between two steps of one tick.
 struct Progress {
+    /// The run's status when it was claimed.
+    status_before: RunStatus,
     position: usize,
     error_count: u32,
     started_at: UnixMillis,
@@ -127,6 +129,7 @@ impl Runner {
         }
         tracing::Span::current().record("plugin", run.plugin_name.as_str());
         let mut progress = Progress {
+            status_before: run.status,
             position: run.current_step,
             error_count: run.error_count,
             started_at: run.started_at.unwrap_or_else(now_millis),
@@ -609,6 +612,7 @@ impl Runner {
     ) -> RunWrite {
         RunWrite {
             status,
+            status_before: progress.status_before,
             message,
             current_step,
             error_count: progress.error_count,

@@ -367,6 +367,9 @@ pub struct StepWrite {
 #[derive(Debug, Clone)]
 pub struct RunWrite {
     pub status: RunStatus,
+    /// The status the run had when it was claimed: a run that was and stays `running` has
+    /// its status left as it is (see `sqlite_writer::update_run`).
+    pub status_before: RunStatus,
     pub message: Option<String>,
     pub current_step: usize,
     pub error_count: u32,

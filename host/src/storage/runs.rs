@@ -880,6 +880,7 @@ pub(super) mod tests {
             },
             run: super::super::RunWrite {
                 status: RunStatus::Passed,
+                status_before: RunStatus::Queued,
                 message: None,
                 current_step: 0,
                 error_count: 0,

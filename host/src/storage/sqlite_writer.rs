@@ -30,7 +30,7 @@ use super::runs::{
 };
 use super::store::labels_json;
 use super::{ClaimedRun, Error, LoadedTick, NewRun, Result, TickWrite};
-use crate::model::{RunId, UnixMillis};
+use crate::model::{RunId, RunStatus, UnixMillis};
 
 /// Requests done in one transaction at most: bounds how long the first one waits.
 const MAX_BATCH: usize = 512;
@@ -250,6 +250,8 @@ struct Statements {
     renew: String,
     tick_keeping_lease: String,
     tick_releasing_lease: String,
+    still_running_keeping_lease: String,
+    still_running_releasing_lease: String,
     insert_run: String,
     insert_label: String,
     insert_run_event: String,
@@ -268,6 +270,8 @@ impl Statements {
             renew: renew_sql(Backend::Sqlite, "runs"),
             tick_keeping_lease: tick_run_sql(Backend::Sqlite, true),
             tick_releasing_lease: tick_run_sql(Backend::Sqlite, false),
+            still_running_keeping_lease: still_running_sql(true),
+            still_running_releasing_lease: still_running_sql(false),
             insert_run: one_row(INSERT_RUNS, 15),
             insert_label: one_row(INSERT_LABELS, 3),
             insert_run_event: one_row(INSERT_RUN_EVENTS, 2),
@@ -519,29 +523,65 @@ fn apply_tick(
         .try_for_each(|write| record_step(connection, write))
 }
 
+/// The run's side of a tick, fenced by the lease token. A run that was and stays `running`
+/// (most ticks) is written without its status, start and finish: SQLite rewrites the entry
+/// of every index whose column an `UPDATE` sets, changed or not, so setting `status` moved
+/// `runs_status` once per tick, a page of its own in the commit (measured: 37 pages for ten
+/// such updates against 27 without, `runs` of 20,000 rows).
 fn update_run(connection: &Connection, statements: &Statements, write: &TickWrite) -> Result<()> {
-    let run_sql = match write.run.keep_lease_ms {
-        Some(_) => &statements.tick_keeping_lease,
-        None => &statements.tick_releasing_lease,
+    let run = &write.run;
+    let keep = run.keep_lease_ms.is_some();
+    let updated = if run.status == RunStatus::Running && run.status_before == RunStatus::Running {
+        let run_sql = match keep {
+            true => &statements.still_running_keeping_lease,
+            false => &statements.still_running_releasing_lease,
+        };
+        connection.prepare_cached(run_sql)?.execute(params![
+            run.message,
+            run.current_step as i64,
+            i64::from(run.error_count),
+            i64::from(run.http_requests),
+            run.next_tick_at,
+            run.keep_lease_ms,
+            write.run_id.as_str(),
+            write.lease_token,
+        ])?
+    } else {
+        let run_sql = match keep {
+            true => &statements.tick_keeping_lease,
+            false => &statements.tick_releasing_lease,
+        };
+        let finished_at = run.status.is_terminal().then_some(write.now);
+        connection.prepare_cached(run_sql)?.execute(params![
+            run.status.as_str(),
+            run.message,
+            run.current_step as i64,
+            i64::from(run.error_count),
+            i64::from(run.http_requests),
+            run.started_at,
+            finished_at,
+            run.next_tick_at,
+            run.keep_lease_ms,
+            write.run_id.as_str(),
+            write.lease_token,
+        ])?
     };
-    let finished_at = write.run.status.is_terminal().then_some(write.now);
-    let updated = connection.prepare_cached(run_sql)?.execute(params![
-        write.run.status.as_str(),
-        write.run.message,
-        write.run.current_step as i64,
-        i64::from(write.run.error_count),
-        i64::from(write.run.http_requests),
-        write.run.started_at,
-        finished_at,
-        write.run.next_tick_at,
-        write.run.keep_lease_ms,
-        write.run_id.as_str(),
-        write.lease_token,
-    ])?;
     if updated == 0 {
         return Err(Error::LeaseLost(write.run_id.clone()));
     }
     Ok(())
+}
+
+/// [`tick_run_sql`] for a run that was and stays `running`: the same fence, less written.
+fn still_running_sql(keep_lease: bool) -> String {
+    let lease = match keep_lease {
+        true => format!("lease_expires_at = {} + $6", Backend::Sqlite.now_sql()),
+        false => "lease_owner = NULL, lease_expires_at = $6".to_owned(),
+    };
+    format!(
+        "UPDATE runs SET message = $1, current_step = $2, error_count = $3, http_requests = $4, \
+         next_tick_at = $5, {lease} WHERE id = $7 AND lease_token = $8 AND status = 'running'"
+    )
 }
 
 /// A step's attempt and result, its event, and what ending the run there writes.
@@ -725,5 +765,73 @@ mod tests {
             .expect("stored");
         assert_ne!(untouched.status, RunStatus::Passed, "{untouched:?}");
         assert!(untouched.finished_at.is_none(), "{untouched:?}");
+    }
+
+    /// A tick that leaves a running run running writes it without status, start or finish,
+    /// and is fenced as every tick is: by the lease token, and by the run still running.
+    #[tokio::test]
+    async fn a_run_that_stays_running_keeps_its_start_and_its_fences() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let run = one_step_run(None);
+        store.enqueue_run(&run).await.expect("enqueuing");
+        let pending = |claim: &ClaimedRun, now: UnixMillis, before: RunStatus| {
+            let mut write = passing_tick(claim, now);
+            write.step.status = crate::model::StepStatus::Pending;
+            write.step.output = None;
+            write.step.passed_after_ms = None;
+            write.run.status = RunStatus::Running;
+            write.run.status_before = before;
+            write.run.started_at = now;
+            write.run.message = Some(format!("waiting since {now}"));
+            write.run.next_tick_at = Some(now);
+            write
+        };
+        let claim_one = || async {
+            let mut claims = store
+                .claim_due_runs("node", now_millis() + 60_000, 60_000, 1)
+                .await
+                .expect("claiming");
+            claims.pop().expect("the run is due")
+        };
+
+        let started = now_millis();
+        let first = claim_one().await;
+        store
+            .record_tick(vec![pending(&first, started, RunStatus::Queued)])
+            .await
+            .expect("the first tick");
+        let second = claim_one().await;
+        let later = started + 5_000;
+        let mut still_running = pending(&second, later, RunStatus::Running);
+        still_running.run.next_tick_at = Some(later + 1_000);
+        still_running.attempt = None;
+        store
+            .record_tick(vec![still_running.clone()])
+            .await
+            .expect("the second tick");
+        let stored = store
+            .find_run(&run.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(stored.status, RunStatus::Running);
+        assert_eq!(stored.started_at, Some(started), "the start moved");
+        assert_eq!(stored.next_tick_at, Some(later + 1_000));
+        assert_eq!(stored.message, Some(format!("waiting since {later}")));
+
+        let mut stale = still_running.clone();
+        stale.lease_token -= 1;
+        let refused = store.record_tick(vec![stale]).await;
+        assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
+        store.cancel_run(&run.id, later).await.expect("cancelling");
+        let refused = store.record_tick(vec![still_running]).await;
+        assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
+        let stored = store
+            .find_run(&run.id)
+            .await
+            .expect("reading")
+            .expect("stored");
+        assert_eq!(stored.status, RunStatus::Cancelled);
     }
 }

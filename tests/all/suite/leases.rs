@@ -46,6 +46,7 @@ fn first_step_passed(claim: &ClaimedRun) -> TickWrite {
         },
         run: RunWrite {
             status: RunStatus::Running,
+            status_before: RunStatus::Queued,
             message: None,
             current_step: 1,
             error_count: 0,

@@ -362,7 +362,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_store| {
             if Instant::now() >= deadline {
-                return Err(wasmtime::Error::msg("time limit exceeded"));
+                return Err(wasmtime::Error::new(TimeLimitExceeded));
             }
             let holds_permit = long_call
                 .lock()
@@ -448,6 +448,20 @@ fn thread_cpu_time() -> Duration {
     )
 }
 
+/// The epoch callback's trap at the call's deadline. Recognised by its type: the caller's own
+/// deadline is taken a moment after the store's, so under load a trap at the store's could
+/// come before it and read as an unexplained trap.
+#[derive(Debug)]
+struct TimeLimitExceeded;
+
+impl std::fmt::Display for TimeLimitExceeded {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("time limit exceeded")
+    }
+}
+
+impl std::error::Error for TimeLimitExceeded {}
+
 /// The epoch callback stops guest code; this backstop also bounds time spent in host calls.
 fn backstop(limits: &Limits) -> Duration {
     limits.call_timeout + Duration::from_millis(100)
@@ -486,9 +500,12 @@ fn classify_call<T>(
     let stderr = String::from_utf8_lossy(&stderr.contents())
         .trim()
         .to_owned();
+    let timed_out = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<TimeLimitExceeded>().is_some());
     let cause = if let Some(limit) = store.data_mut().limiter.exceeded.take() {
         limit
-    } else if Instant::now() >= deadline {
+    } else if timed_out || Instant::now() >= deadline {
         time_limit()
     } else {
         let mut text = format!("plugin trapped: {}", error.root_cause());

@@ -97,13 +97,23 @@ impl Runner {
     }
 
     /// Works on a claimed run until its current step is pending again or the run is finished.
-    pub async fn tick(&self, claim: ClaimedRun) -> Result<()> {
+    /// `calls` is dropped once the tick's calls are over, before its last write is committed:
+    /// the scheduler's concurrency permit, so that the next runs are called while this one
+    /// waits for the writer.
+    pub async fn tick(&self, claim: ClaimedRun, calls: impl Send) -> Result<()> {
         let span = tracing::info_span!(target: telemetry::TARGET, "runner.tick", otel.name = "tick", run_id = %claim.id, plugin = tracing::field::Empty);
         if let Some(run) = telemetry::run_context(&claim.id) {
             // Before the span starts: its parent is the run's span, whatever node made it.
             let _ = span.set_parent(run);
         }
-        match self.tick_inner(&claim).instrument(span).await {
+        let ticked = async {
+            let Some((run, writes)) = self.tick_inner(&claim).await? else {
+                return Ok(());
+            };
+            drop(calls);
+            self.commit(&run, writes).await
+        };
+        match ticked.instrument(span).await {
             Err(Error::Storage(storage::Error::LeaseLost(_))) => {
                 tracing::info!(run_id = %claim.id, "run was cancelled or taken over during the tick; result dropped");
                 Ok(())
@@ -113,13 +123,15 @@ impl Runner {
     }
 
     /// A tick in four phases: resolve the plugin, then for each step that runs in this tick
-    /// check its budgets, call it, decide what its report means, and write that.
-    async fn tick_inner(&self, claim: &ClaimedRun) -> Result<()> {
+    /// check its budgets, call it, and decide what its report means; returns the writes that
+    /// end the tick, which [`Runner::tick`] commits once the calls are over. A passed step's
+    /// result is written while the next call goes on when that call takes a while.
+    async fn tick_inner(&self, claim: &ClaimedRun) -> Result<Option<(RunRecord, Vec<TickWrite>)>> {
         let Some(LoadedTick { run, grant_toml }) = self.store.load_tick(claim).await? else {
-            return Ok(());
+            return Ok(None);
         };
         if run.status.is_terminal() {
-            return Ok(());
+            return Ok(None);
         }
         // Claimed ahead of its time (the scheduler's lookahead): loaded already, it calls no
         // earlier than due. A cancel meanwhile is found by the write's lease fence.
@@ -141,7 +153,7 @@ impl Runner {
             .await?
         {
             Ok(ready) => ready,
-            Err(write) => return self.commit(&run, vec![*write]).await,
+            Err(write) => return Ok(Some((run, vec![*write]))),
         };
         // Only the tick's first call was due at a time; later steps of the tick run at once.
         let mut due_at = Some(claim.due_at);
@@ -152,7 +164,7 @@ impl Runner {
             let now = now_millis();
             if let Some(write) = self.out_of_time(&run, claim, &progress, now) {
                 unwritten.push(write);
-                return self.commit(&run, unwritten).await;
+                return Ok(Some((run, unwritten)));
             }
             let call = self.call(
                 &run,
@@ -179,7 +191,7 @@ impl Runner {
             let tick_goes_on = write.run.keep_lease_ms.is_some();
             unwritten.push(write);
             if !tick_goes_on {
-                return self.commit(&run, unwritten).await;
+                return Ok(Some((run, unwritten)));
             }
             progress.position += 1;
         }

@@ -13,7 +13,7 @@ pub mod trigger;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,24 @@ pub struct Wakeup(Arc<Notify>);
 impl Wakeup {
     pub fn wake(&self) {
         self.0.notify_one();
+    }
+}
+
+/// A tick's share of `max_concurrent_ticks`, held while it calls its plugin and given back
+/// before the tick's last write is committed; then the loop claims the next runs. Held until
+/// the commit, a permit spent part of its time waiting for the writer while runs were due
+/// (`steps`: 26,841–36,519 steps/s with it given back against 16,611–29,128 held, five
+/// interleaved rounds, every one in favour).
+struct CallsPermit {
+    permit: Option<OwnedSemaphorePermit>,
+    wakeup: Wakeup,
+}
+
+impl Drop for CallsPermit {
+    fn drop(&mut self) {
+        // Given back before the wake-up, so that the woken loop finds it free.
+        drop(self.permit.take());
+        self.wakeup.wake();
     }
 }
 
@@ -92,13 +110,18 @@ impl Scheduler {
                             };
                             let runner = self.runner.clone();
                             let wakeup = self.wakeup.clone();
+                            let calls = CallsPermit {
+                                permit: Some(permit),
+                                wakeup: wakeup.clone(),
+                            };
                             ticks.spawn(async move {
-                                if let Err(error) = runner.tick(claim.clone()).await {
+                                if let Err(error) = runner.tick(claim.clone(), calls).await {
                                     // Our side failed, not the plugin: the run is not charged,
                                     // and the tick is tried again when the lease expires.
                                     tracing::warn!(run_id = %claim.id, %error, "tick failed; will retry");
                                 }
-                                drop(permit);
+                                // Its write may have made a run due sooner than this loop
+                                // planned to look.
                                 wakeup.wake();
                             });
                         }

@@ -42,8 +42,8 @@ impl Wakeup {
 /// A tick's share of `max_concurrent_ticks`, held while it calls its plugin and given back
 /// before the tick's last write is committed; then the loop claims the next runs. Held until
 /// the commit, a permit spent part of its time waiting for the writer while runs were due
-/// (`steps`: 26,841–36,519 steps/s with it given back against 16,611–29,128 held, five
-/// interleaved rounds, every one in favour).
+/// (`steps`: 22,555–36,519 steps/s with it given back against 16,611–34,144 held; ahead in
+/// each of seven side-by-side rounds).
 struct CallsPermit {
     permit: Option<OwnedSemaphorePermit>,
     wakeup: Wakeup,

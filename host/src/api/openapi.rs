@@ -429,6 +429,7 @@ pub enum TriggerRequest {
     },
     /// Every `interval_ms`, each fire moved by up to `jitter_ms`, between the optional bounds.
     Interval {
+        // `scheduler::trigger`'s MIN_ and MAX_INTERVAL_MS: utoipa takes literals only.
         #[schema(minimum = 100, maximum = 316_224_000_000_i64)]
         interval_ms: i64,
         #[schema(minimum = 0)]
@@ -605,5 +606,27 @@ mod tests {
         );
         assert_eq!(parameters::<PageQuery>(), super::super::query::PAGE);
         assert_eq!(parameters::<AttemptPageQuery>(), super::super::query::PAGE);
+    }
+
+    /// The literals in `TriggerRequest`'s attributes are the validator's bounds.
+    #[test]
+    fn the_document_gives_the_interval_bounds_the_validator_uses() {
+        fn interval(value: &Json) -> Option<&Json> {
+            match value {
+                Json::Object(object) => object
+                    .get("properties")
+                    .and_then(|properties| properties.get("interval_ms"))
+                    .or_else(|| object.values().find_map(interval)),
+                Json::Array(items) => items.iter().find_map(interval),
+                _ => None,
+            }
+        }
+        let schema = serde_json::to_value(<TriggerRequest as utoipa::PartialSchema>::schema())
+            .expect("serializable");
+        let interval = interval(&schema).expect("an interval_ms property");
+        let bound = |name: &str| interval[name].as_f64().map(|bound| bound as i64);
+        use crate::scheduler::trigger::{MAX_INTERVAL_MS, MIN_INTERVAL_MS};
+        assert_eq!(bound("minimum"), Some(MIN_INTERVAL_MS), "{interval}");
+        assert_eq!(bound("maximum"), Some(MAX_INTERVAL_MS), "{interval}");
     }
 }

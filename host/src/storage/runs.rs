@@ -65,13 +65,19 @@ pub(super) fn claim_runs_sql(backend: Backend) -> String {
     )
 }
 
+/// What a tick's write does with its lease: keep it for `$param` ms more by the database's
+/// clock, or release it (`$param` is then NULL).
+pub(super) fn tick_lease_sql(backend: Backend, keep_lease: bool, param: usize) -> String {
+    match keep_lease {
+        true => format!("lease_expires_at = {} + ${param}", backend.now_sql()),
+        false => format!("lease_owner = NULL, lease_expires_at = ${param}"),
+    }
+}
+
 /// The run's side of a tick, fenced by the lease token (`$11`): a lost lease updates no row.
 /// `$9` is how long to keep the lease, or NULL with `keep_lease` false (it is released).
 pub(super) fn tick_run_sql(backend: Backend, keep_lease: bool) -> String {
-    let lease = match keep_lease {
-        true => format!("lease_expires_at = {} + $9", backend.now_sql()),
-        false => "lease_owner = NULL, lease_expires_at = $9".to_owned(),
-    };
+    let lease = tick_lease_sql(backend, keep_lease, 9);
     format!(
         "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
          started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease} \

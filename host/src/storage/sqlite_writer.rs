@@ -26,7 +26,7 @@ use super::retention::{Bind, Deletion};
 use super::runs::{
     INSERT_ATTEMPT, INSERT_LABELS, INSERT_RUN_EVENTS, INSERT_RUNS, INSERT_STEPS, NEXT_DUE_SQL,
     RunRow, SKIP_REST, STEPS_SQL, StepRow, UPDATE_STEP, claim_runs_sql, load_tick_sql,
-    logs_to_json, retry_json, tick_run_sql,
+    logs_to_json, retry_json, tick_lease_sql, tick_run_sql,
 };
 use super::store::labels_json;
 use super::{ClaimedRun, Error, LoadedTick, NewRun, Result, TickWrite};
@@ -574,10 +574,7 @@ fn update_run(connection: &Connection, statements: &Statements, write: &TickWrit
 
 /// [`tick_run_sql`] for a run that was and stays `running`: the same fence, less written.
 fn still_running_sql(keep_lease: bool) -> String {
-    let lease = match keep_lease {
-        true => format!("lease_expires_at = {} + $6", Backend::Sqlite.now_sql()),
-        false => "lease_owner = NULL, lease_expires_at = $6".to_owned(),
-    };
+    let lease = tick_lease_sql(Backend::Sqlite, keep_lease, 6);
     format!(
         "UPDATE runs SET message = $1, current_step = $2, error_count = $3, http_requests = $4, \
          next_tick_at = $5, {lease} WHERE id = $7 AND lease_token = $8 AND status = 'running'"

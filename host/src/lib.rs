@@ -32,7 +32,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::api::{AppState, Shared};
 use crate::capabilities::secrets::{Secret, SecretSet, Secrets};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{AuthMode, Settings};
@@ -102,15 +102,17 @@ pub async fn serve(
     let schedule_wakeup = ScheduleWakeup::default();
     let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
     let metrics = metrics::Metrics::default();
-    let state = AppState::new(
-        store.clone(),
-        registry.clone(),
-        settings.clone(),
-        wakeup.clone(),
-        schedule_wakeup.clone(),
-        address,
-    )
-    .with_metrics(metrics.clone(), node_id.clone());
+    let state = AppState::from(
+        Shared::new(
+            store.clone(),
+            registry.clone(),
+            settings.clone(),
+            wakeup.clone(),
+            schedule_wakeup.clone(),
+            address,
+        )
+        .with_metrics(metrics.clone(), node_id.clone()),
+    );
 
     tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), auth = ?settings.auth, "stepwise listening on http://{address}");
     let http_shutdown = shutdown.clone();

@@ -28,7 +28,7 @@ pub use auth::{Caller, host_allowed, required_role};
 pub use dto::RunDto;
 pub use error::ApiError;
 pub use events::EventHub;
-pub use state::AppState;
+pub use state::{AppState, Shared};
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;

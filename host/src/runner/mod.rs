@@ -162,7 +162,7 @@ impl Runner {
         let mut unwritten = Vec::new();
         loop {
             let now = now_millis();
-            if let Some(write) = self.out_of_time(&run, claim, &progress, now) {
+            if let Some(write) = self.out_of_time(&run, claim, &progress, now, due_at) {
                 unwritten.push(write);
                 return Ok(Some((run, unwritten)));
             }
@@ -264,20 +264,26 @@ impl Runner {
     }
 
     /// Phase 2a: the write that ends the run when the run's deadline or the step's budget has
-    /// passed before the next call.
+    /// passed before the next call. The step's budget is judged at the time the tick was due
+    /// (`due_at`, the tick's first call), not when the host got to it: a poll that fell due
+    /// within the budget is made however late a busy or restarted host is, so the host's lag
+    /// never turns into the step's `timed_out`. A step still pending then is judged at its
+    /// next poll, due after its budget, as it would have been on time.
     fn out_of_time(
         &self,
         run: &RunRecord,
         claim: &ClaimedRun,
         progress: &Progress,
         now: UnixMillis,
+        due_at: Option<UnixMillis>,
     ) -> Option<TickWrite> {
         if now >= run.deadline_at {
             return Some(self.deadline_passed(run, claim, progress));
         }
         let step = &run.steps[progress.position];
         let (timeout_ms, first_attempt_at) = (step.timeout_ms?, step.first_attempt_at?);
-        if now < first_attempt_at + timeout_ms {
+        let judged_at = due_at.map_or(now, |due_at| due_at.min(now));
+        if judged_at < first_attempt_at + timeout_ms {
             return None;
         }
         let message = format!(

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{PluginFile, Setup, TestServer, step_statuses};
+use crate::support::{PluginFile, Setup, TestServer, millis, step_statuses};
 
 const PENDING: &str = "pending";
 
@@ -192,4 +192,54 @@ async fn errored_attempts_wait_the_backoff_not_the_poll_interval() {
             "{problem}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_poll_due_within_the_budget_is_made_however_late_the_host_gets_to_it() {
+    // The step passes 1,000 ms into the run; its budget is 1,500 ms and it is polled every
+    // 1,000 ms, so on time its second poll (due at about 1,000 ms) passes. The node is down
+    // from just after the first poll until past the budget: the owed poll is made late and
+    // passes, where judging the budget at the late hour would have timed the step out.
+    let mut server =
+        TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    let id = server
+        .trigger(json!({
+            "plugin": "misbehave",
+            "poll_interval_ms": 1000,
+            "step_timeouts": {"first": 1500},
+            "params": {"steps": {"first": {"action": "pass_after_ms", "ms": 1000}}},
+        }))
+        .await;
+    let first_poll = server
+        .wait_for_run(&id, "the first poll", |run| {
+            run["steps"][0]["attempts"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_eq!(
+        first_poll["steps"][0]["status"], "pending",
+        "{first_poll:#}"
+    );
+    server.stop().await;
+    let budget_ends = millis(&first_poll["steps"][0]["first_attempt_at"]) + 1500;
+    // The scenario is a host that comes back after the budget: wait for the clock to pass it.
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as i64
+    };
+    while now_ms() <= budget_ends + 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let server = server.restart().await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(run["steps"][0]["attempts"], 2, "{run:#}");
+    let attempts = server.attempts(&id).await;
+    let late = &attempts[1];
+    assert!(
+        millis(&late["due_at"]) < budget_ends && millis(&late["started_at"]) > budget_ends,
+        "the second poll was due within the budget and made after it: {late:#}"
+    );
 }

@@ -170,12 +170,6 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
     )
     .fetch_all(&database)
     .await?;
-    for (status, message, count) in failures {
-        println!(
-            "not passed: {count} × {status}: {}",
-            message.unwrap_or_default()
-        );
-    }
     let (calls,): (i64,) = sqlx::query_as("SELECT count(*) FROM attempts")
         .fetch_one(&database)
         .await?;
@@ -204,6 +198,13 @@ pub async fn due_at_once(options: &Options) -> anyhow::Result<()> {
         crate::stats::peak_resident_mib()?,
         written.as_secs_f64()
     );
+    // Under the figures, where a reader of the summary sees them.
+    for (status, message, count) in failures {
+        println!(
+            "not passed: {count} × {status}: {}",
+            message.unwrap_or_default()
+        );
+    }
     drop(server);
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! the run deadline limits the run.
 
 use serde_json::{Value, json};
+use stepwise_host::model::now_millis;
 
 use crate::support::{PluginFile, Setup, TestServer, millis, step_statuses};
 
@@ -222,13 +223,7 @@ async fn a_poll_due_within_the_budget_is_made_however_late_the_host_gets_to_it()
     server.stop().await;
     let budget_ends = millis(&first_poll["steps"][0]["first_attempt_at"]) + 1500;
     // The scenario is a host that comes back after the budget: wait for the clock to pass it.
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis() as i64
-    };
-    while now_ms() <= budget_ends + 100 {
+    while now_millis() <= budget_ends + 100 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 

@@ -2,7 +2,8 @@
 //! the engine makes per run and per tick — new runs, claims (which read the claimed runs too),
 //! lease renewals, tick results — and the due-time lookup between claims. Requests queue on a
 //! channel; the thread takes everything waiting, and what queues while it writes that, does
-//! it in one transaction, commits once, then answers. A failure answers only its own request:
+//! it in one transaction, commits once, then answers (claims, renewals and the due-time
+//! lookup as soon as they are done: `Request::answers_before_commit`). A failure answers only its own request:
 //! one that fails after writing part of itself has the batch done again with a savepoint per
 //! request (`write_batch`).
 //!
@@ -59,6 +60,9 @@ enum Request {
     },
     /// Retention's deletions: bounded by their `LIMIT`s, done in a batch like a tick.
     Delete(Deletion, Reply<Vec<u64>>),
+    /// A request already answered, before its batch committed (`answers_before_commit`):
+    /// a batch done again skips it.
+    Answered,
 }
 
 /// What a request came to, sent once its batch has committed.
@@ -114,7 +118,20 @@ impl Request {
                 }
                 Ok(Outcome::Deleted(changed))
             }
+            Request::Answered => Ok(Outcome::Done),
         }
+    }
+
+    /// Whether the request is answered as soon as it is done, before its batch commits.
+    /// Claims, renewals and the due-time lookup promise nothing durable: a lease that a
+    /// failed commit takes back fences off the writes of the node that held it, as an
+    /// expired one does, and a claim's call does not wait for a sync. What 202 and a
+    /// tick's result promise (new runs, results, deletions) is answered after the commit.
+    fn answers_before_commit(&self) -> bool {
+        matches!(
+            self,
+            Request::Claim { .. } | Request::Renew { .. } | Request::NextDue { .. }
+        )
     }
 
     /// Whether the request writes with more than one statement, so that a failure may leave
@@ -158,6 +175,7 @@ impl Request {
                 Outcome::Deleted(changed) => Some(changed),
                 _ => None,
             }),
+            Request::Answered => {}
         }
     }
 }
@@ -286,12 +304,28 @@ fn serve(
     queue: &mpsc::Receiver<Request>,
     turn: &tokio::sync::Mutex<()>,
 ) {
+    let mut revoked = Vec::new();
     while let Ok(first) = queue.recv() {
         let _turn = turn.blocking_lock();
         // The transaction takes in whatever else is queued, then and while it writes.
-        write_batch(connection, statements, vec![first], Some(queue));
+        write_batch(
+            connection,
+            statements,
+            &mut revoked,
+            vec![first],
+            Some(queue),
+        );
     }
 }
+
+/// A run's lease as a claim handed it out: the run's id and the fencing token.
+type Lease = (String, i64);
+
+/// Moves each lease's token past the one handed out, so that it fences off its holder and is
+/// never handed out again. For leases answered before a commit that did not happen: the
+/// rollback took the token back, and the next claim would have handed the same one out again.
+/// (`?N` binds the Nth parameter wherever it stands; a `$N` would bind in order of appearance.)
+const REVOKE_SQL: &str = "UPDATE runs SET lease_token = max(lease_token, ?2) + 1 WHERE id = ?1";
 
 /// How a batch's transaction ended.
 enum Batch {
@@ -304,7 +338,8 @@ enum Batch {
     Redo,
 }
 
-/// Does a batch in one transaction and answers each request after the commit. Most batches
+/// Does a batch in one transaction and answers each request after the commit (claims,
+/// renewals and lookups as soon as they are done: `answers_before_commit`). Most batches
 /// run without savepoints: a savepoint copies every page it first changes into a statement
 /// journal, about a tenth of this thread's time. A request that fails after writing part of
 /// itself (never in normal operation: a lost lease is found by the first statement, which
@@ -312,11 +347,12 @@ enum Batch {
 fn write_batch(
     connection: &Connection,
     statements: &Statements,
+    revoked: &mut Vec<Lease>,
     mut batch: Vec<Request>,
     more: Option<&mpsc::Receiver<Request>>,
 ) {
-    let ended = match transaction(connection, statements, &mut batch, more, false) {
-        Batch::Redo => transaction(connection, statements, &mut batch, None, true),
+    let ended = match transaction(connection, statements, revoked, &mut batch, more, false) {
+        Batch::Redo => transaction(connection, statements, revoked, &mut batch, None, true),
         ended => ended,
     };
     match ended {
@@ -342,10 +378,12 @@ fn write_batch(
 /// (up to `MAX_BATCH`): a commit writes every page the batch changed and syncs the log, so
 /// on a busy node most of the writer's time went to commits of a few ticks each, and the
 /// pages that ticks share (the ends of the append-only tables and indexes) were written
-/// again with every one.
+/// again with every one. `revoked` holds the leases answered before a commit that failed:
+/// they are revoked first, and the ones this transaction answers join them if it fails.
 fn transaction(
     connection: &Connection,
     statements: &Statements,
+    revoked: &mut Vec<Lease>,
     batch: &mut Vec<Request>,
     more: Option<&mpsc::Receiver<Request>>,
     savepoints: bool,
@@ -353,9 +391,14 @@ fn transaction(
     if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
         return Batch::Failed(Error::from(error).to_string());
     }
+    if let Err(error) = revoke(connection, revoked) {
+        let _ = connection.execute_batch("ROLLBACK");
+        return Batch::Failed(error.to_string());
+    }
+    let mut answered: Vec<Lease> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     loop {
-        for request in &batch[outcomes.len()..] {
+        for request in &mut batch[outcomes.len()..] {
             let outcome = if savepoints && request.writes_several() {
                 in_savepoint(connection, || request.perform(connection, statements))
             } else {
@@ -367,9 +410,22 @@ fn transaction(
                 && !matches!(error, Error::LeaseLost(_))
             {
                 let _ = connection.execute_batch("ROLLBACK");
+                revoked.append(&mut answered);
                 return Batch::Redo;
             }
-            outcomes.push(outcome);
+            if request.answers_before_commit() {
+                if let Ok(Outcome::Claimed(claims)) = &outcome {
+                    answered.extend(
+                        claims
+                            .iter()
+                            .map(|claim| (claim.id.as_str().to_owned(), claim.lease_token)),
+                    );
+                }
+                std::mem::replace(request, Request::Answered).answer(outcome);
+                outcomes.push(Ok(Outcome::Done));
+            } else {
+                outcomes.push(outcome);
+            }
         }
         let Some(queue) = more else { break };
         while batch.len() < MAX_BATCH
@@ -382,13 +438,29 @@ fn transaction(
         }
     }
     match connection.execute_batch("COMMIT") {
-        Ok(()) => Batch::Committed(outcomes),
+        Ok(()) => {
+            revoked.clear();
+            Batch::Committed(outcomes)
+        }
         Err(error) => {
             // Nothing of the batch stands; a later request starts a new transaction.
             let _ = connection.execute_batch("ROLLBACK");
+            revoked.append(&mut answered);
             Batch::Failed(Error::from(error).to_string())
         }
     }
+}
+
+/// Revokes `leases` (see [`REVOKE_SQL`]) in the caller's transaction.
+fn revoke(connection: &Connection, leases: &[Lease]) -> Result<()> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let mut revoke = connection.prepare_cached(REVOKE_SQL)?;
+    for (id, lease_token) in leases {
+        revoke.execute(params![id, lease_token])?;
+    }
+    Ok(())
 }
 
 /// One statement of a deletion; returns the rows it changed. Not cached: the texts vary with
@@ -683,6 +755,7 @@ mod tests {
         write_batch(
             &connection,
             &Statements::new(),
+            &mut Vec::new(),
             vec![Request::Enqueue(Box::new(first.clone()), first_reply)],
             Some(&queue),
         );
@@ -728,6 +801,7 @@ mod tests {
         write_batch(
             &connection,
             &Statements::new(),
+            &mut Vec::new(),
             vec![
                 Request::Tick(vec![passing_tick(claim_of(&good.id), now)], good_reply),
                 Request::Tick(vec![broken], bad_reply),
@@ -762,6 +836,70 @@ mod tests {
             .expect("stored");
         assert_ne!(untouched.status, RunStatus::Passed, "{untouched:?}");
         assert!(untouched.finished_at.is_none(), "{untouched:?}");
+    }
+
+    /// A claim is answered before its batch commits; when the batch does not commit as it
+    /// was (here a request fails half written, and the batch is done again), the lease it
+    /// handed out is revoked: its holder is fenced off, even once the run is claimed again.
+    #[tokio::test]
+    async fn a_lease_answered_before_a_commit_that_failed_fences_off_its_holder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store_with_plugin(dir.path()).await;
+        let (victim, bad) = (one_step_run(None), one_step_run(None));
+        store.enqueue_run(&bad).await.expect("enqueuing");
+        let now = now_millis();
+        let bad_claim = store
+            .claim_due_runs("node", now, 60_000, 1)
+            .await
+            .expect("claiming")
+            .pop()
+            .expect("due");
+        store.enqueue_run(&victim).await.expect("enqueuing");
+        let mut broken = passing_tick(&bad_claim, now);
+        broken.step.position = 7;
+        let connection = connection_to(dir.path());
+        let (claim_reply, claim_answer) = oneshot::channel();
+        let (bad_reply, bad_answer) = oneshot::channel();
+        let mut revoked = Vec::new();
+        write_batch(
+            &connection,
+            &Statements::new(),
+            &mut revoked,
+            vec![
+                Request::Claim {
+                    owner: "node".into(),
+                    now: now_millis(),
+                    lease_ms: 60_000,
+                    limit: 10,
+                    reply: claim_reply,
+                },
+                Request::Tick(vec![broken], bad_reply),
+            ],
+            None,
+        );
+        assert!(bad_answer.await.expect("answered").is_err());
+        assert!(revoked.is_empty(), "revoked in the batch done again");
+        let mut stale = claim_answer.await.expect("answered").expect("claimed");
+        let stale = stale.pop().expect("the victim was claimed");
+        assert_eq!(stale.id, victim.id);
+
+        let fresh = store
+            .claim_due_runs("node", now_millis(), 60_000, 10)
+            .await
+            .expect("claiming")
+            .pop()
+            .expect("the victim is due again: its lease was not committed");
+        assert_eq!(fresh.id, victim.id);
+        assert_ne!(
+            fresh.lease_token, stale.lease_token,
+            "a token handed out twice"
+        );
+        let refused = store.record_tick(vec![passing_tick(&stale, now)]).await;
+        assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
+        store
+            .record_tick(vec![passing_tick(&fresh, now)])
+            .await
+            .expect("the holder of the lease writes");
     }
 
     /// A tick that leaves a running run running writes it without status, start or finish,

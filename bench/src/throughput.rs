@@ -230,6 +230,12 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     )
     .await?;
     let engine = (runs * 3) as f64 / started.elapsed().as_secs_f64();
+    // The same steps from the first call to the last write, without the server's start.
+    let (first_call, last_write): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT min(started_at) FROM attempts), max(finished_at) FROM runs")
+            .fetch_one(&database)
+            .await?;
+    let working = (runs * 3) as f64 * 1e3 / (last_write - first_call).max(1) as f64;
     drop(server);
 
     let dir = tempfile::tempdir()?;
@@ -267,10 +273,13 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     println!(
         "\n## trivial steps (claim, instantiate, call, persist)\n\n\
          one plugin call {per_call_us:.1} µs (median) on {cores} cores: ceiling {ceiling:.0} calls/s\n\
-         {runs} runs × 3 steps due at once: {engine:.0} steps/s = {:.0} % of the ceiling\n\
+         {runs} runs × 3 steps due at once: {engine:.0} steps/s = {:.0} % of the ceiling \
+         (from the first call to the last write, without the server's start: {working:.0} \
+         steps/s = {:.0} %)\n\
          {runs} runs × 3 steps triggered over HTTP meanwhile: {end_to_end:.0} steps/s = {:.0} % \
          (triggering took {:.2} s of {:.2} s)",
         100.0 * engine / ceiling,
+        100.0 * working / ceiling,
         100.0 * end_to_end / ceiling,
         triggered.as_secs_f64(),
         elapsed.as_secs_f64(),

@@ -3,9 +3,9 @@
 //! lease renewals, tick results — and the due-time lookup between claims. Requests queue on a
 //! channel; the thread takes everything waiting, and what queues while it writes that, does
 //! it in one transaction, commits once, then answers (claims, renewals and the due-time
-//! lookup as soon as they are done: `Request::answers_before_commit`). A failure answers only its own request:
-//! one that fails after writing part of itself has the batch done again with a savepoint per
-//! request (`write_batch`).
+//! lookup as soon as they are done: `Request::answers_before_commit`). A failure answers only
+//! its own request: one that fails after writing part of itself has the batch done again
+//! with a savepoint per request (`write_batch`).
 //!
 //! Why a thread and not sqlx: through sqlx every statement is a hand-off to the connection's
 //! worker thread and back (about 0.1 ms here, most of it in the kernel), and a tick was about

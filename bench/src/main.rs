@@ -4,6 +4,7 @@
 
 mod containment;
 mod fanout;
+mod floor;
 mod languages;
 mod load;
 mod postgres;
@@ -21,7 +22,7 @@ usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
                       [--plugin-memory-mib N]
 
-scenarios (default: all but soak, languages and postgres):
+scenarios (default: all but soak, languages, postgres and floor):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
@@ -42,6 +43,9 @@ scenarios (default: all but soak, languages and postgres):
   steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s
   plugin-call
           one instantiate + call + drop of a small Rust plugin, without the database
+  floor   the trivial steps of `steps` with nothing but the calls, then with the calls and
+          the least a durable result needs (one row per step, group commits): the bound
+          that any durable engine on this machine stays under, against the same ceiling
   languages
           the scaffold's example step in Rust, Python and JavaScript, built by `stepwise
           plugin build` (Python and JavaScript need STEPWISE_COMPONENTIZE_PY / _JS or
@@ -122,7 +126,7 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "languages" | "events" | "soak" | "postgres" => scenarios.push(arg),
+            | "languages" | "events" | "soak" | "postgres" | "floor" => scenarios.push(arg),
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
                 "events" => fanout::run(&options).await,
                 "soak" => soak::run(&options).await,
                 "postgres" => postgres::run(&options).await,
+                "floor" => floor::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

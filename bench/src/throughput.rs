@@ -349,7 +349,7 @@ pub(crate) async fn write_runs(
 }
 
 /// One plugin call's median time in µs, the cores, and the calls per second they allow.
-async fn call_ceiling() -> anyhow::Result<(f64, usize, f64)> {
+pub(crate) async fn call_ceiling() -> anyhow::Result<(f64, usize, f64)> {
     let runtime = Runtime::new(None, 64, &Limits::default())?;
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     let plugin = runtime

@@ -29,6 +29,7 @@ use stepwise_host::runtime::{LoadedPlugin, Runtime, StepCall};
 
 use crate::Options;
 use crate::server::{MISBEHAVE_WASM, no_capabilities};
+use crate::stats::Summary;
 
 const STEPS: [&str; 3] = ["first", "second", "third"];
 const TASKS: usize = 64;
@@ -62,19 +63,16 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
             rates.push(steps_per_second(&runtime, &plugin, runs, Some(writer)).await?);
         }
     }
-    let median = |mut rates: Vec<f64>| {
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
-    };
+    let median = |rates: &[f64]| Summary::of(rates).median;
     let (calls_only, handed, per_step, per_run) = (
-        median(calls_only),
-        median(handed),
-        median(per_step),
-        median(per_run),
+        median(&calls_only),
+        median(&handed),
+        median(&per_step),
+        median(&per_run),
     );
     let (mut posted, mut p99s, mut healthz) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let (rate, p99, healthz_rate) = triggers().await?;
+        let (rate, p99, healthz_rate) = triggers(&runtime, &plugin).await?;
         posted.push(rate);
         p99s.push(p99);
         healthz.push(healthz_rate);
@@ -82,9 +80,9 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     println!(
         "\n## the floor under triggers (medians of {ROUNDS} rounds of 10 s, 64 connections)\n\n\
          POST: {:.0} req/s, p99 {:.2} ms; GET /healthz on the same server: {:.0} req/s",
-        median(posted),
-        median(p99s),
-        median(healthz),
+        median(&posted),
+        median(&p99s),
+        median(&healthz),
     );
     println!(
         "\n## the floor under steps (medians of {ROUNDS} rounds, {runs} runs × 3 steps)\n\n\
@@ -219,16 +217,18 @@ fn write(
     queue: &mpsc::Receiver<Finished>,
     rows: Rows,
 ) -> anyhow::Result<()> {
+    if let Rows::Nothing = rows {
+        // Only the hand-off is measured: no transaction either.
+        while queue.recv().is_ok() {}
+        return Ok(());
+    }
     while let Ok(first) = queue.recv() {
-        if let Rows::Nothing = rows {
-            continue;
-        }
         connection.execute_batch("BEGIN IMMEDIATE")?;
         let mut batch = 0;
         let mut next = Some(first);
         while let Some(finished) = next {
             match rows {
-                Rows::Nothing => {}
+                Rows::Nothing => unreachable!("drained above"),
                 Rows::PerStep => per_step(connection, &finished)?,
                 Rows::PerRun => {
                     let results: Vec<String> = finished
@@ -285,7 +285,10 @@ enum Write {
 /// writer thread and committed (`synchronous = FULL`) before the `202`, then the run's one
 /// call (it stays pending) and its result written. Returns requests/s, p99 ms, and the same
 /// server's `GET /healthz` rate.
-async fn triggers() -> anyhow::Result<(f64, f64, f64)> {
+async fn triggers(
+    runtime: &Runtime,
+    plugin: &Arc<LoadedPlugin>,
+) -> anyhow::Result<(f64, f64, f64)> {
     use axum::extract::State;
     use axum::http::StatusCode;
 
@@ -381,15 +384,10 @@ async fn triggers() -> anyhow::Result<(f64, f64, f64)> {
             }
             Ok(())
         })?;
-    let runtime = Runtime::new(None, TASKS, &Limits::default())?;
-    let bytes = std::fs::read(MISBEHAVE_WASM)?;
-    let plugin = runtime
-        .load(&PluginVersion::of_bytes(&bytes), bytes.into())
-        .await?;
     let floor = Arc::new(Floor {
         writes,
-        runtime,
-        plugin,
+        runtime: runtime.clone(),
+        plugin: plugin.clone(),
         next: AtomicUsize::new(0),
     });
     let app = axum::Router::new()

@@ -186,7 +186,7 @@ fn failures(stdout: &str) -> String {
         .skip_while(|line| !(line.contains(" FAILURES ") || line.contains(" ERRORS ")))
         .take_while(|line| !line.contains(" SUMMARY "))
         .chain(stdout.lines().filter(|line| line.starts_with("Seed:")))
-        .map(str::trim)
+        .map(|line| line.trim_matches(|c| c == '=' || c == '_' || c == ' '))
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(" | ");

@@ -346,10 +346,12 @@ pub struct TriggerRunRequest {
     params: Option<Map<String, Json>>,
     /// How long to wait between calls of a pending step; the grant's or the host's default
     /// when absent.
-    #[schema(minimum = 1)]
+    // `Settings`' min_ and max_poll_interval, and max_run_timeout below: utoipa takes
+    // literals only.
+    #[schema(minimum = 50, maximum = 3_600_000)]
     poll_interval_ms: Option<u64>,
     /// The run's deadline from its creation; the host's default when absent.
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     timeout_ms: Option<u64>,
     /// How long each named step may stay pending, in milliseconds, over the grant's
     /// `[steps.NAME] timeout_ms`, the plugin's own and the host's `default_step_timeout_ms`.
@@ -385,9 +387,9 @@ pub struct NewScheduleRequest {
     max_concurrent_runs: Option<u32>,
     paused: Option<bool>,
     labels: Option<BTreeMap<String, String>>,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 50, maximum = 3_600_000)]
     poll_interval_ms: Option<u64>,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     timeout_ms: Option<u64>,
 }
 
@@ -490,7 +492,8 @@ pub struct RunsQuery {
     /// Only runs with this status.
     #[param(schema_with = super::dto::run_status)]
     status: Option<String>,
-    /// Only runs with this label, as `key=value`.
+    /// Only runs with this label, as `key=value` (split at the first `=`).
+    #[param(pattern = "=")]
     label: Option<String>,
     /// Only runs this schedule started.
     schedule: Option<String>,
@@ -628,5 +631,28 @@ mod tests {
         use crate::scheduler::trigger::{MAX_INTERVAL_MS, MIN_INTERVAL_MS};
         assert_eq!(bound("minimum"), Some(MIN_INTERVAL_MS), "{interval}");
         assert_eq!(bound("maximum"), Some(MAX_INTERVAL_MS), "{interval}");
+    }
+
+    /// The literals on `poll_interval_ms` and `timeout_ms` are the bounds the handlers take
+    /// from `Settings`, on runs and schedules alike.
+    #[test]
+    fn the_document_gives_the_poll_interval_and_deadline_bounds_the_handlers_use() {
+        fn bounds<T: ToSchema>(field: &str) -> (Option<i64>, Option<i64>) {
+            let schema = serde_json::to_value(T::schema()).expect("serializable");
+            let property = &schema["properties"][field];
+            let bound = |name: &str| property[name].as_f64().map(|bound| bound as i64);
+            (bound("minimum"), bound("maximum"))
+        }
+        let settings = crate::config::Settings::for_data_dir("unused");
+        let millis = |duration: std::time::Duration| Some(duration.as_millis() as i64);
+        let poll = (
+            millis(settings.min_poll_interval),
+            millis(settings.max_poll_interval),
+        );
+        let deadline = (Some(1), millis(settings.max_run_timeout));
+        assert_eq!(bounds::<TriggerRunRequest>("poll_interval_ms"), poll);
+        assert_eq!(bounds::<NewScheduleRequest>("poll_interval_ms"), poll);
+        assert_eq!(bounds::<TriggerRunRequest>("timeout_ms"), deadline);
+        assert_eq!(bounds::<NewScheduleRequest>("timeout_ms"), deadline);
     }
 }

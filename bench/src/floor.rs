@@ -1,8 +1,8 @@
 //! The floors under `steps` and `triggers`: what the machine allows a durable engine, with
 //! everything but the calls and the least a durable result needs taken away. The same trivial
-//! steps as `steps`
-//! (a run of three steps that pass at once, each call a fresh instance) on 64 tasks of the
-//! bench's runtime, measured against the same ceiling (`cores ÷ one plugin call`), in rounds:
+//! steps as `steps` (a run of three steps that pass at once, each call a fresh instance) on 64
+//! tasks of the bench's runtime, measured against the same ceiling (`cores ÷ one plugin
+//! call`), in rounds:
 //!
 //! - **calls only**: the three calls of each run and nothing else;
 //! - **calls + a hand-off**: and each run's results sent to another thread, which drops them;
@@ -34,6 +34,8 @@ use crate::stats::Summary;
 const STEPS: [&str; 3] = ["first", "second", "third"];
 const TASKS: usize = 64;
 const ROUNDS: usize = 3;
+/// Writes in one transaction at most, as the host's SQLite writer.
+const MAX_BATCH: usize = 512;
 
 /// One run's results, as the writer receives them.
 struct Finished {
@@ -211,46 +213,52 @@ impl Writer {
     }
 }
 
-/// Writes batches until every sender is gone.
+/// Writes what the calling tasks finish until every sender is gone.
 fn write(
     connection: &Connection,
     queue: &mpsc::Receiver<Finished>,
     rows: Rows,
 ) -> anyhow::Result<()> {
-    if let Rows::Nothing = rows {
-        // Only the hand-off is measured: no transaction either.
-        while queue.recv().is_ok() {}
-        return Ok(());
-    }
+    let row: fn(&Connection, &Finished) -> anyhow::Result<()> = match rows {
+        Rows::Nothing => {
+            // Only the hand-off is measured: no transaction either.
+            while queue.recv().is_ok() {}
+            return Ok(());
+        }
+        Rows::PerStep => per_step,
+        Rows::PerRun => per_run,
+    };
+    group_commits(connection, queue, |connection, finished| {
+        row(connection, &finished)?;
+        Ok(None)
+    })
+}
+
+/// Group commits: whatever has queued (up to `MAX_BATCH` writes) in one transaction, then an
+/// answer to each write that waits for its commit. Returns when every sender is gone.
+fn group_commits<T>(
+    connection: &Connection,
+    queue: &mpsc::Receiver<T>,
+    mut write: impl FnMut(&Connection, T) -> anyhow::Result<Option<tokio::sync::oneshot::Sender<()>>>,
+) -> anyhow::Result<()> {
     while let Ok(first) = queue.recv() {
         connection.execute_batch("BEGIN IMMEDIATE")?;
-        let mut batch = 0;
+        let mut answers = Vec::new();
+        let mut written = 0;
         let mut next = Some(first);
-        while let Some(finished) = next {
-            match rows {
-                Rows::Nothing => unreachable!("drained above"),
-                Rows::PerStep => per_step(connection, &finished)?,
-                Rows::PerRun => {
-                    let results: Vec<String> = finished
-                        .outcomes
-                        .iter()
-                        .map(|(outcome, output)| {
-                            format!("{outcome}:{}", output.as_deref().unwrap_or(""))
-                        })
-                        .collect();
-                    connection
-                        .prepare_cached("INSERT INTO finished (run, results) VALUES (?1, ?2)")?
-                        .execute(params![finished.run, results.join("\n")])?;
-                }
-            }
-            batch += 1;
-            next = if batch < 512 {
+        while let Some(item) = next {
+            answers.extend(write(connection, item)?);
+            written += 1;
+            next = if written < MAX_BATCH {
                 queue.try_recv().ok()
             } else {
                 None
             };
         }
         connection.execute_batch("COMMIT")?;
+        for committed in answers {
+            let _ = committed.send(());
+        }
     }
     Ok(())
 }
@@ -269,6 +277,19 @@ fn per_step(connection: &Connection, finished: &Finished) -> anyhow::Result<()> 
     for (position, (outcome, output)) in finished.outcomes.iter().enumerate() {
         insert.execute(params![finished.run, position as i64, outcome, output])?;
     }
+    Ok(())
+}
+
+/// One row holding the run's three results.
+fn per_run(connection: &Connection, finished: &Finished) -> anyhow::Result<()> {
+    let results: Vec<String> = finished
+        .outcomes
+        .iter()
+        .map(|(outcome, output)| format!("{outcome}:{}", output.as_deref().unwrap_or("")))
+        .collect();
+    connection
+        .prepare_cached("INSERT INTO finished (run, results) VALUES (?1, ?2)")?
+        .execute(params![finished.run, results.join("\n")])?;
     Ok(())
 }
 
@@ -345,44 +366,26 @@ async fn triggers(
     let (writes, queue) = mpsc::channel::<Write>();
     std::thread::Builder::new()
         .name("floor-writer".into())
-        .spawn(move || -> anyhow::Result<()> {
-            while let Ok(first) = queue.recv() {
-                connection.execute_batch("BEGIN IMMEDIATE")?;
-                let mut answers = Vec::new();
-                let mut next = Some(first);
-                while let Some(write) = next {
-                    match write {
-                        Write::Run(run, params, committed) => {
-                            connection
-                                .prepare_cached(
-                                    "INSERT INTO runs (id, params, status) VALUES (?1, ?2, 'queued')",
-                                )?
-                                .execute(params![run, params])?;
-                            answers.push(committed);
-                        }
-                        Write::Tick(run, message) => {
-                            connection
-                                .prepare_cached("UPDATE runs SET status = 'running' WHERE id = ?1")?
-                                .execute([run])?;
-                            connection
-                                .prepare_cached(
-                                    "INSERT INTO results (run, message) VALUES (?1, ?2)",
-                                )?
-                                .execute(params![run, message])?;
-                        }
-                    }
-                    next = if answers.len() < 512 {
-                        queue.try_recv().ok()
-                    } else {
-                        None
-                    };
+        .spawn(move || {
+            group_commits(&connection, &queue, |connection, write| match write {
+                Write::Run(run, params, committed) => {
+                    connection
+                        .prepare_cached(
+                            "INSERT INTO runs (id, params, status) VALUES (?1, ?2, 'queued')",
+                        )?
+                        .execute(params![run, params])?;
+                    Ok(Some(committed))
                 }
-                connection.execute_batch("COMMIT")?;
-                for committed in answers {
-                    let _ = committed.send(());
+                Write::Tick(run, message) => {
+                    connection
+                        .prepare_cached("UPDATE runs SET status = 'running' WHERE id = ?1")?
+                        .execute([run])?;
+                    connection
+                        .prepare_cached("INSERT INTO results (run, message) VALUES (?1, ?2)")?
+                        .execute(params![run, message])?;
+                    Ok(None)
                 }
-            }
-            Ok(())
+            })
         })?;
     let floor = Arc::new(Floor {
         writes,

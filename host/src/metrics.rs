@@ -33,9 +33,12 @@ const LIMIT_PHRASES: &[(&str, &str)] = &[
     ("http limit of", "http_concurrent_requests"),
     ("http timeout of", "http_timeout_ms"),
     ("http response size limit of", "http_response_bytes"),
+    ("memory limit of plugin_memory_mib", "plugin_memory_mib"),
     ("memory limit of", "memory_mib"),
+    ("wasi resource limit of", "wasi_resources"),
     ("table limit of", "table_elements"),
     ("output size limit of", "output_bytes"),
+    ("copy limit of", "output_bytes"),
     ("message size limit of", "output_bytes"),
     ("time limit of", "call_timeout_ms"),
 ];
@@ -390,6 +393,15 @@ mod tests {
                 "output size limit of 10 bytes exceeded (20 bytes)",
                 "output_bytes",
             ),
+            (
+                "copy limit of 1048576 bytes exceeded: the plugin handed the host more",
+                "output_bytes",
+            ),
+            (
+                "memory limit of plugin_memory_mib = 256 MiB exceeded: the host's memory",
+                "plugin_memory_mib",
+            ),
+            ("wasi resource limit of 1000 exceeded", "wasi_resources"),
         ] {
             assert_eq!(violated_limit(message), Some(key), "{message}");
         }

@@ -41,6 +41,10 @@ pub struct Runtime {
     pub(super) long_calls: Arc<tokio::sync::Semaphore>,
     /// What all calls may hold at once beyond their allowances (`plugin_memory_mib`).
     pub(super) plugin_memory: PluginMemory,
+    /// One compilation at a time: Cranelift already spreads one over every core, and each
+    /// holds its component's code and compiler state in memory, so uploads sent at once
+    /// queue here instead of multiplying both.
+    pub(super) compiles: Arc<tokio::sync::Semaphore>,
     _calls: Arc<CallThreads>,
     _ticker: Arc<EpochTicker>,
 }
@@ -92,6 +96,7 @@ impl Runtime {
         Ok(Runtime {
             long_calls: Arc::new(tokio::sync::Semaphore::new(long_calls)),
             plugin_memory: PluginMemory::new(crate::config::DEFAULT_PLUGIN_MEMORY_MIB << 20),
+            compiles: Arc::new(tokio::sync::Semaphore::new(1)),
             calls: calls.handle().clone(),
             _calls: Arc::new(CallThreads(Some(calls))),
             engine,

@@ -76,8 +76,59 @@ pub struct StepState {
     violation: Violation,
 }
 
+/// The wasi resources (headers, requests, bodies, streams, pollables) one call may hold at
+/// once. Each lives in the host's memory, outside the guest's linear memory.
+pub const MAX_RESOURCES: usize = 1_000;
+/// Resources a call holds without counting against its memory: an ordinary check holds a
+/// handful per request it has in flight.
+const FREE_RESOURCES: usize = 64;
+/// What each resource beyond [`FREE_RESOURCES`] counts against the call's memory: the most a
+/// `fields` resource (a set of headers) may hold, [`FIELDS_BYTES`], with room for the rest of
+/// its state.
+const RESOURCE_BYTES: u64 = 2 * FIELDS_BYTES as u64;
+/// The most one `fields` resource may hold (as wasmtime counts it: names, values and their
+/// in-memory overhead): far above any real request's headers, which proxies cap at 8 KiB.
+pub const FIELDS_BYTES: usize = 16 << 10;
+/// The most data the host copies out of the guest in one piece (wasmtime's hostcall fuel):
+/// the arguments of one host call (a log line, a query and its parameters, a header list),
+/// or what a call returns. wasmtime's default, 128 MiB, would let a plugin make the host
+/// copy that much of its memory at once, before any of the host's own checks could look at
+/// its size. At least twice `output_bytes`, so that an output over that limit is refused
+/// by the host's own check, with its own message.
+fn hostcall_bytes(limits: &Limits) -> usize {
+    (1usize << 20).max(limits.output_bytes.saturating_mul(2))
+}
+
+/// wasmtime's text when a copy goes past the hostcall fuel (its error type is private).
+const FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
+
+impl StepState {
+    /// Counts the wasi resources the call holds against its memory, before a wasi call that
+    /// may add one. When its limits refuse more, the table takes no new resource: the next
+    /// one fails the call, and the attempt names the limit.
+    fn count_resources(&mut self) {
+        let held = self.table.iter_mut().count();
+        if held + 1 >= MAX_RESOURCES {
+            // Kept for the attempt's message, should the call fail on the next resource.
+            self.limiter.exceeded.get_or_insert_with(|| {
+                format!(
+                    "wasi resource limit of {MAX_RESOURCES} exceeded (headers, requests, \
+                     bodies, streams and pollables held at once)"
+                )
+            });
+        }
+        let charged = held.saturating_sub(FREE_RESOURCES) as u64 * RESOURCE_BYTES;
+        let capacity = match self.limiter.charge_host_side(charged) {
+            Ok(()) => MAX_RESOURCES,
+            Err(_limit) => held,
+        };
+        self.table.set_max_capacity(capacity);
+    }
+}
+
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.count_resources();
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
@@ -87,6 +138,7 @@ impl WasiView for StepState {
 
 impl WasiHttpView for StepState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.count_resources();
         WasiHttpCtxView {
             ctx: &mut self.http_ctx,
             table: &mut self.table,
@@ -272,10 +324,19 @@ impl Runtime {
             }
         };
         let violation = violation.map(redact);
-        let classified = classified.map(|outcome| match outcome {
-            StepOutcome::Passed(output) => StepOutcome::Passed(secrets.redact_json(output)),
-            StepOutcome::Pending(message) => StepOutcome::Pending(redact(message)),
-            StepOutcome::Failed(message) => StepOutcome::Failed(redact(message)),
+        // Sizes are judged before anything reads the text: redacting a step's output parses
+        // it, and a 40 MB JSON array parses into ten times that.
+        let classified = classified.and_then(|outcome| {
+            let text = match &outcome {
+                StepOutcome::Passed(text) => ("output", text),
+                StepOutcome::Pending(text) | StepOutcome::Failed(text) => ("message", text),
+            };
+            within_size(text.0, text.1, limits.output_bytes).map_err(Fault::Plugin)?;
+            Ok(match outcome {
+                StepOutcome::Passed(output) => StepOutcome::Passed(secrets.redact_json(output)),
+                StepOutcome::Pending(message) => StepOutcome::Pending(redact(message)),
+                StepOutcome::Failed(message) => StepOutcome::Failed(redact(message)),
+            })
         });
         let classified = classified.map_err(|fault| match fault {
             Fault::Plugin(message) => Fault::Plugin(redact(message)),
@@ -319,10 +380,14 @@ impl Runtime {
         let (wasi, stderr) = wasi_context();
         let log = LogBuffer::redacting(capabilities.secrets.clone());
         let violation = Violation::default();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        let mut http_ctx = WasiHttpCtx::new();
+        http_ctx.set_field_size_limit(FIELDS_BYTES);
         let state = StepState {
-            table: ResourceTable::new(),
+            table,
             wasi,
-            http_ctx: WasiHttpCtx::new(),
+            http_ctx,
             http: HttpPolicy {
                 allowed_hosts: HttpPolicy::allowed(&capabilities.grant.allowed_hosts),
                 response_limit_bytes: limits.http_response_bytes,
@@ -352,6 +417,8 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|state| &mut state.limiter);
+        store.set_max_component_handles(MAX_RESOURCES);
+        store.set_hostcall_fuel(hostcall_bytes(&limits));
         let mut cpu = CallCpu::start();
         let long_calls = self.long_calls.clone();
         let long_call: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
@@ -507,6 +574,14 @@ fn classify_call<T>(
         limit
     } else if timed_out || Instant::now() >= deadline {
         time_limit()
+    } else if error.root_cause().to_string().contains(FUEL_EXHAUSTED) {
+        format!(
+            "copy limit of {} bytes exceeded: the plugin handed the host more data at once (an \
+             output, a message or a host call's arguments) than the host copies; outputs and \
+             messages may be {} bytes (output_bytes)",
+            hostcall_bytes(limits),
+            limits.output_bytes
+        )
     } else {
         let mut text = format!("plugin trapped: {}", error.root_cause());
         if !stderr.is_empty() {
@@ -520,14 +595,22 @@ fn classify_call<T>(
     Err(Fault::Plugin(text))
 }
 
-fn validate_output(output: &str, max_bytes: usize) -> Result<(), String> {
-    if output.len() > max_bytes {
+/// Whether a step's `output` or `message` is within `output_bytes`.
+fn within_size(what: &str, text: &str, max_bytes: usize) -> Result<(), String> {
+    if text.len() > max_bytes {
         return Err(format!(
-            "output size limit of {max_bytes} bytes exceeded ({} bytes)",
-            output.len()
+            "{what} size limit of {max_bytes} bytes exceeded ({} bytes)",
+            text.len()
         ));
     }
-    serde_json::from_str::<serde_json::Value>(output)
+    Ok(())
+}
+
+/// Checked again after redaction, which may lengthen a text (a placeholder can be longer
+/// than the value it replaces).
+fn validate_output(output: &str, max_bytes: usize) -> Result<(), String> {
+    within_size("output", output, max_bytes)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(output)
         .map(drop)
         .map_err(|error| format!("plugin returned invalid JSON output: {error}"))
 }
@@ -537,14 +620,10 @@ fn bounded_message(
     message: String,
     max_bytes: usize,
 ) -> (AttemptOutcome, Option<String>, Option<String>) {
-    if message.len() > max_bytes {
-        let fault = format!(
-            "message size limit of {max_bytes} bytes exceeded ({} bytes)",
-            message.len()
-        );
-        return (AttemptOutcome::Errored, Some(fault), None);
+    match within_size("message", &message, max_bytes) {
+        Ok(()) => (outcome, Some(message), None),
+        Err(fault) => (AttemptOutcome::Errored, Some(fault), None),
     }
-    (outcome, Some(message), None)
 }
 
 fn truncate_utf8(text: &mut String, max_bytes: usize) {

@@ -62,6 +62,9 @@ pub struct Limiter {
     instances: usize,
     /// Bytes of every memory and table the call has now.
     in_use: u64,
+    /// Bytes counted for what the call's wasi resources may hold in the host (headers,
+    /// streams, requests): the most it has held at once, see [`Limiter::charge_host_side`].
+    host_side: u64,
     pub exceeded: Option<String>,
     host: PluginMemory,
     /// The part of the host's budget this call holds.
@@ -80,6 +83,7 @@ impl Limiter {
             table_elements: limits.table_elements,
             instances: limits.instances,
             in_use: 0,
+            host_side: 0,
             exceeded: None,
             host,
             held: None,
@@ -88,33 +92,12 @@ impl Limiter {
     }
 
     async fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
-        let total = self.in_use - current.min(self.in_use) + desired;
-        if total > self.memory_bytes {
-            return self.refuse(format!(
-                "memory limit of {} MiB exceeded (all memories and tables of the call together)",
-                self.memory_bytes >> 20
-            ));
+        let in_use = self.in_use - current.min(self.in_use) + desired;
+        if let Err(limit) = self.within_limits(in_use + self.host_side) {
+            return self.refuse(limit);
         }
-        // A call that alone needs more than the whole budget would wait for ever: it is
-        // refused like any call over its limit, and the message says which limit it was.
-        let most = CALL_ALLOWANCE + self.host.bytes;
-        if total > most {
-            return self.refuse(format!(
-                "memory limit of {} MiB exceeded: this host gives one call at most {} MiB \
-                 ({} MiB of its own and the host's plugin_memory_mib of {} MiB)",
-                most >> 20,
-                most >> 20,
-                CALL_ALLOWANCE >> 20,
-                self.host.bytes >> 20
-            ));
-        }
-        let needed = total.saturating_sub(CALL_ALLOWANCE).div_ceil(UNIT) as usize;
-        let held = self
-            .held
-            .as_ref()
-            .map_or(0, OwnedSemaphorePermit::num_permits);
-        if needed > held {
-            let more = u32::try_from(needed - held).unwrap_or(u32::MAX);
+        let more = self.units_missing(in_use + self.host_side);
+        if more > 0 {
             let acquired = tokio::time::timeout_at(
                 self.deadline.into(),
                 self.host.units.clone().acquire_many_owned(more),
@@ -127,13 +110,90 @@ impl Limiter {
                     self.host.bytes >> 20
                 ))));
             };
-            match &mut self.held {
-                Some(held) => held.merge(permit),
-                None => self.held = Some(permit),
+            self.hold(permit);
+        }
+        self.in_use = in_use;
+        Ok(true)
+    }
+
+    /// Counts `bytes` of host-side state against the same limits as the call's linear
+    /// memory: what its wasi resources may hold in the host's own memory, which no
+    /// `memory.grow` ever asks for. A host call cannot be paused like a `memory.grow`, so
+    /// the host's budget is taken only if it is free now. The count keeps its highest value
+    /// until the call ends. `Err` is the text of the limit that refused it, also kept as
+    /// the limit the call exceeded.
+    pub fn charge_host_side(&mut self, bytes: u64) -> Result<(), String> {
+        if bytes <= self.host_side {
+            return Ok(());
+        }
+        let total = self.in_use + bytes;
+        let refused = |limiter: &mut Limiter, limit: String| {
+            limiter.exceeded.get_or_insert_with(|| limit.clone());
+            Err(limit)
+        };
+        if let Err(limit) = self.within_limits(total) {
+            return refused(self, limit);
+        }
+        let more = self.units_missing(total);
+        if more > 0 {
+            match self.host.units.clone().try_acquire_many_owned(more) {
+                Ok(permit) => self.hold(permit),
+                Err(_) => {
+                    let limit = format!(
+                        "memory limit of plugin_memory_mib = {} MiB exceeded: the host's \
+                         memory for plugin calls is in use by other calls, and wasi \
+                         resources cannot wait for it",
+                        self.host.bytes >> 20
+                    );
+                    return refused(self, limit);
+                }
             }
         }
-        self.in_use = total;
-        Ok(true)
+        self.host_side = bytes;
+        Ok(())
+    }
+
+    /// Whether a call may hold `total` bytes at all: within `memory_mib`, and within what
+    /// the host could ever give it.
+    fn within_limits(&self, total: u64) -> Result<(), String> {
+        if total > self.memory_bytes {
+            return Err(format!(
+                "memory limit of {} MiB exceeded (all memories and tables of the call, and \
+                 what its wasi resources hold in the host, together)",
+                self.memory_bytes >> 20
+            ));
+        }
+        // A call that alone needs more than the whole budget would wait for ever: it is
+        // refused like any call over its limit, and the message says which limit it was.
+        let most = CALL_ALLOWANCE + self.host.bytes;
+        if total > most {
+            return Err(format!(
+                "memory limit of {} MiB exceeded: this host gives one call at most {} MiB \
+                 ({} MiB of its own and the host's plugin_memory_mib of {} MiB)",
+                most >> 20,
+                most >> 20,
+                CALL_ALLOWANCE >> 20,
+                self.host.bytes >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    /// Units of the host's budget a call holding `total` bytes needs beyond those it holds.
+    fn units_missing(&self, total: u64) -> u32 {
+        let needed = total.saturating_sub(CALL_ALLOWANCE).div_ceil(UNIT) as usize;
+        let held = self
+            .held
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
+        u32::try_from(needed.saturating_sub(held)).unwrap_or(u32::MAX)
+    }
+
+    fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
     }
 
     fn refuse(&mut self, limit: String) -> wasmtime::Result<bool> {

@@ -75,10 +75,15 @@ impl Runtime {
         if let Some(loaded) = self.cached(version) {
             return Ok(loaded);
         }
+        let artifact = self.artifact_path(version);
+        let compiling = match &artifact {
+            Some(path) if path.exists() => None,
+            _ => Some(self.compiles.clone().acquire_owned().await?),
+        };
         let runtime = self.clone();
         let plugin_version = version.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            let artifact = runtime.artifact_path(&plugin_version);
+            let _compiling = compiling;
             let component = match artifact
                 .as_deref()
                 .and_then(|path| runtime.deserialize(path))

@@ -283,3 +283,47 @@ async fn a_nul_character_from_a_plugin_is_kept_as_u_fffd_on_every_backend() {
     let logs = finished.logs().await;
     assert!(logs.iter().any(|line| line == "a\u{FFFD}b"), "{logs:?}");
 }
+
+/// Memory a plugin makes the host hold outside its linear memory counts against its limits:
+/// headers kept in `wasi:http` resources end the attempt at the resource or memory limit, and
+/// a huge output, with a secret configured (whose redaction parses outputs), is refused by
+/// its size. The host goes on serving other runs.
+#[tokio::test]
+async fn headers_kept_and_huge_outputs_end_their_own_attempts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, "a-secret-value-of-some-length").expect("writing the secret");
+    let config = format!(
+        "[secrets.tok]\nfile = {:?}\nhosts = [\"https://tok.example.com\"]\nheader = \"authorization\"\n",
+        file.display().to_string()
+    );
+    let setup = || {
+        with_manifest("secrets = [\"tok\"]\n[limits]\nmax_errors = 1\nmemory_mib = 16\n")
+            .with_config(&config)
+    };
+    let flood = run_first_step(
+        setup(),
+        json!({"action": "fields_flood", "count": 20_000, "bytes": 12_000}),
+    )
+    .await;
+    assert_errored_with(&flood, "memory limit of 16 MiB exceeded");
+    assert!(
+        flood
+            .step_message()
+            .contains("what its wasi resources hold"),
+        "{}",
+        flood.step_message()
+    );
+    let huge = run_first_step(setup(), json!({"action": "big_array", "bytes": 8_000_000})).await;
+    assert_errored_with(&huge, "copy limit of 1048576 bytes exceeded");
+    let over = run_first_step(setup(), json!({"action": "big_array", "bytes": 100_000})).await;
+    assert_errored_with(&over, "output size limit of 65536 bytes exceeded");
+    let id = over
+        .server
+        .trigger(json!({"plugin": "misbehave", "params": {}}))
+        .await;
+    assert_eq!(
+        over.server.wait_until_finished(&id).await["status"],
+        "passed"
+    );
+}

@@ -123,6 +123,17 @@ impl Check for Misbehave {
             }
             "recurse" => passed(&json!({"depth": recurse(black_box(0))})),
             "big_output" => passed(&"x".repeat(action["bytes"].as_u64().unwrap_or(0) as usize)),
+            "big_array" => {
+                // A JSON array of `bytes` bytes: `[0,0,…]`, each element a value once parsed.
+                let bytes = action["bytes"].as_u64().unwrap_or(0) as usize;
+                let mut array = String::with_capacity(bytes + 2);
+                array.push('[');
+                while array.len() + 2 < bytes {
+                    array.push_str("0,");
+                }
+                array.push_str("0]");
+                StepOutcome::Passed(array)
+            }
             "log_spam" => {
                 for line in 0..action["count"].as_u64().unwrap_or(0) {
                     log::info(&format!("line {line}"));
@@ -147,11 +158,19 @@ impl Check for Misbehave {
                             .collect()
                     })
                     .unwrap_or_default();
-                match http::request("GET", url, &headers, None) {
-                    // What a reflecting server echoed, handed back every way a plugin can.
+                let method = action["method"].as_str().unwrap_or("GET");
+                match http::request(method, url, &headers, None) {
+                    // What a reflecting server echoed, handed back every way a plugin can,
+                    // and once more transformed, as no redaction of outputs could catch.
                     Ok(response) if action["echo"] == true => {
                         log::info(&response.text());
-                        passed(&json!({"status": response.status, "body": response.text()}))
+                        let reversed: String = response.text().chars().rev().collect();
+                        passed(&json!({
+                            "status": response.status,
+                            "body": response.text(),
+                            "reversed": reversed,
+                            "headers": response.headers,
+                        }))
                     }
                     Ok(response) if u64::from(response.status) == expect => {
                         passed(&json!({"status": response.status}))
@@ -180,6 +199,10 @@ impl Check for Misbehave {
                 }
             }
             "echo_outputs" => passed(&input.outputs()),
+            "fields_flood" => fields_flood(
+                action["count"].as_u64().unwrap_or(0),
+                action["bytes"].as_u64().unwrap_or(0) as usize,
+            ),
             other => failed(format!("unknown action {other:?}")),
         }
     }
@@ -216,6 +239,29 @@ fn http_burst(authority: &str, count: u64) -> StepOutcome {
         }
     }
     passed(&json!({"answered": answered, "refused": refused}))
+}
+
+/// Keeps `count` sets of headers of `bytes` each alive: memory the host holds for the plugin,
+/// outside its linear memory. Reports how many it could make, then holds them until the
+/// time limit.
+fn fields_flood(count: u64, bytes: usize) -> StepOutcome {
+    use stepwise_plugin::bindings::wasi::http::types::Fields;
+    let value = vec![b'x'; bytes];
+    let mut kept = Vec::new();
+    for _ in 0..count {
+        let fields = Fields::new();
+        // Appended in 1 KiB pieces, as a client adds headers one at a time.
+        for piece in value.chunks(1024) {
+            if fields.append("x-flood", piece).is_err() {
+                break;
+            }
+        }
+        kept.push(fields);
+    }
+    log::info(&format!("holding {} sets of headers", kept.len()));
+    loop {
+        black_box(&kept);
+    }
 }
 
 /// Recursion the optimiser cannot turn into a loop: each frame keeps a live buffer.

@@ -415,6 +415,7 @@ pub async fn plugin_call(options: &Options) -> anyhow::Result<()> {
         name: name.into(),
         value: format!("{name}-0123456789abcdef/+="),
         hosts: Vec::new(),
+        place: None,
     };
     let secrets = Arc::new(SecretSet::new(vec![
         secret("crm"),

@@ -68,8 +68,9 @@ enum Command {
         /// The run's deadline in milliseconds (default: `default_run_timeout_ms`, 600000).
         #[arg(long, value_name = "MS")]
         timeout: Option<u64>,
-        /// A secret for this run, which the plugin may send as `{{secret:NAME}}` to any host
-        /// its manifest allows (repeatable; `[secrets]` of --config work too).
+        /// A secret for this run: the value of a `[secrets.NAME]` of --config, or else one
+        /// that the host sends as `authorization: Bearer VALUE` to any host the manifest
+        /// allows (repeatable).
         #[arg(long = "secret", value_name = "NAME=VALUE")]
         secrets: Vec<String>,
     },

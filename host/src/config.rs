@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::capabilities::secrets::Place;
 use crate::model::{
     AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Notifier, NotifyEvent, NotifyFormat,
     Policy, RetentionPolicy, Retry,
@@ -145,6 +146,9 @@ struct SecretFile {
     file: Option<PathBuf>,
     #[serde(default)]
     hosts: Vec<String>,
+    header: Option<String>,
+    format: Option<String>,
+    query: Option<String>,
 }
 
 /// A secret the operator declared: never its value, which [`read_secret`] reads when the
@@ -154,6 +158,8 @@ pub struct SecretDeclaration {
     pub from: SecretFrom,
     /// Where the value may be sent (`allowed_hosts` syntax).
     pub hosts: Vec<AllowedHost>,
+    /// Where in those requests the host puts it.
+    pub place: Option<Place>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,8 +215,35 @@ fn parse_secret(name: &str, file: SecretFile) -> anyhow::Result<SecretDeclaratio
                 "secrets.{name}.hosts entry {host:?} must be scheme://host[:port], such as \"https://crm.example.com\" (the scheme is required: a secret goes over http only if you say so)"
             )),
         })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(SecretDeclaration { from, hosts })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let place = match (file.header, file.format, file.query) {
+        (Some(header), format, None) => Some(
+            Place::header(&header, format.as_deref())
+                .map_err(|error| anyhow::anyhow!("secrets.{name}.header: {error}"))?,
+        ),
+        (None, None, Some(query)) => Some(
+            Place::query(&query)
+                .map_err(|error| anyhow::anyhow!("secrets.{name}.query: {error}"))?,
+        ),
+        (None, None, None) => None,
+        (None, Some(_), _) => anyhow::bail!("secrets.{name}.format goes with header = \"NAME\""),
+        (Some(_), _, Some(_)) => {
+            anyhow::bail!(
+                "[secrets.{name}] takes one of header = \"NAME\" or query = \"NAME\", not both"
+            )
+        }
+    };
+    anyhow::ensure!(
+        hosts.is_empty() || place.is_some(),
+        "[secrets.{name}] has hosts but no place in their requests: add header = \"authorization\" \
+         (with format = \"Bearer {{}}\" if the value needs a prefix) or query = \"api_key\"; the host \
+         puts the value there itself"
+    );
+    anyhow::ensure!(
+        place.is_none() || !hosts.is_empty(),
+        "[secrets.{name}] says where the value goes in a request but lists no hosts to send it to"
+    );
+    Ok(SecretDeclaration { from, hosts, place })
 }
 
 /// `[policy]`: the ceilings every grant must stay within.

@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde_json::{Map, Value as Json};
 
 use crate::capabilities::http::HttpPolicy;
-use crate::capabilities::secrets::{Secret, SecretSet};
+use crate::capabilities::secrets::{Place, Secret, SecretSet};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
 use crate::model::{AttemptOutcome, PluginVersion};
@@ -53,12 +53,21 @@ pub async fn run_file(
         parse_grant(&grant_toml).with_context(|| format!("in {}", manifest.display()))?;
     let mut known = crate::load_secrets(settings)?;
     for (name, value) in secrets {
-        known.retain(|secret| &secret.name != name);
-        known.push(Secret {
-            name: name.clone(),
-            value: value.clone(),
-            hosts: HttpPolicy::allowed(&grant.allowed_hosts),
-        });
+        match known.iter_mut().find(|secret| &secret.name == name) {
+            // Declared in the config: its hosts and place, with this value.
+            Some(declared) => declared.value = value.clone(),
+            // Otherwise the SDK's usual place (`http::secret_header`), to any host the
+            // manifest allows.
+            None => known.push(Secret {
+                name: name.clone(),
+                value: value.clone(),
+                hosts: HttpPolicy::allowed(&grant.allowed_hosts),
+                place: Some(
+                    Place::header("authorization", Some("Bearer {}"))
+                        .map_err(|error| anyhow::anyhow!(error))?,
+                ),
+            }),
+        }
     }
     grant.secrets = known.iter().map(|secret| secret.name.clone()).collect();
     let secrets = Arc::new(SecretSet::new(known)?);

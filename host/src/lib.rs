@@ -203,6 +203,7 @@ pub fn load_secrets(settings: &Settings) -> anyhow::Result<Vec<Secret>> {
                 name: name.clone(),
                 value: config::read_secret(name, declaration)?,
                 hosts: declaration.hosts.clone(),
+                place: declaration.place.clone(),
             })
         })
         .collect()

@@ -299,9 +299,10 @@ export const info = (message) => hostLog('info', String(message));
 export const warn = (message) => hostLog('warn', String(message));
 export const error = (message) => hostLog('error', String(message));
 
-/** The placeholder of the operator's secret `name`. Put it in a header: the host replaces it
- * with the value if this check is granted the secret and the request goes to one of the
- * secret's hosts, and refuses the request otherwise. The check never holds the value. */
+/** The placeholder of the operator's secret `name`. The host sets the value itself, at the
+ * header or query parameter the operator declared, on every request of a check granted the
+ * secret to one of its hosts; the placeholder is accepted only there (elsewhere the request is
+ * refused). The check never holds the value: responses are redacted before it reads them. */
 export function secret(name) {
   return `{{secret:${name}}}`;
 }

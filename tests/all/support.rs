@@ -701,12 +701,24 @@ impl Reflector {
                             "url": percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string(),
                         })
                     };
-                    axum::Json(json!({
-                        "header": header,
-                        "header_encoded": encoded(&header),
-                        "query": query,
-                        "query_encoded": encoded(&query),
-                    }))
+                    // Every header back, as gateways echo a request id; and the credential
+                    // in a response header too.
+                    let all: serde_json::Map<String, Value> = headers
+                        .iter()
+                        .map(|(name, value)| {
+                            (name.to_string(), json!(String::from_utf8_lossy(value.as_bytes())))
+                        })
+                        .collect();
+                    (
+                        [("x-echo-authorization", header.clone())],
+                        axum::Json(json!({
+                            "header": header,
+                            "header_encoded": encoded(&header),
+                            "query": query,
+                            "query_encoded": encoded(&query),
+                            "headers": all,
+                        })),
+                    )
                 },
             ),
         );

@@ -698,6 +698,15 @@ pub struct SecretDto {
     /// The file the value is read from, if it is read from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
+    /// The header the host sets to the value in requests to `hosts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The header's whole value, `{}` standing for the secret's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// The query parameter the host sets to the value in requests to `hosts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
     /// Plugins whose grant lists the secret.
     pub granted_to: Vec<String>,
 }

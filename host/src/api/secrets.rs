@@ -4,6 +4,7 @@
 use super::dto::{SecretDto, SecretListDto};
 use super::error::ApiError;
 use super::state::AppState;
+use crate::capabilities::secrets::Place;
 use crate::config::{SecretFrom, parse_grant};
 use axum::Json;
 use axum::extract::State;
@@ -34,11 +35,21 @@ pub async fn secrets_index(State(state): State<AppState>) -> Result<Json<SecretL
                 SecretFrom::Env(var) => (Some(var.clone()), None),
                 SecretFrom::File(path) => (None, Some(path.display().to_string())),
             };
+            let (header, format, query) = match &declaration.place {
+                Some(Place::Header { name, format }) => {
+                    (Some(name.to_string()), Some(format.clone()), None)
+                }
+                Some(Place::Query(name)) => (None, None, Some(name.clone())),
+                None => (None, None, None),
+            };
             SecretDto {
                 name: name.clone(),
                 hosts: declaration.hosts.iter().map(ToString::to_string).collect(),
                 env,
                 file,
+                header,
+                format,
+                query,
                 granted_to: grants
                     .iter()
                     .filter(|(_, secrets)| secrets.contains(name))

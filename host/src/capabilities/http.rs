@@ -14,7 +14,10 @@
 //!   sends a new request through this same check;
 //! - the run has a cap on requests, a call a cap on requests in flight at once, every request
 //!   a time limit and every response a size limit. Exceeding one of those limits is a
-//!   [`Violation`]: the attempt ends `errored`.
+//!   [`Violation`]: the attempt ends `errored`;
+//! - `TRACE` and `CONNECT` are refused, and the operator's secrets are set at their places
+//!   for a granted plugin's requests to their hosts (`secrets.rs`); every response is
+//!   redacted of their values before the guest reads it.
 //!
 //! A refused request returns `HTTP-request-denied` to the guest and leaves a line in the
 //! attempt's log naming the host and the reason.
@@ -32,7 +35,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
-use super::secrets::{SecretSet, mentions_placeholder};
+use super::secrets::{SecretSet, StreamRedactor};
 use crate::model::{AllowedHost, LogLevel};
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -91,75 +94,6 @@ impl HttpPolicy {
             &format!("http request to {uri} denied: {reason}"),
         );
         Box::new(async { Err(Error::HttpRequestDenied) })
-    }
-
-    /// Replaces the secret placeholders of `request`'s header values and query for
-    /// `target`, or says why one may not be replaced. Whatever still reads as a placeholder
-    /// afterwards (in the path, a parameter's name, an odd encoding) refuses the request: no
-    /// placeholder leaves the host unfilled.
-    fn fill_secrets<B>(
-        &self,
-        request: &mut http::Request<B>,
-        target: (&str, &str, u16),
-    ) -> Result<(), String> {
-        let refused = |refusal: super::secrets::Refusal| refusal.0;
-        if let Some(query) = request.uri().query()
-            && let Some(filled) = self
-                .secrets
-                .substitute_query(query, &self.granted_secrets, target)
-                .map_err(refused)?
-        {
-            let invalid = || "the query with its secrets is not a valid URL".to_owned();
-            let mut parts = request.uri().clone().into_parts();
-            let path_and_query = format!("{}?{filled}", request.uri().path());
-            parts.path_and_query = Some(path_and_query.parse().map_err(|_| invalid())?);
-            *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| invalid())?;
-        }
-        for (name, value) in request.headers_mut().iter_mut() {
-            let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
-                continue;
-            };
-            let Some(filled) = self
-                .secrets
-                .substitute(text, &self.granted_secrets, target)
-                .map_err(refused)?
-            else {
-                continue;
-            };
-            let mut filled = http::HeaderValue::from_str(&filled).map_err(|_| {
-                format!("a secret's value cannot be sent in header {name}: it holds characters a header may not")
-            })?;
-            filled.set_sensitive(true);
-            *value = filled;
-        }
-        let unfilled = request
-            .uri()
-            .path_and_query()
-            .map(|path| path.as_str())
-            .into_iter()
-            .chain(
-                request
-                    .uri()
-                    .authority()
-                    .map(|authority| authority.as_str()),
-            )
-            .map(|text| text.to_owned())
-            .chain(
-                request
-                    .headers()
-                    .values()
-                    .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned()),
-            )
-            .any(|text| mentions_placeholder(&text));
-        if unfilled {
-            return Err(
-                "a secret placeholder is where the host does not fill it (only header values and \
-                 query values are filled, raw or URL-encoded) or is malformed; it may not leave \
-                 the host"
-                    .to_owned(),
-            );
-        }
-        Ok(())
     }
 }
 
@@ -296,8 +230,22 @@ impl WasiHttpHooks for HttpPolicy {
             let reason = format!("{scheme}://{host}:{port} is not in this plugin's allowed_hosts");
             return self.deny(&uri, &reason);
         }
-        if let Err(reason) = self.fill_secrets(&mut request, (&scheme, &host, port)) {
+        if matches!(
+            request.method(),
+            &http::Method::TRACE | &http::Method::CONNECT
+        ) {
+            let reason = format!(
+                "method {} is refused: a server answers it with the request it received, or \
+                 opens a tunnel the host cannot check",
+                request.method()
+            );
             return self.deny(&uri, &reason);
+        }
+        if let Err(refusal) =
+            self.secrets
+                .place(&mut request, &self.granted_secrets, (&scheme, &host, port))
+        {
+            return self.deny(&uri, &refusal.0);
         }
         for name in DROPPED_HEADERS {
             if request
@@ -329,6 +277,7 @@ impl WasiHttpHooks for HttpPolicy {
         let limit = self.response_limit_bytes;
         let log = self.log.clone();
         let violation = self.violation.clone();
+        let secrets = self.secrets.clone();
         // The plugin may ask for shorter timeouts, never longer ones.
         let cap = |asked: Option<Duration>| Some(asked.map_or(timeout, |asked| asked.min(timeout)));
         let options = RequestOptions {
@@ -436,7 +385,7 @@ impl WasiHttpHooks for HttpPolicy {
                 drop(permit);
                 result
             };
-            let response = response.map(|body| {
+            let mut response = response.map(|body| {
                 Limited::new(body, limit)
                     .map_err(move |error| match error.downcast::<Error>() {
                         Ok(inner) => {
@@ -464,8 +413,100 @@ impl WasiHttpHooks for HttpPolicy {
                     })
                     .boxed_unsync()
             });
+            if !secrets.is_empty() {
+                response = redacted(response, secrets);
+            }
             Ok((response, Box::new(io) as IoFuture))
         })
+    }
+}
+
+/// `response` with the values of secrets taken out of its headers and body before the guest
+/// reads any of it: a system that echoes what it received (a header, the query) would
+/// otherwise hand the plugin a value, which it could transform past every later redaction.
+/// The body's length may change, so its `content-length` goes.
+fn redacted(
+    response: http::Response<WasiBody>,
+    secrets: Arc<SecretSet>,
+) -> http::Response<WasiBody> {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    redact_headers(&mut parts.headers, &secrets);
+    let body = RedactedBody {
+        inner: body,
+        redactor: StreamRedactor::new(secrets.clone()),
+        secrets,
+        trailers: None,
+        ended: false,
+    };
+    http::Response::from_parts(parts, body.boxed_unsync())
+}
+
+fn redact_headers(headers: &mut http::HeaderMap, secrets: &SecretSet) {
+    for value in headers.values_mut() {
+        if let std::borrow::Cow::Owned(redacted) = secrets.redact_bytes(value.as_bytes()) {
+            // Placeholders are plain ASCII: a valid value stays valid.
+            if let Ok(redacted) = http::HeaderValue::from_bytes(&redacted) {
+                *value = redacted;
+            }
+        }
+    }
+}
+
+/// A response body redacted as it streams (see [`StreamRedactor`]); trailers too.
+struct RedactedBody {
+    inner: WasiBody,
+    redactor: StreamRedactor,
+    secrets: Arc<SecretSet>,
+    /// Trailers held back until the redacted rest of the body has gone out.
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+}
+
+impl http_body::Body for RedactedBody {
+    type Data = bytes::Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let frame = match std::pin::Pin::new(&mut this.inner).poll_frame(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let rest = this.redactor.finish();
+                    if rest.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(rest.into()))));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => this.redactor.push(&data),
+                Err(frame) => {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        redact_headers(&mut trailers, &this.secrets);
+                        this.trailers = Some(trailers);
+                    }
+                    this.redactor.finish()
+                }
+            };
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(data.into()))));
+            }
+        }
     }
 }
 

@@ -1,9 +1,13 @@
-//! Operator-declared secrets (SPEC §12). A plugin never holds a secret's value: it writes the
-//! placeholder `{{secret:NAME}}` in an outbound header value or in the URL's query, and the
-//! HTTP capability replaces it in its send hook, only for a plugin granted the secret and a
-//! request to one of the secret's `hosts`. Whatever a plugin returns or logs is redacted
-//! before the host keeps it: every occurrence of a value, in the forms a plugin could get it
-//! back in (raw, JSON-escaped, URL-encoded, base64 at any alignment), becomes the placeholder.
+//! Operator-declared secrets (README "Secrets"). A plugin never holds a secret's value. The
+//! operator declares where each value goes (a header, with an optional format, or a query
+//! parameter) and to which hosts; the HTTP capability sets it there itself in its send hook,
+//! on every request of a plugin granted the secret to one of those hosts. A placeholder
+//! `{{secret:NAME}}` is accepted only at that place (it is replaced like the rest of the
+//! value), so no text a plugin copies from its params or from a response ever decides where
+//! a value goes. Responses are redacted before the guest reads them, so a host that echoes a
+//! value back hands the plugin only the placeholder; whatever a plugin returns or logs is
+//! redacted again before the host keeps it. Redaction covers every form of a value a plugin
+//! could get it back in (raw, JSON-escaped, URL-encoded, base64 at any alignment).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -21,8 +25,9 @@ const CLOSE: &str = "}}";
 
 /// Shortest value accepted. Redaction tells a plugin whether a guess it returns was a value
 /// (the guess comes back as a placeholder), so a value must be too long to guess; a short one
-/// would also be redacted wherever it happens to occur.
-pub const MIN_VALUE_BYTES: usize = 8;
+/// would also be redacted wherever it happens to occur. For the same reason a value of
+/// digits only (a PIN) is refused whatever its length.
+pub const MIN_VALUE_BYTES: usize = 16;
 /// Values replaced by a reload that are still redacted: a remote system may go on accepting,
 /// and echoing, a rotated-out value for a while.
 const RETIRED_KEPT: usize = 16;
@@ -42,6 +47,92 @@ pub fn valid_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
 }
 
+/// Where the host puts a secret's value in a request to one of the secret's hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A header, whose whole value is `format` with `{}` replaced by the secret's value.
+    Header {
+        name: http::HeaderName,
+        format: String,
+    },
+    /// A query parameter of this name.
+    Query(String),
+}
+
+/// Headers a secret may not be declared for: they frame the request or say where it goes,
+/// which is the host's to decide.
+const RESERVED_HEADERS: [&str; 16] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "traceparent",
+];
+
+impl Place {
+    /// `header = NAME` with an optional `format` holding `{}` once.
+    pub fn header(name: &str, format: Option<&str>) -> Result<Place, String> {
+        let header = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header {name:?} is not a valid header name"))?;
+        if RESERVED_HEADERS.contains(&header.as_str()) {
+            return Err(format!(
+                "header {name:?} is reserved: it frames or routes the request"
+            ));
+        }
+        let format = format.unwrap_or("{}").to_owned();
+        if format.matches("{}").count() != 1 {
+            return Err(format!(
+                "format {format:?} must hold `{{}}` exactly once, where the value goes"
+            ));
+        }
+        if http::HeaderValue::from_str(&format.replace("{}", "")).is_err() {
+            return Err(format!(
+                "format {format:?} holds characters a header value may not"
+            ));
+        }
+        Ok(Place::Header {
+            name: header,
+            format,
+        })
+    }
+
+    /// `query = NAME`.
+    pub fn query(name: &str) -> Result<Place, String> {
+        let valid = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"-._~".contains(&byte));
+        if !valid {
+            return Err(format!(
+                "query parameter {name:?} must be 1-128 letters, digits, '-', '.', '_' or '~'"
+            ));
+        }
+        Ok(Place::Query(name.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Header { name, format } if format == "{}" => write!(f, "header {name}"),
+            Place::Header { name, format } => write!(f, "header {name} as {format:?}"),
+            Place::Query(name) => write!(f, "query parameter {name}"),
+        }
+    }
+}
+
 /// One secret with its value, as loaded from the operator's config.
 #[derive(Clone)]
 pub struct Secret {
@@ -49,6 +140,8 @@ pub struct Secret {
     pub value: String,
     /// Where its value may be sent.
     pub hosts: Vec<AllowedHost>,
+    /// Where in those requests; `None` for a secret used only in the config (a source URL).
+    pub place: Option<Place>,
 }
 
 impl std::fmt::Debug for Secret {
@@ -56,7 +149,16 @@ impl std::fmt::Debug for Secret {
         f.debug_struct("Secret")
             .field("name", &self.name)
             .field("hosts", &self.hosts)
+            .field("place", &self.place)
             .finish_non_exhaustive()
+    }
+}
+
+impl Secret {
+    fn may_go_to(&self, (scheme, host, port): (&str, &str, u16)) -> bool {
+        self.hosts
+            .iter()
+            .any(|allowed| allowed.allows(scheme, host, port))
     }
 }
 
@@ -69,6 +171,8 @@ pub struct SecretSet {
     /// Every redacted form of every value; `owners[i]` is the secret of pattern `i`.
     redactor: Option<AhoCorasick>,
     owners: Vec<usize>,
+    /// The longest form: what a streamed text keeps back until more of it arrives.
+    longest: usize,
 }
 
 impl std::fmt::Debug for SecretSet {
@@ -110,10 +214,22 @@ impl SecretSet {
             );
             anyhow::ensure!(
                 secret.value.len() >= MIN_VALUE_BYTES,
-                "secret {:?} has a value of {} bytes: at least {MIN_VALUE_BYTES} are needed to redact it reliably",
+                "secret {:?} has a value of {} bytes: at least {MIN_VALUE_BYTES} are needed, so that it can be neither guessed nor redacted by chance",
                 secret.name,
                 secret.value.len()
             );
+            anyhow::ensure!(
+                !secret.value.bytes().all(|byte| byte.is_ascii_digit()),
+                "secret {:?} is digits only: such a value can be guessed, use a random token",
+                secret.name
+            );
+            if let Some(Place::Header { name, format }) = &secret.place {
+                anyhow::ensure!(
+                    http::HeaderValue::from_str(&format.replace("{}", &secret.value)).is_ok(),
+                    "secret {:?} cannot go in header {name}: its value holds characters a header may not",
+                    secret.name
+                );
+            }
         }
         for (index, secret) in secrets.iter().chain(&retired).enumerate() {
             for form in redacted_forms(&secret.value) {
@@ -137,6 +253,7 @@ impl SecretSet {
             retired,
             redactor,
             owners,
+            longest: patterns.iter().map(String::len).max().unwrap_or(0),
         })
     }
 
@@ -150,27 +267,56 @@ impl SecretSet {
 
     /// `text` with every form of every secret's value replaced by that secret's placeholder.
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let Some(redactor) = &self.redactor else {
-            return Cow::Borrowed(text);
-        };
-        let mut matches = redactor.find_iter(text).peekable();
-        if matches.peek().is_none() {
-            return Cow::Borrowed(text);
+        match self.redact_bytes(text.as_bytes()) {
+            Cow::Borrowed(_) => Cow::Borrowed(text),
+            // Whole characters are replaced by ASCII, so the text stays UTF-8.
+            Cow::Owned(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
         }
-        let mut redacted = String::with_capacity(text.len());
-        let mut last = 0;
-        for found in matches {
-            redacted.push_str(&text[last..found.start()]);
-            let owner = self.owners[found.pattern().as_usize()];
-            let name = match self.secrets.get(owner) {
-                Some(secret) => &secret.name,
-                None => &self.retired[owner - self.secrets.len()].name,
-            };
-            redacted.push_str(&placeholder(name));
-            last = found.end();
+    }
+
+    /// The same for bytes that need not be text: a response body or header.
+    pub fn redact_bytes<'a>(&self, text: &'a [u8]) -> Cow<'a, [u8]> {
+        let mut redacted = Vec::new();
+        match self.redact_until(text, text.len(), &mut redacted) {
+            None => Cow::Borrowed(text),
+            Some(end) => {
+                redacted.extend_from_slice(&text[end..]);
+                Cow::Owned(redacted)
+            }
         }
-        redacted.push_str(&text[last..]);
-        Cow::Owned(redacted)
+    }
+
+    /// Appends to `out` the redacted `text` up to where the last match that starts before
+    /// `before` ends (at least up to `before`), and returns that end; `None`, writing nothing,
+    /// when no match starts before `before`.
+    fn redact_until(&self, text: &[u8], before: usize, out: &mut Vec<u8>) -> Option<usize> {
+        let redactor = self.redactor.as_ref()?;
+        let mut last = None;
+        for found in redactor.find_iter(text) {
+            if found.start() >= before {
+                break;
+            }
+            out.extend_from_slice(&text[last.unwrap_or(0)..found.start()]);
+            out.extend_from_slice(
+                placeholder(self.owner_name(found.pattern().as_usize())).as_bytes(),
+            );
+            last = Some(found.end());
+        }
+        let end = last?;
+        Some(end)
+    }
+
+    fn owner_name(&self, pattern: usize) -> &str {
+        let owner = self.owners[pattern];
+        match self.secrets.get(owner) {
+            Some(secret) => &secret.name,
+            None => &self.retired[owner - self.secrets.len()].name,
+        }
+    }
+
+    /// Whether any value is configured, that is, whether anything can need redacting.
+    pub fn is_empty(&self) -> bool {
+        self.redactor.is_none()
     }
 
     /// A step's JSON output redacted value by value: a value written with JSON escapes
@@ -212,56 +358,129 @@ impl SecretSet {
         }
     }
 
-    /// `query` with the placeholders of its parameters filled, URL-encoded: each parameter
-    /// is decoded first, so a placeholder counts however it was encoded. `None` when none
-    /// holds one.
-    pub fn substitute_query(
+    /// Puts the value of every secret the plugin is `granted` whose hosts include `target`
+    /// at the secret's place in `request`, replacing whatever the plugin wrote there.
+    /// Placeholders the plugin wrote are accepted only at the place of the secret they name,
+    /// for a granted secret that may go to `target`; any other placeholder, or anything that
+    /// still reads as one (in the path, a parameter's name, an odd encoding), refuses the
+    /// whole request. Returns the names of the secrets placed.
+    pub fn place<B>(
         &self,
-        query: &str,
+        request: &mut http::Request<B>,
         granted: &[String],
         target: (&str, &str, u16),
-    ) -> Result<Option<String>, Refusal> {
-        let mut changed = false;
-        let mut parts = Vec::new();
-        for part in query.split('&') {
-            let (name, value) = match part.split_once('=') {
-                Some((name, value)) => (name, Some(value)),
-                None => (part, None),
-            };
-            let filled = match value {
-                Some(value) => {
-                    let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-                    self.substitute(&decoded, granted, target)?
-                }
-                None => None,
-            };
-            match filled {
-                Some(filled) => {
-                    changed = true;
-                    parts.push(format!("{name}={}", percent_encode(&filled)));
-                }
-                None => parts.push(part.to_owned()),
+    ) -> Result<Vec<String>, Refusal> {
+        for (name, value) in request.headers() {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            if mentions_placeholder(&text) {
+                self.check_placeholders(
+                    &text,
+                    granted,
+                    target,
+                    |place| matches!(place, Place::Header { name: header, .. } if header == name),
+                )?;
             }
         }
-        Ok(changed.then(|| parts.join("&")))
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        for part in query.split('&').filter(|part| !part.is_empty()) {
+            let (name, value) = part.split_once('=').unwrap_or((part, ""));
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            if mentions_placeholder(&name) {
+                return Err(unplaced());
+            }
+            if mentions_placeholder(&value) {
+                self.check_placeholders(
+                    &value,
+                    granted,
+                    target,
+                    |place| matches!(place, Place::Query(parameter) if *parameter == name),
+                )?;
+            }
+        }
+        let placed: Vec<&Secret> = self
+            .secrets
+            .iter()
+            .filter(|secret| granted.contains(&secret.name) && secret.may_go_to(target))
+            .filter(|secret| secret.place.is_some())
+            .collect();
+        for (index, secret) in placed.iter().enumerate() {
+            if let Some(other) = placed[..index]
+                .iter()
+                .find(|other| other.place == secret.place)
+            {
+                return Err(Refusal(format!(
+                    "secrets {:?} and {:?} both go in the same place of requests to this host; \
+                     grant this plugin only one of them",
+                    other.name, secret.name
+                )));
+            }
+        }
+        let mut query_parts: Vec<String> = query
+            .split('&')
+            .filter(|part| !part.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let mut query_changed = false;
+        for secret in &placed {
+            match &secret.place {
+                Some(Place::Header { name, format }) => {
+                    let mut value =
+                        http::HeaderValue::from_str(&format.replace("{}", &secret.value)).map_err(
+                            |_| Refusal(format!("secret {:?} cannot go in a header", secret.name)),
+                        )?;
+                    value.set_sensitive(true);
+                    request.headers_mut().insert(name.clone(), value);
+                }
+                Some(Place::Query(parameter)) => {
+                    query_parts.retain(|part| {
+                        let name = part.split_once('=').map_or(part.as_str(), |(name, _)| name);
+                        percent_encoding::percent_decode_str(name).decode_utf8_lossy()
+                            != parameter.as_str()
+                    });
+                    query_parts.push(format!("{parameter}={}", percent_encode(&secret.value)));
+                    query_changed = true;
+                }
+                None => {}
+            }
+        }
+        if query_changed {
+            let invalid = || Refusal("the query with its secrets is not a valid URL".to_owned());
+            let mut parts = request.uri().clone().into_parts();
+            let path_and_query = format!("{}?{}", request.uri().path(), query_parts.join("&"));
+            parts.path_and_query = Some(path_and_query.parse().map_err(|_| invalid())?);
+            *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| invalid())?;
+        }
+        let elsewhere = [
+            Some(request.uri().path()),
+            request
+                .uri()
+                .authority()
+                .map(|authority| authority.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .any(mentions_placeholder);
+        if elsewhere {
+            return Err(unplaced());
+        }
+        Ok(placed.iter().map(|secret| secret.name.clone()).collect())
     }
 
-    /// `text` with each placeholder replaced by its value when the secret is
-    /// `granted` and may go to `scheme://host:port`; the first placeholder that may not be
-    /// replaced refuses the whole request. `None` when `text` holds no placeholder.
-    pub fn substitute(
+    /// Checks the placeholders of one header or query value: each must name a configured
+    /// secret that the plugin is granted, that may go to `target`, and whose place this is.
+    fn check_placeholders(
         &self,
         text: &str,
         granted: &[String],
         (scheme, host, port): (&str, &str, u16),
-    ) -> Result<Option<String>, Refusal> {
+        here: impl Fn(&Place) -> bool,
+    ) -> Result<(), Refusal> {
         let placeholders = find_placeholders(text);
         if placeholders.is_empty() {
-            return Ok(None);
+            return Err(unplaced());
         }
-        let mut replaced = String::with_capacity(text.len());
-        let mut last = 0;
-        for (start, end, name) in placeholders {
+        for (_, _, name) in placeholders {
             let Some(secret) = self.get(name) else {
                 return Err(Refusal(format!(
                     "secret {name:?} is not configured on this host"
@@ -272,11 +491,7 @@ impl SecretSet {
                     "secret {name:?} is not granted to this plugin (its grant's `secrets`)"
                 )));
             }
-            if !secret
-                .hosts
-                .iter()
-                .any(|allowed| allowed.allows(scheme, host, port))
-            {
+            if !secret.may_go_to((scheme, host, port)) {
                 let hosts: Vec<String> = secret.hosts.iter().map(ToString::to_string).collect();
                 return Err(Refusal(format!(
                     "secret {name:?} may not be sent to {scheme}://{host}:{port} (its hosts: {})",
@@ -287,12 +502,23 @@ impl SecretSet {
                     }
                 )));
             }
-            replaced.push_str(&text[last..start]);
-            replaced.push_str(&secret.value);
-            last = end;
+            match &secret.place {
+                Some(place) if here(place) => {}
+                Some(place) => {
+                    return Err(Refusal(format!(
+                        "secret {name:?} goes only in its {place}, where the host sets it \
+                         itself; a placeholder anywhere else may not leave the host"
+                    )));
+                }
+                None => {
+                    return Err(Refusal(format!(
+                        "secret {name:?} has no place in requests (the operator gave it no \
+                         header or query); it may not leave the host"
+                    )));
+                }
+            }
         }
-        replaced.push_str(&text[last..]);
-        Ok(Some(replaced))
+        Ok(())
     }
 
     /// The sources with the placeholders of their URLs filled (URL-encoded); the operator
@@ -323,6 +549,59 @@ impl SecretSet {
     /// `error` with the values of secrets taken out: one that could quote a filled URL.
     pub fn redact_error(&self, error: anyhow::Error) -> anyhow::Error {
         anyhow::anyhow!("{}", self.redact(&format!("{error:#}")))
+    }
+}
+
+fn unplaced() -> Refusal {
+    Refusal(
+        "a secret placeholder is where the host does not set secrets (only the header or query \
+         parameter the operator declared for the secret) or is malformed; it may not leave the \
+         host"
+            .to_owned(),
+    )
+}
+
+/// A streamed text (a response body) redacted as it passes: what could be the start of a
+/// value is kept back until the next chunk shows whether it is one, so a value split across
+/// chunks is caught like one within a chunk.
+pub struct StreamRedactor {
+    set: Arc<SecretSet>,
+    pending: Vec<u8>,
+}
+
+impl StreamRedactor {
+    pub fn new(set: Arc<SecretSet>) -> StreamRedactor {
+        StreamRedactor {
+            set,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The redacted text that `chunk` completes: everything but the last bytes that may
+    /// still begin a value.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let keep = self.set.longest.saturating_sub(1);
+        if self.pending.len() <= keep {
+            return Vec::new();
+        }
+        let safe = self.pending.len() - keep;
+        let mut out = Vec::with_capacity(safe);
+        // Redacted up to the end of the last value that starts before `safe`; raw from there.
+        let redacted_to = self
+            .set
+            .redact_until(&self.pending, safe, &mut out)
+            .unwrap_or(0);
+        let end = redacted_to.max(safe);
+        out.extend_from_slice(&self.pending[redacted_to..end]);
+        self.pending.drain(..end);
+        out
+    }
+
+    /// The rest, at the end of the text.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.pending);
+        self.set.redact_bytes(&rest).into_owned()
     }
 }
 
@@ -466,113 +745,221 @@ impl Secrets {
 mod tests {
     use super::*;
 
-    fn set() -> SecretSet {
-        SecretSet::new(vec![Secret {
+    const VALUE: &str = "s3cr3t value/+ long enough";
+
+    fn crm(place: Place) -> Secret {
+        Secret {
             name: "crm".into(),
-            value: "s3cr3t value/+".into(),
+            value: VALUE.into(),
             hosts: vec![AllowedHost::parse("https://crm.example.com").unwrap()],
-        }])
+            place: Some(place),
+        }
+    }
+
+    fn set() -> SecretSet {
+        SecretSet::new(vec![crm(
+            Place::header("authorization", Some("Bearer {}")).unwrap()
+        )])
         .unwrap()
     }
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut request = http::Request::builder().uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).unwrap()
+    }
+
+    const TO_CRM: (&str, &str, u16) = ("https", "crm.example.com", 443);
 
     #[test]
     fn every_form_of_a_value_is_redacted() {
         let set = set();
-        let value = "s3cr3t value/+";
-        let basic = STANDARD_NO_PAD.encode(format!("user:{value}"));
-        let url_safe = URL_SAFE_NO_PAD.encode(format!("ab{value}"));
+        let basic = STANDARD_NO_PAD.encode(format!("user:{VALUE}"));
+        let url_safe = URL_SAFE_NO_PAD.encode(format!("ab{VALUE}"));
         for text in [
-            format!("token={value}!"),
-            format!("q={}", percent_encode(value)),
-            format!("q={}", percent_encode(value).to_ascii_lowercase()),
+            format!("token={VALUE}!"),
+            format!("q={}", percent_encode(VALUE)),
+            format!("q={}", percent_encode(VALUE).to_ascii_lowercase()),
             format!("Basic {basic}"),
             format!("x{url_safe}"),
         ] {
             let redacted = set.redact(&text);
             assert!(redacted.contains("{{secret:crm}}"), "{text} → {redacted}");
-            assert!(!redacted.contains(value), "{redacted}");
+            assert!(!redacted.contains(VALUE), "{redacted}");
         }
         assert_eq!(set.redact("nothing here"), "nothing here");
     }
 
     #[test]
-    fn placeholders_are_replaced_only_where_allowed() {
+    fn the_host_sets_a_secret_at_its_place_and_nowhere_else() {
         let set = set();
         let granted = ["crm".to_owned()];
-        let to_crm = ("https", "crm.example.com", 443);
-        assert_eq!(
-            set.substitute("Bearer {{secret:crm}}", &granted, to_crm),
-            Ok(Some("Bearer s3cr3t value/+".into()))
-        );
-        // However a query parameter encodes the placeholder, it is filled, encoded.
-        for query in [
-            "a=%7B%7Bsecret:crm%7D%7D&b=1",
-            "a=%7B%7Bsecret%3Acrm%7D%7D&b=1",
-            "a=%7b%7bsecret%3acrm%7d%7d&b=1",
-            "a={{secret:crm}}&b=1",
-        ] {
+        // Set by the host, with or without a placeholder at its place.
+        for headers in [vec![], vec![("authorization", "Bearer {{secret:crm}}")]] {
+            let mut sent = request("https://crm.example.com/x", &headers);
             assert_eq!(
-                set.substitute_query(query, &granted, to_crm),
-                Ok(Some("a=s3cr3t%20value%2F%2B&b=1".into())),
-                "{query}"
+                set.place(&mut sent, &granted, TO_CRM),
+                Ok(vec!["crm".into()])
+            );
+            assert_eq!(
+                sent.headers()["authorization"],
+                format!("Bearer {VALUE}").as_str()
             );
         }
-        // What is left over still reads as a placeholder, and is refused by the caller.
-        for malformed in [
-            "{{secret:crm%7D%7D",
-            "{%7Bsecret:crm}}",
-            "%257B%257Bsecret:x",
+        // A placeholder anywhere else (another header, a query value, the path, a
+        // parameter's name, encoded or malformed) refuses the request.
+        for (uri, headers) in [
+            (
+                "https://crm.example.com/x",
+                vec![("x-request-id", "{{secret:crm}}")],
+            ),
+            (
+                "https://crm.example.com/x?q=%7B%7Bsecret%3Acrm%7D%7D",
+                vec![],
+            ),
+            ("https://crm.example.com/%7B%7Bsecret:crm%7D%7D", vec![]),
+            ("https://crm.example.com/x?%7B%7Bsecret:crm%7D%7D=1", vec![]),
+            ("https://crm.example.com/x?q={{secret:crm", vec![]),
         ] {
-            assert!(mentions_placeholder(malformed), "{malformed}");
+            let mut sent = request(uri, &headers);
+            let refusal = set.place(&mut sent, &granted, TO_CRM).unwrap_err();
+            assert!(
+                refusal.0.contains("may not leave the host"),
+                "{uri}: {}",
+                refusal.0
+            );
         }
-        assert!(!mentions_placeholder("/items?q=%7Bjson%7D"));
-        assert_eq!(set.substitute("plain", &granted, to_crm), Ok(None));
-        let elsewhere = set.substitute("{{secret:crm}}", &granted, ("https", "evil.example", 443));
+        // Elsewhere, or without the grant: nothing is set, and a placeholder is refused.
+        let elsewhere = ("https", "evil.example", 443);
+        let mut sent = request("https://evil.example/", &[]);
+        assert_eq!(set.place(&mut sent, &granted, elsewhere), Ok(vec![]));
+        assert!(sent.headers().get("authorization").is_none());
+        let mut sent = request(
+            "https://evil.example/",
+            &[("authorization", "{{secret:crm}}")],
+        );
+        let refusal = set.place(&mut sent, &granted, elsewhere).unwrap_err();
         assert!(
-            elsewhere
-                .unwrap_err()
+            refusal
                 .0
                 .contains("may not be sent to https://evil.example:443")
         );
-        let ungranted = set.substitute("{{secret:crm}}", &[], to_crm);
-        assert!(ungranted.unwrap_err().0.contains("not granted"));
-        let unknown = set.substitute("{{secret:other}}", &granted, to_crm);
-        assert!(unknown.unwrap_err().0.contains("not configured"));
+        let mut sent = request(
+            "https://crm.example.com/",
+            &[("authorization", "{{secret:crm}}")],
+        );
+        assert!(
+            set.place(&mut sent, &[], TO_CRM)
+                .unwrap_err()
+                .0
+                .contains("not granted")
+        );
+        let mut sent = request(
+            "https://crm.example.com/",
+            &[("authorization", "{{secret:x}}")],
+        );
+        let refusal = set.place(&mut sent, &granted, TO_CRM).unwrap_err();
+        assert!(refusal.0.contains("not configured"));
+    }
+
+    #[test]
+    fn a_query_secret_replaces_the_parameter_the_plugin_wrote() {
+        let set = SecretSet::new(vec![crm(Place::query("api_key").unwrap())]).unwrap();
+        let mut sent = request(
+            "https://crm.example.com/x?a=1&api_key=%7B%7Bsecret%3Acrm%7D%7D&api_key=2",
+            &[],
+        );
+        assert!(set.place(&mut sent, &["crm".to_owned()], TO_CRM).is_ok());
+        assert_eq!(
+            sent.uri().query(),
+            Some("a=1&api_key=s3cr3t%20value%2F%2B%20long%20enough")
+        );
+    }
+
+    #[test]
+    fn a_streamed_text_is_redacted_like_a_whole_one() {
+        let set = Arc::new(set());
+        let text = format!(
+            "start {VALUE} middle {} end {VALUE}",
+            STANDARD_NO_PAD.encode(format!("u:{VALUE}"))
+        );
+        let whole = set.redact(&text).into_owned();
+        for chunk in [1, 2, 7, 13, 64] {
+            let mut redactor = StreamRedactor::new(set.clone());
+            let mut out = Vec::new();
+            for piece in text.as_bytes().chunks(chunk) {
+                out.extend(redactor.push(piece));
+            }
+            out.extend(redactor.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), whole, "chunks of {chunk}");
+        }
+        assert!(!whole.contains(VALUE));
     }
 
     #[test]
     fn escaped_json_lower_hex_and_rotated_out_values_are_redacted() {
         let set = set();
-        let output = set.redact_json(r#"{"a":"s3cr3t value\/+","s3cr3t value/+":[1]}"#.to_owned());
+        let output = set.redact_json(format!(
+            r#"{{"a":"{}","{VALUE}":[1]}}"#,
+            VALUE.replace('/', "\\/")
+        ));
         assert_eq!(output, r#"{"a":"{{secret:crm}}","{{secret:crm}}":[1]}"#);
         let mixed = SecretSet::new(vec![Secret {
             name: "t".into(),
-            value: "Tok/en12abc".into(),
+            value: "Tok/en12abcdefghij".into(),
             hosts: Vec::new(),
+            place: None,
         }])
         .unwrap();
-        assert_eq!(mixed.redact("x=Tok%2fen12abc"), "x={{secret:t}}");
+        assert_eq!(mixed.redact("x=Tok%2fen12abcdefghij"), "x={{secret:t}}");
         let rotated = SecretSet::after(
             vec![Secret {
                 name: "crm".into(),
-                value: "the new value".into(),
+                value: "the new value, long".into(),
                 hosts: Vec::new(),
+                place: None,
             }],
             &set,
         )
         .unwrap();
-        assert_eq!(rotated.redact("old s3cr3t value/+"), "old {{secret:crm}}");
-        assert_eq!(rotated.redact("new the new value"), "new {{secret:crm}}");
+        assert_eq!(
+            rotated.redact(&format!("old {VALUE}")),
+            "old {{secret:crm}}"
+        );
+        assert_eq!(
+            rotated.redact("new the new value, long"),
+            "new {{secret:crm}}"
+        );
     }
 
     #[test]
-    fn short_values_and_odd_names_are_refused() {
-        let short = SecretSet::new(vec![Secret {
-            name: "pin".into(),
-            value: "123".into(),
-            hosts: Vec::new(),
-        }]);
-        assert!(short.unwrap_err().to_string().contains("at least 8"));
+    fn short_or_numeric_values_bad_places_and_odd_names_are_refused() {
+        let value = |value: &str| {
+            SecretSet::new(vec![Secret {
+                name: "pin".into(),
+                value: value.into(),
+                hosts: Vec::new(),
+                place: None,
+            }])
+        };
+        assert!(
+            value("12345678abc")
+                .unwrap_err()
+                .to_string()
+                .contains("at least 16")
+        );
+        assert!(
+            value("12345678901234567890")
+                .unwrap_err()
+                .to_string()
+                .contains("digits only")
+        );
+        assert!(Place::header("host", None).is_err());
+        assert!(Place::header("x-api-key", Some("no placeholder")).is_err());
+        assert!(Place::header("x-api-key", Some("{} {}")).is_err());
+        assert!(Place::query("a b").is_err());
         assert!(!valid_name("a}}b"));
         assert!(valid_name("crm_token-2"));
     }

@@ -81,11 +81,12 @@ pub fn failed(message: impl Into<String>) -> StepOutcome {
     StepOutcome::Failed(message.into())
 }
 
-/// The placeholder of the operator's secret `name` (`{{secret:NAME}}`). Put it in a header
-/// value or in the query of a request (URL-encoded there is fine) and the host sends the
-/// secret's value in its place, if this plugin is granted the secret and the request goes to
-/// one of the secret's hosts; otherwise the request is refused. The plugin never holds the
-/// value, and the host takes it out of anything the plugin returns or logs.
+/// The placeholder of the operator's secret `name` (`{{secret:NAME}}`). The host sets the
+/// secret's value itself, at the header or query parameter the operator declared for it, on
+/// every request of a plugin granted the secret to one of the secret's hosts; the placeholder
+/// says so in the code and is accepted only at that place (anywhere else, the request is
+/// refused). The plugin never holds the value: the host takes it out of every response before
+/// the plugin reads it, and out of anything the plugin returns or logs.
 pub fn secret(name: &str) -> String {
     format!("{{{{secret:{name}}}}}")
 }

@@ -27,9 +27,10 @@ fn forms_of(value: &str) -> Vec<String> {
     ]
 }
 
-/// A server whose `crm` secret (read from a file) may go to `listed` only, with the plugin
-/// `leaky` granted it and allowed to call both reflectors, and `ungranted` allowed to call
-/// `listed` without the grant.
+/// A server whose `crm` secret (read from a file; sent as `authorization: Bearer …`) and
+/// `crm_key` secret (sent as the query parameter `key`) may go to `listed` only, with the
+/// plugin `leaky` granted both and allowed to call both reflectors, and `ungranted` allowed
+/// to call `listed` without the grant. The value of `crm_key` is `value` with `-key` added.
 async fn server_with_secret(
     dir: &std::path::Path,
     value: &str,
@@ -38,10 +39,14 @@ async fn server_with_secret(
 ) -> TestServer {
     let file = dir.join("crm-token");
     std::fs::write(&file, format!("{value}\n")).expect("writing the secret file");
+    let key_file = dir.join("crm-key");
+    std::fs::write(&key_file, format!("{value}-key")).expect("writing the secret file");
     let config = format!(
-        "[secrets.crm]\nfile = {:?}\nhosts = [\"http://{}\"]\n",
+        "[secrets.crm]\nfile = {:?}\nhosts = [\"http://{listed}\"]\nheader = \"authorization\"\nformat = \"Bearer {{}}\"\n\
+         [secrets.crm_key]\nfile = {:?}\nhosts = [\"http://{listed}\"]\nquery = \"key\"\n",
         file.display().to_string(),
-        listed.host_port
+        key_file.display().to_string(),
+        listed = listed.host_port
     );
     let both = format!(
         "allowed_hosts = [\"{}\", \"{}\"]\n",
@@ -53,7 +58,7 @@ async fn server_with_secret(
             .with_plugin(PluginFile::new(
                 "leaky",
                 crate::support::MISBEHAVE_WASM,
-                format!("{both}secrets = [\"crm\"]\n"),
+                format!("{both}secrets = [\"crm\", \"crm_key\"]\n"),
             ))
             .with_plugin(PluginFile::new(
                 "ungranted",
@@ -64,14 +69,15 @@ async fn server_with_secret(
     .await
 }
 
-/// Runs `plugin` once with a GET to `/echo` on `host_port` carrying the placeholder in the
-/// `authorization` header and in the query, URL-encoded as `encodeURIComponent` does.
+/// Runs `plugin` once with a GET to `/echo` on `host_port` carrying the placeholders at the
+/// secrets' places: `crm` in the `authorization` header, `crm_key` in the query parameter
+/// `key`, URL-encoded as `encodeURIComponent` does.
 async fn echo_run(server: &TestServer, plugin: &str, host_port: &str) -> Value {
     echo_path_run(
         server,
         plugin,
         host_port,
-        "/echo?key=%7B%7Bsecret%3Acrm%7D%7D",
+        "/echo?key=%7B%7Bsecret%3Acrm_key%7D%7D",
     )
     .await
 }
@@ -88,6 +94,10 @@ async fn echo_path_run(
         "headers": {"authorization": "Bearer {{secret:crm}}"},
         "echo": true,
     });
+    run_action(server, plugin, action).await
+}
+
+async fn run_action(server: &TestServer, plugin: &str, action: Value) -> Value {
     let id = server
         .trigger(json!({"plugin": plugin, "params": {"steps": {"first": action}}}))
         .await;
@@ -154,30 +164,38 @@ async fn a_secret_reaches_its_host_and_nothing_keeps_it() {
     let (listed, unlisted) = (Reflector::start().await, Reflector::start().await);
     let server = server_with_secret(dir.path(), &value, &listed, &unlisted).await;
 
-    // The listed host receives the value, in the header and in the query.
+    // The listed host receives the values, in the header and in the query.
     let run = echo_run(&server, "leaky", &listed.host_port).await;
     assert_eq!(run["status"], "passed", "{run}");
     let received = listed.received();
     assert_eq!(received[0], format!("Bearer {value}"), "{received:?}");
-    let encoded = percent_encoding::utf8_percent_encode(&value, percent_encoding::NON_ALPHANUMERIC)
-        .to_string();
+    let key = format!("{value}-key");
     assert!(
-        received[1] == format!("key={value}")
-            || received[1].eq_ignore_ascii_case(&format!("key={encoded}"))
-            || received[1].contains(&value.replace('/', "%2F").replace('+', "%2B")),
+        received[1].contains(&key.replace('/', "%2F").replace('+', "%2B")),
         "the query did not carry the value: {received:?}"
     );
 
-    // It echoed the value back raw, base64- and URL-encoded; the plugin returned and logged
-    // all of it, and only placeholders were kept.
+    // It echoed the values back raw, base64- and URL-encoded, in its body and a header; the
+    // host redacted the response before the plugin read it, so the plugin's own transform
+    // of it (reversing it) holds no value either, and only placeholders were kept.
     let output = run["steps"][0]["output"].to_string();
     assert!(output.contains("{{secret:crm}}"), "{output}");
+    assert!(output.contains("{{secret:crm_key}}"), "{output}");
+    assert!(
+        run["steps"][0]["output"]["headers"]
+            .to_string()
+            .contains("Bearer {{secret:crm}}"),
+        "{output}"
+    );
     let attempts = server.attempts(run["id"].as_str().unwrap()).await;
     let logs = serde_json::to_string(&attempts).unwrap();
     assert!(logs.contains("{{secret:crm}}"), "{logs}");
-    for form in forms_of(&value) {
-        assert!(!output.contains(&form), "output holds {form}: {output}");
-        assert!(!logs.contains(&form), "logs hold {form}: {logs}");
+    for secret in [&value, &key] {
+        let reversed: String = secret.chars().rev().collect();
+        for form in forms_of(secret).into_iter().chain([reversed]) {
+            assert!(!output.contains(&form), "output holds {form}: {output}");
+            assert!(!logs.contains(&form), "logs hold {form}: {logs}");
+        }
     }
 
     // To a host the secret does not list: refused before anything is sent, and the log says
@@ -236,14 +254,118 @@ async fn a_secret_reaches_its_host_and_nothing_keeps_it() {
         json!([format!("http://{}", listed.host_port)])
     );
     assert_eq!(secrets["secrets"][0]["granted_to"], json!(["leaky"]));
+    assert_eq!(secrets["secrets"][0]["header"], "authorization");
+    assert_eq!(secrets["secrets"][0]["format"], "Bearer {}");
+    assert_eq!(secrets["secrets"][1]["query"], "key");
     let (_, plugin) = server.get_json("/v1/plugins/leaky").await;
-    assert_eq!(plugin["grant"]["secrets"], json!(["crm"]), "{plugin}");
+    assert_eq!(
+        plugin["grant"]["secrets"],
+        json!(["crm", "crm_key"]),
+        "{plugin}"
+    );
     for form in forms_of(&value) {
         assert!(!secrets.to_string().contains(&form), "{secrets}");
     }
 
     let stored = stored_anywhere(&server, &forms_of(&value)).await;
     assert!(stored.is_empty(), "the value was stored: {stored:?}");
+}
+
+#[tokio::test]
+async fn a_placeholder_goes_nowhere_but_its_secrets_place() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let value = secret_value();
+    let (listed, unlisted) = (Reflector::start().await, Reflector::start().await);
+    let server = server_with_secret(dir.path(), &value, &listed, &unlisted).await;
+    let url = format!("http://{}/echo", listed.host_port);
+
+    // In a header the server echoes (a request id), or in another query parameter, as a
+    // runner's params would put it there through a plugin that copies them into a request:
+    // refused before anything is sent.
+    for action in [
+        json!({"action": "http", "url": url, "headers": {"x-request-id": "{{secret:crm}}"}, "echo": true}),
+        json!({"action": "http", "url": format!("{url}?email={{{{secret:crm}}}}"), "echo": true}),
+        json!({"action": "http", "url": format!("{url}?email=%7B%7Bsecret%3Acrm_key%7D%7D"), "echo": true}),
+    ] {
+        let run = run_action(&server, "leaky", action.clone()).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{action}: {run}");
+        let attempts = server.attempts(run["id"].as_str().unwrap()).await;
+        let log = serde_json::to_string(&attempts[0]["logs"]).unwrap();
+        assert!(log.contains("goes only in its"), "{action}: {log}");
+    }
+    assert!(listed.received().is_empty(), "{:?}", listed.received());
+
+    // TRACE (a server answers it with the request it received) and CONNECT are refused.
+    for method in ["TRACE", "CONNECT"] {
+        let action = json!({"action": "http", "url": url, "method": method, "echo": true});
+        let run = run_action(&server, "leaky", action).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{method}: {run}");
+        let attempts = server.attempts(run["id"].as_str().unwrap()).await;
+        let log = serde_json::to_string(&attempts[0]["logs"]).unwrap();
+        assert!(
+            log.contains(&format!("method {method} is refused")),
+            "{log}"
+        );
+    }
+    assert!(listed.received().is_empty(), "{:?}", listed.received());
+
+    // Without a placeholder the host still sets the value at its place, and only there: the
+    // plugin sees only placeholders in what comes back.
+    let run = run_action(
+        &server,
+        "leaky",
+        json!({"action": "http", "url": url, "echo": true}),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run}");
+    assert_eq!(listed.received()[0], format!("Bearer {value}"));
+    let output = run["steps"][0]["output"].to_string();
+    assert!(output.contains("Bearer {{secret:crm}}"), "{output}");
+    assert!(!output.contains(&value), "{output}");
+}
+
+#[test]
+fn a_secret_with_hosts_must_say_where_it_goes_and_be_long() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = |secret: &str| {
+        let config = dir.path().join("stepwise.toml");
+        std::fs::write(&config, secret).unwrap();
+        stepwise_host::config::Settings::from_args(&stepwise_host::config::ServeArgs {
+            listen: None,
+            data_dir: Some(dir.path().to_owned()),
+            database_url: None,
+            config: Some(config),
+            auth: None,
+        })
+    };
+    let error = settings("[secrets.crm]\nenv = \"X\"\nhosts = [\"https://crm.example.com\"]\n")
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("no place in their requests"),
+        "{error:#}"
+    );
+    let error = settings(
+        "[secrets.crm]\nenv = \"X\"\nhosts = [\"https://crm.example.com\"]\nheader = \"host\"\n",
+    )
+    .unwrap_err();
+    assert!(format!("{error:#}").contains("reserved"), "{error:#}");
+    // Values are judged when read: short ones and PINs stop the host.
+    for (value, why) in [
+        ("short-value", "at least 16"),
+        ("12345678901234567890", "digits only"),
+    ] {
+        let file = dir.path().join("value");
+        std::fs::write(&file, value).unwrap();
+        let settings = settings(&format!(
+            "[secrets.crm]\nfile = {:?}\nhosts = [\"https://crm.example.com\"]\nquery = \"key\"\n",
+            file.display().to_string()
+        ))
+        .expect("the config parses");
+        let error = stepwise_host::load_secrets(&settings)
+            .and_then(stepwise_host::capabilities::secrets::SecretSet::new)
+            .unwrap_err();
+        assert!(format!("{error:#}").contains(why), "{error:#}");
+    }
 }
 
 #[tokio::test]
@@ -300,7 +422,7 @@ fn an_unreadable_secret_stops_the_host_from_starting() {
     let config = dir.path().join("stepwise.toml");
     std::fs::write(
         &config,
-        "[secrets.crm]\nenv = \"STEPWISE_TEST_SECRET_THAT_IS_NOT_SET\"\nhosts = [\"https://crm.example.com\"]\n",
+        "[secrets.crm]\nenv = \"STEPWISE_TEST_SECRET_THAT_IS_NOT_SET\"\nhosts = [\"https://crm.example.com\"]\nheader = \"authorization\"\n",
     )
     .unwrap();
     let settings = stepwise_host::config::Settings::from_args(&stepwise_host::config::ServeArgs {
@@ -325,9 +447,24 @@ async fn a_sql_source_url_takes_its_credentials_from_a_secret() {
     };
     let table = crate::support::postgres_table(&url, "stepwise_secret_source").await;
     let reader = crate::support::postgres_reader_url(&url, &table).await;
-    // The role's name is the secret: without it filled in, the URL names no role at all.
+    // The role's name is the secret: without it filled in, the URL names no role at all. A
+    // role of its own, since a secret must be at least 16 bytes long.
+    let user = "stepwise_reader_from_a_secret";
+    let pool = sqlx::PgPool::connect(&url).await.expect("connecting");
+    for statement in [
+        format!(
+            "DO $$ BEGIN CREATE ROLE {user} LOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ),
+        format!("GRANT SELECT ON {table} TO {user}"),
+    ] {
+        sqlx::query(&statement)
+            .execute(&pool)
+            .await
+            .expect("creating the role");
+    }
     let (scheme, rest) = reader.split_once("://").expect("a URL");
-    let (user, host) = rest.split_once('@').expect("a user");
+    let (_, host) = rest.split_once('@').expect("a user");
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("pg-user");
     std::fs::write(&file, user).expect("writing the secret file");

@@ -31,7 +31,10 @@ scenarios (default: all but soak, languages, postgres and floor):
   containment
           tick lag and duration of well-behaved runs alone and beside hostile ones (loop,
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
-          latency of a runaway call; resident memory over 1,000 hostile attempts
+          latency of a runaway call; resident memory over 1,000 hostile attempts of every
+          kind (also SQL and HTTP escapes, headers kept in wasi:http resources, a 24 MB
+          output), with a secret configured; targets: RSS growth <= 64 MiB, well-behaved
+          tick lag p99 <= 2x of running alone
 
   triggers
           POST /v1/runs from 64 connections for 10 s: requests/s and latency, without

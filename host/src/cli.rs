@@ -414,6 +414,8 @@ async fn dev(
         database_url: None,
         config,
         auth: None,
+        tls_cert: None,
+        tls_key: None,
     })?;
     let secrets = secrets
         .iter()

@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// loopback address, `tokens` on any other.
     #[arg(long, env = "STEPWISE_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
+    /// A PEM certificate chain: serve HTTPS (with --tls-key) instead of plain HTTP.
+    #[arg(long, env = "STEPWISE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "STEPWISE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Whether the API asks who is calling (SPEC §10).
@@ -89,6 +95,12 @@ struct FileConfig {
     max_upload_mib: Option<usize>,
     events_buffer: Option<usize>,
     plugin_memory_mib: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    metrics: MetricsFile,
     auth: Option<AuthMode>,
     /// Where clients reach this server (behind a proxy, under a name): their hosts are the
     /// `Host` headers the API accepts besides the listen address.
@@ -105,6 +117,14 @@ struct FileConfig {
     notify: Vec<NotifyFile>,
     #[serde(default)]
     retention: RetentionFile,
+}
+
+/// `[metrics]`: who may scrape `GET /metrics`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    /// An environment variable holding the scrapers' bearer token.
+    token_env: Option<String>,
 }
 
 /// `[[notify]]`: one notifier (SPEC §11).
@@ -288,6 +308,8 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("max_upload_mib", 1, 1024),
     ("events_buffer", 16, 1_000_000),
     ("plugin_memory_mib", 1, 65_536),
+    ("header_read_timeout_ms", 100, 3_600_000),
+    ("max_connections", 16, 1_000_000),
     ("poll_interval_ms", 50, 3_600_000),
     ("call_timeout_ms", 10, 3_600_000),
     ("step_timeout_ms", 10, 3_600_000),
@@ -561,6 +583,23 @@ pub struct Settings {
     /// few MiB (`plugin_memory_mib`).
     pub plugin_memory_bytes: u64,
     pub retention: RetentionPolicy,
+    /// How long a connection may take to send a request's head, from when it connects or
+    /// its previous response ended (`header_read_timeout_ms`).
+    pub header_read_timeout: Duration,
+    /// Connections open at once; beyond them new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// PEM certificate chain and key: the API is served over TLS.
+    pub tls: Option<TlsFiles>,
+    /// The bearer token `GET /metrics` asks for (`[metrics] token_env`); without one, only
+    /// loopback clients may scrape.
+    pub metrics_token: Option<String>,
+}
+
+/// The certificate chain and key files of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Settings {
@@ -593,6 +632,10 @@ impl Settings {
             events_buffer: 1024,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            tls: None,
+            metrics_token: None,
         }
     }
 
@@ -672,6 +715,34 @@ impl Settings {
             in_range("", "plugin_memory_mib", file.plugin_memory_mib).map_err(config_error)?
         {
             settings.plugin_memory_bytes = mib << 20;
+        }
+        if let Some(ms) = in_range("", "header_read_timeout_ms", file.header_read_timeout_ms)
+            .map_err(config_error)?
+        {
+            settings.header_read_timeout = Duration::from_millis(ms);
+        }
+        if let Some(connections) =
+            in_range("", "max_connections", file.max_connections).map_err(config_error)?
+        {
+            settings.max_connections = connections;
+        }
+        settings.tls = match (
+            args.tls_cert.clone().or(file.tls_cert.clone()),
+            args.tls_key.clone().or(file.tls_key.clone()),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => anyhow::bail!("tls_cert and tls_key go together: give both or neither"),
+        };
+        if let Some(var) = &file.metrics.token_env {
+            let token = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("metrics.token_env: the environment variable {var} is not set")
+            })?;
+            anyhow::ensure!(
+                token.len() >= 16,
+                "metrics.token_env: the token in {var} must be at least 16 bytes"
+            );
+            settings.metrics_token = Some(token);
         }
         let configured_limits = file.limits.overrides("limits.").map_err(config_error)?;
         settings.limits = settings.limits.with_overrides(&configured_limits);
@@ -1097,6 +1168,8 @@ mod tests {
             database_url: None,
             config: Some(path),
             auth: None,
+            tls_cert: None,
+            tls_key: None,
         })
     }
 
@@ -1225,6 +1298,8 @@ mod tests {
                         | "max_upload_mib"
                         | "events_buffer"
                         | "plugin_memory_mib"
+                        | "header_read_timeout_ms"
+                        | "max_connections"
                         | "poll_interval_ms"
                         | "after_consecutive"
                         | "max_delivery_ms"

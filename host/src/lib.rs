@@ -114,13 +114,15 @@ pub async fn serve(
         .with_metrics(metrics.clone(), node_id.clone()),
     );
 
-    tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), auth = ?settings.auth, "stepwise listening on http://{address}");
-    let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(
-        axum::serve(listener, api::router(state.clone()))
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .into_future(),
-    );
+    let connections = api::Connections::from_settings(&settings)?;
+    let scheme = if connections.is_tls() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%address, node = %node_id, data_dir = %settings.data_dir.display(), auth = ?settings.auth, "stepwise listening on {scheme}://{address}");
+    let http =
+        tokio::spawn(connections.serve(listener, api::router(state.clone()), shutdown.clone()));
 
     let (loaded_sender, loaded) = tokio::sync::oneshot::channel();
     let registry_handle = registry.clone();
@@ -179,9 +181,7 @@ pub async fn serve(
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
 
-    http.await
-        .context("http server task")?
-        .context("http server")?;
+    http.await.context("http server task")?;
     scheduler.await.context("scheduler task")?;
     firer.await.context("schedule firer task")?;
     if let Some(deliverer) = deliverer {

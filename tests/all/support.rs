@@ -107,6 +107,8 @@ pub struct Setup {
     /// A `stepwise.toml` for the server, read the way `stepwise serve --config` reads it.
     pub config: Option<String>,
     pub auth: Option<AuthMode>,
+    /// The scrape token of `GET /metrics` (what `[metrics] token_env` would read).
+    pub metrics_token: Option<String>,
 }
 
 /// What a server is started with, kept for its restarts and its other nodes.
@@ -116,6 +118,7 @@ struct Boot {
     scheduling: Scheduling,
     config: Option<String>,
     auth: Option<AuthMode>,
+    metrics_token: Option<String>,
 }
 
 /// How a node schedules; the defaults keep the suite fast.
@@ -143,6 +146,11 @@ impl Setup {
 
     pub fn with_config(mut self, config: &str) -> Setup {
         self.config = Some(config.to_owned());
+        self
+    }
+
+    pub fn with_metrics_token(mut self, token: &str) -> Setup {
+        self.metrics_token = Some(token.to_owned());
         self
     }
 
@@ -191,6 +199,7 @@ impl TestServer {
             scheduling: setup.scheduling,
             config: setup.config,
             auth: setup.auth,
+            metrics_token: setup.metrics_token,
         };
         TestServer::boot(data_dir, database, boot).await
     }
@@ -224,6 +233,8 @@ impl TestServer {
                     database_url: Some(database.url.clone()),
                     config: Some(path),
                     auth: boot.auth,
+                    tls_cert: None,
+                    tls_key: None,
                 })
                 .expect("a valid test config")
             }
@@ -238,6 +249,7 @@ impl TestServer {
         if let Some(auth) = boot.auth {
             settings.auth = auth;
         }
+        settings.metrics_token = boot.metrics_token.clone();
         let scheduling = boot.scheduling;
         // Short ticks keep the suite fast; the behaviour under test does not depend on them.
         settings.default_poll_interval = Duration::from_millis(100);

@@ -54,8 +54,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Routes anyone may call, on any `Host`: probes and scrapers carry no token, and the API's
-/// description is no secret.
+/// Routes that need no token: probes carry none, the API's description is no secret, and
+/// scrapers of `GET /metrics` have their own rule ([`check_scraper`]). Like every route they
+/// still need a `Host` of this server ([`host_guard`]).
 pub(super) fn is_open(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json")
 }
@@ -99,6 +100,11 @@ fn accepted_media_types(method: &Method, path: &str) -> &'static [&'static str] 
 /// token (401) and role (403). Open routes skip them all.
 pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
+    if path == "/metrics"
+        && let Err(error) = check_scraper(&state, &request)
+    {
+        return error.into_response();
+    }
     if is_open(&path) {
         return next.run(request).await;
     }
@@ -108,8 +114,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         return ApiError::bad_request("malformed_path", "the path may not contain a NUL character")
             .into_response();
     }
-    let checked = check_host(&state, &request)
-        .and_then(|()| check_origin(&state, &method, request.headers()))
+    let checked = check_origin(&state, &method, request.headers())
         .and_then(|()| check_media_type(&method, &path, request.headers()));
     if let Err(error) = checked {
         return error.into_response();
@@ -163,6 +168,57 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
 /// `Host` must name this server: the address it listens on (or, on a wildcard address, any IP
 /// address), `localhost` when it listens on loopback, or a `public_urls` host. A DNS-rebinding
 /// page reaches a loopback server under its own domain name, which none of these match.
+/// The `Host` check (421) on every request, whatever its route, the dashboard's pages and
+/// the probes included: a page on another origin that a DNS rebinding points at this server
+/// reads nothing from it, not even its metrics.
+pub async fn host_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match check_host(&state, &request) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `GET /metrics` is for scrapers: with `[metrics] token_env`, those that present its token;
+/// without one, those on the server's own machine (a loopback peer).
+fn check_scraper(state: &AppState, request: &Request) -> Result<(), ApiError> {
+    match &state.settings.metrics_token {
+        Some(token) => {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .trim();
+            // Compared in constant time: the token is a secret.
+            let equal = presented.len() == token.len()
+                && presented
+                    .bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+                    == 0;
+            if equal {
+                Ok(())
+            } else {
+                Err(ApiError::unauthorized(
+                    "GET /metrics needs Authorization: Bearer <the token of [metrics] token_env>",
+                ))
+            }
+        }
+        None => {
+            let peer = request.extensions().get::<super::server::Peer>();
+            if peer.is_some_and(|peer| peer.0.ip().to_canonical().is_loopback()) {
+                Ok(())
+            } else {
+                Err(ApiError::forbidden(
+                    "GET /metrics answers only clients on this machine; set [metrics] token_env \
+                     for scrapers elsewhere",
+                ))
+            }
+        }
+    }
+}
+
 fn check_host(state: &AppState, request: &Request) -> Result<(), ApiError> {
     // HTTP/2 carries the host in the `:authority` pseudo-header, which ends up in the URI.
     let host = request

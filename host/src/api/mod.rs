@@ -15,6 +15,7 @@ mod query;
 mod runs;
 mod schedules;
 mod secrets;
+mod server;
 mod state;
 mod tokens;
 
@@ -28,6 +29,7 @@ pub use auth::{Caller, host_allowed, required_role};
 pub use dto::RunDto;
 pub use error::ApiError;
 pub use events::EventHub;
+pub use server::{Connections, Peer};
 pub use state::{AppState, Shared};
 
 pub fn router(state: AppState) -> Router {
@@ -45,6 +47,10 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes())
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::host_guard,
+        ))
         .layer(axum::middleware::from_fn(error::log_server_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

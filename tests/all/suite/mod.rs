@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod budgets;
 mod cli;
+mod connections;
 mod demo;
 mod escapes;
 mod events;

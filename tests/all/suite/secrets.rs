@@ -336,6 +336,8 @@ fn a_secret_with_hosts_must_say_where_it_goes_and_be_long() {
             database_url: None,
             config: Some(config),
             auth: None,
+            tls_cert: None,
+            tls_key: None,
         })
     };
     let error = settings("[secrets.crm]\nenv = \"X\"\nhosts = [\"https://crm.example.com\"]\n")
@@ -431,6 +433,8 @@ fn an_unreadable_secret_stops_the_host_from_starting() {
         database_url: None,
         config: Some(config),
         auth: None,
+        tls_cert: None,
+        tls_key: None,
     })
     .expect("the config parses");
     let error = stepwise_host::load_secrets(&settings).unwrap_err();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::auth::CreateError;
 use crate::config::{ServeArgs, Settings};
+use crate::model::CLI_ACTOR;
 use crate::model::{Limits, PluginName, PluginVersion, Role};
 use crate::storage::{AuditEntry, Store};
 use anyhow::Context;
@@ -499,9 +500,6 @@ async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-
-/// Who the audit log names for changes made with `stepwise token`.
-const CLI_ACTOR: &str = "cli";
 
 async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_args(command.serve_args())?;

@@ -145,6 +145,7 @@ struct NotifyFile {
     retry: Option<RetryFile>,
     timeout_ms: Option<u64>,
     max_delivery_ms: Option<u64>,
+    secret: Option<String>,
 }
 
 /// `[retention]`: days may be fractions (a soak test keeps attempts for minutes).
@@ -404,6 +405,10 @@ fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
         );
         let max_delivery_ms =
             in_range(&prefix, "max_delivery_ms", file.max_delivery_ms)?.unwrap_or(3_600_000);
+        anyhow::ensure!(
+            file.secret.is_none() || format == NotifyFormat::Json,
+            "{prefix}secret signs json notifications; Slack's incoming webhooks do not check signatures"
+        );
         notifiers.push(Notifier {
             name,
             url: url.to_string(),
@@ -416,6 +421,7 @@ fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
             retry,
             timeout: Duration::from_millis(timeout_ms),
             max_delivery: Duration::from_millis(max_delivery_ms),
+            secret: file.secret,
         });
     }
     Ok(notifiers)
@@ -778,6 +784,15 @@ impl Settings {
             .into_iter()
             .map(std::sync::Arc::new)
             .collect();
+        for notifier in &settings.notifiers {
+            if let Some(secret) = &notifier.secret {
+                anyhow::ensure!(
+                    settings.secrets.contains_key(secret),
+                    "notify {:?}: secret {secret:?} is not a [secrets.{secret}] of this config",
+                    notifier.name
+                );
+            }
+        }
         settings.retention = parse_retention(&file.retention).map_err(config_error)?;
         if let Some(policy) = file.policy {
             settings.policy =

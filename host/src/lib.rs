@@ -165,8 +165,14 @@ pub async fn serve(
     let deliverer = if settings.notifiers.is_empty() {
         None
     } else {
-        let deliverer = Deliverer::new(store.clone(), &settings, node_id.clone(), metrics.clone())
-            .context("starting the notification deliverer")?;
+        let deliverer = Deliverer::new(
+            store.clone(),
+            &settings,
+            node_id.clone(),
+            metrics.clone(),
+            secrets.clone(),
+        )
+        .context("starting the notification deliverer")?;
         Some(tokio::spawn(deliverer.run(shutdown.clone())))
     };
     let retention = Retention::new(

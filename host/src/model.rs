@@ -345,7 +345,18 @@ impl fmt::Display for Role {
 
 /// An API token's name: `[a-z0-9][a-z0-9._-]{0,62}`, so that it is safe in logs, the audit log
 /// and the idempotency scope.
+/// The audit log's actor for changes made without a token: by `stepwise` commands on the
+/// database, by the watched plugins directory, and by callers when `--auth none`.
+pub const CLI_ACTOR: &str = "cli";
+pub const DIRECTORY_ACTOR: &str = "plugins-dir";
+pub const ANONYMOUS_ACTOR: &str = "anonymous";
+
 pub fn parse_token_name(name: &str) -> Result<String, String> {
+    if [CLI_ACTOR, DIRECTORY_ACTOR, ANONYMOUS_ACTOR].contains(&name) {
+        return Err(format!(
+            "token name {name:?} is reserved: the audit log names changes made without a token so"
+        ));
+    }
     let mut chars = name.chars();
     let first_ok = chars
         .next()
@@ -654,6 +665,8 @@ pub struct Notifier {
     pub timeout: Duration,
     /// How long after the run finished a delivery is still tried; then it is `failed`.
     pub max_delivery: Duration,
+    /// The `[secrets.NAME]` whose value signs each POST (`stepwise-signature`).
+    pub secret: Option<String>,
 }
 
 /// A series' failing runs in a row before and after the run that just finished (a passed run
@@ -1019,6 +1032,7 @@ mod tests {
             },
             timeout: Duration::from_secs(10),
             max_delivery: Duration::from_secs(3600),
+            secret: None,
         }
     }
 

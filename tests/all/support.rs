@@ -937,6 +937,9 @@ pub struct Delivered {
     pub delivery: String,
     pub event: String,
     pub body: Value,
+    /// The body as sent, and its `stepwise-signature` header.
+    pub raw: Vec<u8>,
+    pub signature: String,
     pub at: std::time::Instant,
     #[cfg_attr(not(postgres_suite), allow(dead_code))]
     pub reply: Reply,
@@ -978,6 +981,8 @@ impl Webhook {
                         delivery: header("x-stepwise-delivery"),
                         event: header("x-stepwise-event"),
                         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                        raw: body.to_vec(),
+                        signature: header("stepwise-signature"),
                         at: std::time::Instant::now(),
                         reply,
                     });

@@ -26,7 +26,7 @@ pub struct Caller {
 }
 
 /// The name the audit log and idempotency scope give callers when `--auth none`.
-pub const ANONYMOUS: &str = "anonymous";
+pub const ANONYMOUS: &str = crate::model::ANONYMOUS_ACTOR;
 
 impl Caller {
     /// 403 unless the caller's role includes `needed`.

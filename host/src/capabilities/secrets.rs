@@ -261,6 +261,11 @@ impl SecretSet {
         &self.secrets
     }
 
+    /// The value of secret `name`, for the host's own use (signing its webhooks).
+    pub fn value_of(&self, name: &str) -> Option<&str> {
+        self.get(name).map(|secret| secret.value.as_str())
+    }
+
     fn get(&self, name: &str) -> Option<&Secret> {
         self.secrets.iter().find(|secret| secret.name == name)
     }

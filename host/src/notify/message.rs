@@ -45,7 +45,7 @@ pub fn body(
                     format!(":large_green_circle: *{plugin}* recovered: the run passed.")
                 }
                 (_, Some(step)) => format!(
-                    ":red_circle: *{plugin}* {} at step `{}` after {} attempt{}: {}",
+                    ":red_circle: *{plugin}* {} at step `{}` after {} attempt{}:\n>{}",
                     event_words(event),
                     escape(&step.name),
                     step.attempts,
@@ -53,7 +53,7 @@ pub fn body(
                     escape(message.as_deref().unwrap_or("no message")),
                 ),
                 (_, None) => format!(
-                    ":red_circle: *{plugin}* {}: {}",
+                    ":red_circle: *{plugin}* {}:\n>{}",
                     event_words(event),
                     escape(message.as_deref().unwrap_or("no message"))
                 ),
@@ -85,6 +85,24 @@ pub fn body(
     }
 }
 
+/// The header that carries a signed notification's signature.
+pub const SIGNATURE_HEADER: &str = "stepwise-signature";
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" keyed by the secret>`, as Stripe
+/// signs its webhooks: the receiver recomputes it over the raw body, and the time lets it
+/// refuse a replayed notification.
+pub fn signature(key: &str, unix_seconds: i64, body: &str) -> String {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
+    mac.update(format!("{unix_seconds}.").as_bytes());
+    mac.update(body.as_bytes());
+    format!(
+        "t={unix_seconds},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
 /// The step that ended a failing run (for `recovered`, none).
 fn failed_step(run: &RunRecord, event: NotifyEvent) -> Option<&StepRecord> {
     if event == NotifyEvent::Recovered {
@@ -107,9 +125,14 @@ fn event_words(event: NotifyEvent) -> &'static str {
     }
 }
 
-/// Slack's `mrkdwn` reads `&`, `<` and `>` as markup: a plugin's message must not make links.
+/// Text from plugins and runners (a message, a step name, labels) on one line, inert:
+/// Slack's `mrkdwn` reads `&`, `<` and `>` as markup (links, mentions), and a line break
+/// would let a message forge a line of its own, such as a "recovered" one.
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }

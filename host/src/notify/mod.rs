@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::capabilities::secrets::Secrets;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::{Notifier, now_millis};
@@ -39,6 +40,8 @@ pub struct Deliverer {
     backstop: Duration,
     client: reqwest::Client,
     metrics: Metrics,
+    /// The operator's secrets, read at each POST: a rotated signing key is used at once.
+    secrets: Secrets,
 }
 
 /// How one POST went.
@@ -55,6 +58,7 @@ impl Deliverer {
         settings: &Settings,
         node: String,
         metrics: Metrics,
+        secrets: Secrets,
     ) -> anyhow::Result<Deliverer> {
         // A webhook that redirects is answered as it answered: following it could carry the
         // body to somewhere the operator never configured.
@@ -75,6 +79,7 @@ impl Deliverer {
             backstop: settings.scheduler_backstop,
             client,
             metrics,
+            secrets,
         })
     }
 
@@ -219,14 +224,25 @@ impl Deliverer {
             &run,
             self.public_url.as_deref(),
         );
-        let send = self
+        let body = body.to_string();
+        let mut request = self
             .client
             .post(&notifier.url)
             .timeout(notifier.timeout)
             .header("x-stepwise-delivery", &claim.id)
             .header("x-stepwise-event", claim.event.as_str())
-            .json(&body)
-            .send();
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(secret) = &notifier.secret {
+            let secrets = self.secrets.current();
+            let Some(key) = secrets.value_of(secret) else {
+                return Some(Answer::Impossible(format!(
+                    "secret {secret:?} is not loaded"
+                )));
+            };
+            let signature = message::signature(key, now_millis() / 1000, &body);
+            request = request.header(message::SIGNATURE_HEADER, signature);
+        }
+        let send = request.body(body).send();
         let lease_ms = self.lease.as_millis() as i64;
         let keep_lease = async {
             let mut every = tokio::time::interval(self.lease / 3);

@@ -13,14 +13,12 @@ use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 use tokio::sync::mpsc;
 
 use super::{Error, Registry};
+use crate::model::DIRECTORY_ACTOR;
 use crate::model::{PluginName, PluginVersion};
 
 /// Quiet time after the last event on a file before it is read: a copy in progress keeps
 /// producing events, so it is read once it has settled.
 const DEBOUNCE: Duration = Duration::from_millis(250);
-
-/// Who installs what the directory holds, as the audit log names it.
-const DIRECTORY_ACTOR: &str = "plugins-dir";
 
 /// What the directory held when this process last read each plugin's files, so that an
 /// event that changed nothing (a `touch`, a `chmod`, a rewrite with the same bytes) never

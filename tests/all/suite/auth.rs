@@ -908,3 +908,28 @@ async fn auth_none_on_a_public_address_refuses_to_start() {
         "{stderr}"
     );
 }
+
+/// The audit log's names for changes made without a token cannot be a token's name, so no
+/// token can pose as the command line, the plugins directory or an unauthenticated caller.
+#[tokio::test]
+async fn the_audit_logs_own_actor_names_are_not_token_names() {
+    let (server, [.., admin]) = tokens_server(Setup::default()).await;
+    for name in ["cli", "plugins-dir", "anonymous"] {
+        let (status, problem) = call(
+            &server,
+            Method::POST,
+            "/v1/tokens",
+            Some(&admin),
+            Body::Json(json!({"role": "viewer", "name": name})),
+        )
+        .await;
+        assert_eq!(status, 422, "{name}: {problem}");
+        assert!(problem.to_string().contains("reserved"), "{problem}");
+        let (ok, stdout, stderr) = cli(
+            &server,
+            &["token", "create", "--role", "viewer", "--name", name],
+        );
+        assert!(!ok, "{name}: {stdout}");
+        assert!(stderr.contains("reserved"), "{stderr}");
+    }
+}

@@ -322,3 +322,62 @@ async fn a_receiver_that_hangs_never_delays_a_tick() {
         assert_eq!((status, &body["code"]), (404, &json!("run_expired")));
     }
 }
+
+/// A receiver checks a json notification's signature as the README shows: HMAC-SHA256 over
+/// `<t>.<raw body>` keyed by the notifier's secret. And a plugin's message cannot add lines
+/// to a Slack text (such as a forged "recovered" one).
+#[tokio::test]
+async fn json_notifications_are_signed_and_slack_text_keeps_plugin_text_on_its_line() {
+    use hmac::Mac;
+    let webhook = Webhook::start(vec![]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = "a-webhook-signing-key-0123456789";
+    std::fs::write(dir.path().join("key"), key).expect("writing the key");
+    let config = format!(
+        "[secrets.hook]\nfile = {:?}\n{}{}",
+        dir.path().join("key").display().to_string(),
+        notifier("ops", &webhook, "on = [\"failed\"]\nsecret = \"hook\""),
+        notifier("chat", &webhook, "format = \"slack\"\non = [\"failed\"]"),
+    );
+    let server = server(&config).await;
+    let forged = "broke\n:large_green_circle: *misbehave* recovered: the run passed.";
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"second": {"action": "fail", "message": forged}}}}))
+        .await;
+    settled(&server, &id).await;
+    let received = webhook.received();
+    let ops = received
+        .iter()
+        .find(|post| post.path == "/ops")
+        .expect("the json notification");
+    let (time, signature) = ops
+        .signature
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+        .unwrap_or_else(|| panic!("no signature: {:?}", ops.signature));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(format!("{time}.").as_bytes());
+    mac.update(&ops.raw);
+    mac.verify_slice(&hex::decode(signature).expect("hex"))
+        .expect("the signature verifies");
+    let sent_at: i64 = time.parse().expect("seconds");
+    assert!((now_millis() / 1000 - sent_at).abs() < 300, "{time}");
+    // A body changed on the way does not verify.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(format!("{time}.").as_bytes());
+    mac.update(&[&ops.raw[..], b" "].concat());
+    assert!(mac.verify_slice(&hex::decode(signature).unwrap()).is_err());
+
+    let chat = received
+        .iter()
+        .find(|post| post.path == "/chat")
+        .expect("the slack notification");
+    assert!(chat.signature.is_empty(), "slack is not signed");
+    let text = chat.body["text"].as_str().expect("a slack text");
+    assert!(
+        text.lines()
+            .all(|line| !line.starts_with(":large_green_circle:")),
+        "{text}"
+    );
+    assert!(text.contains(">broke :large_green_circle:"), "{text}");
+}

@@ -83,7 +83,7 @@ impl Check for Misbehave {
             "pass" => {
                 passed(&json!({"step": input.step, "attempt": input.attempt, "variant": VARIANT}))
             }
-            "fail" => failed("told to fail"),
+            "fail" => failed(action["message"].as_str().unwrap_or("told to fail")),
             "pending" => pending("told to stay pending"),
             "pending_until" => {
                 if u64::from(input.attempt) >= action["attempt"].as_u64().unwrap_or(1) {

@@ -177,6 +177,15 @@ impl TriggerArgs {
     }
 }
 
+/// Whether a `--token` was given as an argument (rather than by `STEPWISE_TOKEN`).
+fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
+    let here = matches.ids().any(|id| id.as_str() == "token")
+        && matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
+    here || matches
+        .subcommand()
+        .is_some_and(|(_, sub)| token_on_command_line(sub))
+}
+
 /// Where a client command finds the server, and how it prints.
 #[derive(Debug, Clone, clap::Args)]
 struct ClientArgs {
@@ -184,7 +193,7 @@ struct ClientArgs {
     #[arg(long, env = "STEPWISE_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
     /// Bearer token for a server that runs with `--auth tokens` (role viewer or above; runner
-    /// to cancel).
+    /// to cancel). Prefer STEPWISE_TOKEN: an argument shows in the process list.
     #[arg(long, env = "STEPWISE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Print the server's JSON as it is, for scripts.
@@ -297,7 +306,17 @@ enum PluginCommand {
 /// The whole program; the exit code is the process's.
 pub fn main() -> ExitCode {
     crate::runtime::favour_host_threads();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    if token_on_command_line(&matches) {
+        eprintln!(
+            "warning: --token puts the token in the process list (ps) and your shell history; \
+             set STEPWISE_TOKEN instead"
+        );
+    }
     crate::telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -151,3 +151,21 @@ async fn stepwise_run_sets_the_budgets_labels_and_idempotency_key() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("NAME=VALUE"), "{err}");
 }
+
+/// A token given as `--token` shows in the process list: it works, with a warning that names
+/// the variable to use instead; from the variable, no warning.
+#[tokio::test]
+async fn a_token_on_the_command_line_is_warned_about() {
+    let server = TestServer::start(Setup::default()).await;
+    let (code, _, err) = stepwise(&["runs", "list", "--server", &server.base, "--token", "x"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("set STEPWISE_TOKEN instead"), "{err}");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+        .args(["runs", "list", "--server", &server.base])
+        .env("STEPWISE_TOKEN", "x")
+        .output()
+        .await
+        .expect("running the stepwise program");
+    assert!(output.status.success());
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("warning"));
+}

@@ -1,5 +1,5 @@
 // The Stepwise dashboard: plain ES modules, no build step. Every figure comes from the API
-// with the token kept in this browser (localStorage), sent as a bearer header; live updates
+// with the token kept in this browser (sessionStorage), sent as a bearer header; live updates
 // come from the API's Server-Sent Events, read with fetch so that the header can be sent.
 
 const TOKEN_KEY = "stepwise.token";
@@ -62,7 +62,7 @@ function json(value) {
 // ---------- API ----------
 
 function token() {
-  return localStorage.getItem(TOKEN_KEY) || "";
+  return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
 function headers(extra = {}) {
@@ -626,13 +626,13 @@ function showTokenState() {
 document.getElementById("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const input = document.getElementById("token");
-  if (input.value.trim()) localStorage.setItem(TOKEN_KEY, input.value.trim());
+  if (input.value.trim()) sessionStorage.setItem(TOKEN_KEY, input.value.trim());
   input.value = "";
   showTokenState();
   render();
 });
 document.getElementById("token-forget").addEventListener("click", () => {
-  localStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(TOKEN_KEY);
   showTokenState();
   render();
 });

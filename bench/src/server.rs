@@ -62,6 +62,7 @@ impl BenchServer {
                 None,
                 stepwise_host::model::Role::Admin,
                 "bench",
+                None,
             )
             .await
             .map_err(|_| anyhow::anyhow!("creating the bench's token"))?;

@@ -31,6 +31,23 @@ pub struct StoredToken {
     pub created_at: i64,
     /// The token name (or `cli`) that created it.
     pub created_by: String,
+    /// When it was revoked: it stays, refused, so that its name is never reused.
+    pub revoked_at: Option<i64>,
+    /// When it stops working, if it was given a lifetime.
+    pub expires_at: Option<i64>,
+}
+
+impl StoredToken {
+    /// Why this token is refused at `now`, if it is.
+    pub fn refusal(&self, now: i64) -> Option<&'static str> {
+        if self.revoked_at.is_some() {
+            Some("the bearer token was revoked")
+        } else if self.expires_at.is_some_and(|expires_at| expires_at <= now) {
+            Some("the bearer token has expired")
+        } else {
+            None
+        }
+    }
 }
 
 /// A token presented by a caller, split into its parts.
@@ -45,6 +62,7 @@ pub fn generate(
     role: Role,
     created_by: String,
     now: i64,
+    lifetime: Option<std::time::Duration>,
 ) -> anyhow::Result<NewToken> {
     let key_id = random_hex(8)?;
     let secret = random_hex(32)?;
@@ -60,6 +78,10 @@ pub fn generate(
             hash,
             created_at: now,
             created_by,
+            revoked_at: None,
+            expires_at: lifetime.map(|lifetime| {
+                now.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX))
+            }),
         },
     })
 }
@@ -122,14 +144,22 @@ pub async fn create_token(
     name: Option<String>,
     role: Role,
     actor: &str,
+    lifetime: Option<std::time::Duration>,
 ) -> Result<NewToken, CreateError> {
     let name = match name {
         Some(name) => parse_token_name(&name).map_err(CreateError::InvalidName)?,
         None => generated_name(role).map_err(CreateError::Other)?,
     };
     let now = now_millis();
-    let token = generate(name.clone(), role, actor.to_owned(), now).map_err(CreateError::Other)?;
-    let audit = AuditEntry::new(actor, "token.create", &name, now).with("role", role.as_str());
+    let token = generate(name.clone(), role, actor.to_owned(), now, lifetime)
+        .map_err(CreateError::Other)?;
+    let mut audit = AuditEntry::new(actor, "token.create", &name, now).with("role", role.as_str());
+    if let Some(lifetime) = lifetime {
+        audit = audit.with(
+            "expires_in",
+            humantime::format_duration(lifetime).to_string(),
+        );
+    }
     match store.create_token(&token.stored, &audit).await {
         Ok(()) => {
             tracing::info!(token = %name, %role, actor, "token created");
@@ -146,13 +176,13 @@ mod tests {
 
     #[test]
     fn a_token_matches_only_its_own_secret() {
-        let token = generate("ci".into(), Role::Runner, "cli".into(), 0).expect("random");
+        let token = generate("ci".into(), Role::Runner, "cli".into(), 0, None).expect("random");
         assert!(!token.stored.hash.contains(&token.secret));
         let presented = PresentedToken::parse(&token.secret).expect("well formed");
         assert_eq!(presented.key_id, token.stored.key_id);
         assert!(presented.matches(&token.stored));
 
-        let other = generate("ci".into(), Role::Runner, "cli".into(), 0).expect("random");
+        let other = generate("ci".into(), Role::Runner, "cli".into(), 0, None).expect("random");
         let forged = format!(
             "{PREFIX}{}_{}",
             token.stored.key_id,

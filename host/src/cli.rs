@@ -253,10 +253,14 @@ enum TokenCommand {
         /// suffix.
         #[arg(long)]
         name: Option<String>,
+        /// A lifetime (`90d`, `12h`, at most 10 years); default: the token never expires.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
         #[command(flatten)]
         serve: ServeArgs,
     },
-    /// List tokens: name, role, when and by whom they were created (never the secrets).
+    /// List tokens: name, role, when and by whom they were created, when they expire or were
+    /// revoked (never the secrets).
     List {
         #[command(flatten)]
         serve: ServeArgs,
@@ -530,14 +534,26 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("opening database {}", settings.database_url))?;
     match command {
-        TokenCommand::Create { role, name, .. } => {
+        TokenCommand::Create {
+            role,
+            name,
+            expires_in,
+            ..
+        } => {
             let role = Role::parse(&role).map_err(anyhow::Error::msg)?;
-            let token = match crate::auth::create_token(&store, name, role, CLI_ACTOR).await {
+            let lifetime = expires_in
+                .as_deref()
+                .map(crate::api::parse_lifetime)
+                .transpose()
+                .map_err(|message| anyhow::anyhow!("--expires-in: {message}"))?;
+            let created = crate::auth::create_token(&store, name, role, CLI_ACTOR, lifetime).await;
+            let token = match created {
                 Ok(token) => token,
                 Err(CreateError::InvalidName(message)) => anyhow::bail!(message),
                 Err(CreateError::Taken(name)) => {
                     anyhow::bail!(
-                        "a token named {name:?} exists; revoke it first or pick another name"
+                        "a token named {name:?} exists or was revoked (names are never reused); \
+                         pick another name"
                     )
                 }
                 Err(CreateError::Other(error)) => return Err(error),
@@ -553,16 +569,26 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
             if tokens.is_empty() {
                 println!("no tokens");
             }
+            let at = |millis: i64| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64),
+                )
+            };
             for token in tokens {
-                let created =
-                    std::time::UNIX_EPOCH + Duration::from_millis(token.created_at.max(0) as u64);
-                println!(
+                let mut line = format!(
                     "{:<24} {:<10} created {} by {}",
                     token.name,
                     token.role,
-                    humantime::format_rfc3339_seconds(created),
+                    at(token.created_at),
                     token.created_by
                 );
+                if let Some(expires_at) = token.expires_at {
+                    line.push_str(&format!(", expires {}", at(expires_at)));
+                }
+                if let Some(revoked_at) = token.revoked_at {
+                    line.push_str(&format!(", revoked {}", at(revoked_at)));
+                }
+                println!("{line}");
             }
         }
         TokenCommand::Revoke { name, .. } => {
@@ -571,7 +597,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
             match store.revoke_token(&name, &audit).await {
                 Ok(()) => println!("revoked token {name:?}"),
                 Err(crate::storage::Error::NotFound) => {
-                    anyhow::bail!("no token named {name:?} (see `stepwise token list`)")
+                    anyhow::bail!("no token in use named {name:?} (see `stepwise token list`)")
                 }
                 Err(error) => return Err(error.into()),
             }

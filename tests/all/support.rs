@@ -399,7 +399,7 @@ impl TestServer {
         let store = stepwise_host::storage::Store::open(&self.database.url)
             .await
             .expect("opening the server's database");
-        match stepwise_host::auth::create_token(&store, None, role, "test").await {
+        match stepwise_host::auth::create_token(&store, None, role, "test", None).await {
             Ok(token) => token.secret,
             Err(_) => panic!("creating a {role} token failed"),
         }

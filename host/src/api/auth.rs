@@ -159,6 +159,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
     if !presented.matches(&stored) {
         return Err(unknown());
     }
+    if let Some(refusal) = stored.refusal(crate::model::now_millis()) {
+        return Err(ApiError::unauthorized(refusal));
+    }
     Ok(Caller {
         name: stored.name,
         role: stored.role,

@@ -537,6 +537,15 @@ pub struct TokenDto {
     pub created_at: String,
     /// The token (or `cli`) that created it.
     pub created_by: String,
+    /// When it stops working; absent if never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub expires_at: Option<String>,
+    /// When it was revoked; a revoked token is refused everywhere, and its name is never
+    /// given to another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub revoked_at: Option<String>,
 }
 
 impl TokenDto {
@@ -546,6 +555,8 @@ impl TokenDto {
             role: token.role.as_str(),
             created_at: timestamp(token.created_at),
             created_by: token.created_by.clone(),
+            expires_at: token.expires_at.map(timestamp),
+            revoked_at: token.revoked_at.map(timestamp),
         }
     }
 }

@@ -31,6 +31,7 @@ pub use error::ApiError;
 pub use events::EventHub;
 pub use server::{Connections, Peer};
 pub use state::{AppState, Shared};
+pub use tokens::parse_lifetime;
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.settings.body_limit_bytes;

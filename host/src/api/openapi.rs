@@ -466,9 +466,13 @@ pub struct ActivateRequest {
 pub struct NewTokenRequest {
     #[schema(schema_with = super::dto::role)]
     role: String,
-    /// Generated when absent.
+    /// Generated when absent. Names of revoked tokens, `cli`, `plugins-dir` and `anonymous`
+    /// are taken.
     #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     name: Option<String>,
+    /// A lifetime such as `90d` or `12h` (at most 10 years); without it the token never
+    /// expires.
+    expires_in: Option<String>,
 }
 
 /// `PUT /v1/plugins/{name}` as `multipart/form-data`.

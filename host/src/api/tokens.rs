@@ -20,9 +20,23 @@ use crate::model::{Role, now_millis};
 use crate::storage::{self, AuditEntry};
 
 /// The fields of `POST /v1/tokens`.
-pub(super) const CREATE_FIELDS: &[&str] = &["role", "name"];
+pub(super) const CREATE_FIELDS: &[&str] = &["role", "name", "expires_in"];
 
-/// `POST /v1/tokens` with `{"role": "...", "name"?: "..."}`: 201 with the secret.
+/// The longest lifetime a token may be given: ten years.
+const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A token's lifetime as `expires_in` or `--expires-in` gives it (`90d`, `12h`, `30m`).
+pub fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let lifetime = humantime::parse_duration(text)
+        .map_err(|error| format!("{text:?} is not a duration such as 90d or 12h: {error}"))?;
+    if lifetime.is_zero() || lifetime > MAX_LIFETIME {
+        return Err(format!("{text:?} must be more than 0 and at most 10 years"));
+    }
+    Ok(lifetime)
+}
+
+/// `POST /v1/tokens` with `{"role": "...", "name"?: "...", "expires_in"?: "90d"}`: 201 with
+/// the secret.
 #[utoipa::path(
     post, path = "/v1/tokens", tag = "tokens",
     summary = "Create a token",
@@ -51,14 +65,30 @@ pub async fn tokens_create(
         None | Some(Json_::Null) => None,
         Some(_) => return Err(ApiError::invalid("name", "name must be a string")),
     };
-    let token = create_token(&state.store, name, role, &caller.name)
+    let lifetime = match request.get("expires_in") {
+        Some(Json_::String(text)) => {
+            Some(parse_lifetime(text).map_err(|message| ApiError::invalid("expires_in", message))?)
+        }
+        None | Some(Json_::Null) => None,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "expires_in",
+                "expires_in must be a duration such as \"90d\"",
+            ));
+        }
+    };
+    let token = create_token(&state.store, name, role, &caller.name, lifetime)
         .await
         .map_err(|error| match error {
             CreateError::InvalidName(message) => ApiError::invalid("name", message),
-            CreateError::Taken(name) => {
-                ApiError::conflict("token_exists", format!("a token named {name:?} exists"))
-                    .with_field("name")
-            }
+            CreateError::Taken(name) => ApiError::conflict(
+                "token_exists",
+                format!(
+                    "a token named {name:?} exists or was revoked (names are never reused, so \
+                     that audit entries and idempotency keys keep meaning one token)"
+                ),
+            )
+            .with_field("name"),
             CreateError::Other(error) => ApiError::internal(format!("{error:#}")),
         })?;
     let location = format!("/v1/tokens/{}", token.stored.name);
@@ -83,7 +113,8 @@ pub async fn tokens_index(State(state): State<AppState>) -> Result<Json<TokenLis
     }))
 }
 
-/// `DELETE /v1/tokens/{name}`: 204; the token fails on every node from now on.
+/// `DELETE /v1/tokens/{name}`: 204; the token fails on every node from now on, and stays
+/// listed with `revoked_at`.
 #[utoipa::path(
     delete, path = "/v1/tokens/{name}", tag = "tokens",
     summary = "Revoke a token on every node",

@@ -49,13 +49,22 @@ pub struct AuditRecord {
     pub entry: AuditEntry,
 }
 
+/// The columns of a token, for every read of one (the SQL text is written once).
+macro_rules! select_tokens {
+    () => {
+        "SELECT name, role, key_id, salt, hash, created_at, created_by, revoked_at, expires_at \
+         FROM tokens"
+    };
+}
+
 impl Store {
-    /// Stores a new token; `Conflict` if its name is taken.
+    /// Stores a new token; `Conflict` if its name is taken, by a token in use or a revoked
+    /// one (names are never reused).
     pub async fn create_token(&self, token: &StoredToken, audit: &AuditEntry) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(&token.name)
         .bind(token.role.as_str())
@@ -64,6 +73,7 @@ impl Store {
         .bind(&token.hash)
         .bind(token.created_at)
         .bind(&token.created_by)
+        .bind(token.expires_at)
         .execute(&mut *transaction)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -93,21 +103,21 @@ impl Store {
 
     /// Every token, by name.
     pub async fn list_tokens(&self) -> Result<Vec<StoredToken>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(
-            "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<TokenRow> = sqlx::query_as(concat!(select_tokens!(), " ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(TokenRow::into_token).collect()
     }
 
-    /// Deletes the token `name`; `NotFound` if there is none.
+    /// Marks the token `name` revoked; `NotFound` if there is none in use.
     pub async fn revoke_token(&self, name: &str, audit: &AuditEntry) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
-        let deleted = sqlx::query("DELETE FROM tokens WHERE name = $1")
-            .bind(name)
-            .execute(&mut *transaction)
-            .await?;
+        let deleted =
+            sqlx::query("UPDATE tokens SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL")
+                .bind(name)
+                .bind(audit.at)
+                .execute(&mut *transaction)
+                .await?;
         if deleted.rows_affected() == 0 {
             return Err(Error::NotFound);
         }
@@ -164,10 +174,11 @@ struct TokenRow {
     hash: String,
     created_at: i64,
     created_by: String,
+    revoked_at: Option<i64>,
+    expires_at: Option<i64>,
 }
 
-const FIND_TOKEN: &str =
-    "SELECT name, role, key_id, salt, hash, created_at, created_by FROM tokens WHERE key_id = $1";
+const FIND_TOKEN: &str = concat!(select_tokens!(), " WHERE key_id = $1");
 
 impl TokenRow {
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
@@ -179,6 +190,8 @@ impl TokenRow {
             hash: row.get("hash")?,
             created_at: row.get("created_at")?,
             created_by: row.get("created_by")?,
+            revoked_at: row.get("revoked_at")?,
+            expires_at: row.get("expires_at")?,
         })
     }
 
@@ -191,6 +204,8 @@ impl TokenRow {
             hash: self.hash,
             created_at: self.created_at,
             created_by: self.created_by,
+            revoked_at: self.revoked_at,
+            expires_at: self.expires_at,
         })
     }
 }

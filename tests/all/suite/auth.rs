@@ -933,3 +933,116 @@ async fn the_audit_logs_own_actor_names_are_not_token_names() {
         assert!(stderr.contains("reserved"), "{stderr}");
     }
 }
+
+/// A revoked token stays listed with `revoked_at`, refused, and its name is never given to a
+/// new token (whose idempotency keys and audit entries would read as the old one's); a token
+/// may be given a lifetime, after which it is refused.
+#[tokio::test]
+async fn revoked_tokens_keep_their_names_and_tokens_expire() {
+    let (server, [.., admin]) = tokens_server(Setup::default()).await;
+    let create = |body: Value| {
+        call(
+            &server,
+            Method::POST,
+            "/v1/tokens",
+            Some(&admin),
+            Body::Json(body),
+        )
+    };
+    let (status, created) = create(json!({"role": "runner", "name": "ci-bot"})).await;
+    assert_eq!(status, 201, "{created}");
+    let secret = created["secret"].as_str().expect("secret").to_owned();
+    let (status, _) = call(
+        &server,
+        Method::DELETE,
+        "/v1/tokens/ci-bot",
+        Some(&admin),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, problem) =
+        call(&server, Method::GET, "/v1/runs", Some(&secret), Body::Empty).await;
+    assert_eq!(status, 401);
+    assert!(problem.to_string().contains("revoked"), "{problem}");
+    let (_, list) = call(
+        &server,
+        Method::GET,
+        "/v1/tokens",
+        Some(&admin),
+        Body::Empty,
+    )
+    .await;
+    let listed = list["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|token| token["name"] == "ci-bot")
+        .cloned()
+        .expect("the revoked token is still listed");
+    assert!(listed["revoked_at"].is_string(), "{listed}");
+    let (status, problem) = create(json!({"role": "runner", "name": "ci-bot"})).await;
+    assert_eq!(status, 409, "{problem}");
+    let (status, _) = call(
+        &server,
+        Method::DELETE,
+        "/v1/tokens/ci-bot",
+        Some(&admin),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(status, 404, "revoking twice");
+
+    // Expiry: over the API and from the command line.
+    let (status, problem) = create(json!({"role": "viewer", "expires_in": "soon"})).await;
+    assert_eq!(status, 422, "{problem}");
+    assert!(problem.to_string().contains("expires_in"), "{problem}");
+    let (status, created) =
+        create(json!({"role": "viewer", "name": "brief", "expires_in": "2s"})).await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created["expires_at"].is_string(), "{created}");
+    let brief = created["secret"].as_str().expect("secret").to_owned();
+    let (ok, stdout, stderr) = cli(
+        &server,
+        &[
+            "token",
+            "create",
+            "--role",
+            "viewer",
+            "--name",
+            "brief-cli",
+            "--expires-in",
+            "2s",
+        ],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let brief_cli = stdout.lines().last().expect("the secret").to_owned();
+    for secret in [&brief, &brief_cli] {
+        let (status, _) = call(&server, Method::GET, "/v1/runs", Some(secret), Body::Empty).await;
+        assert_eq!(status, 200, "usable before it expires");
+    }
+    for secret in [&brief, &brief_cli] {
+        let expired = crate::support::poll_until(|| async {
+            let (status, problem) =
+                call(&server, Method::GET, "/v1/runs", Some(secret), Body::Empty).await;
+            (status == 401).then_some(problem)
+        })
+        .await
+        .expect("the token expires");
+        assert!(expired.to_string().contains("expired"), "{expired}");
+    }
+    let (ok, stdout, _) = cli(&server, &["token", "list"]);
+    assert!(ok);
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("ci-bot") && line.contains("revoked")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("brief ") && line.contains("expires")),
+        "{stdout}"
+    );
+}

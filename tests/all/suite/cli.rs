@@ -157,7 +157,8 @@ async fn stepwise_run_sets_the_budgets_labels_and_idempotency_key() {
 #[tokio::test]
 async fn a_token_on_the_command_line_is_warned_about() {
     let server = TestServer::start(Setup::default()).await;
-    let (code, _, err) = stepwise(&["runs", "list", "--server", &server.base, "--token", "x"]).await;
+    let (code, _, err) =
+        stepwise(&["runs", "list", "--server", &server.base, "--token", "x"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("set STEPWISE_TOKEN instead"), "{err}");
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))

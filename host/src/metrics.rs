@@ -105,8 +105,18 @@ impl Histogram {
     }
 }
 
+/// Distinct `(plugin, step)` label pairs this process keeps series for. Step names come from
+/// plugins, and every version may bring new ones: past this many, a new pair's figures go
+/// under `step="_other"` of its plugin, so the scrape and the process's memory stay bounded
+/// however many names plugins ever used.
+pub const MAX_STEP_SERIES: usize = 1_000;
+/// The step label that stands for every step past [`MAX_STEP_SERIES`].
+pub const OTHER_STEPS: &str = "_other";
+
 #[derive(Default)]
 struct Observed {
+    /// The `(plugin, step)` pairs that have series of their own.
+    step_series: std::collections::BTreeSet<(String, String)>,
     attempts: BTreeMap<(String, String, &'static str), u64>,
     violations: BTreeMap<(String, &'static str), u64>,
     passed_after: BTreeMap<(String, String), Histogram>,
@@ -133,6 +143,21 @@ pub struct Stored {
     pub leases_held: i64,
 }
 
+impl Observed {
+    /// The `(plugin, step)` labels for a step's figures, within [`MAX_STEP_SERIES`].
+    fn step_labels(&mut self, plugin: &str, step: &str) -> (String, String) {
+        let key = (plugin.to_owned(), step.to_owned());
+        if self.step_series.contains(&key) {
+            return key;
+        }
+        if self.step_series.len() < MAX_STEP_SERIES {
+            self.step_series.insert(key.clone());
+            return key;
+        }
+        (plugin.to_owned(), OTHER_STEPS.to_owned())
+    }
+}
+
 impl Metrics {
     fn observed(&self) -> std::sync::MutexGuard<'_, Observed> {
         self.0.lock().unwrap_or_else(|poison| poison.into_inner())
@@ -148,9 +173,10 @@ impl Metrics {
         message: Option<&str>,
     ) {
         let mut observed = self.observed();
+        let (plugin_label, step_label) = observed.step_labels(plugin, step);
         *observed
             .attempts
-            .entry((plugin.to_owned(), step.to_owned(), outcome))
+            .entry((plugin_label, step_label, outcome))
             .or_default() += 1;
         observed
             .calls
@@ -168,9 +194,11 @@ impl Metrics {
     }
 
     pub fn record_passed_after(&self, plugin: &str, step: &str, passed_after_ms: i64) {
-        self.observed()
+        let mut observed = self.observed();
+        let labels = observed.step_labels(plugin, step);
+        observed
             .passed_after
-            .entry((plugin.to_owned(), step.to_owned()))
+            .entry(labels)
             .or_insert_with(|| Histogram::new(PASSED_AFTER_BUCKETS))
             .observe(passed_after_ms.max(0) as f64 / 1000.0);
     }
@@ -363,6 +391,30 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_series_are_bounded() {
+        let metrics = Metrics::default();
+        for step in 0..MAX_STEP_SERIES + 50 {
+            let step = format!("step-{step}");
+            metrics.record_call("p", &step, "passed", Duration::from_millis(1), None);
+            metrics.record_passed_after("p", &step, 10);
+        }
+        // A pair seen before the cap keeps its own series.
+        metrics.record_call("p", "step-0", "passed", Duration::from_millis(1), None);
+        let observed = metrics.observed();
+        assert_eq!(observed.step_series.len(), MAX_STEP_SERIES);
+        assert_eq!(observed.attempts.len(), MAX_STEP_SERIES + 1);
+        assert_eq!(
+            observed.attempts[&("p".to_owned(), OTHER_STEPS.to_owned(), "passed")],
+            50
+        );
+        assert_eq!(
+            observed.attempts[&("p".to_owned(), "step-0".to_owned(), "passed")],
+            2
+        );
+        assert_eq!(observed.passed_after.len(), MAX_STEP_SERIES + 1);
+    }
 
     #[test]
     fn every_limit_message_names_its_key() {

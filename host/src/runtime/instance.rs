@@ -79,9 +79,9 @@ pub struct StepState {
 /// The wasi resources (headers, requests, bodies, streams, pollables) one call may hold at
 /// once. Each lives in the host's memory, outside the guest's linear memory.
 pub const MAX_RESOURCES: usize = 1_000;
-/// Resources a call holds without counting against its memory: an ordinary check holds a
-/// handful per request it has in flight.
-const FREE_RESOURCES: usize = 64;
+/// Resources a call holds without counting against its memory: the stdio streams and a
+/// request or two (an ordinary check holds a handful per request it has in flight).
+const FREE_RESOURCES: usize = 8;
 /// What each resource beyond [`FREE_RESOURCES`] counts against the call's memory: the most a
 /// `fields` resource (a set of headers) may hold, [`FIELDS_BYTES`], with room for the rest of
 /// its state.

@@ -512,7 +512,8 @@ impl Drop for TestDatabase {
     }
 }
 
-async fn postgres_admin(server: &str, statement: &str) {
+/// Runs `statement` on the PostgreSQL server at `server` as its user, panicking on an error.
+pub async fn postgres_admin(server: &str, statement: &str) {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(server)
         .await
@@ -768,8 +769,6 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
-/// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
-/// missing): what the README tells operators to give a read-only source.
 /// A new table `{prefix}_{pid}_{n}` in the PostgreSQL database at `url`, holding the row
 /// `(1, 'one')`. Each call has its own: the SQLite and PostgreSQL copies of a test run at once,
 /// and concurrent `CREATE TABLE IF NOT EXISTS` of one name can fail in PostgreSQL.
@@ -793,26 +792,49 @@ pub async fn postgres_table(url: &str, prefix: &str) -> String {
     table
 }
 
+/// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
+/// missing): what the README tells operators to give a read-only source.
 pub async fn postgres_reader_url(url: &str, table: &str) -> String {
+    postgres_role_url(
+        url,
+        "stepwise_reader",
+        &format!("GRANT SELECT ON {table} TO stepwise_reader"),
+    )
+    .await
+}
+
+/// `url` with the user `stepwise_writer`, a role that may read and change `table` (created if
+/// missing) and nothing else: a writable source's role.
+pub async fn postgres_writer_url(url: &str, table: &str) -> String {
+    postgres_role_url(
+        url,
+        "stepwise_writer",
+        &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO stepwise_writer"),
+    )
+    .await
+}
+
+/// `url` with the user `role` (created if missing, without a password), after `grant`.
+async fn postgres_role_url(url: &str, role: &str, grant: &str) -> String {
     let pool = sqlx::PgPool::connect(url)
         .await
         .expect("connecting to PostgreSQL");
     // Roles are shared by every database of the server and tests run concurrently: a role
     // created by another test in between is fine.
-    sqlx::query(
-        "DO $$ BEGIN CREATE ROLE stepwise_reader LOGIN; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
-    )
+    sqlx::query(&format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    ))
     .execute(&pool)
     .await
-    .expect("creating the reader role");
-    sqlx::query(&format!("GRANT SELECT ON {table} TO stepwise_reader"))
+    .unwrap_or_else(|error| panic!("creating the role {role}: {error}"));
+    sqlx::query(grant)
         .execute(&pool)
         .await
-        .expect("granting SELECT");
+        .unwrap_or_else(|error| panic!("{grant}: {error}"));
     let (scheme, rest) = url.split_once("://").expect("a URL");
     let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    format!("{scheme}://stepwise_reader@{host}")
+    format!("{scheme}://{role}@{host}")
 }
 
 /// A SQLite database file in `dir` with one table `items(id INTEGER, name TEXT)` and two rows.

@@ -304,12 +304,8 @@ fn classify(error: QueryError, source: &str, limits: QueryLimits) -> SqlError {
     if let Some(database_error) = error.as_database_error() {
         let code = database_error.code().unwrap_or_default();
         let message = database_error.message();
-        // 18 = SQLITE_TOOBIG: a value beyond the length limit, which is the result limit;
-        // PostgreSQL's size guard raises its own message.
-        if code == "18"
-            || message.contains("string or blob too big")
-            || message.contains("sql result size limit")
-        {
+        // 18 = SQLITE_TOOBIG: a value beyond the length limit, which is the result limit.
+        if code == "18" || message.contains("string or blob too big") {
             return SqlError::LimitExceeded(format!(
                 "sql result size limit of {} bytes exceeded",
                 limits.max_result_bytes

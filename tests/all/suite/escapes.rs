@@ -6,8 +6,9 @@
 use serde_json::{Value, json};
 
 use crate::support::{
-    MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, SilentServer, TestServer, postgres_reader_url,
-    postgres_table, postgres_url, sqlite_source, sqlite_url, step_statuses,
+    MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, SilentServer, TestServer, postgres_admin,
+    postgres_reader_url, postgres_table, postgres_url, postgres_writer_url, sqlite_source,
+    sqlite_url, step_statuses,
 };
 
 /// Runs `misbehave` with `action` as its first step and returns the finished run.
@@ -218,6 +219,142 @@ async fn a_postgres_query_leaves_nothing_behind_and_cannot_exhaust_the_host() {
     .await;
     assert_eq!(run["status"], "passed", "{run:#}");
     assert_eq!(run["steps"][0]["output"]["rows"], json!([["one"]]));
+}
+
+/// A server whose `misbehave` may query the PostgreSQL source `warehouse` at `source`, with
+/// time limits generous enough that the size limit fires first, however slow a loaded machine
+/// makes PostgreSQL build a large value.
+async fn postgres_server(source: String, read_only: bool) -> TestServer {
+    TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\nsql_timeout_ms = 120000\ncall_timeout_ms = 120000\n",
+            ))
+            .with_source("warehouse", source, read_only),
+    )
+    .await
+}
+
+/// The message of a result the database server stopped at the size limit, before sending it.
+const STOPPED_BY_THE_SERVER: &str =
+    "sql result size limit of 4194304 bytes exceeded (the database server stopped the query at";
+
+#[tokio::test]
+async fn a_postgres_result_is_measured_by_the_server_whatever_the_statement_looks_like() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_measured").await;
+    // 20 MB that compress to a few hundred KB: stored compressed, sent whole.
+    postgres_admin(
+        &url,
+        &format!("INSERT INTO {table} VALUES (2, repeat('x', 20000000))"),
+    )
+    .await;
+    let server = postgres_server(postgres_reader_url(&url, &table).await, true).await;
+    for attack in [
+        "/**/ SELECT repeat('x', 30000000)".to_owned(),
+        "(SELECT repeat('x', 30000000))".to_owned(),
+        "SELECT repeat('x', 30000000), ';'".to_owned(),
+        "SELECT repeat('x', 30000000);".to_owned(),
+        "VALUES (repeat('x', 30000000))".to_owned(),
+        format!("SELECT name FROM {table} WHERE id = 2"),
+        format!("TABLE {table}"),
+    ] {
+        let run = run_action(&server, sql(&attack)).await;
+        assert_eq!(run["status"], "errored", "{attack}: {run:#}");
+        assert!(
+            first_message(&run).contains(STOPPED_BY_THE_SERVER),
+            "{attack}: {run:#}"
+        );
+    }
+    // A statement that closes the wrapper's parenthesis only breaks itself.
+    for attack in [
+        "SELECT 1) SELECT repeat('x', 30000000) --",
+        "SELECT 1) SELECT repeat('x', 30000000) /*",
+        "SELECT 1) SELECT repeat('x', 30000000), '",
+        "SELECT 1) SELECT repeat('x', 30000000), $$",
+        "SELECT 1) SELECT repeat('x', 30000000) FROM (SELECT 1",
+        "SELECT 1) INSERT INTO t (a",
+    ] {
+        let run = run_action(&server, sql(attack)).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{attack}: {run:#}");
+    }
+    // What cannot run inside the wrapper is refused with what to write instead.
+    let run = run_action(&server, sql("SHOW search_path")).await;
+    assert_eq!(step_statuses(&run)[0], "failed", "{run:#}");
+    assert!(
+        first_message(&run).contains("SELECT current_setting('search_path')"),
+        "{run:#}"
+    );
+    let run = run_action(
+        &server,
+        sql("SELECT name, 2 AS two FROM (VALUES ('a')) AS t (name)"),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(run["steps"][0]["output"]["rows"], json!([["a", 2]]));
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+}
+
+#[tokio::test]
+async fn a_write_on_a_postgres_source_returns_its_rows_through_the_size_guard() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_written").await;
+    let server = postgres_server(postgres_writer_url(&url, &table).await, false).await;
+    let run = run_action(
+        &server,
+        sql(&format!(
+            "INSERT INTO {table} (id, name) VALUES (2, 'two') RETURNING id, name"
+        )),
+    )
+    .await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(run["steps"][0]["output"]["rows"], json!([[2, "two"]]));
+    let run = run_action(
+        &server,
+        sql(&format!(
+            "DELETE FROM {table} WHERE id = 2 RETURNING repeat('x', 30000000)"
+        )),
+    )
+    .await;
+    assert_eq!(run["status"], "errored", "{run:#}");
+    assert!(
+        first_message(&run).contains(STOPPED_BY_THE_SERVER),
+        "{run:#}"
+    );
+    let run = run_action(
+        &server,
+        sql(&format!("UPDATE {table} SET name = 'changed' WHERE id = 2")),
+    )
+    .await;
+    assert_eq!(step_statuses(&run)[0], "failed", "{run:#}");
+    assert!(first_message(&run).contains("add RETURNING"), "{run:#}");
+    for statement in [
+        format!("CREATE INDEX ON {table} (name)"),
+        format!("TRUNCATE {table}"),
+        "SET search_path = poisoned".to_owned(),
+    ] {
+        let run = run_action(&server, sql(&statement)).await;
+        assert_eq!(step_statuses(&run)[0], "failed", "{statement}: {run:#}");
+        assert!(
+            first_message(&run).contains("cannot run as a plugin query"),
+            "{statement}: {run:#}"
+        );
+    }
+    let run = run_action(
+        &server,
+        sql(&format!("SELECT id, name FROM {table} ORDER BY id")),
+    )
+    .await;
+    assert_eq!(
+        run["steps"][0]["output"]["rows"],
+        json!([[1, "one"], [2, "two"]]),
+        "only the write that returned its rows happened: {run:#}"
+    );
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
 }
 
 #[tokio::test]

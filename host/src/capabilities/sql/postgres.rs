@@ -78,6 +78,9 @@ pub(super) async fn query(
     params: Vec<Value>,
     limits: QueryLimits,
 ) -> Result<RowSet, QueryError> {
+    if let Some(refusal) = refuse_unwrappable(statement) {
+        return Err(QueryError::Guest(refusal));
+    }
     let result = run(
         &mut connection,
         source,
@@ -86,7 +89,8 @@ pub(super) async fn query(
         params,
         limits,
     )
-    .await;
+    .await
+    .map_err(|error| explain_refusal(error, source, read_only));
     // Outside any transaction (a failed one has been rolled back by now). If the reset
     // fails, the connection is not trusted again.
     let reset = sqlx::query("DISCARD ALL")
@@ -137,8 +141,11 @@ async fn run(
         // Not persistent: the plugin's statement is never cached on the connection, so
         // `DISCARD ALL` (which drops prepared statements) leaves sqlx's cache truthful. The
         // extended protocol also refuses more than one statement.
-        let guarded = guard_result_size(statement, limits.max_result_bytes);
-        let query = bind_params!(sqlx::query(&guarded).persistent(false), params);
+        let guarded = guard_result_size(statement, limits.max_result_bytes, params.len() + 1);
+        let query = bind_params!(sqlx::query(&guarded).persistent(false), params).bind(format!(
+            "{GUARD_STOP} {} bytes exceeded (the database server stopped the query at %s bytes)",
+            limits.max_result_bytes
+        ));
         let mut stream = query.fetch(&mut *transaction);
         while let Some(row) = stream.try_next().await? {
             if set.rows.len() == limits.max_rows {
@@ -146,13 +153,10 @@ async fn run(
             }
             if set.columns.is_empty() {
                 set.columns = column_names(&row);
-                set.columns
-                    .truncate(row.len() - usize::from(guarded != statement));
+                set.columns.pop();
             }
             let mut values = postgres_values(&row)?;
-            if guarded != statement {
-                values.pop();
-            }
+            values.pop();
             bytes.add(&values)?;
             set.rows.push(values);
         }
@@ -164,32 +168,179 @@ async fn run(
 /// Name of the column the size guard adds; removed from what the plugin sees.
 const GUARD_COLUMN: &str = "stepwise_result_size_guard";
 
-/// A query's rows are built on the database server; the host only reads them. A `SELECT`
-/// (or `VALUES`, `TABLE`, `WITH`) is wrapped so that the server itself stops with an error
-/// once the running size of the rows passes the limit, before such a row is ever sent:
-/// sqlx would otherwise read a 300 MB value whole before the host could count it. Other
-/// statements (`SHOW`, writes with `RETURNING` on a writable source) run as they are, and
-/// their rows are counted as they arrive.
-fn guard_result_size(statement: &str, limit: usize) -> String {
-    let body = statement.trim().trim_end_matches(';').trim_end();
-    let first_word: String = body
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_lowercase();
-    if !matches!(first_word.as_str(), "select" | "values" | "table" | "with") || body.contains(';')
-    {
-        return statement.to_owned();
-    }
-    // Casting the message to an integer fails with the message in the error, which is how
-    // a plain query can raise one. The running size in the text keeps the planner from
-    // folding the cast (and failing) before any row exists; the newline ends a trailing `--`.
+/// How the size guard's error starts.
+const GUARD_STOP: &str = "sql result size limit of";
+
+/// A query's rows are built on the database server; the host only reads them, and sqlx reads
+/// a row whole before the host could count it (a 300 MB value, or a small compressed one that
+/// is sent decompressed). So every statement runs inside a wrapper whose running total of the
+/// rows' text stops the query on the server, with an error, at the row that passes the limit,
+/// before that row is sent. What cannot stand inside `WITH … AS (…)` (`SHOW`, DDL, a write
+/// without `RETURNING`) does not run at all ([`refuse_unwrappable`], [`explain_refusal`]).
+///
+/// The plugin's text cannot leave the wrapper: what follows it holds no quote, dollar quote or
+/// comment end that could close something the text left open (the server then refuses the
+/// statement as unterminated; the guard's message is a bound parameter for that reason), and
+/// the newline ends a trailing `--` comment. A text that closes the parenthesis early must
+/// open another for the wrapper's to close, which leaves the wrapper's `SELECT` as the last
+/// part of the statement, guard and all: after `WITH …` only more common table expressions
+/// or an `INSERT INTO t (columns)`, which returns nothing, can take `) SELECT …` as their end.
+fn guard_result_size(statement: &str, limit: usize, message_param: usize) -> String {
+    let body = statement.trim_end().trim_end_matches(';');
+    // Casting the message to an integer fails with the message in the error, which is how a
+    // plain query can raise one. The running size in the text keeps the planner from folding
+    // the cast (and failing) before any row exists.
+    let running = "sum(octet_length(stepwise_result::text)) OVER stepwise_rows";
     format!(
-        "SELECT stepwise_result.*, CASE WHEN sum(pg_column_size(stepwise_result.*)) OVER stepwise_rows > {limit} \
-         THEN CAST(format('sql result size limit of {limit} bytes exceeded (%s bytes)', \
-         sum(pg_column_size(stepwise_result.*)) OVER stepwise_rows) AS integer) END AS {GUARD_COLUMN} \
-         FROM (\n{body}\n) AS stepwise_result WINDOW stepwise_rows AS (ROWS UNBOUNDED PRECEDING)"
+        "WITH stepwise_result AS (\n{body}\n) SELECT stepwise_result.*, CASE WHEN {running} > {limit} \
+         THEN CAST(format(${message_param}::text, {running}) AS integer) END AS {GUARD_COLUMN} \
+         FROM stepwise_result WINDOW stepwise_rows AS (ROWS UNBOUNDED PRECEDING)"
     )
+}
+
+/// Statements that cannot stand inside `WITH … AS (…)`, by their first keyword.
+const UNWRAPPABLE: &[&str] = &[
+    "abort",
+    "alter",
+    "analyze",
+    "begin",
+    "call",
+    "checkpoint",
+    "close",
+    "cluster",
+    "comment",
+    "commit",
+    "copy",
+    "create",
+    "deallocate",
+    "declare",
+    "discard",
+    "do",
+    "drop",
+    "end",
+    "execute",
+    "explain",
+    "fetch",
+    "grant",
+    "import",
+    "listen",
+    "load",
+    "lock",
+    "move",
+    "notify",
+    "prepare",
+    "reassign",
+    "refresh",
+    "reindex",
+    "release",
+    "reset",
+    "revoke",
+    "rollback",
+    "savepoint",
+    "security",
+    "set",
+    "show",
+    "start",
+    "truncate",
+    "unlisten",
+    "vacuum",
+];
+
+/// Refuses, before anything is sent, a statement that the size guard cannot wrap, saying what
+/// to write instead.
+fn refuse_unwrappable(statement: &str) -> Option<SqlError> {
+    let mut words = leading_words(statement);
+    let keyword = words.next()?.to_ascii_lowercase();
+    if !UNWRAPPABLE.contains(&keyword.as_str()) {
+        return None;
+    }
+    let keyword = keyword.to_ascii_uppercase();
+    Some(SqlError::QueryFailed(if keyword == "SHOW" {
+        let setting = words.next().unwrap_or("name");
+        format!(
+            "SHOW cannot run as a plugin query; read the setting with SELECT current_setting('{setting}')"
+        )
+    } else {
+        format!(
+            "{keyword} cannot run as a plugin query: a query is one SELECT, VALUES, TABLE or \
+             WITH, or on a writable source one INSERT, UPDATE or DELETE with RETURNING"
+        )
+    }))
+}
+
+/// The words that open `statement`, after white space, comments (nested, as PostgreSQL
+/// reads them) and opening parentheses.
+fn leading_words(statement: &str) -> impl Iterator<Item = &str> {
+    let mut rest = statement;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if rest.starts_with("/*") {
+            rest = after_block_comment(rest);
+        } else {
+            break;
+        }
+    }
+    rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .take_while(|word| !word.is_empty())
+}
+
+/// What follows the block comment that opens `text`.
+fn after_block_comment(text: &str) -> &str {
+    let mut depth = 0usize;
+    let mut index = 0;
+    let bytes = text.as_bytes();
+    while index + 1 < bytes.len() {
+        match &bytes[index..index + 2] {
+            b"/*" => {
+                depth += 1;
+                index += 2;
+            }
+            b"*/" => {
+                depth -= 1;
+                index += 2;
+                if depth == 0 {
+                    return &text[index..];
+                }
+            }
+            _ => index += 1,
+        }
+    }
+    ""
+}
+
+/// What the server's refusal of the wrapped statement means for the plugin: the guard's stop
+/// is the result size limit (with the size the server counted), and a write without
+/// `RETURNING` is told what to add, or on a read-only source that it may not write at all
+/// (the server finds the missing `RETURNING` before the read-only transaction could refuse).
+fn explain_refusal(error: QueryError, source: &str, read_only: bool) -> QueryError {
+    let QueryError::Database(database) = &error else {
+        return error;
+    };
+    let Some(database) = database.as_database_error() else {
+        return error;
+    };
+    let message = database.message();
+    if let Some(start) = message.find(GUARD_STOP) {
+        return QueryError::Guest(SqlError::LimitExceeded(
+            message[start..].trim_end_matches('"').to_owned(),
+        ));
+    }
+    // 0A000 = feature_not_supported, which a data-modifying WITH without RETURNING raises.
+    if database.code().as_deref() == Some("0A000") && message.contains("RETURNING") {
+        if read_only {
+            return QueryError::Guest(SqlError::ReadOnly(format!(
+                "sql source {source:?} is read-only: it takes no INSERT, UPDATE or DELETE"
+            )));
+        }
+        return QueryError::Guest(SqlError::QueryFailed(
+            "a write on a PostgreSQL source must return its rows: add RETURNING (e.g. RETURNING \
+             id), or count them with WITH changed AS (… RETURNING 1) SELECT count(*) FROM changed"
+                .into(),
+        ));
+    }
+    error
 }
 
 #[cfg(test)]
@@ -197,17 +348,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_are_guarded_and_other_statements_left_alone() {
-        let guarded = guard_result_size("  select 1 as a; ", 10);
-        assert!(guarded.contains("FROM (\nselect 1 as a\n)"), "{guarded}");
+    fn every_statement_is_wrapped() {
+        let guarded = guard_result_size("  select 1 as a; ", 10, 3);
+        assert!(
+            guarded.starts_with("WITH stepwise_result AS (\n  select 1 as a\n) SELECT"),
+            "{guarded}"
+        );
         assert!(guarded.contains("> 10"));
-        assert_eq!(
-            guard_result_size("SHOW search_path", 10),
-            "SHOW search_path"
+        assert!(guarded.contains("format($3::text"));
+        for statement in [
+            "/**/ SELECT 1",
+            "(SELECT 1)",
+            "INSERT INTO t VALUES (1) RETURNING *",
+        ] {
+            let guarded = guard_result_size(statement, 10, 1);
+            assert!(guarded.contains(&format!("(\n{statement}\n)")), "{guarded}");
+        }
+    }
+
+    #[test]
+    fn what_follows_the_plugins_text_can_close_nothing_it_opened() {
+        let suffix = guard_result_size("", 10, 1);
+        let suffix = suffix.trim_start_matches("WITH stepwise_result AS (\n");
+        assert!(suffix.starts_with('\n'));
+        for opener_end in ["'", "\"", "$$", "*/"] {
+            assert!(!suffix.contains(opener_end), "{opener_end} in {suffix}");
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_wrapped_is_refused_with_what_to_write() {
+        let refusal = |statement| match refuse_unwrappable(statement) {
+            Some(SqlError::QueryFailed(message)) => message,
+            other => panic!("{statement}: {other:?}"),
+        };
+        assert!(refusal("show search_path").contains("SELECT current_setting('search_path')"));
+        assert!(
+            refusal(" /* a /* nested */ comment */ -- and a line\n(CREATE TABLE t (a int)")
+                .starts_with("CREATE cannot run")
         );
-        assert_eq!(
-            guard_result_size("INSERT INTO t VALUES (1) RETURNING *", 10),
-            "INSERT INTO t VALUES (1) RETURNING *"
-        );
+        for statement in [
+            "SELECT 1",
+            "with a AS (SELECT 1) SELECT * FROM a",
+            "/* create */ SELECT 1",
+            "-- drop\nVALUES (1)",
+            "(TABLE t)",
+            "UPDATE t SET a = 1 RETURNING a",
+        ] {
+            assert!(refuse_unwrappable(statement).is_none(), "{statement}");
+        }
     }
 }

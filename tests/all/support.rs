@@ -815,7 +815,7 @@ pub async fn postgres_writer_url(url: &str, table: &str) -> String {
 }
 
 /// `url` with the user `role` (created if missing, without a password), after `grant`.
-async fn postgres_role_url(url: &str, role: &str, grant: &str) -> String {
+pub async fn postgres_role_url(url: &str, role: &str, grant: &str) -> String {
     let pool = sqlx::PgPool::connect(url)
         .await
         .expect("connecting to PostgreSQL");

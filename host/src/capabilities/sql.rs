@@ -96,10 +96,12 @@ impl SqlSources {
         })
     }
 
-    /// Connects once to every read-only PostgreSQL source and fails if its role could reach
-    /// beyond the database (a superuser, or a member of `pg_execute_server_program`,
-    /// `pg_read_server_files` or `pg_write_server_files`). A source that cannot be reached is
-    /// only logged: its queries fail until it is back, and every query checks the role again.
+    /// Connects once to every PostgreSQL source and fails if its role could reach beyond the
+    /// database (a superuser, or a member of `pg_execute_server_program`,
+    /// `pg_read_server_files` or `pg_write_server_files`), and warns when it reaches beyond
+    /// the source's rows (`BYPASSRLS`, `pg_read_all_data`) or into other sessions
+    /// (`pg_monitor`, `pg_signal_backend`). A source that cannot be reached is only logged:
+    /// its queries fail until it is back, and every query checks the role again.
     pub async fn check_roles(
         &self,
         configs: &BTreeMap<String, SourceConfig>,
@@ -110,16 +112,23 @@ impl SqlSources {
                 self.sources.get(name).map(|source| &source.pool),
                 Some(SourcePool::Postgres(_))
             );
-            if !is_postgres || !config.read_only {
+            if !is_postgres {
                 continue;
             }
             let connect = sqlx::PgConnection::connect(&config.url);
             match tokio::time::timeout(Duration::from_secs(5), connect).await {
                 Ok(Ok(mut connection)) => {
-                    if let Err(refusal) =
-                        postgres::refuse_privileged_role(&mut connection, name).await
-                    {
-                        anyhow::bail!("{}", postgres::refusal_message(&refusal));
+                    let powers =
+                        postgres::RolePowers::of(&mut connection)
+                            .await
+                            .map_err(|error| {
+                                anyhow::anyhow!("source {name}: reading its role: {error}")
+                            })?;
+                    if let Some(refusal) = powers.refusal(name) {
+                        anyhow::bail!("{refusal}");
+                    }
+                    if let Some(warning) = powers.warning(name) {
+                        tracing::warn!(source = %name, "{warning}");
                     }
                 }
                 Ok(Err(error)) => {

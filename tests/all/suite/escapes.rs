@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use crate::support::{
     MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, SilentServer, TestServer, postgres_admin,
-    postgres_reader_url, postgres_table, postgres_url, postgres_writer_url, sqlite_source,
-    sqlite_url, step_statuses,
+    postgres_reader_url, postgres_role_url, postgres_table, postgres_url, postgres_writer_url,
+    sqlite_source, sqlite_url, step_statuses,
 };
 
 /// Runs `misbehave` with `action` as its first step and returns the finished run.
@@ -131,32 +131,123 @@ async fn a_huge_sqlite_result_is_stopped_at_the_result_limit() {
     }
 }
 
+/// Starts `stepwise serve` with `config` as its `stepwise.toml` and waits for it to exit on
+/// its own; returns its stderr, or fails the test if it started serving.
+fn serve_refused(config: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_path = dir.path().join("stepwise.toml");
+    std::fs::write(&config_path, config).expect("writing the config");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("creating the stderr file"))
+        .spawn()
+        .expect("running the stepwise binary");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the server") {
+            break status;
+        }
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if stderr.contains("listening on") || started.elapsed() > crate::support::DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started: {stderr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the server exited successfully");
+    std::fs::read_to_string(&stderr_path).expect("reading stderr")
+}
+
 #[tokio::test]
-async fn a_privileged_postgres_role_for_a_read_only_source_refuses_to_start() {
+async fn a_privileged_postgres_role_refuses_to_start_whether_its_source_is_read_only_or_not() {
     let Some(url) = postgres_url() else {
         return;
     };
+    for read_only in [true, false] {
+        let stderr = serve_refused(&format!(
+            "[sources.warehouse]\nurl = \"{url}\"\nread_only = {read_only}\n"
+        ));
+        assert!(
+            stderr.contains("\"warehouse\"")
+                && stderr.contains("superuser")
+                && stderr.contains("CREATE ROLE"),
+            "read_only = {read_only}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_role_that_reaches_beyond_its_tables_is_named_in_a_warning_at_start() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_warned").await;
+    let role = format!("{table}_role");
+    postgres_admin(&url, &format!("CREATE ROLE {role} LOGIN BYPASSRLS")).await;
+    let source = postgres_role_url(&url, &role, &format!("GRANT pg_monitor TO {role}")).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("stepwise.toml");
     std::fs::write(
         &config,
-        format!("[sources.warehouse]\nurl = \"{url}\"\nread_only = true\n"),
+        format!("[sources.warehouse]\nurl = \"{source}\"\nread_only = true\n"),
     )
     .expect("writing the config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("running the stepwise binary");
-    assert!(!output.status.success(), "the server started");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+        .arg(dir.path().join("data"));
+    let (mut child, _address, log) = crate::support::start_program(command);
+    let _ = child.kill();
+    let _ = child.wait();
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+    postgres_admin(&url, &format!("DROP ROLE {role}")).await;
+    let log = log.lock().expect("the log").join("\n");
+    let warning = log
+        .lines()
+        .find(|line| line.contains("WARN") && line.contains("warehouse"))
+        .unwrap_or_else(|| panic!("no warning names the source: {log}"));
     assert!(
-        stderr.contains("\"warehouse\"")
-            && stderr.contains("superuser")
-            && stderr.contains("CREATE ROLE"),
-        "{stderr}"
+        warning.contains("BYPASSRLS") && warning.contains("pg_monitor"),
+        "{warning}"
+    );
+}
+
+#[tokio::test]
+async fn a_writable_postgres_source_whose_role_turns_superuser_is_refused_at_its_next_query() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_promoted").await;
+    let role = format!("{table}_role");
+    postgres_admin(&url, &format!("CREATE ROLE {role} LOGIN")).await;
+    let source = postgres_role_url(
+        &url,
+        &role,
+        &format!("GRANT SELECT, INSERT ON {table} TO {role}"),
+    )
+    .await;
+    let server = postgres_server(source, false).await;
+    let select = sql(&format!("SELECT name FROM {table}"));
+    let before = run_action(&server, select.clone()).await;
+    postgres_admin(&url, &format!("ALTER ROLE {role} SUPERUSER")).await;
+    let after = run_action(&server, select).await;
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+    postgres_admin(&url, &format!("DROP ROLE {role}")).await;
+    assert_eq!(before["status"], "passed", "{before:#}");
+    assert_eq!(step_statuses(&after)[0], "failed", "{after:#}");
+    let message = first_message(&after);
+    assert!(
+        message.contains("denied") && message.contains("superuser"),
+        "{message}"
     );
 }
 

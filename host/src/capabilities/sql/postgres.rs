@@ -1,10 +1,11 @@
 //! Confinement of a PostgreSQL data source. "Read-only" is the database's own `READ ONLY`
-//! transaction, which is not enough against a privileged role: a superuser's read-only
-//! transaction still runs `COPY … TO PROGRAM` and reads server files. So a read-only source's
-//! role is checked at start (the host refuses to start) and again in every query's
-//! transaction (the query fails), and refused when it could reach beyond the database. Each query runs alone in its transaction with a time limit and
-//! is followed by `DISCARD ALL`, which the plugin's statement cannot undo, so no session
-//! setting, prepared statement, cursor or lock outlives it on the pooled connection.
+//! transaction, and "writable" means the role's own tables; neither holds against a privileged
+//! role: a superuser's transaction, read-only or not, still runs `COPY … TO PROGRAM` and reads
+//! server files. So every source's role is checked at start (the host refuses to start, and
+//! warns about powers a plugin should rarely have) and again in every query's transaction
+//! (the query is denied). Each query runs alone in its transaction with a time limit and is
+//! followed by `DISCARD ALL`, which the plugin's statement cannot undo, so no session setting,
+//! prepared statement, cursor or lock outlives it on the pooled connection.
 
 use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, Postgres};
@@ -14,58 +15,114 @@ use super::{QueryError, QueryLimits, ResultBytes, column_names, postgres_values,
 use crate::bindings::sql::{RowSet, SqlError, Value};
 
 /// Starts the text of a refusal.
-const REFUSED: &str = "stepwise refuses this role for a read-only source";
+const REFUSED: &str = "stepwise refuses this role for a sql source";
 
-/// Fails when the connection's role is a superuser or may run programs or touch files on the
-/// database server. The message names the source and how to fix it.
-pub(super) async fn refuse_privileged_role(
-    connection: &mut PgConnection,
-    source: &str,
-) -> Result<(), sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT current_user::text, rolsuper, \
-         pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER'), \
-         pg_has_role(current_user, 'pg_read_server_files', 'MEMBER'), \
-         pg_has_role(current_user, 'pg_write_server_files', 'MEMBER') \
-         FROM pg_roles WHERE rolname = current_user",
-    )
-    .persistent(false)
-    .fetch_one(&mut *connection)
-    .await?;
-    let role: String = row.try_get(0)?;
-    let mut powers = Vec::new();
-    for (index, power) in [
-        (1, "is a superuser"),
-        (2, "is a member of pg_execute_server_program"),
-        (3, "is a member of pg_read_server_files"),
-        (4, "is a member of pg_write_server_files"),
-    ] {
-        if row.try_get::<bool, _>(index)? {
-            powers.push(power);
-        }
-    }
-    if powers.is_empty() {
-        return Ok(());
-    }
-    Err(sqlx::Error::Configuration(
-        format!(
-            "{REFUSED}: sql source {source:?} connects as role {role:?}, which {}; a plugin \
-             could run programs or read files on the database server through it. Connect as a \
-             role that may only read, e.g. `CREATE ROLE stepwise_reader LOGIN PASSWORD '…'; \
-             GRANT USAGE ON SCHEMA public TO stepwise_reader; GRANT SELECT ON ALL TABLES IN \
-             SCHEMA public TO stepwise_reader;`, and use it in the source's url",
-            powers.join(" and ")
-        )
-        .into(),
-    ))
+/// Predefined roles whose members reach beyond the database: programs and files on the
+/// server. A source's role may not be one.
+const REFUSED_ROLES: [&str; 3] = [
+    "pg_execute_server_program",
+    "pg_read_server_files",
+    "pg_write_server_files",
+];
+
+/// Predefined roles whose members reach rows or sessions that are not the source's, and what
+/// for. Warned about at start: a deliberate choice is possible, an accidental one likelier.
+const WARNED_ROLES: [(&str, &str); 3] = [
+    ("pg_read_all_data", "reads every table"),
+    (
+        "pg_monitor",
+        "reads other sessions' queries and the server's statistics",
+    ),
+    ("pg_signal_backend", "cancels or ends other roles' sessions"),
+];
+
+/// What a source's role may do beyond the tables it was granted.
+pub(super) struct RolePowers {
+    role: String,
+    /// Reaches beyond the database: refused.
+    refused: Vec<String>,
+    /// Reaches beyond the source's rows or into other sessions: warned about.
+    warned: Vec<String>,
 }
 
-/// The refusal's text without sqlx's prefix.
-pub(super) fn refusal_message(error: &sqlx::Error) -> String {
-    let text = error.to_string();
-    match text.find(REFUSED) {
-        Some(start) => text[start..].to_owned(),
-        None => text,
+impl RolePowers {
+    /// Reads the powers of the connection's role.
+    pub(super) async fn of(connection: &mut PgConnection) -> Result<RolePowers, sqlx::Error> {
+        let named: Vec<&str> = REFUSED_ROLES
+            .iter()
+            .chain(WARNED_ROLES.iter().map(|(role, _)| role))
+            .copied()
+            .collect();
+        // Memberships through the roles that exist here: an older server lacks some, which
+        // `pg_has_role` by name would fail on.
+        let row = sqlx::query(
+            "SELECT current_user::text, r.rolsuper, r.rolbypassrls, \
+             ARRAY(SELECT m.rolname::text FROM pg_roles m WHERE m.rolname = ANY($1) \
+             AND pg_has_role(current_user, m.oid, 'MEMBER') ORDER BY m.rolname) \
+             FROM pg_roles r WHERE r.rolname = current_user",
+        )
+        .bind(named)
+        .persistent(false)
+        .fetch_one(&mut *connection)
+        .await?;
+        let role: String = row.try_get(0)?;
+        if row.try_get::<bool, _>(1)? {
+            return Ok(RolePowers {
+                role,
+                refused: vec!["is a superuser".into()],
+                warned: Vec::new(),
+            });
+        }
+        let members: Vec<String> = row.try_get(3)?;
+        let member = |name: &str| members.iter().any(|member| member == name);
+        let refused = REFUSED_ROLES
+            .iter()
+            .filter(|name| member(name))
+            .map(|name| format!("is a member of {name}"))
+            .collect();
+        let mut warned = Vec::new();
+        if row.try_get::<bool, _>(2)? {
+            warned.push("has BYPASSRLS (reads rows that row-level security hides)".to_owned());
+        }
+        for (name, what) in WARNED_ROLES {
+            if member(name) {
+                warned.push(format!("is a member of {name} ({what})"));
+            }
+        }
+        Ok(RolePowers {
+            role,
+            refused,
+            warned,
+        })
+    }
+
+    /// Why `source` may not use this role, naming the fix; `None` if it may.
+    pub(super) fn refusal(&self, source: &str) -> Option<String> {
+        if self.refused.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{REFUSED}: sql source {source:?} connects as role {:?}, which {}; a plugin could \
+             run programs or read files on the database server through it. Connect as a role \
+             that may only do what the source needs, e.g. `CREATE ROLE stepwise_reader LOGIN \
+             PASSWORD '…'; GRANT USAGE ON SCHEMA public TO stepwise_reader; GRANT SELECT ON \
+             ALL TABLES IN SCHEMA public TO stepwise_reader;`, and use it in the source's url",
+            self.role,
+            self.refused.join(" and ")
+        ))
+    }
+
+    /// What a plugin granted `source` could do that it should rarely need; `None` if nothing.
+    pub(super) fn warning(&self, source: &str) -> Option<String> {
+        if self.warned.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "sql source {source:?} connects as role {:?}, which {}; a plugin granted the source \
+             can do the same. Give the source a role without these unless its plugins need them",
+            self.role,
+            self.warned.join(", ")
+        ))
     }
 }
 
@@ -112,13 +169,11 @@ async fn run(
     limits: QueryLimits,
 ) -> Result<RowSet, QueryError> {
     let mut transaction = connection.begin().await?;
+    // Again on every query: the role may have been granted more since the host started.
+    if let Some(refusal) = RolePowers::of(&mut transaction).await?.refusal(source) {
+        return Err(QueryError::Guest(SqlError::Denied(refusal)));
+    }
     if read_only {
-        // Again on every query: the role may have been granted more since the host started.
-        if let Err(refusal) = refuse_privileged_role(&mut transaction, source).await {
-            return Err(QueryError::Guest(SqlError::Denied(refusal_message(
-                &refusal,
-            ))));
-        }
         sqlx::query("SET TRANSACTION READ ONLY")
             .persistent(false)
             .execute(&mut *transaction)

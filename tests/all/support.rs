@@ -837,6 +837,72 @@ pub async fn postgres_role_url(url: &str, role: &str, grant: &str) -> String {
     format!("{scheme}://{role}@{host}")
 }
 
+/// A TCP proxy on 127.0.0.1 in front of the host:port of the PostgreSQL `url` that holds back
+/// every chunk the server sends by `delay` (the client's bytes go through at once): a slow
+/// network, on which an answer can arrive after the host stopped waiting for it. Returns `url`
+/// through the proxy; the proxy stops when the guard is dropped.
+pub async fn postgres_behind_slow_network(
+    url: &str,
+    delay: Duration,
+) -> (String, tokio_util::sync::DropGuard) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (user, rest) = rest.split_once('@').expect("a user in the URL");
+    let (upstream, database) = rest.split_once('/').expect("a database in the URL");
+    let upstream = if upstream.contains(':') {
+        upstream.to_owned()
+    } else {
+        format!("{upstream}:5432")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding port 0");
+    let address = listener.local_addr().expect("bound address");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                _ = token.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let upstream = upstream.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let to_server = tokio::io::copy(&mut client_read, &mut server_write);
+                let to_client = async {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let read = server_read.read(&mut buffer).await?;
+                        if read == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        tokio::time::sleep(delay).await;
+                        client_write.write_all(&buffer[..read]).await?;
+                    }
+                };
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = to_server => {}
+                    _ = to_client => {}
+                }
+            });
+        }
+    });
+    (
+        format!("{scheme}://{user}@{address}/{database}"),
+        shutdown.drop_guard(),
+    )
+}
+
 /// A SQLite database file in `dir` with one table `items(id INTEGER, name TEXT)` and two rows.
 pub async fn sqlite_source(dir: &Path) -> PathBuf {
     use sqlx::ConnectOptions;

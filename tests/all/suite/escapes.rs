@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use crate::support::{
     MISBEHAVE_DESCRIBE_HUGE_WASM, PluginFile, Setup, SilentServer, TestServer, postgres_admin,
-    postgres_reader_url, postgres_role_url, postgres_table, postgres_url, postgres_writer_url,
-    sqlite_source, sqlite_url, step_statuses,
+    postgres_behind_slow_network, postgres_reader_url, postgres_role_url, postgres_table,
+    postgres_url, postgres_writer_url, sqlite_source, sqlite_url, step_statuses,
 };
 
 /// Runs `misbehave` with `action` as its first step and returns the finished run.
@@ -445,6 +445,65 @@ async fn a_write_on_a_postgres_source_returns_its_rows_through_the_size_guard() 
         json!([[1, "one"], [2, "two"]]),
         "only the write that returned its rows happened: {run:#}"
     );
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+}
+
+#[tokio::test]
+async fn a_postgres_query_cut_short_by_the_host_leaves_no_lock_behind() {
+    use sqlx::Connection;
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_cut_short").await;
+    // Every answer of the server comes 200 ms late: the query below is done on the server
+    // (well within its statement_timeout) when the host's 2 s are up, and its answer is still
+    // on the way.
+    let (source, _network) = postgres_behind_slow_network(
+        &postgres_reader_url(&url, &table).await,
+        std::time::Duration::from_millis(200),
+    )
+    .await;
+    let server = TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(
+                "sql_sources = [\"warehouse\"]\n[limits]\nmax_errors = 1\nsql_timeout_ms = 2000\n",
+            ))
+            .with_source("warehouse", source, true),
+    )
+    .await;
+    // Advisory locks are the database's: a key of this test's own, apart from the other
+    // backend's copy of it.
+    let key = i64::from(std::process::id()) * 2 + i64::from(module_path!().contains("postgres"));
+    let run = run_action(
+        &server,
+        sql(&format!("SELECT pg_advisory_lock({key}), pg_sleep(1.5)")),
+    )
+    .await;
+    assert_eq!(run["status"], "errored", "{run:#}");
+    assert!(
+        first_message(&run).contains("sql time limit of 2000 ms exceeded"),
+        "{run:#}"
+    );
+    let mut other = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("connecting to PostgreSQL");
+    let started = std::time::Instant::now();
+    loop {
+        let (taken,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut other)
+            .await
+            .expect("trying the lock");
+        if taken {
+            break;
+        }
+        assert!(
+            started.elapsed() < crate::support::DEADLINE,
+            "the query's advisory lock is still held after {:?}",
+            crate::support::DEADLINE
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     postgres_admin(&url, &format!("DROP TABLE {table}")).await;
 }
 

@@ -5,9 +5,13 @@
 //! warns about powers a plugin should rarely have) and again in every query's transaction
 //! (the query is denied). Each query runs alone in its transaction with a time limit and is
 //! followed by `DISCARD ALL`, which the plugin's statement cannot undo, so no session setting,
-//! prepared statement, cursor or lock outlives it on the pooled connection.
+//! prepared statement, cursor or lock outlives it on the pooled connection; a connection whose
+//! query did not get that far is closed, not pooled.
+
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::{Connection, Row};
 
@@ -128,7 +132,7 @@ impl RolePowers {
 
 /// Runs one plugin query in a transaction of its own, then resets the session.
 pub(super) async fn query(
-    mut connection: sqlx::pool::PoolConnection<Postgres>,
+    connection: PoolConnection<Postgres>,
     source: &str,
     read_only: bool,
     statement: &str,
@@ -138,26 +142,53 @@ pub(super) async fn query(
     if let Some(refusal) = refuse_unwrappable(statement) {
         return Err(QueryError::Guest(refusal));
     }
+    let deadline = Instant::now() + limits.timeout;
+    let mut held = ResetOrClosed {
+        connection,
+        reset: false,
+    };
     let result = run(
-        &mut connection,
+        &mut held.connection,
         source,
         read_only,
         statement,
         params,
         limits,
+        deadline,
     )
     .await
     .map_err(|error| explain_refusal(error, source, read_only));
-    // Outside any transaction (a failed one has been rolled back by now). If the reset
-    // fails, the connection is not trusted again.
-    let reset = sqlx::query("DISCARD ALL")
+    // Outside any transaction (a failed one has been rolled back by now).
+    held.reset = sqlx::query("DISCARD ALL")
         .persistent(false)
-        .execute(&mut *connection)
-        .await;
-    if reset.is_err() {
-        connection.close_on_drop();
-    }
+        .execute(&mut *held.connection)
+        .await
+        .is_ok();
     result
+}
+
+/// A pooled connection that goes back to the pool only once `DISCARD ALL` has reset its
+/// session. Dropped before that (the host's time limit cut the query short, the reset failed),
+/// it is closed instead: its session may still hold what the query took, an advisory lock say,
+/// and a query whose answer was still on the way may have finished after all.
+struct ResetOrClosed {
+    connection: PoolConnection<Postgres>,
+    reset: bool,
+}
+
+impl Drop for ResetOrClosed {
+    fn drop(&mut self) {
+        if !self.reset {
+            self.connection.close_on_drop();
+        }
+    }
+}
+
+/// How much earlier than the host's time limit the server stops the plugin's statement
+/// (`statement_timeout`): time for its error, the rollback and `DISCARD ALL` to come back, so
+/// that a query that runs too long ends with a reset connection rather than a closed one.
+fn statement_timeout_margin(timeout: Duration) -> Duration {
+    (timeout / 10).min(Duration::from_millis(250))
 }
 
 async fn run(
@@ -167,6 +198,7 @@ async fn run(
     statement: &str,
     params: Vec<Value>,
     limits: QueryLimits,
+    deadline: Instant,
 ) -> Result<RowSet, QueryError> {
     let mut transaction = connection.begin().await?;
     // Again on every query: the role may have been granted more since the host started.
@@ -179,10 +211,13 @@ async fn run(
             .execute(&mut *transaction)
             .await?;
     }
-    let set_timeout = format!(
-        "SET LOCAL statement_timeout = {}",
-        limits.timeout.as_millis()
-    );
+    let statement_timeout = deadline
+        .saturating_duration_since(Instant::now())
+        .saturating_sub(statement_timeout_margin(limits.timeout))
+        .as_millis()
+        // 0 would be no limit at all.
+        .max(1);
+    let set_timeout = format!("SET LOCAL statement_timeout = {statement_timeout}");
     sqlx::query(&set_timeout)
         .persistent(false)
         .execute(&mut *transaction)

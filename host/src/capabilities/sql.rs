@@ -1,14 +1,15 @@
 //! `stepwise:plugin/sql`: queries against the data sources named in the host's config
 //! (`[sources.*]`) and granted to the plugin. Parameters are always bound, and a query is
-//! exactly one statement. A query is confined to itself: it reaches nothing but the source
-//! (no other database, no file, no program) and leaves nothing behind on the pooled
-//! connection for the next plugin (`sqlite.rs`, `postgres.rs`). A `read_only` source is
-//! read-only in the database itself, not by inspecting SQL text. Rows, result bytes and time
-//! are capped, and the database enforces time and value sizes too (PostgreSQL's
-//! `statement_timeout`, SQLite's progress handler and length limit), so a query that runs
-//! forever or builds a huge value is stopped, not just abandoned. Exceeding a cap is a
-//! [`Violation`]: the attempt ends `errored`. Waiting for a pooled connection has its own
-//! time limit and is the host's problem, not the plugin's.
+//! exactly one statement of at most [`MAX_STATEMENT_BYTES`], never cached. A query is
+//! confined to itself: it reaches nothing but the source (no other database, no file, no
+//! program) and leaves nothing behind on the pooled connection for the next plugin
+//! (`sqlite.rs`, `postgres.rs`). A `read_only` source is read-only in the database itself,
+//! not by inspecting SQL text. Rows, result bytes and time are capped, and the database
+//! enforces time and value sizes too (PostgreSQL's `statement_timeout`, SQLite's progress
+//! handler and length limit), so a query that runs forever or builds a huge value is
+//! stopped, not just abandoned. Exceeding a cap is a [`Violation`]: the attempt ends
+//! `errored`. Waiting for a pooled connection has its own time limit and is the host's
+//! problem, not the plugin's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -35,6 +36,11 @@ struct SqlSource {
     pool: SourcePool,
     read_only: bool,
 }
+
+/// The longest statement text a query may have, on every backend. A check's query is short;
+/// without a bound, each query could make the source's server (or SQLite, on the host's own
+/// thread) parse megabytes of SQL.
+pub const MAX_STATEMENT_BYTES: usize = 64 << 10;
 
 /// How long a query waits for one of its source's pooled connections. A source busy with
 /// other plugins' slow queries is the host's condition: the wait does not count against the
@@ -184,11 +190,18 @@ impl Host for SqlState {
             timeout: self.timeout,
         };
         let result = match &target.pool {
+            _ if statement.len() > MAX_STATEMENT_BYTES => {
+                Err(QueryError::Guest(SqlError::LimitExceeded(format!(
+                    "sql statement length limit of {MAX_STATEMENT_BYTES} bytes exceeded ({} bytes)",
+                    statement.len()
+                ))))
+            }
             SourcePool::Sqlite(pool) => match acquire(pool, &source).await? {
                 Ok(connection) => {
+                    let mut connection = connection;
                     within_time(
                         self.timeout,
-                        query_sqlite(connection, &statement, params, limits),
+                        query_sqlite(&mut connection, &statement, params, limits),
                     )
                     .await
                 }
@@ -376,7 +389,7 @@ fn column_names<R: Row>(row: &R) -> Vec<String> {
 }
 
 async fn query_sqlite(
-    mut connection: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    connection: &mut sqlx::SqliteConnection,
     statement: &str,
     params: Vec<Value>,
     limits: QueryLimits,
@@ -421,7 +434,9 @@ async fn query_sqlite(
             }
         }
     }
-    let query = bind_params!(sqlx::query(statement), params);
+    // Not persistent: a plugin's statement is used once, and a connection should not keep
+    // every text it was sent (up to sqlx's cache of 100 per connection).
+    let query = bind_params!(sqlx::query(statement).persistent(false), params);
     let mut stream = query.fetch(&mut *connection);
     let mut set = RowSet {
         columns: Vec::new(),
@@ -489,4 +504,37 @@ fn postgres_values(row: &PgRow) -> Result<Vec<Value>, QueryError> {
             Ok(value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_query_leaves_no_statement_cached_on_its_connection() {
+        let mut connection = SqliteConnection::connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database");
+        let limits = QueryLimits {
+            max_rows: 10,
+            max_result_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        };
+        for statement in ["SELECT 1", "SELECT ? AS x"] {
+            let params = vec![Value::Int(1)];
+            let params = if statement.contains('?') {
+                params
+            } else {
+                Vec::new()
+            };
+            assert!(
+                query_sqlite(&mut connection, statement, params, limits)
+                    .await
+                    .is_ok()
+            );
+        }
+        assert_eq!(connection.cached_statements_size(), 0);
+    }
 }

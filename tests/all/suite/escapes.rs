@@ -131,6 +131,32 @@ async fn a_huge_sqlite_result_is_stopped_at_the_result_limit() {
     }
 }
 
+#[tokio::test]
+async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
+    let long = format!("SELECT 1 -- {}", "x".repeat(64 << 10));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = sqlite_server(dir.path(), true).await;
+    let mut servers = vec![server];
+    if let Some(url) = postgres_url() {
+        let table = postgres_table(&url, "stepwise_long").await;
+        servers.push(postgres_server(postgres_reader_url(&url, &table).await, true).await);
+    }
+    for server in &servers {
+        let run = run_action(server, sql(&long)).await;
+        assert_eq!(run["status"], "errored", "{run:#}");
+        assert!(
+            first_message(&run).contains("sql statement length limit of 65536 bytes exceeded"),
+            "{run:#}"
+        );
+        let run = run_action(
+            server,
+            sql(&format!("SELECT 1 -- {}", "x".repeat(60 << 10))),
+        )
+        .await;
+        assert_eq!(run["status"], "passed", "{run:#}");
+    }
+}
+
 /// Starts `stepwise serve` with `config` as its `stepwise.toml` and waits for it to exit on
 /// its own; returns its stderr, or fails the test if it started serving.
 fn serve_refused(config: &str) -> String {

@@ -82,7 +82,7 @@ pub async fn serve(
     let sources =
         SqlSources::connect_lazy(&source_configs).map_err(|error| set.redact_error(error))?;
     sources
-        .check_roles(&source_configs)
+        .check_at_start(&source_configs, &settings.database_url)
         .await
         .map_err(|error| set.redact_error(error))?;
     #[cfg(unix)]

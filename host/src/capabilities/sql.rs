@@ -102,28 +102,49 @@ impl SqlSources {
         })
     }
 
-    /// Connects once to every PostgreSQL source and fails if its role could reach beyond the
-    /// database (a superuser, or a member of `pg_execute_server_program`,
-    /// `pg_read_server_files` or `pg_write_server_files`), and warns when it reaches beyond
-    /// the source's rows (`BYPASSRLS`, `pg_read_all_data`) or into other sessions
-    /// (`pg_monitor`, `pg_signal_backend`). A source that cannot be reached is only logged:
-    /// its queries fail until it is back, and every query checks the role again.
-    pub async fn check_roles(
+    /// Refuses to start with a source that is the host's own database (`host_database_url`,
+    /// whose runs, plugins and tokens a plugin granted the source could then read and
+    /// change), and checks the role of every PostgreSQL source: see [`postgres::RolePowers`].
+    /// A PostgreSQL source is the host's database when its URL names the same host, port and
+    /// database, or when both answer with the same database of the same running server (the
+    /// same server under another name). A source that cannot be reached is only logged: its
+    /// queries fail until it is back, and every query checks the role again.
+    pub async fn check_at_start(
         &self,
         configs: &BTreeMap<String, SourceConfig>,
+        host_database_url: &str,
     ) -> anyhow::Result<()> {
-        use sqlx::Connection;
+        let own = |name: &str, how: &str| {
+            anyhow::anyhow!(
+                "sql source {name:?} is the host's own database ({how}): a plugin granted it \
+                 could read and change the host's runs, plugins and tokens. Point the source at \
+                 another database"
+            )
+        };
+        let mut host_identity = None;
         for (name, config) in configs {
-            let is_postgres = matches!(
-                self.sources.get(name).map(|source| &source.pool),
-                Some(SourcePool::Postgres(_))
-            );
-            if !is_postgres {
-                continue;
-            }
-            let connect = sqlx::PgConnection::connect(&config.url);
-            match tokio::time::timeout(Duration::from_secs(5), connect).await {
-                Ok(Ok(mut connection)) => {
+            match self.sources.get(name).map(|source| &source.pool) {
+                Some(SourcePool::Sqlite(_))
+                    if sqlite::same_database(&config.url, host_database_url) =>
+                {
+                    return Err(own(name, "the same file"));
+                }
+                Some(SourcePool::Postgres(_)) => {
+                    if postgres::same_database_by_url(&config.url, host_database_url) {
+                        return Err(own(name, "the same host, port and database name"));
+                    }
+                    let Some(mut connection) = connect_at_start(name, &config.url).await else {
+                        continue;
+                    };
+                    if host_identity.is_none() && postgres::is_url(host_database_url) {
+                        host_identity = Some(postgres::host_identity(host_database_url).await?);
+                    }
+                    let identity = postgres::DatabaseIdentity::of(&mut connection)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
+                    if host_identity.as_ref() == Some(&identity) {
+                        return Err(own(name, "the same database of the same running server"));
+                    }
                     let powers =
                         postgres::RolePowers::of(&mut connection)
                             .await
@@ -137,15 +158,27 @@ impl SqlSources {
                         tracing::warn!(source = %name, "{warning}");
                     }
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role")
-                }
-                Err(_) => {
-                    tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role")
-                }
+                Some(SourcePool::Sqlite(_)) | None => {}
             }
         }
         Ok(())
+    }
+}
+
+/// A connection to the PostgreSQL source `name` for the checks at start, or `None` (logged)
+/// when it cannot be reached now.
+async fn connect_at_start(name: &str, url: &str) -> Option<sqlx::PgConnection> {
+    use sqlx::Connection;
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(connection)) => Some(connection),
+        Ok(Err(error)) => {
+            tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role");
+            None
+        }
     }
 }
 

@@ -157,18 +157,19 @@ async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
     }
 }
 
-/// Starts `stepwise serve` with `config` as its `stepwise.toml` and waits for it to exit on
-/// its own; returns its stderr, or fails the test if it started serving.
-fn serve_refused(config: &str) -> String {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config_path = dir.path().join("stepwise.toml");
+/// Starts `stepwise serve` with `config` as its `stepwise.toml`, `dir/data` as its data dir
+/// and `args` besides, and waits for it to exit on its own; returns its stderr, or fails the
+/// test if it started serving.
+fn serve_refused(dir: &std::path::Path, config: &str, args: &[&str]) -> String {
+    let config_path = dir.join("stepwise.toml");
     std::fs::write(&config_path, config).expect("writing the config");
-    let stderr_path = dir.path().join("stderr");
+    let stderr_path = dir.join("stderr");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config_path)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
+        .args(args)
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).expect("creating the stderr file"))
@@ -197,9 +198,12 @@ async fn a_privileged_postgres_role_refuses_to_start_whether_its_source_is_read_
         return;
     };
     for read_only in [true, false] {
-        let stderr = serve_refused(&format!(
-            "[sources.warehouse]\nurl = \"{url}\"\nread_only = {read_only}\n"
-        ));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr = serve_refused(
+            dir.path(),
+            &format!("[sources.warehouse]\nurl = \"{url}\"\nread_only = {read_only}\n"),
+            &[],
+        );
         assert!(
             stderr.contains("\"warehouse\"")
                 && stderr.contains("superuser")
@@ -207,6 +211,63 @@ async fn a_privileged_postgres_role_refuses_to_start_whether_its_source_is_read_
             "read_only = {read_only}: {stderr}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_source_that_is_the_hosts_own_sqlite_database_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The host's database, spelled another way.
+    let own = dir
+        .path()
+        .join("data")
+        .join("..")
+        .join("data")
+        .join("stepwise.db");
+    let stderr = serve_refused(
+        dir.path(),
+        &format!(
+            "[sources.own]\nurl = \"sqlite://{}\"\nread_only = false\n",
+            own.display()
+        ),
+        &[],
+    );
+    assert!(
+        stderr.contains("sql source \"own\" is the host's own database"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_source_that_is_the_hosts_own_postgres_database_refuses_to_start() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let table = postgres_table(&url, "stepwise_own").await;
+    let database = format!("{table}_db");
+    postgres_admin(&url, &format!("CREATE DATABASE {database}")).await;
+    let (server, _) = url.rsplit_once('/').expect("a database in the URL");
+    let host_url = format!("{server}/{database}");
+    // Another role, and the server by another name: the same database all the same.
+    let source = postgres_reader_url(&url, &table)
+        .await
+        .replace("127.0.0.1", "localhost")
+        .replace(
+            &format!("/{}", url.rsplit_once('/').expect("a database").1),
+            &format!("/{database}"),
+        );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stderr = serve_refused(
+        dir.path(),
+        &format!("[sources.own]\nurl = \"{source}\"\n"),
+        &["--database-url", &host_url],
+    );
+    postgres_admin(&url, &format!("DROP DATABASE {database} WITH (FORCE)")).await;
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+    assert!(
+        stderr.contains("sql source \"own\" is the host's own database")
+            && stderr.contains("the same database of the same running server"),
+        "{source}: {stderr}"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
 use sqlx::{Connection, Row};
 
 use super::{QueryError, QueryLimits, ResultBytes, column_names, postgres_values, too_many_rows};
@@ -128,6 +128,73 @@ impl RolePowers {
             self.warned.join(", ")
         ))
     }
+}
+
+/// Whether `url` is a PostgreSQL URL.
+pub(super) fn is_url(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
+/// Whether two PostgreSQL URLs name the same host, port and database (the user's name when
+/// the URL names none, as PostgreSQL does).
+pub(super) fn same_database_by_url(source: &str, host: &str) -> bool {
+    use std::str::FromStr;
+    if !is_url(source) || !is_url(host) {
+        return false;
+    }
+    let (Ok(source), Ok(host)) = (
+        PgConnectOptions::from_str(source),
+        PgConnectOptions::from_str(host),
+    ) else {
+        return false;
+    };
+    let database = |options: &PgConnectOptions| {
+        options
+            .get_database()
+            .unwrap_or(options.get_username())
+            .to_owned()
+    };
+    source.get_host().eq_ignore_ascii_case(host.get_host())
+        && source.get_port() == host.get_port()
+        && database(&source) == database(&host)
+}
+
+/// Which database of which running server a connection reaches, as any role may read it: the
+/// database's name and oid, and the server's start time to the microsecond, which tells two
+/// servers apart however they are reached.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct DatabaseIdentity {
+    name: String,
+    oid: i64,
+    server_started_micros: i64,
+}
+
+impl DatabaseIdentity {
+    pub(super) async fn of(connection: &mut PgConnection) -> Result<DatabaseIdentity, sqlx::Error> {
+        let (name, oid, server_started_micros) = sqlx::query_as(
+            "SELECT d.datname::text, d.oid::bigint, \
+             (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint \
+             FROM pg_database d WHERE d.datname = current_database()",
+        )
+        .persistent(false)
+        .fetch_one(&mut *connection)
+        .await?;
+        Ok(DatabaseIdentity {
+            name,
+            oid,
+            server_started_micros,
+        })
+    }
+}
+
+/// The identity of the host's own PostgreSQL database.
+pub(super) async fn host_identity(url: &str) -> anyhow::Result<DatabaseIdentity> {
+    let mut connection = PgConnection::connect(url)
+        .await
+        .map_err(|error| anyhow::anyhow!("connecting to the host's database: {error}"))?;
+    DatabaseIdentity::of(&mut connection)
+        .await
+        .map_err(|error| anyhow::anyhow!("reading the host's database identity: {error}"))
 }
 
 /// Runs one plugin query in a transaction of its own, then resets the session.
@@ -464,6 +531,29 @@ mod tests {
         for opener_end in ["'", "\"", "$$", "*/"] {
             assert!(!suffix.contains(opener_end), "{opener_end} in {suffix}");
         }
+    }
+
+    #[test]
+    fn urls_of_the_same_database_are_recognised() {
+        let host = "postgres://stepwise@db.internal:5432/stepwise";
+        for source in [
+            "postgres://reader@DB.internal/stepwise",
+            "postgresql://reader:secret@db.internal:5432/stepwise?sslmode=require",
+        ] {
+            assert!(same_database_by_url(source, host), "{source}");
+        }
+        for source in [
+            "postgres://reader@db.internal/warehouse",
+            "postgres://reader@db.internal:5433/stepwise",
+            "postgres://reader@other.internal/stepwise",
+            "sqlite://stepwise.db",
+        ] {
+            assert!(!same_database_by_url(source, host), "{source}");
+        }
+        assert!(same_database_by_url(
+            "postgres://stepwise@db.internal/",
+            "postgres://other@db.internal/stepwise"
+        ));
     }
 
     #[test]

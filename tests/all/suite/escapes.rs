@@ -595,6 +595,63 @@ async fn a_postgres_query_cut_short_by_the_host_leaves_no_lock_behind() {
 }
 
 #[tokio::test]
+async fn the_readmes_role_recipe_keeps_a_plugin_from_ending_its_roles_other_sessions() {
+    use sqlx::Connection;
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let readme =
+        std::fs::read_to_string(crate::support::repo_path("README.md")).expect("reading README.md");
+    let revokes: Vec<&str> = readme
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("REVOKE "))
+        .collect();
+    assert!(!revokes.is_empty(), "the recipe revokes nothing");
+    let table = postgres_table(&url, "stepwise_recipe").await;
+    let database = format!("{table}_db");
+    postgres_admin(&url, &format!("CREATE DATABASE {database}")).await;
+    let (server, _) = url.rsplit_once('/').expect("a database in the URL");
+    let admin = format!("{server}/{database}");
+    for revoke in &revokes {
+        postgres_admin(&admin, revoke).await;
+    }
+    let reader = postgres_reader_url(&url, &table).await.replace(
+        &format!("/{}", url.rsplit_once('/').expect("a database").1),
+        &format!("/{database}"),
+    );
+    let mut plugin = sqlx::PgConnection::connect(&reader)
+        .await
+        .expect("connecting");
+    let mut other = sqlx::PgConnection::connect(&reader)
+        .await
+        .expect("connecting");
+    let (other_pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut other)
+        .await
+        .expect("the other session's pid");
+    let mut outcomes = Vec::new();
+    for signal in ["pg_cancel_backend($1)", "pg_terminate_backend($1)"] {
+        let outcome = sqlx::query(&format!("SELECT {signal}"))
+            .bind(other_pid)
+            .execute(&mut plugin)
+            .await;
+        outcomes.push((signal, outcome.map_err(|error| error.to_string())));
+    }
+    drop((plugin, other));
+    postgres_admin(&url, &format!("DROP DATABASE {database} WITH (FORCE)")).await;
+    postgres_admin(&url, &format!("DROP TABLE {table}")).await;
+    for (signal, outcome) in outcomes {
+        assert!(
+            outcome
+                .as_ref()
+                .is_err_and(|error| error.contains("permission denied")),
+            "{signal}: {outcome:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_name_that_does_not_resolve_is_refused() {
     let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(
         "allowed_hosts = [\"stepwise-test.invalid:80\"]\n",

@@ -16,6 +16,7 @@ mod memo;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+mod params_schema;
 pub mod plugin_build;
 pub mod registry;
 pub mod retention;

@@ -652,6 +652,61 @@ async fn the_readmes_role_recipe_keeps_a_plugin_from_ending_its_roles_other_sess
 }
 
 #[tokio::test]
+async fn a_forged_plugin_notification_makes_the_host_touch_nothing_outside_its_cache() {
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    // Notifications are PostgreSQL's: SQLite has no other nodes to hear from.
+    if !server.database_url().starts_with("postgres") {
+        return;
+    }
+    // Artifacts are `<version>-<engine key>.cwasm`; misbehave's is there since it was loaded.
+    let artifact = std::fs::read_dir(server.data_dir().join("cache").join("compiled"))
+        .expect("the artifact cache")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .find(|name| name.ends_with(".cwasm"))
+        .expect("misbehave's artifact");
+    let engine_key = artifact
+        .trim_end_matches(".cwasm")
+        .rsplit_once('-')
+        .expect("a version and an engine key")
+        .1
+        .to_owned();
+    // A file where a version of "../../…/planted" would put its artifact.
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let planted = elsewhere.path().join(format!("planted-{engine_key}.cwasm"));
+    std::fs::write(&planted, b"not an artifact").expect("planting a file");
+    let forged = format!(
+        "plugin {}{}",
+        "../".repeat(32),
+        elsewhere
+            .path()
+            .join("planted")
+            .display()
+            .to_string()
+            .trim_start_matches('/')
+    );
+    postgres_admin(
+        server.database_url(),
+        &format!("SELECT pg_notify('stepwise', '{forged}')"),
+    )
+    .await;
+    for payload in ["plugin ", "plugin ABC", "cancel ../x", "plugin a b"] {
+        postgres_admin(
+            server.database_url(),
+            &format!("SELECT pg_notify('stepwise', '{payload}')"),
+        )
+        .await;
+    }
+    // The host goes on, and by the time a run has passed it has long heard the notification.
+    let run = run_action(&server, json!({"action": "pass"})).await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(
+        std::fs::read(&planted).ok().as_deref(),
+        Some(&b"not an artifact"[..]),
+        "the host opened (and removed) a file outside its cache"
+    );
+}
+
+#[tokio::test]
 async fn a_name_that_does_not_resolve_is_refused() {
     let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(
         "allowed_hosts = [\"stepwise-test.invalid:80\"]\n",

@@ -10,13 +10,15 @@ const PLUGINS: &[&str] = &[
 ];
 
 /// Other builds of `misbehave`, for the registry's tests: a second version of the same
-/// plugin, and components that must be rejected on upload.
+/// plugin, components that must be rejected on upload, and params schemas with patterns.
 const MISBEHAVE_VARIANTS: &[(&str, &str)] = &[
     ("variant-b", "misbehave-b"),
     ("describe-trap", "misbehave-describe-trap"),
     ("describe-loop", "misbehave-describe-loop"),
     ("duplicate-steps", "misbehave-duplicate-steps"),
     ("describe-huge", "misbehave-describe-huge"),
+    ("params-pattern", "misbehave-params-pattern"),
+    ("params-lookaround", "misbehave-params-lookaround"),
 ];
 
 fn main() {

@@ -336,6 +336,7 @@ pub(crate) async fn write_runs(
                     ..RunOptions::default()
                 };
                 let run = plan_run(&plugin, &params, options, &settings, now_millis())
+                    .await
                     .map_err(|error| anyhow::anyhow!("{error}"))?;
                 store.enqueue_run(&run).await?;
             }

@@ -535,14 +535,20 @@ impl LimitsFile {
 #[serde(deny_unknown_fields)]
 struct SourceFile {
     url: String,
-    #[serde(default)]
+    /// Writing is what an operator opts into, not what a forgotten key allows.
+    #[serde(default = "read_only_unless_said")]
     read_only: bool,
+}
+
+fn read_only_unless_said() -> bool {
+    true
 }
 
 /// A data source for the `sql` capability.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceConfig {
     pub url: String,
+    /// `true` unless the config says `read_only = false`.
     pub read_only: bool,
 }
 
@@ -1171,6 +1177,9 @@ mod tests {
             toml::from_str("[sources.warehouse]\nurl = \"sqlite://x.db\"\nread_only = true\n")
                 .expect("valid config");
         assert!(file.sources["warehouse"].read_only);
+        let file: FileConfig =
+            toml::from_str("[sources.warehouse]\nurl = \"sqlite://x.db\"\n").expect("valid config");
+        assert!(file.sources["warehouse"].read_only, "read-only by default");
     }
 
     fn settings_from(text: &str) -> anyhow::Result<Settings> {

@@ -80,7 +80,9 @@ pub async fn run_file(
         .context("the plugin is not valid")?;
     let info = inspected.check_info;
     if let Some(schema) = &info.params_schema {
-        check_params(schema, params).map_err(|error| anyhow::anyhow!("{error}"))?;
+        check_params(schema, params, params.to_string().len())
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
     let poll = grant
         .poll_interval

@@ -16,6 +16,7 @@ mod memo;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+mod params_schema;
 pub mod plugin_build;
 pub mod registry;
 pub mod retention;
@@ -82,7 +83,7 @@ pub async fn serve(
     let sources =
         SqlSources::connect_lazy(&source_configs).map_err(|error| set.redact_error(error))?;
     sources
-        .check_roles(&source_configs)
+        .check_at_start(&source_configs, &settings.database_url)
         .await
         .map_err(|error| set.redact_error(error))?;
     #[cfg(unix)]

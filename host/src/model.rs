@@ -36,7 +36,8 @@ impl fmt::Display for PluginName {
     }
 }
 
-/// A plugin version: the lowercase hex sha256 of the component bytes.
+/// A plugin version: the lowercase hex sha256 of the component bytes. Made only from bytes or by
+/// [`PluginVersion::parse`], so it is always 64 hex digits: safe to name a file after.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PluginVersion(String);
 
@@ -46,7 +47,8 @@ impl PluginVersion {
         Self(hex::encode(sha2::Sha256::digest(bytes)))
     }
 
-    /// A version named by a user: 64 lowercase hex digits.
+    /// A version from outside this process (a user, another node, a stored row): 64
+    /// lowercase hex digits.
     pub fn parse(text: &str) -> Result<Self, String> {
         if text.len() == 64
             && text
@@ -59,10 +61,6 @@ impl PluginVersion {
                 "version {text:?} must be a sha256 in lowercase hex (64 digits)"
             ))
         }
-    }
-
-    pub fn from_stored(hex: String) -> Self {
-        Self(hex)
     }
 
     pub fn as_str(&self) -> &str {

@@ -524,7 +524,8 @@ impl Drop for TestDatabase {
     }
 }
 
-async fn postgres_admin(server: &str, statement: &str) {
+/// Runs `statement` on the PostgreSQL server at `server` as its user, panicking on an error.
+pub async fn postgres_admin(server: &str, statement: &str) {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(server)
         .await
@@ -792,8 +793,6 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
-/// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
-/// missing): what the README tells operators to give a read-only source.
 /// A new table `{prefix}_{pid}_{n}` in the PostgreSQL database at `url`, holding the row
 /// `(1, 'one')`. Each call has its own: the SQLite and PostgreSQL copies of a test run at once,
 /// and concurrent `CREATE TABLE IF NOT EXISTS` of one name can fail in PostgreSQL.
@@ -817,26 +816,115 @@ pub async fn postgres_table(url: &str, prefix: &str) -> String {
     table
 }
 
+/// `url` with the user `stepwise_reader`, a role that may only read `table` (created if
+/// missing): what the README tells operators to give a read-only source.
 pub async fn postgres_reader_url(url: &str, table: &str) -> String {
+    postgres_role_url(
+        url,
+        "stepwise_reader",
+        &format!("GRANT SELECT ON {table} TO stepwise_reader"),
+    )
+    .await
+}
+
+/// `url` with the user `stepwise_writer`, a role that may read and change `table` (created if
+/// missing) and nothing else: a writable source's role.
+pub async fn postgres_writer_url(url: &str, table: &str) -> String {
+    postgres_role_url(
+        url,
+        "stepwise_writer",
+        &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO stepwise_writer"),
+    )
+    .await
+}
+
+/// `url` with the user `role` (created if missing, without a password), after `grant`.
+pub async fn postgres_role_url(url: &str, role: &str, grant: &str) -> String {
     let pool = sqlx::PgPool::connect(url)
         .await
         .expect("connecting to PostgreSQL");
     // Roles are shared by every database of the server and tests run concurrently: a role
     // created by another test in between is fine.
-    sqlx::query(
-        "DO $$ BEGIN CREATE ROLE stepwise_reader LOGIN; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
-    )
+    sqlx::query(&format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    ))
     .execute(&pool)
     .await
-    .expect("creating the reader role");
-    sqlx::query(&format!("GRANT SELECT ON {table} TO stepwise_reader"))
+    .unwrap_or_else(|error| panic!("creating the role {role}: {error}"));
+    sqlx::query(grant)
         .execute(&pool)
         .await
-        .expect("granting SELECT");
+        .unwrap_or_else(|error| panic!("{grant}: {error}"));
     let (scheme, rest) = url.split_once("://").expect("a URL");
     let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-    format!("{scheme}://stepwise_reader@{host}")
+    format!("{scheme}://{role}@{host}")
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the host:port of the PostgreSQL `url` that holds back
+/// every chunk the server sends by `delay` (the client's bytes go through at once): a slow
+/// network, on which an answer can arrive after the host stopped waiting for it. Returns `url`
+/// through the proxy; the proxy stops when the guard is dropped.
+pub async fn postgres_behind_slow_network(
+    url: &str,
+    delay: Duration,
+) -> (String, tokio_util::sync::DropGuard) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (user, rest) = rest.split_once('@').expect("a user in the URL");
+    let (upstream, database) = rest.split_once('/').expect("a database in the URL");
+    let upstream = if upstream.contains(':') {
+        upstream.to_owned()
+    } else {
+        format!("{upstream}:5432")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding port 0");
+    let address = listener.local_addr().expect("bound address");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                _ = token.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let upstream = upstream.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let to_server = tokio::io::copy(&mut client_read, &mut server_write);
+                let to_client = async {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let read = server_read.read(&mut buffer).await?;
+                        if read == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        tokio::time::sleep(delay).await;
+                        client_write.write_all(&buffer[..read]).await?;
+                    }
+                };
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = to_server => {}
+                    _ = to_client => {}
+                }
+            });
+        }
+    });
+    (
+        format!("{scheme}://{user}@{address}/{database}"),
+        shutdown.drop_guard(),
+    )
 }
 
 /// A SQLite database file in `dir` with one table `items(id INTEGER, name TEXT)` and two rows.

@@ -228,6 +228,9 @@ impl From<PlanError> for ApiError {
     fn from(error: PlanError) -> ApiError {
         match error {
             PlanError::InvalidParams { field, message } => ApiError::invalid(field, message),
+            PlanError::ParamsTooCostly { message } => {
+                ApiError::unprocessable("params_too_costly", message).with_field("params")
+            }
             PlanError::PluginBroken { code, message } => ApiError::conflict(code, message),
         }
     }

@@ -142,7 +142,7 @@ pub async fn runs_create(
         idempotency_fingerprint,
         schedule_id: None,
     };
-    let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis())?;
+    let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis()).await?;
     let run = match state.store.enqueue_run(&new_run).await? {
         Enqueued::Created(run) => {
             state.wakeup.wake();

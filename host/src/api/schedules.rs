@@ -348,7 +348,7 @@ async fn apply_fields(
         })?;
     if let Some(schema) = &plugin.check_info.params_schema {
         let params: Json_ = serde_json::from_str(&schedule.params).unwrap_or(Json_::Null);
-        check_params(schema, &params)?;
+        check_params(schema, &params, schedule.params.len()).await?;
     }
 
     let resumed = was_paused && !schedule.options.paused;

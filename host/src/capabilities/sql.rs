@@ -1,14 +1,15 @@
 //! `stepwise:plugin/sql`: queries against the data sources named in the host's config
 //! (`[sources.*]`) and granted to the plugin. Parameters are always bound, and a query is
-//! exactly one statement. A query is confined to itself: it reaches nothing but the source
-//! (no other database, no file, no program) and leaves nothing behind on the pooled
-//! connection for the next plugin (`sqlite.rs`, `postgres.rs`). A `read_only` source is
-//! read-only in the database itself, not by inspecting SQL text. Rows, result bytes and time
-//! are capped, and the database enforces time and value sizes too (PostgreSQL's
-//! `statement_timeout`, SQLite's progress handler and length limit), so a query that runs
-//! forever or builds a huge value is stopped, not just abandoned. Exceeding a cap is a
-//! [`Violation`]: the attempt ends `errored`. Waiting for a pooled connection has its own
-//! time limit and is the host's problem, not the plugin's.
+//! exactly one statement of at most [`MAX_STATEMENT_BYTES`], never cached. A query is
+//! confined to itself: it reaches nothing but the source (no other database, no file, no
+//! program) and leaves nothing behind on the pooled connection for the next plugin
+//! (`sqlite.rs`, `postgres.rs`). A `read_only` source is read-only in the database itself,
+//! not by inspecting SQL text. Rows, result bytes and time are capped, and the database
+//! enforces time and value sizes too (PostgreSQL's `statement_timeout`, SQLite's progress
+//! handler and length limit), so a query that runs forever or builds a huge value is
+//! stopped, not just abandoned. Exceeding a cap is a [`Violation`]: the attempt ends
+//! `errored`. Waiting for a pooled connection has its own time limit and is the host's
+//! problem, not the plugin's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -35,6 +36,11 @@ struct SqlSource {
     pool: SourcePool,
     read_only: bool,
 }
+
+/// The longest statement text a query may have, on every backend. A check's query is short;
+/// without a bound, each query could make the source's server (or SQLite, on the host's own
+/// thread) parse megabytes of SQL.
+pub const MAX_STATEMENT_BYTES: usize = 64 << 10;
 
 /// How long a query waits for one of its source's pooled connections. A source busy with
 /// other plugins' slow queries is the host's condition: the wait does not count against the
@@ -96,41 +102,83 @@ impl SqlSources {
         })
     }
 
-    /// Connects once to every read-only PostgreSQL source and fails if its role could reach
-    /// beyond the database (a superuser, or a member of `pg_execute_server_program`,
-    /// `pg_read_server_files` or `pg_write_server_files`). A source that cannot be reached is
-    /// only logged: its queries fail until it is back, and every query checks the role again.
-    pub async fn check_roles(
+    /// Refuses to start with a source that is the host's own database (`host_database_url`,
+    /// whose runs, plugins and tokens a plugin granted the source could then read and
+    /// change), and checks the role of every PostgreSQL source: see [`postgres::RolePowers`].
+    /// A PostgreSQL source is the host's database when its URL names the same host, port and
+    /// database, or when both answer with the same database of the same running server (the
+    /// same server under another name). A source that cannot be reached is only logged: its
+    /// queries fail until it is back, and every query checks the role again.
+    pub async fn check_at_start(
         &self,
         configs: &BTreeMap<String, SourceConfig>,
+        host_database_url: &str,
     ) -> anyhow::Result<()> {
-        use sqlx::Connection;
+        let own = |name: &str, how: &str| {
+            anyhow::anyhow!(
+                "sql source {name:?} is the host's own database ({how}): a plugin granted it \
+                 could read and change the host's runs, plugins and tokens. Point the source at \
+                 another database"
+            )
+        };
+        let mut host_identity = None;
         for (name, config) in configs {
-            let is_postgres = matches!(
-                self.sources.get(name).map(|source| &source.pool),
-                Some(SourcePool::Postgres(_))
-            );
-            if !is_postgres || !config.read_only {
-                continue;
-            }
-            let connect = sqlx::PgConnection::connect(&config.url);
-            match tokio::time::timeout(Duration::from_secs(5), connect).await {
-                Ok(Ok(mut connection)) => {
-                    if let Err(refusal) =
-                        postgres::refuse_privileged_role(&mut connection, name).await
-                    {
-                        anyhow::bail!("{}", postgres::refusal_message(&refusal));
+            match self.sources.get(name).map(|source| &source.pool) {
+                Some(SourcePool::Sqlite(_))
+                    if sqlite::same_database(&config.url, host_database_url) =>
+                {
+                    return Err(own(name, "the same file"));
+                }
+                Some(SourcePool::Postgres(_)) => {
+                    if postgres::same_database_by_url(&config.url, host_database_url) {
+                        return Err(own(name, "the same host, port and database name"));
+                    }
+                    let Some(mut connection) = connect_at_start(name, &config.url).await else {
+                        continue;
+                    };
+                    if host_identity.is_none() && postgres::is_url(host_database_url) {
+                        host_identity = Some(postgres::host_identity(host_database_url).await?);
+                    }
+                    let identity = postgres::DatabaseIdentity::of(&mut connection)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
+                    if host_identity.as_ref() == Some(&identity) {
+                        return Err(own(name, "the same database of the same running server"));
+                    }
+                    let powers =
+                        postgres::RolePowers::of(&mut connection)
+                            .await
+                            .map_err(|error| {
+                                anyhow::anyhow!("source {name}: reading its role: {error}")
+                            })?;
+                    if let Some(refusal) = powers.refusal(name) {
+                        anyhow::bail!("{refusal}");
+                    }
+                    if let Some(warning) = powers.warning(name) {
+                        tracing::warn!(source = %name, "{warning}");
                     }
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role")
-                }
-                Err(_) => {
-                    tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role")
-                }
+                Some(SourcePool::Sqlite(_)) | None => {}
             }
         }
         Ok(())
+    }
+}
+
+/// A connection to the PostgreSQL source `name` for the checks at start, or `None` (logged)
+/// when it cannot be reached now.
+async fn connect_at_start(name: &str, url: &str) -> Option<sqlx::PgConnection> {
+    use sqlx::Connection;
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(connection)) => Some(connection),
+        Ok(Err(error)) => {
+            tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role");
+            None
+        }
     }
 }
 
@@ -175,11 +223,18 @@ impl Host for SqlState {
             timeout: self.timeout,
         };
         let result = match &target.pool {
+            _ if statement.len() > MAX_STATEMENT_BYTES => {
+                Err(QueryError::Guest(SqlError::LimitExceeded(format!(
+                    "sql statement length limit of {MAX_STATEMENT_BYTES} bytes exceeded ({} bytes)",
+                    statement.len()
+                ))))
+            }
             SourcePool::Sqlite(pool) => match acquire(pool, &source).await? {
                 Ok(connection) => {
+                    let mut connection = connection;
                     within_time(
                         self.timeout,
-                        query_sqlite(connection, &statement, params, limits),
+                        query_sqlite(&mut connection, &statement, params, limits),
                     )
                     .await
                 }
@@ -304,12 +359,8 @@ fn classify(error: QueryError, source: &str, limits: QueryLimits) -> SqlError {
     if let Some(database_error) = error.as_database_error() {
         let code = database_error.code().unwrap_or_default();
         let message = database_error.message();
-        // 18 = SQLITE_TOOBIG: a value beyond the length limit, which is the result limit;
-        // PostgreSQL's size guard raises its own message.
-        if code == "18"
-            || message.contains("string or blob too big")
-            || message.contains("sql result size limit")
-        {
+        // 18 = SQLITE_TOOBIG: a value beyond the length limit, which is the result limit.
+        if code == "18" || message.contains("string or blob too big") {
             return SqlError::LimitExceeded(format!(
                 "sql result size limit of {} bytes exceeded",
                 limits.max_result_bytes
@@ -371,7 +422,7 @@ fn column_names<R: Row>(row: &R) -> Vec<String> {
 }
 
 async fn query_sqlite(
-    mut connection: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    connection: &mut sqlx::SqliteConnection,
     statement: &str,
     params: Vec<Value>,
     limits: QueryLimits,
@@ -416,7 +467,9 @@ async fn query_sqlite(
             }
         }
     }
-    let query = bind_params!(sqlx::query(statement), params);
+    // Not persistent: a plugin's statement is used once, and a connection should not keep
+    // every text it was sent (up to sqlx's cache of 100 per connection).
+    let query = bind_params!(sqlx::query(statement).persistent(false), params);
     let mut stream = query.fetch(&mut *connection);
     let mut set = RowSet {
         columns: Vec::new(),
@@ -484,4 +537,37 @@ fn postgres_values(row: &PgRow) -> Result<Vec<Value>, QueryError> {
             Ok(value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_query_leaves_no_statement_cached_on_its_connection() {
+        let mut connection = SqliteConnection::connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database");
+        let limits = QueryLimits {
+            max_rows: 10,
+            max_result_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        };
+        for statement in ["SELECT 1", "SELECT ? AS x"] {
+            let params = vec![Value::Int(1)];
+            let params = if statement.contains('?') {
+                params
+            } else {
+                Vec::new()
+            };
+            assert!(
+                query_sqlite(&mut connection, statement, params, limits)
+                    .await
+                    .is_ok()
+            );
+        }
+        assert_eq!(connection.cached_statements_size(), 0);
+    }
 }

@@ -696,11 +696,7 @@ fn check_info_from_wit(info: WitCheckInfo) -> anyhow::Result<CheckInfo> {
         );
     }
     if let Some(schema) = &info.params_schema {
-        let schema: serde_json::Value = serde_json::from_str(schema)
-            .map_err(|error| anyhow::anyhow!("params schema is not JSON: {error}"))?;
-        jsonschema::validator_for(&schema).map_err(|error| {
-            anyhow::anyhow!("params schema is not a valid JSON Schema: {error}")
-        })?;
+        crate::params_schema::compile(schema).map_err(anyhow::Error::msg)?;
     }
     Ok(CheckInfo {
         name: info.name,

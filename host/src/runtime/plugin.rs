@@ -1,7 +1,7 @@
 //! Compiling a plugin version once, caching it by content hash in memory and as a precompiled
 //! artifact on disk, and inspecting a candidate component before it may be activated.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +26,32 @@ pub struct LoadedPlugin {
     /// The interfaces the component imports, e.g. `wasi:http/outgoing-handler@0.2.12`.
     pub imports: Vec<String>,
     pub(super) pre: CheckPre<StepState>,
+}
+
+/// A turn at loading one version ([`Runtime::loading_turn`]). Its lock leaves the map of turns
+/// with the last turn that used it, so that the map holds only versions being loaded, not
+/// every version (or forged name) ever asked for.
+pub struct LoadingTurn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    version: PluginVersion,
+    loading: Arc<std::sync::Mutex<HashMap<PluginVersion, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Drop for LoadingTurn {
+    fn drop(&mut self) {
+        let mut loading = self
+            .loading
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        // Every waiter took its clone of the lock under the map's lock, which is held here:
+        // the map's clone and this turn's are the only ones when no one else waits.
+        if Arc::strong_count(tokio::sync::OwnedMutexGuard::mutex(&guard)) == 2 {
+            loading.remove(&self.version);
+        }
+    }
 }
 
 /// A candidate component that compiled, links against the host and answered `describe`.
@@ -127,8 +153,9 @@ impl Runtime {
     /// Waits for this process's turn to load `version`. A node that meets a version first
     /// through its runs (activated on another node) gets many ticks of it at once; without
     /// this each would deserialize or compile it, dozens of compilations in parallel. With
-    /// it the first loads and the others find it cached.
-    pub async fn loading_turn(&self, version: &PluginVersion) -> tokio::sync::OwnedMutexGuard<()> {
+    /// it the first loads and the others find it cached. The turn ends when the returned
+    /// guard is dropped.
+    pub async fn loading_turn(&self, version: &PluginVersion) -> LoadingTurn {
         let turn = self
             .loading
             .lock()
@@ -136,7 +163,11 @@ impl Runtime {
             .entry(version.clone())
             .or_default()
             .clone();
-        turn.lock_owned().await
+        LoadingTurn {
+            guard: Some(turn.lock_owned().await),
+            version: version.clone(),
+            loading: self.loading.clone(),
+        }
     }
 
     /// The compiled plugin for `version`, if this process holds it in memory.
@@ -205,7 +236,8 @@ impl Runtime {
 
     /// `<artifacts>/<sha256>-<engine key>.cwasm`: keyed by the engine's configuration too,
     /// so that an upgraded or reconfigured host compiles afresh instead of loading code built
-    /// for another engine.
+    /// for another engine. Only a [`PluginVersion`], which is 64 hex digits by construction,
+    /// names the file: no text from elsewhere is ever joined into the path.
     fn artifact_path(&self, version: &PluginVersion) -> Option<PathBuf> {
         let dir = self.artifacts.as_ref()?;
         Some(dir.join(format!("{version}-{}.cwasm", self.engine_key)))
@@ -269,7 +301,35 @@ fn check_preamble(bytes: &[u8]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::check_preamble;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_version_leaves_the_loading_turns_with_its_last_turn() {
+        let runtime = Runtime::new(None, 1, &Limits::default()).expect("a runtime");
+        let version = PluginVersion::of_bytes(b"component");
+        // How many hold the version's lock (the map, then the turns), without another clone.
+        let holders = |runtime: &Runtime, version: &PluginVersion| {
+            let turns = runtime.loading.lock().expect("the turns");
+            turns.get(version).map_or(0, Arc::strong_count)
+        };
+        let first = runtime.loading_turn(&version).await;
+        let second = tokio::spawn({
+            let (runtime, version) = (runtime.clone(), version.clone());
+            async move { drop(runtime.loading_turn(&version).await) }
+        });
+        // The map, the first turn and the second, which waits.
+        while holders(&runtime, &version) != 3 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        assert_ne!(
+            holders(&runtime, &version),
+            0,
+            "the second turn still needs it"
+        );
+        second.await.expect("the second turn");
+        assert!(runtime.loading.lock().expect("the turns").is_empty());
+    }
 
     #[test]
     fn preamble_tells_components_from_modules_and_junk() {

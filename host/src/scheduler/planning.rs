@@ -33,6 +33,9 @@ pub struct RunOptions {
 pub enum PlanError {
     /// The params do not match the plugin's schema; `field` is e.g. `params.amount_cents`.
     InvalidParams { field: String, message: String },
+    /// Checking the params against the plugin's schema took longer than
+    /// [`PARAMS_CHECK_BUDGET`].
+    ParamsTooCostly { message: String },
     /// The plugin itself is unusable as stored (its grant or schema is invalid).
     PluginBroken { code: &'static str, message: String },
 }
@@ -40,42 +43,49 @@ pub enum PlanError {
 impl std::fmt::Display for PlanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PlanError::InvalidParams { message, .. } | PlanError::PluginBroken { message, .. } => {
-                f.write_str(message)
-            }
+            PlanError::InvalidParams { message, .. }
+            | PlanError::ParamsTooCostly { message }
+            | PlanError::PluginBroken { message, .. } => f.write_str(message),
         }
     }
 }
+
+/// How long checking a trigger's params against its plugin's schema may take. Patterns run in
+/// linear time (`params_schema`), but a large schema over a MiB of params still takes a while;
+/// a trigger that needs longer is refused rather than holding the host's threads.
+pub const PARAMS_CHECK_BUDGET: Duration = Duration::from_secs(1);
+
+/// The schema's length times the params' length (in bytes of JSON) up to which the check runs
+/// on the calling task: the work grows with both, and up to 1 KiB of either it is done within
+/// microseconds, less than the hand-off to a blocking thread costs (about 80 µs measured on a
+/// test build). Every trigger of a plugin with a small schema and small params stays inline.
+const INLINE_CHECK_WORK: usize = 1 << 20;
 
 /// The validator of a params schema, remembered by the schema's text: every trigger checks
 /// its params, and compiling a schema costs more than checking against it.
 fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, PlanError> {
     static COMPILED: ByText<Arc<jsonschema::Validator>> = ByText::new();
     COMPILED.get_or_derive(schema, |schema| {
-        let parsed: Json =
-            serde_json::from_str(schema).map_err(|error| PlanError::PluginBroken {
+        crate::params_schema::compile(schema)
+            .map(Arc::new)
+            .map_err(|message| PlanError::PluginBroken {
                 code: "invalid_params_schema",
-                message: format!("the plugin's params schema is not JSON: {error}"),
-            })?;
-        let validator =
-            jsonschema::validator_for(&parsed).map_err(|error| PlanError::PluginBroken {
-                code: "invalid_params_schema",
-                message: format!("the plugin's params schema is invalid: {error}"),
-            })?;
-        Ok(Arc::new(validator))
+                message: format!("the plugin's {message}"),
+            })
     })
 }
 
 /// The run to enqueue for `plugin` with `params` (a JSON object).
-pub fn plan_run(
+pub async fn plan_run(
     plugin: &PluginRecord,
     params: &Json,
     options: RunOptions,
     settings: &Settings,
     now: UnixMillis,
 ) -> Result<NewRun, PlanError> {
+    let params_text = params.to_string();
     if let Some(schema) = &plugin.check_info.params_schema {
-        check_params(schema, params)?;
+        check_params(schema, params, params_text.len()).await?;
     }
     let grant =
         parse_stored_grant(&plugin.grant_toml).map_err(|error| PlanError::PluginBroken {
@@ -134,7 +144,7 @@ pub fn plan_run(
         id: RunId::generate(),
         plugin_name: plugin.name.clone(),
         plugin_version: plugin.active_version.clone(),
-        params: params.to_string(),
+        params: params_text,
         labels: options.labels,
         poll_interval_ms: poll_interval.as_millis() as i64,
         max_errors: limits.max_errors,
@@ -148,8 +158,38 @@ pub fn plan_run(
     })
 }
 
-/// Checks `params` against the plugin's JSON Schema; the first violation names its field.
-pub fn check_params(schema: &str, params: &Json) -> Result<(), PlanError> {
+/// Checks `params` (`params_bytes` long as JSON) against the plugin's JSON Schema; the first
+/// violation names its field. Beyond a small amount of work ([`INLINE_CHECK_WORK`]) the check
+/// runs on a blocking thread, never on the async workers that serve requests, and is given up
+/// after [`PARAMS_CHECK_BUDGET`] (the thread finishes it in the background; no pattern makes
+/// that take long).
+pub async fn check_params(
+    schema: &str,
+    params: &Json,
+    params_bytes: usize,
+) -> Result<(), PlanError> {
+    if schema.len().saturating_mul(params_bytes) <= INLINE_CHECK_WORK {
+        return check_params_now(schema, params);
+    }
+    let (schema, params) = (schema.to_owned(), params.clone());
+    let check = tokio::task::spawn_blocking(move || check_params_now(&schema, &params));
+    match tokio::time::timeout(PARAMS_CHECK_BUDGET, check).await {
+        Ok(Ok(checked)) => checked,
+        Ok(Err(failed)) => Err(PlanError::PluginBroken {
+            code: "invalid_params_schema",
+            message: format!("checking params against the plugin's schema failed: {failed}"),
+        }),
+        Err(_elapsed) => Err(PlanError::ParamsTooCostly {
+            message: format!(
+                "checking params against the plugin's schema took longer than {} ms; send \
+                 smaller params",
+                PARAMS_CHECK_BUDGET.as_millis()
+            ),
+        }),
+    }
+}
+
+fn check_params_now(schema: &str, params: &Json) -> Result<(), PlanError> {
     let validator = compiled_schema(schema)?;
     if let Some(error) = validator.iter_errors(params).next() {
         let pointer = error.instance_path.to_string();
@@ -164,4 +204,36 @@ pub fn check_params(schema: &str, params: &Json) -> Result<(), PlanError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_that_take_too_long_to_check_are_refused_and_the_caller_goes_on() {
+        // Each of many names against many patterns: linear, and still several times the
+        // budget (seconds on a test build).
+        let patterns: Vec<Json> = (0..100)
+            .map(|i| serde_json::json!({"pattern": format!("^a+{i}?")}))
+            .collect();
+        let schema = serde_json::json!({"type": "array", "items": {"allOf": patterns}}).to_string();
+        let params = Json::Array(vec![Json::String("a".repeat(30)); 8_000]);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let started = std::time::Instant::now();
+        let checked = runtime.block_on(check_params(&schema, &params, params.to_string().len()));
+        let elapsed = started.elapsed();
+        // The check goes on in the background until it is done; nothing waits for it.
+        runtime.shutdown_background();
+        match checked {
+            Err(PlanError::ParamsTooCostly { message }) => {
+                assert!(message.contains("longer than 1000 ms"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(elapsed < PARAMS_CHECK_BUDGET * 2, "{elapsed:?}");
+    }
 }

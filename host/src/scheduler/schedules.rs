@@ -282,6 +282,7 @@ impl Firer {
                 };
                 let planned = match &plugin {
                     Some(plugin) => plan_run(plugin, &params, options, &self.settings, now)
+                        .await
                         .map_err(|error| error.to_string()),
                     None => Err(format!(
                         "plugin {:?} no longer exists",

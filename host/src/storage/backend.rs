@@ -169,15 +169,23 @@ impl Changes {
     }
 
     /// The next change. `None` when the connection dropped and notifications may have been
-    /// missed: the listener reconnects, and the caller should look at everything again.
+    /// missed: the listener reconnects, and the caller should look at everything again. A
+    /// notification that is not one of ours is logged and skipped: anyone who may connect to
+    /// the database may send one.
     pub async fn next(&mut self) -> Option<Change> {
-        match self.listener.try_recv().await {
-            Ok(Some(notification)) => Change::from_payload(notification.payload()),
-            Ok(None) => None,
-            Err(error) => {
-                tracing::warn!(%error, "listening for changes failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                None
+        loop {
+            match self.listener.try_recv().await {
+                Ok(Some(notification)) => {
+                    if let Some(change) = Change::from_payload(notification.payload()) {
+                        return Some(change);
+                    }
+                }
+                Ok(None) => return None,
+                Err(error) => {
+                    tracing::warn!(%error, "listening for changes failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return None;
+                }
             }
         }
     }
@@ -194,19 +202,53 @@ impl Change {
         }
     }
 
+    /// The change a payload announces, its ids parsed (a version is 64 hex digits, a run id
+    /// a UUID), or `None`, logged, for anything else.
     fn from_payload(payload: &str) -> Option<Change> {
-        match payload.split_once(' ') {
+        let change = match payload.split_once(' ') {
             None if payload == "runs" => Some(Change::RunsQueued),
             None if payload == "schedules" => Some(Change::SchedulesChanged),
             None if payload == "events" => Some(Change::EventsVisible),
-            Some(("cancel", id)) => Some(Change::RunCancelled(RunId::from_stored(id.to_owned()))),
-            Some(("plugin", version)) => Some(Change::PluginActivated(PluginVersion::from_stored(
-                version.to_owned(),
-            ))),
-            _ => {
-                tracing::warn!(payload, "unknown change notification");
-                None
-            }
+            Some(("cancel", id)) => RunId::parse(id).map(Change::RunCancelled),
+            Some(("plugin", version)) => PluginVersion::parse(version)
+                .ok()
+                .map(Change::PluginActivated),
+            _ => None,
+        };
+        if change.is_none() {
+            tracing::warn!(payload = ?payload, "ignoring a change notification that is not one of ours");
+        }
+        change
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_anything_else_is_ignored() {
+        let version = PluginVersion::of_bytes(b"component");
+        for change in [
+            Change::RunsQueued,
+            Change::RunCancelled(RunId::generate()),
+            Change::PluginActivated(version.clone()),
+            Change::SchedulesChanged,
+            Change::EventsVisible,
+        ] {
+            assert_eq!(Change::from_payload(&change.to_payload()), Some(change));
+        }
+        for forged in [
+            "plugin ../../../../tmp/planted".to_owned(),
+            format!("plugin /{}", &version.as_str()[1..]),
+            format!("plugin {}", version.as_str().to_uppercase()),
+            format!("plugin {version} "),
+            "plugin ".to_owned(),
+            "cancel ../x".to_owned(),
+            "runs ".to_owned(),
+            "drop everything".to_owned(),
+        ] {
+            assert_eq!(Change::from_payload(&forged), None, "{forged}");
         }
     }
 }

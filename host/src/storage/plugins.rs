@@ -114,10 +114,9 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(version,)| PluginVersion::from_stored(version))
-            .collect())
+        rows.into_iter()
+            .map(|(version,)| PluginVersion::parse(&version).map_err(Error::Corrupt))
+            .collect()
     }
 
     /// Makes `version` the one new runs of `name` use, and records it in the audit log with
@@ -250,7 +249,7 @@ impl PluginRow {
     fn into_record(self) -> Result<PluginRecord> {
         Ok(PluginRecord {
             name: PluginName::parse(&self.name).map_err(Error::Corrupt)?,
-            active_version: PluginVersion::from_stored(self.active_version),
+            active_version: PluginVersion::parse(&self.active_version).map_err(Error::Corrupt)?,
             grant_toml: self.grant_toml,
             check_info: check_info_from_json(&self.check_info)?,
             updated_at: self.updated_at,
@@ -310,7 +309,7 @@ fn version_record(
     (version, check_info, created_at): (String, String, i64),
 ) -> Result<PluginVersionRecord> {
     Ok(PluginVersionRecord {
-        version: PluginVersion::from_stored(version),
+        version: PluginVersion::parse(&version).map_err(Error::Corrupt)?,
         check_info: check_info_from_json(&check_info)?,
         created_at,
     })

@@ -532,7 +532,7 @@ impl RunRow {
                 .ok_or_else(|| corrupt("run status", &self.status))?,
             id: RunId::from_stored(self.id),
             plugin_name: self.plugin_name,
-            plugin_version: PluginVersion::from_stored(self.plugin_version),
+            plugin_version: PluginVersion::parse(&self.plugin_version).map_err(Error::Corrupt)?,
             params: self.params,
             labels,
             message: self.message,

@@ -280,6 +280,31 @@ async fn a_read_only_sqlite_source_reads_but_refuses_writes() {
 }
 
 #[tokio::test]
+async fn a_source_is_read_only_unless_its_config_says_otherwise() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = sqlite_source(dir.path()).await;
+    let config = format!("[sources.items]\nurl = \"{}\"\n", sqlite_url(&source));
+    let server = TestServer::start(
+        Setup::default()
+            .with_config(&config)
+            .with_plugin(PluginFile::misbehave("sql_sources = [\"items\"]\n")),
+    )
+    .await;
+    let params = read_then_write("items", "INSERT INTO items (id, name) VALUES (?, ?)");
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": params}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(
+        step_statuses(&run),
+        ["passed", "failed", "skipped"],
+        "{run:#}"
+    );
+    let message = run["steps"][1]["message"].as_str().expect("message");
+    assert!(message.contains("read-only"), "{message}");
+}
+
+#[tokio::test]
 async fn sql_params_are_bound_not_interpolated() {
     let dir = tempfile::tempdir().expect("temp dir");
     let source = sqlite_source(dir.path()).await;

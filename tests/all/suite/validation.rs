@@ -5,7 +5,9 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{PluginFile, Setup, TestServer};
+use crate::support::{
+    MISBEHAVE_PARAMS_LOOKAROUND_WASM, MISBEHAVE_PARAMS_PATTERN_WASM, PluginFile, Setup, TestServer,
+};
 
 async fn server() -> TestServer {
     TestServer::start(
@@ -407,5 +409,47 @@ async fn a_nul_character_in_a_request_is_refused_not_a_server_error() {
         (status, problem["field"].as_str()),
         (422, Some("labels.team")),
         "{problem}"
+    );
+}
+
+// Several threads: if the check held the thread it runs on, the test still measures it.
+#[tokio::test(flavor = "multi_thread")]
+async fn params_checked_against_a_backtracking_pattern_are_answered_at_once() {
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::new(
+        "patterned",
+        MISBEHAVE_PARAMS_PATTERN_WASM,
+        "",
+    )))
+    .await;
+    // Nearly a MiB of names, each of which costs a backtracking engine a million steps.
+    let names = vec![format!("{}!", "a".repeat(30)); 28_000];
+    let body = json!({"plugin": "patterned", "params": {"names": names}});
+    let started = std::time::Instant::now();
+    let response = server
+        .client
+        .post(server.url("/v1/runs"))
+        .json(&body)
+        .timeout(std::time::Duration::from_secs(20))
+        .send()
+        .await;
+    let elapsed = started.elapsed();
+    let response = response.unwrap_or_else(|error| panic!("no answer within 20 s: {error}"));
+    assert_eq!(response.status(), 202, "{:?}", response.text().await);
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "answered in {elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_params_schema_whose_pattern_needs_backtracking_is_refused_on_upload() {
+    let server = TestServer::start(Setup::default()).await;
+    let bytes = std::fs::read(MISBEHAVE_PARAMS_LOOKAROUND_WASM).expect("reading the plugin");
+    let (status, problem) = server.upload("lookaround", bytes).await;
+    assert_eq!(status, 422, "{problem}");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("^(?=a)") && detail.contains("lookaround or backreferences"),
+        "{detail}"
     );
 }

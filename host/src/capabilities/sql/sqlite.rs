@@ -9,6 +9,30 @@ use std::ptr::{self, NonNull};
 
 use libsqlite3_sys as ffi;
 
+/// Whether two SQLite URLs name one database file, however spelled: the same file (device
+/// and inode, so a hard link too) or, where that cannot be asked, the same canonical path.
+pub fn same_database(source: &str, host: &str) -> bool {
+    use std::str::FromStr;
+    let file = |url: &str| {
+        if !url.starts_with("sqlite:") {
+            return None;
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+        std::fs::canonicalize(options.get_filename()).ok()
+    };
+    let (Some(source), Some(host)) = (file(source), file(host)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(source), Ok(host)) = (std::fs::metadata(&source), std::fs::metadata(&host)) {
+            return (source.dev(), source.ino()) == (host.dev(), host.ino());
+        }
+    }
+    source == host
+}
+
 /// Read-only pragmas a check may use to look at a schema.
 const ALLOWED_PRAGMAS: &[&str] = &[
     "table_info",

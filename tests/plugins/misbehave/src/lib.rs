@@ -62,14 +62,12 @@ impl Check for Misbehave {
             name: "misbehave".into(),
             version: format!("{}-{VARIANT}", env!("CARGO_PKG_VERSION")),
             description: "Test plugin: each step does what the params say.".into(),
-            steps: vec![step("first", None), step("second", Some(1500)), step(last, None)],
-            params_schema: Some(
-                json!({
-                    "type": "object",
-                    "properties": {"steps": {"type": "object"}, "required_number": {"type": "integer"}}
-                })
-                .to_string(),
-            ),
+            steps: vec![
+                step("first", None),
+                step("second", Some(1500)),
+                step(last, None),
+            ],
+            params_schema: Some(params_schema().to_string()),
         }
     }
 
@@ -206,6 +204,26 @@ impl Check for Misbehave {
             other => failed(format!("unknown action {other:?}")),
         }
     }
+}
+
+fn params_schema() -> Value {
+    let mut properties =
+        json!({"steps": {"type": "object"}, "required_number": {"type": "integer"}});
+    if cfg!(feature = "params-pattern") {
+        // A pattern a backtracking engine takes exponential steps for on "aaa…!" (the word
+        // boundary makes fancy-regex run it itself rather than hand it to the regex crate).
+        properties["names"] = json!({
+            "type": "array",
+            "items": {"type": "string", "not": {"pattern": "^(a+)+\\b$"}},
+        });
+    }
+    if cfg!(feature = "params-lookaround") {
+        properties["names"] = json!({
+            "type": "array",
+            "items": {"type": "string", "pattern": "^(?=a)\\w+$"},
+        });
+    }
+    json!({"type": "object", "properties": properties})
 }
 
 /// Sends `count` GETs to `http://authority/` at once (all handed to the host before any is

@@ -137,9 +137,11 @@ async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = sqlite_server(dir.path(), true).await;
     let mut servers = vec![server];
+    let mut postgres = None;
     if let Some(url) = postgres_url() {
         let table = postgres_table(&url, "stepwise_long").await;
         servers.push(postgres_server(postgres_reader_url(&url, &table).await, true).await);
+        postgres = Some((url, table));
     }
     for server in &servers {
         let run = run_action(server, sql(&long)).await;
@@ -154,6 +156,9 @@ async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
         )
         .await;
         assert_eq!(run["status"], "passed", "{run:#}");
+    }
+    if let Some((url, table)) = postgres {
+        postgres_admin(&url, &format!("DROP TABLE {table}")).await;
     }
 }
 

@@ -269,10 +269,11 @@ async fn plugin_check_prints_the_steps_and_what_the_plugin_costs() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("invalid"));
 }
 
-/// Runs `stepwise dev` on `misbehave` with `action` as its first step, a secret configured
-/// (so that everything the plugin returns is redacted), and returns what it printed and the
-/// process's peak resident memory in MiB.
-fn dev_process_peak(action: serde_json::Value) -> (String, u64) {
+/// Runs `stepwise dev` on `misbehave` with `action` as its first step and a secret configured
+/// (so that everything the plugin returns is redacted), and returns what it printed. A
+/// process of its own: a plugin that escaped its bounds would take this one down, not the
+/// test's. (The host's memory under these attacks is measured by the bench's `containment`.)
+fn dev_process(action: serde_json::Value) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("misbehave.wasm");
     std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
@@ -282,9 +283,7 @@ fn dev_process_peak(action: serde_json::Value) -> (String, u64) {
     )
     .expect("writing the manifest");
     let params = json!({"steps": {"first": action}}).to_string();
-    // Reaped by `wait4` below: `Child::wait` does not report the peak memory.
-    #[allow(clippy::zombie_processes)]
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
         .current_dir(dir.path())
         .args([
             "dev",
@@ -295,65 +294,37 @@ fn dev_process_peak(action: serde_json::Value) -> (String, u64) {
             "20000",
         ])
         .args(["--secret", "crm=a-secret-value-of-some-length"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
+        .output()
         .expect("running stepwise dev");
-    let pid = child.id() as libc::pid_t;
-    let output = {
-        use std::io::Read;
-        let mut out = String::new();
-        child
-            .stdout
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("reading stdout");
-        out
-    };
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; `wait4` fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is this process's child, not yet reaped; the pointers are valid.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "waiting for stepwise dev");
-    // Linux reports ru_maxrss in KiB.
-    (output, usage.ru_maxrss as u64 >> 10)
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// What a plugin makes the host hold outside its linear memory is bounded: headers kept in
-/// `wasi:http` resources, and a huge output, which is refused before anything parses it.
+/// `wasi:http` resources end the call at a limit (before the bound, 20,000 sets of 100 KB
+/// headers grew the host by 1.9 GiB), and a huge output is refused before the host copies or
+/// parses it (before, a 40 MB JSON array was parsed for redaction into 800 MiB first).
 #[test]
 fn host_memory_a_plugin_can_fill_is_bounded() {
-    // Before the bound, 20,000 sets of 100 KB headers grew the host by 1.9 GiB, and a 40 MB
-    // JSON array was parsed (for redaction) into 800 MiB before its size was judged.
-    const MOST_MIB: u64 = 400;
     // One set of headers holds 16 KiB at most: the plugin's next header fails its call.
-    let (out, big_mib) =
-        dev_process_peak(json!({"action": "fields_flood", "count": 20_000, "bytes": 100_000}));
+    let out = dev_process(json!({"action": "fields_flood", "count": 20_000, "bytes": 100_000}));
     assert!(out.contains("total size of fields exceeds limit"), "{out}");
     // Sets just below that are limited in number, and count against the call's memory.
-    let (out, many_mib) =
-        dev_process_peak(json!({"action": "fields_flood", "count": 20_000, "bytes": 12_000}));
+    let out = dev_process(json!({"action": "fields_flood", "count": 20_000, "bytes": 12_000}));
     assert!(
         out.contains("wasi resource limit of 1000 exceeded")
             || out.contains("memory limit of 64 MiB exceeded"),
         "{out}"
     );
-    let flood_mib = big_mib.max(many_mib);
-    let (out, output_mib) = dev_process_peak(json!({"action": "big_array", "bytes": 40_000_000}));
-    // The host does not even copy it: past twice output_bytes, the copy out of the guest
-    // stops; a smaller excess is refused by its size.
+    // Past twice output_bytes the copy out of the guest stops; a smaller excess is refused by
+    // its size.
+    let out = dev_process(json!({"action": "big_array", "bytes": 40_000_000}));
     assert!(
         out.contains("copy limit of 1048576 bytes exceeded"),
         "{out}"
     );
-    let (out, _) = dev_process_peak(json!({"action": "big_array", "bytes": 200_000}));
+    let out = dev_process(json!({"action": "big_array", "bytes": 200_000}));
     assert!(
         out.contains("output size limit of 65536 bytes exceeded"),
         "{out}"
-    );
-    assert!(
-        flood_mib < MOST_MIB && output_mib < MOST_MIB,
-        "peak RSS: {flood_mib} MiB under the headers flood, {output_mib} MiB with the huge output"
     );
 }

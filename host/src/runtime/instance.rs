@@ -74,6 +74,7 @@ pub struct StepState {
     pub(super) sql: SqlState,
     limiter: Limiter,
     violation: Violation,
+    resources: ResourceCount,
 }
 
 /// The wasi resources (headers, requests, bodies, streams, pollables) one call may hold at
@@ -105,9 +106,19 @@ const FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 impl StepState {
     /// Counts the wasi resources the call holds against its memory, before a wasi call that
     /// may add one. When its limits refuse more, the table takes no new resource: the next
-    /// one fails the call, and the attempt names the limit.
+    /// one fails the call, and the attempt names the limit. Counting walks the table, so it
+    /// is done only when the resources the call may hold by now (a wasi call adds at most
+    /// two) could pass what was charged; each count charges [`CHARGE_AHEAD`] more.
     fn count_resources(&mut self) {
+        let resources = &mut self.resources;
+        let most = resources.counted + 2 * resources.calls_since_count;
+        resources.calls_since_count += 1;
+        if most + 2 < resources.charged.min(MAX_RESOURCES - 1) {
+            return;
+        }
         let held = self.table.iter_mut().count();
+        resources.counted = held;
+        resources.calls_since_count = 1;
         if held + 1 >= MAX_RESOURCES {
             // Kept for the attempt's message, should the call fail on the next resource.
             self.limiter.exceeded.get_or_insert_with(|| {
@@ -117,14 +128,36 @@ impl StepState {
                 )
             });
         }
-        let charged = held.saturating_sub(FREE_RESOURCES) as u64 * RESOURCE_BYTES;
-        let capacity = match self.limiter.charge_host_side(charged) {
-            Ok(()) => MAX_RESOURCES,
-            Err(_limit) => held,
+        let ahead = (held + CHARGE_AHEAD).min(MAX_RESOURCES);
+        let bytes = ahead.saturating_sub(FREE_RESOURCES) as u64 * RESOURCE_BYTES;
+        let capacity = match self.limiter.charge_host_side(bytes) {
+            Ok(()) => {
+                resources.charged = ahead;
+                MAX_RESOURCES
+            }
+            Err(_limit) => {
+                resources.charged = held;
+                held
+            }
         };
         self.table.set_max_capacity(capacity);
     }
 }
+
+/// What [`StepState::count_resources`] last found and charged.
+#[derive(Default)]
+struct ResourceCount {
+    /// Resources in the table at the last count.
+    counted: usize,
+    /// Wasi calls since then.
+    calls_since_count: usize,
+    /// Resources the call's memory has been charged for.
+    charged: usize,
+}
+
+/// Resources charged beyond those counted, so that a call adding many is counted every few
+/// calls rather than at each.
+const CHARGE_AHEAD: usize = 16;
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -414,6 +447,7 @@ impl Runtime {
             },
             limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),
             violation,
+            resources: ResourceCount::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|state| &mut state.limiter);

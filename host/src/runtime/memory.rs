@@ -208,15 +208,32 @@ impl Limiter {
 /// Host-side bytes past which a call's end gives the allocator's free memory back to the
 /// operating system.
 const TRIM_AFTER_BYTES: u64 = 1 << 20;
+/// The least time between two trims: a trim locks every arena of the allocator while it
+/// walks it, and host threads that allocate wait for it (trimming after every flooding call
+/// raised the well-behaved tick lag p99 several times over).
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether a trim may start now (none started in the last [`TRIM_EVERY`]); if so, claims it.
+fn trim_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    let last = LAST.load(Ordering::Relaxed);
+    (last == 0 || now.saturating_sub(last) >= TRIM_EVERY.as_millis() as u64)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
 
 impl Drop for Limiter {
     /// A call that held many wasi resources made thousands of small allocations on its
     /// thread's allocator arena; freed, they stay in the arena and in the host's resident
     /// memory (measured: a header flood from twenty calls at once kept 100 MiB resident
     /// under a 32 MiB budget). Dropped after the call's resources (its store drops the
-    /// limiter last), so their memory is free by now.
+    /// limiter last), so their memory is free by now. At most one trim per [`TRIM_EVERY`].
     fn drop(&mut self) {
-        if self.host_side >= TRIM_AFTER_BYTES {
+        if self.host_side >= TRIM_AFTER_BYTES && trim_due() {
             // SAFETY: `malloc_trim` only returns free memory of glibc's arenas to the system.
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             unsafe {

@@ -783,6 +783,22 @@ impl SilentServer {
     }
 }
 
+/// The settings `stepwise serve --config` makes of `config`, written to a `stepwise.toml` in
+/// `dir`, which is also the data dir.
+pub fn settings_from_config(dir: &Path, config: &str) -> anyhow::Result<Settings> {
+    let path = dir.join("stepwise.toml");
+    std::fs::write(&path, config).expect("writing stepwise.toml");
+    Settings::from_args(&ServeArgs {
+        listen: None,
+        data_dir: Some(dir.to_owned()),
+        database_url: None,
+        config: Some(path),
+        auth: None,
+        tls_cert: None,
+        tls_key: None,
+    })
+}
+
 pub fn postgres_url() -> Option<String> {
     match std::env::var("STEPWISE_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => Some(url),

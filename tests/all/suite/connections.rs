@@ -176,21 +176,10 @@ async fn metrics_are_for_loopback_scrapers_or_their_token() {
 #[test]
 fn a_metrics_token_variable_that_is_not_set_stops_the_start() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stepwise.toml");
-    std::fs::write(
-        &config,
+    let error = crate::support::settings_from_config(
+        dir.path(),
         "[metrics]\ntoken_env = \"STEPWISE_TEST_METRICS_TOKEN_NOT_SET\"\n",
     )
-    .expect("writing the config");
-    let error = stepwise_host::config::Settings::from_args(&stepwise_host::config::ServeArgs {
-        listen: None,
-        data_dir: Some(dir.path().to_owned()),
-        database_url: None,
-        config: Some(config),
-        auth: None,
-        tls_cert: None,
-        tls_key: None,
-    })
     .expect_err("the variable is not set");
     assert!(
         format!("{error:#}").contains("STEPWISE_TEST_METRICS_TOKEN_NOT_SET is not set"),

@@ -327,19 +327,7 @@ async fn a_placeholder_goes_nowhere_but_its_secrets_place() {
 #[test]
 fn a_secret_with_hosts_must_say_where_it_goes_and_be_long() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let settings = |secret: &str| {
-        let config = dir.path().join("stepwise.toml");
-        std::fs::write(&config, secret).unwrap();
-        stepwise_host::config::Settings::from_args(&stepwise_host::config::ServeArgs {
-            listen: None,
-            data_dir: Some(dir.path().to_owned()),
-            database_url: None,
-            config: Some(config),
-            auth: None,
-            tls_cert: None,
-            tls_key: None,
-        })
-    };
+    let settings = |config: &str| crate::support::settings_from_config(dir.path(), config);
     let error = settings("[secrets.crm]\nenv = \"X\"\nhosts = [\"https://crm.example.com\"]\n")
         .unwrap_err();
     assert!(
@@ -421,21 +409,10 @@ async fn a_grant_may_name_only_declared_secrets() {
 #[test]
 fn an_unreadable_secret_stops_the_host_from_starting() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stepwise.toml");
-    std::fs::write(
-        &config,
+    let settings = crate::support::settings_from_config(
+        dir.path(),
         "[secrets.crm]\nenv = \"STEPWISE_TEST_SECRET_THAT_IS_NOT_SET\"\nhosts = [\"https://crm.example.com\"]\nheader = \"authorization\"\n",
     )
-    .unwrap();
-    let settings = stepwise_host::config::Settings::from_args(&stepwise_host::config::ServeArgs {
-        listen: None,
-        data_dir: Some(dir.path().to_owned()),
-        database_url: None,
-        config: Some(config),
-        auth: None,
-        tls_cert: None,
-        tls_key: None,
-    })
     .expect("the config parses");
     let error = stepwise_host::load_secrets(&settings).unwrap_err();
     assert!(

@@ -940,6 +940,15 @@ async fn the_audit_logs_own_actor_names_are_not_token_names() {
 #[tokio::test]
 async fn revoked_tokens_keep_their_names_and_tokens_expire() {
     let (server, [.., admin]) = tokens_server(Setup::default()).await;
+    let revoke = || {
+        call(
+            &server,
+            Method::DELETE,
+            "/v1/tokens/ci-bot",
+            Some(&admin),
+            Body::Empty,
+        )
+    };
     let create = |body: Value| {
         call(
             &server,
@@ -952,14 +961,7 @@ async fn revoked_tokens_keep_their_names_and_tokens_expire() {
     let (status, created) = create(json!({"role": "runner", "name": "ci-bot"})).await;
     assert_eq!(status, 201, "{created}");
     let secret = created["secret"].as_str().expect("secret").to_owned();
-    let (status, _) = call(
-        &server,
-        Method::DELETE,
-        "/v1/tokens/ci-bot",
-        Some(&admin),
-        Body::Empty,
-    )
-    .await;
+    let (status, _) = revoke().await;
     assert_eq!(status, 204);
     let (status, problem) =
         call(&server, Method::GET, "/v1/runs", Some(&secret), Body::Empty).await;
@@ -983,14 +985,7 @@ async fn revoked_tokens_keep_their_names_and_tokens_expire() {
     assert!(listed["revoked_at"].is_string(), "{listed}");
     let (status, problem) = create(json!({"role": "runner", "name": "ci-bot"})).await;
     assert_eq!(status, 409, "{problem}");
-    let (status, _) = call(
-        &server,
-        Method::DELETE,
-        "/v1/tokens/ci-bot",
-        Some(&admin),
-        Body::Empty,
-    )
-    .await;
+    let (status, _) = revoke().await;
     assert_eq!(status, 404, "revoking twice");
 
     // Expiry: over the API and from the command line.

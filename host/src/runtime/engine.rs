@@ -50,7 +50,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Builds the engine and linker and starts the epoch ticker thread. Precompiled
+    /// Builds the engine and linker and starts the epoch ticker thread (and, once per
+    /// process, the allocator's trimmer). Precompiled
     /// artifacts are kept in `artifacts` (created if missing) when given. The instance pool
     /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`;
     /// together they hold at most the default `plugin_memory_mib` beyond each call's first
@@ -86,6 +87,7 @@ impl Runtime {
         bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
 
         let ticker = EpochTicker::start(engine.clone());
+        super::memory::start_trimmer();
         let threads = std::thread::available_parallelism().map_or(2, usize::from);
         let calls = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)

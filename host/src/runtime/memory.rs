@@ -208,22 +208,41 @@ impl Limiter {
 /// Host-side bytes past which a call's end gives the allocator's free memory back to the
 /// operating system.
 const TRIM_AFTER_BYTES: u64 = 1 << 20;
-/// The least time between two trims: a trim locks every arena of the allocator while it
-/// walks it, and host threads that allocate wait for it (trimming after every flooding call
+/// The least time between two trims: a trim locks each arena of the allocator while it walks
+/// it, and host threads that allocate there wait for it (trimming after every flooding call
 /// raised the well-behaved tick lag p99 several times over).
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Whether a trim may start now (none started in the last [`TRIM_EVERY`]); if so, claims it.
-fn trim_due() -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-    let last = LAST.load(Ordering::Relaxed);
-    (last == 0 || now.saturating_sub(last) >= TRIM_EVERY.as_millis() as u64)
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+/// Asks the trimmer thread for a trim; holds at most one request.
+static TRIMMER: std::sync::OnceLock<std::sync::mpsc::SyncSender<()>> = std::sync::OnceLock::new();
+
+/// Starts the thread that gives the allocator's free memory back, once per process. It must
+/// start on a host thread, whose priority it inherits: a trim done on the plugin call's own
+/// thread held the arena locks at the call's low priority, while host threads that wanted to
+/// allocate waited behind plugins burning the CPU.
+pub(super) fn start_trimmer() {
+    TRIMMER.get_or_init(|| {
+        let (requests, pending) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new()
+            .name("stepwise-trim".into())
+            .spawn(move || {
+                while pending.recv().is_ok() {
+                    // SAFETY: `malloc_trim` only returns free memory of glibc's arenas to the
+                    // system.
+                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                    // A request that came meanwhile waits here, so the last flood is always
+                    // trimmed, at most once per interval.
+                    std::thread::sleep(TRIM_EVERY);
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!("no allocator trimmer thread ({error}): memory freed by plugin calls stays with the allocator");
+        }
+        requests
+    });
 }
 
 impl Drop for Limiter {
@@ -231,14 +250,13 @@ impl Drop for Limiter {
     /// thread's allocator arena; freed, they stay in the arena and in the host's resident
     /// memory (measured: a header flood from twenty calls at once kept 100 MiB resident
     /// under a 32 MiB budget). Dropped after the call's resources (its store drops the
-    /// limiter last), so their memory is free by now. At most one trim per [`TRIM_EVERY`].
+    /// limiter last), so their memory is free by now. The trimmer thread does the trim.
     fn drop(&mut self) {
-        if self.host_side >= TRIM_AFTER_BYTES && trim_due() {
-            // SAFETY: `malloc_trim` only returns free memory of glibc's arenas to the system.
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            unsafe {
-                libc::malloc_trim(0);
-            }
+        if self.host_side >= TRIM_AFTER_BYTES
+            && let Some(trimmer) = TRIMMER.get()
+        {
+            // Full: a trim is asked for already, and covers this call's memory too.
+            let _ = trimmer.try_send(());
         }
     }
 }

@@ -62,7 +62,7 @@ impl BenchServer {
                 None,
                 stepwise_host::model::Role::Admin,
                 "bench",
-                None,
+                stepwise_host::auth::TokenTerms::default(),
             )
             .await
             .map_err(|_| anyhow::anyhow!("creating the bench's token"))?;

@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{Role, now_millis, parse_token_name};
+use crate::model::{PluginScope, Role, now_millis, parse_token_name};
 use crate::storage::{self, AuditEntry};
 
 /// Every token starts with this, so that secret scanners and people recognise one.
@@ -35,6 +35,8 @@ pub struct StoredToken {
     pub revoked_at: Option<i64>,
     /// When it stops working, if it was given a lifetime.
     pub expires_at: Option<i64>,
+    /// The plugins it may act on; `None` is every plugin.
+    pub plugins: Option<PluginScope>,
 }
 
 impl StoredToken {
@@ -62,7 +64,7 @@ pub fn generate(
     role: Role,
     created_by: String,
     now: i64,
-    lifetime: Option<std::time::Duration>,
+    terms: TokenTerms,
 ) -> anyhow::Result<NewToken> {
     let key_id = random_hex(8)?;
     let secret = random_hex(32)?;
@@ -79,9 +81,10 @@ pub fn generate(
             created_at: now,
             created_by,
             revoked_at: None,
-            expires_at: lifetime.map(|lifetime| {
+            expires_at: terms.lifetime.map(|lifetime| {
                 now.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX))
             }),
+            plugins: terms.plugins,
         },
     })
 }
@@ -129,9 +132,20 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(hex::encode(buffer))
 }
 
+/// What limits a new token beyond its role.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTerms {
+    /// How long it works; `None` is until revoked.
+    pub lifetime: Option<std::time::Duration>,
+    /// The plugins it may act on; `None` is every plugin.
+    pub plugins: Option<PluginScope>,
+}
+
 /// Why a token could not be created.
 pub enum CreateError {
     InvalidName(String),
+    /// Plugin patterns on a role they cannot confine.
+    InvalidScope(String),
     Taken(String),
     Other(anyhow::Error),
 }
@@ -144,16 +158,31 @@ pub async fn create_token(
     name: Option<String>,
     role: Role,
     actor: &str,
-    lifetime: Option<std::time::Duration>,
+    terms: TokenTerms,
 ) -> Result<NewToken, CreateError> {
+    if terms.plugins.is_some() && !matches!(role, Role::Runner | Role::Publisher) {
+        return Err(CreateError::InvalidScope(format!(
+            "plugin patterns confine runner and publisher tokens; a {role} token {}",
+            if role == Role::Admin {
+                "manages tokens and grants, which no pattern can confine"
+            } else {
+                "changes nothing"
+            }
+        )));
+    }
     let name = match name {
         Some(name) => parse_token_name(&name).map_err(CreateError::InvalidName)?,
         None => generated_name(role).map_err(CreateError::Other)?,
     };
     let now = now_millis();
-    let token = generate(name.clone(), role, actor.to_owned(), now, lifetime)
-        .map_err(CreateError::Other)?;
+    let lifetime = terms.lifetime;
+    let plugins = terms.plugins.as_ref().map(ToString::to_string);
+    let token =
+        generate(name.clone(), role, actor.to_owned(), now, terms).map_err(CreateError::Other)?;
     let mut audit = AuditEntry::new(actor, "token.create", &name, now).with("role", role.as_str());
+    if let Some(plugins) = plugins {
+        audit = audit.with("plugins", plugins);
+    }
     if let Some(lifetime) = lifetime {
         audit = audit.with(
             "expires_in",
@@ -176,13 +205,27 @@ mod tests {
 
     #[test]
     fn a_token_matches_only_its_own_secret() {
-        let token = generate("ci".into(), Role::Runner, "cli".into(), 0, None).expect("random");
+        let token = generate(
+            "ci".into(),
+            Role::Runner,
+            "cli".into(),
+            0,
+            TokenTerms::default(),
+        )
+        .expect("random");
         assert!(!token.stored.hash.contains(&token.secret));
         let presented = PresentedToken::parse(&token.secret).expect("well formed");
         assert_eq!(presented.key_id, token.stored.key_id);
         assert!(presented.matches(&token.stored));
 
-        let other = generate("ci".into(), Role::Runner, "cli".into(), 0, None).expect("random");
+        let other = generate(
+            "ci".into(),
+            Role::Runner,
+            "cli".into(),
+            0,
+            TokenTerms::default(),
+        )
+        .expect("random");
         let forged = format!(
             "{PREFIX}{}_{}",
             token.stored.key_id,

@@ -5,10 +5,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::auth::CreateError;
+use crate::auth::{CreateError, TokenTerms};
 use crate::config::{ServeArgs, Settings};
 use crate::model::CLI_ACTOR;
-use crate::model::{Limits, PluginName, PluginVersion, Role};
+use crate::model::{Limits, PluginName, PluginScope, PluginVersion, Role};
 use crate::storage::{AuditEntry, Store};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -256,6 +256,11 @@ enum TokenCommand {
         /// A lifetime (`90d`, `12h`, at most 10 years); default: the token never expires.
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<String>,
+        /// Confine a runner or publisher token to the plugins whose names match these
+        /// patterns (comma-separated; `*` stands for any characters): `team-a-*`. Default:
+        /// every plugin.
+        #[arg(long, value_name = "PATTERNS")]
+        plugins: Option<String>,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -538,6 +543,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
             role,
             name,
             expires_in,
+            plugins,
             ..
         } => {
             let role = Role::parse(&role).map_err(anyhow::Error::msg)?;
@@ -546,10 +552,17 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
                 .map(crate::api::parse_lifetime)
                 .transpose()
                 .map_err(|message| anyhow::anyhow!("--expires-in: {message}"))?;
-            let created = crate::auth::create_token(&store, name, role, CLI_ACTOR, lifetime).await;
+            let plugins = plugins
+                .as_deref()
+                .map(|patterns| PluginScope::parse(patterns.split(',')))
+                .transpose()
+                .map_err(|message| anyhow::anyhow!("--plugins: {message}"))?;
+            let terms = TokenTerms { lifetime, plugins };
+            let created = crate::auth::create_token(&store, name, role, CLI_ACTOR, terms).await;
             let token = match created {
                 Ok(token) => token,
                 Err(CreateError::InvalidName(message)) => anyhow::bail!(message),
+                Err(CreateError::InvalidScope(message)) => anyhow::bail!("--plugins: {message}"),
                 Err(CreateError::Taken(name)) => {
                     anyhow::bail!(
                         "a token named {name:?} exists or was revoked (names are never reused); \
@@ -558,8 +571,12 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
                 }
                 Err(CreateError::Other(error)) => return Err(error),
             };
+            let scope = match &token.stored.plugins {
+                Some(plugins) => format!(" for plugins {plugins}"),
+                None => String::new(),
+            };
             println!(
-                "created token {:?} with role {role}; it is shown once, here:",
+                "created token {:?} with role {role}{scope}; it is shown once, here:",
                 token.stored.name
             );
             println!("{}", token.secret);
@@ -582,6 +599,9 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
                     at(token.created_at),
                     token.created_by
                 );
+                if let Some(plugins) = &token.plugins {
+                    line.push_str(&format!(", plugins {plugins}"));
+                }
                 if let Some(expires_at) = token.expires_at {
                     line.push_str(&format!(", expires {}", at(expires_at)));
                 }
@@ -968,13 +988,36 @@ async fn plugins_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
+/// Every schedule, page after page (a server lists them a page at a time).
 async fn schedules_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
-    let answer = call(&client, reqwest::Method::GET, "/v1/schedules").await?;
+    let mut schedules = Vec::new();
+    let mut path = "/v1/schedules?limit=1000".to_owned();
+    let answer = loop {
+        match call(&client, reqwest::Method::GET, &path).await? {
+            Answer::Ok(mut page) => {
+                if let Some(list) = page["schedules"].as_array_mut() {
+                    schedules.append(list);
+                }
+                match page["next_cursor"].as_str() {
+                    Some(cursor) => path = format!("/v1/schedules?limit=1000&cursor={cursor}"),
+                    None => break Answer::Ok(serde_json::json!({"schedules": schedules})),
+                }
+            }
+            refused => break refused,
+        }
+    };
     Ok(print_answer(&client, answer, |body| {
         let mut rows = vec![
-            ["ID", "PLUGIN", "TRIGGER", "PAUSED", "NEXT_FIRE"]
-                .map(str::to_owned)
-                .to_vec(),
+            [
+                "ID",
+                "PLUGIN",
+                "TRIGGER",
+                "PAUSED",
+                "NEXT_FIRE",
+                "CREATED_BY",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
         ];
         for schedule in body["schedules"].as_array().into_iter().flatten() {
             rows.push(vec![
@@ -983,6 +1026,7 @@ async fn schedules_list(client: ClientArgs) -> anyhow::Result<ExitCode> {
                 text(&schedule["trigger"]),
                 text(&schedule["paused"]),
                 text(&schedule["next_fire_at"]),
+                text(&schedule["created_by"]),
             ]);
         }
         columns(rows)

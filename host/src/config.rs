@@ -275,6 +275,10 @@ struct PolicyFile {
     sql_sources: Option<Vec<String>>,
     #[serde(default)]
     max_limits: LimitsFile,
+    /// Publishers may activate new code of a plugin whose grant reaches outside the sandbox
+    /// without an admin's review.
+    #[serde(default)]
+    publishers_activate_granted: bool,
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -876,6 +880,7 @@ fn parse_policy(
         allowed_hosts,
         sql_sources: file.sql_sources,
         max_limits: file.max_limits.overrides("policy.max_limits.")?,
+        publishers_activate_granted: file.publishers_activate_granted,
     };
     let ceiling = settings.limits.with_overrides(&policy.max_limits);
     if let Some((key, value, max)) = settings.limits.first_above(&ceiling, configured_limits) {

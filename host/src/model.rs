@@ -341,14 +341,104 @@ impl fmt::Display for Role {
     }
 }
 
-/// An API token's name: `[a-z0-9][a-z0-9._-]{0,62}`, so that it is safe in logs, the audit log
-/// and the idempotency scope.
 /// The audit log's actor for changes made without a token: by `stepwise` commands on the
 /// database, by the watched plugins directory, and by callers when `--auth none`.
 pub const CLI_ACTOR: &str = "cli";
 pub const DIRECTORY_ACTOR: &str = "plugins-dir";
 pub const ANONYMOUS_ACTOR: &str = "anonymous";
 
+/// Who asks for a change to plugins: the name the audit log records, and whether they may let
+/// new code run under a plugin's grant (an admin, or the operator through the plugins
+/// directory).
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub name: &'a str,
+    pub reviews: bool,
+}
+
+/// The plugins a token may act on: `None` is every plugin; otherwise the names that match one
+/// of its patterns, where `*` stands for any run of characters (`team-a-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginScope(Vec<String>);
+
+impl PluginScope {
+    /// At most this many patterns, so a scope stays readable in listings and the audit log.
+    pub const MAX_PATTERNS: usize = 32;
+
+    /// Patterns are plugin names that may hold `*`: `[a-z0-9*-]{1,63}`.
+    pub fn parse<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<PluginScope, String> {
+        let mut parsed = Vec::new();
+        for pattern in patterns {
+            let pattern = pattern.trim();
+            let valid = !pattern.is_empty()
+                && pattern.len() <= 63
+                && pattern
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '*');
+            if !valid {
+                return Err(format!(
+                    "plugin pattern {pattern:?} must be a plugin name in which * stands for any \
+                     characters, such as team-a-*"
+                ));
+            }
+            if !parsed.iter().any(|known| known == pattern) {
+                parsed.push(pattern.to_owned());
+            }
+        }
+        if parsed.is_empty() {
+            return Err("give at least one plugin pattern, such as team-a-*".to_owned());
+        }
+        if parsed.len() > Self::MAX_PATTERNS {
+            return Err(format!(
+                "at most {} plugin patterns per token",
+                Self::MAX_PATTERNS
+            ));
+        }
+        Ok(PluginScope(parsed))
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Whether `name` matches one of the patterns.
+    pub fn allows(&self, name: &str) -> bool {
+        self.0.iter().any(|pattern| glob_matches(pattern, name))
+    }
+}
+
+impl fmt::Display for PluginScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+/// `*` matches any run of characters (none included); everything else matches itself. Greedy
+/// with one backtrack point, so linear in practice and never exponential.
+fn glob_matches(pattern: &str, text: &str) -> bool {
+    let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((star_p, star_t)) = star {
+            p = star_p + 1;
+            t = star_t + 1;
+            star = Some((star_p, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// An API token's name: `[a-z0-9][a-z0-9._-]{0,62}`, so that it is safe in logs, the audit log
+/// and the idempotency scope.
 pub fn parse_token_name(name: &str) -> Result<String, String> {
     if [CLI_ACTOR, DIRECTORY_ACTOR, ANONYMOUS_ACTOR].contains(&name) {
         return Err(format!(
@@ -467,6 +557,9 @@ pub struct Policy {
     pub allowed_hosts: Option<Vec<HostPattern>>,
     pub sql_sources: Option<Vec<String>>,
     pub max_limits: LimitOverrides,
+    /// New code of a plugin whose grant reaches outside the sandbox may become active without
+    /// an admin's review (by default it waits, inactive, for one).
+    pub publishers_activate_granted: bool,
 }
 
 impl Policy {
@@ -592,6 +685,14 @@ pub struct Grant {
     pub step_timeouts: BTreeMap<String, Duration>,
     /// The backoff after an errored attempt, for runs that set none of their own.
     pub retry: Option<Retry>,
+}
+
+impl Grant {
+    /// Whether it lets a plugin reach anything outside its sandbox: a host, a source or a
+    /// secret. New code for such a plugin is reviewed by an admin before it runs.
+    pub fn grants_capabilities(&self) -> bool {
+        !self.allowed_hosts.is_empty() || !self.sql_sources.is_empty() || !self.secrets.is_empty()
+    }
 }
 
 /// How long to wait before calling a step again after an `errored` attempt (SPEC §11),
@@ -950,6 +1051,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_plugin_scope_allows_only_names_its_patterns_match() {
+        let scope = PluginScope::parse(["team-a-*", "shared"]).expect("valid");
+        for allowed in ["team-a-", "team-a-crm", "team-a-x-y", "shared"] {
+            assert!(scope.allows(allowed), "{allowed}");
+        }
+        for refused in [
+            "team-b-crm",
+            "team-a",
+            "shared-x",
+            "xteam-a-crm",
+            "crm-sync",
+        ] {
+            assert!(!scope.allows(refused), "{refused}");
+        }
+        let middle = PluginScope::parse(["a*b*c"]).expect("valid");
+        assert!(middle.allows("abc") && middle.allows("a-b-b-c") && !middle.allows("a-b-c-d"));
+        assert!(PluginScope::parse(["*"]).expect("valid").allows("anything"));
+        for invalid in [vec![], vec![""], vec!["Team-A"], vec!["a/b"], vec!["a?"]] {
+            assert!(PluginScope::parse(invalid.clone()).is_err(), "{invalid:?}");
+        }
+        // A long run of stars against a near miss stays fast (no exponential backtracking).
+        let stars = PluginScope::parse(["*a*a*a*a*a*a*a*a*a*a*b"]).expect("valid");
+        assert!(!stars.allows(&"a".repeat(60)));
+    }
+
+    #[test]
     fn a_notifier_reports_failures_after_its_streak_and_recovery_once() {
         let notifier = Notifier {
             format: NotifyFormat::Json,
@@ -1119,6 +1246,7 @@ mod tests {
                 memory_bytes: Some(16 << 20),
                 ..LimitOverrides::default()
             },
+            publishers_activate_granted: false,
         };
         let grant = Grant {
             allowed_hosts: vec!["127.0.0.1:9000".into(), "evil.example:80".into()],

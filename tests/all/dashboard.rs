@@ -1,13 +1,28 @@
 //! The dashboard at `/`: served from the binary under a strict Content-Security-Policy, and
 //! walked in a real browser (Debian's Chromium through Playwright, which `.ci/run` installs):
 //! a run triggered from the page goes live to passed, the run shows its three steps, a plugin
-//! is rolled back and a schedule paused, all without a console error.
+//! is rolled back and a schedule paused, and a publisher's pending version is reviewed and
+//! activated by an admin, all without a console error.
 
 use serde_json::json;
 use stepwise_host::config::AuthMode;
 use stepwise_host::model::Role;
 
-use crate::support::{MISBEHAVE_B_WASM, PluginFile, Setup, TestServer};
+use crate::support::{
+    MISBEHAVE_B_WASM, MISBEHAVE_PARAMS_PATTERN_WASM, PluginFile, Setup, TestServer,
+};
+
+/// The Python with Playwright that walks the dashboard, or `None` (and a SKIPPED line).
+fn browser_python() -> Option<String> {
+    let python = std::env::var("STEPWISE_BROWSER_PYTHON").ok();
+    if python.is_none() {
+        eprintln!(
+            "SKIPPED: the dashboard in a real browser; set STEPWISE_BROWSER_PYTHON to a Python \
+             with Playwright, and STEPWISE_CHROMIUM to Chromium (.ci/run installs both)"
+        );
+    }
+    python
+}
 
 #[tokio::test]
 async fn the_pages_and_assets_are_served_without_a_token_and_carry_no_data() {
@@ -61,11 +76,7 @@ async fn the_pages_and_assets_are_served_without_a_token_and_carry_no_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_main_path_works_in_a_real_browser() {
-    let Ok(python) = std::env::var("STEPWISE_BROWSER_PYTHON") else {
-        eprintln!(
-            "SKIPPED: the dashboard in a real browser; set STEPWISE_BROWSER_PYTHON to a Python \
-             with Playwright, and STEPWISE_CHROMIUM to Chromium (.ci/run installs both)"
-        );
+    let Some(python) = browser_python() else {
         return;
     };
     let server = TestServer::start(
@@ -148,4 +159,72 @@ async fn the_main_path_works_in_a_real_browser() {
     .await
     .expect("the schedule");
     assert_eq!(schedule["paused"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_version_is_reviewed_and_activated_in_a_real_browser() {
+    let Some(python) = browser_python() else {
+        return;
+    };
+    // A plugin whose grant reaches a host: a publisher's new code waits for an admin.
+    let server = TestServer::start(
+        Setup::default()
+            .with_auth(AuthMode::Tokens)
+            .with_plugin(PluginFile::misbehave("allowed_hosts = [\"127.0.0.1:9\"]\n")),
+    )
+    .await;
+    let admin = server.create_token(Role::Admin).await;
+    let publisher = server.create_token(Role::Publisher).await;
+    // This build's describe adds a params schema: the review lists that change.
+    let bytes = std::fs::read(MISBEHAVE_PARAMS_PATTERN_WASM).expect("the variant");
+    let version = stepwise_host::model::PluginVersion::of_bytes(&bytes).to_string();
+    let response = server
+        .client
+        .put(server.url("/v1/plugins/misbehave"))
+        .bearer_auth(&publisher)
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .expect("uploading");
+    assert_eq!(response.status(), 202);
+
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-review");
+    std::fs::create_dir_all(&shots).expect("a screenshot dir");
+    let walk = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/review.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(walk)
+        .args([&server.base, &publisher, &admin])
+        .arg(&shots)
+        .args(["misbehave", &version])
+        .output()
+        .await
+        .expect("running the browser walk");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the walk failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for view in ["review-publisher", "review-admin", "review-activated"] {
+        let shot = shots.join(format!("{view}.png"));
+        let bytes = std::fs::read(&shot).unwrap_or_default();
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "no screenshot {}",
+            shot.display()
+        );
+    }
+    // What the click did, as the API sees it.
+    let plugin: serde_json::Value = server
+        .client
+        .get(server.url("/v1/plugins/misbehave"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("reading the plugin")
+        .json()
+        .await
+        .expect("the plugin");
+    assert_eq!(plugin["active_version"], version.as_str(), "{plugin}");
 }

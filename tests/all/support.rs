@@ -399,7 +399,8 @@ impl TestServer {
         let store = stepwise_host::storage::Store::open(&self.database.url)
             .await
             .expect("opening the server's database");
-        match stepwise_host::auth::create_token(&store, None, role, "test", None).await {
+        let terms = stepwise_host::auth::TokenTerms::default();
+        match stepwise_host::auth::create_token(&store, None, role, "test", terms).await {
             Ok(token) => token.secret,
             Err(_) => panic!("creating a {role} token failed"),
         }

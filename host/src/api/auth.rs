@@ -1,4 +1,4 @@
-//! Who may call what (SPEC §10), checked once for every request before any handler runs:
+//! Who may call what (README, "Teams and tokens"), checked once for every request before any handler runs:
 //! the `Host` header (DNS rebinding), the `Origin` of state-changing requests (cross-site
 //! forms), the media type of request bodies, the bearer token, and the role the route needs.
 //! Handlers receive the result as a [`Caller`].
@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::PresentedToken;
 use crate::config::AuthMode;
-use crate::model::Role;
+use crate::model::{PluginScope, Role};
 
 /// The caller of a `/v1` request, once authenticated.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct Caller {
     /// The token's name; `anonymous` without authentication.
     pub name: String,
     pub role: Role,
+    /// The plugins the token may act on; `None` is every plugin.
+    pub plugins: Option<PluginScope>,
 }
 
 /// The name the audit log and idempotency scope give callers when `--auth none`.
@@ -38,6 +40,29 @@ impl Caller {
                 "{what} needs the {needed} role; token {:?} has the {} role",
                 self.name, self.role
             )))
+        }
+    }
+
+    /// 403 unless the token may act on the plugin `name` (its patterns match it). Out of
+    /// scope is 403, not 404: which plugins exist is no secret from a token that may read.
+    pub fn require_plugin(&self, name: &str) -> Result<(), ApiError> {
+        match &self.plugins {
+            Some(scope) if !scope.allows(name) => Err(ApiError::forbidden_code(
+                "outside_token_scope",
+                format!(
+                    "token {:?} may act only on plugins matching {scope}, not on {name:?}",
+                    self.name
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The registry's view of this caller: admins review the code they upload or activate.
+    pub fn actor(&self) -> crate::model::Actor<'_> {
+        crate::model::Actor {
+            name: &self.name,
+            reviews: self.role == Role::Admin,
         }
     }
 }
@@ -136,6 +161,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
         return Ok(Caller {
             name: ANONYMOUS.to_owned(),
             role: Role::Admin,
+            plugins: None,
         });
     }
     let value = headers
@@ -165,6 +191,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
     Ok(Caller {
         name: stored.name,
         role: stored.role,
+        plugins: stored.plugins,
     })
 }
 

@@ -95,6 +95,13 @@ pub struct RunDto {
     pub http_requests: u32,
     /// The schedule whose fire started the run.
     pub schedule_id: Option<String>,
+    /// The token that triggered it (`anonymous` without authentication); absent for a
+    /// schedule's fire, which `schedule_id` names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The token that cancelled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<String>,
     /// The run's own backoff for errored attempts; `null`: the grant's, else the poll
     /// interval. When a step errored, `next_tick_at` is when it is called again.
     pub retry: Option<RetryDto>,
@@ -150,6 +157,8 @@ impl RunDto {
             error_count: run.error_count,
             http_requests: run.http_requests,
             schedule_id: run.schedule_id.clone(),
+            created_by: run.created_by.clone(),
+            cancelled_by: run.cancelled_by.clone(),
             retry: run.retry.map(RetryDto::new),
             current_step: run
                 .steps
@@ -318,9 +327,25 @@ pub struct LimitDto {
 pub struct PluginVersionDto {
     pub version: String,
     pub active: bool,
+    /// Stored, not active, and waiting for an admin: no admin has reviewed this code, and the
+    /// plugin's grant reaches outside the sandbox, so only an admin may activate it.
+    pub pending: bool,
+    /// The step names its `describe` reports.
     pub steps: Vec<String>,
+    /// What its `describe` reports, to compare with the active version before activating.
+    pub description: String,
+    #[schema(schema_with = any_json)]
+    pub params_schema: Option<Json>,
     #[schema(format = DateTime)]
     pub created_at: String,
+    /// The token (or `cli`, `plugins-dir`) that stored it; absent for versions stored before
+    /// this was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
+    /// The admin (or `plugins-dir`) who let it run under the plugin's grant, by uploading
+    /// or activating it; absent while no one has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reviewed_by: Option<String>,
 }
 
 fn steps_of(info: &CheckInfo) -> Vec<StepInfoDto> {
@@ -351,12 +376,14 @@ impl PluginDto {
     }
 
     /// Adds the grant, `effective` being the limits in force after the host's defaults and
-    /// the policy's ceilings.
+    /// the policy's ceilings, and the versions; `review_needed` says whether new code waits
+    /// for an admin.
     pub fn with_details(
         mut self,
         grant: &Grant,
         effective: &Limits,
         versions: &[PluginVersionRecord],
+        review_needed: bool,
     ) -> PluginDto {
         let set_by_grant = grant.limits.keys();
         // Both lists hold every limit in the same order.
@@ -397,16 +424,27 @@ impl PluginDto {
         self.versions = Some(
             versions
                 .iter()
-                .map(|version| PluginVersionDto {
-                    active: version.version.as_str() == self.active_version,
-                    version: version.version.to_string(),
-                    steps: version
-                        .check_info
-                        .steps
-                        .iter()
-                        .map(|step| step.name.clone())
-                        .collect(),
-                    created_at: timestamp(version.created_at),
+                .map(|version| {
+                    let active = version.version.as_str() == self.active_version;
+                    PluginVersionDto {
+                        active,
+                        pending: !active && review_needed && version.reviewed_by.is_none(),
+                        version: version.version.to_string(),
+                        steps: version
+                            .check_info
+                            .steps
+                            .iter()
+                            .map(|step| step.name.clone())
+                            .collect(),
+                        description: version.check_info.description.clone(),
+                        params_schema: version.check_info.params_schema.as_deref().map(json_text),
+                        created_at: timestamp(version.created_at),
+                        uploaded_by: version.uploaded_by.clone(),
+                        reviewed_by: version
+                            .reviewed_by
+                            .clone()
+                            .filter(|reviewer| !reviewer.is_empty()),
+                    }
                 })
                 .collect(),
         );
@@ -434,6 +472,9 @@ pub struct ScheduleDto {
     pub created_at: String,
     #[schema(format = DateTime)]
     pub updated_at: String,
+    /// The token that created it; absent for schedules made before this was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recent_fires: Option<Vec<FireDto>>,
 }
@@ -512,6 +553,7 @@ impl ScheduleDto {
                 .map(timestamp),
             created_at: timestamp(schedule.created_at),
             updated_at: timestamp(schedule.updated_at),
+            created_by: schedule.created_by.clone(),
             recent_fires: fires.map(|fires| {
                 fires
                     .iter()
@@ -546,6 +588,10 @@ pub struct TokenDto {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     pub revoked_at: Option<String>,
+    /// The plugin name patterns it is confined to (`*` stands for any characters); absent
+    /// for a token that may act on every plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Vec<String>>,
 }
 
 impl TokenDto {
@@ -557,8 +603,24 @@ impl TokenDto {
             created_by: token.created_by.clone(),
             expires_at: token.expires_at.map(timestamp),
             revoked_at: token.revoked_at.map(timestamp),
+            plugins: token
+                .plugins
+                .as_ref()
+                .map(|scope| scope.patterns().to_vec()),
         }
     }
+}
+
+/// Who the caller is, as the server sees its token.
+#[derive(Serialize, ToSchema)]
+pub struct CallerDto {
+    /// The token's name; `anonymous` without authentication.
+    pub name: String,
+    #[schema(schema_with = role)]
+    pub role: &'static str,
+    /// The plugin name patterns the token is confined to; absent for every plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<Vec<String>>,
 }
 
 /// A token just created: the only answer that ever holds its secret.
@@ -690,6 +752,8 @@ pub struct PluginListDto {
 #[derive(Serialize, ToSchema)]
 pub struct ScheduleListDto {
     pub schedules: Vec<ScheduleDto>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]

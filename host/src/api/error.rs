@@ -131,9 +131,14 @@ impl ApiError {
 
     /// 403: a known caller whose role does not allow the call, or a cross-site request.
     pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::forbidden_code("forbidden", message)
+    }
+
+    /// 403 with its own problem code.
+    pub fn forbidden_code(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::FORBIDDEN,
-            code: "forbidden",
+            code,
             field: None,
             message: message.into(),
         }
@@ -212,6 +217,9 @@ impl From<registry::Error> for ApiError {
             }
             registry::Error::UnknownVersion { .. } => {
                 (StatusCode::NOT_FOUND, "version_not_found", "version")
+            }
+            registry::Error::Unreviewed { .. } => {
+                (StatusCode::FORBIDDEN, "review_required", "version")
             }
             registry::Error::Storage(error) => return error.into(),
         };

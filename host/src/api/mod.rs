@@ -96,6 +96,7 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(tokens::tokens_create, tokens::tokens_index))
         .routes(routes!(tokens::tokens_revoke))
+        .routes(routes!(tokens::whoami))
         .routes(routes!(audit::audit_index))
         .routes(routes!(secrets::secrets_index))
         .routes(routes!(health::healthz))

@@ -473,6 +473,11 @@ pub struct NewTokenRequest {
     /// A lifetime such as `90d` or `12h` (at most 10 years); without it the token never
     /// expires.
     expires_in: Option<String>,
+    /// Confines a runner or publisher token to the plugins whose names match one of these
+    /// patterns (`*` stands for any characters, as in `team-a-*`): outside them it may not
+    /// upload, activate, trigger, cancel or schedule (403). Absent: every plugin.
+    #[schema(min_items = 1, max_items = 32)]
+    plugins: Option<Vec<String>>,
 }
 
 /// `PUT /v1/plugins/{name}` as `multipart/form-data`.
@@ -558,6 +563,12 @@ pub struct SchedulesQuery {
     plugin: Option<String>,
     /// Only paused (`true`) or active (`false`) schedules.
     paused: Option<bool>,
+    /// Schedules per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    #[param(min_length = 1)]
+    cursor: Option<String>,
 }
 
 #[cfg(test)]

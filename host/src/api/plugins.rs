@@ -53,13 +53,18 @@ pub async fn plugins_show(
 /// `PUT /v1/plugins/{name}`: the body is the `.wasm` (`application/wasm` or
 /// `application/octet-stream`), or `multipart/form-data` with a `component` part and an
 /// optional `grant` part (TOML, or JSON when the part says `application/json`). Answers 201
-/// for a new plugin, 200 otherwise, with the plugin as `GET` shows it. New bytes never change
-/// the grant; a `grant` part does, and needs the admin role.
+/// for a new plugin, 200 otherwise, with the plugin as `GET` shows it; 202 when the version
+/// is stored but waits for an admin's review. New bytes never change the grant; a `grant`
+/// part does, and needs the admin role.
 #[utoipa::path(
     put, path = "/v1/plugins/{name}", tag = "plugins",
     summary = "Upload a version",
     description = "Validated (it compiles, exports the world, `describe` answers) and activated; \
-        a rejected upload changes nothing. A `grant` part needs the admin role.",
+        a rejected upload changes nothing. A `grant` part needs the admin role. New code from a \
+        non-admin for a plugin whose grant reaches outside the sandbox (hosts, sources or \
+        secrets) is stored but stays inactive (202) until an admin activates it, unless the \
+        operator's `[policy] publishers_activate_granted` is set. A token confined to plugin \
+        patterns gets 403 outside them.",
     params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body(content(
         (Vec<u8> = "application/wasm"),
@@ -70,6 +75,8 @@ pub async fn plugins_show(
         (status = 200, description = "A new version of a known plugin, or the same bytes again", body = PluginDto),
         (status = 201, description = "A new plugin", body = PluginDto,
             headers(("Location" = String, description = "`/v1/plugins/{name}`"))),
+        (status = 202, description = "Stored, and waiting for an admin to activate it (its version is `pending`)", body = PluginDto),
+        (status = 403, description = "Outside the token's plugin patterns, or a grant part without the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than `max_upload_mib`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a valid check, or a grant beyond the policy", body = Problem, content_type = "application/problem+json"),
     )
@@ -81,6 +88,7 @@ pub async fn plugins_upload(
     request: Request,
 ) -> Result<Response, ApiError> {
     let name = PluginName::parse(&name).map_err(|message| ApiError::invalid("name", message))?;
+    caller.require_plugin(name.as_str())?;
     let limit = state.settings.upload_limit_bytes;
     let (component, grant) = match media_type(&request).as_deref() {
         Some("multipart/form-data") => {
@@ -110,9 +118,11 @@ pub async fn plugins_upload(
     }
     let installed = state
         .registry
-        .install(&name, component, grant, &caller.name)
+        .install(&name, component, grant, caller.actor())
         .await?;
-    let status = if installed.created {
+    let status = if installed.pending {
+        StatusCode::ACCEPTED
+    } else if installed.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -133,6 +143,7 @@ pub async fn plugins_upload(
     request_body = ActivateRequest,
     responses(
         (status = 200, description = "The plugin, with the version active", body = PluginDto),
+        (status = 403, description = "Outside the token's plugin patterns, or an unreviewed version of a plugin whose grant reaches outside the sandbox, which only an admin may activate", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such plugin or version", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -142,6 +153,7 @@ pub async fn plugins_activate(
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginDto>, ApiError> {
+    caller.require_plugin(&name)?;
     let request =
         super::runs::read_json_object(body, ACTIVATE_FIELDS, state.settings.body_limit_bytes)?;
     let version = match request.get("version") {
@@ -153,7 +165,7 @@ pub async fn plugins_activate(
         PluginVersion::parse(&version).map_err(|message| ApiError::invalid("version", message))?;
     state
         .registry
-        .activate(&name, &version, &caller.name)
+        .activate(&name, &version, caller.actor())
         .await?;
     Ok(Json(plugin_details(&state, &name).await?))
 }
@@ -210,7 +222,9 @@ async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiEr
         .policy
         .confine(grant.clone(), &state.settings.limits);
     let versions = state.store.list_plugin_versions(name).await?;
-    Ok(PluginDto::new(&plugin).with_details(&grant, &effective, &versions))
+    let review_needed =
+        grant.grants_capabilities() && !state.settings.policy.publishers_activate_granted;
+    Ok(PluginDto::new(&plugin).with_details(&grant, &effective, &versions, review_needed))
 }
 
 async fn read_upload_parts(

@@ -111,6 +111,7 @@ pub async fn runs_create(
     };
 
     PluginName::parse(&plugin_name).map_err(|message| ApiError::invalid("plugin", message))?;
+    caller.require_plugin(&plugin_name)?;
     let plugin = state
         .store
         .find_plugin(&plugin_name)
@@ -141,6 +142,7 @@ pub async fn runs_create(
         idempotency_key,
         idempotency_fingerprint,
         schedule_id: None,
+        created_by: Some(caller.name.clone()),
     };
     let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis()).await?;
     let run = match state.store.enqueue_run(&new_run).await? {
@@ -461,10 +463,19 @@ pub async fn runs_notifications(
 )]
 pub async fn runs_cancel(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RunDto>, ApiError> {
     let run_id = parse_run_id(&id)?;
-    match state.store.cancel_run(&run_id, now_millis()).await {
+    if caller.plugins.is_some() {
+        let run = existing_run(&state, &run_id).await?;
+        caller.require_plugin(run.plugin_name.as_str())?;
+    }
+    match state
+        .store
+        .cancel_run(&run_id, now_millis(), &caller.name)
+        .await
+    {
         Ok(Cancelled::Cancelled(run)) => Ok(Json(RunDto::new(&run, true))),
         Ok(Cancelled::AlreadyFinished(status)) => Err(ApiError::conflict(
             "run_finished",

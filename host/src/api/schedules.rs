@@ -21,7 +21,7 @@ use crate::model::{PluginName, TriggerSpec, UnixMillis, now_millis};
 use crate::scheduler::planning::check_params;
 use crate::scheduler::schedules::due_time;
 use crate::scheduler::trigger::Trigger;
-use crate::storage::{ScheduleOptions, ScheduleRecord};
+use crate::storage::{ScheduleFilter, ScheduleOptions, ScheduleRecord};
 
 pub(super) const KNOWN_FIELDS: &[&str] = &[
     "plugin",
@@ -36,7 +36,7 @@ pub(super) const KNOWN_FIELDS: &[&str] = &[
     "timeout_ms",
 ];
 /// The query parameters of `GET /v1/schedules`.
-pub(super) const INDEX_QUERY: &[&str] = &["plugin", "paused"];
+pub(super) const INDEX_QUERY: &[&str] = &["plugin", "paused", "limit", "cursor"];
 /// Fires shown with a schedule.
 const RECENT_FIRES: u32 = 20;
 /// APScheduler's defaults: a fire more than a second late is missed, backlogs coalesce, one
@@ -72,6 +72,7 @@ pub async fn schedules_create(
     };
     // Whether the plugin exists is checked with the params, in `apply_fields`.
     PluginName::parse(&plugin_name).map_err(|message| ApiError::invalid("plugin", message))?;
+    caller.require_plugin(&plugin_name)?;
     if !request.contains_key("trigger") {
         return Err(ApiError::invalid("trigger", "trigger is required"));
     }
@@ -94,6 +95,7 @@ pub async fn schedules_create(
         next_due_at: None,
         created_at: now,
         updated_at: now,
+        created_by: Some(caller.name.clone()),
     };
     apply_fields(&state, &mut schedule, &request, now, true).await?;
     state.store.insert_schedule(&schedule).await?;
@@ -109,12 +111,12 @@ pub async fn schedules_create(
         .into_response())
 }
 
-/// `GET /v1/schedules?plugin=&paused=`
+/// `GET /v1/schedules?plugin=&paused=&limit=&cursor=`: oldest first, a page at a time.
 #[utoipa::path(
     get, path = "/v1/schedules", tag = "schedules",
     summary = "Schedules",
     params(SchedulesQuery),
-    responses((status = 200, description = "Every schedule that matches", body = ScheduleListDto))
+    responses((status = 200, description = "A page of the schedules that match, oldest first", body = ScheduleListDto))
 )]
 pub async fn schedules_index(
     State(state): State<AppState>,
@@ -127,18 +129,27 @@ pub async fn schedules_index(
         Some("false") => Some(false),
         Some(_) => return Err(ApiError::invalid("paused", "paused must be true or false")),
     };
-    let schedules = state.store.list_schedules().await?;
-    let schedules: Vec<ScheduleDto> = schedules
-        .iter()
-        .filter(|schedule| {
-            query
-                .get("plugin")
-                .is_none_or(|plugin| *plugin == schedule.plugin_name)
-                && paused.is_none_or(|paused| paused == schedule.options.paused)
-        })
-        .map(|schedule| ScheduleDto::new(schedule, None))
-        .collect();
-    Ok(Json(ScheduleListDto { schedules }))
+    let limit = super::query::limit(&query, 100, 1000)?;
+    // Schedule ids are UUIDs, which sort by creation time.
+    let after = super::query::cursor(&query, |text| {
+        uuid::Uuid::parse_str(text).ok().map(|_| text.to_owned())
+    })?;
+    let filter = ScheduleFilter {
+        plugin: query.get("plugin").cloned(),
+        paused,
+    };
+    let schedules = state
+        .store
+        .list_schedules(&filter, after.as_deref(), limit)
+        .await?;
+    let next_cursor = super::query::next_cursor(&schedules, limit, |last| last.id.clone());
+    Ok(Json(ScheduleListDto {
+        schedules: schedules
+            .iter()
+            .map(|schedule| ScheduleDto::new(schedule, None))
+            .collect(),
+        next_cursor,
+    }))
 }
 
 /// `GET /v1/schedules/{id}`: with its recent fires, newest first.
@@ -180,6 +191,7 @@ pub async fn schedules_update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ScheduleDto>, ApiError> {
     let mut schedule = find(&state, &id).await?;
+    caller.require_plugin(&schedule.plugin_name)?;
     let request = set_fields(read_json_object(
         body,
         KNOWN_FIELDS,
@@ -218,6 +230,9 @@ pub async fn schedules_delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    if caller.plugins.is_some() {
+        caller.require_plugin(&find(&state, &id).await?.plugin_name)?;
+    }
     if state.store.delete_schedule(&id).await? {
         tracing::info!(schedule = %id, actor = %caller.name, "schedule deleted");
         Ok(StatusCode::NO_CONTENT)

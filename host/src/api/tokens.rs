@@ -10,17 +10,17 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::{NewTokenDto, TokenDto, TokenListDto};
+use super::dto::{CallerDto, NewTokenDto, TokenDto, TokenListDto};
 use super::error::{ApiError, Problem};
 use super::openapi::NewTokenRequest;
 use super::runs::read_json_object;
 use super::state::AppState;
-use crate::auth::{CreateError, create_token};
-use crate::model::{Role, now_millis};
+use crate::auth::{CreateError, TokenTerms, create_token};
+use crate::model::{PluginScope, Role, now_millis};
 use crate::storage::{self, AuditEntry};
 
 /// The fields of `POST /v1/tokens`.
-pub(super) const CREATE_FIELDS: &[&str] = &["role", "name", "expires_in"];
+pub(super) const CREATE_FIELDS: &[&str] = &["role", "name", "expires_in", "plugins"];
 
 /// The longest lifetime a token may be given: ten years.
 const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
@@ -35,8 +35,8 @@ pub fn parse_lifetime(text: &str) -> Result<std::time::Duration, String> {
     Ok(lifetime)
 }
 
-/// `POST /v1/tokens` with `{"role": "...", "name"?: "...", "expires_in"?: "90d"}`: 201 with
-/// the secret.
+/// `POST /v1/tokens` with `{"role": "...", "name"?: "...", "expires_in"?: "90d",
+/// "plugins"?: ["team-a-*"]}`: 201 with the secret.
 #[utoipa::path(
     post, path = "/v1/tokens", tag = "tokens",
     summary = "Create a token",
@@ -77,10 +77,31 @@ pub async fn tokens_create(
             ));
         }
     };
-    let token = create_token(&state.store, name, role, &caller.name, lifetime)
+    let plugins = match request.get("plugins") {
+        None | Some(Json_::Null) => None,
+        Some(Json_::Array(patterns)) => {
+            let patterns: Option<Vec<&str>> = patterns.iter().map(Json_::as_str).collect();
+            let patterns = patterns.ok_or_else(|| {
+                ApiError::invalid("plugins", "plugins must be an array of name patterns")
+            })?;
+            Some(
+                PluginScope::parse(patterns)
+                    .map_err(|message| ApiError::invalid("plugins", message))?,
+            )
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "plugins",
+                "plugins must be an array of name patterns, such as [\"team-a-*\"]",
+            ));
+        }
+    };
+    let terms = TokenTerms { lifetime, plugins };
+    let token = create_token(&state.store, name, role, &caller.name, terms)
         .await
         .map_err(|error| match error {
             CreateError::InvalidName(message) => ApiError::invalid("name", message),
+            CreateError::InvalidScope(message) => ApiError::invalid("plugins", message),
             CreateError::Taken(name) => ApiError::conflict(
                 "token_exists",
                 format!(
@@ -98,6 +119,24 @@ pub async fn tokens_create(
         Json(NewTokenDto::new(&token.stored, token.secret)),
     )
         .into_response())
+}
+
+/// `GET /v1/whoami`: the caller's token name, role and plugin patterns, so that a client (the
+/// dashboard) offers only what the token may do.
+#[utoipa::path(
+    get, path = "/v1/whoami", tag = "tokens",
+    summary = "The caller's token: name, role and plugin patterns",
+    responses((status = 200, description = "The caller", body = CallerDto))
+)]
+pub async fn whoami(caller: Caller) -> Json<CallerDto> {
+    Json(CallerDto {
+        role: caller.role.as_str(),
+        plugins: caller
+            .plugins
+            .as_ref()
+            .map(|scope| scope.patterns().to_vec()),
+        name: caller.name,
+    })
 }
 
 /// `GET /v1/tokens`: names, roles and who created them; never the secrets.

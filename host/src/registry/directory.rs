@@ -161,7 +161,10 @@ impl Directory {
                 version,
                 bytes.into(),
                 Some(grant_toml),
-                DIRECTORY_ACTOR,
+                crate::model::Actor {
+                    name: DIRECTORY_ACTOR,
+                    reviews: true,
+                },
             )
             .await
         {

@@ -13,12 +13,18 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, parse_grant};
-use crate::model::{CheckInfo, Grant, PluginName, PluginVersion, now_millis};
+use crate::model::{Actor, CheckInfo, Grant, PluginName, PluginVersion, now_millis};
 use crate::runtime::Runtime;
-use crate::storage::{self, AuditEntry, Store};
+use crate::storage::{self, AuditEntry, Review, Store};
 
 /// How often compiled versions that nothing needs any more are dropped from memory.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a stored grant lets the plugin reach outside its sandbox, which makes new code for
+/// it wait for an admin's review. A grant that no longer parses counts as reaching out.
+fn reaches_out(grant_toml: &str) -> bool {
+    parse_grant(grant_toml).map_or(true, |grant| grant.grants_capabilities())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -34,6 +40,13 @@ pub enum Error {
     UnknownPlugin(String),
     #[error("plugin {name:?} has no version {version}")]
     UnknownVersion { name: String, version: String },
+    /// A publisher asked to activate code no admin has reviewed, for a plugin whose grant
+    /// reaches outside the sandbox.
+    #[error(
+        "version {version} of plugin {name:?} has not been reviewed, and the plugin's grant \
+         reaches outside the sandbox (hosts, sources or secrets): an admin must activate it"
+    )]
+    Unreviewed { name: String, version: String },
     #[error(transparent)]
     Storage(#[from] storage::Error),
 }
@@ -49,6 +62,8 @@ pub struct Installed {
     pub created: bool,
     /// The bytes were new for this plugin name (a re-upload of a known version is not).
     pub new_version: bool,
+    /// Stored but not active: it waits for an admin's review.
+    pub pending: bool,
 }
 
 #[derive(Clone)]
@@ -70,14 +85,15 @@ impl Registry {
     /// Inspects `bytes` and, if they pass, stores them and makes them the active version of
     /// `name`. `grant_toml` replaces the plugin's grant; `None` keeps the current one (no
     /// capabilities for a new plugin): new bytes never change a grant by themselves.
-    /// Installing the active version again changes nothing but the grant. `actor` is who
-    /// asked, for the audit log.
+    /// Installing the active version again changes nothing but the grant. New bytes from an
+    /// `actor` who does not review, for a plugin whose grant reaches outside the sandbox, are
+    /// stored but stay inactive (`pending`) until an admin activates them.
     pub async fn install(
         &self,
         name: &PluginName,
         bytes: Bytes,
         grant_toml: Option<String>,
-        actor: &str,
+        actor: Actor<'_>,
     ) -> Result<Installed> {
         // Hashing a 20 MB Python component takes milliseconds: not on an async worker (the
         // fallback runs only if the blocking pool is shutting down).
@@ -98,7 +114,7 @@ impl Registry {
         version: PluginVersion,
         bytes: Bytes,
         grant_toml: Option<String>,
-        actor: &str,
+        actor: Actor<'_>,
     ) -> Result<Installed> {
         let existing = self.store.find_plugin(name.as_str()).await?;
         // The grant the candidate is inspected under; the one stored is decided when it is
@@ -137,26 +153,64 @@ impl Registry {
                 check_info: inspected.check_info,
                 created: false,
                 new_version: false,
+                pending: false,
             });
         }
         let now = now_millis();
         let new_version = self
             .store
-            .save_plugin_version(name, &version, &bytes, &inspected.check_info, now)
+            .save_plugin_version(name, &version, &bytes, &inspected.check_info, now, actor)
             .await?;
-        let audit = AuditEntry::new(actor, "plugin.upload", name.as_str(), now)
+        let audit = AuditEntry::new(actor.name, "plugin.upload", name.as_str(), now)
             .with("new_version", new_version.to_string());
-        self.store
-            .activate_plugin(name, &version, grant_toml.as_deref(), audit)
-            .await?;
-        tracing::info!(plugin = %name, %version, actor, new_version, grant_changed = grant_toml.is_some(), "plugin uploaded and active");
+        let activated = self
+            .store
+            .activate_plugin(
+                name,
+                &version,
+                grant_toml.as_deref(),
+                audit.clone(),
+                self.review(actor, &reaches_out),
+            )
+            .await;
+        let pending = match activated {
+            Ok(()) => false,
+            Err(storage::Error::Unreviewed) => {
+                self.store
+                    .record_audit(&audit.with("pending", "true"))
+                    .await?;
+                true
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if pending {
+            tracing::info!(plugin = %name, %version, actor = actor.name, "plugin uploaded; it waits for an admin's review");
+        } else {
+            tracing::info!(plugin = %name, %version, actor = actor.name, new_version, grant_changed = grant_toml.is_some(), "plugin uploaded and active");
+        }
         self.release_unused().await;
         Ok(Installed {
             version,
             check_info: inspected.check_info,
             created: existing.is_none(),
             new_version,
+            pending,
         })
+    }
+
+    /// What an activation by `actor` needs, under the operator's policy.
+    fn review<'a>(
+        &self,
+        actor: Actor<'a>,
+        reaches_out: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> Review<'a> {
+        if actor.reviews {
+            Review::By(actor.name)
+        } else if self.settings.policy.publishers_activate_granted {
+            Review::NotNeeded
+        } else {
+            Review::Required(reaches_out)
+        }
     }
 
     /// Makes a stored version of `name` active again (roll back or forward), keeping the grant.
@@ -164,7 +218,7 @@ impl Registry {
         &self,
         name: &str,
         version: &PluginVersion,
-        actor: &str,
+        actor: Actor<'_>,
     ) -> Result<Installed> {
         let plugin = self
             .store
@@ -181,17 +235,32 @@ impl Registry {
             })?;
         // Compiled before the switch, so the first run on it does not pay for compiling.
         self.prepare(version).await?;
-        let audit = AuditEntry::new(actor, "plugin.activate", name, now_millis());
-        self.store
-            .activate_plugin(&plugin.name, version, None, audit)
-            .await?;
-        tracing::info!(plugin = %name, %version, actor, "plugin version activated");
+        let audit = AuditEntry::new(actor.name, "plugin.activate", name, now_millis());
+        let activated = self
+            .store
+            .activate_plugin(
+                &plugin.name,
+                version,
+                None,
+                audit,
+                self.review(actor, &reaches_out),
+            )
+            .await;
+        if let Err(storage::Error::Unreviewed) = activated {
+            return Err(Error::Unreviewed {
+                name: name.to_owned(),
+                version: version.to_string(),
+            });
+        }
+        activated?;
+        tracing::info!(plugin = %name, %version, actor = actor.name, "plugin version activated");
         self.release_unused().await;
         Ok(Installed {
             version: record.version,
             check_info: record.check_info,
             created: false,
             new_version: false,
+            pending: false,
         })
     }
 

@@ -27,6 +27,8 @@ pub struct RunOptions {
     /// sha256 of the request the key came with.
     pub idempotency_fingerprint: Option<String>,
     pub schedule_id: Option<String>,
+    /// The token that triggered it; `None` for a schedule's fire.
+    pub created_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +155,7 @@ pub async fn plan_run(
         idempotency_key: options.idempotency_key,
         idempotency_fingerprint: options.idempotency_fingerprint,
         schedule_id: options.schedule_id,
+        created_by: options.created_by,
         retry: options.retry,
         steps,
     })

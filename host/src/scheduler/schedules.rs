@@ -279,6 +279,7 @@ impl Firer {
                     idempotency_key: None,
                     idempotency_fingerprint: None,
                     schedule_id: Some(schedule.id.clone()),
+                    created_by: None,
                 };
                 let planned = match &plugin {
                     Some(plugin) => plan_run(plugin, &params, options, &self.settings, now)

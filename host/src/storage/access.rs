@@ -9,7 +9,7 @@ use sqlx::{Any, Transaction};
 
 use super::{Error, Result, Store};
 use crate::auth::StoredToken;
-use crate::model::{Role, UnixMillis};
+use crate::model::{PluginScope, Role, UnixMillis};
 
 /// One change to record in the audit log.
 #[derive(Debug, Clone)]
@@ -52,8 +52,8 @@ pub struct AuditRecord {
 /// The columns of a token, for every read of one (the SQL text is written once).
 macro_rules! select_tokens {
     () => {
-        "SELECT name, role, key_id, salt, hash, created_at, created_by, revoked_at, expires_at \
-         FROM tokens"
+        "SELECT name, role, key_id, salt, hash, created_at, created_by, revoked_at, expires_at, \
+         plugins FROM tokens"
     };
 }
 
@@ -63,8 +63,8 @@ impl Store {
     pub async fn create_token(&self, token: &StoredToken, audit: &AuditEntry) -> Result<()> {
         let mut transaction = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by, expires_at, plugins) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
         )
         .bind(&token.name)
         .bind(token.role.as_str())
@@ -74,6 +74,7 @@ impl Store {
         .bind(token.created_at)
         .bind(&token.created_by)
         .bind(token.expires_at)
+        .bind(token.plugins.as_ref().map(ToString::to_string))
         .execute(&mut *transaction)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -122,6 +123,14 @@ impl Store {
             return Err(Error::NotFound);
         }
         insert_audit(&mut transaction, audit).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Records a change that writes nothing else (an upload that waits for review).
+    pub async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        insert_audit(&mut transaction, entry).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -176,6 +185,7 @@ struct TokenRow {
     created_by: String,
     revoked_at: Option<i64>,
     expires_at: Option<i64>,
+    plugins: Option<String>,
 }
 
 const FIND_TOKEN: &str = concat!(select_tokens!(), " WHERE key_id = $1");
@@ -192,12 +202,17 @@ impl TokenRow {
             created_by: row.get("created_by")?,
             revoked_at: row.get("revoked_at")?,
             expires_at: row.get("expires_at")?,
+            plugins: row.get("plugins")?,
         })
     }
 
     fn into_token(self) -> Result<StoredToken> {
         Ok(StoredToken {
             role: Role::parse(&self.role).map_err(Error::Corrupt)?,
+            plugins: self
+                .plugins
+                .map(|patterns| PluginScope::parse(patterns.split(',')).map_err(Error::Corrupt))
+                .transpose()?,
             name: self.name,
             key_id: self.key_id,
             salt: self.salt,

@@ -59,6 +59,10 @@ pub enum Error {
     NotFound,
     #[error("conflict on {constraint}")]
     Conflict { constraint: String },
+    /// The version may not become active: no admin has reviewed it, and the plugin's grant
+    /// lets it reach outside its sandbox.
+    #[error("the version has not been reviewed")]
+    Unreviewed,
     /// Another node (or a cancellation) took the run over; our write was not applied.
     #[error("the lease on run {0} was lost")]
     LeaseLost(RunId),
@@ -138,6 +142,23 @@ pub struct PluginVersionRecord {
     pub version: PluginVersion,
     pub check_info: CheckInfo,
     pub created_at: UnixMillis,
+    /// Who stored it; `None` for versions stored before this was recorded.
+    pub uploaded_by: Option<String>,
+    /// The admin (or operator) who let it run under the plugin's grant; `None` while no one
+    /// has, and empty for versions stored before review existed.
+    pub reviewed_by: Option<String>,
+}
+
+/// Who may make a version active, for [`Store::activate_plugin`].
+pub enum Review<'a> {
+    /// An admin or the operator: the version counts as reviewed by this actor from now on.
+    By(&'a str),
+    /// Anyone else: refused with [`Error::Unreviewed`] when the version is unreviewed and
+    /// `reaches_out` says the grant in force (read in the same transaction) lets the plugin
+    /// reach outside its sandbox.
+    Required(&'a (dyn Fn(&str) -> bool + Sync)),
+    /// The operator lets publishers activate any version (`publishers_activate_granted`).
+    NotNeeded,
 }
 
 /// A run to create, with its steps.
@@ -157,6 +178,8 @@ pub struct NewRun {
     pub idempotency_fingerprint: Option<String>,
     /// The schedule whose fire started this run.
     pub schedule_id: Option<String>,
+    /// The token that triggered it; `None` for a schedule's fire.
+    pub created_by: Option<String>,
     /// The run's own backoff for errored attempts.
     pub retry: Option<Retry>,
     pub steps: Vec<NewStep>,
@@ -185,6 +208,8 @@ impl NewRun {
             lease_owner: None,
             http_requests: 0,
             schedule_id: self.schedule_id.clone(),
+            created_by: self.created_by.clone(),
+            cancelled_by: None,
             retry: self.retry,
             current_step_name: None,
             steps: self
@@ -248,6 +273,10 @@ pub struct RunRecord {
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
     pub schedule_id: Option<String>,
+    /// The token that triggered it; `None` for a schedule's fire (see `schedule_id`).
+    pub created_by: Option<String>,
+    /// The token that cancelled it.
+    pub cancelled_by: Option<String>,
     /// The run's own backoff for errored attempts; `None`: the grant's.
     pub retry: Option<Retry>,
     /// The name of the step at `current_step`: filled by `list_runs`, which has no steps.
@@ -411,6 +440,15 @@ pub struct ScheduleRecord {
     pub next_due_at: Option<UnixMillis>,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// The token that created it; `None` for schedules made before this was recorded.
+    pub created_by: Option<String>,
+}
+
+/// Which schedules a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct ScheduleFilter {
+    pub plugin: Option<String>,
+    pub paused: Option<bool>,
 }
 
 /// One fire time of a schedule and what became of it.

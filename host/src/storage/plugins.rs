@@ -9,12 +9,20 @@ use sqlx::FromRow;
 
 use super::access::{AuditEntry, insert_audit};
 use super::store::corrupt;
-use super::{Change, Error, PluginRecord, PluginVersionRecord, Result, Store};
-use crate::model::{CheckInfo, PluginName, PluginVersion, StepInfo, UnixMillis};
+use super::{Change, Error, PluginRecord, PluginVersionRecord, Result, Review, Store};
+use crate::model::{Actor, CheckInfo, PluginName, PluginVersion, StepInfo, UnixMillis};
+
+/// The columns of a plugin version, for every read of one.
+macro_rules! select_versions {
+    () => {
+        "SELECT version, check_info, created_at, uploaded_by, reviewed_by FROM plugin_versions"
+    };
+}
 
 impl Store {
-    /// Stores a plugin version (bytes once per content hash). Saving the same version again is a
-    /// no-op; returns whether the version was new for this plugin name.
+    /// Stores a plugin version (bytes once per content hash) as stored by `uploader`, and
+    /// reviewed by them if they review. Saving the same version again changes nothing but a
+    /// missing review; returns whether the version was new for this plugin name.
     pub async fn save_plugin_version(
         &self,
         name: &PluginName,
@@ -22,7 +30,9 @@ impl Store {
         bytes: &[u8],
         check_info: &CheckInfo,
         now: UnixMillis,
+        uploader: Actor<'_>,
     ) -> Result<bool> {
+        let reviewed_by = uploader.reviews.then_some(uploader.name);
         let mut transaction = self.pool.begin().await?;
         sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(version.as_str())
@@ -31,15 +41,22 @@ impl Store {
             .execute(&mut *transaction)
             .await?;
         let inserted = sqlx::query(
-            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO plugin_versions (plugin_name, version, check_info, created_at, uploaded_by, reviewed_by) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(name.as_str())
         .bind(version.as_str())
         .bind(check_info_to_json(check_info).to_string())
         .bind(now)
+        .bind(uploader.name)
+        .bind(reviewed_by)
         .execute(&mut *transaction)
         .await?;
+        if inserted.rows_affected() == 0
+            && let Some(reviewer) = reviewed_by
+        {
+            mark_reviewed(&mut transaction, name.as_str(), version, reviewer).await?;
+        }
         transaction.commit().await?;
         Ok(inserted.rows_affected() == 1)
     }
@@ -59,9 +76,10 @@ impl Store {
         name: &str,
         version: &PluginVersion,
     ) -> Result<Option<PluginVersionRecord>> {
-        let row: Option<(String, String, i64)> = sqlx::query_as(
-            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
-        )
+        let row: Option<VersionRow> = sqlx::query_as(concat!(
+            select_versions!(),
+            " WHERE plugin_name = $1 AND version = $2"
+        ))
         .bind(name)
         .bind(version.as_str())
         .fetch_optional(&self.pool)
@@ -97,6 +115,15 @@ impl Store {
             .bind(name)
             .execute(&mut *transaction)
             .await?;
+        // Whoever may set a grant may review code, and grants it to the code that runs now.
+        sqlx::query(
+            "UPDATE plugin_versions SET reviewed_by = $1 WHERE plugin_name = $2 AND reviewed_by IS NULL \
+             AND version = (SELECT active_version FROM plugins WHERE name = $2)",
+        )
+        .bind(&audit.actor)
+        .bind(name)
+        .execute(&mut *transaction)
+        .await?;
         let audit = audit
             .with("grant", grant_toml)
             .with("previous_grant", previous);
@@ -122,13 +149,15 @@ impl Store {
     /// Makes `version` the one new runs of `name` use, and records it in the audit log with
     /// the version it replaced. `grant_toml` replaces the grant; `None` keeps the grant as it
     /// is *now* (none for a new plugin), so a grant changed while this version was being
-    /// compiled is never overwritten by an older read.
+    /// compiled is never overwritten by an older read. `review` says who may: the grant it is
+    /// judged against is the one read here, under the same lock as the write.
     pub async fn activate_plugin(
         &self,
         name: &PluginName,
         version: &PluginVersion,
         grant_toml: Option<&str>,
         audit: AuditEntry,
+        review: Review<'_>,
     ) -> Result<()> {
         let mut transaction = self
             .pool
@@ -141,6 +170,29 @@ impl Store {
         .bind(name.as_str())
         .fetch_optional(&mut *transaction)
         .await?;
+        match review {
+            Review::By(reviewer) => {
+                mark_reviewed(&mut transaction, name.as_str(), version, reviewer).await?
+            }
+            Review::Required(reaches_out) => {
+                let grant_in_force = grant_toml
+                    .or(previous.as_ref().map(|(_, grant)| grant.as_str()))
+                    .unwrap_or_default();
+                if reaches_out(grant_in_force) {
+                    let reviewed: Option<(Option<String>,)> = sqlx::query_as(
+                        "SELECT reviewed_by FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
+                    )
+                    .bind(name.as_str())
+                    .bind(version.as_str())
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+                    if !matches!(reviewed, Some((Some(_),))) {
+                        return Err(Error::Unreviewed);
+                    }
+                }
+            }
+            Review::NotNeeded => {}
+        }
         // The grant update is conditional in SQL, not decided from `previous`: on SQLite
         // nothing locks the row between the read and the write.
         sqlx::query(
@@ -201,10 +253,10 @@ impl Store {
 
     /// All versions stored for `name`, newest first.
     pub async fn list_plugin_versions(&self, name: &str) -> Result<Vec<PluginVersionRecord>> {
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT version, check_info, created_at FROM plugin_versions WHERE plugin_name = $1 \
-             ORDER BY created_at DESC, version",
-        )
+        let rows: Vec<VersionRow> = sqlx::query_as(concat!(
+            select_versions!(),
+            " WHERE plugin_name = $1 ORDER BY created_at DESC, version"
+        ))
         .bind(name)
         .fetch_all(&self.pool)
         .await?;
@@ -305,13 +357,42 @@ fn check_info_from_json(text: &str) -> Result<CheckInfo> {
     })
 }
 
-fn version_record(
-    (version, check_info, created_at): (String, String, i64),
-) -> Result<PluginVersionRecord> {
+/// Records that `reviewer` let `version` of `name` run under the plugin's grant (a first
+/// review stays the one recorded).
+async fn mark_reviewed(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    name: &str,
+    version: &PluginVersion,
+    reviewer: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE plugin_versions SET reviewed_by = $1 \
+         WHERE plugin_name = $2 AND version = $3 AND reviewed_by IS NULL",
+    )
+    .bind(reviewer)
+    .bind(name)
+    .bind(version.as_str())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+#[derive(FromRow)]
+struct VersionRow {
+    version: String,
+    check_info: String,
+    created_at: i64,
+    uploaded_by: Option<String>,
+    reviewed_by: Option<String>,
+}
+
+fn version_record(row: VersionRow) -> Result<PluginVersionRecord> {
     Ok(PluginVersionRecord {
-        version: PluginVersion::parse(&version).map_err(Error::Corrupt)?,
-        check_info: check_info_from_json(&check_info)?,
-        created_at,
+        version: PluginVersion::parse(&row.version).map_err(Error::Corrupt)?,
+        check_info: check_info_from_json(&row.check_info)?,
+        created_at: row.created_at,
+        uploaded_by: row.uploaded_by,
+        reviewed_by: row.reviewed_by,
     })
 }
 

@@ -479,7 +479,17 @@ mod tests {
         let name = crate::model::PluginName::parse("demo").expect("valid name");
         let big = vec![7u8; 4 << 20];
         store
-            .save_plugin_version(&name, &PluginVersion::of_bytes(b"unused"), &big, &info, 1)
+            .save_plugin_version(
+                &name,
+                &PluginVersion::of_bytes(b"unused"),
+                &big,
+                &info,
+                1,
+                crate::model::Actor {
+                    name: "test",
+                    reviews: true,
+                },
+            )
             .await
             .expect("saving");
         let pages = async || {

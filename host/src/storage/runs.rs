@@ -21,13 +21,13 @@ use crate::model::{
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id, retry";
+     http_requests, schedule_id, retry, created_by, cancelled_by";
 
 // The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
 // `INSERT_*` are heads: a `VALUES` list follows, one row or many.
 pub(super) const INSERT_RUNS: &str = "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, \
      poll_interval_ms, max_errors, idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, \
-     schedule_id, retry) VALUES ";
+     schedule_id, retry, created_by) VALUES ";
 pub(super) const INSERT_LABELS: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ";
 pub(super) const INSERT_RUN_EVENTS: &str = "INSERT INTO events (run_id, at) VALUES ";
 pub(super) const INSERT_STEPS: &str =
@@ -245,15 +245,16 @@ impl Store {
 
     /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
     /// in the middle of a tick, so its result is dropped.
-    pub async fn cancel_run(&self, id: &RunId, now: UnixMillis) -> Result<Cancelled> {
+    pub async fn cancel_run(&self, id: &RunId, now: UnixMillis, actor: &str) -> Result<Cancelled> {
         let mut transaction = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = $1, \
-             next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1 \
-             WHERE id = $2 AND status IN ('queued', 'running')",
+             next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1, \
+             cancelled_by = $3 WHERE id = $2 AND status IN ('queued', 'running')",
         )
         .bind(now)
         .bind(id.as_str())
+        .bind(actor)
         .execute(&mut *transaction)
         .await?;
         if updated.rows_affected() == 0 {
@@ -478,6 +479,8 @@ pub(super) struct RunRow {
     http_requests: i64,
     schedule_id: Option<String>,
     retry: Option<String>,
+    created_by: Option<String>,
+    cancelled_by: Option<String>,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -520,6 +523,8 @@ impl RunRow {
             http_requests: column(row, 17, "http_requests")?,
             schedule_id: column(row, 18, "schedule_id")?,
             retry: column(row, 19, "retry")?,
+            created_by: column(row, 20, "created_by")?,
+            cancelled_by: column(row, 21, "cancelled_by")?,
             current_step_name: None,
         })
     }
@@ -548,6 +553,8 @@ impl RunRow {
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
             schedule_id: self.schedule_id,
+            created_by: self.created_by,
+            cancelled_by: self.cancelled_by,
             retry: self.retry.as_deref().map(retry_from_json).transpose()?,
             current_step_name: self.current_step_name,
             steps: Vec::new(),
@@ -733,7 +740,8 @@ pub(super) async fn insert_runs(connection: &mut AnyConnection, runs: &[NewRun])
             .value(run.deadline_at)?
             .value(run.created_at)?
             .value(run.schedule_id.as_deref())?
-            .value(retry.as_deref())?;
+            .value(retry.as_deref())?
+            .value(run.created_by.as_deref())?;
         rows.end_row(connection).await?;
     }
     rows.flush(connection).await?;
@@ -821,7 +829,17 @@ pub(super) mod tests {
             params_schema: None,
         };
         store
-            .save_plugin_version(&name, &version, b"component", &info, 1)
+            .save_plugin_version(
+                &name,
+                &version,
+                b"component",
+                &info,
+                1,
+                crate::model::Actor {
+                    name: "test",
+                    reviews: true,
+                },
+            )
             .await
             .expect("saving");
         store
@@ -830,6 +848,7 @@ pub(super) mod tests {
                 &version,
                 Some(""),
                 AuditEntry::new("test", "plugin.upload", "demo", 1),
+                crate::storage::Review::By("test"),
             )
             .await
             .expect("activating");
@@ -851,6 +870,7 @@ pub(super) mod tests {
             idempotency_key: idempotency_key.map(str::to_owned),
             idempotency_fingerprint: None,
             schedule_id: None,
+            created_by: None,
             retry: None,
             steps: vec![NewStep {
                 name: "a".into(),
@@ -925,7 +945,7 @@ pub(super) mod tests {
         }
         // Cancelling bumps the lease token: the tick in flight for that run is fenced off.
         store
-            .cancel_run(&cancelled.id, now)
+            .cancel_run(&cancelled.id, now, "test")
             .await
             .expect("cancelling");
         let claim_of = |id: &RunId| {
@@ -1011,6 +1031,7 @@ pub(super) mod tests {
             idempotency_key: None,
             idempotency_fingerprint: None,
             schedule_id: Some("schedule".into()),
+            created_by: None,
             retry: None,
             steps: vec![
                 NewStep {

@@ -8,8 +8,8 @@ use sqlx::{Any, FromRow};
 use super::runs::insert_runs;
 use super::store::{corrupt, labels_json};
 use super::{
-    Change, ClaimedSchedule, Error, FireRecord, FireWrite, Result, ScheduleOptions, ScheduleRecord,
-    Store,
+    Change, ClaimedSchedule, Error, FireRecord, FireWrite, Result, ScheduleFilter, ScheduleOptions,
+    ScheduleRecord, Store,
 };
 use crate::model::{FireOutcome, TriggerSpec, UnixMillis};
 
@@ -20,14 +20,15 @@ impl Store {
         let query = sqlx::query(
             "INSERT INTO schedules (id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, \
              cron_expr, timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, \
-             max_concurrent_runs, paused, next_fire_at, next_due_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+             max_concurrent_runs, paused, next_fire_at, next_due_at, created_at, updated_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
         )
         .bind(&schedule.id)
         .bind(&schedule.plugin_name);
         bind_schedule_fields(query, schedule, &labels)
             .bind(schedule.created_at)
             .bind(schedule.updated_at)
+            .bind(schedule.created_by.as_deref())
             .execute(&self.pool)
             .await?;
         self.schedules_changed().await
@@ -80,11 +81,21 @@ impl Store {
         row.map(ScheduleRow::into_record).transpose()
     }
 
-    /// Every schedule, oldest first.
-    pub async fn list_schedules(&self) -> Result<Vec<ScheduleRecord>> {
+    /// Up to `limit` schedules that match `filter`, oldest first, after the schedule `after`.
+    pub async fn list_schedules(
+        &self,
+        filter: &ScheduleFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ScheduleRecord>> {
         let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id"
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE ($1 IS NULL OR plugin_name = $1) \
+             AND ($2 < 0 OR paused = $2) AND ($3 IS NULL OR id > $3) ORDER BY id LIMIT $4"
         ))
+        .bind(filter.plugin.as_deref())
+        .bind(filter.paused.map_or(-1, i64::from))
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(ScheduleRow::into_record).collect()
@@ -221,7 +232,7 @@ impl Store {
 
 const SCHEDULE_COLUMNS: &str = "id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, cron_expr, \
      timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, max_concurrent_runs, paused, \
-     next_fire_at, next_due_at, created_at, updated_at";
+     next_fire_at, next_due_at, created_at, updated_at, created_by";
 
 /// A trigger spread over the schedule table's columns.
 struct TriggerColumns<'a> {
@@ -307,6 +318,7 @@ struct ScheduleRow {
     next_due_at: Option<i64>,
     created_at: i64,
     updated_at: i64,
+    created_by: Option<String>,
 }
 
 impl ScheduleRow {
@@ -348,6 +360,7 @@ impl ScheduleRow {
             next_due_at: self.next_due_at,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            created_by: self.created_by,
         })
     }
 }

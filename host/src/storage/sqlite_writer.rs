@@ -290,7 +290,7 @@ impl Statements {
             tick_releasing_lease: tick_run_sql(Backend::Sqlite, false),
             still_running_keeping_lease: still_running_sql(true),
             still_running_releasing_lease: still_running_sql(false),
-            insert_run: one_row(INSERT_RUNS, 15),
+            insert_run: one_row(INSERT_RUNS, 16),
             insert_label: one_row(INSERT_LABELS, 3),
             insert_run_event: one_row(INSERT_RUN_EVENTS, 2),
             insert_step: one_row(INSERT_STEPS, 6),
@@ -518,6 +518,7 @@ fn insert_run(connection: &Connection, statements: &Statements, run: &NewRun) ->
             run.created_at,
             run.schedule_id,
             retry,
+            run.created_by,
         ])?;
     let mut insert_label = connection.prepare_cached(&statements.insert_label)?;
     for (key, value) in &run.labels {
@@ -959,7 +960,10 @@ mod tests {
         stale.lease_token -= 1;
         let refused = store.record_tick(vec![stale]).await;
         assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
-        store.cancel_run(&run.id, later).await.expect("cancelling");
+        store
+            .cancel_run(&run.id, later, "test")
+            .await
+            .expect("cancelling");
         let refused = store.record_tick(vec![still_running]).await;
         assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
         let stored = store

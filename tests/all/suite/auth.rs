@@ -333,7 +333,8 @@ async fn a_publisher_upload_cannot_widen_a_grant() {
     let plugin = server_plugin(&server, admin).await;
     assert_eq!(plugin["versions"].as_array().expect("versions").len(), 1);
 
-    // New bytes alone keep the admin's grant.
+    // New bytes alone keep the admin's grant (and, since it reaches a host, wait for an
+    // admin's review: see publishers.rs).
     let (status, plugin) = call(
         &server,
         Method::PUT,
@@ -342,7 +343,7 @@ async fn a_publisher_upload_cannot_widen_a_grant() {
         Body::Raw("application/wasm", wasm(MISBEHAVE_B_WASM)),
     )
     .await;
-    assert_eq!(status, 200, "{plugin}");
+    assert_eq!(status, 202, "{plugin}");
     assert_eq!(
         plugin["grant"]["allowed_hosts"],
         json!([endpoint.host_port]),
@@ -861,7 +862,17 @@ async fn an_activation_never_writes_back_a_grant_read_before_it() {
         .expect("plugin");
     let check_info = before.check_info.clone();
     store
-        .save_plugin_version(&name, &version, &bytes, &check_info, 1)
+        .save_plugin_version(
+            &name,
+            &version,
+            &bytes,
+            &check_info,
+            1,
+            stepwise_host::model::Actor {
+                name: "test",
+                reviews: true,
+            },
+        )
         .await
         .expect("saving a version");
     let (status, _) = server
@@ -878,6 +889,7 @@ async fn an_activation_never_writes_back_a_grant_read_before_it() {
             &version,
             None,
             stepwise_host::storage::AuditEntry::new("test", "plugin.upload", "misbehave", 2),
+            stepwise_host::storage::Review::By("test"),
         )
         .await
         .expect("activating");
@@ -1040,4 +1052,133 @@ async fn revoked_tokens_keep_their_names_and_tokens_expire() {
             .any(|line| line.starts_with("brief ") && line.contains("expires")),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn runs_cancels_and_schedules_name_the_token_that_made_them() {
+    let (server, tokens) = tokens_server(
+        Setup::default().with_plugin(PluginFile::misbehave("poll_interval_ms = 60000\n")),
+    )
+    .await;
+    let [_, runner, _, admin] = &tokens;
+    let name_of = async |secret: &str| {
+        let (status, me) = call(
+            &server,
+            Method::GET,
+            "/v1/whoami",
+            Some(secret),
+            Body::Empty,
+        )
+        .await;
+        assert_eq!(status, 200, "{me}");
+        me["name"].as_str().expect("name").to_owned()
+    };
+    let (runner_name, admin_name) = (name_of(runner).await, name_of(admin).await);
+    let run_id = pending_run(&server, runner).await;
+    let (status, cancelled) = call(
+        &server,
+        Method::POST,
+        &format!("/v1/runs/{run_id}/cancel"),
+        Some(admin),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(status, 200, "{cancelled}");
+    let (_, run) = call(
+        &server,
+        Method::GET,
+        &format!("/v1/runs/{run_id}"),
+        Some(admin),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(run["created_by"], runner_name.as_str(), "{run}");
+    assert_eq!(run["cancelled_by"], admin_name.as_str(), "{run}");
+    let schedule_id = schedule(&server, runner).await;
+    let (_, schedule) = call(
+        &server,
+        Method::GET,
+        &format!("/v1/schedules/{schedule_id}"),
+        Some(admin),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(schedule["created_by"], runner_name.as_str(), "{schedule}");
+    let (_, list) = call(&server, Method::GET, "/v1/runs", Some(admin), Body::Empty).await;
+    assert_eq!(
+        list["runs"][0]["created_by"],
+        runner_name.as_str(),
+        "{list}"
+    );
+}
+
+#[tokio::test]
+async fn a_scoped_token_from_the_command_line_shows_its_patterns() {
+    let (server, tokens) = tokens_server(Setup::default()).await;
+    let admin = tokens[3].as_str();
+    let (ok, stdout, stderr) = cli(
+        &server,
+        &[
+            "token",
+            "create",
+            "--role",
+            "publisher",
+            "--name",
+            "ci-team-a",
+            "--plugins",
+            "team-a-*,shared",
+        ],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("for plugins team-a-*,shared"), "{stdout}");
+    let secret = stdout
+        .lines()
+        .last()
+        .expect("a last line")
+        .trim()
+        .to_owned();
+    let (status, me) = call(
+        &server,
+        Method::GET,
+        "/v1/whoami",
+        Some(&secret),
+        Body::Empty,
+    )
+    .await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["plugins"], json!(["team-a-*", "shared"]));
+    let (ok, listed, _) = cli(&server, &["token", "list"]);
+    assert!(ok && listed.contains("plugins team-a-*,shared"), "{listed}");
+    let (_, list) = call(&server, Method::GET, "/v1/tokens", Some(admin), Body::Empty).await;
+    assert!(
+        list["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .any(|token| token["name"] == "ci-team-a"
+                && token["plugins"] == json!(["team-a-*", "shared"])),
+        "{list}"
+    );
+    for refused in [
+        vec![
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--plugins",
+            "team-a-*",
+        ],
+        vec![
+            "token",
+            "create",
+            "--role",
+            "publisher",
+            "--plugins",
+            "Team A",
+        ],
+    ] {
+        let (ok, stdout, stderr) = cli(&server, &refused);
+        assert!(!ok, "{refused:?}: {stdout}");
+        assert!(stderr.contains("--plugins"), "{stderr}");
+    }
 }

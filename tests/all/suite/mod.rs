@@ -16,6 +16,7 @@ mod leases;
 mod metrics;
 mod notify;
 mod openapi;
+mod publishers;
 mod registry;
 mod retention;
 mod sandbox;

@@ -338,3 +338,53 @@ async fn invalid_schedules_get_422_naming_the_field() {
         .await;
     assert_eq!(status, 201, "{problem}");
 }
+
+#[tokio::test]
+async fn schedules_are_listed_a_page_at_a_time_with_their_filters() {
+    let server = server().await;
+    let mut made = Vec::new();
+    for index in 0..7 {
+        let schedule = create(
+            &server,
+            json!({"plugin": "misbehave", "trigger": {"interval_ms": 3_600_000}, "paused": index % 2 == 0}),
+        )
+        .await;
+        made.push(schedule["id"].as_str().expect("id").to_owned());
+    }
+    let pages = async |query: &str| {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(cursor) => format!("/v1/schedules?{query}&cursor={cursor}"),
+                None => format!("/v1/schedules?{query}"),
+            };
+            let (status, page) = server.get_json(&path).await;
+            assert_eq!(status, 200, "{page}");
+            let schedules = page["schedules"].as_array().expect("schedules");
+            assert!(schedules.len() <= 3, "{page}");
+            seen.extend(
+                schedules
+                    .iter()
+                    .map(|s| (s["id"].as_str().unwrap().to_owned(), s["paused"] == true)),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => return seen,
+            }
+        }
+    };
+    let all = pages("limit=3").await;
+    assert_eq!(
+        all.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        made
+    );
+    let paused = pages("limit=3&paused=true").await;
+    assert_eq!(paused.len(), 4);
+    assert!(paused.iter().all(|(_, paused)| *paused));
+    for (query, field) in [("limit=0", "limit"), ("cursor=nope", "cursor")] {
+        let (status, problem) = server.get_json(&format!("/v1/schedules?{query}")).await;
+        assert_eq!(status, 422, "{query}: {problem}");
+        assert_eq!(problem["field"], field);
+    }
+}

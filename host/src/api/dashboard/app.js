@@ -386,7 +386,10 @@ async function runPage(id) {
     } }, "Re-run with the same params");
     actions.replaceChildren(cancel, " ", rerun, " ",
       h("span", { class: "muted" }, "created ", time(run.created_at), " · duration ", runDuration(run),
-        run.schedule_id ? ` · schedule ${short(run.schedule_id)}` : "", run.message ? ` · ${run.message}` : ""));
+        run.schedule_id ? ` · schedule ${short(run.schedule_id)}` : "",
+        run.created_by ? ` · triggered by ${run.created_by}` : "",
+        run.cancelled_by ? ` · cancelled by ${run.cancelled_by}` : "",
+        run.message ? ` · ${run.message}` : ""));
     steps.replaceChildren(h("h2", {}, "Steps"), timeline(run));
     inputs.replaceChildren(h("h2", {}, "Params"), json(run.params), h("h2", {}, "Labels"), json(run.labels),
       h("p", { class: "muted" }, `version ${short(run.plugin_version)} · poll ${duration(run.poll_interval_ms)} · errors ${run.error_count}/${run.max_errors}`));
@@ -425,7 +428,10 @@ async function pluginsPage() {
     }
     try {
       const answer = await api("PUT", `/v1/plugins/${encodeURIComponent(uploadName.value)}`, await file.arrayBuffer(), "application/wasm");
-      uploadState.replaceChildren(h("p", {}, `${answer.name}: version ${short(answer.active_version)} is active.`));
+      const waiting = (answer.versions || []).find((version) => version.pending);
+      uploadState.replaceChildren(h("p", {}, waiting
+        ? `${answer.name}: version ${short(waiting.version)} is stored and waits for an admin to review and activate it.`
+        : `${answer.name}: version ${short(answer.active_version)} is active.`));
       await load();
     } catch (error) {
       showError(uploadState, error);
@@ -433,8 +439,10 @@ async function pluginsPage() {
   } }, h("label", {}, "Name", uploadName), h("label", {}, "Component", uploadFile), h("button", { type: "submit" }, "Upload"));
   page.replaceChildren(h("h1", {}, "Plugins"), h("section", { class: "card" }, h("h2", {}, "Upload a version"), upload, uploadState), list);
 
+  let caller = { role: "viewer" };
   async function load() {
     try {
+      caller = await api("GET", "/v1/whoami");
       const names = (await api("GET", "/v1/plugins")).plugins.map((plugin) => plugin.name);
       const sections = [];
       for (const name of names) sections.push(pluginSection(await api("GET", `/v1/plugins/${encodeURIComponent(name)}`)));
@@ -444,28 +452,69 @@ async function pluginsPage() {
     }
   }
 
+  function activateButton(plugin, version, state, label = "Activate") {
+    return h("button", { class: "secondary activate", onclick: async () => {
+      try {
+        await api("POST", `/v1/plugins/${encodeURIComponent(plugin.name)}/activate`, { version: version.version });
+        await load();
+      } catch (error) { showError(state, error); }
+    } }, label);
+  }
+
   function pluginSection(plugin) {
     const state = h("div");
+    const all = plugin.versions || [];
+    const active = all.find((version) => version.active);
+    const pending = all.filter((version) => version.pending);
     const versions = h("table", { class: "versions" },
-      h("thead", {}, h("tr", {}, ["Version", "Steps", "Created", ""].map((name) => h("th", {}, name)))),
-      h("tbody", {}, (plugin.versions || []).map((version) => h("tr", { dataset: { version: version.version } },
+      h("thead", {}, h("tr", {}, ["Version", "Steps", "Created", "Uploaded by", ""].map((name) => h("th", {}, name)))),
+      h("tbody", {}, all.map((version) => h("tr", { dataset: { version: version.version } },
         h("td", { class: "mono", title: version.version }, short(version.version)),
         h("td", {}, version.steps.join(" → ")),
         h("td", {}, time(version.created_at)),
+        h("td", {}, version.uploaded_by || h("span", { class: "muted" }, "—")),
         h("td", {}, version.active ? h("span", { class: "status status-passed active" }, "active")
-          : h("button", { class: "secondary activate", onclick: async () => {
-            try {
-              await api("POST", `/v1/plugins/${encodeURIComponent(plugin.name)}/activate`, { version: version.version });
-              await load();
-            } catch (error) { showError(state, error); }
-          } }, "Activate"))))));
+          : version.pending ? h("span", { class: "status status-queued" }, "pending review")
+          : activateButton(plugin, version, state))))));
     return h("section", { class: "card", dataset: { plugin: plugin.name } },
       h("h2", {}, plugin.name, " ", h("span", { class: "muted mono" }, short(plugin.active_version))),
       plugin.description ? h("p", { class: "muted" }, plugin.description) : "",
+      pending.map((version) => pendingReview(plugin, version, active, state)),
       versions, state,
       h("details", {}, h("summary", {}, "grant"), json(plugin.grant)));
   }
+
+  /** A version that waits for an admin: what changed in `describe`, and the button if allowed. */
+  function pendingReview(plugin, version, active, state) {
+    const changes = describeChanges(active, version);
+    return h("div", { class: "pending-review", dataset: { pending: version.version } },
+      h("h3", {}, `Pending version ${short(version.version)}`,
+        version.uploaded_by ? h("span", { class: "muted" }, ` uploaded by ${version.uploaded_by}`) : ""),
+      h("p", { class: "muted" }, "The grant of this plugin reaches outside its sandbox, so new code runs only once an admin activates it."),
+      changes.length ? h("ul", { class: "changes" }, changes.map((change) => h("li", {}, change)))
+        : h("p", {}, "describe reports the same steps, description and params schema as the active version."),
+      caller.role === "admin" ? activateButton(plugin, version, state, "Review done: activate")
+        : h("p", { class: "muted" }, "Only an admin may activate it."));
+  }
   await load();
+}
+
+/** What `describe` of `next` says differently from `current`, one line per change. */
+function describeChanges(current, next) {
+  const changes = [];
+  const before = current ? current.steps : [];
+  for (const step of next.steps) if (!before.includes(step)) changes.push(`step added: ${step}`);
+  for (const step of before) if (!next.steps.includes(step)) changes.push(`step removed: ${step}`);
+  const kept = next.steps.filter((step) => before.includes(step));
+  if (kept.join("\u0000") !== before.filter((step) => next.steps.includes(step)).join("\u0000")) {
+    changes.push(`steps reordered: ${next.steps.join(" → ")}`);
+  }
+  if (current && current.description !== next.description) {
+    changes.push(`description: ${JSON.stringify(current.description)} → ${JSON.stringify(next.description)}`);
+  }
+  const schema = (version) => JSON.stringify(version ? version.params_schema : null);
+  if (schema(current) !== schema(next)) changes.push(`params schema: ${schema(current)} → ${schema(next)}`);
+  return changes;
 }
 
 // ---------- Schedules ----------
@@ -498,6 +547,7 @@ async function schedulesPage() {
   const createParams = h("textarea", { id: "schedule-params", rows: 1 }, "{}");
   const createState = h("div");
   const body = h("tbody");
+  const more = h("button", { class: "secondary", id: "schedules-more", hidden: true, onclick: () => load(more.dataset.cursor) }, "More schedules");
   const create = h("form", { class: "inline", onsubmit: async (event) => {
     event.preventDefault();
     createState.replaceChildren();
@@ -511,8 +561,8 @@ async function schedulesPage() {
   page.replaceChildren(h("h1", {}, "Schedules"),
     h("section", { class: "card" }, h("h2", {}, "New schedule"), create, createState),
     h("section", { class: "card" }, h("table", { id: "schedules" },
-      h("thead", {}, h("tr", {}, ["Schedule", "Plugin", "Trigger", "Next fire", "State", "Recent fires", "Last 50 runs", ""].map((name) => h("th", {}, name)))),
-      body)));
+      h("thead", {}, h("tr", {}, ["Schedule", "Plugin", "Trigger", "Next fire", "State", "Recent fires", "Last 50 runs", "Created by", ""].map((name) => h("th", {}, name)))),
+      body), more));
 
   async function row(summary) {
     const [schedule, runs] = await Promise.all([
@@ -536,13 +586,18 @@ async function schedulesPage() {
       h("td", {}, h("span", { class: "state" }, schedule.paused ? "paused" : "active")),
       h("td", {}, fires),
       h("td", {}, sparkline(runs.runs)),
+      h("td", {}, schedule.created_by || h("span", { class: "muted" }, "—")),
       h("td", {}, toggle, " ", remove, state));
   }
 
-  async function load() {
+  /** The first page of schedules, or the page after `cursor` added below the ones shown. */
+  async function load(cursor) {
     try {
-      const list = await api("GET", "/v1/schedules");
-      body.replaceChildren(...await Promise.all(list.schedules.map(row)));
+      const list = await api("GET", `/v1/schedules?limit=50${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+      const rows = await Promise.all(list.schedules.map(row));
+      if (cursor) body.append(...rows); else body.replaceChildren(...rows);
+      more.hidden = !list.next_cursor;
+      more.dataset.cursor = list.next_cursor || "";
     } catch (error) {
       showError(createState, error);
     }

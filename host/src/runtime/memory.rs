@@ -211,7 +211,7 @@ const TRIM_AFTER_BYTES: u64 = 1 << 20;
 /// The least time between two trims: a trim locks each arena of the allocator while it walks
 /// it, and host threads that allocate there wait for it (trimming after every flooding call
 /// raised the well-behaved tick lag p99 several times over).
-const TRIM_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Asks the trimmer thread for a trim; holds at most one request.
 static TRIMMER: std::sync::OnceLock<std::sync::mpsc::SyncSender<()>> = std::sync::OnceLock::new();

@@ -1,4 +1,4 @@
-//! A simulated analytics pipeline for the demo (SPEC §9): a collector that accepts events over
+//! A simulated analytics pipeline for the demo (README, "The demo, step by step"): a collector that accepts events over
 //! HTTP, a "warehouse" SQLite table that receives each event after a delay, and a report that
 //! counts it after a further delay. Events can ask to be lost or corrupted on the way, so the
 //! demo can show a failing and a timing-out check too.

@@ -1,4 +1,4 @@
-//! `stepwise-demo`: the demo of SPEC §9 in one command. Starts the simulated pipeline on
+//! `stepwise-demo`: the demo of the README ("The demo, step by step") in one command. Starts the simulated pipeline on
 //! 127.0.0.1:9000 (collector, warehouse table, report), installs the example plugins with their
 //! grants into `./stepwise-data/plugins`, and serves Stepwise on 127.0.0.1:8080.
 

@@ -1,4 +1,4 @@
-//! API tokens (SPEC §10): how a secret is made, shown once, and checked against the salted hash
+//! API tokens (README, "Running it for a team"): how a secret is made, shown once, and checked against the salted hash
 //! that is all the database keeps. Shared by the API (`/v1/tokens`, and checking every request)
 //! and `stepwise token`; the API decides what each role may do, `storage` keeps the records.
 

@@ -1,4 +1,4 @@
-//! `GET /metrics` (SPEC §14), Prometheus text format. What this process observed (step
+//! `GET /metrics` (README, "Metrics"), Prometheus text format. What this process observed (step
 //! attempts, calls, tick lag, propagation latency, violations, API requests) is counted here
 //! since it started; what the database knows (runs by status, schedules' last success, leases)
 //! is counted there at each scrape, so it survives restarts and agrees across nodes. Labels

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-/// A plugin name: `[a-z0-9][a-z0-9-]{0,62}` (SPEC §2).
+/// A plugin name: `[a-z0-9][a-z0-9-]{0,62}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PluginName(String);
 
@@ -131,7 +131,7 @@ macro_rules! text_enum {
 }
 
 text_enum!(
-    /// A run's status (SPEC §2).
+    /// A run's status.
     RunStatus {
         Queued => "queued",
         Running => "running",
@@ -150,7 +150,7 @@ impl RunStatus {
 }
 
 text_enum!(
-    /// A step's status within one run (SPEC §2). `cancelled`: the run was cancelled before
+    /// A step's status within one run. `cancelled`: the run was cancelled before
     /// the step finished.
     StepStatus {
         Waiting => "waiting",
@@ -296,7 +296,7 @@ impl AllowedHost {
     }
 }
 
-/// What a caller of the API may do (SPEC §10). Each role includes the ones before it, so the
+/// What a caller of the API may do (README, "Running it for a team"). Each role includes the ones before it, so the
 /// derived order is the order of power.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
@@ -623,7 +623,7 @@ impl Policy {
     }
 }
 
-/// Sandbox limits of SPEC §7; the config sets defaults and a grant may override each.
+/// Sandbox limits (README, "What a plugin can and cannot do"); the config sets defaults and a grant may override each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Wall clock of one `run-step` or `describe` call.
@@ -670,7 +670,7 @@ impl Default for Limits {
     }
 }
 
-/// What the operator allows one plugin (SPEC §2). The default grants nothing.
+/// What the operator allows one plugin. The default grants nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Grant {
     /// `host:port` pairs the plugin may call over HTTP.
@@ -695,7 +695,7 @@ impl Grant {
     }
 }
 
-/// How long to wait before calling a step again after an `errored` attempt (SPEC §11),
+/// How long to wait before calling a step again after an `errored` attempt,
 /// instead of the poll interval, which is for `pending`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Retry {
@@ -715,7 +715,7 @@ impl Retry {
 }
 
 text_enum!(
-    /// What a notifier is told about (SPEC §11).
+    /// What a notifier is told about.
     NotifyEvent {
         Failed => "failed",
         TimedOut => "timed_out",
@@ -742,7 +742,7 @@ text_enum!(
     }
 );
 
-/// An operator's `[[notify]]`: where to post, about which runs, and when (SPEC §11). Only the
+/// An operator's `[[notify]]`: where to post, about which runs, and when. Only the
 /// operator's config creates one; no API call or plugin can name a URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notifier {
@@ -839,7 +839,7 @@ pub fn notify_series(
     }
 }
 
-/// `[retention]` (SPEC §11): how long finished work is kept.
+/// `[retention]`: how long finished work is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
     /// A finished run (with its steps, labels and notifications) older than this is deleted.
@@ -980,7 +980,7 @@ limit_comparisons! {
     http_concurrent_requests: "http_concurrent_requests" => |value: usize| value,
 }
 
-/// When a schedule fires (SPEC §2): a cron expression in a time zone, a fixed interval, or
+/// When a schedule fires: a cron expression in a time zone, a fixed interval, or
 /// once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TriggerSpec {

@@ -1,4 +1,4 @@
-//! Retention (SPEC §11, `[retention]`): a background job that one node at a time runs (a lease
+//! Retention (README, "Retention"): a background job that one node at a time runs (a lease
 //! on the `retention` row of `jobs`), every `interval_ms`. It deletes attempt logs first, then
 //! finished runs with their steps, then plugin versions nothing needs, each in transactions of
 //! at most `BATCH` rows that take their turn between claims and tick writes, and on SQLite
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{RetentionPolicy, UnixMillis, now_millis};
 use crate::storage::{self, Aged, Pruned, Store};
 
-/// Most rows one deleting transaction touches. The SPEC allows 1,000; a tenth of that keeps
+/// Most rows one deleting transaction touches. Up to 1,000 would do; a tenth of that keeps
 /// each transaction well under a millisecond (a 250-row delete took 0.2–1.9 ms), so a tick
 /// that waits behind one in SQLite's writer queue is barely late (soak bench).
 pub const BATCH: usize = 100;

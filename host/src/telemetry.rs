@@ -2,7 +2,7 @@
 //! record, plain text (coloured only on a terminal, so log files hold no escape codes), or one
 //! JSON object per line with `STEPWISE_LOG_FORMAT=json` for log shippers.
 //!
-//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, also OpenTelemetry traces over OTLP/HTTP (SPEC §14):
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT` set, also OpenTelemetry traces over OTLP/HTTP (README, "Traces"):
 //! a span per run, per tick and per step call. A run's ticks may run on several nodes and
 //! hours apart, so no process holds a run's span open: its trace id is the run id (a UUID is
 //! 16 bytes, as a trace id) and its span id comes from the run id too, so that every tick, on

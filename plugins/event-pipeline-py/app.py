@@ -1,4 +1,4 @@
-"""`event-pipeline` in Python: the demo check (SPEC §9), step for step and message for message
+"""`event-pipeline` in Python: the demo check (README, "The demo, step by step"), step for step and message for message
 the same as the Rust one in `plugins/event-pipeline`. Follows one analytics event through the
 collector (HTTP), the warehouse (SQL) and the report (HTTP), comparing its fields at every stage
 with what the test sent and with what the previous stage saw."""

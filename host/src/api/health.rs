@@ -64,12 +64,12 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     (status, Json(body))
 }
 
-/// `GET /metrics`: Prometheus text (SPEC §14); open like the probes, and names no run.
+/// `GET /metrics`: Prometheus text (README, "Metrics"); open like the probes, and names no run.
 #[utoipa::path(
     get, path = "/metrics", tag = "health",
     summary = "Prometheus metrics (text format 0.0.4)",
     responses(
-        (status = 200, description = "The SPEC §14 metrics", body = String,
+        (status = 200, description = "The metrics of the README's \"Metrics\" section", body = String,
             content_type = "text/plain; version=0.0.4; charset=utf-8"),
         (status = 500, description = "The database did not answer", body = super::error::Problem,
             content_type = "application/problem+json"),

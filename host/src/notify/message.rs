@@ -1,4 +1,4 @@
-//! What a notification says (SPEC §11): `json` carries the run exactly as `GET /v1/runs/{id}`
+//! What a notification says (README, "Alerts"): `json` carries the run exactly as `GET /v1/runs/{id}`
 //! shows it; `slack` is an incoming-webhook message naming the plugin, the failing step, its
 //! message and attempts, how long the verified steps took, and the run's link.
 

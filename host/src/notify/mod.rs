@@ -1,4 +1,4 @@
-//! Delivering notifications (SPEC §11). The transaction that ends a run writes its outbox rows
+//! Delivering notifications (README, "Alerts"). The transaction that ends a run writes its outbox rows
 //! (`storage::outbox`); here any node claims due rows with the same leases as runs, POSTs them
 //! to the notifier's URL from the operator's config, and records every attempt fenced by the
 //! lease. A failed POST is tried again after the notifier's backoff (with ±20 % jitter) until

@@ -1,4 +1,4 @@
-//! Notifications (SPEC §11): the outbox rows that the transaction finishing a run writes, and
+//! Notifications (README, "Alerts"): the outbox rows that the transaction finishing a run writes, and
 //! their deliveries, claimed by any node with the same leases as runs. A row names its
 //! notifier; the URL stays in the operator's config.
 

@@ -1,4 +1,4 @@
-//! Retention (SPEC §11): deleting finished work in small transactions, each at most `batch`
+//! Retention (README, "Retention"): deleting finished work in small transactions, each at most `batch`
 //! rows, so that deletion takes its turn between claims and tick writes instead of holding
 //! the database; and the lease of the background job that one node at a time runs.
 

@@ -1,4 +1,4 @@
-//! `event-pipeline`: the demo check (SPEC §9). Follows one analytics event through the
+//! `event-pipeline`: the demo check (README, "The demo, step by step"). Follows one analytics event through the
 //! collector (HTTP), the warehouse (SQL) and the report (HTTP), comparing its fields at every
 //! stage with what the test sent and with what the previous stage saw.
 

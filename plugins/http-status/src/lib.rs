@@ -1,4 +1,4 @@
-//! `http-status` (SPEC §8): passes when a GET of `url` answers `expect_status` (default 200),
+//! `http-status`: passes when a GET of `url` answers `expect_status` (default 200),
 //! stays pending while it answers otherwise or not at all.
 
 use serde::Deserialize;

@@ -1,4 +1,4 @@
-//! The HTTP contract of SPEC §5: status codes, problem+json errors naming the field, listing,
+//! The HTTP contract (README, "HTTP API"): status codes, problem+json errors naming the field, listing,
 //! idempotency, plugins.
 
 use serde_json::{Value, json};

@@ -1,4 +1,4 @@
-//! Who may do what (SPEC §10): tokens and roles on every route, grants that only an admin
+//! Who may do what (README, "Running it for a team"): tokens and roles on every route, grants that only an admin
 //! changes and that stay within the operator's policy, browser-borne requests refused, and an
 //! audit log of every change.
 

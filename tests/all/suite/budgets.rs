@@ -1,4 +1,4 @@
-//! The time budgets, each named apart (SPEC §11): `call_timeout_ms` limits one call; the step
+//! The time budgets, each named apart (README, "Time budgets"): `call_timeout_ms` limits one call; the step
 //! budget (run, else grant, else plugin, else host) limits how long a step may stay pending;
 //! the run deadline limits the run.
 

@@ -1,5 +1,5 @@
-//! The demo of SPEC §9: an event followed through the simulated collector, warehouse and
-//! report by the `event-pipeline` plugin, in each of its three languages (SPEC §13): the Rust
+//! The demo (README, "The demo, step by step"): an event followed through the simulated collector, warehouse and
+//! report by the `event-pipeline` plugin, in each of its three languages (README, "Writing a check"): the Rust
 //! one that `build.rs` compiles, and the Python and JavaScript ones that `stepwise plugin build`
 //! builds. The Python and JavaScript checks run beside the Rust one on the same server and
 //! check the same events: their verdicts, messages and outputs must be the Rust one's.

@@ -1,4 +1,4 @@
-//! The `http-status` example plugin of SPEC §8.
+//! The `http-status` example plugin.
 
 use serde_json::json;
 

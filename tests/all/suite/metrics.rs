@@ -1,4 +1,4 @@
-//! `GET /metrics` (SPEC §14): Prometheus text with the SPEC's names and labels, open like the
+//! `GET /metrics` (README, "Metrics"): Prometheus text with the README's names and labels, open like the
 //! probes, counts that come from the database surviving a restart, and no run id anywhere.
 
 use serde_json::json;

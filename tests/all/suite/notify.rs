@@ -1,4 +1,4 @@
-//! Notifiers (SPEC §11): one POST per reported failure and one `recovered`, in the `json` and
+//! Notifiers (README, "Alerts"): one POST per reported failure and one `recovered`, in the `json` and
 //! `slack` formats; filters and `after_consecutive`; retries with growing gaps until
 //! `max_delivery_ms`; a receiver that hangs never delays a tick.
 

@@ -1,4 +1,4 @@
-//! Retention (SPEC §11): a sweep deletes old attempt logs, finished runs beyond their age or
+//! Retention (README, "Retention"): a sweep deletes old attempt logs, finished runs beyond their age or
 //! their schedule's count, and plugin versions nothing needs — exactly those, in transactions
 //! of at most the batch size — and a deleted run answers `run_expired`.
 

@@ -1,4 +1,4 @@
-//! Secrets (SPEC §12): the value reaches the hosts it is declared for and only those, never
+//! Secrets (README, "Secrets"): the value reaches the hosts it is declared for and only those, never
 //! enters the sandbox, and is stored nowhere, even when a system under check echoes it back.
 
 use base64::Engine;

@@ -1,4 +1,4 @@
-//! The run lifecycle of SPEC §2: ticks, pending → passed, failure, timeouts, cancel, restart.
+//! The run lifecycle: ticks, pending → passed, failure, timeouts, cancel, restart.
 
 use serde_json::json;
 

@@ -1,12 +1,12 @@
 //! `stepwise dev`: one run of a plugin file, in this process, to the end, printing every
 //! call. No server and no database: the inner loop of a plugin author. The rules are the
-//! runner's (a passed step moves on at once, pending waits for the next tick, step timeouts,
-//! the run deadline, errored calls until `max_errors`), kept in memory.
+//! runner's own (`runner::rules`: a passed step moves on at once, pending waits for the next
+//! tick, step timeouts, the run deadline, errored calls until `max_errors`), kept in memory.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Map, Value as Json};
@@ -15,7 +15,8 @@ use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::secrets::{Place, Secret, SecretSet};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
-use crate::model::{AttemptOutcome, PluginVersion};
+use crate::model::{AttemptOutcome, PluginVersion, RunStatus, now_millis};
+use crate::runner::rules::{self, CallResult, RunClock, StepClock, Verdict, step_budget};
 use crate::runtime::{Capabilities, Runtime, StepCall};
 use crate::scheduler::planning::check_params;
 
@@ -105,46 +106,51 @@ pub async fn run_file(
         poll.as_millis()
     )?;
 
-    let started = Instant::now();
-    let deadline = started + timeout.unwrap_or(settings.default_run_timeout);
+    // The server's rules (`runner::rules`) on the server's clock: a step's budget starts at its
+    // first call and is judged at each tick's due time, the next tick falls at the budget or
+    // the deadline when those come first.
+    let started_at = now_millis();
+    let timeout = timeout.unwrap_or(settings.default_run_timeout);
+    let run = RunClock {
+        created_at: started_at,
+        deadline_at: started_at + timeout.as_millis() as i64,
+        poll_interval_ms: poll.as_millis() as i64,
+        max_errors: limits.max_errors,
+    };
     let mut outputs = Map::new();
     let mut errors = 0;
     let mut tick = 1;
+    // Only a tick's first call was due at a time; later steps of the tick run at once.
+    let mut due_at = Some(started_at);
     for step in &info.steps {
         let mut attempt = 0;
-        let step_started = Instant::now();
-        // The step budget as the server would set it, the run's own aside.
-        let budget = capabilities
-            .grant
-            .step_timeouts
-            .get(&step.name)
-            .copied()
-            .or(step.timeout)
-            .unwrap_or(settings.default_step_timeout);
+        let mut first_attempt_at = None;
+        // The step budget as the server would set it, without a run's own.
+        let budget = step_budget(
+            None,
+            capabilities.grant.step_timeouts.get(&step.name).copied(),
+            step.timeout,
+            settings.default_step_timeout,
+        );
         loop {
-            if Instant::now() >= deadline {
-                writeln!(
-                    out,
-                    "run deadline passed at step {:?}: timed_out",
-                    step.name
-                )?;
-                return Ok(DevOutcome::TimedOut);
-            }
-            if attempt > 0 && step_started.elapsed() >= budget {
-                writeln!(
-                    out,
-                    "step {:?} still pending after its timeout of {} ms: timed_out",
-                    step.name,
-                    budget.as_millis()
-                )?;
+            let clock = StepClock {
+                name: &step.name,
+                timeout_ms: Some(budget.as_millis() as i64),
+                max_attempts: step.max_attempts,
+                first_attempt_at,
+            };
+            let now = now_millis();
+            if let Some(ending) = rules::out_of_time(&run, &clock, now, due_at.take()) {
+                writeln!(out, "{}: {}", ending.message, ending.run)?;
                 return Ok(DevOutcome::TimedOut);
             }
             attempt += 1;
+            first_attempt_at.get_or_insert(now);
             let call = StepCall {
                 run_id: "dev".into(),
                 step: step.name.clone(),
                 attempt,
-                elapsed: started.elapsed(),
+                elapsed: Duration::from_millis((now - started_at).max(0) as u64),
                 params: params.to_string(),
                 outputs: Json::Object(outputs.clone()).to_string(),
                 traceparent: None,
@@ -175,9 +181,19 @@ pub async fn run_file(
                     line.message
                 )?;
             }
-            let mut wait = poll;
-            match report.outcome {
-                AttemptOutcome::Passed => {
+            if report.outcome == AttemptOutcome::Errored {
+                errors += 1;
+            }
+            let result = CallResult {
+                outcome: report.outcome,
+                message: report.message.as_deref().unwrap_or_default(),
+                attempt,
+                started_at: now,
+                finished_at: now_millis(),
+                errors,
+            };
+            match rules::decide(&run, &clock, &result, capabilities.grant.retry) {
+                Verdict::Passed => {
                     let output = report.output.as_deref().unwrap_or("null");
                     outputs.insert(
                         step.name.clone(),
@@ -185,40 +201,24 @@ pub async fn run_file(
                     );
                     break;
                 }
-                AttemptOutcome::Failed => {
-                    writeln!(out, "step {:?} failed: failed", step.name)?;
-                    return Ok(DevOutcome::Failed);
+                Verdict::Again { next_tick_at, .. } => {
+                    tick += 1;
+                    let wait = (next_tick_at - now_millis()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    due_at = Some(next_tick_at);
                 }
-                AttemptOutcome::Errored => {
-                    errors += 1;
-                    if errors >= limits.max_errors {
-                        writeln!(
-                            out,
-                            "{errors} errored calls (max_errors {}): errored",
-                            limits.max_errors
-                        )?;
-                        return Ok(DevOutcome::Errored);
-                    }
-                    if let Some(retry) = capabilities.grant.retry {
-                        wait = retry.delay(errors);
-                    }
-                }
-                AttemptOutcome::Pending => {
-                    if step.max_attempts.is_some_and(|max| attempt >= max) {
-                        writeln!(
-                            out,
-                            "step {:?} still pending after {attempt} attempts: failed",
-                            step.name
-                        )?;
-                        return Ok(DevOutcome::Failed);
-                    }
+                Verdict::Ends(ending) => {
+                    writeln!(out, "{}: {}", ending.message, ending.run)?;
+                    return Ok(match ending.run {
+                        RunStatus::Errored => DevOutcome::Errored,
+                        RunStatus::TimedOut => DevOutcome::TimedOut,
+                        _ => DevOutcome::Failed,
+                    });
                 }
             }
-            tick += 1;
-            tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
-    writeln!(out, "passed in {} ms", started.elapsed().as_millis())?;
+    writeln!(out, "passed in {} ms", now_millis() - started_at)?;
     Ok(DevOutcome::Passed)
 }
 

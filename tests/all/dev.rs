@@ -6,7 +6,7 @@ use stepwise_host::dev::{DevOutcome, exit_code, run_file};
 
 use stepwise_host::scaffold::Lang;
 
-use crate::support::{MISBEHAVE_WASM, toolchain_installed};
+use crate::support::{MISBEHAVE_WASM, PluginFile, Setup, TestServer, toolchain_installed};
 
 /// Copies the plugin into a temp dir with `manifest` beside it and runs it with `params`.
 async fn dev(manifest: &str, params: serde_json::Value) -> (DevOutcome, String) {
@@ -84,7 +84,8 @@ async fn a_local_run_of_a_trapping_plugin_ends_errored() {
     assert_eq!(outcome, DevOutcome::Errored, "{out}");
     assert_eq!(exit_code(outcome), 2);
     assert!(
-        out.contains("2 errored calls (max_errors 2): errored"),
+        out.contains("step \"first\" errored 2 times (max_errors 2); last error:")
+            && out.trim_end().ends_with(": errored"),
         "{out}"
     );
 }
@@ -213,9 +214,9 @@ async fn a_scaffolded_javascript_check_builds_as_is_and_passes() {
 async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
     let (outcome, out) = dev("", json!({"steps": {"first": {"action": "fail"}}})).await;
     assert_eq!(outcome, DevOutcome::Failed, "{out}");
-    assert_eq!(
-        out.lines().last(),
-        Some("step \"first\" failed: failed"),
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("step \"first\" failed: ") && last.ends_with(": failed"),
         "{out}"
     );
 
@@ -327,4 +328,40 @@ fn host_memory_a_plugin_can_fill_is_bounded() {
         out.contains("output size limit of 65536 bytes exceeded"),
         "{out}"
     );
+}
+
+/// `stepwise dev` follows the server's rules: a step's budget ends its wait for the next poll,
+/// whatever the poll interval, and both make the same calls before `timed_out`.
+#[tokio::test]
+async fn dev_and_the_server_end_a_step_at_its_budget_alike() {
+    let manifest = "poll_interval_ms = 20000\n[steps.first]\ntimeout_ms = 300\n";
+    let params = json!({"steps": {"first": {"action": "pending"}}});
+    let started = std::time::Instant::now();
+    let (outcome, out) = dev(manifest, params.clone()).await;
+    assert_eq!(outcome, DevOutcome::TimedOut, "{out}");
+    // Not after the 20 s poll: at the 300 ms budget, as the server does.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}: {out}",
+        started.elapsed()
+    );
+    let last = out.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "step \"first\" was still pending after its timeout of 300 ms: timed_out"
+    );
+    let dev_calls = out.lines().filter(|line| line.starts_with("tick ")).count();
+
+    let server =
+        TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(manifest))).await;
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": params}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "timed_out", "{run}");
+    assert_eq!(
+        run["message"],
+        "step \"first\" was still pending after its timeout of 300 ms"
+    );
+    assert_eq!(server.attempts(&id).await.len(), dev_calls, "{out}");
 }

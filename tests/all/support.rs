@@ -477,7 +477,11 @@ pub struct TestDatabase {
 impl TestDatabase {
     pub async fn create(data_dir: &Path) -> TestDatabase {
         let test = std::thread::current().name().unwrap_or_default().to_owned();
-        if test.starts_with("sqlite::") || test.starts_with("dashboard::") {
+        // The dashboard's and `dev`'s tests need a server of either kind: SQLite's.
+        if ["sqlite::", "dashboard::", "dev::"]
+            .iter()
+            .any(|module| test.starts_with(module))
+        {
             return TestDatabase {
                 url: Settings::for_data_dir(data_dir).database_url,
                 postgres: None,

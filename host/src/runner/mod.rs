@@ -26,6 +26,10 @@ use crate::storage::{
 };
 use crate::telemetry;
 
+pub mod rules;
+
+use rules::{CallResult, Ending, RunClock, StepClock, Verdict};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("storage: {0}")]
@@ -59,6 +63,36 @@ struct NewCall {
     attempt: u32,
     started_at: UnixMillis,
     due_at: Option<UnixMillis>,
+}
+
+/// One tick of one run: the run as loaded, the claim its writes are fenced by, and where it
+/// stands between the tick's calls.
+struct Tick<'a> {
+    run: &'a RunRecord,
+    claim: &'a ClaimedRun,
+    progress: Progress,
+}
+
+impl Tick<'_> {
+    fn clock(&self) -> RunClock {
+        RunClock {
+            created_at: self.run.created_at,
+            deadline_at: self.run.deadline_at,
+            poll_interval_ms: self.run.poll_interval_ms,
+            max_errors: self.run.max_errors,
+        }
+    }
+
+    /// The step the tick is at.
+    fn step(&self) -> StepClock<'_> {
+        let step = &self.run.steps[self.progress.position];
+        StepClock {
+            name: &step.name,
+            timeout_ms: step.timeout_ms,
+            max_attempts: step.max_attempts,
+            first_attempt_at: step.first_attempt_at,
+        }
+    }
 }
 
 /// Where a run stands between two steps of one tick.
@@ -140,18 +174,19 @@ impl Runner {
             tokio::time::sleep(Duration::from_millis(early as u64)).await;
         }
         tracing::Span::current().record("plugin", run.plugin_name.as_str());
-        let mut progress = Progress {
-            status_before: run.status,
-            position: run.current_step,
-            error_count: run.error_count,
-            started_at: run.started_at.unwrap_or_else(now_millis),
-            outputs: passed_outputs(&run),
-            http_requests: run.http_requests,
+        let mut tick = Tick {
+            run: &run,
+            claim,
+            progress: Progress {
+                status_before: run.status,
+                position: run.current_step,
+                error_count: run.error_count,
+                started_at: run.started_at.unwrap_or_else(now_millis),
+                outputs: passed_outputs(&run),
+                http_requests: run.http_requests,
+            },
         };
-        let (plugin, mut capabilities) = match self
-            .resolve(&run, claim, &progress, grant_toml.as_deref())
-            .await?
-        {
+        let (plugin, mut capabilities) = match self.resolve(&tick, grant_toml.as_deref()).await? {
             Ok(ready) => ready,
             Err(write) => return Ok(Some((run, vec![*write]))),
         };
@@ -162,38 +197,24 @@ impl Runner {
         let mut unwritten = Vec::new();
         loop {
             let now = now_millis();
-            if let Some(write) = self.out_of_time(&run, claim, &progress, now, due_at) {
-                unwritten.push(write);
+            if let Some(ending) = rules::out_of_time(&tick.clock(), &tick.step(), now, due_at) {
+                unwritten.push(self.end(&tick, None, ending));
                 return Ok(Some((run, unwritten)));
             }
-            let call = self.call(
-                &run,
-                claim,
-                &plugin,
-                &mut capabilities,
-                &progress,
-                now,
-                due_at,
-            );
+            let call = self.call(&tick, &plugin, &mut capabilities, now, due_at);
             let (attempt, report) = self.written_beside(&run, &mut unwritten, call).await?;
-            let write = self.decide(
-                &run,
-                claim,
-                &mut progress,
-                &capabilities,
-                report,
-                NewCall {
-                    attempt,
-                    started_at: now,
-                    due_at: due_at.take(),
-                },
-            );
+            let new_call = NewCall {
+                attempt,
+                started_at: now,
+                due_at: due_at.take(),
+            };
+            let write = self.decide(&mut tick, &capabilities, report, new_call);
             let tick_goes_on = write.run.keep_lease_ms.is_some();
             unwritten.push(write);
             if !tick_goes_on {
                 return Ok(Some((run, unwritten)));
             }
-            progress.position += 1;
+            tick.progress.position += 1;
         }
     }
 
@@ -228,27 +249,26 @@ impl Runner {
     /// at its deadline.
     async fn resolve(
         &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &Progress,
+        tick: &Tick<'_>,
         grant_toml: Option<&str>,
     ) -> Result<Result<(Arc<LoadedPlugin>, Capabilities), Box<TickWrite>>> {
-        if now_millis() >= run.deadline_at {
-            return Ok(Err(Box::new(self.deadline_passed(run, claim, progress))));
+        let now = now_millis();
+        if now >= tick.run.deadline_at
+            && let Some(ending) = rules::out_of_time(&tick.clock(), &tick.step(), now, None)
+        {
+            return Ok(Err(Box::new(self.end(tick, None, ending))));
         }
-        let resolved = self.keeping_lease(claim, self.resolve_plugin(run, grant_toml));
+        let resolved = self.keeping_lease(tick.claim, self.resolve_plugin(tick.run, grant_toml));
         let (plugin, grant) = match resolved.await?? {
             Ok(resolved) => resolved,
             Err(PluginUnavailable(message)) => {
-                return Ok(Err(Box::new(self.finish(
-                    run,
-                    claim,
-                    progress,
-                    None,
-                    StepStatus::Errored,
-                    RunStatus::Errored,
+                let ending = Ending {
+                    step: StepStatus::Errored,
+                    run: RunStatus::Errored,
                     message,
-                ))));
+                    step_message: None,
+                };
+                return Ok(Err(Box::new(self.end(tick, None, ending))));
             }
         };
         // A grant stored before the operator tightened the policy is cut down to it here.
@@ -263,57 +283,18 @@ impl Runner {
         Ok(Ok((plugin, capabilities)))
     }
 
-    /// Phase 2a: the write that ends the run when the run's deadline or the step's budget has
-    /// passed before the next call. The step's budget is judged at the time the tick was due
-    /// (`due_at`, the tick's first call), not when the host got to it: a poll that fell due
-    /// within the budget is made however late a busy or restarted host is, so the host's lag
-    /// never turns into the step's `timed_out`. A step still pending then is judged at its
-    /// next poll, due after its budget, as it would have been on time.
-    fn out_of_time(
-        &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &Progress,
-        now: UnixMillis,
-        due_at: Option<UnixMillis>,
-    ) -> Option<TickWrite> {
-        if now >= run.deadline_at {
-            return Some(self.deadline_passed(run, claim, progress));
-        }
-        let step = &run.steps[progress.position];
-        let (timeout_ms, first_attempt_at) = (step.timeout_ms?, step.first_attempt_at?);
-        let judged_at = due_at.map_or(now, |due_at| due_at.min(now));
-        if judged_at < first_attempt_at + timeout_ms {
-            return None;
-        }
-        let message = format!(
-            "step {:?} was still pending after its timeout of {timeout_ms} ms",
-            step.name
-        );
-        Some(self.finish(
-            run,
-            claim,
-            progress,
-            None,
-            StepStatus::TimedOut,
-            RunStatus::TimedOut,
-            message,
-        ))
-    }
-
-    /// Phase 2b: one call of the current step, in its span, recorded in the metrics. Returns
-    /// the attempt's number with the report. A call the host could not make fairly is `Err`.
-    #[allow(clippy::too_many_arguments)]
+    /// Phase 2: one call of the current step (its budgets checked by `rules::out_of_time`),
+    /// in its span, recorded in the metrics. Returns the attempt's number with the report. A
+    /// call the host could not make fairly is `Err`.
     async fn call(
         &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
+        tick: &Tick<'_>,
         plugin: &Arc<LoadedPlugin>,
         capabilities: &mut Capabilities,
-        progress: &Progress,
         now: UnixMillis,
         due_at: Option<UnixMillis>,
     ) -> Result<(u32, StepReport)> {
+        let (run, progress) = (tick.run, &tick.progress);
         let step = &run.steps[progress.position];
         let attempt = step.attempts + 1;
         // Debug: the log does not need it, so without an exporter it costs nothing.
@@ -344,7 +325,7 @@ impl Runner {
         // whole into its task (`memmove` was 5 % of the workers' samples).
         let step_call = Box::pin(self.runtime.run_step(plugin, call, capabilities));
         let report = self
-            .keeping_lease(claim, step_call)
+            .keeping_lease(tick.claim, step_call)
             .instrument(call_span.clone())
             .await?
             .map_err(|fault| Error::HostFault(fault.0))?;
@@ -378,41 +359,53 @@ impl Runner {
         Ok((attempt, report))
     }
 
-    /// Phase 3: what a call's report means for the step and the run — the next step at once,
-    /// another tick after the poll interval or the retry backoff, or the end of the run.
+    /// Phase 3: what a call's report means for the step and the run (`rules::decide`) — the
+    /// next step at once, another tick after the poll interval or the retry backoff, or the
+    /// end of the run — as the tick's write.
     fn decide(
         &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &mut Progress,
+        tick: &mut Tick<'_>,
         capabilities: &Capabilities,
         report: StepReport,
         call: NewCall,
     ) -> TickWrite {
-        let step = &run.steps[progress.position];
-        let attempt = call.attempt;
+        let run = tick.run;
+        let step = &run.steps[tick.progress.position];
+        let progress = &mut tick.progress;
         progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
-        let finished_at = now_millis();
-        if report.outcome == AttemptOutcome::Passed {
-            self.metrics.record_passed_after(
-                &run.plugin_name,
-                &step.name,
-                finished_at - progress.started_at,
-            );
+        if report.outcome == AttemptOutcome::Errored {
+            progress.error_count += 1;
         }
+        let finished_at = now_millis();
+        let verdict = rules::decide(
+            &tick.clock(),
+            &tick.step(),
+            &CallResult {
+                outcome: report.outcome,
+                message: report.message.as_deref().unwrap_or_default(),
+                attempt: call.attempt,
+                started_at: call.started_at,
+                finished_at,
+                errors: tick.progress.error_count,
+            },
+            // The run's backoff, else the grant's; without either the poll interval.
+            run.retry.or(capabilities.grant.retry),
+        );
         let new_attempt = NewAttempt {
-            attempt,
+            attempt: call.attempt,
             outcome: report.outcome,
-            message: report.message.clone(),
+            message: report.message,
             logs: report.logs,
             started_at: call.started_at,
             duration_ms: report.duration.as_millis() as i64,
             due_at: call.due_at,
         };
-        let message = report.message.unwrap_or_default();
-        let is_last = progress.position + 1 == run.steps.len();
-        match report.outcome {
-            AttemptOutcome::Passed => {
+        let progress = &mut tick.progress;
+        match verdict {
+            Verdict::Passed => {
+                let passed_after_ms = finished_at - progress.started_at;
+                self.metrics
+                    .record_passed_after(&run.plugin_name, &step.name, passed_after_ms);
                 let output = report.output.unwrap_or_else(|| "null".into());
                 progress.outputs.insert(
                     step.name.clone(),
@@ -423,10 +416,10 @@ impl Runner {
                     status: StepStatus::Passed,
                     message: None,
                     output: Some(output),
-                    passed_after_ms: Some(finished_at - progress.started_at),
+                    passed_after_ms: Some(passed_after_ms),
                     skip_rest: false,
                 };
-                let run_write = if is_last {
+                let run_write = if progress.position + 1 == run.steps.len() {
                     self.run_write(
                         progress,
                         RunStatus::Passed,
@@ -445,84 +438,31 @@ impl Runner {
                         Some(self.lease_ms()),
                     )
                 };
-                self.tick_write(claim, finished_at, new_attempt, step_write, run_write)
+                self.tick_write(tick.claim, finished_at, new_attempt, step_write, run_write)
             }
-            AttemptOutcome::Pending => {
-                if step.max_attempts.is_some_and(|max| attempt >= max) {
-                    let message = format!(
-                        "step {:?} was still pending after {attempt} attempts: {message}",
-                        step.name
-                    );
-                    self.finish(
-                        run,
-                        claim,
-                        progress,
-                        Some(new_attempt),
-                        StepStatus::Failed,
-                        RunStatus::Failed,
-                        message,
-                    )
-                } else {
-                    self.wait_for_next_tick(
-                        run,
-                        claim,
-                        progress,
-                        new_attempt,
-                        finished_at,
-                        message,
-                        run.poll_interval_ms,
-                    )
-                }
-            }
-            AttemptOutcome::Failed => {
-                let run_message = format!("step {:?} failed: {message}", step.name);
-                let mut write = self.finish(
-                    run,
-                    claim,
+            Verdict::Again {
+                next_tick_at,
+                message,
+            } => {
+                let step_write = StepWrite {
+                    position: progress.position,
+                    status: StepStatus::Pending,
+                    message: Some(message),
+                    output: None,
+                    passed_after_ms: None,
+                    skip_rest: false,
+                };
+                let run_write = self.run_write(
                     progress,
-                    Some(new_attempt),
-                    StepStatus::Failed,
-                    RunStatus::Failed,
-                    run_message,
+                    RunStatus::Running,
+                    None,
+                    progress.position,
+                    Some(next_tick_at),
+                    None,
                 );
-                write.step.message = Some(message);
-                write
+                self.tick_write(tick.claim, finished_at, new_attempt, step_write, run_write)
             }
-            AttemptOutcome::Errored => {
-                progress.error_count += 1;
-                if progress.error_count >= run.max_errors {
-                    let run_message = format!(
-                        "step {:?} errored {} times (max_errors {}); last error: {message}",
-                        step.name, progress.error_count, run.max_errors
-                    );
-                    let mut write = self.finish(
-                        run,
-                        claim,
-                        progress,
-                        Some(new_attempt),
-                        StepStatus::Errored,
-                        RunStatus::Errored,
-                        run_message,
-                    );
-                    write.step.message = Some(message);
-                    write
-                } else {
-                    // The run's backoff, else the grant's; without either the poll interval.
-                    let backoff = run
-                        .retry
-                        .or(capabilities.grant.retry)
-                        .map(|retry| retry.delay(progress.error_count));
-                    self.wait_for_next_tick(
-                        run,
-                        claim,
-                        progress,
-                        new_attempt,
-                        finished_at,
-                        format!("errored: {message}"),
-                        backoff.map_or(run.poll_interval_ms, |wait| wait.as_millis() as i64),
-                    )
-                }
-            }
+            Verdict::Ends(ending) => self.end(tick, Some(new_attempt), ending),
         }
     }
 
@@ -552,29 +492,6 @@ impl Runner {
                 }
             }
         }
-    }
-
-    /// The write that ends a run whose deadline has passed at its current step.
-    fn deadline_passed(
-        &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &Progress,
-    ) -> TickWrite {
-        let message = format!(
-            "run deadline passed ({} ms after creation) while step {:?} was not done",
-            run.deadline_at - run.created_at,
-            run.steps[progress.position].name
-        );
-        self.finish(
-            run,
-            claim,
-            progress,
-            None,
-            StepStatus::TimedOut,
-            RunStatus::TimedOut,
-            message,
-        )
     }
 
     /// Finds the pinned version's compiled component (compiling it if this process has not yet)
@@ -661,44 +578,6 @@ impl Runner {
         }
     }
 
-    /// The step is not done: keep it pending and come back after the poll interval, or sooner
-    /// when the step timeout or the run deadline falls first.
-    #[allow(clippy::too_many_arguments)]
-    fn wait_for_next_tick(
-        &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &Progress,
-        attempt: NewAttempt,
-        now: UnixMillis,
-        message: String,
-        wait_ms: i64,
-    ) -> TickWrite {
-        let step = &run.steps[progress.position];
-        let first_attempt_at = step.first_attempt_at.unwrap_or(attempt.started_at);
-        let mut next_tick_at = (now + wait_ms).min(run.deadline_at);
-        if let Some(timeout_ms) = step.timeout_ms {
-            next_tick_at = next_tick_at.min(first_attempt_at + timeout_ms);
-        }
-        let step_write = StepWrite {
-            position: progress.position,
-            status: StepStatus::Pending,
-            message: Some(message),
-            output: None,
-            passed_after_ms: None,
-            skip_rest: false,
-        };
-        let run_write = self.run_write(
-            progress,
-            RunStatus::Running,
-            None,
-            progress.position,
-            Some(next_tick_at),
-            None,
-        );
-        self.tick_write(claim, now, attempt, step_write, run_write)
-    }
-
     /// Records the tick's writes (in order, together); when the last ends the run, reports
     /// the run's span.
     async fn commit(&self, run: &RunRecord, mut writes: Vec<TickWrite>) -> Result<()> {
@@ -744,28 +623,25 @@ impl Runner {
     }
 
     /// Ends the run at the current step; later steps become `skipped`.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        run: &RunRecord,
-        claim: &ClaimedRun,
-        progress: &Progress,
-        attempt: Option<NewAttempt>,
-        step_status: StepStatus,
-        run_status: RunStatus,
-        message: String,
-    ) -> TickWrite {
-        tracing::info!(run_id = %run.id, status = %run_status, "{message}");
+    fn end(&self, tick: &Tick<'_>, attempt: Option<NewAttempt>, ending: Ending) -> TickWrite {
+        let Ending {
+            step: step_status,
+            run: run_status,
+            message,
+            step_message,
+        } = ending;
+        tracing::info!(run_id = %tick.run.id, status = %run_status, "{message}");
+        let progress = &tick.progress;
         TickWrite {
-            run_id: claim.id.clone(),
-            lease_token: claim.lease_token,
-            node: claim.owner.clone(),
+            run_id: tick.claim.id.clone(),
+            lease_token: tick.claim.lease_token,
+            node: tick.claim.owner.clone(),
             now: now_millis(),
             attempt,
             step: StepWrite {
                 position: progress.position,
                 status: step_status,
-                message: Some(message.clone()),
+                message: Some(step_message.unwrap_or_else(|| message.clone())),
                 output: None,
                 passed_after_ms: None,
                 skip_rest: true,

@@ -121,15 +121,13 @@ pub async fn plan_run(
             ),
         });
     }
-    // The step budget: the run's, else the grant's, else the plugin's, else the host's.
     let step_timeout = |name: &str, described: Option<Duration>| {
-        options
-            .step_timeouts
-            .get(name)
-            .or(grant.step_timeouts.get(name))
-            .copied()
-            .or(described)
-            .unwrap_or(settings.default_step_timeout)
+        crate::runner::rules::step_budget(
+            options.step_timeouts.get(name).copied(),
+            grant.step_timeouts.get(name).copied(),
+            described,
+            settings.default_step_timeout,
+        )
     };
     let steps = plugin
         .check_info

@@ -1,0 +1,58 @@
+//! Ids, enums and plain records shared by every layer. No I/O, no serde, no sqlx: the wire
+//! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
+//! Split by concept: `ids`, `run` (statuses and what `describe` reports), `access` (roles and
+//! actors), `grant` (grants, the policy and limits), `notify`, `retention`, `schedule`.
+
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+mod access;
+mod grant;
+mod ids;
+mod notify;
+mod retention;
+mod run;
+mod schedule;
+#[cfg(test)]
+mod tests;
+
+pub use access::*;
+pub use grant::*;
+pub use ids::*;
+pub use notify::*;
+pub use retention::*;
+pub use run::*;
+pub use schedule::*;
+
+/// Milliseconds since the Unix epoch: the one time representation stored and compared.
+pub type UnixMillis = i64;
+
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -2,7 +2,6 @@
 //! milliseconds); durations are integer milliseconds with a `_ms` suffix.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -13,17 +12,12 @@ use utoipa::openapi::{ObjectBuilder, Type};
 use crate::auth::StoredToken;
 use crate::model::{
     AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, Grant, Limits, LogLevel, NotifyEvent,
-    Retry, Role, RunStatus, StepStatus, TriggerSpec, UnixMillis,
+    Retry, Role, RunStatus, StepStatus, TriggerSpec, rfc3339,
 };
 use crate::storage::{
     AttemptRecord, AuditRecord, ClusterHealth, FireRecord, NotificationRecord, PluginRecord,
     PluginVersionRecord, RunRecord, ScheduleRecord, StepRecord,
 };
-
-fn timestamp(millis: UnixMillis) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
-}
 
 /// A string that is one of `values`: the schema of the model's text enums.
 fn one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
@@ -165,11 +159,11 @@ impl RunDto {
                 .get(run.current_step)
                 .map(|step| step.name.clone())
                 .or_else(|| run.current_step_name.clone()),
-            created_at: timestamp(run.created_at),
-            started_at: run.started_at.map(timestamp),
-            finished_at: run.finished_at.map(timestamp),
-            deadline_at: timestamp(run.deadline_at),
-            next_tick_at: run.next_tick_at.map(timestamp),
+            created_at: rfc3339(run.created_at),
+            started_at: run.started_at.map(rfc3339),
+            finished_at: run.finished_at.map(rfc3339),
+            deadline_at: rfc3339(run.deadline_at),
+            next_tick_at: run.next_tick_at.map(rfc3339),
             node: run.lease_owner.clone(),
             steps: with_steps.then(|| run.steps.iter().map(StepDto::new).collect()),
         }
@@ -185,9 +179,9 @@ impl StepDto {
             message: step.message.clone(),
             output: step.output.as_deref().map(json_text),
             timeout_ms: step.timeout_ms,
-            first_attempt_at: step.first_attempt_at.map(timestamp),
-            last_attempt_at: step.last_attempt_at.map(timestamp),
-            finished_at: step.finished_at.map(timestamp),
+            first_attempt_at: step.first_attempt_at.map(rfc3339),
+            last_attempt_at: step.last_attempt_at.map(rfc3339),
+            finished_at: step.finished_at.map(rfc3339),
             passed_after_ms: step.passed_after_ms,
         }
     }
@@ -243,9 +237,9 @@ impl AttemptDto {
                     message: line.message.clone(),
                 })
                 .collect(),
-            started_at: timestamp(attempt.started_at),
+            started_at: rfc3339(attempt.started_at),
             duration_ms: attempt.duration_ms,
-            due_at: attempt.due_at.map(timestamp),
+            due_at: attempt.due_at.map(rfc3339),
             lag_ms: attempt.due_at.map(|due| (attempt.started_at - due).max(0)),
             node: attempt.node.clone(),
         }
@@ -369,7 +363,7 @@ impl PluginDto {
             plugin_reported_version: plugin.check_info.version.clone(),
             steps: steps_of(&plugin.check_info),
             params_schema: plugin.check_info.params_schema.as_deref().map(json_text),
-            updated_at: timestamp(plugin.updated_at),
+            updated_at: rfc3339(plugin.updated_at),
             grant: None,
             versions: None,
         }
@@ -438,7 +432,7 @@ impl PluginDto {
                             .collect(),
                         description: version.check_info.description.clone(),
                         params_schema: version.check_info.params_schema.as_deref().map(json_text),
-                        created_at: timestamp(version.created_at),
+                        created_at: rfc3339(version.created_at),
                         uploaded_by: version.uploaded_by.clone(),
                         reviewed_by: version
                             .reviewed_by
@@ -529,10 +523,10 @@ impl ScheduleDto {
             } => TriggerDto::Interval {
                 interval_ms: *interval_ms,
                 jitter_ms: *jitter_ms,
-                start_at: start_at.map(timestamp),
-                end_at: end_at.map(timestamp),
+                start_at: start_at.map(rfc3339),
+                end_at: end_at.map(rfc3339),
             },
-            TriggerSpec::At { at } => TriggerDto::At { at: timestamp(*at) },
+            TriggerSpec::At { at } => TriggerDto::At { at: rfc3339(*at) },
         };
         ScheduleDto {
             id: schedule.id.clone(),
@@ -550,19 +544,19 @@ impl ScheduleDto {
             next_fire_at: schedule
                 .next_fire_at
                 .filter(|_| !schedule.options.paused)
-                .map(timestamp),
-            created_at: timestamp(schedule.created_at),
-            updated_at: timestamp(schedule.updated_at),
+                .map(rfc3339),
+            created_at: rfc3339(schedule.created_at),
+            updated_at: rfc3339(schedule.updated_at),
             created_by: schedule.created_by.clone(),
             recent_fires: fires.map(|fires| {
                 fires
                     .iter()
                     .map(|fire| FireDto {
-                        scheduled_at: timestamp(fire.scheduled_at),
+                        scheduled_at: rfc3339(fire.scheduled_at),
                         outcome: fire.outcome.as_str(),
                         reason: fire.reason.clone(),
                         run_id: fire.run_id.clone(),
-                        recorded_at: timestamp(fire.recorded_at),
+                        recorded_at: rfc3339(fire.recorded_at),
                     })
                     .collect()
             }),
@@ -599,10 +593,10 @@ impl TokenDto {
         TokenDto {
             name: token.name.clone(),
             role: token.role.as_str(),
-            created_at: timestamp(token.created_at),
+            created_at: rfc3339(token.created_at),
             created_by: token.created_by.clone(),
-            expires_at: token.expires_at.map(timestamp),
-            revoked_at: token.revoked_at.map(timestamp),
+            expires_at: token.expires_at.map(rfc3339),
+            revoked_at: token.revoked_at.map(rfc3339),
             plugins: token
                 .plugins
                 .as_ref()
@@ -656,7 +650,7 @@ impl AuditDto {
     pub fn new(record: &AuditRecord) -> AuditDto {
         AuditDto {
             id: record.id,
-            at: timestamp(record.entry.at),
+            at: rfc3339(record.entry.at),
             actor: record.entry.actor.clone(),
             action: record.entry.action,
             target: record.entry.target.clone(),
@@ -720,16 +714,16 @@ impl NotificationDto {
             notifier: record.notifier.clone(),
             event: record.event.as_str(),
             status: record.status.as_str(),
-            created_at: timestamp(record.created_at),
-            next_attempt_at: record.next_attempt_at.map(timestamp),
-            finished_at: record.finished_at.map(timestamp),
+            created_at: rfc3339(record.created_at),
+            next_attempt_at: record.next_attempt_at.map(rfc3339),
+            finished_at: record.finished_at.map(rfc3339),
             attempts: record
                 .attempts
                 .iter()
                 .map(|attempt| DeliveryAttemptDto {
                     attempt: attempt.attempt,
                     node: attempt.node.clone(),
-                    started_at: timestamp(attempt.started_at),
+                    started_at: rfc3339(attempt.started_at),
                     duration_ms: attempt.duration_ms,
                     status_code: attempt.status_code,
                     error: attempt.error.clone(),

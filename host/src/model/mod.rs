@@ -50,6 +50,12 @@ pub use schedule::*;
 /// Milliseconds since the Unix epoch: the one time representation stored and compared.
 pub type UnixMillis = i64;
 
+/// A time as the API and notifications show it: RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339(millis: UnixMillis) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
 pub fn now_millis() -> UnixMillis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,10 +1,10 @@
-//! What a notification says (README, "Alerts"): `json` carries the run exactly as `GET /v1/runs/{id}`
-//! shows it; `slack` is an incoming-webhook message naming the plugin, the failing step, its
+//! What a notification says (README, "Alerts"): `json` carries the run as `GET /v1/runs/{id}`
+//! shows it (`payload.rs`); `slack` is an incoming-webhook message naming the plugin, the failing step, its
 //! message and attempts, how long the verified steps took, and the run's link.
 
 use serde_json::{Value as Json, json};
 
-use crate::api::RunDto;
+use super::payload::RunPayload;
 use crate::model::{NotifyEvent, NotifyFormat, StepStatus};
 use crate::storage::{RunRecord, StepRecord};
 
@@ -28,7 +28,7 @@ pub fn body(
     match format {
         NotifyFormat::Json => json!({
             "event": event.as_str(),
-            "run": RunDto::new(run, true),
+            "run": RunPayload::new(run),
             "failed_step": failed.map(|step| step.name.as_str()),
             "message": message,
             "attempts": failed.map(|step| step.attempts),

@@ -12,6 +12,7 @@
 //! never delays a tick.
 
 mod message;
+mod payload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

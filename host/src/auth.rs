@@ -5,7 +5,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::model::{PluginScope, Role, now_millis, parse_token_name};
-use crate::storage::{self, AuditEntry};
+use crate::storage::{self, AuditEntry, StoredToken};
 
 /// Every token starts with this, so that secret scanners and people recognise one.
 const PREFIX: &str = "swt_";
@@ -15,41 +15,6 @@ pub struct NewToken {
     /// `swt_<key id>_<secret>`: the bearer token, never stored.
     pub secret: String,
     pub stored: StoredToken,
-}
-
-/// What the database keeps of a token: enough to find it and check a presented secret, not
-/// enough to rebuild it.
-#[derive(Debug, Clone)]
-pub struct StoredToken {
-    pub name: String,
-    pub role: Role,
-    /// Public part of the token, to find its record without scanning.
-    pub key_id: String,
-    pub salt: String,
-    /// `sha256(salt ‖ secret)` in hex.
-    pub hash: String,
-    pub created_at: i64,
-    /// The token name (or `cli`) that created it.
-    pub created_by: String,
-    /// When it was revoked: it stays, refused, so that its name is never reused.
-    pub revoked_at: Option<i64>,
-    /// When it stops working, if it was given a lifetime.
-    pub expires_at: Option<i64>,
-    /// The plugins it may act on; `None` is every plugin.
-    pub plugins: Option<PluginScope>,
-}
-
-impl StoredToken {
-    /// Why this token is refused at `now`, if it is.
-    pub fn refusal(&self, now: i64) -> Option<&'static str> {
-        if self.revoked_at.is_some() {
-            Some("the bearer token was revoked")
-        } else if self.expires_at.is_some_and(|expires_at| expires_at <= now) {
-            Some("the bearer token has expired")
-        } else {
-            None
-        }
-    }
 }
 
 /// A token presented by a caller, split into its parts.

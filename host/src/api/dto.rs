@@ -9,14 +9,13 @@ use utoipa::ToSchema;
 use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::{ObjectBuilder, Type};
 
-use crate::auth::StoredToken;
 use crate::model::{
     AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, Grant, Limits, LogLevel, NotifyEvent,
     Retry, Role, RunStatus, StepStatus, TriggerSpec, rfc3339,
 };
 use crate::storage::{
     AttemptRecord, AuditRecord, ClusterHealth, FireRecord, NotificationRecord, PluginRecord,
-    PluginVersionRecord, RunRecord, ScheduleRecord, StepRecord,
+    PluginVersionRecord, RunRecord, ScheduleRecord, StepRecord, StoredToken,
 };
 
 /// A string that is one of `values`: the schema of the model's text enums.

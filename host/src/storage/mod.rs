@@ -26,7 +26,7 @@ use crate::model::{
     RunStatus, StepStatus, TriggerSpec, UnixMillis,
 };
 
-pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord};
+pub use access::{AUDIT_ACTIONS, AuditEntry, AuditRecord, StoredToken};
 pub use backend::{Backend, Changes};
 pub use events::EventRecord;
 pub use outbox::{

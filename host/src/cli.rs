@@ -449,7 +449,7 @@ async fn dev(
     let secrets = secrets
         .iter()
         .map(|secret| match secret.split_once('=') {
-            Some((name, value)) if crate::capabilities::secrets::valid_name(name) => {
+            Some((name, value)) if crate::model::valid_name(name) => {
                 Ok((name.to_owned(), value.to_owned()))
             }
             _ => Err(anyhow::anyhow!(

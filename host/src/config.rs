@@ -11,10 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::capabilities::secrets::Place;
 use crate::model::{
     AllowedHost, Grant, HostPattern, LimitOverrides, Limits, Notifier, NotifyEvent, NotifyFormat,
-    Policy, RetentionPolicy, Retry,
+    Place, Policy, RetentionPolicy, Retry,
 };
 use crate::storage::Backend;
 
@@ -216,7 +215,7 @@ pub fn read_secret(name: &str, declaration: &SecretDeclaration) -> anyhow::Resul
 
 fn parse_secret(name: &str, file: SecretFile) -> anyhow::Result<SecretDeclaration> {
     anyhow::ensure!(
-        crate::capabilities::secrets::valid_name(name),
+        crate::model::valid_name(name),
         "[secrets.{name}]: a secret's name must be 1-63 letters, digits, '_' or '-'"
     );
     let from = match (file.env, file.file) {

@@ -12,10 +12,10 @@ use anyhow::Context;
 use serde_json::{Map, Value as Json};
 
 use crate::capabilities::http::HttpPolicy;
-use crate::capabilities::secrets::{Place, Secret, SecretSet};
+use crate::capabilities::secrets::{Secret, SecretSet};
 use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_grant};
-use crate::model::{AttemptOutcome, PluginVersion, RunStatus, now_millis};
+use crate::model::{AttemptOutcome, Place, PluginVersion, RunStatus, now_millis};
 use crate::runner::rules::{self, CallResult, RunClock, StepClock, Verdict, step_budget};
 use crate::runtime::{Capabilities, Runtime, StepCall};
 use crate::scheduler::planning::check_params;

@@ -4,8 +4,8 @@
 use super::dto::{SecretDto, SecretListDto};
 use super::error::ApiError;
 use super::state::AppState;
-use crate::capabilities::secrets::Place;
 use crate::config::{SecretFrom, parse_grant};
+use crate::model::Place;
 use axum::Json;
 use axum::extract::State;
 

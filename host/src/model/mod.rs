@@ -1,7 +1,7 @@
 //! Ids, enums and plain records shared by every layer. No I/O, no serde, no sqlx: the wire
 //! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
 //! Split by concept: `ids`, `run` (statuses and what `describe` reports), `access` (roles and
-//! actors), `grant` (grants, the policy and limits), `notify`, `retention`, `schedule`.
+//! actors), `grant` (grants, the policy and limits), `notify`, `retention`, `schedule`, `secret` (where a secret may go).
 
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -36,6 +36,7 @@ mod notify;
 mod retention;
 mod run;
 mod schedule;
+mod secret;
 #[cfg(test)]
 mod tests;
 
@@ -46,6 +47,7 @@ pub use notify::*;
 pub use retention::*;
 pub use run::*;
 pub use schedule::*;
+pub use secret::*;
 
 /// Milliseconds since the Unix epoch: the one time representation stored and compared.
 pub type UnixMillis = i64;

@@ -10,16 +10,18 @@
 //! stopped, not just abandoned. Exceeding a cap is a [`Violation`]: the attempt ends
 //! `errored`. Waiting for a pooled connection has its own time limit and is the host's
 //! problem, not the plugin's.
+//!
+//! This file holds what every backend shares: the source enum, the dispatch and the budgets.
+//! Each backend's module owns its pool, its checks at start, its query with its
+//! confinement, and the conversion of its values.
 
 use std::collections::{BTreeMap, HashMap};
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::TryStreamExt;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{Column, Row, TypeInfo, ValueRef};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Column, Row};
 use wasmtime::component::HasData;
 
 use super::Violation;
@@ -48,6 +50,8 @@ pub const MAX_STATEMENT_BYTES: usize = 64 << 10;
 /// Short, so that the wait ends well inside the call's own time limit.
 const POOL_WAIT: Duration = Duration::from_secs(2);
 
+/// The backends, one module each (`sql/sqlite.rs`, `sql/postgres.rs`): its pool, the checks
+/// of its sources at start, its query with its confinement, and its values.
 enum SourcePool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
@@ -59,36 +63,14 @@ impl SqlSources {
     pub fn connect_lazy(configs: &BTreeMap<String, SourceConfig>) -> anyhow::Result<SqlSources> {
         let mut sources = HashMap::new();
         for (name, config) in configs {
-            let read_only = config.read_only;
-            let pool = if config.url.starts_with("sqlite:") {
-                let options = SqliteConnectOptions::from_str(&config.url)
-                    .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?
-                    .read_only(read_only)
-                    .busy_timeout(Duration::from_secs(5));
-                SourcePool::Sqlite(
-                    SqlitePoolOptions::new()
-                        .max_connections(4)
-                        .acquire_timeout(POOL_WAIT)
-                        .after_connect(move |connection, _| {
-                            Box::pin(async move {
-                                let mut handle = connection.lock_handle().await?;
-                                // SAFETY: the locked handle is ours alone during the call.
-                                unsafe { sqlite::confine(handle.as_raw_handle()) };
-                                Ok(())
-                            })
-                        })
-                        .connect_lazy_with(options),
-                )
-            } else if config.url.starts_with("postgres:") || config.url.starts_with("postgresql:") {
-                let pool = PgPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(POOL_WAIT)
-                    .connect_lazy(&config.url)
-                    .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
-                SourcePool::Postgres(pool)
+            let pool = if sqlite::is_url(&config.url) {
+                sqlite::pool(config).map(SourcePool::Sqlite)
+            } else if postgres::is_url(&config.url) {
+                postgres::pool(config).map(SourcePool::Postgres)
             } else {
-                anyhow::bail!("source {name}: url must start with sqlite: or postgres:");
+                Err("url must start with sqlite: or postgres:".to_owned())
             };
+            let pool = pool.map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
             sources.insert(
                 name.clone(),
                 SqlSource {
@@ -114,71 +96,25 @@ impl SqlSources {
         configs: &BTreeMap<String, SourceConfig>,
         host_database_url: &str,
     ) -> anyhow::Result<()> {
-        let own = |name: &str, how: &str| {
-            anyhow::anyhow!(
-                "sql source {name:?} is the host's own database ({how}): a plugin granted it \
-                 could read and change the host's runs, plugins and tokens. Point the source at \
-                 another database"
-            )
-        };
         let mut host_identity = None;
         for (name, config) in configs {
             match self.sources.get(name).map(|source| &source.pool) {
-                Some(SourcePool::Sqlite(_))
-                    if sqlite::same_database(&config.url, host_database_url) =>
-                {
-                    return Err(own(name, "the same file"));
+                Some(SourcePool::Sqlite(_)) => {
+                    sqlite::check_at_start(name, &config.url, host_database_url)?
                 }
                 Some(SourcePool::Postgres(_)) => {
-                    if postgres::same_database_by_url(&config.url, host_database_url) {
-                        return Err(own(name, "the same host, port and database name"));
-                    }
-                    let Some(mut connection) = connect_at_start(name, &config.url).await else {
-                        continue;
-                    };
-                    if host_identity.is_none() && postgres::is_url(host_database_url) {
-                        host_identity = Some(postgres::host_identity(host_database_url).await?);
-                    }
-                    let identity = postgres::DatabaseIdentity::of(&mut connection)
-                        .await
-                        .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
-                    if host_identity.as_ref() == Some(&identity) {
-                        return Err(own(name, "the same database of the same running server"));
-                    }
-                    let powers =
-                        postgres::RolePowers::of(&mut connection)
-                            .await
-                            .map_err(|error| {
-                                anyhow::anyhow!("source {name}: reading its role: {error}")
-                            })?;
-                    if let Some(refusal) = powers.refusal(name) {
-                        anyhow::bail!("{refusal}");
-                    }
-                    if let Some(warning) = powers.warning(name) {
-                        tracing::warn!(source = %name, "{warning}");
-                    }
+                    postgres::check_at_start(
+                        name,
+                        &config.url,
+                        host_database_url,
+                        &mut host_identity,
+                    )
+                    .await?
                 }
-                Some(SourcePool::Sqlite(_)) | None => {}
+                None => {}
             }
         }
         Ok(())
-    }
-}
-
-/// A connection to the PostgreSQL source `name` for the checks at start, or `None` (logged)
-/// when it cannot be reached now.
-async fn connect_at_start(name: &str, url: &str) -> Option<sqlx::PgConnection> {
-    use sqlx::Connection;
-    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
-        Ok(Ok(connection)) => Some(connection),
-        Ok(Err(error)) => {
-            tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role");
-            None
-        }
     }
 }
 
@@ -230,11 +166,10 @@ impl Host for SqlState {
                 ))))
             }
             SourcePool::Sqlite(pool) => match acquire(pool, &source).await? {
-                Ok(connection) => {
-                    let mut connection = connection;
+                Ok(mut connection) => {
                     within_time(
                         self.timeout,
-                        query_sqlite(&mut connection, &statement, params, limits),
+                        sqlite::query(&mut connection, &statement, params, limits),
                     )
                     .await
                 }
@@ -408,6 +343,14 @@ macro_rules! bind_params {
 mod postgres;
 mod sqlite;
 
+/// Why a source may not be used: it is the host's own database (`how` says how it was told).
+fn own_database(name: &str, how: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "sql source {name:?} is the host's own database ({how}): a plugin granted it could read \
+         and change the host's runs, plugins and tokens. Point the source at another database"
+    )
+}
+
 fn too_many_rows(max_rows: usize) -> QueryError {
     QueryError::Guest(SqlError::LimitExceeded(format!(
         "sql row limit of {max_rows} rows exceeded"
@@ -419,155 +362,4 @@ fn column_names<R: Row>(row: &R) -> Vec<String> {
         .iter()
         .map(|column| column.name().to_owned())
         .collect()
-}
-
-async fn query_sqlite(
-    connection: &mut sqlx::SqliteConnection,
-    statement: &str,
-    params: Vec<Value>,
-    limits: QueryLimits,
-) -> Result<RowSet, QueryError> {
-    {
-        let mut handle = connection.lock_handle().await?;
-        // Set before every query, replacing whatever an earlier (possibly abandoned) query
-        // left: the handler stops the statement inside SQLite once the time limit has passed.
-        let deadline = Instant::now() + limits.timeout;
-        handle.set_progress_handler(1_000, move || Instant::now() < deadline);
-        // SAFETY: the locked handle is ours alone while it is held.
-        let checked = unsafe {
-            sqlite::limit_value_bytes(handle.as_raw_handle(), limits.max_result_bytes);
-            sqlite::check_single_statement(handle.as_raw_handle(), statement)
-        };
-        match checked {
-            Ok(()) => {}
-            Err(sqlite::Refused::SeveralStatements) => {
-                return Err(QueryError::Guest(SqlError::QueryFailed(
-                    "a query must be exactly one statement; send each statement in its own query"
-                        .into(),
-                )));
-            }
-            Err(sqlite::Refused::Prepare { code, message }) => {
-                // A denied function is reported as a plain error with this text.
-                let denied =
-                    code == libsqlite3_sys::SQLITE_AUTH || message.contains("not authorized");
-                let error = match code {
-                    _ if denied => SqlError::Denied(format!(
-                        "the source refuses this statement ({message}): a query may read the \
-                         source and change a writable source's own tables, nothing else (no \
-                         ATTACH, VACUUM, PRAGMA that sets anything, TEMP objects, transactions \
-                         or file access)"
-                    )),
-                    libsqlite3_sys::SQLITE_TOOBIG => SqlError::LimitExceeded(format!(
-                        "sql result size limit of {} bytes exceeded",
-                        limits.max_result_bytes
-                    )),
-                    _ => SqlError::QueryFailed(message),
-                };
-                return Err(QueryError::Guest(error));
-            }
-        }
-    }
-    // Not persistent: a plugin's statement is used once, and a connection should not keep
-    // every text it was sent (up to sqlx's cache of 100 per connection).
-    let query = bind_params!(sqlx::query(statement).persistent(false), params);
-    let mut stream = query.fetch(&mut *connection);
-    let mut set = RowSet {
-        columns: Vec::new(),
-        rows: Vec::new(),
-    };
-    let mut bytes = ResultBytes::new(limits.max_result_bytes);
-    while let Some(row) = stream.try_next().await? {
-        if set.rows.len() == limits.max_rows {
-            return Err(too_many_rows(limits.max_rows));
-        }
-        if set.columns.is_empty() {
-            set.columns = column_names(&row);
-        }
-        let values = sqlite_values(&row)?;
-        bytes.add(&values)?;
-        set.rows.push(values);
-    }
-    Ok(set)
-}
-
-fn sqlite_values(row: &SqliteRow) -> Result<Vec<Value>, QueryError> {
-    (0..row.len())
-        .map(|index| {
-            let raw = row.try_get_raw(index)?;
-            if raw.is_null() {
-                return Ok(Value::Null);
-            }
-            // SQLite types values, not columns: the raw value's type is its storage class.
-            let value = match raw.type_info().name() {
-                "INTEGER" => Value::Int(row.try_get(index)?),
-                "REAL" => Value::Float(row.try_get(index)?),
-                "BLOB" => Value::Bytes(row.try_get(index)?),
-                "BOOLEAN" => Value::Boolean(row.try_get(index)?),
-                _ => Value::Text(row.try_get(index)?),
-            };
-            Ok(value)
-        })
-        .collect()
-}
-
-fn postgres_values(row: &PgRow) -> Result<Vec<Value>, QueryError> {
-    (0..row.len())
-        .map(|index| {
-            let raw = row.try_get_raw(index)?;
-            if raw.is_null() {
-                return Ok(Value::Null);
-            }
-            let type_name = raw.type_info().name().to_owned();
-            let value = match type_name.as_str() {
-                "INT2" => Value::Int(row.try_get::<i16, _>(index)?.into()),
-                "INT4" => Value::Int(row.try_get::<i32, _>(index)?.into()),
-                "INT8" => Value::Int(row.try_get(index)?),
-                "FLOAT4" => Value::Float(row.try_get::<f32, _>(index)?.into()),
-                "FLOAT8" => Value::Float(row.try_get(index)?),
-                "BOOL" => Value::Boolean(row.try_get(index)?),
-                "BYTEA" => Value::Bytes(row.try_get(index)?),
-                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "UNKNOWN" => Value::Text(row.try_get(index)?),
-                other => {
-                    let column = row.columns()[index].name().to_owned();
-                    return Err(QueryError::Guest(SqlError::QueryFailed(format!(
-                        "column {column:?} has type {other}, which the sql capability does not convert; cast it in the query (e.g. {column}::text)"
-                    ))));
-                }
-            };
-            Ok(value)
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use sqlx::{Connection, SqliteConnection};
-
-    use super::*;
-
-    #[tokio::test]
-    async fn a_sqlite_query_leaves_no_statement_cached_on_its_connection() {
-        let mut connection = SqliteConnection::connect("sqlite::memory:")
-            .await
-            .expect("an in-memory database");
-        let limits = QueryLimits {
-            max_rows: 10,
-            max_result_bytes: 1 << 20,
-            timeout: Duration::from_secs(10),
-        };
-        for statement in ["SELECT 1", "SELECT ? AS x"] {
-            let params = vec![Value::Int(1)];
-            let params = if statement.contains('?') {
-                params
-            } else {
-                Vec::new()
-            };
-            assert!(
-                query_sqlite(&mut connection, statement, params, limits)
-                    .await
-                    .is_ok()
-            );
-        }
-        assert_eq!(connection.cached_statements_size(), 0);
-    }
 }

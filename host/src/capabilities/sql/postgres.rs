@@ -1,4 +1,5 @@
-//! Confinement of a PostgreSQL data source. "Read-only" is the database's own `READ ONLY`
+//! PostgreSQL data sources: the pool, the checks at start, the query and its values.
+//! Confinement of a PostgreSQL data source: "Read-only" is the database's own `READ ONLY`
 //! transaction, and "writable" means the role's own tables; neither holds against a privileged
 //! role: a superuser's transaction, read-only or not, still runs `COPY … TO PROGRAM` and reads
 //! server files. So every source's role is checked at start (the host refuses to start, and
@@ -12,11 +13,79 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, Postgres};
-use sqlx::{Connection, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::{Column, Connection, Row, TypeInfo, ValueRef};
 
-use super::{QueryError, QueryLimits, ResultBytes, column_names, postgres_values, too_many_rows};
+use super::{
+    POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, own_database, too_many_rows,
+};
 use crate::bindings::sql::{RowSet, SqlError, Value};
+use crate::config::SourceConfig;
+
+/// The source's pool, connecting lazily.
+pub(super) fn pool(config: &SourceConfig) -> Result<PgPool, String> {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(POOL_WAIT)
+        .connect_lazy(&config.url)
+        .map_err(|error| error.to_string())
+}
+
+/// Refuses a source that is the host's own database (by its URL, or as the same database of
+/// the same running server, `host_identity` being the host's, read once) and a role with
+/// powers no source may have (see [`RolePowers`]); warns about powers a plugin should rarely
+/// have. A source that cannot be reached is only logged: every query checks its role again.
+pub(super) async fn check_at_start(
+    name: &str,
+    url: &str,
+    host_database_url: &str,
+    host_identity: &mut Option<DatabaseIdentity>,
+) -> anyhow::Result<()> {
+    if same_database_by_url(url, host_database_url) {
+        return Err(own_database(name, "the same host, port and database name"));
+    }
+    let Some(mut connection) = connect_at_start(name, url).await else {
+        return Ok(());
+    };
+    if host_identity.is_none() && is_url(host_database_url) {
+        *host_identity = Some(host_identity_of(host_database_url).await?);
+    }
+    let identity = DatabaseIdentity::of(&mut connection)
+        .await
+        .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
+    if host_identity.as_ref() == Some(&identity) {
+        return Err(own_database(
+            name,
+            "the same database of the same running server",
+        ));
+    }
+    let powers = RolePowers::of(&mut connection)
+        .await
+        .map_err(|error| anyhow::anyhow!("source {name}: reading its role: {error}"))?;
+    if let Some(refusal) = powers.refusal(name) {
+        anyhow::bail!("{refusal}");
+    }
+    if let Some(warning) = powers.warning(name) {
+        tracing::warn!(source = %name, "{warning}");
+    }
+    Ok(())
+}
+
+/// A connection to the PostgreSQL source `name` for the checks at start, or `None` (logged)
+/// when it cannot be reached now.
+async fn connect_at_start(name: &str, url: &str) -> Option<sqlx::PgConnection> {
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(connection)) => Some(connection),
+        Ok(Err(error)) => {
+            tracing::warn!(source = %name, %error, "sql source unreachable at start; every query checks its role");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(source = %name, "sql source did not answer within 5 s at start; every query checks its role");
+            None
+        }
+    }
+}
 
 /// Starts the text of a refusal.
 const REFUSED: &str = "stepwise refuses this role for a sql source";
@@ -188,7 +257,7 @@ impl DatabaseIdentity {
 }
 
 /// The identity of the host's own PostgreSQL database.
-pub(super) async fn host_identity(url: &str) -> anyhow::Result<DatabaseIdentity> {
+async fn host_identity_of(url: &str) -> anyhow::Result<DatabaseIdentity> {
     let mut connection = PgConnection::connect(url)
         .await
         .map_err(|error| anyhow::anyhow!("connecting to the host's database: {error}"))?;
@@ -312,7 +381,7 @@ async fn run(
                 set.columns = column_names(&row);
                 set.columns.pop();
             }
-            let mut values = postgres_values(&row)?;
+            let mut values = values(&row)?;
             values.pop();
             bytes.add(&values)?;
             set.rows.push(values);
@@ -498,6 +567,36 @@ fn explain_refusal(error: QueryError, source: &str, read_only: bool) -> QueryErr
         ));
     }
     error
+}
+
+/// A row's values as the guest sees them; a type without a mapping is the query's error.
+fn values(row: &PgRow) -> Result<Vec<Value>, QueryError> {
+    (0..row.len())
+        .map(|index| {
+            let raw = row.try_get_raw(index)?;
+            if raw.is_null() {
+                return Ok(Value::Null);
+            }
+            let type_name = raw.type_info().name().to_owned();
+            let value = match type_name.as_str() {
+                "INT2" => Value::Int(row.try_get::<i16, _>(index)?.into()),
+                "INT4" => Value::Int(row.try_get::<i32, _>(index)?.into()),
+                "INT8" => Value::Int(row.try_get(index)?),
+                "FLOAT4" => Value::Float(row.try_get::<f32, _>(index)?.into()),
+                "FLOAT8" => Value::Float(row.try_get(index)?),
+                "BOOL" => Value::Boolean(row.try_get(index)?),
+                "BYTEA" => Value::Bytes(row.try_get(index)?),
+                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "UNKNOWN" => Value::Text(row.try_get(index)?),
+                other => {
+                    let column = row.columns()[index].name().to_owned();
+                    return Err(QueryError::Guest(SqlError::QueryFailed(format!(
+                        "column {column:?} has type {other}, which the sql capability does not convert; cast it in the query (e.g. {column}::text)"
+                    ))));
+                }
+            };
+            Ok(value)
+        })
+        .collect()
 }
 
 #[cfg(test)]

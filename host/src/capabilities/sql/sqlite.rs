@@ -1,4 +1,5 @@
-//! Confinement of a SQLite data source's connections, on SQLite's own raw handle: an
+//! SQLite data sources: the pool, the check at start, the query and its values. Confinement
+//! of a source's connections happens on SQLite's own raw handle: an
 //! authorizer that lets a query read the source (and change its tables, which a read-only
 //! connection refuses) and nothing else, limits on attached databases and value sizes, and exactly one
 //! statement per query. Nothing a query may do outlives it on the pooled connection: no
@@ -6,12 +7,55 @@
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::ptr::{self, NonNull};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use libsqlite3_sys as ffi;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row, TypeInfo, ValueRef};
+
+use super::{
+    POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, own_database, too_many_rows,
+};
+use crate::bindings::sql::{RowSet, SqlError, Value};
+use crate::config::SourceConfig;
+
+pub(super) fn is_url(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// The source's pool, connecting lazily; every connection is confined as it opens.
+pub(super) fn pool(config: &SourceConfig) -> Result<SqlitePool, String> {
+    let options = SqliteConnectOptions::from_str(&config.url)
+        .map_err(|error| error.to_string())?
+        .read_only(config.read_only)
+        .busy_timeout(Duration::from_secs(5));
+    Ok(SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(POOL_WAIT)
+        .after_connect(move |connection, _| {
+            Box::pin(async move {
+                let mut handle = connection.lock_handle().await?;
+                // SAFETY: the locked handle is ours alone during the call.
+                unsafe { confine(handle.as_raw_handle()) };
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options))
+}
+
+/// Refuses a source that is the host's own database file.
+pub(super) fn check_at_start(name: &str, url: &str, host_database_url: &str) -> anyhow::Result<()> {
+    if same_database(url, host_database_url) {
+        return Err(own_database(name, "the same file"));
+    }
+    Ok(())
+}
 
 /// Whether two SQLite URLs name one database file, however spelled: the same file (device
 /// and inode, so a hard link too) or, where that cannot be asked, the same canonical path.
-pub fn same_database(source: &str, host: &str) -> bool {
+fn same_database(source: &str, host: &str) -> bool {
     use std::str::FromStr;
     let file = |url: &str| {
         if !url.starts_with("sqlite:") {
@@ -233,5 +277,128 @@ unsafe extern "C" fn authorize(
             ffi::SQLITE_OK
         }
         _ => ffi::SQLITE_DENY,
+    }
+}
+
+/// Runs one plugin query on a confined connection.
+pub(super) async fn query(
+    connection: &mut sqlx::SqliteConnection,
+    statement: &str,
+    params: Vec<Value>,
+    limits: QueryLimits,
+) -> Result<RowSet, QueryError> {
+    {
+        let mut handle = connection.lock_handle().await?;
+        // Set before every query, replacing whatever an earlier (possibly abandoned) query
+        // left: the handler stops the statement inside SQLite once the time limit has passed.
+        let deadline = Instant::now() + limits.timeout;
+        handle.set_progress_handler(1_000, move || Instant::now() < deadline);
+        // SAFETY: the locked handle is ours alone while it is held.
+        let checked = unsafe {
+            limit_value_bytes(handle.as_raw_handle(), limits.max_result_bytes);
+            check_single_statement(handle.as_raw_handle(), statement)
+        };
+        match checked {
+            Ok(()) => {}
+            Err(Refused::SeveralStatements) => {
+                return Err(QueryError::Guest(SqlError::QueryFailed(
+                    "a query must be exactly one statement; send each statement in its own query"
+                        .into(),
+                )));
+            }
+            Err(Refused::Prepare { code, message }) => {
+                // A denied function is reported as a plain error with this text.
+                let denied =
+                    code == libsqlite3_sys::SQLITE_AUTH || message.contains("not authorized");
+                let error = match code {
+                    _ if denied => SqlError::Denied(format!(
+                        "the source refuses this statement ({message}): a query may read the \
+                         source and change a writable source's own tables, nothing else (no \
+                         ATTACH, VACUUM, PRAGMA that sets anything, TEMP objects, transactions \
+                         or file access)"
+                    )),
+                    libsqlite3_sys::SQLITE_TOOBIG => SqlError::LimitExceeded(format!(
+                        "sql result size limit of {} bytes exceeded",
+                        limits.max_result_bytes
+                    )),
+                    _ => SqlError::QueryFailed(message),
+                };
+                return Err(QueryError::Guest(error));
+            }
+        }
+    }
+    // Not persistent: a plugin's statement is used once, and a connection should not keep
+    // every text it was sent (up to sqlx's cache of 100 per connection).
+    let query = bind_params!(sqlx::query(statement).persistent(false), params);
+    let mut stream = query.fetch(&mut *connection);
+    let mut set = RowSet {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    let mut bytes = ResultBytes::new(limits.max_result_bytes);
+    while let Some(row) = stream.try_next().await? {
+        if set.rows.len() == limits.max_rows {
+            return Err(too_many_rows(limits.max_rows));
+        }
+        if set.columns.is_empty() {
+            set.columns = column_names(&row);
+        }
+        let values = values(&row)?;
+        bytes.add(&values)?;
+        set.rows.push(values);
+    }
+    Ok(set)
+}
+
+fn values(row: &SqliteRow) -> Result<Vec<Value>, QueryError> {
+    (0..row.len())
+        .map(|index| {
+            let raw = row.try_get_raw(index)?;
+            if raw.is_null() {
+                return Ok(Value::Null);
+            }
+            // SQLite types values, not columns: the raw value's type is its storage class.
+            let value = match raw.type_info().name() {
+                "INTEGER" => Value::Int(row.try_get(index)?),
+                "REAL" => Value::Float(row.try_get(index)?),
+                "BLOB" => Value::Bytes(row.try_get(index)?),
+                "BOOLEAN" => Value::Boolean(row.try_get(index)?),
+                _ => Value::Text(row.try_get(index)?),
+            };
+            Ok(value)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sqlite_query_leaves_no_statement_cached_on_its_connection() {
+        let mut connection = SqliteConnection::connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database");
+        let limits = QueryLimits {
+            max_rows: 10,
+            max_result_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        };
+        for statement in ["SELECT 1", "SELECT ? AS x"] {
+            let params = vec![Value::Int(1)];
+            let params = if statement.contains('?') {
+                params
+            } else {
+                Vec::new()
+            };
+            assert!(
+                query(&mut connection, statement, params, limits)
+                    .await
+                    .is_ok()
+            );
+        }
+        assert_eq!(connection.cached_statements_size(), 0);
     }
 }

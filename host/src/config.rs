@@ -94,6 +94,7 @@ struct FileConfig {
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
     events_buffer: Option<usize>,
+    run_log_bytes: Option<u64>,
     plugin_memory_mib: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
@@ -312,6 +313,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("lease_ms", 1_000, 3_600_000),
     ("max_upload_mib", 1, 1024),
     ("events_buffer", 16, 1_000_000),
+    ("run_log_bytes", 0, 1 << 30),
     ("plugin_memory_mib", 1, 65_536),
     ("header_read_timeout_ms", 100, 3_600_000),
     ("max_connections", 16, 1_000_000),
@@ -595,6 +597,8 @@ pub struct Settings {
     pub notifiers: Vec<std::sync::Arc<Notifier>>,
     /// Changes an event stream may fall behind before it is reset.
     pub events_buffer: usize,
+    /// Bytes of plugin log lines stored per run; the runner drops the rest.
+    pub run_log_bytes: u64,
     /// Memory all plugin calls on this node may hold at once beyond each call's own first
     /// few MiB (`plugin_memory_mib`).
     pub plugin_memory_bytes: u64,
@@ -646,6 +650,7 @@ impl Settings {
             public_url: None,
             notifiers: Vec::new(),
             events_buffer: 1024,
+            run_log_bytes: 1 << 20,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
             header_read_timeout: Duration::from_secs(30),
@@ -726,6 +731,11 @@ impl Settings {
             in_range("", "events_buffer", file.events_buffer).map_err(config_error)?
         {
             settings.events_buffer = events;
+        }
+        if let Some(bytes) =
+            in_range("", "run_log_bytes", file.run_log_bytes).map_err(config_error)?
+        {
+            settings.run_log_bytes = bytes;
         }
         if let Some(mib) =
             in_range("", "plugin_memory_mib", file.plugin_memory_mib).map_err(config_error)?
@@ -1326,6 +1336,7 @@ mod tests {
                         | "lease_ms"
                         | "max_upload_mib"
                         | "events_buffer"
+                        | "run_log_bytes"
                         | "plugin_memory_mib"
                         | "header_read_timeout_ms"
                         | "max_connections"

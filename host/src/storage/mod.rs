@@ -207,6 +207,7 @@ impl NewRun {
             next_tick_at: Some(self.created_at),
             lease_owner: None,
             http_requests: 0,
+            log_bytes: 0,
             schedule_id: self.schedule_id.clone(),
             created_by: self.created_by.clone(),
             cancelled_by: None,
@@ -272,6 +273,8 @@ pub struct RunRecord {
     pub lease_owner: Option<String>,
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
+    /// Bytes of plugin log lines stored with the run's attempts (`run_log_bytes` caps them).
+    pub log_bytes: u64,
     pub schedule_id: Option<String>,
     /// The token that triggered it; `None` for a schedule's fire (see `schedule_id`).
     pub created_by: Option<String>,
@@ -403,6 +406,7 @@ pub struct RunWrite {
     pub current_step: usize,
     pub error_count: u32,
     pub http_requests: u32,
+    pub log_bytes: u64,
     pub started_at: UnixMillis,
     /// `None` once the run is terminal.
     pub next_tick_at: Option<UnixMillis>,

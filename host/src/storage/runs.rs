@@ -21,7 +21,7 @@ use crate::model::{
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id, retry, created_by, cancelled_by";
+     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes";
 
 // The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
 // `INSERT_*` are heads: a `VALUES` list follows, one row or many.
@@ -74,14 +74,15 @@ pub(super) fn tick_lease_sql(backend: Backend, keep_lease: bool, param: usize) -
     }
 }
 
-/// The run's side of a tick, fenced by the lease token (`$11`): a lost lease updates no row.
+/// The run's side of a tick, fenced by the lease token (`$12`): a lost lease updates no row.
 /// `$9` is how long to keep the lease, or NULL with `keep_lease` false (it is released).
+/// Parameters are numbered in the order they appear: SQLite numbers `$n` that way.
 pub(super) fn tick_run_sql(backend: Backend, keep_lease: bool) -> String {
     let lease = tick_lease_sql(backend, keep_lease, 9);
     format!(
         "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
-         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease} \
-         WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
+         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease}, log_bytes = $10 \
+         WHERE id = $11 AND lease_token = $12 AND status IN ('queued', 'running')"
     )
 }
 
@@ -387,6 +388,7 @@ async fn update_run(
         .bind(finished_at)
         .bind(write.run.next_tick_at)
         .bind(write.run.keep_lease_ms)
+        .bind(write.run.log_bytes as i64)
         .bind(write.run_id.as_str())
         .bind(write.lease_token)
         .execute(&mut *transaction)
@@ -481,6 +483,7 @@ pub(super) struct RunRow {
     retry: Option<String>,
     created_by: Option<String>,
     cancelled_by: Option<String>,
+    log_bytes: i64,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -525,6 +528,7 @@ impl RunRow {
             retry: column(row, 19, "retry")?,
             created_by: column(row, 20, "created_by")?,
             cancelled_by: column(row, 21, "cancelled_by")?,
+            log_bytes: column(row, 22, "log_bytes")?,
             current_step_name: None,
         })
     }
@@ -552,6 +556,7 @@ impl RunRow {
             next_tick_at: self.next_tick_at,
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
+            log_bytes: self.log_bytes.max(0) as u64,
             schedule_id: self.schedule_id,
             created_by: self.created_by,
             cancelled_by: self.cancelled_by,
@@ -911,6 +916,7 @@ pub(super) mod tests {
                 current_step: 0,
                 error_count: 0,
                 http_requests: 0,
+                log_bytes: 0,
                 started_at: now,
                 next_tick_at: None,
                 keep_lease_ms: None,

@@ -419,17 +419,27 @@ impl TestServer {
         run
     }
 
-    /// Every attempt of the run, following the pages.
+    /// Every attempt of the run with its log lines, following the pages.
     pub async fn attempts(&self, id: &str) -> Vec<Value> {
-        let mut attempts = Vec::new();
-        let mut path = format!("/v1/runs/{id}/attempts?limit=50");
+        self.attempt_pages(id, "limit=50&logs=true")
+            .await
+            .into_iter()
+            .flat_map(|page| page["attempts"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The pages of `GET /v1/runs/{id}/attempts?{query}`, following `next_cursor`.
+    pub async fn attempt_pages(&self, id: &str, query: &str) -> Vec<Value> {
+        let mut pages = Vec::new();
+        let mut path = format!("/v1/runs/{id}/attempts?{query}");
         loop {
-            let (status, body) = self.get_json(&path).await;
-            assert_eq!(status, 200, "{body}");
-            attempts.extend(body["attempts"].as_array().cloned().unwrap_or_default());
-            match body["next_cursor"].as_str() {
-                Some(cursor) => path = format!("/v1/runs/{id}/attempts?limit=50&cursor={cursor}"),
-                None => return attempts,
+            let (status, page) = self.get_json(&path).await;
+            assert_eq!(status, 200, "{page}");
+            let next = page["next_cursor"].as_str().map(str::to_owned);
+            pages.push(page);
+            match next {
+                Some(cursor) => path = format!("/v1/runs/{id}/attempts?{query}&cursor={cursor}"),
+                None => return pages,
             }
         }
     }

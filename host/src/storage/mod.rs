@@ -311,11 +311,46 @@ pub struct AttemptRecord {
     pub attempt: u32,
     pub outcome: AttemptOutcome,
     pub message: Option<String>,
-    pub logs: Vec<LogLine>,
+    /// `None` when the page was read without them.
+    pub logs: Option<Vec<LogLine>>,
     pub started_at: UnixMillis,
     pub duration_ms: i64,
     pub due_at: Option<UnixMillis>,
     pub node: Option<String>,
+}
+
+/// Which attempts of a run [`Store::list_attempts`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptPage {
+    /// After this attempt (a step position and attempt number), if given.
+    pub after: Option<(usize, u32)>,
+    /// At most this many.
+    pub limit: u32,
+    /// With each attempt's log lines.
+    pub logs: bool,
+    /// Fewer when their messages (and log lines) take more than this many bytes, but at
+    /// least one.
+    pub bytes: usize,
+}
+
+/// What [`Store::list_attempts`] read.
+#[derive(Debug, Default)]
+pub struct AttemptList {
+    pub attempts: Vec<AttemptRecord>,
+    /// Attempts may follow the last one: the page is full, or its byte budget cut it short.
+    pub more: bool,
+}
+
+impl AttemptPage {
+    /// The first `limit` attempts, with their log lines, whatever their size.
+    pub fn first(limit: u32) -> AttemptPage {
+        AttemptPage {
+            after: None,
+            limit,
+            logs: true,
+            bytes: usize::MAX,
+        }
+    }
 }
 
 /// Filters of `list_runs`; `before` is the cursor (a run id: ids sort by creation time).

@@ -11,8 +11,8 @@ use super::leases::claim_sql;
 use super::store::HotPath;
 use super::store::{Inserts, Statement, corrupt, labels_json};
 use super::{
-    AttemptRecord, Cancelled, Change, ClaimedRun, Enqueued, Error, LoadedTick, NewRun, Result,
-    RunFilter, RunRecord, StepRecord, Store, TickWrite,
+    AttemptList, AttemptPage, AttemptRecord, Cancelled, Change, ClaimedRun, Enqueued, Error,
+    LoadedTick, NewRun, Result, RunFilter, RunRecord, StepRecord, Store, TickWrite,
 };
 use crate::model::{
     AttemptOutcome, LogLevel, LogLine, PluginVersion, Retry, RunId, RunStatus, StepStatus,
@@ -218,30 +218,57 @@ impl Store {
         rows.into_iter().map(RunRow::into_record).collect()
     }
 
-    /// Up to `limit` attempts of a run in order (by step, then attempt), after the attempt
-    /// `after` (a step position and attempt number) if given.
-    pub async fn list_attempts(
-        &self,
-        id: &RunId,
-        after: Option<(usize, u32)>,
-        limit: u32,
-    ) -> Result<Vec<AttemptRecord>> {
-        let (position, attempt) = after.map_or((-1, 0), |(position, attempt)| {
+    /// A page of a run's attempts in order (by step, then attempt). Their sizes are read
+    /// first, so that a page of large attempts loads no more of them than its byte budget.
+    pub async fn list_attempts(&self, id: &RunId, page: AttemptPage) -> Result<AttemptList> {
+        let (position, attempt) = page.after.map_or((-1, 0), |(position, attempt)| {
             (position as i64, i64::from(attempt))
         });
-        let rows: Vec<AttemptRow> = sqlx::query_as(
-            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at, a.node \
-             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
-             WHERE a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
-             ORDER BY a.position, a.attempt LIMIT $4",
-        )
+        const AFTER: &str = "a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
+             ORDER BY a.position, a.attempt LIMIT $4";
+        let logs_size = if page.logs { " + LENGTH(a.logs)" } else { "" };
+        let sizes: Vec<(i64,)> = sqlx::query_as(&format!(
+            "SELECT CAST(COALESCE(LENGTH(a.message), 0){logs_size} AS BIGINT) FROM attempts a WHERE {AFTER}"
+        ))
         .bind(id.as_str())
         .bind(position)
         .bind(attempt)
-        .bind(i64::from(limit))
+        .bind(i64::from(page.limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(AttemptRow::into_record).collect()
+        if sizes.is_empty() {
+            return Ok(AttemptList::default());
+        }
+        // Lengths count characters, no more than the bytes they take: an attempt is read only
+        // while those before it are known to hold less than the budget.
+        let mut before = 0_u64;
+        let count = sizes
+            .iter()
+            .take_while(|(size,)| {
+                let fits = before < page.bytes as u64;
+                before = before.saturating_add(*size as u64);
+                fits
+            })
+            .count()
+            .max(1);
+        let logs = if page.logs { "a.logs" } else { "NULL AS logs" };
+        let rows: Vec<AttemptRow> = sqlx::query_as(&format!(
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, {logs}, a.started_at, a.duration_ms, a.due_at, a.node \
+             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position WHERE {AFTER}"
+        ))
+        .bind(id.as_str())
+        .bind(position)
+        .bind(attempt)
+        .bind(count as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(AttemptList {
+            attempts: rows
+                .into_iter()
+                .map(AttemptRow::into_record)
+                .collect::<Result<_>>()?,
+            more: count < sizes.len() || sizes.len() == page.limit as usize,
+        })
     }
 
     /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
@@ -655,7 +682,7 @@ struct AttemptRow {
     attempt: i64,
     outcome: String,
     message: Option<String>,
-    logs: String,
+    logs: Option<String>,
     started_at: i64,
     duration_ms: i64,
     due_at: Option<i64>,
@@ -667,7 +694,7 @@ impl AttemptRow {
         Ok(AttemptRecord {
             outcome: AttemptOutcome::parse(&self.outcome)
                 .ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
-            logs: logs_from_json(&self.logs)?,
+            logs: self.logs.as_deref().map(logs_from_json).transpose()?,
             position: self.position as usize,
             step: self.name,
             attempt: self.attempt as u32,
@@ -981,9 +1008,10 @@ pub(super) mod tests {
         assert_eq!(cancelled_run.status, RunStatus::Cancelled);
         assert_eq!(cancelled_run.steps[0].status, StepStatus::Cancelled);
         let attempts = store
-            .list_attempts(&cancelled.id, None, 10)
+            .list_attempts(&cancelled.id, AttemptPage::first(10))
             .await
-            .expect("listing");
+            .expect("listing")
+            .attempts;
         assert!(attempts.is_empty(), "a fenced-off write left {attempts:?}");
     }
 

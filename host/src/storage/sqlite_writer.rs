@@ -828,9 +828,10 @@ mod tests {
             .expect("stored");
         assert_eq!(written.status, RunStatus::Passed);
         let attempts = store
-            .list_attempts(&good.id, None, 10)
+            .list_attempts(&good.id, crate::storage::AttemptPage::first(10))
             .await
-            .expect("listing");
+            .expect("listing")
+            .attempts;
         assert_eq!(attempts.len(), 1, "written once: {attempts:?}");
         let untouched = store
             .find_run(&bad.id)

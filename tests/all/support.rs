@@ -1145,15 +1145,22 @@ pub struct EventStream {
 impl EventStream {
     /// Opens `path` (sending `Last-Event-ID` when given), asserting a `200` event stream.
     pub async fn open(server: &TestServer, path: &str, last_event_id: Option<i64>) -> EventStream {
-        let mut request = server
-            .client
-            .get(server.url(path))
-            .header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
-        }
-        let response = request.send().await.expect("opening the stream");
-        assert_eq!(response.status(), 200, "{path}");
+        EventStream::open_as(server, path, last_event_id, None).await
+    }
+
+    /// [`EventStream::open`] with a bearer token.
+    pub async fn open_as(
+        server: &TestServer,
+        path: &str,
+        last_event_id: Option<i64>,
+        token: Option<&str>,
+    ) -> EventStream {
+        EventStream::from_response(EventStream::request(server, path, last_event_id, token).await)
+    }
+
+    /// The stream of a response, asserting it is a `200` event stream.
+    pub fn from_response(response: reqwest::Response) -> EventStream {
+        assert_eq!(response.status(), 200, "{}", response.url());
         let content_type = response
             .headers()
             .get("content-type")
@@ -1168,6 +1175,26 @@ impl EventStream {
             response,
             buffer: String::new(),
         }
+    }
+
+    /// The answer to a stream's request, whatever its status.
+    pub async fn request(
+        server: &TestServer,
+        path: &str,
+        last_event_id: Option<i64>,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = server
+            .client
+            .get(server.url(path))
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("opening the stream")
     }
 
     /// The next event, skipping keep-alive comments; `None` when the stream ends.

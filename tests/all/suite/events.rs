@@ -1,7 +1,8 @@
 //! Live events (README, "Live events"): each change of a run as `event: step` / `event: run`
 //! in the order the changes were made, a resume with `Last-Event-ID` that misses nothing and
-//! sends each run once within a byte budget, a stream that falls behind is reset without holding
-//! anything up, streams are capped per token and in all, and a revoked token's stream ends.
+//! sends each run once within a byte budget, a stream that falls behind is reset and one that
+//! stops reading is dropped without holding anything up, streams are capped per token and in
+//! all, and a revoked token's stream ends.
 
 use std::time::{Duration, Instant};
 
@@ -158,9 +159,11 @@ async fn streams_send_every_change_in_order_and_resume_without_a_gap() {
 
 #[tokio::test]
 async fn a_stream_that_falls_behind_is_reset_and_holds_nothing_up() {
+    // The write timeout (`header_read_timeout_ms`) would drop this client before it reads
+    // again: that is the next test's case.
     let server = TestServer::start(
         Setup::default()
-            .with_config("events_buffer = 16\n")
+            .with_config("events_buffer = 16\nheader_read_timeout_ms = 600000\n")
             .with_plugin(PluginFile::misbehave("")),
     )
     .await;
@@ -210,6 +213,40 @@ async fn a_stream_that_falls_behind_is_reset_and_holds_nothing_up() {
         .trigger(json!({"plugin": "misbehave", "params": {}}))
         .await;
     fresh.until(is_end_of(&id)).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_frees_its_stream() {
+    // No keep-alive within the test: its wake-up lets a stalled stream find its queue
+    // overflowed and end, which would free the stream without the write timeout.
+    let server = TestServer::start(
+        Setup::default()
+            .with_config(
+                "max_event_streams = 1\nheader_read_timeout_ms = 500\nevents_keep_alive_ms = 3600000\n",
+            )
+            .with_plugin(PluginFile::misbehave("")),
+    )
+    .await;
+    let _silent = client_that_stops_reading(&server, "/v1/events").await;
+    // It holds the only stream this server allows.
+    let refused = EventStream::request(&server, "/v1/events", None, None).await;
+    assert_eq!(refused.status(), 429);
+    // Runs whose events (each carries 256 KiB of params) soon fill what the sockets buffer:
+    // once the client has taken nothing for the write timeout, it is disconnected, and the
+    // stream it held is free.
+    let padding = "x".repeat(256 << 10);
+    let freed = poll_until(|| async {
+        server
+            .trigger(json!({"plugin": "misbehave", "params": {"padding": padding}}))
+            .await;
+        let response = EventStream::request(&server, "/v1/events", None, None).await;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    assert!(
+        freed.is_some(),
+        "the client that stopped reading kept its stream"
+    );
 }
 
 /// A problem's `detail`, asserting its status and code.

@@ -1197,8 +1197,10 @@ impl EventStream {
         request.send().await.expect("opening the stream")
     }
 
-    /// The next event, skipping keep-alive comments; `None` when the stream ends.
+    /// The next event, skipping keep-alive comments; `None` when the stream ends. It must
+    /// come within the deadline, however many comments come first.
     pub async fn next(&mut self) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -1224,7 +1226,7 @@ impl EventStream {
                 event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
                 return Some(event);
             }
-            let chunk = tokio::time::timeout(DEADLINE, self.response.chunk())
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
                 .await
                 .expect("an event within the deadline")
                 .expect("reading the stream")?;

@@ -93,6 +93,12 @@ struct FileConfig {
     lease_ms: Option<u64>,
     max_upload_mib: Option<usize>,
     events_buffer: Option<usize>,
+    events_buffer_bytes: Option<usize>,
+    events_replay_bytes: Option<usize>,
+    events_keep_alive_ms: Option<u64>,
+    max_event_streams: Option<usize>,
+    max_event_streams_per_token: Option<usize>,
+    run_log_bytes: Option<u64>,
     plugin_memory_mib: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
@@ -311,6 +317,12 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("lease_ms", 1_000, 3_600_000),
     ("max_upload_mib", 1, 1024),
     ("events_buffer", 16, 1_000_000),
+    ("events_buffer_bytes", 65_536, 1 << 30),
+    ("events_replay_bytes", 65_536, 1 << 30),
+    ("events_keep_alive_ms", 100, 3_600_000),
+    ("max_event_streams", 1, 1_000_000),
+    ("max_event_streams_per_token", 1, 1_000_000),
+    ("run_log_bytes", 0, 1 << 30),
     ("plugin_memory_mib", 1, 65_536),
     ("header_read_timeout_ms", 100, 3_600_000),
     ("max_connections", 16, 1_000_000),
@@ -594,6 +606,17 @@ pub struct Settings {
     pub notifiers: Vec<std::sync::Arc<Notifier>>,
     /// Changes an event stream may fall behind before it is reset.
     pub events_buffer: usize,
+    /// Bytes of changes an event stream may fall behind before it is reset.
+    pub events_buffer_bytes: usize,
+    /// Bytes of runs one resume (`Last-Event-ID`) may send before it ends with a reset.
+    pub events_replay_bytes: usize,
+    /// How often an idle event stream sends a comment, and its token is checked again.
+    pub events_keep_alive: Duration,
+    /// Event streams open at once on this node, and per token.
+    pub max_event_streams: usize,
+    pub max_event_streams_per_token: usize,
+    /// Bytes of plugin log lines stored per run; the runner drops the rest.
+    pub run_log_bytes: u64,
     /// Memory all plugin calls on this node may hold at once beyond each call's own first
     /// few MiB (`plugin_memory_mib`).
     pub plugin_memory_bytes: u64,
@@ -645,6 +668,12 @@ impl Settings {
             public_url: None,
             notifiers: Vec::new(),
             events_buffer: 1024,
+            events_buffer_bytes: 1 << 20,
+            events_replay_bytes: 8 << 20,
+            events_keep_alive: Duration::from_secs(15),
+            max_event_streams: 1024,
+            max_event_streams_per_token: 16,
+            run_log_bytes: 1 << 20,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
             header_read_timeout: Duration::from_secs(30),
@@ -725,6 +754,40 @@ impl Settings {
             in_range("", "events_buffer", file.events_buffer).map_err(config_error)?
         {
             settings.events_buffer = events;
+        }
+        if let Some(bytes) =
+            in_range("", "events_buffer_bytes", file.events_buffer_bytes).map_err(config_error)?
+        {
+            settings.events_buffer_bytes = bytes;
+        }
+        if let Some(bytes) =
+            in_range("", "events_replay_bytes", file.events_replay_bytes).map_err(config_error)?
+        {
+            settings.events_replay_bytes = bytes;
+        }
+        if let Some(ms) =
+            in_range("", "events_keep_alive_ms", file.events_keep_alive_ms).map_err(config_error)?
+        {
+            settings.events_keep_alive = Duration::from_millis(ms);
+        }
+        if let Some(streams) =
+            in_range("", "max_event_streams", file.max_event_streams).map_err(config_error)?
+        {
+            settings.max_event_streams = streams;
+        }
+        if let Some(streams) = in_range(
+            "",
+            "max_event_streams_per_token",
+            file.max_event_streams_per_token,
+        )
+        .map_err(config_error)?
+        {
+            settings.max_event_streams_per_token = streams;
+        }
+        if let Some(bytes) =
+            in_range("", "run_log_bytes", file.run_log_bytes).map_err(config_error)?
+        {
+            settings.run_log_bytes = bytes;
         }
         if let Some(mib) =
             in_range("", "plugin_memory_mib", file.plugin_memory_mib).map_err(config_error)?
@@ -1325,6 +1388,12 @@ mod tests {
                         | "lease_ms"
                         | "max_upload_mib"
                         | "events_buffer"
+                        | "events_buffer_bytes"
+                        | "events_replay_bytes"
+                        | "events_keep_alive_ms"
+                        | "max_event_streams"
+                        | "max_event_streams_per_token"
+                        | "run_log_bytes"
                         | "plugin_memory_mib"
                         | "header_read_timeout_ms"
                         | "max_connections"

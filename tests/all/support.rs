@@ -419,17 +419,27 @@ impl TestServer {
         run
     }
 
-    /// Every attempt of the run, following the pages.
+    /// Every attempt of the run with its log lines, following the pages.
     pub async fn attempts(&self, id: &str) -> Vec<Value> {
-        let mut attempts = Vec::new();
-        let mut path = format!("/v1/runs/{id}/attempts?limit=50");
+        self.attempt_pages(id, "limit=50&logs=true")
+            .await
+            .into_iter()
+            .flat_map(|page| page["attempts"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The pages of `GET /v1/runs/{id}/attempts?{query}`, following `next_cursor`.
+    pub async fn attempt_pages(&self, id: &str, query: &str) -> Vec<Value> {
+        let mut pages = Vec::new();
+        let mut path = format!("/v1/runs/{id}/attempts?{query}");
         loop {
-            let (status, body) = self.get_json(&path).await;
-            assert_eq!(status, 200, "{body}");
-            attempts.extend(body["attempts"].as_array().cloned().unwrap_or_default());
-            match body["next_cursor"].as_str() {
-                Some(cursor) => path = format!("/v1/runs/{id}/attempts?limit=50&cursor={cursor}"),
-                None => return attempts,
+            let (status, page) = self.get_json(&path).await;
+            assert_eq!(status, 200, "{page}");
+            let next = page["next_cursor"].as_str().map(str::to_owned);
+            pages.push(page);
+            match next {
+                Some(cursor) => path = format!("/v1/runs/{id}/attempts?{query}&cursor={cursor}"),
+                None => return pages,
             }
         }
     }
@@ -1135,15 +1145,22 @@ pub struct EventStream {
 impl EventStream {
     /// Opens `path` (sending `Last-Event-ID` when given), asserting a `200` event stream.
     pub async fn open(server: &TestServer, path: &str, last_event_id: Option<i64>) -> EventStream {
-        let mut request = server
-            .client
-            .get(server.url(path))
-            .header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
-        }
-        let response = request.send().await.expect("opening the stream");
-        assert_eq!(response.status(), 200, "{path}");
+        EventStream::open_as(server, path, last_event_id, None).await
+    }
+
+    /// [`EventStream::open`] with a bearer token.
+    pub async fn open_as(
+        server: &TestServer,
+        path: &str,
+        last_event_id: Option<i64>,
+        token: Option<&str>,
+    ) -> EventStream {
+        EventStream::from_response(EventStream::request(server, path, last_event_id, token).await)
+    }
+
+    /// The stream of a response, asserting it is a `200` event stream.
+    pub fn from_response(response: reqwest::Response) -> EventStream {
+        assert_eq!(response.status(), 200, "{}", response.url());
         let content_type = response
             .headers()
             .get("content-type")
@@ -1160,8 +1177,30 @@ impl EventStream {
         }
     }
 
-    /// The next event, skipping keep-alive comments; `None` when the stream ends.
+    /// The answer to a stream's request, whatever its status.
+    pub async fn request(
+        server: &TestServer,
+        path: &str,
+        last_event_id: Option<i64>,
+        token: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = server
+            .client
+            .get(server.url(path))
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("opening the stream")
+    }
+
+    /// The next event, skipping keep-alive comments; `None` when the stream ends. It must
+    /// come within the deadline, however many comments come first.
     pub async fn next(&mut self) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -1187,7 +1226,7 @@ impl EventStream {
                 event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
                 return Some(event);
             }
-            let chunk = tokio::time::timeout(DEADLINE, self.response.chunk())
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
                 .await
                 .expect("an event within the deadline")
                 .expect("reading the stream")?;

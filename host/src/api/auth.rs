@@ -156,7 +156,11 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     next.run(request).await
 }
 
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+/// The caller `headers` present; the event streams call it again at each keep-alive.
+pub(super) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
     if state.settings.auth == AuthMode::None {
         return Ok(Caller {
             name: ANONYMOUS.to_owned(),

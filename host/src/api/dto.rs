@@ -200,7 +200,9 @@ pub struct AttemptDto {
     #[schema(schema_with = attempt_outcome)]
     pub outcome: &'static str,
     pub message: Option<String>,
-    pub logs: Vec<LogLineDto>,
+    /// The plugin's log lines (and the host's on its behalf), with `logs=true` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<LogLineDto>>,
     #[schema(format = DateTime)]
     pub started_at: String,
     pub duration_ms: i64,
@@ -228,14 +230,14 @@ impl AttemptDto {
             attempt: attempt.attempt,
             outcome: attempt.outcome.as_str(),
             message: attempt.message.clone(),
-            logs: attempt
-                .logs
-                .iter()
-                .map(|line| LogLineDto {
-                    level: line.level.as_str(),
-                    message: line.message.clone(),
-                })
-                .collect(),
+            logs: attempt.logs.as_ref().map(|logs| {
+                logs.iter()
+                    .map(|line| LogLineDto {
+                        level: line.level.as_str(),
+                        message: line.message.clone(),
+                    })
+                    .collect()
+            }),
             started_at: rfc3339(attempt.started_at),
             duration_ms: attempt.duration_ms,
             due_at: attempt.due_at.map(rfc3339),

@@ -154,6 +154,16 @@ impl ApiError {
         }
     }
 
+    /// 429: the caller has as much of something open as it may (the message names the cap).
+    pub fn too_many_requests(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code,
+            field: None,
+            message: message.into(),
+        }
+    }
+
     /// 500 with a detail that is logged, never sent.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {
@@ -171,6 +181,11 @@ impl ApiError {
 
     pub fn status_code(&self) -> StatusCode {
         self.status
+    }
+
+    /// What went wrong, in words (for a 5xx, what is logged, not sent).
+    pub fn detail(&self) -> &str {
+        &self.message
     }
 }
 

@@ -546,12 +546,14 @@ pub struct PageQuery {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct AttemptPageQuery {
-    /// Page size, 1 to 1000 (default 100).
+    /// Page size, 1 to 1000 (default 100); a page also ends at 4 MiB of JSON.
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     #[param(min_length = 1)]
     cursor: Option<String>,
+    /// With each attempt's log lines (default false: `logs` is left out).
+    logs: Option<bool>,
 }
 
 /// `GET /v1/schedules`
@@ -623,7 +625,10 @@ mod tests {
             super::super::schedules::INDEX_QUERY
         );
         assert_eq!(parameters::<PageQuery>(), super::super::query::PAGE);
-        assert_eq!(parameters::<AttemptPageQuery>(), super::super::query::PAGE);
+        assert_eq!(
+            parameters::<AttemptPageQuery>(),
+            super::super::runs::ATTEMPTS_QUERY
+        );
     }
 
     /// The literals in `TriggerRequest`'s attributes are the validator's bounds.

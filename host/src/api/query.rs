@@ -68,6 +68,19 @@ pub fn limit(
     }
 }
 
+/// A `true`/`false` parameter, if given.
+pub fn flag(parameters: &BTreeMap<String, String>, name: &str) -> Result<Option<bool>, ApiError> {
+    match parameters.get(name).map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(ApiError::invalid(
+            name,
+            format!("{name} must be true or false"),
+        )),
+    }
+}
+
 /// `cursor`, read by `parse` (a `next_cursor` this endpoint handed out), if given.
 pub fn cursor<T>(
     parameters: &BTreeMap<String, String>,

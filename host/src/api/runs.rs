@@ -20,7 +20,7 @@ use super::openapi::{AttemptPageQuery, RunsQuery, TriggerRunRequest};
 use super::state::AppState;
 use crate::model::{PluginName, RunId, RunStatus, now_millis};
 use crate::scheduler::planning::{RunOptions, plan_run};
-use crate::storage::{Cancelled, Enqueued, RunFilter, RunRecord};
+use crate::storage::{AttemptPage, Cancelled, Enqueued, RunFilter, RunRecord};
 
 pub(super) const KNOWN_FIELDS: &[&str] = &[
     "plugin",
@@ -392,11 +392,22 @@ pub(super) fn status_filter(
     }
 }
 
-/// `GET /v1/runs/{id}/attempts?limit=&cursor=`: the calls of the run's steps in order, with
-/// the plugin's log lines, a page at a time (a run polling for a day makes many).
+/// The query parameters of `GET /v1/runs/{id}/attempts`.
+pub(super) const ATTEMPTS_QUERY: &[&str] = &["limit", "cursor", "logs"];
+
+/// The most JSON one page of attempts holds (one attempt may be larger on its own): a page of
+/// 1,000 attempts with full logs and messages would be hundreds of MB.
+pub const ATTEMPT_PAGE_BYTES: usize = 4 << 20;
+
+/// `GET /v1/runs/{id}/attempts?limit=&cursor=&logs=`: the calls of the run's steps in order, a
+/// page at a time (a run polling for a day makes many), with the plugin's log lines if asked.
 #[utoipa::path(
     get, path = "/v1/runs/{id}/attempts", tag = "runs",
-    summary = "Every call of a run's steps, with log lines",
+    summary = "Every call of a run's steps, with log lines on request",
+    description = "In order, by step then attempt. A page ends at `limit` attempts or at 4 MiB of \
+                   JSON, whichever comes first (an attempt larger than that is a page of its \
+                   own); `next_cursor` then continues. Log lines are included with `logs=true` \
+                   only.",
     params(("id" = String, Path, description = "The run's id"), AttemptPageQuery),
     responses(
         (status = 200, description = "A page of attempts, in order", body = AttemptListDto),
@@ -408,19 +419,38 @@ pub async fn runs_attempts(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<AttemptListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), super::query::PAGE)?;
+    let query = super::query::parse(raw.as_deref(), ATTEMPTS_QUERY)?;
     let limit = super::query::limit(&query, 100, 1000)?;
     let after = super::query::cursor(&query, |text| {
         let (position, attempt) = text.split_once('.')?;
         Some((position.parse().ok()?, attempt.parse().ok()?))
     })?;
+    let logs = super::query::flag(&query, "logs")?.unwrap_or(false);
     let run_id = parse_run_id(&id)?;
     existing_run(&state, &run_id).await?;
-    let attempts = state.store.list_attempts(&run_id, after, limit).await?;
-    let next_cursor = super::query::next_cursor(&attempts, limit, |last| {
-        format!("{}.{}", last.position, last.attempt)
-    });
-    let attempts: Vec<AttemptDto> = attempts.iter().map(AttemptDto::new).collect();
+    let page = AttemptPage {
+        after,
+        limit,
+        logs,
+        bytes: ATTEMPT_PAGE_BYTES,
+    };
+    let listed = state.store.list_attempts(&run_id, page).await?;
+    // The store's budget counts characters; the page's, the bytes of the JSON sent.
+    let mut bytes = 0;
+    let mut attempts = Vec::with_capacity(listed.attempts.len());
+    for record in &listed.attempts {
+        let attempt = AttemptDto::new(record);
+        bytes += serde_json::to_vec(&attempt).map_or(0, |json| json.len() + 1);
+        if !attempts.is_empty() && bytes > ATTEMPT_PAGE_BYTES {
+            break;
+        }
+        attempts.push(attempt);
+    }
+    let more = listed.more || attempts.len() < listed.attempts.len();
+    let next_cursor = listed.attempts[..attempts.len()]
+        .last()
+        .filter(|_| more)
+        .map(|last| format!("{}.{}", last.position, last.attempt));
     Ok(Json(AttemptListDto {
         attempts,
         next_cursor,

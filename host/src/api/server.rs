@@ -3,18 +3,23 @@
 //! must send a whole request head within `header_read_timeout` of connecting or of its
 //! previous response, so half-sent requests (slowloris) and idle keep-alive connections are
 //! closed; a streaming response (Server-Sent Events) is not reading a head, so it is exempt
-//! from that timeout, but it counts against the cap. At the cap, new connections wait in the
-//! kernel's listen backlog, and the log says so.
+//! from that timeout, but it counts against the cap. A client that takes no byte of a response
+//! for as long ([`WriteTimeout`]) is disconnected, so one that stops reading an event stream
+//! holds neither its connection nor what is queued for it. At the cap, new connections wait in
+//! the kernel's listen backlog, and the log says so.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{self, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -99,6 +104,7 @@ impl Connections {
                 _ = shutdown.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
+            let stream = WriteTimeout::new(stream, self.header_read_timeout);
             let service = hyper::service::service_fn({
                 let router = router.clone();
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -132,6 +138,97 @@ impl Connections {
         }
         drop(listener);
         graceful.shutdown().await;
+    }
+}
+
+/// A connection that fails its writes once the client has taken no byte for `limit`: hyper then
+/// closes it. An idle stream writes nothing and is not affected; a slow reader that takes
+/// something now and then is not either.
+struct WriteTimeout {
+    stream: TcpStream,
+    limit: Duration,
+    /// Since when the socket has taken nothing, while it has not.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(stream: TcpStream, limit: Duration) -> WriteTimeout {
+        WriteTimeout {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write that the socket did not take returns: `Pending` until the limit has
+    /// passed since the first such write (its timer wakes the connection to find out).
+    fn waited<T>(
+        &mut self,
+        written: Poll<std::io::Result<T>>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        if written.is_ready() {
+            self.stalled = None;
+            return written;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no byte of the response within the write timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.waited(written, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.waited(written, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

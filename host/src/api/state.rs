@@ -58,7 +58,7 @@ impl Shared {
         listen: SocketAddr,
     ) -> Shared {
         Shared {
-            events: EventHub::new(settings.events_buffer),
+            events: EventHub::new(&settings),
             store,
             registry,
             settings,

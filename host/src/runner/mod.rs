@@ -16,8 +16,8 @@ use crate::capabilities::sql::SqlSources;
 use crate::config::{Settings, parse_stored_grant};
 use crate::metrics::Metrics;
 use crate::model::{
-    AttemptOutcome, Grant, PluginVersion, RunStatus, StepStatus, UnixMillis, notify_series,
-    now_millis,
+    AttemptOutcome, Grant, LogLevel, LogLine, PluginVersion, RunStatus, StepStatus, UnixMillis,
+    notify_series, now_millis,
 };
 use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall, StepReport};
 use crate::storage::{
@@ -104,6 +104,8 @@ struct Progress {
     started_at: UnixMillis,
     outputs: Map<String, Json>,
     http_requests: u32,
+    /// Bytes of log lines stored with the run's attempts, this tick's included.
+    log_bytes: u64,
 }
 
 impl Runner {
@@ -184,6 +186,7 @@ impl Runner {
                 started_at: run.started_at.unwrap_or_else(now_millis),
                 outputs: passed_outputs(&run),
                 http_requests: run.http_requests,
+                log_bytes: run.log_bytes,
             },
         };
         let (plugin, mut capabilities) = match self.resolve(&tick, grant_toml.as_deref()).await? {
@@ -395,7 +398,11 @@ impl Runner {
             attempt: call.attempt,
             outcome: report.outcome,
             message: report.message,
-            logs: report.logs,
+            logs: within_log_budget(
+                report.logs,
+                &mut tick.progress.log_bytes,
+                self.settings.run_log_bytes,
+            ),
             started_at: call.started_at,
             duration_ms: report.duration.as_millis() as i64,
             due_at: call.due_at,
@@ -552,6 +559,7 @@ impl Runner {
             current_step,
             error_count: progress.error_count,
             http_requests: progress.http_requests,
+            log_bytes: progress.log_bytes,
             started_at: progress.started_at,
             next_tick_at,
             keep_lease_ms,
@@ -662,6 +670,34 @@ impl Runner {
 /// The pinned plugin version cannot be used; the run ends `errored` with this message.
 struct PluginUnavailable(String);
 
+/// The lines of a call that fit in what is left of the run's log budget, in order, counting
+/// the bytes of their messages in `used`. Lines past the budget are dropped (and so is the
+/// capability's own note of lines it dropped, which this note then counts), and one line, not
+/// counted, says how many: a run polling for days must not fill the database with its logs.
+fn within_log_budget(lines: Vec<LogLine>, used: &mut u64, budget: u64) -> Vec<LogLine> {
+    let mut kept = Vec::with_capacity(lines.len());
+    let mut dropped = 0_usize;
+    for line in lines {
+        let size = line.message.len() as u64;
+        if dropped == 0 && used.saturating_add(size) <= budget {
+            *used += size;
+            kept.push(line);
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        kept.push(LogLine {
+            level: LogLevel::Warn,
+            message: format!(
+                "{dropped} log lines of this call dropped: the run has stored its {budget} bytes \
+                 of log lines (run_log_bytes)"
+            ),
+        });
+    }
+    kept
+}
+
 /// Outputs of the steps that passed so far, by step name: the `outputs` of the next call.
 fn passed_outputs(run: &RunRecord) -> Map<String, Json> {
     run.steps
@@ -675,4 +711,34 @@ fn passed_outputs(run: &RunRecord) -> Map<String, Json> {
             (step.name.clone(), output.unwrap_or(Json::Null))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_keeps_log_lines_up_to_its_budget_and_says_how_many_it_dropped() {
+        let line = |text: &str| LogLine {
+            level: LogLevel::Info,
+            message: text.to_owned(),
+        };
+        let mut used = 90;
+        let kept = within_log_budget(
+            vec![line("0123456789"), line("abc"), line("x")],
+            &mut used,
+            100,
+        );
+        assert_eq!(used, 100);
+        assert_eq!(kept[0], line("0123456789"));
+        // Once a line is dropped so are the later ones, which might have fit: the stored lines
+        // are the first of the run's, without holes.
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(
+            kept[1].message.starts_with("2 log lines") && kept[1].level == LogLevel::Warn,
+            "{kept:?}"
+        );
+        let kept = within_log_budget(vec![line("y")], &mut used, 100);
+        assert_eq!((kept.len(), used), (1, 100), "{kept:?}");
+    }
 }

@@ -118,6 +118,35 @@ impl Store {
             .collect())
     }
 
+    /// The id of `run_id`'s newest change after `after` and up to `until`, if it has one: a
+    /// lookup in the index of each run's changes, however long the log is.
+    pub async fn newest_change_of_run(
+        &self,
+        run_id: &RunId,
+        after: i64,
+        until: i64,
+    ) -> Result<Option<i64>> {
+        let order = self.event_order();
+        let sql = format!(
+            "SELECT MAX({order}) FROM events WHERE run_id = $1 AND {order} > $2 AND {order} <= $3"
+        );
+        if let Some(readers) = self.sqlite_readers() {
+            let newest = readers.select(
+                &sql,
+                rusqlite::params![run_id.as_str(), after, until],
+                |row| row.get(0),
+            )?;
+            return Ok(newest.into_iter().next().flatten());
+        }
+        let (newest,): (Option<i64>,) = sqlx::query_as(&sql)
+            .bind(run_id.as_str())
+            .bind(after)
+            .bind(until)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(newest)
+    }
+
     /// The oldest and newest event ids kept (retention deletes old ones; never the newest).
     pub async fn event_bounds(&self) -> Result<(Option<i64>, Option<i64>)> {
         let order = self.event_order();

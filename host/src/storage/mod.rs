@@ -207,6 +207,7 @@ impl NewRun {
             next_tick_at: Some(self.created_at),
             lease_owner: None,
             http_requests: 0,
+            log_bytes: 0,
             schedule_id: self.schedule_id.clone(),
             created_by: self.created_by.clone(),
             cancelled_by: None,
@@ -272,6 +273,8 @@ pub struct RunRecord {
     pub lease_owner: Option<String>,
     /// Outbound HTTP requests made by the run's step calls so far.
     pub http_requests: u32,
+    /// Bytes of plugin log lines stored with the run's attempts (`run_log_bytes` caps them).
+    pub log_bytes: u64,
     pub schedule_id: Option<String>,
     /// The token that triggered it; `None` for a schedule's fire (see `schedule_id`).
     pub created_by: Option<String>,
@@ -308,11 +311,46 @@ pub struct AttemptRecord {
     pub attempt: u32,
     pub outcome: AttemptOutcome,
     pub message: Option<String>,
-    pub logs: Vec<LogLine>,
+    /// `None` when the page was read without them.
+    pub logs: Option<Vec<LogLine>>,
     pub started_at: UnixMillis,
     pub duration_ms: i64,
     pub due_at: Option<UnixMillis>,
     pub node: Option<String>,
+}
+
+/// Which attempts of a run [`Store::list_attempts`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptPage {
+    /// After this attempt (a step position and attempt number), if given.
+    pub after: Option<(usize, u32)>,
+    /// At most this many.
+    pub limit: u32,
+    /// With each attempt's log lines.
+    pub logs: bool,
+    /// Fewer when their messages (and log lines) take more than this many bytes, but at
+    /// least one.
+    pub bytes: usize,
+}
+
+/// What [`Store::list_attempts`] read.
+#[derive(Debug, Default)]
+pub struct AttemptList {
+    pub attempts: Vec<AttemptRecord>,
+    /// Attempts may follow the last one: the page is full, or its byte budget cut it short.
+    pub more: bool,
+}
+
+impl AttemptPage {
+    /// The first `limit` attempts, with their log lines, whatever their size.
+    pub fn first(limit: u32) -> AttemptPage {
+        AttemptPage {
+            after: None,
+            limit,
+            logs: true,
+            bytes: usize::MAX,
+        }
+    }
 }
 
 /// Filters of `list_runs`; `before` is the cursor (a run id: ids sort by creation time).
@@ -403,6 +441,7 @@ pub struct RunWrite {
     pub current_step: usize,
     pub error_count: u32,
     pub http_requests: u32,
+    pub log_bytes: u64,
     pub started_at: UnixMillis,
     /// `None` once the run is terminal.
     pub next_tick_at: Option<UnixMillis>,

@@ -11,8 +11,8 @@ use super::leases::claim_sql;
 use super::store::HotPath;
 use super::store::{Inserts, Statement, corrupt, labels_json};
 use super::{
-    AttemptRecord, Cancelled, Change, ClaimedRun, Enqueued, Error, LoadedTick, NewRun, Result,
-    RunFilter, RunRecord, StepRecord, Store, TickWrite,
+    AttemptList, AttemptPage, AttemptRecord, Cancelled, Change, ClaimedRun, Enqueued, Error,
+    LoadedTick, NewRun, Result, RunFilter, RunRecord, StepRecord, Store, TickWrite,
 };
 use crate::model::{
     AttemptOutcome, LogLevel, LogLine, PluginVersion, Retry, RunId, RunStatus, StepStatus,
@@ -21,7 +21,7 @@ use crate::model::{
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id, retry, created_by, cancelled_by";
+     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes";
 
 // The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
 // `INSERT_*` are heads: a `VALUES` list follows, one row or many.
@@ -74,14 +74,15 @@ pub(super) fn tick_lease_sql(backend: Backend, keep_lease: bool, param: usize) -
     }
 }
 
-/// The run's side of a tick, fenced by the lease token (`$11`): a lost lease updates no row.
+/// The run's side of a tick, fenced by the lease token (`$12`): a lost lease updates no row.
 /// `$9` is how long to keep the lease, or NULL with `keep_lease` false (it is released).
+/// Parameters are numbered in the order they appear: SQLite numbers `$n` that way.
 pub(super) fn tick_run_sql(backend: Backend, keep_lease: bool) -> String {
     let lease = tick_lease_sql(backend, keep_lease, 9);
     format!(
         "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
-         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease} \
-         WHERE id = $10 AND lease_token = $11 AND status IN ('queued', 'running')"
+         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease}, log_bytes = $10 \
+         WHERE id = $11 AND lease_token = $12 AND status IN ('queued', 'running')"
     )
 }
 
@@ -217,30 +218,57 @@ impl Store {
         rows.into_iter().map(RunRow::into_record).collect()
     }
 
-    /// Up to `limit` attempts of a run in order (by step, then attempt), after the attempt
-    /// `after` (a step position and attempt number) if given.
-    pub async fn list_attempts(
-        &self,
-        id: &RunId,
-        after: Option<(usize, u32)>,
-        limit: u32,
-    ) -> Result<Vec<AttemptRecord>> {
-        let (position, attempt) = after.map_or((-1, 0), |(position, attempt)| {
+    /// A page of a run's attempts in order (by step, then attempt). Their sizes are read
+    /// first, so that a page of large attempts loads no more of them than its byte budget.
+    pub async fn list_attempts(&self, id: &RunId, page: AttemptPage) -> Result<AttemptList> {
+        let (position, attempt) = page.after.map_or((-1, 0), |(position, attempt)| {
             (position as i64, i64::from(attempt))
         });
-        let rows: Vec<AttemptRow> = sqlx::query_as(
-            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, a.logs, a.started_at, a.duration_ms, a.due_at, a.node \
-             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position \
-             WHERE a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
-             ORDER BY a.position, a.attempt LIMIT $4",
-        )
+        const AFTER: &str = "a.run_id = $1 AND (a.position > $2 OR (a.position = $2 AND a.attempt > $3)) \
+             ORDER BY a.position, a.attempt LIMIT $4";
+        let logs_size = if page.logs { " + LENGTH(a.logs)" } else { "" };
+        let sizes: Vec<(i64,)> = sqlx::query_as(&format!(
+            "SELECT CAST(COALESCE(LENGTH(a.message), 0){logs_size} AS BIGINT) FROM attempts a WHERE {AFTER}"
+        ))
         .bind(id.as_str())
         .bind(position)
         .bind(attempt)
-        .bind(i64::from(limit))
+        .bind(i64::from(page.limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(AttemptRow::into_record).collect()
+        if sizes.is_empty() {
+            return Ok(AttemptList::default());
+        }
+        // Lengths count characters, no more than the bytes they take: an attempt is read only
+        // while those before it are known to hold less than the budget.
+        let mut before = 0_u64;
+        let count = sizes
+            .iter()
+            .take_while(|(size,)| {
+                let fits = before < page.bytes as u64;
+                before = before.saturating_add(*size as u64);
+                fits
+            })
+            .count()
+            .max(1);
+        let logs = if page.logs { "a.logs" } else { "NULL AS logs" };
+        let rows: Vec<AttemptRow> = sqlx::query_as(&format!(
+            "SELECT a.position, s.name, a.attempt, a.outcome, a.message, {logs}, a.started_at, a.duration_ms, a.due_at, a.node \
+             FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.position = a.position WHERE {AFTER}"
+        ))
+        .bind(id.as_str())
+        .bind(position)
+        .bind(attempt)
+        .bind(count as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(AttemptList {
+            attempts: rows
+                .into_iter()
+                .map(AttemptRow::into_record)
+                .collect::<Result<_>>()?,
+            more: count < sizes.len() || sizes.len() == page.limit as usize,
+        })
     }
 
     /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
@@ -387,6 +415,7 @@ async fn update_run(
         .bind(finished_at)
         .bind(write.run.next_tick_at)
         .bind(write.run.keep_lease_ms)
+        .bind(write.run.log_bytes as i64)
         .bind(write.run_id.as_str())
         .bind(write.lease_token)
         .execute(&mut *transaction)
@@ -481,6 +510,7 @@ pub(super) struct RunRow {
     retry: Option<String>,
     created_by: Option<String>,
     cancelled_by: Option<String>,
+    log_bytes: i64,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -525,6 +555,7 @@ impl RunRow {
             retry: column(row, 19, "retry")?,
             created_by: column(row, 20, "created_by")?,
             cancelled_by: column(row, 21, "cancelled_by")?,
+            log_bytes: column(row, 22, "log_bytes")?,
             current_step_name: None,
         })
     }
@@ -552,6 +583,7 @@ impl RunRow {
             next_tick_at: self.next_tick_at,
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
+            log_bytes: self.log_bytes.max(0) as u64,
             schedule_id: self.schedule_id,
             created_by: self.created_by,
             cancelled_by: self.cancelled_by,
@@ -650,7 +682,7 @@ struct AttemptRow {
     attempt: i64,
     outcome: String,
     message: Option<String>,
-    logs: String,
+    logs: Option<String>,
     started_at: i64,
     duration_ms: i64,
     due_at: Option<i64>,
@@ -662,7 +694,7 @@ impl AttemptRow {
         Ok(AttemptRecord {
             outcome: AttemptOutcome::parse(&self.outcome)
                 .ok_or_else(|| corrupt("attempt outcome", &self.outcome))?,
-            logs: logs_from_json(&self.logs)?,
+            logs: self.logs.as_deref().map(logs_from_json).transpose()?,
             position: self.position as usize,
             step: self.name,
             attempt: self.attempt as u32,
@@ -911,6 +943,7 @@ pub(super) mod tests {
                 current_step: 0,
                 error_count: 0,
                 http_requests: 0,
+                log_bytes: 0,
                 started_at: now,
                 next_tick_at: None,
                 keep_lease_ms: None,
@@ -975,9 +1008,10 @@ pub(super) mod tests {
         assert_eq!(cancelled_run.status, RunStatus::Cancelled);
         assert_eq!(cancelled_run.steps[0].status, StepStatus::Cancelled);
         let attempts = store
-            .list_attempts(&cancelled.id, None, 10)
+            .list_attempts(&cancelled.id, AttemptPage::first(10))
             .await
-            .expect("listing");
+            .expect("listing")
+            .attempts;
         assert!(attempts.is_empty(), "a fenced-off write left {attempts:?}");
     }
 

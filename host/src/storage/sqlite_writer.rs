@@ -616,6 +616,7 @@ fn update_run(connection: &Connection, statements: &Statements, write: &TickWrit
             i64::from(run.http_requests),
             run.next_tick_at,
             run.keep_lease_ms,
+            run.log_bytes as i64,
             write.run_id.as_str(),
             write.lease_token,
         ])?
@@ -635,6 +636,7 @@ fn update_run(connection: &Connection, statements: &Statements, write: &TickWrit
             finished_at,
             run.next_tick_at,
             run.keep_lease_ms,
+            run.log_bytes as i64,
             write.run_id.as_str(),
             write.lease_token,
         ])?
@@ -650,7 +652,7 @@ fn still_running_sql(keep_lease: bool) -> String {
     let lease = tick_lease_sql(Backend::Sqlite, keep_lease, 6);
     format!(
         "UPDATE runs SET message = $1, current_step = $2, error_count = $3, http_requests = $4, \
-         next_tick_at = $5, {lease} WHERE id = $7 AND lease_token = $8 AND status = 'running'"
+         next_tick_at = $5, {lease}, log_bytes = $7 WHERE id = $8 AND lease_token = $9 AND status = 'running'"
     )
 }
 
@@ -826,9 +828,10 @@ mod tests {
             .expect("stored");
         assert_eq!(written.status, RunStatus::Passed);
         let attempts = store
-            .list_attempts(&good.id, None, 10)
+            .list_attempts(&good.id, crate::storage::AttemptPage::first(10))
             .await
-            .expect("listing");
+            .expect("listing")
+            .attempts;
         assert_eq!(attempts.len(), 1, "written once: {attempts:?}");
         let untouched = store
             .find_run(&bad.id)

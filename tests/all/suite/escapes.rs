@@ -800,13 +800,15 @@ async fn attempts_come_a_page_at_a_time() {
     let all = server.attempts(&id).await;
     assert!(all.len() >= 4, "{all:?}");
     let (status, page) = server
-        .get_json(&format!("/v1/runs/{id}/attempts?limit=2"))
+        .get_json(&format!("/v1/runs/{id}/attempts?limit=2&logs=true"))
         .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["attempts"].as_array().expect("attempts").len(), 2);
     let cursor = page["next_cursor"].as_str().expect("a next page");
     let (_, next) = server
-        .get_json(&format!("/v1/runs/{id}/attempts?limit=2&cursor={cursor}"))
+        .get_json(&format!(
+            "/v1/runs/{id}/attempts?limit=2&logs=true&cursor={cursor}"
+        ))
         .await;
     assert_eq!(next["attempts"][0], all[2]);
     for bad in ["limit=0", "limit=1001", "cursor=x", "colour=red"] {

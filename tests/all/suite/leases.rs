@@ -51,6 +51,7 @@ fn first_step_passed(claim: &ClaimedRun) -> TickWrite {
             current_step: 1,
             error_count: 0,
             http_requests: 0,
+            log_bytes: 0,
             started_at: now,
             next_tick_at: Some(now),
             keep_lease_ms: None,

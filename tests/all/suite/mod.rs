@@ -3,6 +3,7 @@
 //! database from the module its test is in.
 
 mod api;
+mod attempts;
 mod auth;
 mod budgets;
 mod cli;

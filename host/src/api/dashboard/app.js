@@ -335,6 +335,9 @@ function timeline(run) {
   }));
 }
 
+/** Pages of attempts a run's page loads at once, and on each "Load more". */
+const ATTEMPT_PAGES = 5;
+
 function attemptsTable(attempts) {
   return h("table", { id: "attempts" },
     h("thead", {}, h("tr", {}, ["Step", "#", "Outcome", "Started", "Duration", "Lag", "Node", "Message"].map((name) => h("th", {}, name)))),
@@ -347,7 +350,7 @@ function attemptsTable(attempts) {
       h("td", {}, attempt.due_at ? duration(Date.parse(attempt.started_at) - Date.parse(attempt.due_at)) : "—"),
       h("td", { class: "mono" }, attempt.node || "—"),
       h("td", {}, attempt.message || "",
-        attempt.logs.length ? h("details", {}, h("summary", {}, `${attempt.logs.length} log line${attempt.logs.length === 1 ? "" : "s"}`),
+        attempt.logs && attempt.logs.length ? h("details", {}, h("summary", {}, `${attempt.logs.length} log line${attempt.logs.length === 1 ? "" : "s"}`),
           h("pre", {}, attempt.logs.map((line) => `${line.level.padEnd(5)} ${line.message}`).join("\n"))) : "")))));
 }
 
@@ -360,17 +363,40 @@ async function runPage(id) {
   const attempts = h("section", { class: "card" });
   page.replaceChildren(header, h("section", { class: "card" }, actions, actionError), steps, inputs, attempts);
 
-  async function loadAttempts() {
-    const all = [];
-    let cursor = null;
-    do {
-      const params = new URLSearchParams({ limit: "1000" });
-      if (cursor) params.set("cursor", cursor);
-      const list = await api("GET", `/v1/runs/${id}/attempts?${params}`);
-      all.push(...list.attempts);
-      cursor = list.next_cursor;
-    } while (cursor && all.length < 5000);
-    attempts.replaceChildren(h("h2", {}, `Attempts (${all.length})`), attemptsTable(all));
+  // Attempts come a page at a time, with the log lines this page shows. A new attempt always
+  // follows the last one (steps run in order), so a live event reloads only the last page and
+  // what follows it, and nothing while later pages are still to be loaded on request.
+  const pages = [];
+  // One load at a time: a click and a live event must not interleave their pages.
+  let loading = Promise.resolve();
+  const serially = (task) => (loading = loading.catch(() => {}).then(task));
+  async function fetchPage(cursor) {
+    const params = new URLSearchParams({ limit: "200", logs: "true" });
+    if (cursor) params.set("cursor", cursor);
+    const list = await api("GET", `/v1/runs/${id}/attempts?${params}`);
+    return { cursor, attempts: list.attempts, next: list.next_cursor };
+  }
+  function showAttempts() {
+    const all = pages.flatMap((page) => page.attempts);
+    const last = pages[pages.length - 1];
+    const more = last && last.next
+      ? h("button", { id: "more-attempts", class: "secondary", onclick: () => serially(() => loadPages(ATTEMPT_PAGES)).catch((error) => showError(attempts, error)) }, "Load more attempts")
+      : "";
+    attempts.replaceChildren(h("h2", {}, `Attempts (${all.length}${more ? "+" : ""})`), attemptsTable(all), more);
+  }
+  async function loadPages(count) {
+    for (let loaded = 0; loaded < count; loaded++) {
+      const last = pages[pages.length - 1];
+      if (last && !last.next) break;
+      pages.push(await fetchPage(last ? last.next : null));
+    }
+    showAttempts();
+  }
+  async function reloadLastPage() {
+    const last = pages[pages.length - 1];
+    if (!last || last.next) return;
+    pages[pages.length - 1] = await fetchPage(last.cursor);
+    await loadPages(ATTEMPT_PAGES);
   }
 
   function show(run) {
@@ -397,7 +423,7 @@ async function runPage(id) {
 
   try {
     show(await api("GET", `/v1/runs/${id}`));
-    await loadAttempts();
+    await serially(() => loadPages(ATTEMPT_PAGES));
   } catch (error) {
     showError(steps, error);
     return;
@@ -407,7 +433,7 @@ async function runPage(id) {
     if (type !== "run") return;
     show(data);
     clearTimeout(pending);
-    pending = setTimeout(() => loadAttempts().catch(() => {}), 200);
+    pending = setTimeout(() => serially(reloadLastPage).catch(() => {}), 200);
   }, async () => show(await api("GET", `/v1/runs/${id}`)));
 }
 

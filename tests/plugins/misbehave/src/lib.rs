@@ -133,8 +133,13 @@ impl Check for Misbehave {
                 StepOutcome::Passed(array)
             }
             "log_spam" => {
+                // Each line with `bytes` of padding; pending until attempt `pending_until`.
+                let padding = "x".repeat(action["bytes"].as_u64().unwrap_or(0) as usize);
                 for line in 0..action["count"].as_u64().unwrap_or(0) {
-                    log::info(&format!("line {line}"));
+                    log::info(format!("line {line} {padding}").trim_end());
+                }
+                if u64::from(input.attempt) < action["pending_until"].as_u64().unwrap_or(0) {
+                    return pending(format!("attempt {}", input.attempt));
                 }
                 passed(&json!({"logged": action["count"]}))
             }

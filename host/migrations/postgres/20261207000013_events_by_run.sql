@@ -1,0 +1,3 @@
+-- A run's event stream resumed from an old Last-Event-ID reads only that run's changes: without
+-- this index it scanned every change after the id. `seq` is the event id on PostgreSQL.
+CREATE INDEX events_run ON events (run_id, seq);

@@ -48,7 +48,7 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
 }
 
-/// Whether the API asks who is calling (SPEC §10).
+/// Whether the API asks who is calling (README, "Running it for a team").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
@@ -132,7 +132,7 @@ struct MetricsFile {
     token_env: Option<String>,
 }
 
-/// `[[notify]]`: one notifier (SPEC §11).
+/// `[[notify]]`: one notifier (README, "Alerts").
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NotifyFile {
@@ -641,7 +641,7 @@ pub struct TlsFiles {
 }
 
 impl Settings {
-    /// Defaults of SPEC §6 for a given data directory.
+    /// The defaults for a given data directory.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Settings {
         let data_dir = data_dir.into();
         Settings {

@@ -1,4 +1,4 @@
-//! The change log behind live events (SPEC §14): every write that changes a run adds a row
+//! The change log behind live events (README, "Live events"): every write that changes a run adds a row
 //! in its own transaction; event ids are the order in which rows became visible, so a reader
 //! that resumes after an id never misses one. On SQLite commits are serialised and the row id
 //! is that order. On PostgreSQL concurrent commits are not, so a numbering task on each node

@@ -123,12 +123,7 @@ pub async fn schedules_index(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<ScheduleListDto>, ApiError> {
     let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
-    let paused = match query.get("paused").map(String::as_str) {
-        None => None,
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        Some(_) => return Err(ApiError::invalid("paused", "paused must be true or false")),
-    };
+    let paused = super::query::flag(&query, "paused")?;
     let limit = super::query::limit(&query, 100, 1000)?;
     // Schedule ids are UUIDs, which sort by creation time.
     let after = super::query::cursor(&query, |text| {

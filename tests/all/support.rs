@@ -565,7 +565,8 @@ fn uuid_like() -> String {
     )
 }
 
-async fn read(response: reqwest::Response) -> (u16, Value) {
+/// A response's status and its body as JSON (or as a string when it is not JSON).
+pub async fn read(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.expect("response body");
     (

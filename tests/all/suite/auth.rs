@@ -34,13 +34,7 @@ async fn call(
         Body::Json(value) => request.json(&value),
         Body::Raw(content_type, bytes) => request.header("content-type", content_type).body(bytes),
     };
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    crate::support::read(request.send().await.expect("request")).await
 }
 
 fn wasm(path: &str) -> Vec<u8> {

@@ -8,6 +8,7 @@ use stepwise_host::model::{PluginVersion, Role};
 
 use crate::support::{
     MISBEHAVE_B_WASM, MISBEHAVE_PARAMS_PATTERN_WASM, MISBEHAVE_WASM, PluginFile, Setup, TestServer,
+    read,
 };
 
 /// A grant that reaches outside the sandbox (a host), so that new code waits for review.
@@ -43,15 +44,6 @@ async fn upload(server: &TestServer, token: &str, name: &str, wasm: &str) -> (u1
     read(response).await
 }
 
-async fn read(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// A token made through `POST /v1/tokens` by `admin`; returns its secret.
 async fn token(server: &TestServer, admin: &str, role: &str, plugins: Option<Value>) -> String {
     let mut body = json!({"role": role});
@@ -74,6 +66,12 @@ fn version<'a>(plugin: &'a Value, version: &str) -> &'a Value {
         .iter()
         .find(|entry| entry["version"] == version)
         .unwrap_or_else(|| panic!("no version {version} in {plugin}"))
+}
+
+async fn activate(server: &TestServer, token: &str, name: &str, version: &str) -> (u16, Value) {
+    let path = format!("/v1/plugins/{name}/activate");
+    let body = json!({"version": version});
+    call(server, Method::POST, &path, token, Some(body)).await
 }
 
 async fn plugin(server: &TestServer, token: &str, name: &str) -> Value {
@@ -184,15 +182,7 @@ async fn a_scoped_token_acts_only_on_plugins_its_patterns_match() {
                 // Upload (variant b: new bytes), and roll back to the reviewed first version.
                 let (status, body) = upload(&server, secret, plugin, MISBEHAVE_B_WASM).await;
                 expect("upload", status, &body, 202);
-                let activate = format!("/v1/plugins/{plugin}/activate");
-                let (status, body) = call(
-                    &server,
-                    Method::POST,
-                    &activate,
-                    secret,
-                    Some(json!({"version": version_a})),
-                )
-                .await;
+                let (status, body) = activate(&server, secret, plugin, &version_a).await;
                 expect("activate", status, &body, 200);
             }
         }
@@ -308,29 +298,14 @@ async fn new_code_for_a_granted_plugin_waits_for_an_admin() {
     assert_eq!(run["plugin_version"], version_a.as_str(), "{run}");
 
     // The publisher cannot activate it; the admin can, and that is the review.
-    let activate = |token: &'static str| {
-        let body = json!({"version": version_b});
-        let token = if token == "admin" { &admin } else { &publisher };
-        let server = &server;
-        async move {
-            call(
-                server,
-                Method::POST,
-                "/v1/plugins/misbehave/activate",
-                token,
-                Some(body),
-            )
-            .await
-        }
-    };
-    let (status, problem) = activate("publisher").await;
+    let (status, problem) = activate(&server, &publisher, "misbehave", &version_b).await;
     assert_eq!(status, 403, "{problem}");
     assert_eq!(problem["code"], "review_required", "{problem}");
     assert_eq!(
         plugin(&server, &admin, "misbehave").await["active_version"],
         version_a.as_str()
     );
-    let (status, answer) = activate("admin").await;
+    let (status, answer) = activate(&server, &admin, "misbehave", &version_b).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["active_version"], version_b.as_str());
     let reviewed = version(&answer, &version_b);
@@ -343,14 +318,7 @@ async fn new_code_for_a_granted_plugin_waits_for_an_admin() {
     );
 
     // Reviewed versions are the publisher's to roll back and forth between.
-    let (status, answer) = call(
-        &server,
-        Method::POST,
-        "/v1/plugins/misbehave/activate",
-        &publisher,
-        Some(json!({"version": version_a})),
-    )
-    .await;
+    let (status, answer) = activate(&server, &publisher, "misbehave", &version_a).await;
     assert_eq!(status, 200, "{answer}");
 
     // An admin's upload is reviewed by uploading it.
@@ -391,14 +359,7 @@ async fn code_staged_before_a_grant_needs_a_review_after_it() {
     // their unreviewed version in store.
     let (status, answer) = upload(&server, &publisher, "misbehave", MISBEHAVE_B_WASM).await;
     assert_eq!(status, 200, "{answer}");
-    let (status, _) = call(
-        &server,
-        Method::POST,
-        "/v1/plugins/misbehave/activate",
-        &publisher,
-        Some(json!({"version": version_a})),
-    )
-    .await;
+    let (status, _) = activate(&server, &publisher, "misbehave", &version_a).await;
     assert_eq!(status, 200);
     // The admin grants a host to the code that runs now.
     let (status, answer) = server
@@ -413,14 +374,7 @@ async fn code_staged_before_a_grant_needs_a_review_after_it() {
         .expect("setting the grant");
     assert_eq!(status, 200, "{:?}", answer.text().await);
     // The staged version now needs an admin.
-    let (status, problem) = call(
-        &server,
-        Method::POST,
-        "/v1/plugins/misbehave/activate",
-        &publisher,
-        Some(json!({"version": version_b})),
-    )
-    .await;
+    let (status, problem) = activate(&server, &publisher, "misbehave", &version_b).await;
     assert_eq!(status, 403, "{problem}");
     assert_eq!(problem["code"], "review_required");
     let plugin = plugin(&server, &admin, "misbehave").await;

@@ -4,9 +4,8 @@
 use axum::Json;
 use axum::extract::{RawQuery, State};
 
-use super::dto::{AuditDto, AuditListDto};
+use super::dto::{AuditDto, AuditListDto, PageQuery};
 use super::error::ApiError;
-use super::openapi::PageQuery;
 use super::state::AppState;
 
 /// `GET /v1/audit?limit=&cursor=`
@@ -20,10 +19,11 @@ pub async fn audit_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<AuditListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), super::query::PAGE)?;
-    let limit = super::query::limit(&query, 50, 500)?;
-    let before =
-        super::query::cursor(&query, |text| text.parse::<i64>().ok().filter(|id| *id > 0))?;
+    let query: PageQuery = super::query::read(raw.as_deref())?;
+    let limit = super::query::limit(query.limit.as_deref(), 50, 500)?;
+    let before = super::query::cursor(query.cursor.as_deref(), |text| {
+        text.parse::<i64>().ok().filter(|id| *id > 0)
+    })?;
     let entries = state.store.list_audit(before, limit).await?;
     let next_cursor = super::query::next_cursor(&entries, limit, |entry| entry.id.to_string());
     Ok(Json(AuditListDto {

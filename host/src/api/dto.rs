@@ -1,5 +1,10 @@
-//! The JSON shapes of the API: the only serde types of the host. Times are RFC 3339 (UTC,
-//! milliseconds); durations are integer milliseconds with a `_ms` suffix.
+//! The JSON shapes of the API: what responses carry here, what requests carry in `requests`.
+//! Times are RFC 3339 (UTC, milliseconds); durations are integer milliseconds with a `_ms`
+//! suffix.
+
+mod requests;
+
+pub use requests::*;
 
 use std::collections::BTreeMap;
 

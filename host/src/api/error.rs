@@ -187,6 +187,11 @@ impl ApiError {
     pub fn detail(&self) -> &str {
         &self.message
     }
+
+    /// The request field at fault, if one is.
+    pub fn field(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
 }
 
 impl From<storage::Error> for ApiError {

@@ -28,9 +28,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Caller;
-use super::dto::{RunDto, StepDto};
+use super::dto::{EventsQuery, RunDto, StepDto};
 use super::error::{ApiError, Problem};
-use super::openapi::EventsQuery;
 use super::state::AppState;
 use crate::config::{AuthMode, Settings};
 use crate::model::{RunId, RunStatus};
@@ -769,9 +768,6 @@ pub async fn run_events(
     .await
 }
 
-/// The query parameters of `GET /v1/events`.
-pub const EVENTS_QUERY: &[&str] = &["plugin", "schedule", "status"];
-
 /// `GET /v1/events?plugin=&schedule=&status=`
 #[utoipa::path(
     get, path = "/v1/events", tag = "runs",
@@ -803,11 +799,11 @@ pub async fn events_index(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), EVENTS_QUERY)?;
-    let status = super::runs::status_filter(&query)?;
+    let query: EventsQuery = super::query::read(raw.as_deref())?;
+    let status = super::query::run_status(query.status.as_deref())?;
     let filter = Filter::Runs {
-        plugin: query.get("plugin").cloned(),
-        schedule: query.get("schedule").cloned(),
+        plugin: query.plugin,
+        schedule: query.schedule,
         status,
     };
     open(&state, &caller, &headers, filter, None).await

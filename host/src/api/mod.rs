@@ -4,6 +4,7 @@
 
 mod audit;
 mod auth;
+mod body;
 mod dashboard;
 mod dto;
 mod error;

@@ -1,9 +1,9 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document. Its paths come from the handlers'
 //! `#[utoipa::path]` attributes as the router is built from them (`super::routes`), and its
 //! response schemas from the DTOs the handlers return, so a route cannot exist undescribed.
-//! Here: the request bodies and query strings, which handlers read field by field so that each
-//! error names its field (a test keeps the handlers' field lists and these schemas the same),
-//! and what every guarded route shares: the bearer token, the role it needs, and its errors.
+//! Request bodies and query strings are described by the types the handlers read them into
+//! (`dto::requests`). Here: what every guarded route shares: the bearer token, the role it
+//! needs, and its errors.
 
 use std::collections::BTreeMap;
 
@@ -11,15 +11,12 @@ use axum::Extension;
 use axum::body::Bytes;
 use axum::http::{Method, header};
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
-use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
-use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{is_open, required_role};
 use crate::model::Role;
@@ -329,307 +326,12 @@ fn add_problem(operation: &mut Operation, status: &str, description: &str) {
         .or_insert(problem.into());
 }
 
-// The types below are never built: they describe bodies and query strings that handlers read
-// one field at a time. `Deserialize` carries `deny_unknown_fields` into the schema.
-
-/// `POST /v1/runs`
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"plugin": "event-pipeline", "params": {"event_id": "evt-1"}, "labels": {"env": "staging"}}))]
-#[allow(dead_code)]
-pub struct TriggerRunRequest {
-    /// The plugin to run, by name.
-    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
-    plugin: String,
-    /// The run's params, checked against the plugin's `params_schema`.
-    #[schema(value_type = Option<Object>)]
-    params: Option<Map<String, Json>>,
-    /// How long to wait between calls of a pending step; the grant's or the host's default
-    /// when absent.
-    // `Settings`' min_ and max_poll_interval, and max_run_timeout below: utoipa takes
-    // literals only.
-    #[schema(minimum = 50, maximum = 3_600_000)]
-    poll_interval_ms: Option<u64>,
-    /// The run's deadline from its creation; the host's default when absent.
-    #[schema(minimum = 1, maximum = 604_800_000)]
-    timeout_ms: Option<u64>,
-    /// How long each named step may stay pending, in milliseconds, over the grant's
-    /// `[steps.NAME] timeout_ms`, the plugin's own and the host's `default_step_timeout_ms`.
-    step_timeouts: Option<BTreeMap<String, u64>>,
-    /// The wait before calling a step again after an errored attempt, over the grant's
-    /// `retry`; without either, the poll interval.
-    retry: Option<crate::config::RetryFile>,
-    /// At most 32 labels; keys of 1 to 63 bytes without `=`, values of at most 256 bytes.
-    labels: Option<BTreeMap<String, String>>,
-}
-
-/// `POST /v1/schedules`
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"plugin": "event-pipeline", "params": {"event_id": "evt-1"}, "trigger": {"interval_ms": 60000}}))]
-#[allow(dead_code)]
-pub struct NewScheduleRequest {
-    /// The plugin each fire runs, by name.
-    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
-    plugin: String,
-    /// The params of each run, checked against the plugin's `params_schema`.
-    #[schema(value_type = Option<Object>)]
-    params: Option<Map<String, Json>>,
-    trigger: TriggerRequest,
-    /// How late a fire may start before it counts as missed; `null` for no limit (default
-    /// 1000).
-    #[schema(minimum = 0)]
-    misfire_grace_ms: Option<u64>,
-    /// Fold a backlog of missed fires into one (default true).
-    coalesce: Option<bool>,
-    /// Runs of this schedule that may be unfinished at once, 1 to 10000 (default 1).
-    #[schema(minimum = 1, maximum = 10000)]
-    max_concurrent_runs: Option<u32>,
-    paused: Option<bool>,
-    labels: Option<BTreeMap<String, String>>,
-    #[schema(minimum = 50, maximum = 3_600_000)]
-    poll_interval_ms: Option<u64>,
-    #[schema(minimum = 1, maximum = 604_800_000)]
-    timeout_ms: Option<u64>,
-}
-
-/// `PATCH /v1/schedules/{id}`: any field of [`NewScheduleRequest`], none required; `plugin`
-/// may be given only unchanged, `paused: false` resumes from now without making up for the
-/// fires of the pause.
-pub struct ScheduleChangeRequest;
-
-impl utoipa::PartialSchema for ScheduleChangeRequest {
-    fn schema() -> RefOr<Schema> {
-        let RefOr::T(Schema::Object(mut fields)) = NewScheduleRequest::schema() else {
-            unreachable!("NewScheduleRequest is an object")
-        };
-        fields.required.clear();
-        fields.description = Some(
-            "Any field of NewScheduleRequest, to change it; `plugin` only unchanged. \
-             `paused: false` resumes from now, without making up for the fires of the pause."
-                .to_owned(),
-        );
-        fields.into()
-    }
-}
-
-impl ToSchema for ScheduleChangeRequest {
-    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
-        NewScheduleRequest::schemas(schemas);
-    }
-}
-
-/// Exactly one of the three forms.
-#[derive(Deserialize, ToSchema)]
-#[serde(untagged)]
-#[allow(dead_code)]
-pub enum TriggerRequest {
-    /// A cron expression with seconds, e.g. `0 30 2 * * *`, in an IANA zone (default UTC).
-    Cron {
-        cron: String,
-        timezone: Option<String>,
-    },
-    /// Every `interval_ms`, each fire moved by up to `jitter_ms`, between the optional bounds.
-    Interval {
-        // `scheduler::trigger`'s MIN_ and MAX_INTERVAL_MS: utoipa takes literals only.
-        #[schema(minimum = 100, maximum = 316_224_000_000_i64)]
-        interval_ms: i64,
-        #[schema(minimum = 0)]
-        jitter_ms: Option<i64>,
-        #[schema(format = DateTime)]
-        start_at: Option<String>,
-        #[schema(format = DateTime)]
-        end_at: Option<String>,
-    },
-    /// Once, at an RFC 3339 time.
-    At {
-        #[schema(format = DateTime)]
-        at: String,
-    },
-}
-
-/// `POST /v1/plugins/{name}/activate`
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct ActivateRequest {
-    /// A kept version: the SHA-256 of its bytes, in lowercase hex.
-    #[schema(pattern = "^[0-9a-f]{64}$")]
-    version: String,
-}
-
-/// `POST /v1/tokens`
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(example = json!({"role": "viewer", "name": "grafana"}))]
-#[allow(dead_code)]
-pub struct NewTokenRequest {
-    #[schema(schema_with = super::dto::role)]
-    role: String,
-    /// Generated when absent. Names of revoked tokens, `cli`, `plugins-dir` and `anonymous`
-    /// are taken.
-    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
-    name: Option<String>,
-    /// A lifetime such as `90d` or `12h` (at most 10 years); without it the token never
-    /// expires.
-    expires_in: Option<String>,
-    /// Confines a runner or publisher token to the plugins whose names match one of these
-    /// patterns (`*` stands for any characters, as in `team-a-*`): outside them it may not
-    /// upload, activate, trigger, cancel or schedule (403). Absent: every plugin.
-    #[schema(min_items = 1, max_items = 32)]
-    plugins: Option<Vec<String>>,
-}
-
-/// `PUT /v1/plugins/{name}` as `multipart/form-data`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct UploadForm {
-    /// The component (`.wasm`).
-    #[schema(value_type = String, format = Binary)]
-    component: Vec<u8>,
-    /// The grant as TOML, or as JSON when the part's type is `application/json`. Needs admin.
-    grant: Option<String>,
-}
-
-/// `GET /v1/runs`
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct RunsQuery {
-    /// Only runs of this plugin.
-    plugin: Option<String>,
-    /// Only runs with this status.
-    #[param(schema_with = super::dto::run_status)]
-    status: Option<String>,
-    /// Only runs with this label, as `key=value` (split at the first `=`).
-    #[param(pattern = "=")]
-    label: Option<String>,
-    /// Only runs this schedule started.
-    schedule: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
-    #[param(min_length = 1)]
-    cursor: Option<String>,
-}
-
-/// `GET /v1/events`
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct EventsQuery {
-    /// Only runs of this plugin.
-    plugin: Option<String>,
-    /// Only runs this schedule started.
-    schedule: Option<String>,
-    /// Only changes after which the run has this status.
-    #[param(schema_with = super::dto::run_status)]
-    status: Option<String>,
-}
-
-/// A page of a list without filters.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct PageQuery {
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
-    #[param(min_length = 1)]
-    cursor: Option<String>,
-}
-
-/// A page of a run's attempts.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct AttemptPageQuery {
-    /// Page size, 1 to 1000 (default 100); a page also ends at 4 MiB of JSON.
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
-    #[param(min_length = 1)]
-    cursor: Option<String>,
-    /// With each attempt's log lines (default false: `logs` is left out).
-    logs: Option<bool>,
-}
-
-/// `GET /v1/schedules`
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct SchedulesQuery {
-    /// Only schedules of this plugin.
-    plugin: Option<String>,
-    /// Only paused (`true`) or active (`false`) schedules.
-    paused: Option<bool>,
-    /// Schedules per page, 1 to 1000 (default 100).
-    #[param(minimum = 1, maximum = 1000)]
-    limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
-    #[param(min_length = 1)]
-    cursor: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
-    use utoipa::openapi::path::ParameterIn;
+    use serde_json::Value as Json;
+    use utoipa::ToSchema;
 
-    use super::*;
-
-    fn properties<T: ToSchema>() -> Vec<String> {
-        match T::schema() {
-            RefOr::T(Schema::Object(object)) => object.properties.keys().cloned().collect(),
-            _ => panic!("{} is not an object schema", T::name()),
-        }
-    }
-
-    fn parameters<T: IntoParams>() -> Vec<String> {
-        T::into_params(|| Some(ParameterIn::Query))
-            .into_iter()
-            .map(|parameter| parameter.name)
-            .collect()
-    }
-
-    #[test]
-    fn the_document_names_the_fields_the_handlers_read() {
-        assert_eq!(
-            properties::<TriggerRunRequest>(),
-            super::super::runs::KNOWN_FIELDS
-        );
-        assert_eq!(
-            properties::<NewScheduleRequest>(),
-            super::super::schedules::KNOWN_FIELDS
-        );
-        assert_eq!(
-            properties::<ScheduleChangeRequest>(),
-            super::super::schedules::KNOWN_FIELDS
-        );
-        assert_eq!(
-            properties::<ActivateRequest>(),
-            super::super::plugins::ACTIVATE_FIELDS
-        );
-        assert_eq!(
-            properties::<NewTokenRequest>(),
-            super::super::tokens::CREATE_FIELDS
-        );
-        assert_eq!(parameters::<RunsQuery>(), super::super::runs::INDEX_QUERY);
-        assert_eq!(
-            parameters::<EventsQuery>(),
-            super::super::events::EVENTS_QUERY
-        );
-        assert_eq!(
-            parameters::<SchedulesQuery>(),
-            super::super::schedules::INDEX_QUERY
-        );
-        assert_eq!(parameters::<PageQuery>(), super::super::query::PAGE);
-        assert_eq!(
-            parameters::<AttemptPageQuery>(),
-            super::super::runs::ATTEMPTS_QUERY
-        );
-    }
+    use super::super::dto::{NewScheduleRequest, TriggerRequest, TriggerRunRequest};
 
     /// The literals in `TriggerRequest`'s attributes are the validator's bounds.
     #[test]

@@ -10,15 +10,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::{PluginDto, PluginListDto};
+use super::body;
+use super::dto::{ActivateRequest, PluginDto, PluginListDto, UploadForm};
 use super::error::{ApiError, Problem};
-use super::openapi::{ActivateRequest, UploadForm};
 use super::state::AppState;
 use crate::config::{ManifestFile, grant_toml_from_json, parse_grant};
 use crate::model::{PluginName, PluginVersion, Role};
-
-/// The fields of `POST /v1/plugins/{name}/activate`.
-pub(super) const ACTIVATE_FIELDS: &[&str] = &["version"];
 
 /// `GET /v1/plugins`
 #[utoipa::path(
@@ -90,7 +87,7 @@ pub async fn plugins_upload(
     let name = PluginName::parse(&name).map_err(|message| ApiError::invalid("name", message))?;
     caller.require_plugin(name.as_str())?;
     let limit = state.settings.upload_limit_bytes;
-    let (component, grant) = match media_type(&request).as_deref() {
+    let UploadForm { component, grant } = match media_type(&request).as_deref() {
         Some("multipart/form-data") => {
             let multipart =
                 Multipart::from_request(request, &state)
@@ -102,7 +99,10 @@ pub async fn plugins_upload(
         }
         None | Some("application/wasm") | Some("application/octet-stream") => {
             let body = Bytes::from_request(request, &state).await;
-            (Some(read_body(body, limit)?), None)
+            UploadForm {
+                component: Some(body::bytes(body, limit)?),
+                grant: None,
+            }
         }
         Some(other) => {
             return Err(ApiError::unsupported_media_type(format!(
@@ -154,15 +154,12 @@ pub async fn plugins_activate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginDto>, ApiError> {
     caller.require_plugin(&name)?;
-    let request =
-        super::runs::read_json_object(body, ACTIVATE_FIELDS, state.settings.body_limit_bytes)?;
-    let version = match request.get("version") {
-        Some(Json_::String(version)) => version.clone(),
-        Some(_) => return Err(ApiError::invalid("version", "version must be a string")),
-        None => return Err(ApiError::invalid("version", "version is required")),
-    };
-    let version =
-        PluginVersion::parse(&version).map_err(|message| ApiError::invalid("version", message))?;
+    let request: ActivateRequest = body::typed(
+        &body::object(body, state.settings.body_limit_bytes)?,
+        &state.settings,
+    )?;
+    let version = PluginVersion::parse(&request.version)
+        .map_err(|message| ApiError::invalid("version", message))?;
     state
         .registry
         .activate(&name, &version, caller.actor())
@@ -194,7 +191,7 @@ pub async fn plugins_grant(
 ) -> Result<Json<PluginDto>, ApiError> {
     let json = media_type(&request).as_deref() == Some("application/json");
     let limit = state.settings.body_limit_bytes;
-    let body = read_body(Bytes::from_request(request, &state).await, limit)?;
+    let body = body::bytes(Bytes::from_request(request, &state).await, limit)?;
     if body.is_empty() {
         plugin_details(&state, &name).await?;
         // Most likely a mistake, and it would take every capability away: an empty grant
@@ -227,10 +224,7 @@ async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiEr
     Ok(PluginDto::new(&plugin).with_details(&grant, &effective, &versions, review_needed))
 }
 
-async fn read_upload_parts(
-    mut multipart: Multipart,
-    limit: usize,
-) -> Result<(Option<Bytes>, Option<String>), ApiError> {
+async fn read_upload_parts(mut multipart: Multipart, limit: usize) -> Result<UploadForm, ApiError> {
     let mut component = None;
     let mut grant = None;
     while let Some(field) = multipart
@@ -255,7 +249,7 @@ async fn read_upload_parts(
             }
         }
     }
-    Ok((component, grant))
+    Ok(UploadForm { component, grant })
 }
 
 /// The grant as manifest TOML, whichever form it came in.
@@ -273,16 +267,6 @@ fn grant_text(body: &[u8], json: bool) -> Result<String, ApiError> {
     };
     parse_grant(&toml).map_err(|error| ApiError::invalid("grant", format!("{error:#}")))?;
     Ok(toml)
-}
-
-fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(limit)
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })
 }
 
 fn multipart_error(error: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {

@@ -1,15 +1,22 @@
 //! Query strings, read by one rule on every endpoint: a parameter the endpoint does not know,
-//! or one given twice, is a 422 naming it, never silently ignored or overwritten.
+//! or one given twice, is a 422 naming it, never silently ignored or overwritten. Each
+//! endpoint's parameters are a type in `dto` that also describes them in the OpenAPI document.
 
-use std::collections::BTreeMap;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value as Json};
+use utoipa::IntoParams;
+use utoipa::openapi::path::ParameterIn;
 
 use super::error::ApiError;
+use crate::model::RunStatus;
 
-/// The parameters of a paginated list that has no filters.
-pub const PAGE: &[&str] = &["limit", "cursor"];
-
-/// The parameters of `raw` (the URI's query), each at most once and each in `known`.
-pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+/// The parameters of `raw` (the URI's query) read into `T`, each at most once and each one of
+/// `T`'s.
+pub fn read<T: DeserializeOwned + IntoParams>(raw: Option<&str>) -> Result<T, ApiError> {
+    let known: Vec<String> = T::into_params(|| Some(ParameterIn::Query))
+        .into_iter()
+        .map(|parameter| parameter.name)
+        .collect();
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
         .map_err(|error| {
             ApiError::bad_request(
@@ -17,7 +24,7 @@ pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, Strin
                 format!("the query string is malformed: {error}"),
             )
         })?;
-    let mut parameters = BTreeMap::new();
+    let mut parameters = Map::new();
     for (name, value) in pairs {
         if name.contains('\0') || value.contains('\0') {
             // PostgreSQL's text cannot hold NUL; no name or id has one.
@@ -26,7 +33,7 @@ pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, Strin
                 "a query parameter may not contain a NUL character",
             ));
         }
-        if !known.contains(&name.as_str()) {
+        if !known.contains(&name) {
             return Err(ApiError::invalid(
                 name.clone(),
                 format!(
@@ -45,18 +52,16 @@ pub fn parse(raw: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, Strin
                 format!("query parameter {name:?} is given more than once; give it once"),
             ));
         }
-        parameters.insert(name, value);
+        parameters.insert(name, Json::String(value));
     }
-    Ok(parameters)
+    // Every parameter is text until the rules below read it, so this cannot fail.
+    serde_json::from_value(Json::Object(parameters))
+        .map_err(|error| ApiError::internal(format!("query parameters: {error}")))
 }
 
 /// `limit` from 1 to `max`, `default` when absent.
-pub fn limit(
-    parameters: &BTreeMap<String, String>,
-    default: u32,
-    max: u32,
-) -> Result<u32, ApiError> {
-    match parameters.get("limit") {
+pub fn limit(limit: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match limit {
         Some(text) => text
             .parse::<u32>()
             .ok()
@@ -69,8 +74,8 @@ pub fn limit(
 }
 
 /// A `true`/`false` parameter, if given.
-pub fn flag(parameters: &BTreeMap<String, String>, name: &str) -> Result<Option<bool>, ApiError> {
-    match parameters.get(name).map(String::as_str) {
+pub fn flag(value: Option<&str>, name: &str) -> Result<Option<bool>, ApiError> {
+    match value {
         None => Ok(None),
         Some("true") => Ok(Some(true)),
         Some("false") => Ok(Some(false)),
@@ -83,11 +88,10 @@ pub fn flag(parameters: &BTreeMap<String, String>, name: &str) -> Result<Option<
 
 /// `cursor`, read by `parse` (a `next_cursor` this endpoint handed out), if given.
 pub fn cursor<T>(
-    parameters: &BTreeMap<String, String>,
+    cursor: Option<&str>,
     parse: impl FnOnce(&str) -> Option<T>,
 ) -> Result<Option<T>, ApiError> {
-    parameters
-        .get("cursor")
+    cursor
         .map(|text| {
             parse(text).ok_or_else(|| {
                 ApiError::invalid(
@@ -108,4 +112,22 @@ pub fn next_cursor<T>(
     (page.len() == limit as usize)
         .then(|| page.last().map(cursor_of))
         .flatten()
+}
+
+/// The `status` parameter of a run listing or stream.
+pub fn run_status(status: Option<&str>) -> Result<Option<RunStatus>, ApiError> {
+    status
+        .map(|text| {
+            RunStatus::parse(text).ok_or_else(|| {
+                let known: Vec<_> = RunStatus::ALL
+                    .iter()
+                    .map(|status| status.as_str())
+                    .collect();
+                ApiError::invalid(
+                    "status",
+                    format!("status must be one of {}", known.join(", ")),
+                )
+            })
+        })
+        .transpose()
 }

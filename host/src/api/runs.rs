@@ -1,39 +1,25 @@
 //! `/v1/runs`: trigger, show, list, cancel, attempts.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value as Json_};
+use serde_json::Value as Json_;
 
 use super::auth::Caller;
+use super::body;
 use super::dto::{
-    AttemptDto, AttemptListDto, NotificationDto, NotificationListDto, RunDto, RunListDto,
+    AttemptDto, AttemptListDto, AttemptPageQuery, NotificationDto, NotificationListDto, RunDto,
+    RunListDto, RunsQuery, TriggerRunRequest,
 };
 use super::error::{ApiError, Problem};
-use super::openapi::{AttemptPageQuery, RunsQuery, TriggerRunRequest};
 use super::state::AppState;
-use crate::model::{PluginName, RunId, RunStatus, now_millis};
-use crate::scheduler::planning::{RunOptions, plan_run};
+use crate::model::{PluginName, RunId, now_millis};
+use crate::scheduler::planning::plan_run;
 use crate::storage::{AttemptPage, Cancelled, Enqueued, RunFilter, RunRecord};
 
-pub(super) const KNOWN_FIELDS: &[&str] = &[
-    "plugin",
-    "params",
-    "poll_interval_ms",
-    "timeout_ms",
-    "step_timeouts",
-    "retry",
-    "labels",
-];
-/// The query parameters of `GET /v1/runs`.
-pub(super) const INDEX_QUERY: &[&str] =
-    &["plugin", "status", "label", "schedule", "limit", "cursor"];
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// `POST /v1/runs`: validates, makes the run durable, wakes the scheduler, answers 202.
@@ -57,40 +43,10 @@ pub async fn runs_create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = read_json_object(body, KNOWN_FIELDS, state.settings.body_limit_bytes)?;
-    let plugin_name = match request.get("plugin") {
-        Some(Json_::String(name)) => name.clone(),
-        Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
-        None => return Err(ApiError::invalid("plugin", "plugin is required")),
-    };
-    let params = match request.get("params") {
-        None | Some(Json_::Null) => Json_::Object(Map::new()),
-        Some(params @ Json_::Object(_)) => params.clone(),
-        Some(_) => return Err(ApiError::invalid("params", "params must be a JSON object")),
-    };
     let settings = &state.settings;
-    let poll_interval = optional_millis(
-        &request,
-        "poll_interval_ms",
-        settings.min_poll_interval,
-        settings.max_poll_interval,
-    )?;
-    let run_timeout = optional_millis(
-        &request,
-        "timeout_ms",
-        Duration::from_millis(1),
-        settings.max_run_timeout,
-    )?;
-    let step_timeouts =
-        parse_step_timeouts(request.get("step_timeouts"), settings.max_run_timeout)?;
-    let retry = match request.get("retry") {
-        None | Some(Json_::Null) => None,
-        Some(retry) => Some(
-            crate::config::parse_retry_json(retry)
-                .map_err(|error| ApiError::invalid("retry", format!("{error:#}")))?,
-        ),
-    };
-    let labels = parse_labels(request.get("labels"))?;
+    let raw = body::object(body, settings.body_limit_bytes)?;
+    let request: TriggerRunRequest = body::typed(&raw, settings)?;
+    let (plugin_name, params, mut options) = request.validate(settings)?;
     let idempotency_key = match headers.get("idempotency-key") {
         Some(value) => {
             let key = value
@@ -126,24 +82,14 @@ pub async fn runs_create(
     // Scoped to the caller and the plugin: one client's key never finds another's run.
     // Token and plugin names cannot contain `/`, so the scoped key is unambiguous.
     let idempotency_key = idempotency_key.map(|key| format!("{}/{plugin_name}/{key}", caller.name));
-    // serde_json keeps object keys sorted, so equal requests serialize to equal text.
+    // The request as sent, so that equal requests give equal fingerprints.
     let idempotency_fingerprint = idempotency_key.as_ref().map(|_| {
         use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(
-            Json_::Object(request.clone()).to_string(),
-        ))
+        hex::encode(sha2::Sha256::digest(Json_::Object(raw).to_string()))
     });
-    let options = RunOptions {
-        poll_interval,
-        timeout: run_timeout,
-        step_timeouts,
-        retry,
-        labels,
-        idempotency_key,
-        idempotency_fingerprint,
-        schedule_id: None,
-        created_by: Some(caller.name.clone()),
-    };
+    options.idempotency_key = idempotency_key;
+    options.idempotency_fingerprint = idempotency_fingerprint;
+    options.created_by = Some(caller.name.clone());
     let new_run = plan_run(&plugin, &params, options, &state.settings, now_millis()).await?;
     let run = match state.store.enqueue_run(&new_run).await? {
         Enqueued::Created(run) => {
@@ -169,163 +115,6 @@ pub async fn runs_create(
         Json(RunDto::new(&run, true)),
     )
         .into_response())
-}
-
-/// The request body as a JSON object with only `known` fields: 400 for what is not a JSON
-/// object, 413 over `limit`, 422 naming the first unknown field.
-pub(super) fn read_json_object(
-    body: Result<Bytes, BytesRejection>,
-    known: &[&str],
-    limit: usize,
-) -> Result<Map<String, Json_>, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(limit)
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })?;
-    let request: Json_ = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("request body is not valid JSON: {error}"),
-        )
-    })?;
-    let Json_::Object(request) = request else {
-        return Err(ApiError::bad_request(
-            "malformed_json",
-            "request body must be a JSON object",
-        ));
-    };
-    if let Some(unknown) = request.keys().find(|key| !known.contains(&key.as_str())) {
-        return Err(ApiError::invalid(
-            unknown.clone(),
-            format!(
-                "unknown field {unknown:?}; known fields: {}",
-                known.join(", ")
-            ),
-        ));
-    }
-    Ok(request)
-}
-
-pub(super) fn optional_millis(
-    request: &Map<String, Json_>,
-    field: &str,
-    min: Duration,
-    max: Duration,
-) -> Result<Option<Duration>, ApiError> {
-    // Absent and `null` both mean "not set".
-    let Some(value) = request.get(field).filter(|value| !value.is_null()) else {
-        return Ok(None);
-    };
-    let millis = value
-        .as_u64()
-        .map(Duration::from_millis)
-        .filter(|millis| (min..=max).contains(millis))
-        .ok_or_else(|| {
-            ApiError::invalid(
-                field,
-                format!(
-                    "{field} must be an integer from {} to {}",
-                    min.as_millis(),
-                    max.as_millis()
-                ),
-            )
-        })?;
-    Ok(Some(millis))
-}
-
-/// `step_timeouts`: an object of step names and milliseconds from 1 to `max`; whether each
-/// name is a step of the plugin is checked with the plan. `null` means none.
-fn parse_step_timeouts(
-    value: Option<&Json_>,
-    max: Duration,
-) -> Result<BTreeMap<String, Duration>, ApiError> {
-    let Some(value) = value.filter(|value| !value.is_null()) else {
-        return Ok(BTreeMap::new());
-    };
-    let object = value.as_object().ok_or_else(|| {
-        ApiError::invalid(
-            "step_timeouts",
-            "step_timeouts must be an object of step names and milliseconds",
-        )
-    })?;
-    object
-        .iter()
-        .map(|(name, ms)| {
-            let ms = ms
-                .as_u64()
-                .filter(|ms| (1..=max.as_millis() as u64).contains(ms))
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        format!("step_timeouts.{name}"),
-                        format!(
-                            "a step timeout must be an integer from 1 to {}",
-                            max.as_millis()
-                        ),
-                    )
-                })?;
-            Ok((name.clone(), Duration::from_millis(ms)))
-        })
-        .collect()
-}
-
-/// Most labels on one run or schedule.
-pub const MAX_LABELS: usize = 32;
-/// Longest label key, and longest label value, in bytes.
-pub const MAX_LABEL_KEY_BYTES: usize = 63;
-pub const MAX_LABEL_VALUE_BYTES: usize = 256;
-
-/// Labels: an object of at most [`MAX_LABELS`] string values; keys of 1 to 63 bytes without
-/// `=` (the filter `?label=key=value` splits at the first one) or control characters; values
-/// of at most 256 bytes. `null` means none.
-pub(super) fn parse_labels(value: Option<&Json_>) -> Result<BTreeMap<String, String>, ApiError> {
-    let Some(value) = value.filter(|value| !value.is_null()) else {
-        return Ok(BTreeMap::new());
-    };
-    let object = value
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("labels", "labels must be an object of string values"))?;
-    if object.len() > MAX_LABELS {
-        return Err(ApiError::invalid(
-            "labels",
-            format!(
-                "at most {MAX_LABELS} labels are allowed, not {}",
-                object.len()
-            ),
-        ));
-    }
-    object
-        .iter()
-        .map(|(key, value)| {
-            let field = format!("labels.{key}");
-            if key.is_empty()
-                || key.len() > MAX_LABEL_KEY_BYTES
-                || key.contains('=')
-                || key.chars().any(char::is_control)
-            {
-                return Err(ApiError::invalid(
-                    field,
-                    format!("a label key must be 1 to {MAX_LABEL_KEY_BYTES} bytes, without `=` or control characters"),
-                ));
-            }
-            match value {
-                Json_::String(text) if text.contains('\0') => Err(ApiError::invalid(
-                    field,
-                    "a label value may not contain a NUL character",
-                )),
-                Json_::String(text) if text.len() <= MAX_LABEL_VALUE_BYTES => {
-                    Ok((key.clone(), text.clone()))
-                }
-                Json_::String(_) => Err(ApiError::invalid(
-                    field,
-                    format!("a label value may be at most {MAX_LABEL_VALUE_BYTES} bytes"),
-                )),
-                _ => Err(ApiError::invalid(field, "a label value must be a string")),
-            }
-        })
-        .collect()
 }
 
 pub(super) fn parse_run_id(id: &str) -> Result<RunId, ApiError> {
@@ -373,28 +162,6 @@ pub async fn runs_show(
     Ok(Json(RunDto::new(&run, true)))
 }
 
-/// The `status` query parameter of a run listing or stream.
-pub(super) fn status_filter(
-    query: &BTreeMap<String, String>,
-) -> Result<Option<RunStatus>, ApiError> {
-    match query.get("status") {
-        Some(text) => Ok(Some(RunStatus::parse(text).ok_or_else(|| {
-            let known: Vec<_> = RunStatus::ALL
-                .iter()
-                .map(|status| status.as_str())
-                .collect();
-            ApiError::invalid(
-                "status",
-                format!("status must be one of {}", known.join(", ")),
-            )
-        })?)),
-        None => Ok(None),
-    }
-}
-
-/// The query parameters of `GET /v1/runs/{id}/attempts`.
-pub(super) const ATTEMPTS_QUERY: &[&str] = &["limit", "cursor", "logs"];
-
 /// The most JSON one page of attempts holds (one attempt may be larger on its own): a page of
 /// 1,000 attempts with full logs and messages would be hundreds of MB.
 pub const ATTEMPT_PAGE_BYTES: usize = 4 << 20;
@@ -419,13 +186,13 @@ pub async fn runs_attempts(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<AttemptListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), ATTEMPTS_QUERY)?;
-    let limit = super::query::limit(&query, 100, 1000)?;
-    let after = super::query::cursor(&query, |text| {
+    let query: AttemptPageQuery = super::query::read(raw.as_deref())?;
+    let limit = super::query::limit(query.limit.as_deref(), 100, 1000)?;
+    let after = super::query::cursor(query.cursor.as_deref(), |text| {
         let (position, attempt) = text.split_once('.')?;
         Some((position.parse().ok()?, attempt.parse().ok()?))
     })?;
-    let logs = super::query::flag(&query, "logs")?.unwrap_or(false);
+    let logs = super::query::flag(query.logs.as_deref(), "logs")?.unwrap_or(false);
     let run_id = parse_run_id(&id)?;
     existing_run(&state, &run_id).await?;
     let page = AttemptPage {
@@ -527,9 +294,9 @@ pub async fn runs_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<RunListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
-    let status = status_filter(&query)?;
-    let label = match query.get("label") {
+    let query: RunsQuery = super::query::read(raw.as_deref())?;
+    let status = super::query::run_status(query.status.as_deref())?;
+    let label = match &query.label {
         Some(text) => Some(
             text.split_once('=')
                 .map(|(key, value)| (key.to_owned(), value.to_owned()))
@@ -537,13 +304,13 @@ pub async fn runs_index(
         ),
         None => None,
     };
-    let limit = super::query::limit(&query, 50, 500)?;
-    let before = super::query::cursor(&query, RunId::parse)?;
+    let limit = super::query::limit(query.limit.as_deref(), 50, 500)?;
+    let before = super::query::cursor(query.cursor.as_deref(), RunId::parse)?;
     let filter = RunFilter {
-        plugin: query.get("plugin").cloned(),
+        plugin: query.plugin,
         status,
         label,
-        schedule: query.get("schedule").cloned(),
+        schedule: query.schedule,
         before,
         limit,
     };

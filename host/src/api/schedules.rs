@@ -1,21 +1,21 @@
 //! `/v1/schedules`: recurring triggers that start runs. Create, list, show (with recent
 //! fires), patch (pause, resume, edit) and delete.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value as Json_};
+use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::{ScheduleDto, ScheduleListDto};
+use super::body;
+use super::dto::{
+    NewScheduleRequest, ScheduleChangeRequest, ScheduleDto, ScheduleListDto, SchedulesQuery,
+    TriggerRequest,
+};
 use super::error::{ApiError, Problem};
-use super::openapi::{NewScheduleRequest, ScheduleChangeRequest, SchedulesQuery};
-use super::runs::{optional_millis, parse_labels, read_json_object};
 use super::state::AppState;
 use crate::model::{PluginName, TriggerSpec, UnixMillis, now_millis};
 use crate::scheduler::planning::check_params;
@@ -23,20 +23,6 @@ use crate::scheduler::schedules::due_time;
 use crate::scheduler::trigger::Trigger;
 use crate::storage::{ScheduleFilter, ScheduleOptions, ScheduleRecord};
 
-pub(super) const KNOWN_FIELDS: &[&str] = &[
-    "plugin",
-    "params",
-    "trigger",
-    "misfire_grace_ms",
-    "coalesce",
-    "max_concurrent_runs",
-    "paused",
-    "labels",
-    "poll_interval_ms",
-    "timeout_ms",
-];
-/// The query parameters of `GET /v1/schedules`.
-pub(super) const INDEX_QUERY: &[&str] = &["plugin", "paused", "limit", "cursor"];
 /// Fires shown with a schedule.
 const RECENT_FIRES: u32 = 20;
 /// APScheduler's defaults: a fire more than a second late is missed, backlogs coalesce, one
@@ -60,20 +46,18 @@ pub async fn schedules_create(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = set_fields(read_json_object(
-        body,
-        KNOWN_FIELDS,
-        state.settings.body_limit_bytes,
-    )?);
-    let plugin_name = match request.get("plugin") {
-        Some(Json_::String(name)) => name.clone(),
-        Some(_) => return Err(ApiError::invalid("plugin", "plugin must be a string")),
-        None => return Err(ApiError::invalid("plugin", "plugin is required")),
-    };
+    let request: NewScheduleRequest = body::typed(
+        &body::object(body, state.settings.body_limit_bytes)?,
+        &state.settings,
+    )?;
+    let plugin_name = request
+        .plugin
+        .clone()
+        .ok_or_else(|| ApiError::invalid("plugin", "plugin is required"))?;
     // Whether the plugin exists is checked with the params, in `apply_fields`.
     PluginName::parse(&plugin_name).map_err(|message| ApiError::invalid("plugin", message))?;
     caller.require_plugin(&plugin_name)?;
-    if !request.contains_key("trigger") {
+    if request.trigger.is_none() {
         return Err(ApiError::invalid("trigger", "trigger is required"));
     }
     let now = now_millis();
@@ -97,7 +81,7 @@ pub async fn schedules_create(
         updated_at: now,
         created_by: Some(caller.name.clone()),
     };
-    apply_fields(&state, &mut schedule, &request, now, true).await?;
+    apply_fields(&state, &mut schedule, request, now, true).await?;
     state.store.insert_schedule(&schedule).await?;
     tracing::info!(schedule = %schedule.id, plugin = %schedule.plugin_name, actor = %caller.name, "schedule created");
     state.schedule_wakeup.wake();
@@ -122,15 +106,15 @@ pub async fn schedules_index(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<ScheduleListDto>, ApiError> {
-    let query = super::query::parse(raw.as_deref(), INDEX_QUERY)?;
-    let paused = super::query::flag(&query, "paused")?;
-    let limit = super::query::limit(&query, 100, 1000)?;
+    let query: SchedulesQuery = super::query::read(raw.as_deref())?;
+    let paused = super::query::flag(query.paused.as_deref(), "paused")?;
+    let limit = super::query::limit(query.limit.as_deref(), 100, 1000)?;
     // Schedule ids are UUIDs, which sort by creation time.
-    let after = super::query::cursor(&query, |text| {
+    let after = super::query::cursor(query.cursor.as_deref(), |text| {
         uuid::Uuid::parse_str(text).ok().map(|_| text.to_owned())
     })?;
     let filter = ScheduleFilter {
-        plugin: query.get("plugin").cloned(),
+        plugin: query.plugin,
         paused,
     };
     let schedules = state
@@ -187,13 +171,12 @@ pub async fn schedules_update(
 ) -> Result<Json<ScheduleDto>, ApiError> {
     let mut schedule = find(&state, &id).await?;
     caller.require_plugin(&schedule.plugin_name)?;
-    let request = set_fields(read_json_object(
-        body,
-        KNOWN_FIELDS,
-        state.settings.body_limit_bytes,
-    )?);
-    if let Some(plugin) = request.get("plugin")
-        && plugin.as_str() != Some(schedule.plugin_name.as_str())
+    let request: NewScheduleRequest = body::typed(
+        &body::object(body, state.settings.body_limit_bytes)?,
+        &state.settings,
+    )?;
+    if let Some(plugin) = &request.plugin
+        && *plugin != schedule.plugin_name
     {
         return Err(ApiError::invalid(
             "plugin",
@@ -201,7 +184,7 @@ pub async fn schedules_update(
         ));
     }
     let now = now_millis();
-    apply_fields(&state, &mut schedule, &request, now, false).await?;
+    apply_fields(&state, &mut schedule, request, now, false).await?;
     schedule.updated_at = now;
     state.store.update_schedule(&schedule).await?;
     tracing::info!(schedule = %schedule.id, paused = schedule.options.paused, actor = %caller.name, "schedule changed");
@@ -253,77 +236,38 @@ fn not_found(id: &str) -> ApiError {
 async fn apply_fields(
     state: &AppState,
     schedule: &mut ScheduleRecord,
-    request: &Map<String, Json_>,
+    request: NewScheduleRequest,
     now: UnixMillis,
     creating: bool,
 ) -> Result<(), ApiError> {
+    request.validate(&state.settings)?;
     let was_paused = schedule.options.paused;
-    if let Some(params) = request.get("params") {
-        if !params.is_object() {
-            return Err(ApiError::invalid("params", "params must be a JSON object"));
-        }
-        schedule.params = params.to_string();
+    if let Some(params) = request.params {
+        schedule.params = Json_::Object(params).to_string();
     }
-    if let Some(labels) = request.get("labels") {
-        schedule.labels = parse_labels(Some(labels))?;
+    if let Some(labels) = request.labels {
+        schedule.labels = labels;
     }
-    let settings = &state.settings;
-    if request.contains_key("poll_interval_ms") {
-        schedule.poll_interval_ms = optional_millis(
-            request,
-            "poll_interval_ms",
-            settings.min_poll_interval,
-            settings.max_poll_interval,
-        )?
-        .map(|interval| interval.as_millis() as i64);
+    let millis = |millis: u64| millis as i64;
+    if request.poll_interval_ms.is_some() {
+        schedule.poll_interval_ms = request.poll_interval_ms.map(millis);
     }
-    if request.contains_key("timeout_ms") {
-        schedule.timeout_ms = optional_millis(
-            request,
-            "timeout_ms",
-            Duration::from_millis(1),
-            settings.max_run_timeout,
-        )?
-        .map(|timeout| timeout.as_millis() as i64);
+    if request.timeout_ms.is_some() {
+        schedule.timeout_ms = request.timeout_ms.map(millis);
     }
-    match request.get("misfire_grace_ms") {
-        None => {}
-        Some(Json_::Null) => schedule.options.misfire_grace_ms = None,
-        Some(value) => {
-            schedule.options.misfire_grace_ms =
-                Some(value.as_i64().filter(|grace| *grace >= 0).ok_or_else(|| {
-                    ApiError::invalid(
-                        "misfire_grace_ms",
-                        "misfire_grace_ms must be a non-negative integer, or null for no limit",
-                    )
-                })?);
-        }
+    if let Some(grace) = request.misfire_grace_ms {
+        schedule.options.misfire_grace_ms = grace;
     }
-    if let Some(value) = request.get("coalesce") {
-        schedule.options.coalesce = value
-            .as_bool()
-            .ok_or_else(|| ApiError::invalid("coalesce", "coalesce must be true or false"))?;
+    if let Some(coalesce) = request.coalesce {
+        schedule.options.coalesce = coalesce;
     }
-    if let Some(value) = request.get("max_concurrent_runs") {
-        schedule.options.max_concurrent_runs = value
-            .as_u64()
-            .filter(|max| (1..=10_000).contains(max))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "max_concurrent_runs",
-                    "max_concurrent_runs must be an integer from 1 to 10000",
-                )
-            })? as u32;
+    if let Some(max) = request.max_concurrent_runs {
+        schedule.options.max_concurrent_runs = max;
     }
-    if let Some(value) = request.get("paused") {
-        schedule.options.paused = value
-            .as_bool()
-            .ok_or_else(|| ApiError::invalid("paused", "paused must be true or false"))?;
+    if let Some(paused) = request.paused {
+        schedule.options.paused = paused;
     }
-    let new_trigger = match request.get("trigger") {
-        Some(trigger) => Some(parse_trigger(trigger)?),
-        None => None,
-    };
+    let new_trigger = request.trigger.map(trigger_spec).transpose()?;
     if let Some(spec) = &new_trigger {
         schedule.trigger = spec.clone();
     }
@@ -403,36 +347,32 @@ async fn apply_fields(
     Ok(())
 }
 
-/// `{"cron": "...", "timezone"?: "..."}`, `{"interval_ms": n, "jitter_ms"?, "start_at"?,
-/// "end_at"?}` or `{"at": "<RFC 3339>"}`.
-fn parse_trigger(value: &Json_) -> Result<TriggerSpec, ApiError> {
-    let Some(trigger) = value.as_object() else {
-        return Err(ApiError::invalid("trigger", "trigger must be an object"));
+/// The one form `trigger` gives, with only that form's fields.
+fn trigger_spec(trigger: TriggerRequest) -> Result<TriggerSpec, ApiError> {
+    let given = |field: &str| match field {
+        "cron" => trigger.cron.is_some(),
+        "timezone" => trigger.timezone.is_some(),
+        "interval_ms" => trigger.interval_ms.is_some(),
+        "jitter_ms" => trigger.jitter_ms.is_some(),
+        "start_at" => trigger.start_at.is_some(),
+        "end_at" => trigger.end_at.is_some(),
+        _ => trigger.at.is_some(),
     };
-    let trigger: Map<String, Json_> = trigger
+    let forms: Vec<_> = TriggerRequest::FORMS
         .iter()
-        .filter(|(_, value)| !value.is_null())
-        .map(|(name, value)| (name.clone(), value.clone()))
+        .filter(|(kind, _)| given(kind))
         .collect();
-    let trigger = &trigger;
-    let kinds = ["cron", "interval_ms", "at"]
-        .iter()
-        .filter(|kind| trigger.contains_key(**kind))
-        .count();
-    if kinds != 1 {
+    let [(_, allowed)] = forms[..] else {
         return Err(ApiError::invalid(
             "trigger",
             "trigger must have exactly one of cron, interval_ms or at",
         ));
-    }
-    let allowed: &[&str] = if trigger.contains_key("cron") {
-        &["cron", "timezone"]
-    } else if trigger.contains_key("interval_ms") {
-        &["interval_ms", "jitter_ms", "start_at", "end_at"]
-    } else {
-        &["at"]
     };
-    if let Some(unknown) = trigger.keys().find(|key| !allowed.contains(&key.as_str())) {
+    let others = TriggerRequest::FORMS
+        .iter()
+        .flat_map(|(_, fields)| fields.iter())
+        .filter(|field| !allowed.contains(field));
+    if let Some(unknown) = others.into_iter().find(|field| given(field)) {
         return Err(ApiError::invalid(
             format!("trigger.{unknown}"),
             format!(
@@ -441,72 +381,31 @@ fn parse_trigger(value: &Json_) -> Result<TriggerSpec, ApiError> {
             ),
         ));
     }
-    if let Some(expr) = trigger.get("cron") {
-        let expr = expr
-            .as_str()
-            .ok_or_else(|| ApiError::invalid("trigger.cron", "cron must be a string"))?;
-        let timezone = match trigger.get("timezone") {
-            None => "UTC",
-            Some(zone) => zone.as_str().ok_or_else(|| {
-                ApiError::invalid("trigger.timezone", "timezone must be a string")
-            })?,
-        };
+    let time = |field: &str, text: Option<String>| {
+        text.map(|text| {
+            chrono::DateTime::parse_from_rfc3339(&text)
+                .map(|time| time.timestamp_millis())
+                .map_err(|_| TriggerRequest::time_problem(field))
+        })
+        .transpose()
+    };
+    if let Some(expr) = trigger.cron {
         return Ok(TriggerSpec::Cron {
-            expr: expr.to_owned(),
-            timezone: timezone.to_owned(),
+            expr,
+            timezone: trigger.timezone.unwrap_or_else(|| "UTC".to_owned()),
         });
     }
-    if let Some(interval) = trigger.get("interval_ms") {
-        let interval_ms = interval.as_i64().ok_or_else(|| {
-            ApiError::invalid("trigger.interval_ms", "interval_ms must be an integer")
-        })?;
-        let jitter_ms = match trigger.get("jitter_ms") {
-            None => 0,
-            Some(jitter) => jitter
-                .as_i64()
-                .filter(|jitter| *jitter >= 0)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "trigger.jitter_ms",
-                        "jitter_ms must be a non-negative integer",
-                    )
-                })?,
-        };
+    if let Some(interval_ms) = trigger.interval_ms {
         return Ok(TriggerSpec::Interval {
             interval_ms,
-            jitter_ms,
-            start_at: optional_time(trigger, "start_at")?,
-            end_at: optional_time(trigger, "end_at")?,
+            jitter_ms: match trigger.jitter_ms.unwrap_or(0) {
+                jitter if jitter < 0 => return Err(TriggerRequest::jitter_problem()),
+                jitter => jitter,
+            },
+            start_at: time("start_at", trigger.start_at)?,
+            end_at: time("end_at", trigger.end_at)?,
         });
     }
-    let at = optional_time(trigger, "at")?
-        .ok_or_else(|| ApiError::invalid("trigger.at", "at must be an RFC 3339 time"))?;
+    let at = time("at", trigger.at)?.ok_or_else(|| TriggerRequest::time_problem("at"))?;
     Ok(TriggerSpec::At { at })
-}
-
-/// The fields that are set: `null` means "not set", as everywhere in the API, but for
-/// `misfire_grace_ms`, where it means "no limit".
-fn set_fields(request: Map<String, Json_>) -> Map<String, Json_> {
-    request
-        .into_iter()
-        .filter(|(name, value)| !value.is_null() || name == "misfire_grace_ms")
-        .collect()
-}
-
-fn optional_time(
-    trigger: &Map<String, Json_>,
-    field: &'static str,
-) -> Result<Option<UnixMillis>, ApiError> {
-    let Some(value) = trigger.get(field) else {
-        return Ok(None);
-    };
-    let invalid = || {
-        ApiError::invalid(
-            format!("trigger.{field}"),
-            format!("{field} must be an RFC 3339 time, e.g. 2026-12-01T02:30:00Z"),
-        )
-    };
-    let text = value.as_str().ok_or_else(invalid)?;
-    let time = chrono::DateTime::parse_from_rfc3339(text).map_err(|_| invalid())?;
-    Ok(Some(time.timestamp_millis()))
 }

@@ -7,20 +7,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::Value as Json_;
 
 use super::auth::Caller;
-use super::dto::{CallerDto, NewTokenDto, TokenDto, TokenListDto};
+use super::body;
+use super::dto::{CallerDto, NewTokenDto, NewTokenRequest, TokenDto, TokenListDto};
 use super::error::{ApiError, Problem};
-use super::openapi::NewTokenRequest;
-use super::runs::read_json_object;
 use super::state::AppState;
 use crate::auth::{CreateError, TokenTerms, create_token};
 use crate::model::{PluginScope, Role, now_millis};
 use crate::storage::{self, AuditEntry};
-
-/// The fields of `POST /v1/tokens`.
-pub(super) const CREATE_FIELDS: &[&str] = &["role", "name", "expires_in", "plugins"];
 
 /// The longest lifetime a token may be given: ten years.
 const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
@@ -52,50 +47,25 @@ pub async fn tokens_create(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = read_json_object(body, CREATE_FIELDS, state.settings.body_limit_bytes)?;
-    let role = match request.get("role") {
-        Some(Json_::String(role)) => {
-            Role::parse(role).map_err(|message| ApiError::invalid("role", message))?
-        }
-        Some(_) => return Err(ApiError::invalid("role", "role must be a string")),
-        None => return Err(ApiError::invalid("role", "role is required")),
-    };
-    let name = match request.get("name") {
-        Some(Json_::String(name)) => Some(name.clone()),
-        None | Some(Json_::Null) => None,
-        Some(_) => return Err(ApiError::invalid("name", "name must be a string")),
-    };
-    let lifetime = match request.get("expires_in") {
-        Some(Json_::String(text)) => {
-            Some(parse_lifetime(text).map_err(|message| ApiError::invalid("expires_in", message))?)
-        }
-        None | Some(Json_::Null) => None,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "expires_in",
-                "expires_in must be a duration such as \"90d\"",
-            ));
-        }
-    };
-    let plugins = match request.get("plugins") {
-        None | Some(Json_::Null) => None,
-        Some(Json_::Array(patterns)) => {
-            let patterns: Option<Vec<&str>> = patterns.iter().map(Json_::as_str).collect();
-            let patterns = patterns.ok_or_else(|| {
-                ApiError::invalid("plugins", "plugins must be an array of name patterns")
-            })?;
-            Some(
-                PluginScope::parse(patterns)
-                    .map_err(|message| ApiError::invalid("plugins", message))?,
-            )
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "plugins",
-                "plugins must be an array of name patterns, such as [\"team-a-*\"]",
-            ));
-        }
-    };
+    let request: NewTokenRequest = body::typed(
+        &body::object(body, state.settings.body_limit_bytes)?,
+        &state.settings,
+    )?;
+    let role = Role::parse(&request.role).map_err(|message| ApiError::invalid("role", message))?;
+    let name = request.name;
+    let lifetime = request
+        .expires_in
+        .map(|text| {
+            parse_lifetime(&text).map_err(|message| ApiError::invalid("expires_in", message))
+        })
+        .transpose()?;
+    let plugins = request
+        .plugins
+        .map(|patterns| {
+            PluginScope::parse(patterns.iter().map(String::as_str))
+                .map_err(|message| ApiError::invalid("plugins", message))
+        })
+        .transpose()?;
     let terms = TokenTerms { lifetime, plugins };
     let token = create_token(&state.store, name, role, &caller.name, terms)
         .await

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
-use sqlx::{Any, Transaction};
 
 use super::{Error, Result, Store};
 use crate::model::{PluginScope, Role, UnixMillis};
@@ -95,7 +94,7 @@ impl Store {
     /// Stores a new token; `Conflict` if its name is taken, by a token in use or a revoked
     /// one (names are never reused).
     pub async fn create_token(&self, token: &StoredToken, audit: &AuditEntry) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO tokens (name, role, key_id, salt, hash, created_at, created_by, expires_at, plugins) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
@@ -146,7 +145,7 @@ impl Store {
 
     /// Marks the token `name` revoked; `NotFound` if there is none in use.
     pub async fn revoke_token(&self, name: &str, audit: &AuditEntry) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         let deleted =
             sqlx::query("UPDATE tokens SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL")
                 .bind(name)
@@ -163,7 +162,7 @@ impl Store {
 
     /// Records a change that writes nothing else (an upload that waits for review).
     pub async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         insert_audit(&mut transaction, entry).await?;
         transaction.commit().await?;
         Ok(())
@@ -185,7 +184,7 @@ impl Store {
 
 /// Records `entry` in the transaction that makes the change it describes.
 pub(super) async fn insert_audit(
-    transaction: &mut Transaction<'static, Any>,
+    transaction: &mut sqlx::AnyConnection,
     entry: &AuditEntry,
 ) -> Result<()> {
     let detail = Json::Object(
@@ -203,7 +202,7 @@ pub(super) async fn insert_audit(
     .bind(entry.action)
     .bind(&entry.target)
     .bind(detail.to_string())
-    .execute(&mut **transaction)
+    .execute(&mut *transaction)
     .await?;
     Ok(())
 }

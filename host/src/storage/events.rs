@@ -174,7 +174,7 @@ impl Store {
         if self.backend != Backend::Postgres {
             return Ok(0);
         }
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(NUMBERING_LOCK)
             .execute(&mut *transaction)

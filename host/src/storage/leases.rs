@@ -1,21 +1,36 @@
 //! Leases: the claim and the renewal that runs, schedules, notifications and jobs share.
+//!
+//! A claim sets `lease_owner` (a run shows it as its `node`), `lease_expires_at` (the
+//! database's now plus `lease_ms`) and bumps `lease_token`. The runner renews a run's lease
+//! every `lease_ms / 3` while a call runs and releases it when the tick ends. Every result
+//! write is conditional on the token (a step's, also on the step being unfinished), so a node
+//! that lost its lease (killed, paused, partitioned) writes nothing after the takeover, and a
+//! step's result is written exactly once, though its call may be made twice. Cancelling bumps
+//! the token too.
 
 use super::backend::Backend;
-use super::store::take_turn;
 use super::{Result, Store};
-use crate::model::RunId;
+use crate::model::{RunId, UnixMillis};
 
-/// The lease claim that runs and schedules share: rows of `table` due by `$3` (in the `due`
-/// column) and passing `filter`, whose lease is free or expired by the database's clock,
-/// earliest first, at most `$4`, leased to `$1` for `$2` ms by that clock with a new fencing
-/// token.
-pub(super) fn claim_sql(
-    backend: Backend,
-    table: &str,
-    due: &str,
-    filter: &str,
-    returning: &str,
-) -> String {
+/// What a claim leases: rows of `table` whose `due` column is set and due, passing `filter`
+/// (SQL after `AND`, which may use `$5`), answering with the `returning` columns.
+pub(super) struct Claimable {
+    pub table: &'static str,
+    pub due: &'static str,
+    pub filter: &'static str,
+    pub returning: &'static str,
+}
+
+/// The lease claim that runs, schedules, notifications and jobs share: rows of `claimable` due
+/// by `$3`, whose lease is free or expired by the database's clock, earliest first, at most
+/// `$4`, leased to `$1` for `$2` ms by that clock with a new fencing token.
+pub(super) fn claim_sql(backend: Backend, claimable: &Claimable) -> String {
+    let Claimable {
+        table,
+        due,
+        filter,
+        returning,
+    } = claimable;
     let db_now = backend.now_sql();
     let skip_locked = backend.skip_locked();
     format!(
@@ -38,14 +53,28 @@ pub(super) fn renew_sql(backend: Backend, table: &str) -> String {
 }
 
 impl Store {
-    pub(super) fn claim_sql(
+    /// Leases to `owner`, for `lease_ms` by the database's clock, up to `limit` rows of
+    /// `claimable` due by `now`; `filter_value` is the filter's `$5`.
+    pub(super) async fn claim<R>(
         &self,
-        table: &str,
-        due: &str,
-        filter: &str,
-        returning: &str,
-    ) -> String {
-        claim_sql(self.backend, table, due, filter, returning)
+        claimable: &Claimable,
+        (owner, now, lease_ms, limit): (&str, UnixMillis, i64, usize),
+        filter_value: Option<&str>,
+    ) -> Result<Vec<R>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    {
+        let sql = claim_sql(self.backend, claimable);
+        let mut query = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(now)
+            .bind(limit as i64);
+        if let Some(value) = filter_value {
+            query = query.bind(value);
+        }
+        let (pool, _turn) = self.writes.single().await;
+        Ok(query.fetch_all(pool).await?)
     }
 
     /// Extends a lease held with `lease_token` to `lease_ms` from now by the database's clock.
@@ -67,12 +96,12 @@ impl Store {
         lease_ms: i64,
     ) -> Result<bool> {
         let sql = renew_sql(self.backend, table);
-        let _turn = take_turn(&self.writer).await;
+        let (pool, _turn) = self.writes.single().await;
         let renewed = sqlx::query(&sql)
             .bind(lease_ms)
             .bind(id)
             .bind(lease_token)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(renewed.rows_affected() == 1)
     }

@@ -17,6 +17,7 @@ mod runs;
 mod schedules;
 mod sqlite_reader;
 mod sqlite_writer;
+mod statement;
 mod store;
 
 use std::collections::BTreeMap;

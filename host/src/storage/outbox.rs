@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, FromRow};
+use sqlx::FromRow;
 
-use super::store::take_turn;
+use super::leases::Claimable;
+use super::statement::{Tx, Value};
 use super::{Error, Result, Store, TickWrite};
 use crate::model::{DeliveryStatus, Notifier, NotifyEvent, RunId, Streak, UnixMillis};
 
@@ -69,15 +70,15 @@ pub struct NotificationRecord {
 /// Moves a series' streak (`$1` series, `$2` 1 for a failure, `$3` now), returning the
 /// failures in a row before and after. The upsert locks the streak row, so runs of one series
 /// finishing at once on several nodes count one after the other.
-pub(super) const MOVE_STREAK: &str = "INSERT INTO notify_streaks (series, failures, previous_failures, updated_at) \
+const MOVE_STREAK: &str = "INSERT INTO notify_streaks (series, failures, previous_failures, updated_at) \
      VALUES ($1, $2, 0, $3) ON CONFLICT (series) DO UPDATE SET previous_failures = notify_streaks.failures, \
      failures = CASE WHEN $2 = 0 THEN 0 ELSE notify_streaks.failures + 1 END, updated_at = $3 \
      RETURNING previous_failures, failures";
-pub(super) const INSERT_NOTIFICATION: &str = "INSERT INTO notifications (id, run_id, notifier, event, status, \
+const INSERT_NOTIFICATION: &str = "INSERT INTO notifications (id, run_id, notifier, event, status, \
      created_at, next_attempt_at) VALUES ($1, $2, $3, $4, 'pending', $5, $5)";
 
 /// Whether a write's notifiers need the streak moved: it ends the run with a verdict.
-pub(super) fn moves_streak(write: &TickWrite, notify: &NotifyWrite) -> bool {
+fn moves_streak(write: &TickWrite, notify: &NotifyWrite) -> bool {
     let status = write.run.status;
     !notify.notifiers.is_empty()
         && (status.is_failure() || status == crate::model::RunStatus::Passed)
@@ -85,7 +86,7 @@ pub(super) fn moves_streak(write: &TickWrite, notify: &NotifyWrite) -> bool {
 
 /// The outbox rows `(notifier, event)` that a run ending with `write` makes, given the streak
 /// `MOVE_STREAK` returned.
-pub(super) fn outbox_rows<'a>(
+fn outbox_rows<'a>(
     write: &TickWrite,
     notify: &'a NotifyWrite,
     (before, now): (i64, i64),
@@ -105,28 +106,28 @@ pub(super) fn outbox_rows<'a>(
 /// Inside the transaction that ends a run: moves its series' streak and writes one outbox row
 /// per notifier whose rules make this an event.
 pub(super) async fn enqueue_notifications(
-    transaction: &mut AnyConnection,
+    tx: &mut impl Tx,
     write: &TickWrite,
     notify: &NotifyWrite,
 ) -> Result<()> {
     if !moves_streak(write, notify) {
         return Ok(());
     }
-    let streak: (i64, i64) = sqlx::query_as(MOVE_STREAK)
-        .bind(&notify.series)
-        .bind(i64::from(write.run.status.is_failure()))
-        .bind(write.now)
-        .fetch_one(&mut *transaction)
-        .await?;
+    let streak = [
+        Value::from(notify.series.as_str()),
+        Value::from(i64::from(write.run.status.is_failure())),
+        Value::from(write.now),
+    ];
+    let streak = tx.query_pair(MOVE_STREAK, &streak).await?;
     for (notifier, event) in outbox_rows(write, notify, streak) {
-        sqlx::query(INSERT_NOTIFICATION)
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind(write.run_id.as_str())
-            .bind(notifier)
-            .bind(event.as_str())
-            .bind(write.now)
-            .execute(&mut *transaction)
-            .await?;
+        let row = [
+            Value::from(uuid::Uuid::now_v7().to_string()),
+            Value::from(write.run_id.as_str()),
+            Value::from(notifier),
+            Value::from(event.as_str()),
+            Value::from(write.now),
+        ];
+        tx.execute(INSERT_NOTIFICATION, &row).await?;
     }
     Ok(())
 }
@@ -180,19 +181,14 @@ impl Store {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedNotification>> {
-        let sql = self.claim_sql(
-            "notifications",
-            "next_attempt_at",
-            "",
-            "id, run_id, notifier, event, attempts, created_at, lease_token",
-        );
-        let _turn = take_turn(&self.writer).await;
-        let rows: Vec<(String, String, String, String, i64, i64, i64)> = sqlx::query_as(&sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .bind(now)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
+        const DUE: Claimable = Claimable {
+            table: "notifications",
+            due: "next_attempt_at",
+            filter: "",
+            returning: "id, run_id, notifier, event, attempts, created_at, lease_token",
+        };
+        let rows: Vec<(String, String, String, String, i64, i64, i64)> = self
+            .claim(&DUE, (owner, now, lease_ms, limit), None)
             .await?;
         rows.into_iter()
             .map(
@@ -236,8 +232,7 @@ impl Store {
             DeliveryNext::GiveUp => (DeliveryStatus::Failed, None, Some(attempt.started_at)),
         };
         let finished_at = finished_at.map(|at| at + attempt.duration_ms);
-        let _turn = take_turn(&self.writer).await;
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         let updated = sqlx::query(
             "UPDATE notifications SET status = $1, attempts = $2, next_attempt_at = $3, finished_at = $4, \
              lease_owner = NULL, lease_expires_at = NULL \

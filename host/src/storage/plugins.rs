@@ -33,7 +33,7 @@ impl Store {
         uploader: Actor<'_>,
     ) -> Result<bool> {
         let reviewed_by = uploader.reviews.then_some(uploader.name);
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         sqlx::query("INSERT INTO components (version, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
             .bind(version.as_str())
             .bind(bytes)
@@ -360,7 +360,7 @@ fn check_info_from_json(text: &str) -> Result<CheckInfo> {
 /// Records that `reviewer` let `version` of `name` run under the plugin's grant (a first
 /// review stays the one recorded).
 async fn mark_reviewed(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    transaction: &mut sqlx::AnyConnection,
     name: &str,
     version: &PluginVersion,
     reviewer: &str,
@@ -372,7 +372,7 @@ async fn mark_reviewed(
     .bind(reviewer)
     .bind(name)
     .bind(version.as_str())
-    .execute(&mut **transaction)
+    .execute(&mut *transaction)
     .await?;
     Ok(())
 }

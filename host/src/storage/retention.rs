@@ -4,11 +4,11 @@
 
 use std::fmt::Write;
 
-use sqlx::any::AnyArguments;
-use sqlx::{Arguments, FromRow};
+use sqlx::FromRow;
 
 use super::backend::Backend;
-use super::store::take_turn;
+use super::leases::Claimable;
+use super::statement::{SqlxTx, Tx, Value, arguments};
 use super::{Result, Store};
 use crate::model::{RunId, UnixMillis};
 
@@ -60,32 +60,14 @@ fn placeholders(first: usize, count: usize) -> String {
     text
 }
 
-/// A value bound to a deleting statement, for either backend's driver.
-#[derive(Debug, Clone)]
-pub(super) enum Bind {
-    Int(i64),
-    Text(String),
-}
-
 /// Statements that delete together, in one transaction: SQL with `$n` placeholders, and its
-/// values.
-pub(super) type Deletion = Vec<(String, Vec<Bind>)>;
+/// values, owned, to be sent to SQLite's writer thread.
+pub(super) type Deletion = Vec<(String, Vec<Value<'static>>)>;
 
-fn run_id_binds(ids: &[&RunId]) -> Vec<Bind> {
+fn run_id_binds(ids: &[&RunId]) -> Vec<Value<'static>> {
     ids.iter()
-        .map(|id| Bind::Text(id.as_str().to_owned()))
+        .map(|id| Value::from(id.as_str().to_owned()))
         .collect()
-}
-
-fn any_arguments(binds: &[Bind]) -> AnyArguments<'static> {
-    let mut arguments = AnyArguments::default();
-    for bind in binds {
-        let _ = match bind {
-            Bind::Int(value) => arguments.add(*value),
-            Bind::Text(value) => arguments.add(value.clone()),
-        };
-    }
-    arguments
 }
 
 /// The run `run_id` (a qualified column) has no notification still being delivered: one keeps
@@ -116,17 +98,16 @@ impl Store {
         now: UnixMillis,
         lease_ms: i64,
     ) -> Result<Option<i64>> {
-        let sql = self.claim_sql("jobs", "next_due_at", " AND id = $5", "lease_token");
-        let _turn = take_turn(&self.writer).await;
-        let token: Option<(i64,)> = sqlx::query_as(&sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .bind(now)
-            .bind(1_i64)
-            .bind(job)
-            .fetch_optional(&self.pool)
+        const DUE: Claimable = Claimable {
+            table: "jobs",
+            due: "next_due_at",
+            filter: " AND id = $5",
+            returning: "lease_token",
+        };
+        let tokens: Vec<(i64,)> = self
+            .claim(&DUE, (owner, now, lease_ms, 1), Some(job))
             .await?;
-        Ok(token.map(|(token,)| token))
+        Ok(tokens.first().map(|(token,)| *token))
     }
 
     /// Extends a job's lease; false if it was lost.
@@ -142,7 +123,7 @@ impl Store {
         lease_token: i64,
         next_due_at: UnixMillis,
     ) -> Result<()> {
-        let _turn = take_turn(&self.writer).await;
+        let (pool, _turn) = self.writes.single().await;
         sqlx::query(
             "UPDATE jobs SET next_due_at = $1, lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $2 AND lease_token = $3",
@@ -150,7 +131,7 @@ impl Store {
         .bind(next_due_at)
         .bind(job)
         .bind(lease_token)
-        .execute(&self.pool)
+        .execute(pool)
         .await?;
         Ok(())
     }
@@ -163,16 +144,13 @@ impl Store {
         if let Some(writer) = self.sqlite_writer() {
             return writer.delete(deletion).await;
         }
-        let _turn = take_turn(&self.writer).await;
-        let mut transaction = self.pool.begin().await?;
+        let mut write = self.writes.begin().await?;
+        let mut tx = SqlxTx(&mut write);
         let mut changed = Vec::with_capacity(deletion.len());
-        for (sql, binds) in &deletion {
-            let done = sqlx::query_with(sql, any_arguments(binds))
-                .execute(&mut *transaction)
-                .await?;
-            changed.push(done.rows_affected());
+        for (sql, values) in &deletion {
+            changed.push(tx.execute(sql, values).await?);
         }
-        transaction.commit().await?;
+        write.commit().await?;
         Ok(changed)
     }
 
@@ -183,7 +161,7 @@ impl Store {
         table: &str,
         key: &str,
         from_where: &str,
-        binds: Vec<Bind>,
+        binds: Vec<Value<'static>>,
         batch: usize,
     ) -> Result<u64> {
         let sql = format!(
@@ -215,7 +193,7 @@ impl Store {
             table,
             key,
             &format!("FROM {table} WHERE {age} < $1{also}"),
-            vec![Bind::Int(before)],
+            vec![Value::from(before)],
             batch,
         )
         .await
@@ -307,7 +285,7 @@ impl Store {
                      + (SELECT COUNT(*) FROM notifications n WHERE n.run_id = r.id) AS dependents \
                      FROM runs r WHERE r.id IN ({list}) AND r.finished_at IS NOT NULL"
                 ),
-                any_arguments(&run_id_binds(&ids)),
+                arguments(&run_id_binds(&ids)),
             )
             .fetch_all(&self.pool)
             .await?;
@@ -361,7 +339,7 @@ impl Store {
                 "UPDATE jobs SET expired_runs_through = $1 WHERE id = 'retention' \
                  AND (expired_runs_through IS NULL OR expired_runs_through < $1)"
                     .to_owned(),
-                vec![Bind::Text(newest.to_owned())],
+                vec![Value::from(newest.to_owned())],
             ));
         }
         let changed = self.delete_together(deletion).await?;
@@ -418,13 +396,13 @@ impl Store {
                     "DELETE FROM plugin_versions WHERE plugin_name = $1 AND version = $2 AND EXISTS \
                      (SELECT 1 FROM plugin_versions pv WHERE pv.plugin_name = $1 AND pv.version = $2 AND {UNUSED})"
                 ),
-                vec![Bind::Text(name), Bind::Text(version.clone())],
+                vec![Value::from(name), Value::from(version.clone())],
             ));
             deletion.push((
                 "DELETE FROM components WHERE version = $1 \
                  AND NOT EXISTS (SELECT 1 FROM plugin_versions WHERE version = $1)"
                     .to_owned(),
-                vec![Bind::Text(version)],
+                vec![Value::from(version)],
             ));
         }
         pruned.add(self.delete_together(deletion).await?.iter().sum());

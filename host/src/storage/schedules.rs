@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use sqlx::any::AnyArguments;
 use sqlx::{Any, FromRow};
 
+use super::leases::Claimable;
 use super::runs::insert_runs;
+use super::statement::SqlxTx;
 use super::store::{corrupt, labels_json};
 use super::{
     Change, ClaimedSchedule, Error, FireRecord, FireWrite, Result, ScheduleFilter, ScheduleOptions,
@@ -17,6 +19,7 @@ use crate::model::{FireOutcome, TriggerSpec, UnixMillis};
 impl Store {
     pub async fn insert_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
         let labels = labels_json(&schedule.labels)?;
+        let (pool, _turn) = self.writes.single().await;
         let query = sqlx::query(
             "INSERT INTO schedules (id, plugin_name, params, labels, poll_interval_ms, timeout_ms, trigger_kind, \
              cron_expr, timezone, interval_ms, jitter_ms, start_at, end_at, at, misfire_grace_ms, coalesce, \
@@ -29,7 +32,7 @@ impl Store {
             .bind(schedule.created_at)
             .bind(schedule.updated_at)
             .bind(schedule.created_by.as_deref())
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         self.schedules_changed().await
     }
@@ -38,6 +41,7 @@ impl Store {
     /// node that is firing the old version of the schedule at this moment.
     pub async fn update_schedule(&self, schedule: &ScheduleRecord) -> Result<()> {
         let labels = labels_json(&schedule.labels)?;
+        let (pool, _turn) = self.writes.single().await;
         let query = sqlx::query(
             "UPDATE schedules SET params = $1, labels = $2, poll_interval_ms = $3, timeout_ms = $4, trigger_kind = $5, \
              cron_expr = $6, timezone = $7, interval_ms = $8, jitter_ms = $9, start_at = $10, end_at = $11, at = $12, \
@@ -48,7 +52,7 @@ impl Store {
         let updated = bind_schedule_fields(query, schedule, &labels)
             .bind(schedule.updated_at)
             .bind(&schedule.id)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         if updated.rows_affected() == 0 {
             return Err(Error::NotFound);
@@ -64,9 +68,10 @@ impl Store {
 
     /// Deletes a schedule and its fire history; its runs stay. Returns whether it existed.
     pub async fn delete_schedule(&self, id: &str) -> Result<bool> {
+        let (pool, _turn) = self.writes.single().await;
         let deleted = sqlx::query("DELETE FROM schedules WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(deleted.rows_affected() == 1)
     }
@@ -134,18 +139,14 @@ impl Store {
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedSchedule>> {
-        let sql = self.claim_sql(
-            "schedules",
-            "next_due_at",
-            " AND paused = 0",
-            "id, lease_token",
-        );
-        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .bind(now)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
+        const DUE: Claimable = Claimable {
+            table: "schedules",
+            due: "next_due_at",
+            filter: " AND paused = 0",
+            returning: "id, lease_token",
+        };
+        let rows: Vec<(String, i64)> = self
+            .claim(&DUE, (owner, now, lease_ms, limit), None)
             .await?;
         Ok(rows
             .into_iter()
@@ -180,7 +181,7 @@ impl Store {
     /// only while `lease_token` is current. A fire already recorded (the key is schedule +
     /// scheduled time) is not recorded again and starts no run. Returns the runs started.
     pub async fn record_fires(&self, write: &FireWrite) -> Result<usize> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.writes.begin().await?;
         let updated = sqlx::query(
             "UPDATE schedules SET next_fire_at = $1, next_due_at = $2, lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $3 AND lease_token = $4",
@@ -213,7 +214,7 @@ impl Store {
             if inserted.rows_affected() == 1
                 && let Some(run) = &fire.run
             {
-                insert_runs(&mut transaction, std::slice::from_ref(run)).await?;
+                insert_runs(&mut SqlxTx(&mut transaction), std::slice::from_ref(run)).await?;
                 started += 1;
             }
         }

@@ -12,6 +12,11 @@
 //! ten statements. Here a request costs one hand-off in and one out, whatever it writes, and
 //! the statements are prepared once. PostgreSQL keeps sqlx: there a round trip is the
 //! network's, and concurrent transactions commit in parallel.
+//!
+//! What a new run and a tick write is described once, in `runs.rs` and `outbox.rs`, as
+//! statements any [`Tx`] runs: this thread only batches the requests and runs their writes
+//! on its connection ([`Writing`]). It takes the process's write turn (`Writes`) for each
+//! batch, like every other writer.
 
 use std::path::Path;
 use std::sync::{Arc, mpsc};
@@ -20,18 +25,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::backend::Backend;
-use super::events::INSERT_EVENT;
-use super::leases::renew_sql;
-use super::outbox::{INSERT_NOTIFICATION, MOVE_STREAK, moves_streak, outbox_rows};
-use super::retention::{Bind, Deletion};
+use super::leases::{claim_sql, renew_sql};
+use super::retention::Deletion;
 use super::runs::{
-    INSERT_ATTEMPT, INSERT_LABELS, INSERT_RUN_EVENTS, INSERT_RUNS, INSERT_STEPS, NEXT_DUE_SQL,
-    RunRow, SKIP_REST, STEPS_SQL, StepRow, UPDATE_STEP, claim_runs_sql, load_tick_sql,
-    logs_to_json, retry_json, tick_lease_sql, tick_run_sql,
+    DUE_RUNS, NEXT_DUE_SQL, RunRow, STEPS_SQL, StepRow, insert_runs, load_tick_sql, write_tick,
 };
-use super::store::labels_json;
+use super::statement::{Tx, Value, one_row};
 use super::{ClaimedRun, Error, LoadedTick, NewRun, Result, TickWrite};
-use crate::model::{RunId, RunStatus, UnixMillis};
+use crate::model::{RunId, UnixMillis};
 
 /// Requests done in one transaction at most: bounds how long the first one waits.
 const MAX_BATCH: usize = 512;
@@ -78,12 +79,17 @@ impl Request {
     /// Does the request inside the batch's transaction.
     fn perform(&self, connection: &Connection, statements: &Statements) -> Result<Outcome> {
         match self {
-            Request::Enqueue(run, _) => {
-                insert_run(connection, statements, run).map(|()| Outcome::Done)
-            }
-            Request::Tick(writes, _) => {
-                apply_tick(connection, statements, writes).map(|()| Outcome::Done)
-            }
+            Request::Enqueue(run, _) => at_once(insert_runs(
+                &mut Writing(connection),
+                std::slice::from_ref(run),
+            ))
+            .map(|()| Outcome::Done),
+            Request::Tick(writes, _) => at_once(write_tick(
+                &mut Writing(connection),
+                Backend::Sqlite,
+                writes,
+            ))
+            .map(|()| Outcome::Done),
             Request::Claim {
                 owner,
                 now,
@@ -113,8 +119,8 @@ impl Request {
             }
             Request::Delete(deletion, _) => {
                 let mut changed = Vec::with_capacity(deletion.len());
-                for (sql, binds) in deletion {
-                    changed.push(delete(connection, sql, binds)?);
+                for (sql, values) in deletion {
+                    changed.push(delete(connection, sql, values)?);
                 }
                 Ok(Outcome::Deleted(changed))
             }
@@ -266,36 +272,64 @@ struct Statements {
     claim: String,
     load: String,
     renew: String,
-    tick_keeping_lease: String,
-    tick_releasing_lease: String,
-    still_running_keeping_lease: String,
-    still_running_releasing_lease: String,
-    insert_run: String,
-    insert_label: String,
-    insert_run_event: String,
-    insert_step: String,
 }
 
 impl Statements {
     fn new() -> Statements {
-        let one_row = |head: &str, columns: usize| {
-            let values: Vec<String> = (1..=columns).map(|n| format!("${n}")).collect();
-            format!("{head}({})", values.join(", "))
-        };
         Statements {
-            claim: claim_runs_sql(Backend::Sqlite),
+            claim: claim_sql(Backend::Sqlite, &DUE_RUNS),
             load: load_tick_sql(),
             renew: renew_sql(Backend::Sqlite, "runs"),
-            tick_keeping_lease: tick_run_sql(Backend::Sqlite, true),
-            tick_releasing_lease: tick_run_sql(Backend::Sqlite, false),
-            still_running_keeping_lease: still_running_sql(true),
-            still_running_releasing_lease: still_running_sql(false),
-            insert_run: one_row(INSERT_RUNS, 16),
-            insert_label: one_row(INSERT_LABELS, 3),
-            insert_run_event: one_row(INSERT_RUN_EVENTS, 2),
-            insert_step: one_row(INSERT_STEPS, 6),
         }
     }
+}
+
+/// The writer's connection, inside its batch's transaction, running the writes that
+/// `runs` and `outbox` describe. Nothing here waits: each call is done when it returns.
+struct Writing<'c>(&'c Connection);
+
+impl Tx for Writing<'_> {
+    async fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64> {
+        let changed = self
+            .0
+            .prepare_cached(sql)?
+            .execute(rusqlite::params_from_iter(values))?;
+        Ok(changed as u64)
+    }
+
+    async fn query_pair(&mut self, sql: &str, values: &[Value<'_>]) -> Result<(i64, i64)> {
+        Ok(self
+            .0
+            .prepare_cached(sql)?
+            .query_row(rusqlite::params_from_iter(values), |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?)
+    }
+
+    /// One prepared statement per row: with a cached statement, a row costs one step.
+    async fn insert(
+        &mut self,
+        head: &'static str,
+        columns: usize,
+        values: &[Value<'_>],
+    ) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut statement = self.0.prepare_cached(&one_row(head, columns))?;
+        for row in values.chunks(columns) {
+            statement.execute(rusqlite::params_from_iter(row))?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a write on [`Writing`], whose futures are ready when first polled.
+fn at_once<T>(write: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    use futures::FutureExt;
+    write
+        .now_or_never()
+        .unwrap_or_else(|| Err(Error::Sqlite("a write on the writer thread waited".into())))
 }
 
 fn serve(
@@ -465,13 +499,10 @@ fn revoke(connection: &Connection, leases: &[Lease]) -> Result<()> {
 
 /// One statement of a deletion; returns the rows it changed. Not cached: the texts vary with
 /// the number of ids, and each is far cheaper to prepare than to run.
-fn delete(connection: &Connection, sql: &str, binds: &[Bind]) -> Result<u64> {
+fn delete(connection: &Connection, sql: &str, values: &[Value<'_>]) -> Result<u64> {
     let mut statement = connection.prepare(sql)?;
-    for (index, bind) in binds.iter().enumerate() {
-        match bind {
-            Bind::Int(value) => statement.raw_bind_parameter(index + 1, value)?,
-            Bind::Text(value) => statement.raw_bind_parameter(index + 1, value)?,
-        }
+    for (index, value) in values.iter().enumerate() {
+        statement.raw_bind_parameter(index + 1, value)?;
     }
     // A pragma such as `incremental_vacuum` may answer with rows; step through them.
     let mut rows = statement.raw_query();
@@ -494,51 +525,6 @@ fn in_savepoint<T>(connection: &Connection, write: impl FnOnce() -> Result<T>) -
             Err(error)
         }
     }
-}
-
-/// A queued run with its labels, its event and its steps, due at once.
-fn insert_run(connection: &Connection, statements: &Statements, run: &NewRun) -> Result<()> {
-    let labels = labels_json(&run.labels)?;
-    let retry = run.retry.map(retry_json);
-    connection
-        .prepare_cached(&statements.insert_run)?
-        .execute(params![
-            run.id.as_str(),
-            run.plugin_name.as_str(),
-            run.plugin_version.as_str(),
-            run.params,
-            labels,
-            "queued",
-            run.poll_interval_ms,
-            i64::from(run.max_errors),
-            run.idempotency_key,
-            run.idempotency_fingerprint,
-            run.created_at,
-            run.deadline_at,
-            run.created_at,
-            run.schedule_id,
-            retry,
-            run.created_by,
-        ])?;
-    let mut insert_label = connection.prepare_cached(&statements.insert_label)?;
-    for (key, value) in &run.labels {
-        insert_label.execute(params![run.id.as_str(), key, value])?;
-    }
-    connection
-        .prepare_cached(&statements.insert_run_event)?
-        .execute(params![run.id.as_str(), run.created_at])?;
-    let mut insert_step = connection.prepare_cached(&statements.insert_step)?;
-    for (position, step) in run.steps.iter().enumerate() {
-        insert_step.execute(params![
-            run.id.as_str(),
-            position as i64,
-            step.name,
-            "waiting",
-            step.timeout_ms,
-            step.max_attempts.map(i64::from),
-        ])?;
-    }
-    Ok(())
 }
 
 /// Claims due runs and reads each claimed one, so that a tick needs no query of its own.
@@ -577,153 +563,6 @@ fn claim(
         });
     }
     Ok(claims)
-}
-
-/// One tick's writes, as `runs::write_tick_alone` does them through sqlx: the run first, as the last
-/// write leaves it (each write carries the whole run), fenced by the lease token, so that a
-/// lost lease is found before anything is written; then each step's result in order.
-fn apply_tick(
-    connection: &Connection,
-    statements: &Statements,
-    writes: &[TickWrite],
-) -> Result<()> {
-    let Some(last) = writes.last() else {
-        return Ok(());
-    };
-    update_run(connection, statements, last)?;
-    writes
-        .iter()
-        .try_for_each(|write| record_step(connection, write))
-}
-
-/// The run's side of a tick, fenced by the lease token. A run that was and stays `running`
-/// (most ticks) is written without its status, start and finish: SQLite rewrites the entry
-/// of every index whose column an `UPDATE` sets, changed or not, so setting `status` moved
-/// `runs_status` once per tick, a page of its own in the commit (measured: 37 pages for ten
-/// such updates against 27 without, `runs` of 20,000 rows).
-fn update_run(connection: &Connection, statements: &Statements, write: &TickWrite) -> Result<()> {
-    let run = &write.run;
-    let keep = run.keep_lease_ms.is_some();
-    let updated = if run.status == RunStatus::Running && run.status_before == RunStatus::Running {
-        let run_sql = match keep {
-            true => &statements.still_running_keeping_lease,
-            false => &statements.still_running_releasing_lease,
-        };
-        connection.prepare_cached(run_sql)?.execute(params![
-            run.message,
-            run.current_step as i64,
-            i64::from(run.error_count),
-            i64::from(run.http_requests),
-            run.next_tick_at,
-            run.keep_lease_ms,
-            run.log_bytes as i64,
-            write.run_id.as_str(),
-            write.lease_token,
-        ])?
-    } else {
-        let run_sql = match keep {
-            true => &statements.tick_keeping_lease,
-            false => &statements.tick_releasing_lease,
-        };
-        let finished_at = run.status.is_terminal().then_some(write.now);
-        connection.prepare_cached(run_sql)?.execute(params![
-            run.status.as_str(),
-            run.message,
-            run.current_step as i64,
-            i64::from(run.error_count),
-            i64::from(run.http_requests),
-            run.started_at,
-            finished_at,
-            run.next_tick_at,
-            run.keep_lease_ms,
-            run.log_bytes as i64,
-            write.run_id.as_str(),
-            write.lease_token,
-        ])?
-    };
-    if updated == 0 {
-        return Err(Error::LeaseLost(write.run_id.clone()));
-    }
-    Ok(())
-}
-
-/// [`tick_run_sql`] for a run that was and stays `running`: the same fence, less written.
-fn still_running_sql(keep_lease: bool) -> String {
-    let lease = tick_lease_sql(Backend::Sqlite, keep_lease, 6);
-    format!(
-        "UPDATE runs SET message = $1, current_step = $2, error_count = $3, http_requests = $4, \
-         next_tick_at = $5, {lease}, log_bytes = $7 WHERE id = $8 AND lease_token = $9 AND status = 'running'"
-    )
-}
-
-/// A step's attempt and result, its event, and what ending the run there writes.
-fn record_step(connection: &Connection, write: &TickWrite) -> Result<()> {
-    let step = &write.step;
-    if let Some(attempt) = &write.attempt {
-        connection.prepare_cached(INSERT_ATTEMPT)?.execute(params![
-            write.run_id.as_str(),
-            step.position as i64,
-            i64::from(attempt.attempt),
-            attempt.outcome.as_str(),
-            attempt.message,
-            logs_to_json(&attempt.logs).to_string(),
-            attempt.started_at,
-            attempt.duration_ms,
-            attempt.due_at,
-            write.node,
-        ])?;
-    }
-    let attempt = write.attempt.as_ref();
-    let updated = connection.prepare_cached(UPDATE_STEP)?.execute(params![
-        step.status.as_str(),
-        step.message,
-        step.output,
-        step.passed_after_ms,
-        step.status.is_decided().then_some(write.now),
-        attempt.map(|attempt| i64::from(attempt.attempt)),
-        attempt.map(|attempt| attempt.started_at),
-        write.run_id.as_str(),
-        step.position as i64,
-    ])?;
-    if updated == 0 {
-        return Err(Error::Conflict {
-            constraint: "steps.status".into(),
-        });
-    }
-    connection.prepare_cached(INSERT_EVENT)?.execute(params![
-        write.run_id.as_str(),
-        step.position as i64,
-        write.now,
-    ])?;
-    if step.skip_rest {
-        connection
-            .prepare_cached(SKIP_REST)?
-            .execute(params![write.run_id.as_str(), step.position as i64])?;
-    }
-    if let Some(notify) = &write.notify
-        && write.run.status.is_terminal()
-        && moves_streak(write, notify)
-    {
-        let streak = connection.prepare_cached(MOVE_STREAK)?.query_row(
-            params![
-                notify.series,
-                i64::from(write.run.status.is_failure()),
-                write.now
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        let mut insert = connection.prepare_cached(INSERT_NOTIFICATION)?;
-        for (notifier, event) in outbox_rows(write, notify, streak) {
-            insert.execute(params![
-                uuid::Uuid::now_v7().to_string(),
-                write.run_id.as_str(),
-                notifier,
-                event.as_str(),
-                write.now,
-            ])?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

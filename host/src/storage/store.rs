@@ -1,14 +1,12 @@
-//! The `Store`: opening it, its writers, the probes and counts that read across aggregates,
-//! and the statement builders the aggregates share.
+//! The `Store`: opening it, the one way into a write ([`Writes::begin`]), and the probes and
+//! counts that read across aggregates.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::any::AnyArguments;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Any, AnyConnection, AnyPool, Arguments, Encode, Type};
+use sqlx::{Any, AnyConnection, AnyPool};
 
 use super::backend::{Backend, Changes};
 use super::group_commit::GroupCommit;
@@ -25,12 +23,71 @@ pub struct Store {
     pub(super) backend: Backend,
     url: String,
     pub(super) hot: HotPath,
-    /// SQLite has one writer at a time. Writers in this process take turns here, in order and
-    /// woken at once, instead of meeting on SQLite's lock, whose busy handler polls with
-    /// sleeps that grow to tens of milliseconds (tick lag). `None` on PostgreSQL, where
-    /// writers run in parallel.
-    pub(super) writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    pub(super) writes: Writes,
     pub(super) events: Arc<super::events::EventSignals>,
+}
+
+/// The one way into a write through sqlx: [`Writes::begin`], which on SQLite waits for this
+/// process's turn first.
+#[derive(Clone)]
+pub(super) struct Writes {
+    pool: AnyPool,
+    /// SQLite has one writer at a time. Writers in this process (the writer thread among
+    /// them) take turns here, in order and woken at once, instead of meeting on SQLite's lock,
+    /// whose busy handler polls with sleeps that grow to tens of milliseconds (tick lag).
+    /// `None` on PostgreSQL, where writers run in parallel.
+    turn: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Writes {
+    /// A transaction to write in, once it is this process's turn.
+    pub(super) async fn begin(&self) -> Result<Write> {
+        let (pool, turn) = self.single().await;
+        Ok(Write {
+            transaction: pool.begin().await?,
+            _turn: turn,
+        })
+    }
+}
+
+impl Writes {
+    /// For a write of one statement, which needs no transaction: the pool to run it on, and
+    /// the turn to hold until it is done.
+    pub(super) async fn single(&self) -> (&AnyPool, Option<tokio::sync::OwnedMutexGuard<()>>) {
+        let turn = match &self.turn {
+            Some(turn) => Some(turn.clone().lock_owned().await),
+            None => None,
+        };
+        (&self.pool, turn)
+    }
+}
+
+/// A write's transaction, holding the turn until it ends (the transaction is dropped first:
+/// fields drop in order).
+pub(super) struct Write {
+    transaction: sqlx::Transaction<'static, Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Write {
+    pub(super) async fn commit(self) -> Result<()> {
+        self.transaction.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Write {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        &self.transaction
+    }
+}
+
+impl std::ops::DerefMut for Write {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.transaction
+    }
 }
 
 /// Who writes new runs and tick results.
@@ -52,7 +109,7 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store> {
         let backend = Backend::of_url(url).ok_or_else(|| Error::UnsupportedUrl(url.to_owned()))?;
         let pool = backend.connect(url).await?;
-        let (hot, writer) = match backend {
+        let (hot, turn) = match backend {
             Backend::Sqlite => {
                 let turn = Arc::new(tokio::sync::Mutex::new(()));
                 let path = SqliteConnectOptions::from_str(url)?
@@ -65,20 +122,26 @@ impl Store {
                 (hot, Some(turn))
             }
             Backend::Postgres => {
-                let pool = pool.clone();
+                let writes = Writes {
+                    pool: pool.clone(),
+                    turn: None,
+                };
                 let runs = GroupCommit::start(move |runs| {
-                    let pool = pool.clone();
-                    async move { write_runs(&pool, backend, runs).await }
+                    let writes = writes.clone();
+                    async move { write_runs(&writes, backend, runs).await }
                 });
                 (HotPath::Postgres(Arc::new(runs)), None)
             }
         };
         let store = Store {
+            writes: Writes {
+                pool: pool.clone(),
+                turn,
+            },
             pool,
             backend,
             url: url.to_owned(),
             hot,
-            writer,
             events: Arc::default(),
         };
         store.start_numbering();
@@ -199,114 +262,38 @@ pub(super) fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
-/// Waits for this process's turn to write, where the backend has one writer at a time.
-pub(super) async fn take_turn(
-    writer: &Option<Arc<tokio::sync::Mutex<()>>>,
-) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-    match writer {
-        Some(writer) => Some(writer.clone().lock_owned().await),
-        None => None,
-    }
-}
-
-/// Most bind parameters in one statement (SQLite allows 32,766, PostgreSQL 65,535).
-pub(super) const MAX_BINDS: usize = 30_000;
-
-/// A multi-row `INSERT … VALUES (…), (…)`, sent in as few statements as the bind limit allows.
-pub(super) struct Inserts<'q> {
-    head: &'static str,
-    statement: Statement<'q>,
-    rows: usize,
-}
-
-impl<'q> Inserts<'q> {
-    pub(super) fn new(head: &'static str) -> Inserts<'q> {
-        Inserts {
-            head,
-            statement: Statement::new(head.to_owned()),
-            rows: 0,
+#[cfg(test)]
+mod tests {
+    /// Every write takes the one way in, [`super::Writes`]: no other file of `storage` begins
+    /// a transaction on the pool or sends an `INSERT`, `UPDATE` or `DELETE` to it directly.
+    #[test]
+    fn every_write_goes_through_writes() {
+        let sources = [
+            ("access.rs", include_str!("access.rs")),
+            ("events.rs", include_str!("events.rs")),
+            ("leases.rs", include_str!("leases.rs")),
+            ("outbox.rs", include_str!("outbox.rs")),
+            ("plugins.rs", include_str!("plugins.rs")),
+            ("retention.rs", include_str!("retention.rs")),
+            ("runs.rs", include_str!("runs.rs")),
+            ("schedules.rs", include_str!("schedules.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+        ];
+        for (file, source) in sources {
+            assert!(
+                !source.contains("pool.begin()"),
+                "{file} begins a transaction without Writes"
+            );
+            for query in source.split("sqlx::query").skip(1) {
+                let query = &query[..query.find(".await").unwrap_or(query.len())];
+                let writes = ["INSERT ", "UPDATE ", "DELETE "]
+                    .iter()
+                    .any(|verb| query.contains(verb));
+                assert!(
+                    !(writes && query.contains("self.pool")),
+                    "{file} writes on the pool without Writes: {query}"
+                );
+            }
         }
-    }
-
-    /// Starts a row; bind its values, then call `end_row`.
-    pub(super) fn row(&mut self) -> Values<'_, 'q> {
-        self.statement
-            .push(if self.rows == 0 { "(" } else { ", (" });
-        self.rows += 1;
-        Values {
-            statement: &mut self.statement,
-            first: true,
-        }
-    }
-
-    pub(super) async fn end_row(&mut self, connection: &mut AnyConnection) -> Result<()> {
-        self.statement.push(")");
-        if self.statement.arguments.len() >= MAX_BINDS {
-            self.flush(connection).await?;
-        }
-        Ok(())
-    }
-
-    pub(super) async fn flush(&mut self, connection: &mut AnyConnection) -> Result<()> {
-        if self.rows > 0 {
-            let statement =
-                std::mem::replace(&mut self.statement, Statement::new(self.head.to_owned()));
-            self.rows = 0;
-            sqlx::query_with(&statement.sql, statement.arguments)
-                .execute(&mut *connection)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-/// The values of one row of an `Inserts`.
-pub(super) struct Values<'s, 'q> {
-    statement: &'s mut Statement<'q>,
-    first: bool,
-}
-
-impl<'q> Values<'_, 'q> {
-    pub(super) fn value<T: Encode<'q, Any> + Type<Any> + 'q>(
-        &mut self,
-        value: T,
-    ) -> Result<&mut Self> {
-        if !self.first {
-            self.statement.push(", ");
-        }
-        self.first = false;
-        self.statement.bind(value)?;
-        Ok(self)
-    }
-}
-
-/// A statement assembled at run time, with `$n` placeholders (which both backends read).
-pub(super) struct Statement<'q> {
-    pub(super) sql: String,
-    pub(super) arguments: AnyArguments<'q>,
-}
-
-impl<'q> Statement<'q> {
-    pub(super) fn new(sql: String) -> Statement<'q> {
-        Statement {
-            sql,
-            arguments: AnyArguments::default(),
-        }
-    }
-
-    pub(super) fn push(&mut self, sql: &str) -> &mut Statement<'q> {
-        self.sql.push_str(sql);
-        self
-    }
-
-    pub(super) fn bind<T: Encode<'q, Any> + Type<Any> + 'q>(
-        &mut self,
-        value: T,
-    ) -> Result<&mut Statement<'q>> {
-        self.arguments
-            .add(value)
-            .map_err(|error| Error::Corrupt(format!("binding a value: {error}")))?;
-        let _ = write!(self.sql, "${}", self.arguments.len());
-        Ok(self)
     }
 }

@@ -1,7 +1,22 @@
 //! Where SQLite and PostgreSQL differ. Everything else in `storage` is one SQL text for both
 //! (sqlx's `Any` driver, `$n` placeholders, BIGINT millisecond times): connecting, migrations,
 //! the database clock that judges leases, row locks on claims, and the change notifications
-//! that wake other nodes.
+//! that wake other nodes. With SQLite's writer thread and point readers (`sqlite_writer.rs`,
+//! `sqlite_reader.rs`) and the two migration directories, that is all:
+//!
+//! | | SQLite (default, one node) | PostgreSQL (several nodes) |
+//! |---|---|---|
+//! | connecting | file created if missing; WAL, `synchronous = FULL`, foreign keys | a pool of 16 |
+//! | the clock that judges leases | `unixepoch('subsec')`: one machine anyway | the server's `clock_timestamp()`: nodes with skewed clocks agree on whose lease expired |
+//! | claims | one writer at a time; nothing to lock | `FOR UPDATE SKIP LOCKED`: concurrent claimers take disjoint rows |
+//! | hot path (new runs, claims, renewals, tick results) | the writer thread: everything queued in one transaction | sqlx, a transaction per tick; new runs by group commit |
+//! | other writes | take turns with the writer thread on an in-process lock, never on SQLite's busy handler | in parallel |
+//! | change notifications | none (the API wakes its own scheduler) | `pg_notify` in the writing transaction; every node `LISTEN`s |
+//! | event ids | the change log's row id: commits take turns | `events.seq`, numbered after commit, one transaction at a time |
+//!
+//! Shared by all nodes: the database. Per node: the data dir (`node-id`, compiled artifacts,
+//! the watched `plugins/`), the compiled-version cache, and `[sources]` (give every node the
+//! same).
 
 use std::str::FromStr;
 use std::time::Duration;

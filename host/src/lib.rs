@@ -295,3 +295,109 @@ fn node_id(settings: &Settings) -> anyhow::Result<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod layers {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The code map's rows, top down, as ARCHITECTURE.md's table names them.
+    fn rows() -> Vec<Vec<String>> {
+        include_str!("../../ARCHITECTURE.md")
+            .lines()
+            .skip_while(|line| !line.starts_with("| module |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| {
+                let modules = line.split('|').nth(1).unwrap_or_default();
+                modules
+                    .split(',')
+                    .map(|module| module.trim().trim_matches('`').to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The top-level modules each module of `src` names through `crate::`, outside its tests.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("src is readable").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, files);
+                } else if path.extension().is_some_and(|extension| extension == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let relative = file.strip_prefix(&src).expect("below src");
+            let top = relative.iter().next().expect("a name").to_string_lossy();
+            let module = top.trim_end_matches(".rs").to_owned();
+            let text = std::fs::read_to_string(&file).expect("readable");
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for after in code.split("crate::").skip(1) {
+                let paths = match after.strip_prefix('{') {
+                    Some(list) => list.split('}').next().unwrap_or_default(),
+                    None => after,
+                };
+                for path in paths.split(',') {
+                    let name: String = path
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() {
+                        imports.entry(module.clone()).or_default().insert(name);
+                    }
+                    if !after.starts_with('{') {
+                        break;
+                    }
+                }
+            }
+        }
+        imports
+    }
+
+    /// ARCHITECTURE.md's code map holds: a module imports only modules in its row or below,
+    /// and no two modules import each other.
+    #[test]
+    fn every_module_imports_only_modules_below_it_in_the_code_map() {
+        let rank: BTreeMap<String, usize> = rows()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(row, modules)| modules.into_iter().map(move |module| (module, row)))
+            .collect();
+        assert!(
+            rank.contains_key("api") && rank.contains_key("storage"),
+            "{rank:?}"
+        );
+        let imports = imports();
+        for (module, targets) in &imports {
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            let own = rank.get(module).unwrap_or_else(|| {
+                panic!("module {module} is missing from ARCHITECTURE.md's code map")
+            });
+            for target in targets.iter().filter(|target| *target != module) {
+                if let Some(theirs) = rank.get(target) {
+                    assert!(
+                        theirs >= own,
+                        "{module} imports {target}, which is above it"
+                    );
+                    assert!(
+                        !imports
+                            .get(target)
+                            .is_some_and(|back| back.contains(module)),
+                        "{module} and {target} import each other"
+                    );
+                }
+            }
+        }
+    }
+}

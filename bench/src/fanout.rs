@@ -1,4 +1,4 @@
-//! Live-event fan-out (issue 14): how many Server-Sent Events clients one node holds while runs
+//! Live-event fan-out: how many Server-Sent Events clients one node holds while runs
 //! change at a steady rate, and how many events per second it delivers to them.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! The retention soak (issue 16): runs arrive at a steady rate for a long time while retention,
+//! The retention soak: runs arrive at a steady rate for a long time while retention,
 //! shortened to minutes, deletes behind them. Every minute it prints the database's size on
 //! disk, the process's resident memory and the tick lag; at the end, the lag of ticks that
 //! started while a sweep held the retention lease against those that started outside one.

@@ -1,4 +1,4 @@
-//! The operator's dashboard at `/` (issue 14): one page of plain HTML, CSS and an ES module,
+//! The operator's dashboard at `/`: one page of plain HTML, CSS and an ES module,
 //! embedded in the binary (no CDN, no build step), that reads everything through the API with
 //! the token the browser keeps. Its pages carry no data, so they are served without a token;
 //! a strict Content-Security-Policy keeps them to this origin.

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rusqlite::{Connection, params};
-use stepwise_host::model::{AttemptOutcome, Limits, PluginVersion};
+use stepwise_host::grant::Limits;
+use stepwise_host::model::{AttemptOutcome, PluginVersion};
 use stepwise_host::runtime::{LoadedPlugin, Runtime, StepCall};
 
 use crate::Options;

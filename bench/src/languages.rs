@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use stepwise_host::model::{Limits, PluginName, PluginVersion};
+use stepwise_host::grant::Limits;
+use stepwise_host::model::{PluginName, PluginVersion};
 use stepwise_host::runtime::{Runtime, StepCall};
 use stepwise_host::scaffold::Lang;
 

@@ -294,8 +294,8 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
 /// the default limits.
 pub fn no_capabilities() -> stepwise_host::runtime::Capabilities {
     stepwise_host::runtime::Capabilities {
-        grant: stepwise_host::model::Grant::default(),
-        limits: stepwise_host::model::Limits::default(),
+        grant: stepwise_host::grant::Grant::default(),
+        limits: stepwise_host::grant::Limits::default(),
         sources: stepwise_host::capabilities::sql::SqlSources::default(),
         secrets: Default::default(),
         http_requests_left: 0,

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use crate::auth::{CreateError, TokenTerms};
 use crate::config::{ServeArgs, Settings};
+use crate::grant::Limits;
 use crate::model::CLI_ACTOR;
-use crate::model::{Limits, PluginName, PluginScope, PluginVersion, Role};
+use crate::model::{PluginName, PluginScope, PluginVersion, Role};
 use crate::storage::{AuditEntry, Store};
 use anyhow::Context;
 use clap::{Parser, Subcommand};

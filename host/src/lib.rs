@@ -11,6 +11,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod grant;
 pub mod junit;
 mod memo;
 pub mod metrics;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stepwise_host::capabilities::sql::SqlSources;
-use stepwise_host::model::{Grant, Limits, PluginVersion};
+use stepwise_host::grant::{Grant, Limits};
+use stepwise_host::model::PluginVersion;
 use stepwise_host::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
 
 use crate::support::{MISBEHAVE_WASM, SilentServer};

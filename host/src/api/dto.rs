@@ -14,9 +14,10 @@ use utoipa::ToSchema;
 use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::{ObjectBuilder, Type};
 
+use crate::grant::{Grant, Limits};
 use crate::model::{
-    AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, Grant, Limits, LogLevel, NotifyEvent,
-    Retry, Role, RunStatus, StepStatus, TriggerSpec, rfc3339,
+    AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, LogLevel, NotifyEvent, Retry, Role,
+    RunStatus, StepStatus, TriggerSpec, rfc3339,
 };
 use crate::storage::{
     AttemptRecord, AuditRecord, ClusterHealth, FireRecord, NotificationRecord, PluginRecord,

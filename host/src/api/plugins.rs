@@ -14,7 +14,7 @@ use super::body;
 use super::dto::{ActivateRequest, PluginDto, PluginListDto, UploadForm};
 use super::error::{ApiError, Problem};
 use super::state::AppState;
-use crate::config::{ManifestFile, grant_toml_from_json, parse_grant};
+use crate::grant::{ManifestFile, grant_toml_from_json, parse_grant};
 use crate::model::{PluginName, PluginVersion, Role};
 
 /// `GET /v1/plugins`

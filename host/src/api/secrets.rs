@@ -4,7 +4,8 @@
 use super::dto::{SecretDto, SecretListDto};
 use super::error::ApiError;
 use super::state::AppState;
-use crate::config::{SecretFrom, parse_grant};
+use crate::config::SecretFrom;
+use crate::grant::parse_grant;
 use crate::model::Place;
 use axum::Json;
 use axum::extract::State;

@@ -36,7 +36,8 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 use super::Violation;
 use super::log::LogBuffer;
 use super::secrets::{SecretSet, StreamRedactor};
-use crate::model::{AllowedHost, LogLevel};
+use crate::grant::AllowedHost;
+use crate::model::LogLevel;
 
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
 type SendFuture =

@@ -18,7 +18,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 
 use crate::config::SourceConfig;
-use crate::model::AllowedHost;
+use crate::grant::AllowedHost;
 use crate::model::{Place, valid_name};
 
 const OPEN: &str = "{{secret:";

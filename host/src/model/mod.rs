@@ -1,7 +1,7 @@
 //! Ids, enums and plain records shared by every layer. No I/O, no serde, no sqlx: the wire
 //! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
 //! Split by concept: `ids`, `run` (statuses and what `describe` reports), `access` (roles and
-//! actors), `grant` (grants, the policy and limits), `notify`, `retention`, `schedule`, `secret` (where a secret may go).
+//! actors), `notify`, `ranges` (of every number an operator sets), `retention`, `schedule`, `secret` (where a secret may go).
 
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -30,9 +30,9 @@ macro_rules! text_enum {
 }
 
 mod access;
-mod grant;
 mod ids;
 mod notify;
+mod ranges;
 mod retention;
 mod run;
 mod schedule;
@@ -41,9 +41,9 @@ mod secret;
 mod tests;
 
 pub use access::*;
-pub use grant::*;
 pub use ids::*;
 pub use notify::*;
+pub use ranges::*;
 pub use retention::*;
 pub use run::*;
 pub use schedule::*;

@@ -102,3 +102,22 @@ impl RunStatus {
         )
     }
 }
+
+/// How long to wait before calling a step again after an `errored` attempt,
+/// instead of the poll interval, which is for `pending`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retry {
+    pub initial: Duration,
+    pub factor: f64,
+    pub max: Duration,
+}
+
+impl Retry {
+    /// The wait after the run's `errors`-th errored attempt (counting from 1):
+    /// `initial × factor^(errors − 1)`, at most `max`.
+    pub fn delay(&self, errors: u32) -> Duration {
+        let exponent = errors.saturating_sub(1).min(1024) as i32;
+        let millis = self.initial.as_millis() as f64 * self.factor.powi(exponent);
+        Duration::from_millis(millis.min(self.max.as_millis() as f64) as u64)
+    }
+}

@@ -12,8 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, parse_grant};
-use crate::model::{Actor, CheckInfo, Grant, PluginName, PluginVersion, now_millis};
+use crate::config::Settings;
+use crate::grant::Grant;
+use crate::grant::parse_grant;
+use crate::model::{Actor, CheckInfo, PluginName, PluginVersion, now_millis};
 use crate::runtime::Runtime;
 use crate::storage::{self, AuditEntry, Review, Store};
 

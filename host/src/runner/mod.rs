@@ -13,10 +13,12 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sql::SqlSources;
-use crate::config::{Settings, parse_stored_grant};
+use crate::config::Settings;
+use crate::grant::Grant;
+use crate::grant::parse_stored_grant;
 use crate::metrics::Metrics;
 use crate::model::{
-    AttemptOutcome, Grant, LogLevel, LogLine, PluginVersion, RunStatus, StepStatus, UnixMillis,
+    AttemptOutcome, LogLevel, LogLine, PluginVersion, RunStatus, StepStatus, UnixMillis,
     notify_series, now_millis,
 };
 use crate::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall, StepReport};

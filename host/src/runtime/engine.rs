@@ -15,7 +15,8 @@ use super::plugin::LoadedPlugin;
 use crate::bindings;
 use crate::capabilities::log::LogCapability;
 use crate::capabilities::sql::SqlCapability;
-use crate::model::{Limits, PluginVersion};
+use crate::grant::Limits;
+use crate::model::PluginVersion;
 
 /// How often the epoch advances: the granularity of every call's time limit, and the longest
 /// a call runs inline on a host thread before it moves to a plugin thread of its own.

@@ -23,7 +23,8 @@ use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::secrets::SecretSet;
 use crate::capabilities::sql::{SqlSources, SqlState};
 use crate::capabilities::{HostFault, Violation};
-use crate::model::{AttemptOutcome, CheckInfo, Grant, Limits, LogLine, StepInfo};
+use crate::grant::{Grant, Limits};
+use crate::model::{AttemptOutcome, CheckInfo, LogLine, StepInfo};
 
 /// Everything a call may use: the plugin's grant, the data sources and the limits in force.
 #[derive(Clone)]

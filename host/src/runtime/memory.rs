@@ -77,7 +77,7 @@ pub struct Limiter {
 const TABLE_ELEMENT_BYTES: u64 = std::mem::size_of::<usize>() as u64;
 
 impl Limiter {
-    pub fn new(limits: &crate::model::Limits, host: PluginMemory, deadline: Instant) -> Limiter {
+    pub fn new(limits: &crate::grant::Limits, host: PluginMemory, deadline: Instant) -> Limiter {
         Limiter {
             memory_bytes: limits.memory_bytes,
             table_elements: limits.table_elements,
@@ -311,7 +311,7 @@ mod tests {
     use wasmtime::ResourceLimiterAsync;
 
     use super::*;
-    use crate::model::Limits;
+    use crate::grant::Limits;
 
     fn limits(memory_mib: u64) -> Limits {
         Limits {

@@ -14,7 +14,8 @@ use wasmtime::component::Component;
 use super::engine::Runtime;
 use super::instance::StepState;
 use crate::bindings::CheckPre;
-use crate::model::{CheckInfo, Limits, PluginVersion};
+use crate::grant::Limits;
+use crate::model::{CheckInfo, PluginVersion};
 
 /// The 8-byte preamble of a component (magic, version 0x0d, layer 1) and of a core module.
 const COMPONENT_PREAMBLE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
-use crate::config::{Settings, parse_stored_grant};
+use crate::config::Settings;
+use crate::grant::parse_stored_grant;
 use crate::memo::ByText;
 use crate::model::{Retry, RunId, UnixMillis};
 use crate::storage::{NewRun, NewStep, PluginRecord};

@@ -39,7 +39,7 @@ pub struct TriggerRunRequest {
     pub step_timeouts: Option<BTreeMap<String, u64>>,
     /// The wait before calling a step again after an errored attempt, over the grant's
     /// `retry`; without either, the poll interval.
-    #[schema(value_type = Option<crate::config::RetryFile>)]
+    #[schema(value_type = Option<crate::grant::RetryFile>)]
     pub retry: Option<Json>,
     /// At most 32 labels; keys of 1 to 63 bytes without `=`, values of at most 256 bytes.
     pub labels: Option<BTreeMap<String, String>>,
@@ -67,7 +67,7 @@ impl TriggerRunRequest {
         let retry = match &self.retry {
             None | Some(Json::Null) => None,
             Some(retry) => Some(
-                crate::config::parse_retry_json(retry)
+                crate::grant::parse_retry_json(retry)
                     .map_err(|error| ApiError::invalid("retry", format!("{error:#}")))?,
             ),
         };

@@ -1,8 +1,18 @@
 //! What the operator allows a plugin: its grant (hosts, sources, secrets, limits), the
-//! policy every grant must stay within, and the host's limits.
+//! policy every grant must stay within, and the host's limits; `manifest` reads a grant from
+//! its manifest (`<name>.toml`, or the same keys as JSON from the API).
+
+mod manifest;
+
+pub use manifest::{
+    LimitsFile, ManifestFile, RetryFile, grant_toml_from_json, parse_grant, parse_retry_json,
+    parse_stored_grant,
+};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::model::Retry;
 
 /// One entry of a grant's `allowed_hosts`: `host:port`, or `scheme://host[:port]` to allow
 /// only that scheme. Host names compare case-insensitively; IPv6 literals go in brackets.
@@ -315,25 +325,6 @@ impl Grant {
     }
 }
 
-/// How long to wait before calling a step again after an `errored` attempt,
-/// instead of the poll interval, which is for `pending`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Retry {
-    pub initial: Duration,
-    pub factor: f64,
-    pub max: Duration,
-}
-
-impl Retry {
-    /// The wait after the run's `errors`-th errored attempt (counting from 1):
-    /// `initial × factor^(errors − 1)`, at most `max`.
-    pub fn delay(&self, errors: u32) -> Duration {
-        let exponent = errors.saturating_sub(1).min(1024) as i32;
-        let millis = self.initial.as_millis() as f64 * self.factor.powi(exponent);
-        Duration::from_millis(millis.min(self.max.as_millis() as f64) as u64)
-    }
-}
-
 /// Per-plugin overrides of the configured [`Limits`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LimitOverrides {
@@ -445,4 +436,106 @@ limit_comparisons! {
     instances: "instances" => |value: usize| value,
     http_requests_per_run: "http_requests_per_run" => |value: u32| value,
     http_concurrent_requests: "http_concurrent_requests" => |value: usize| value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_hosts_parse_with_and_without_scheme() {
+        let entry = AllowedHost::parse("Collector.Example.com:8443").expect("valid");
+        assert!(entry.allows("https", "collector.example.com", 8443));
+        assert!(entry.allows("http", "collector.example.com", 8443));
+        let https = AllowedHost::parse("https://api.example.com").expect("valid");
+        assert_eq!(https.port, 443);
+        assert!(!https.allows("http", "api.example.com", 443));
+        let v6 = AllowedHost::parse("[::1]:9000").expect("valid");
+        assert!(v6.allows("http", "::1", 9000));
+        for invalid in [
+            "example.com",
+            "ftp://example.com",
+            ":80",
+            "a@b:80",
+            "host:99999",
+        ] {
+            assert!(AllowedHost::parse(invalid).is_err(), "{invalid}");
+        }
+    }
+    #[test]
+    fn grant_overrides_only_what_it_names() {
+        let overrides = LimitOverrides {
+            memory_bytes: Some(1 << 20),
+            ..LimitOverrides::default()
+        };
+        let limits = Limits::default().with_overrides(&overrides);
+        assert_eq!(limits.memory_bytes, 1 << 20);
+        assert_eq!(limits.call_timeout, Limits::default().call_timeout);
+    }
+    #[test]
+    fn policy_patterns_cover_only_what_they_name() {
+        let entry = |text: &str| AllowedHost::parse(text).expect("valid entry");
+        let subdomains = HostPattern::parse("https://*.example.com").expect("valid");
+        assert!(subdomains.covers(&entry("https://api.example.com")));
+        assert!(subdomains.covers(&entry("https://a.b.example.com:8443")));
+        assert!(!subdomains.covers(&entry("https://example.com")));
+        assert!(!subdomains.covers(&entry("https://evilexample.com")));
+        assert!(
+            !subdomains.covers(&entry("api.example.com:443")),
+            "both schemes"
+        );
+        let port = HostPattern::parse("127.0.0.1:9000").expect("valid");
+        assert!(port.covers(&entry("127.0.0.1:9000")));
+        assert!(!port.covers(&entry("127.0.0.1:9001")));
+        assert!(
+            HostPattern::parse("*")
+                .expect("valid")
+                .covers(&entry("[::1]:1"))
+        );
+        for invalid in ["", "ftp://x", "a*b.com", "*.", "x:port"] {
+            assert!(HostPattern::parse(invalid).is_err(), "{invalid}");
+        }
+
+        let policy = Policy {
+            allowed_hosts: Some(vec![port]),
+            sql_sources: Some(vec!["warehouse".into()]),
+            max_limits: LimitOverrides {
+                memory_bytes: Some(16 << 20),
+                ..LimitOverrides::default()
+            },
+            publishers_activate_granted: false,
+        };
+        let grant = Grant {
+            allowed_hosts: vec!["127.0.0.1:9000".into(), "evil.example:80".into()],
+            sql_sources: vec!["warehouse".into(), "other".into()],
+            limits: LimitOverrides {
+                memory_bytes: Some(64 << 20),
+                max_errors: Some(9),
+                ..LimitOverrides::default()
+            },
+            ..Grant::default()
+        };
+        let (key, _) = policy
+            .violation(&grant, &Limits::default())
+            .expect("beyond the policy");
+        assert_eq!(key, "allowed_hosts");
+        let (confined, limits) = policy.confine(grant, &Limits::default());
+        assert_eq!(confined.allowed_hosts, ["127.0.0.1:9000"]);
+        assert_eq!(confined.sql_sources, ["warehouse"]);
+        assert_eq!(limits.memory_bytes, 16 << 20);
+        assert_eq!(limits.max_errors, 9, "no ceiling on max_errors");
+        let within = Grant {
+            limits: LimitOverrides {
+                memory_bytes: Some(32 << 20),
+                ..LimitOverrides::default()
+            },
+            ..Grant::default()
+        };
+        assert_eq!(
+            policy
+                .violation(&within, &Limits::default())
+                .map(|(key, _)| key),
+            Some("limits.memory_mib".to_owned())
+        );
+    }
 }

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::capabilities::secrets::Secrets;
-use crate::capabilities::sql::SqlSources;
+use crate::capabilities::sources::DataSources;
 use crate::config::{Settings, parse_stored_grant};
 use crate::metrics::Metrics;
 use crate::model::{
@@ -51,7 +51,7 @@ const WRITE_BESIDE: Duration = Duration::from_millis(5);
 pub struct Runner {
     store: Store,
     runtime: Runtime,
-    sources: SqlSources,
+    sources: DataSources,
     secrets: Secrets,
     settings: Arc<Settings>,
     metrics: Metrics,
@@ -112,7 +112,7 @@ impl Runner {
     pub fn new(
         store: Store,
         runtime: Runtime,
-        sources: SqlSources,
+        sources: DataSources,
         secrets: Secrets,
         settings: Arc<Settings>,
     ) -> Runner {

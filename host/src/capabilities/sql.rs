@@ -276,6 +276,14 @@ impl ResultBytes {
         ResultBytes { used: 0, limit }
     }
 
+    /// Refuses a row of `bytes` that would pass the limit, before its values are copied.
+    fn check(&self, bytes: usize) -> Result<(), QueryError> {
+        if self.used.saturating_add(bytes) > self.limit {
+            return Err(result_too_big(self.limit));
+        }
+        Ok(())
+    }
+
     fn add(&mut self, row: &[Value]) -> Result<(), QueryError> {
         for value in row {
             self.used += match value {

@@ -322,7 +322,7 @@ pub(super) async fn query(
     }
     let deadline = Instant::now() + limits.timeout;
     let mut session = Session {
-        connection: Some(connection.detach()),
+        connection: Some(connection),
         id: None,
         options: pool.connect_options(),
     };
@@ -331,7 +331,7 @@ pub(super) async fn query(
         .as_mut()
         .expect("the session's connection");
     let result = run(
-        connection,
+        &mut *connection,
         &mut session.id,
         source,
         read_only,
@@ -345,12 +345,13 @@ pub(super) async fn query(
     result
 }
 
-/// A query's own connection, closed when the query ends. Dropped before that (the host's time
-/// limit cut the query short), it ends the session on the server from another connection:
-/// closing the socket alone would leave a running statement, and whatever it holds, to the
-/// server until it next writes to the client.
+/// A query's own connection, closed when the query ends; it counts against the pool's size
+/// until then, which bounds the queries (and the rows they hold) at once. Dropped before that
+/// (the host's time limit cut the query short), it ends the session on the server from
+/// another connection: closing the socket alone would leave a running statement, and whatever
+/// it holds, to the server until it next writes to the client.
 struct Session {
-    connection: Option<MySqlConnection>,
+    connection: Option<PoolConnection<MySql>>,
     /// The server's id of the session, once known.
     id: Option<u64>,
     options: std::sync::Arc<MySqlConnectOptions>,
@@ -366,7 +367,11 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let (Some(_), Some(id)) = (self.connection.take(), self.id) else {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        connection.close_on_drop();
+        let Some(id) = self.id else {
             return;
         };
         let options = self.options.clone();
@@ -452,6 +457,8 @@ async fn run(
             if set.columns.is_empty() {
                 set.columns = column_names(&row);
             }
+            // Measured before a value is copied out of the row.
+            bytes.check(row_bytes(&row)?)?;
             let values = values(&row)?;
             bytes.add(&values)?;
             set.rows.push(values);
@@ -459,6 +466,18 @@ async fn run(
     }
     connection.execute("COMMIT").await?;
     Ok(set)
+}
+
+/// The bytes a row's values take as they arrived, which their conversion does not exceed by
+/// more than a few bytes a value.
+fn row_bytes(row: &MySqlRow) -> Result<usize, QueryError> {
+    let mut total = 0usize;
+    for index in 0..row.len() {
+        if !row.try_get_raw(index)?.is_null() {
+            total += row.try_get_unchecked::<&[u8], _>(index)?.len();
+        }
+    }
+    Ok(total)
 }
 
 /// A row's values as the guest sees them (README, "MySQL and MariaDB sources"); a type

@@ -24,7 +24,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let source = dir.path().join("warehouse.db");
     create_source(&source).await?;
-    let sources = [(
+    let mut sources: std::collections::BTreeMap<_, _> = [(
         "warehouse".to_owned(),
         stepwise_host::config::SourceConfig {
             url: format!("sqlite://{}", source.display()),
@@ -32,6 +32,17 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         },
     )]
     .into();
+    let reach = reach_sources(options).await?;
+    sources.extend(reach.iter().map(|(name, url)| {
+        (
+            (*name).to_owned(),
+            stepwise_host::config::SourceConfig {
+                url: url.clone(),
+                read_only: true,
+            },
+        )
+    }));
+    let granted: Vec<String> = sources.keys().map(|name| format!("{name:?}")).collect();
     // A secret configured: every output and message is then redacted, which once parsed a
     // huge output before its size was judged.
     let secret_file = dir.path().join("token");
@@ -60,8 +71,9 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(
-        "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\"]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
-        server.host_port()
+        "allowed_hosts = [\"{}\"]\nsql_sources = [{}]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
+        server.host_port(),
+        granted.join(", ")
     );
     server.upload_with_grant("hostile", bytes, &grant).await?;
     let runs = options.repeat.max(10);
@@ -93,12 +105,96 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     }
     let server = Arc::new(server);
     let mut attacks = attacks(&server);
+    attacks.extend(reach_attacks(&reach));
     if let Some(only) = &options.attacks {
         attacks.retain(|attack| attack.to_string().contains(only.as_str()));
         anyhow::ensure!(!attacks.is_empty(), "no attack contains {only:?}");
     }
     every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000).await?;
     Ok(())
+}
+
+/// The MySQL and Redis sources of their attackers, by name, when the bench was given servers
+/// (`--mysql`, `--redis`): a reader account on the MySQL server (an administrator's URL
+/// creates it), and a value on the Redis server past the result limit.
+async fn reach_sources(options: &Options) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut sources = Vec::new();
+    if let Some(url) = &options.mysql {
+        use sqlx::{ConnectOptions, Connection, Executor};
+        let admin: sqlx::mysql::MySqlConnectOptions = url.parse()?;
+        let database = admin.get_database().unwrap_or("test").to_owned();
+        let mut connection = admin.connect().await.context("connecting to --mysql")?;
+        for statement in [
+            "CREATE USER IF NOT EXISTS 'stepwise_bench'@'%' IDENTIFIED BY 'stepwise-bench-reader'"
+                .to_owned(),
+            format!("GRANT SELECT ON `{database}`.* TO 'stepwise_bench'@'%'"),
+        ] {
+            connection.execute(statement.as_str()).await?;
+        }
+        connection.close().await?;
+        sources.push((
+            "ledger",
+            format!(
+                "mysql://stepwise_bench:stepwise-bench-reader@{}:{}/{database}",
+                admin.get_host(),
+                admin.get_port()
+            ),
+        ));
+    }
+    if let Some(url) = &options.redis {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let address = url.trim_start_matches("redis://").trim_end_matches('/');
+        let mut stream = tokio::io::BufStream::new(
+            tokio::net::TcpStream::connect(address)
+                .await
+                .context("connecting to --redis")?,
+        );
+        let value = "x".repeat(8_000_000);
+        let key = "stepwise-bench:big";
+        stream
+            .write_all(
+                format!(
+                    "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                    key.len(),
+                    value.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+        stream.flush().await?;
+        let mut reply = String::new();
+        stream.read_line(&mut reply).await?;
+        anyhow::ensure!(reply.starts_with("+OK"), "--redis: SET answered {reply:?}");
+        sources.push(("counters", url.clone()));
+    }
+    Ok(sources)
+}
+
+/// The MySQL attacker (results past the limit, a statement past its time, two statements) and
+/// the Redis attacker (a value past the limit, a `SCAN` that never stops) for the sources of
+/// [`reach_sources`].
+fn reach_attacks(sources: &[(&str, String)]) -> Vec<Value> {
+    let mut attacks = Vec::new();
+    for (name, _) in sources {
+        match *name {
+            "ledger" => {
+                let sql = |statement: &str| {
+                    json!({"action": "sql", "source": "ledger", "statement": statement})
+                };
+                attacks.extend([
+                    sql("SELECT REPEAT('x', 8000000)"),
+                    sql("WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) SELECT REPEAT('x', 100000) FROM n"),
+                    sql("SELECT SLEEP(5)"),
+                    sql("SELECT 1; SELECT 2"),
+                ]);
+            }
+            _ => attacks.extend([
+                json!({"action": "kv", "source": "counters", "call": "get", "args": ["stepwise-bench:big"]}),
+                json!({"action": "kv_scan_loop", "source": "counters"}),
+            ]),
+        }
+    }
+    attacks
 }
 
 async fn create_source(path: &std::path::Path) -> anyhow::Result<()> {

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
-                      [--plugin-memory-mib N]
+                      [--plugin-memory-mib N] [--mysql URL] [--redis URL]
 
 scenarios (default: all but soak, languages, postgres and floor):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -33,7 +33,8 @@ scenarios (default: all but soak, languages, postgres and floor):
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
           latency of a runaway call; resident memory over 1,000 hostile attempts of every
           kind (also SQL and HTTP escapes, headers kept in wasi:http resources, a 24 MB
-          output), with a secret configured; targets: RSS growth <= 64 MiB, well-behaved
+          output; with --mysql and --redis, a MySQL and a Redis attacker too), with a secret
+          configured; targets: RSS growth <= 64 MiB, well-behaved
           tick lag p99 <= 2x of running alone
 
   triggers
@@ -71,6 +72,10 @@ scenarios (default: all but soak, languages, postgres and floor):
 --attacks TEXT  containment's attack phase with only the attacks whose JSON contains TEXT
                 (for example oom, zeroblob, http_burst), to see what each costs
 --plugin-memory-mib N  the containment server's plugin_memory_mib (default: the host's)
+--mysql URL     containment's MySQL attacker: a server and an account that may create a
+                reader (e.g. mysql://root@127.0.0.1:3306/test)
+--redis URL     containment's Redis attacker: a server it may write a large value to
+                (e.g. redis://127.0.0.1:6379)
 ";
 
 pub struct Options {
@@ -82,6 +87,8 @@ pub struct Options {
     pub postgres: Option<String>,
     pub attacks: Option<String>,
     pub plugin_memory_mib: Option<u64>,
+    pub mysql: Option<String>,
+    pub redis: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +104,8 @@ fn main() -> ExitCode {
         postgres: None,
         attacks: None,
         plugin_memory_mib: None,
+        mysql: None,
+        redis: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -104,6 +113,8 @@ fn main() -> ExitCode {
             "--large" => options.large = args.next().map(PathBuf::from),
             "--postgres" => options.postgres = args.next(),
             "--attacks" => options.attacks = args.next(),
+            "--mysql" => options.mysql = args.next(),
+            "--redis" => options.redis = args.next(),
             "--plugin-memory-mib" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(mib) if mib > 0 => options.plugin_memory_mib = Some(mib),
                 _ => return usage("--plugin-memory-mib needs a positive number"),

@@ -296,7 +296,7 @@ pub fn no_capabilities() -> stepwise_host::runtime::Capabilities {
     stepwise_host::runtime::Capabilities {
         grant: stepwise_host::grant::Grant::default(),
         limits: stepwise_host::grant::Limits::default(),
-        sources: stepwise_host::capabilities::sql::SqlSources::default(),
+        sources: stepwise_host::capabilities::sources::DataSources::default(),
         secrets: Default::default(),
         http_requests_left: 0,
     }

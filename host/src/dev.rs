@@ -13,7 +13,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::secrets::{Secret, SecretSet};
-use crate::capabilities::sql::SqlSources;
+use crate::capabilities::sources::DataSources;
 use crate::config::Settings;
 use crate::grant::parse_grant;
 use crate::model::{AttemptOutcome, Place, PluginVersion, RunStatus, now_millis};
@@ -89,7 +89,7 @@ pub async fn run_file(
     let poll = grant
         .poll_interval
         .unwrap_or(settings.default_poll_interval);
-    let sources = SqlSources::connect_lazy(&secrets.fill_source_urls(&settings.sources)?)
+    let sources = DataSources::connect_lazy(&secrets.fill_source_urls(&settings.sources)?)
         .map_err(|error| secrets.redact_error(error))?;
     let mut capabilities = Capabilities {
         grant,

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, Shared};
 use crate::capabilities::secrets::{Secret, SecretSet, Secrets};
-use crate::capabilities::sql::SqlSources;
+use crate::capabilities::sources::DataSources;
 use crate::config::{AuthMode, Settings};
 use crate::notify::Deliverer;
 use crate::registry::Registry;
@@ -82,7 +82,7 @@ pub async fn serve(
     let set = secrets.current();
     let source_configs = set.fill_source_urls(&settings.sources)?;
     let sources =
-        SqlSources::connect_lazy(&source_configs).map_err(|error| set.redact_error(error))?;
+        DataSources::connect_lazy(&source_configs).map_err(|error| set.redact_error(error))?;
     sources
         .check_at_start(&source_configs, &settings.database_url)
         .await

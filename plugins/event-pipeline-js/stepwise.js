@@ -1,8 +1,8 @@
 // Helpers for a Stepwise check written in JavaScript (built with componentize-js).
 //
-// The host grants a check three capabilities and nothing else: outbound HTTP to the hosts in
-// its grant, SQL queries on the data sources in its grant, and log lines stored with the
-// attempt. This module wraps them, and the WIT types, in plain JavaScript:
+// The host grants a check four capabilities and nothing else: outbound HTTP to the hosts in
+// its grant, SQL queries and typed Redis reads on the data sources in its grant, and log lines
+// stored with the attempt. This module wraps them, and the WIT types, in plain JavaScript:
 //
 //   params(input), outputs(input)          the run's params and earlier steps' outputs
 //   passed(value), pending(msg), failed(msg)  a step's outcome
@@ -10,11 +10,14 @@
 //                                           grant refuses the host (`fetch` works too, in an
 //                                           async runStep, but cannot tell a denial apart)
 //   query(source, statement, params)       SQL with bound parameters; rows as objects
+//   kv.get(source, key), kv.hgetall(...)   typed Redis reads; values as Uint8Array
+//                                           (kv.text for a string)
 //   info(msg), warn(msg), ...              log lines
 //   secret(name)                           the placeholder the host replaces with a secret
 
 import { log as hostLog } from 'stepwise:plugin/log@0.1.0';
 import { query as hostQuery } from 'stepwise:plugin/sql@0.1.0';
+import * as hostKv from 'stepwise:plugin/kv@0.1.0';
 import { handle } from 'wasi:http/outgoing-handler@0.2.12';
 import { Fields, OutgoingRequest, OutgoingBody, IncomingBody } from 'wasi:http/types@0.2.12';
 
@@ -290,6 +293,59 @@ function fromValue(value) {
       return value.val;
   }
 }
+
+// --- Redis -------------------------------------------------------------------------------
+
+/** A read the host or Redis refused; the same kinds as SqlError. */
+export class KvError extends Error {
+  constructor(kind, message) {
+    super(`${kind}: ${message}`);
+    this.kind = kind;
+  }
+}
+
+function kvCall(name, ...args) {
+  try {
+    return hostKv[name](...args);
+  } catch (error) {
+    const payload = error.payload;
+    if (payload === undefined) throw error;
+    throw new KvError(SQL_ERRORS[payload.tag] ?? payload.tag, payload.val);
+  }
+}
+
+const decoder = new TextDecoder();
+
+/** Typed reads of the Redis sources granted to the check, one per read command. Keys, fields,
+ * members and patterns are strings; values come back as Uint8Array. */
+export const kv = {
+  text: (value) => (value === undefined || value === null ? null : decoder.decode(value)),
+  get: (source, key) => kvCall('get', source, key) ?? null,
+  getText: (source, key) => kv.text(kv.get(source, key)),
+  mget: (source, keys) => kvCall('mget', source, keys).map((value) => value ?? null),
+  exists: (source, key) => kvCall('exists', source, key),
+  ttl: (source, key) => Number(kvCall('ttl', source, key)),
+  type: (source, key) => kvCall('type', source, key),
+  hget: (source, key, field) => kvCall('hget', source, key, field) ?? null,
+  hgetall: (source, key) => kvCall('hgetall', source, key),
+  hmget: (source, key, fields) => kvCall('hmget', source, key, fields).map((value) => value ?? null),
+  smembers: (source, key) => kvCall('smembers', source, key),
+  sismember: (source, key, member) => kvCall('sismember', source, key, member),
+  scard: (source, key) => Number(kvCall('scard', source, key)),
+  lrange: (source, key, start, stop) => kvCall('lrange', source, key, BigInt(start), BigInt(stop)),
+  llen: (source, key) => Number(kvCall('llen', source, key)),
+  zrange: (source, key, start, stop) =>
+    kvCall('zrange', source, key, BigInt(start), BigInt(stop)).map(({ member, score }) => [member, score]),
+  zscore: (source, key, member) => kvCall('zscore', source, key, member) ?? null,
+  zcard: (source, key) => Number(kvCall('zcard', source, key)),
+  xrange: (source, key, start = '-', end = '+', count = 100) =>
+    kvCall('xrange', source, key, start, end, count),
+  xrevrange: (source, key, end = '+', start = '-', count = 100) =>
+    kvCall('xrevrange', source, key, end, start, count),
+  /** One page of keys: `{ cursor, keys }`; the scan is complete at cursor "0". */
+  scan: (source, cursor = '0', pattern = null, count = 100) =>
+    kvCall('scan', source, cursor, pattern ?? undefined, count),
+};
 
 // --- logging and secrets -----------------------------------------------------------------
 

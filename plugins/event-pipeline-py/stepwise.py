@@ -1,13 +1,15 @@
 """Helpers for a Stepwise check written in Python (built with componentize-py).
 
-The host grants a check three capabilities and nothing else: outbound HTTP to the hosts in its
-grant, SQL queries on the data sources in its grant, and log lines stored with the attempt.
+The host grants a check four capabilities and nothing else: outbound HTTP to the hosts in its
+grant, SQL queries and typed Redis reads on the data sources in its grant, and log lines
+stored with the attempt.
 This module wraps them, and the WIT types, in plain Python:
 
     params(input), outputs(input)       the run's params and earlier steps' outputs, as dicts
     passed(value), pending(msg), failed(msg)   a step's outcome
     get(url), request(method, url, ...)  HTTP; raises HttpDenied when the grant refuses the host
     query(source, statement, params)    SQL with bound parameters; rows as dicts
+    kv.get(source, key), kv.hgetall(...)   typed Redis reads; values as bytes (kv.text for str)
     info(msg), warn(msg), ...           log lines
     secret(name)                        the placeholder the host replaces with a secret
 """
@@ -16,6 +18,7 @@ import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from componentize_py_types import Err
+from wit_world.imports import kv as _kv
 from wit_world.imports import log as _log
 from wit_world.imports import outgoing_handler as _outgoing
 from wit_world.imports import sql as _sql
@@ -36,7 +39,7 @@ __all__ = [
     "check_info", "step", "params", "outputs", "output_of",
     "passed", "pending", "failed",
     "Response", "HttpError", "HttpDenied", "get", "request",
-    "SqlError", "query",
+    "SqlError", "query", "KvError", "kv",
     "trace", "debug", "info", "warn", "error", "secret",
 ]
 
@@ -272,6 +275,112 @@ def _from_value(value: _sql.Value) -> Any:
     if isinstance(value, _sql.Value_Bytes):
         return list(value.value)
     return value.value
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+class KvError(Exception):
+    """A read the host or Redis refused; the same kinds as SqlError ("denied", "read-only",
+    "limit exceeded", "query failed"); str(error) starts with it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+_KV_ERRORS = {
+    _kv.KvError_Denied: "denied",
+    _kv.KvError_ReadOnly: "read-only",
+    _kv.KvError_LimitExceeded: "limit exceeded",
+    _kv.KvError_QueryFailed: "query failed",
+}
+
+
+def _kv_call(function, *args):
+    try:
+        return function(*args)
+    except Err as error:
+        raise KvError(_KV_ERRORS[type(error.value)], error.value.value) from None
+
+
+class _Kv:
+    """Typed reads of the Redis sources granted to the check, one per read command. Keys,
+    fields, members and patterns are str; values come back as bytes."""
+
+    @staticmethod
+    def text(value: Optional[bytes]) -> Optional[str]:
+        return None if value is None else bytes(value).decode("utf-8", "replace")
+
+    def get(self, source: str, key: str) -> Optional[bytes]:
+        return _kv_call(_kv.get, source, key)
+
+    def get_text(self, source: str, key: str) -> Optional[str]:
+        return self.text(self.get(source, key))
+
+    def mget(self, source: str, keys: Sequence[str]) -> List[Optional[bytes]]:
+        return _kv_call(_kv.mget, source, list(keys))
+
+    def exists(self, source: str, key: str) -> bool:
+        return _kv_call(_kv.exists, source, key)
+
+    def ttl(self, source: str, key: str) -> int:
+        return _kv_call(_kv.ttl, source, key)
+
+    def type(self, source: str, key: str) -> str:
+        return _kv_call(getattr(_kv, "type"), source, key)
+
+    def hget(self, source: str, key: str, field: str) -> Optional[bytes]:
+        return _kv_call(_kv.hget, source, key, field)
+
+    def hgetall(self, source: str, key: str) -> Dict[bytes, bytes]:
+        return dict(_kv_call(_kv.hgetall, source, key))
+
+    def hmget(self, source: str, key: str, fields: Sequence[str]) -> List[Optional[bytes]]:
+        return _kv_call(_kv.hmget, source, key, list(fields))
+
+    def smembers(self, source: str, key: str) -> List[bytes]:
+        return _kv_call(_kv.smembers, source, key)
+
+    def sismember(self, source: str, key: str, member: str) -> bool:
+        return _kv_call(_kv.sismember, source, key, member)
+
+    def scard(self, source: str, key: str) -> int:
+        return _kv_call(_kv.scard, source, key)
+
+    def lrange(self, source: str, key: str, start: int, stop: int) -> List[bytes]:
+        return _kv_call(_kv.lrange, source, key, start, stop)
+
+    def llen(self, source: str, key: str) -> int:
+        return _kv_call(_kv.llen, source, key)
+
+    def zrange(self, source: str, key: str, start: int, stop: int) -> List[Tuple[bytes, float]]:
+        return [(item.member, item.score) for item in _kv_call(_kv.zrange, source, key, start, stop)]
+
+    def zscore(self, source: str, key: str, member: str) -> Optional[float]:
+        return _kv_call(_kv.zscore, source, key, member)
+
+    def zcard(self, source: str, key: str) -> int:
+        return _kv_call(_kv.zcard, source, key)
+
+    def xrange(self, source: str, key: str, start: str = "-", end: str = "+",
+               count: int = 100) -> List[Tuple[str, Dict[bytes, bytes]]]:
+        entries = _kv_call(_kv.xrange, source, key, start, end, count)
+        return [(entry.id, dict(entry.fields)) for entry in entries]
+
+    def xrevrange(self, source: str, key: str, end: str = "+", start: str = "-",
+                  count: int = 100) -> List[Tuple[str, Dict[bytes, bytes]]]:
+        entries = _kv_call(_kv.xrevrange, source, key, end, start, count)
+        return [(entry.id, dict(entry.fields)) for entry in entries]
+
+    def scan(self, source: str, cursor: str = "0", pattern: Optional[str] = None,
+             count: int = 100) -> Tuple[str, List[bytes]]:
+        """One page of keys: (next cursor, keys); the scan is complete at cursor "0"."""
+        page = _kv_call(_kv.scan, source, cursor, pattern, count)
+        return page.cursor, page.keys
+
+
+kv = _Kv()
 
 
 # --- logging and secrets ------------------------------------------------------------------

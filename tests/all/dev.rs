@@ -365,3 +365,48 @@ async fn dev_and_the_server_end_a_step_at_its_budget_alike() {
     );
     assert_eq!(server.attempts(&id).await.len(), dev_calls, "{out}");
 }
+
+#[tokio::test]
+async fn a_local_run_reads_a_mysql_and_a_redis_source() {
+    let (Some(mysql), Some(redis)) = (crate::support::mysql_url(), crate::support::redis_url())
+    else {
+        return;
+    };
+    let fixture = crate::support::MysqlFixture::create(&mysql, "sw_dev").await;
+    let prefix = crate::support::redis_prefix("dev");
+    let counter = format!("{prefix}counter");
+    crate::support::redis_command(&redis, &[b"SET", counter.as_bytes(), b"3"]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("misbehave.wasm");
+    std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
+    std::fs::write(
+        dir.path().join("misbehave.toml"),
+        "sql_sources = [\"warehouse\", \"cache\"]\n",
+    )
+    .expect("writing the manifest");
+    let mut settings = Settings::for_data_dir(dir.path());
+    for (name, url) in [("warehouse", fixture.reader_url().await), ("cache", redis)] {
+        settings.sources.insert(
+            name.into(),
+            stepwise_host::config::SourceConfig {
+                url,
+                read_only: true,
+            },
+        );
+    }
+    let params = json!({"steps": {
+        "first": {"action": "sql", "source": "warehouse", "statement": "SELECT name FROM items"},
+        "second": {"action": "kv", "source": "cache", "call": "get", "args": [counter]},
+    }});
+    let mut out = Vec::new();
+    let outcome = run_file(&file, &params, &settings, None, &[], &mut out)
+        .await
+        .expect("a local run");
+    let out = String::from_utf8(out).expect("utf-8 output");
+    assert_eq!(outcome, DevOutcome::Passed, "{out}");
+    assert!(
+        out.contains("[[\"one\"]]") && out.contains("\"result\":\"3\""),
+        "{out}"
+    );
+    fixture.drop_all().await;
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use stepwise_host::capabilities::sql::SqlSources;
+use stepwise_host::capabilities::sources::DataSources;
 use stepwise_host::grant::{Grant, Limits};
 use stepwise_host::model::PluginVersion;
 use stepwise_host::runtime::{Capabilities, LoadedPlugin, Runtime, StepCall};
@@ -43,7 +43,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
             instances: 64,
             ..limits
         },
-        sources: SqlSources::default(),
+        sources: DataSources::default(),
         secrets: Default::default(),
         http_requests_left: 100,
     };
@@ -107,7 +107,7 @@ fn with_call_timeout(limits: &Limits, call_timeout: Duration) -> Capabilities {
             call_timeout,
             ..*limits
         },
-        sources: SqlSources::default(),
+        sources: DataSources::default(),
         secrets: Default::default(),
         http_requests_left: 0,
     }

@@ -1248,3 +1248,175 @@ impl EventStream {
         }
     }
 }
+
+/// The MySQL or MariaDB server of the source tests (an account that may create databases and
+/// accounts), or `None`, said, when `STEPWISE_TEST_MYSQL_URL` is unset.
+pub fn mysql_url() -> Option<String> {
+    match std::env::var("STEPWISE_TEST_MYSQL_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED: the MySQL source test (set STEPWISE_TEST_MYSQL_URL, e.g. mysql://root@127.0.0.1:3306/test)"
+            );
+            None
+        }
+    }
+}
+
+/// Runs `statement` on the MySQL server at `url` as its administrator.
+pub async fn mysql_admin(url: &str, statement: &str) {
+    use sqlx::{ConnectOptions, Connection, Executor};
+    let options: sqlx::mysql::MySqlConnectOptions = url.parse().expect("a MySQL URL");
+    let mut connection = options.connect().await.expect("connecting to MySQL");
+    connection
+        .execute(statement)
+        .await
+        .unwrap_or_else(|error| panic!("{statement}: {error}"));
+    let _ = connection.close().await;
+}
+
+/// The first column of the rows of `statement` on the MySQL server at `url`, as text.
+pub async fn mysql_column(url: &str, statement: &str) -> Vec<Option<String>> {
+    use sqlx::{ConnectOptions, Connection, Executor, Row};
+    let options: sqlx::mysql::MySqlConnectOptions = url.parse().expect("a MySQL URL");
+    let mut connection = options.connect().await.expect("connecting to MySQL");
+    let rows = connection
+        .fetch_all(statement)
+        .await
+        .unwrap_or_else(|error| panic!("{statement}: {error}"));
+    let _ = connection.close().await;
+    rows.iter()
+        .map(|row| {
+            row.try_get_unchecked::<Option<String>, _>(0)
+                .expect("a text column")
+        })
+        .collect()
+}
+
+/// A MySQL database and the accounts of one test, dropped by [`MysqlFixture::drop_all`].
+/// Each has names of its own: the SQLite and PostgreSQL copies of a test run at once.
+pub struct MysqlFixture {
+    pub admin_url: String,
+    pub database: String,
+    accounts: std::sync::Mutex<Vec<String>>,
+}
+
+impl MysqlFixture {
+    /// A new database holding `items(id INT PRIMARY KEY, name VARCHAR(32))` with `(1, 'one')`.
+    pub async fn create(admin_url: &str, prefix: &str) -> MysqlFixture {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let database = format!("{prefix}_{}_{n}", std::process::id());
+        mysql_admin(admin_url, &format!("CREATE DATABASE {database}")).await;
+        mysql_admin(
+            admin_url,
+            &format!(
+                "CREATE TABLE {database}.items (id INT PRIMARY KEY, name VARCHAR(32) NOT NULL)"
+            ),
+        )
+        .await;
+        mysql_admin(
+            admin_url,
+            &format!("INSERT INTO {database}.items VALUES (1, 'one')"),
+        )
+        .await;
+        MysqlFixture {
+            admin_url: admin_url.to_owned(),
+            database,
+            accounts: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The URL of a new account `{database}_{suffix}` with a password, after `grants` (each
+    /// `PRIVILEGES ON what`, e.g. `SELECT ON {database}.*`).
+    pub async fn account_url(&self, suffix: &str, grants: &[String]) -> String {
+        let account = format!("{}_{suffix}", self.database);
+        mysql_admin(
+            &self.admin_url,
+            &format!("CREATE USER '{account}'@'%' IDENTIFIED BY 'pw-{account}'"),
+        )
+        .await;
+        for grant in grants {
+            mysql_admin(
+                &self.admin_url,
+                &format!("GRANT {grant} TO '{account}'@'%'"),
+            )
+            .await;
+        }
+        self.accounts
+            .lock()
+            .expect("accounts")
+            .push(account.clone());
+        let (scheme, rest) = self.admin_url.split_once("://").expect("a URL");
+        let address = rest.split_once('@').map_or(rest, |(_, address)| address);
+        let address = address.split('/').next().unwrap_or(address);
+        format!(
+            "{scheme}://{account}:pw-{account}@{address}/{}",
+            self.database
+        )
+    }
+
+    /// A least-privileged reader: `SELECT` on this database and nothing else.
+    pub async fn reader_url(&self) -> String {
+        self.account_url("r", &[format!("SELECT ON {}.*", self.database)])
+            .await
+    }
+
+    pub async fn drop_all(&self) {
+        let accounts: Vec<String> = std::mem::take(&mut *self.accounts.lock().expect("accounts"));
+        for account in accounts {
+            mysql_admin(&self.admin_url, &format!("DROP USER '{account}'@'%'")).await;
+        }
+        mysql_admin(&self.admin_url, &format!("DROP DATABASE {}", self.database)).await;
+    }
+}
+
+/// The Redis server of the source tests, or `None`, said, when `STEPWISE_TEST_REDIS_URL` is
+/// unset.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("STEPWISE_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED: the Redis source test (set STEPWISE_TEST_REDIS_URL, e.g. redis://127.0.0.1:6379)"
+            );
+            None
+        }
+    }
+}
+
+/// A key prefix of its own for one test: the SQLite and PostgreSQL copies run at once on one
+/// Redis server.
+pub fn redis_prefix(test: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("stepwise-test:{test}:{}:{n}:", std::process::id())
+}
+
+/// Sends one command to the Redis server at `url` (`redis://host:port`, no credentials) and
+/// returns the reply's first line (`+OK`, `:1`, `$3`, …).
+pub async fn redis_command(url: &str, command: &[&[u8]]) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let address = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connecting to Redis");
+    let mut stream = tokio::io::BufStream::new(stream);
+    let mut wire = format!("*{}\r\n", command.len()).into_bytes();
+    for argument in command {
+        wire.extend_from_slice(format!("${}\r\n", argument.len()).as_bytes());
+        wire.extend_from_slice(argument);
+        wire.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&wire).await.expect("writing to Redis");
+    stream.flush().await.expect("writing to Redis");
+    let mut line = String::new();
+    stream
+        .read_line(&mut line)
+        .await
+        .expect("reading from Redis");
+    line.trim_end().to_owned()
+}

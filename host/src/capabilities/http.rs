@@ -22,7 +22,7 @@
 //! A refused request returns `HTTP-request-denied` to the guest and leaves a line in the
 //! attempt's log naming the host and the reason.
 
-mod connect;
+pub(super) mod connect;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;

@@ -4,8 +4,10 @@
 
 pub mod grants;
 pub mod http;
+pub mod kv;
 pub mod log;
 pub mod secrets;
+pub mod sources;
 pub mod sql;
 
 use std::sync::{Arc, Mutex};

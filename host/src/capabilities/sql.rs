@@ -3,10 +3,10 @@
 //! exactly one statement of at most [`MAX_STATEMENT_BYTES`], never cached. A query is
 //! confined to itself: it reaches nothing but the source (no other database, no file, no
 //! program) and leaves nothing behind on the pooled connection for the next plugin
-//! (`sqlite.rs`, `postgres.rs`). A `read_only` source is read-only in the database itself,
+//! (`sqlite.rs`, `postgres.rs`, `mysql.rs`). A `read_only` source is read-only in the database itself,
 //! not by inspecting SQL text. Rows, result bytes and time are capped, and the database
-//! enforces time and value sizes too (PostgreSQL's `statement_timeout`, SQLite's progress
-//! handler and length limit), so a query that runs forever or builds a huge value is
+//! enforces time and value sizes too (PostgreSQL's `statement_timeout`, MySQL's and MariaDB's
+//! statement timers, SQLite's progress handler and length limit), so a query that runs forever or builds a huge value is
 //! stopped, not just abandoned. Exceeding a cap is a [`Violation`]: the attempt ends
 //! `errored`. Waiting for a pooled connection has its own time limit and is the host's
 //! problem, not the plugin's.
@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::mysql::MySqlPool;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Column, Row};
@@ -50,16 +51,23 @@ pub const MAX_STATEMENT_BYTES: usize = 64 << 10;
 /// Short, so that the wait ends well inside the call's own time limit.
 const POOL_WAIT: Duration = Duration::from_secs(2);
 
-/// The backends, one module each (`sql/sqlite.rs`, `sql/postgres.rs`): its pool, the checks
-/// of its sources at start, its query with its confinement, and its values.
+/// The backends, one module each (`sql/sqlite.rs`, `sql/postgres.rs`, `sql/mysql.rs`): its
+/// pool, the checks of its sources at start, its query with its confinement, and its values.
 enum SourcePool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+/// Whether `url` names a source of one of the SQL backends.
+pub fn is_sql_url(url: &str) -> bool {
+    sqlite::is_url(url) || postgres::is_url(url) || mysql::is_url(url)
 }
 
 impl SqlSources {
-    /// Builds a pool per source without connecting, so that a source that is down does not stop
-    /// the host from starting; its queries fail until it is back.
+    /// Builds a pool per SQL source (the others are another capability's) without connecting,
+    /// so that a source that is down does not stop the host from starting; its queries fail
+    /// until it is back.
     pub fn connect_lazy(configs: &BTreeMap<String, SourceConfig>) -> anyhow::Result<SqlSources> {
         let mut sources = HashMap::new();
         for (name, config) in configs {
@@ -67,8 +75,10 @@ impl SqlSources {
                 sqlite::pool(config).map(SourcePool::Sqlite)
             } else if postgres::is_url(&config.url) {
                 postgres::pool(config).map(SourcePool::Postgres)
+            } else if mysql::is_url(&config.url) {
+                mysql::pool(config).map(SourcePool::MySql)
             } else {
-                Err("url must start with sqlite: or postgres:".to_owned())
+                continue;
             };
             let pool = pool.map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
             sources.insert(
@@ -86,7 +96,8 @@ impl SqlSources {
 
     /// Refuses to start with a source that is the host's own database (`host_database_url`,
     /// whose runs, plugins and tokens a plugin granted the source could then read and
-    /// change), and checks the role of every PostgreSQL source: see [`postgres::RolePowers`].
+    /// change), and checks the role of every PostgreSQL source (see [`postgres::RolePowers`])
+    /// and the account of every MySQL source (see [`mysql::Privileges`]).
     /// A PostgreSQL source is the host's database when its URL names the same host, port and
     /// database, or when both answer with the same database of the same running server (the
     /// same server under another name). A source that cannot be reached is only logged: its
@@ -110,6 +121,9 @@ impl SqlSources {
                         &mut host_identity,
                     )
                     .await?
+                }
+                Some(SourcePool::MySql(_)) => {
+                    mysql::check_at_start(name, &config.url, config.read_only).await?
                 }
                 None => {}
             }
@@ -150,7 +164,7 @@ impl Host for SqlState {
         }
         let Some(target) = self.sources.sources.get(&source) else {
             return Ok(Err(SqlError::Denied(format!(
-                "sql source {source:?} is not configured on this host"
+                "sql source {source:?} is not an SQL source configured on this host"
             ))));
         };
         let limits = QueryLimits {
@@ -181,6 +195,24 @@ impl Host for SqlState {
                         self.timeout,
                         postgres::query(
                             connection,
+                            &source,
+                            target.read_only,
+                            &statement,
+                            params,
+                            limits,
+                        ),
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            },
+            SourcePool::MySql(pool) => match acquire(pool, &source).await? {
+                Ok(connection) => {
+                    within_time(
+                        self.timeout,
+                        mysql::query(
+                            connection,
+                            pool,
                             &source,
                             target.read_only,
                             &statement,
@@ -242,6 +274,14 @@ struct ResultBytes {
 impl ResultBytes {
     fn new(limit: usize) -> ResultBytes {
         ResultBytes { used: 0, limit }
+    }
+
+    /// Refuses a row of `bytes` that would pass the limit, before its values are copied.
+    fn check(&self, bytes: usize) -> Result<(), QueryError> {
+        if self.used.saturating_add(bytes) > self.limit {
+            return Err(result_too_big(self.limit));
+        }
+        Ok(())
     }
 
     fn add(&mut self, row: &[Value]) -> Result<(), QueryError> {
@@ -340,6 +380,7 @@ macro_rules! bind_params {
 }
 
 // After `bind_params!`, which they use.
+mod mysql;
 mod postgres;
 mod sqlite;
 

@@ -12,10 +12,9 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::capabilities::secrets::Secrets;
-use crate::capabilities::sql::SqlSources;
+use crate::capabilities::sources::DataSources;
 use crate::config::Settings;
-use crate::grant::Grant;
-use crate::grant::parse_stored_grant;
+use crate::grant::{Grant, parse_stored_grant};
 use crate::metrics::Metrics;
 use crate::model::{
     AttemptOutcome, LogLevel, LogLine, PluginVersion, RunStatus, StepStatus, UnixMillis,
@@ -53,7 +52,7 @@ const WRITE_BESIDE: Duration = Duration::from_millis(5);
 pub struct Runner {
     store: Store,
     runtime: Runtime,
-    sources: SqlSources,
+    sources: DataSources,
     secrets: Secrets,
     settings: Arc<Settings>,
     metrics: Metrics,
@@ -114,7 +113,7 @@ impl Runner {
     pub fn new(
         store: Store,
         runtime: Runtime,
-        sources: SqlSources,
+        sources: DataSources,
         secrets: Secrets,
         settings: Arc<Settings>,
     ) -> Runner {

@@ -13,6 +13,7 @@ use super::instance::StepState;
 use super::memory::PluginMemory;
 use super::plugin::LoadedPlugin;
 use crate::bindings;
+use crate::capabilities::kv::KvCapability;
 use crate::capabilities::log::LogCapability;
 use crate::capabilities::sql::SqlCapability;
 use crate::grant::Limits;
@@ -86,6 +87,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::log::add_to_linker::<_, LogCapability>(&mut linker, |state| &mut state.log)?;
         bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
+        bindings::kv::add_to_linker::<_, KvCapability>(&mut linker, |state| &mut state.kv)?;
 
         let ticker = EpochTicker::start(engine.clone());
         super::memory::start_trimmer();

@@ -19,9 +19,11 @@ use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::wasi_context;
 use crate::capabilities::http::HttpPolicy;
+use crate::capabilities::kv::{KvState, MAX_COMMANDS_PER_CALL};
 use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::secrets::SecretSet;
-use crate::capabilities::sql::{SqlSources, SqlState};
+use crate::capabilities::sources::DataSources;
+use crate::capabilities::sql::SqlState;
 use crate::capabilities::{HostFault, Violation};
 use crate::grant::{Grant, Limits};
 use crate::model::{AttemptOutcome, CheckInfo, LogLine, StepInfo};
@@ -31,7 +33,7 @@ use crate::model::{AttemptOutcome, CheckInfo, LogLine, StepInfo};
 pub struct Capabilities {
     pub grant: Grant,
     pub limits: Limits,
-    pub sources: SqlSources,
+    pub sources: DataSources,
     /// The host's secrets: filled into granted requests, redacted from everything returned.
     pub secrets: Arc<SecretSet>,
     /// Outbound HTTP requests the run may still make.
@@ -73,6 +75,7 @@ pub struct StepState {
     http: HttpPolicy,
     pub(super) log: LogState,
     pub(super) sql: SqlState,
+    pub(super) kv: KvState,
     limiter: Limiter,
     violation: Violation,
     resources: ResourceCount,
@@ -290,7 +293,7 @@ impl Runtime {
         let capabilities = Capabilities {
             grant: Grant::default(),
             limits: *limits,
-            sources: SqlSources::default(),
+            sources: DataSources::default(),
             secrets: Arc::default(),
             http_requests_left: 0,
         };
@@ -439,11 +442,19 @@ impl Runtime {
             },
             log: LogState { buffer: log },
             sql: SqlState {
-                sources: capabilities.sources.clone(),
+                sources: capabilities.sources.sql.clone(),
                 granted: capabilities.grant.sql_sources.clone(),
                 max_rows: limits.sql_rows,
                 max_result_bytes: limits.sql_result_bytes,
                 timeout: limits.sql_timeout,
+                violation: violation.clone(),
+            },
+            kv: KvState {
+                sources: capabilities.sources.kv.clone(),
+                granted: capabilities.grant.sql_sources.clone(),
+                max_result_bytes: limits.sql_result_bytes,
+                timeout: limits.sql_timeout,
+                commands_left: MAX_COMMANDS_PER_CALL,
                 violation: violation.clone(),
             },
             limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),

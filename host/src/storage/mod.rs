@@ -131,7 +131,7 @@ pub struct ClusterHealth {
 pub struct PluginRecord {
     pub name: PluginName,
     pub active_version: PluginVersion,
-    /// The manifest text; `config::parse_grant` turns it into a `Grant`.
+    /// The manifest text; `grant::parse_grant` turns it into a `Grant`.
     pub grant_toml: String,
     pub check_info: CheckInfo,
     pub updated_at: UnixMillis,

@@ -26,6 +26,7 @@ pub mod bindings {
 }
 
 pub mod http;
+pub mod kv;
 pub mod log;
 pub mod sql;
 

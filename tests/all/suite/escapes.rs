@@ -165,7 +165,7 @@ async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
 /// Starts `stepwise serve` with `config` as its `stepwise.toml`, `dir/data` as its data dir
 /// and `args` besides, and waits for it to exit on its own; returns its stderr, or fails the
 /// test if it started serving.
-fn serve_refused(dir: &std::path::Path, config: &str, args: &[&str]) -> String {
+pub(super) fn serve_refused(dir: &std::path::Path, config: &str, args: &[&str]) -> String {
     let config_path = dir.join("stepwise.toml");
     std::fs::write(&config_path, config).expect("writing the config");
     let stderr_path = dir.join("stderr");

@@ -36,7 +36,7 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// The same web PKI roots as wasmtime-wasi-http's own sender.
-static TLS: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
+pub(in crate::capabilities) static TLS: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.into(),
     };

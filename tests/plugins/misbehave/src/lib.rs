@@ -7,6 +7,7 @@ use std::hint::black_box;
 
 use serde_json::{Value, json};
 use stepwise_plugin::http;
+use stepwise_plugin::kv;
 use stepwise_plugin::sql;
 use stepwise_plugin::{
     Check, CheckInfo, StepInfo, StepInput, StepOutcome, export_check, failed, log, passed, pending,
@@ -201,6 +202,28 @@ impl Check for Misbehave {
                     Err(error) => failed(sql::error_message(&error)),
                 }
             }
+            "kv" => match kv_call(action) {
+                Ok(result) => passed(&json!({"result": result})),
+                Err(error) => failed(kv::error_message(&error)),
+            },
+            "kv_scan_loop" => {
+                // Scans over and over, as a plugin that never stops paging would.
+                let source = action["source"].as_str().unwrap_or_default();
+                let mut cursor = "0".to_owned();
+                let mut pages = 0u64;
+                loop {
+                    match kv::scan(source, &cursor, Some("*"), 1000) {
+                        Ok(page) => cursor = page.cursor,
+                        Err(error) => {
+                            return failed(format!(
+                                "after {pages} pages: {}",
+                                kv::error_message(&error)
+                            ));
+                        }
+                    }
+                    pages += 1;
+                }
+            }
             "echo_outputs" => passed(&input.outputs()),
             "fields_flood" => fields_flood(
                 action["count"].as_u64().unwrap_or(0),
@@ -209,6 +232,114 @@ impl Check for Misbehave {
             other => failed(format!("unknown action {other:?}")),
         }
     }
+}
+
+/// One typed kv call named by `action["call"]`, with `action["args"]` as its arguments after
+/// the source; values come back as text.
+fn kv_call(action: &Value) -> Result<Value, kv::KvError> {
+    let source = action["source"].as_str().unwrap_or_default();
+    let args = action["args"].as_array().cloned().unwrap_or_default();
+    let text = |index: usize| {
+        args.get(index)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let number = |index: usize| args.get(index).and_then(Value::as_i64).unwrap_or_default();
+    let texts = |index: usize| -> Vec<String> {
+        args.get(index)
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|item| item.as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let optional =
+        |value: Option<Vec<u8>>| value.map_or(Value::Null, |bytes| json!(kv::text(&bytes)));
+    let entries = |entries: Vec<kv::StreamEntry>| -> Value {
+        entries
+            .into_iter()
+            .map(|entry| {
+                let fields: serde_json::Map<String, Value> = entry
+                    .fields
+                    .iter()
+                    .map(|(field, value)| (kv::text(field), json!(kv::text(value))))
+                    .collect();
+                json!({"id": entry.id, "fields": fields})
+            })
+            .collect()
+    };
+    let call = action["call"].as_str().unwrap_or_default();
+    Ok(match call {
+        "get" => optional(kv::get(source, &text(0))?),
+        "mget" => kv::mget(source, &texts(0))?
+            .into_iter()
+            .map(optional)
+            .collect(),
+        "exists" => json!(kv::exists(source, &text(0))?),
+        "ttl" => json!(kv::ttl(source, &text(0))?),
+        "type" => json!(kv::r#type(source, &text(0))?),
+        "hget" => optional(kv::hget(source, &text(0), &text(1))?),
+        "hgetall" => {
+            let pairs: serde_json::Map<String, Value> = kv::hgetall(source, &text(0))?
+                .iter()
+                .map(|(field, value)| (kv::text(field), json!(kv::text(value))))
+                .collect();
+            Value::Object(pairs)
+        }
+        "hmget" => kv::hmget(source, &text(0), &texts(1))?
+            .into_iter()
+            .map(optional)
+            .collect(),
+        "smembers" => {
+            let mut members: Vec<String> = kv::smembers(source, &text(0))?
+                .iter()
+                .map(|member| kv::text(member))
+                .collect();
+            members.sort();
+            json!(members)
+        }
+        "sismember" => json!(kv::sismember(source, &text(0), &text(1))?),
+        "scard" => json!(kv::scard(source, &text(0))?),
+        "lrange" => json!(
+            kv::lrange(source, &text(0), number(1), number(2))?
+                .iter()
+                .map(|item| kv::text(item))
+                .collect::<Vec<_>>()
+        ),
+        "llen" => json!(kv::llen(source, &text(0))?),
+        "zrange" => kv::zrange(source, &text(0), number(1), number(2))?
+            .into_iter()
+            .map(|scored| json!([kv::text(&scored.member), scored.score]))
+            .collect(),
+        "zscore" => json!(kv::zscore(source, &text(0), &text(1))?),
+        "zcard" => json!(kv::zcard(source, &text(0))?),
+        "xrange" => entries(kv::xrange(
+            source,
+            &text(0),
+            &text(1),
+            &text(2),
+            number(3) as u32,
+        )?),
+        "xrevrange" => entries(kv::xrevrange(
+            source,
+            &text(0),
+            &text(1),
+            &text(2),
+            number(3) as u32,
+        )?),
+        "scan" => {
+            let pattern = args.get(1).and_then(Value::as_str);
+            let page = kv::scan(source, &text(0), pattern, number(2) as u32)?;
+            let mut keys: Vec<String> = page.keys.iter().map(|key| kv::text(key)).collect();
+            keys.sort();
+            json!({"cursor": page.cursor, "keys": keys})
+        }
+        other => json!({"unknown_call": other}),
+    })
 }
 
 fn params_schema() -> Value {

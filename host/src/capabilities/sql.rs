@@ -319,6 +319,15 @@ enum QueryError {
     Database(sqlx::Error),
 }
 
+/// A column whose type a backend does not convert, with the cast (`cast`, for `COLUMN`) that
+/// would make it one it does.
+fn unconvertible(column: &str, kind: &str, cast: &str) -> QueryError {
+    let cast = cast.replace("COLUMN", column);
+    QueryError::Guest(SqlError::QueryFailed(format!(
+        "column {column:?} has type {kind}, which the sql capability does not convert; cast it in the query (e.g. {cast})"
+    )))
+}
+
 impl From<sqlx::Error> for QueryError {
     fn from(error: sqlx::Error) -> Self {
         QueryError::Database(error)

@@ -18,7 +18,9 @@ use sqlx::mysql::{
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, ConnectOptions, Connection, Executor, Row, TypeInfo, ValueRef};
 
-use super::{POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, too_many_rows};
+use super::{
+    POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, too_many_rows, unconvertible,
+};
 use crate::bindings::sql::{RowSet, SqlError, Value};
 use crate::config::SourceConfig;
 
@@ -495,8 +497,10 @@ fn values(row: &MySqlRow) -> Result<Vec<Value>, QueryError> {
                 "TINYINT" | "SMALLINT" | "INT" | "MEDIUMINT" | "BIGINT" => {
                     Value::Int(row.try_get_unchecked(index)?)
                 }
-                "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "INT UNSIGNED" | "MEDIUMINT UNSIGNED"
-                | "YEAR" => Value::Int(row.try_get_unchecked::<u32, _>(index)?.into()),
+                "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "INT UNSIGNED"
+                | "MEDIUMINT UNSIGNED" | "YEAR" => {
+                    Value::Int(row.try_get_unchecked::<u32, _>(index)?.into())
+                }
                 // Beyond i64 only as its digits, so that no value is silently wrong.
                 "BIGINT UNSIGNED" => {
                     let unsigned: u64 = row.try_get_unchecked(index)?;
@@ -524,10 +528,8 @@ fn values(row: &MySqlRow) -> Result<Vec<Value>, QueryError> {
                     Value::Text(time.to_string())
                 }
                 other => {
-                    let column = row.columns()[index].name().to_owned();
-                    return Err(QueryError::Guest(SqlError::QueryFailed(format!(
-                        "column {column:?} has type {other}, which the sql capability does not convert; cast it in the query (e.g. CAST({column} AS CHAR))"
-                    ))));
+                    let column = row.columns()[index].name();
+                    return Err(unconvertible(column, other, "CAST(COLUMN AS CHAR)"));
                 }
             };
             Ok(value)

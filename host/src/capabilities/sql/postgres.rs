@@ -18,6 +18,7 @@ use sqlx::{Column, Connection, Row, TypeInfo, ValueRef};
 
 use super::{
     POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, own_database, too_many_rows,
+    unconvertible,
 };
 use crate::bindings::sql::{RowSet, SqlError, Value};
 use crate::config::SourceConfig;
@@ -586,12 +587,12 @@ fn values(row: &PgRow) -> Result<Vec<Value>, QueryError> {
                 "FLOAT8" => Value::Float(row.try_get(index)?),
                 "BOOL" => Value::Boolean(row.try_get(index)?),
                 "BYTEA" => Value::Bytes(row.try_get(index)?),
-                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "UNKNOWN" => Value::Text(row.try_get(index)?),
+                "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "UNKNOWN" => {
+                    Value::Text(row.try_get(index)?)
+                }
                 other => {
-                    let column = row.columns()[index].name().to_owned();
-                    return Err(QueryError::Guest(SqlError::QueryFailed(format!(
-                        "column {column:?} has type {other}, which the sql capability does not convert; cast it in the query (e.g. {column}::text)"
-                    ))));
+                    let column = row.columns()[index].name();
+                    return Err(unconvertible(column, other, "COLUMN::text"));
                 }
             };
             Ok(value)

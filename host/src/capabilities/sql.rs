@@ -19,7 +19,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::mysql::MySqlPool;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Column, Row};
@@ -56,7 +55,7 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 enum SourcePool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
-    MySql(MySqlPool),
+    MySql(mysql::Source),
 }
 
 /// Whether `url` names a source of one of the SQL backends.
@@ -76,7 +75,7 @@ impl SqlSources {
             } else if postgres::is_url(&config.url) {
                 postgres::pool(config).map(SourcePool::Postgres)
             } else if mysql::is_url(&config.url) {
-                mysql::pool(config).map(SourcePool::MySql)
+                mysql::source(config).map(SourcePool::MySql)
             } else {
                 continue;
             };
@@ -206,13 +205,13 @@ impl Host for SqlState {
                 }
                 Err(error) => Err(error),
             },
-            SourcePool::MySql(pool) => match acquire(pool, &source).await? {
+            SourcePool::MySql(mysql_source) => match acquire(&mysql_source.pool, &source).await? {
                 Ok(connection) => {
                     within_time(
                         self.timeout,
                         mysql::query(
                             connection,
-                            pool,
+                            mysql_source,
                             &source,
                             target.read_only,
                             &statement,
@@ -300,6 +299,7 @@ impl ResultBytes {
     }
 }
 
+/// The error of a result past `limit`, whoever noticed it.
 fn result_too_big(limit: usize) -> QueryError {
     QueryError::Guest(SqlError::LimitExceeded(format!(
         "sql result size limit of {limit} bytes exceeded"

@@ -8,18 +8,26 @@
 //! session of its own: sqlx cannot send `COM_RESET_CONNECTION`, so the connection is closed
 //! after the query, which nothing the query did (user variables, `GET_LOCK`, session
 //! settings) survives. A connection the host had to cut short is ended on the server too.
+//! Replies reach sqlx through the host's [`relay`], which refuses a row larger than the
+//! query's result budget before any of it is read.
 
+mod relay;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use sqlx::mysql::{
     MySql, MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow,
+    MySqlSslMode,
 };
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, ConnectOptions, Connection, Executor, Row, TypeInfo, ValueRef};
 
+use self::relay::Relay;
 use super::{
-    POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, too_many_rows, unconvertible,
+    POOL_WAIT, QueryError, QueryLimits, ResultBytes, column_names, result_too_big, too_many_rows,
+    unconvertible,
 };
 use crate::bindings::sql::{RowSet, SqlError, Value};
 use crate::config::SourceConfig;
@@ -29,13 +37,48 @@ pub(super) fn is_url(url: &str) -> bool {
     url.starts_with("mysql:") || url.starts_with("mariadb:")
 }
 
-/// The source's pool, connecting lazily. A connection serves one query and is closed.
-pub(super) fn pool(config: &SourceConfig) -> Result<MySqlPool, String> {
+/// A MySQL source: its pool, connecting lazily (a connection serves one query and is
+/// closed), and the relay its connections go through.
+pub(super) struct Source {
+    pub(super) pool: MySqlPool,
+    relay: Option<Arc<Relay>>,
+}
+
+/// The largest part of a row's packet that is not its values as the host counts them
+/// (`ResultBytes`): the packet's header, the null bitmap and a length prefix of up to nine
+/// bytes for each of at most 4,096 columns. A row the result budget admits is never cut.
+const ROW_OVERHEAD: usize = 64 << 10;
+
+/// The source's pool and, unless the URL asks for TLS or a Unix socket of the server (the
+/// relay reads the protocol in the clear, over TCP), its relay. Needs the tokio runtime.
+pub(super) fn source(config: &SourceConfig) -> Result<Source, String> {
     let options = options(&config.url)?;
-    Ok(MySqlPoolOptions::new()
+    let url = options.to_url_lossy();
+    let setting = |name: &str| {
+        url.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    let direct = setting("socket").is_some()
+        || !matches!(
+            setting("ssl-mode").as_deref(),
+            None | Some("DISABLED" | "PREFERRED")
+        );
+    let (options, relay) = if direct {
+        (options, None)
+    } else {
+        let relay = Relay::start(options.get_host(), options.get_port())
+            .map_err(|error| format!("starting the host's relay for the source: {error}"))?;
+        let options = options
+            .socket(relay.socket())
+            .ssl_mode(MySqlSslMode::Disabled);
+        (options, Some(Arc::new(relay)))
+    };
+    let pool = MySqlPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(POOL_WAIT)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options);
+    Ok(Source { pool, relay })
 }
 
 fn options(url: &str) -> Result<MySqlConnectOptions, String> {
@@ -312,21 +355,22 @@ fn leading_keyword(statement: &str) -> &str {
 /// Runs one plugin query in a session of its own.
 pub(super) async fn query(
     connection: PoolConnection<MySql>,
-    pool: &MySqlPool,
-    source: &str,
+    source: &Source,
+    name: &str,
     read_only: bool,
     statement: &str,
     params: Vec<Value>,
     limits: QueryLimits,
 ) -> Result<RowSet, QueryError> {
-    if let Some(refusal) = refuse_statement(source, statement, read_only) {
+    if let Some(refusal) = refuse_statement(name, statement, read_only) {
         return Err(QueryError::Guest(refusal));
     }
     let deadline = Instant::now() + limits.timeout;
     let mut session = Session {
         connection: Some(connection),
         id: None,
-        options: pool.connect_options(),
+        options: source.pool.connect_options(),
+        relay: source.relay.clone(),
     };
     let connection = session
         .connection
@@ -335,7 +379,8 @@ pub(super) async fn query(
     let result = run(
         &mut *connection,
         &mut session.id,
-        source,
+        session.relay.as_deref(),
+        name,
         read_only,
         statement,
         params,
@@ -356,7 +401,8 @@ struct Session {
     connection: Option<PoolConnection<MySql>>,
     /// The server's id of the session, once known.
     id: Option<u64>,
-    options: std::sync::Arc<MySqlConnectOptions>,
+    options: Arc<MySqlConnectOptions>,
+    relay: Option<Arc<Relay>>,
 }
 
 impl Session {
@@ -364,11 +410,19 @@ impl Session {
         if let Some(connection) = self.connection.take() {
             let _ = connection.close().await;
         }
+        self.forget();
+    }
+
+    fn forget(&self) {
+        if let (Some(relay), Some(id)) = (&self.relay, self.id) {
+            relay.forget(id);
+        }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.forget();
         let Some(mut connection) = self.connection.take() else {
             return;
         };
@@ -401,6 +455,7 @@ fn statement_timeout_margin(timeout: Duration) -> Duration {
 async fn run(
     connection: &mut MySqlConnection,
     session_id: &mut Option<u64>,
+    relay: Option<&Relay>,
     source: &str,
     read_only: bool,
     statement: &str,
@@ -448,11 +503,24 @@ async fn run(
         rows: Vec::new(),
     };
     let mut bytes = ResultBytes::new(limits.max_result_bytes);
+    if let Some(relay) = relay {
+        relay.bound(id, limits.max_result_bytes.saturating_add(ROW_OVERHEAD));
+    }
     {
         // Prepared, which takes exactly one statement and refuses what cannot be prepared.
         let query = bind_params!(sqlx::query(statement).persistent(false), params);
         let mut stream = query.fetch(&mut *connection);
-        while let Some(row) = stream.try_next().await? {
+        loop {
+            let row = match stream.try_next().await {
+                Ok(Some(row)) => row,
+                Ok(None) => break,
+                Err(error) => {
+                    return Err(match relay.and_then(|relay| relay.cut(id)) {
+                        Some(_) => result_too_big(limits.max_result_bytes),
+                        None => error.into(),
+                    });
+                }
+            };
             if set.rows.len() == limits.max_rows {
                 return Err(too_many_rows(limits.max_rows));
             }

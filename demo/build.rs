@@ -1,9 +1,14 @@
-//! Compiles the example plugins that the demo installs.
+//! Compiles the example plugins that the demo installs: `event-pipeline` twice, with and
+//! without the steps that read the demo's MariaDB and Redis stores.
 
 fn main() {
-    let built = stepwise_plugin_build::build_plugins(&[
+    let mut built = stepwise_plugin_build::build_plugins(&[
         "stepwise-plugin-event-pipeline",
         "stepwise-plugin-http-status",
     ]);
+    built.extend(stepwise_plugin_build::build_plugin_variants(
+        "stepwise-plugin-event-pipeline",
+        &[("stores", "event-pipeline-stores")],
+    ));
     stepwise_plugin_build::write_path_constants(&built);
 }

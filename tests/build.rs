@@ -33,5 +33,9 @@ fn main() {
         "stepwise-plugin-misbehave",
         MISBEHAVE_VARIANTS,
     ));
+    built.extend(stepwise_plugin_build::build_plugin_variants(
+        "stepwise-plugin-event-pipeline",
+        &[("stores", "event-pipeline-stores")],
+    ));
     stepwise_plugin_build::write_path_constants(&built);
 }

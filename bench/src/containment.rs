@@ -142,29 +142,12 @@ async fn reach_sources(options: &Options) -> anyhow::Result<Vec<(&'static str, S
         ));
     }
     if let Some(url) = &options.redis {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let address = url.trim_start_matches("redis://").trim_end_matches('/');
-        let mut stream = tokio::io::BufStream::new(
-            tokio::net::TcpStream::connect(address)
-                .await
-                .context("connecting to --redis")?,
-        );
         let value = "x".repeat(8_000_000);
-        let key = "stepwise-bench:big";
-        stream
-            .write_all(
-                format!(
-                    "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
-                    key.len(),
-                    value.len()
-                )
-                .as_bytes(),
-            )
-            .await?;
-        stream.flush().await?;
-        let mut reply = String::new();
-        stream.read_line(&mut reply).await?;
-        anyhow::ensure!(reply.starts_with("+OK"), "--redis: SET answered {reply:?}");
+        let reply =
+            stepwise_demo::redis::command(url, &[b"SET", b"stepwise-bench:big", value.as_bytes()])
+                .await
+                .context("connecting to --redis")?;
+        anyhow::ensure!(reply == "+OK", "--redis: SET answered {reply:?}");
         sources.push(("counters", url.clone()));
     }
     Ok(sources)

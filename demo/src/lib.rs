@@ -1,7 +1,10 @@
 //! A simulated analytics pipeline for the demo (README, "The demo, step by step"): a collector that accepts events over
 //! HTTP, a "warehouse" SQLite table that receives each event after a delay, and a report that
-//! counts it after a further delay. Events can ask to be lost or corrupted on the way, so the
-//! demo can show a failing and a timing-out check too.
+//! counts it after a further delay. With [`Stores`] (a MariaDB and a Redis server), the report
+//! also books each event in a MariaDB table and counts it in Redis. Events can ask to be lost
+//! or corrupted on the way, so the demo can show a failing and a timing-out check too.
+
+pub mod redis;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,15 +19,131 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::SqlitePool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::{ConnectOptions, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
-/// How long each async stage takes.
-#[derive(Debug, Clone, Copy)]
+/// How long each async stage takes, and where the report books events besides its own count.
+#[derive(Clone)]
 pub struct PipelineConfig {
     pub warehouse_delay: Duration,
     pub report_delay: Duration,
+    pub stores: Option<Stores>,
+}
+
+/// The demo's MariaDB ledger table and Redis counter. The pipeline writes them as their
+/// administrator; Stepwise reads them through accounts that may only read (README, "MySQL and
+/// MariaDB sources", "Redis sources").
+#[derive(Clone)]
+pub struct Stores {
+    ledger: MySqlPool,
+    redis_url: String,
+    /// The `[sources.ledger]` URL: an account that may only `SELECT` from the ledger.
+    pub ledger_source: String,
+    /// The `[sources.counters]` URL: an ACL user that may only read the demo's keys.
+    pub counter_source: String,
+}
+
+/// The demo's Redis keys: `stepwise-demo:seen:<event_id>` counts each event.
+const KEY_PREFIX: &str = "stepwise-demo:";
+const LEDGER_READER: &str = "stepwise_demo_reader";
+const READER_PASSWORD: &str = "stepwise-demo-reader";
+
+impl Stores {
+    /// Connects to both servers as administrators (`mysql://root@…/test`, `redis://…`),
+    /// creates the ledger table and the two reader accounts. `Err` says which server could
+    /// not be had, and why.
+    pub async fn connect(mysql_url: &str, redis_url: &str) -> Result<Stores, String> {
+        const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+        let options: MySqlConnectOptions = mysql_url
+            .parse()
+            .map_err(|error| format!("MariaDB at {mysql_url}: {error}"))?;
+        let options = options.log_statements(tracing::log::LevelFilter::Debug);
+        let ledger = MySqlPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(|error| format!("MariaDB at {mysql_url}: {error}"))?;
+        let database = options.get_database().unwrap_or("test").to_owned();
+        for statement in [
+            "CREATE TABLE IF NOT EXISTS stepwise_demo_ledger (event_id VARCHAR(64) PRIMARY KEY, \
+             amount_cents BIGINT NOT NULL, booked_at DATETIME(3) NOT NULL)"
+                .to_owned(),
+            format!(
+                "CREATE USER IF NOT EXISTS '{LEDGER_READER}'@'%' IDENTIFIED BY '{READER_PASSWORD}'"
+            ),
+            format!("GRANT SELECT ON `{database}`.stepwise_demo_ledger TO '{LEDGER_READER}'@'%'"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&ledger)
+                .await
+                .map_err(|error| format!("MariaDB at {mysql_url}: {error}"))?;
+        }
+        let ledger_source = format!(
+            "mysql://{LEDGER_READER}:{READER_PASSWORD}@{}:{}/{database}",
+            options.get_host(),
+            options.get_port()
+        );
+        let unreachable = |error: std::io::Error| format!("Redis at {redis_url}: {error}");
+        tokio::time::timeout(CONNECT_TIMEOUT, redis::command(redis_url, &[b"PING"]))
+            .await
+            .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(unreachable)?;
+        // README's recipe, confined to the demo's keys. Redis before 6 has no ACL users: the
+        // source then reads as the server's only user, and Stepwise warns that it could write.
+        let keys = format!("~{KEY_PREFIX}*");
+        let created = redis::command(
+            redis_url,
+            &[
+                b"ACL",
+                b"SETUSER",
+                b"stepwise-demo-reader",
+                b"reset",
+                b"on",
+                format!(">{READER_PASSWORD}").as_bytes(),
+                keys.as_bytes(),
+                b"resetchannels",
+                b"-@all",
+                b"+@read",
+            ],
+        )
+        .await
+        .map_err(unreachable)?;
+        let address = redis_url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/');
+        let counter_source = if created == "+OK" {
+            format!("redis://stepwise-demo-reader:{READER_PASSWORD}@{address}")
+        } else {
+            redis_url.to_owned()
+        };
+        Ok(Stores {
+            ledger,
+            redis_url: redis_url.to_owned(),
+            ledger_source,
+            counter_source,
+        })
+    }
+
+    /// Books `event` in the ledger and counts it.
+    async fn record(&self, event_id: &str, amount_cents: i64) -> Result<(), String> {
+        sqlx::query(
+            "REPLACE INTO stepwise_demo_ledger (event_id, amount_cents, booked_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(3))",
+        )
+        .bind(event_id)
+        .bind(amount_cents)
+        .execute(&self.ledger)
+        .await
+        .map_err(|error| format!("booking in the ledger: {error}"))?;
+        let key = format!("{KEY_PREFIX}seen:{event_id}");
+        redis::command(&self.redis_url, &[b"INCR", key.as_bytes()])
+            .await
+            .map_err(|error| format!("counting in Redis: {error}"))?;
+        Ok(())
+    }
 }
 
 /// A running pipeline.
@@ -137,7 +256,7 @@ async fn deliver(
     drop_at: Option<String>,
     corrupt: Option<String>,
 ) {
-    let (Some(pool), Some(config)) = (state.warehouse.clone(), state.config) else {
+    let (Some(pool), Some(config)) = (state.warehouse.clone(), state.config.clone()) else {
         return;
     };
     tokio::time::sleep(config.warehouse_delay).await;
@@ -166,6 +285,11 @@ async fn deliver(
     tokio::time::sleep(config.report_delay).await;
     if drop_at.as_deref() == Some("report") {
         return;
+    }
+    if let Some(stores) = &config.stores
+        && let Err(error) = stores.record(&event.event_id, amount).await
+    {
+        tracing::error!(%error, "the report could not book the event");
     }
     state
         .reported

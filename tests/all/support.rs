@@ -1396,27 +1396,7 @@ pub fn redis_prefix(test: &str) -> String {
 /// Sends one command to the Redis server at `url` (`redis://host:port`, no credentials) and
 /// returns the reply's first line (`+OK`, `:1`, `$3`, …).
 pub async fn redis_command(url: &str, command: &[&[u8]]) -> String {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let address = url
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_owned();
-    let stream = tokio::net::TcpStream::connect(&address)
+    stepwise_demo::redis::command(url, command)
         .await
-        .expect("connecting to Redis");
-    let mut stream = tokio::io::BufStream::new(stream);
-    let mut wire = format!("*{}\r\n", command.len()).into_bytes();
-    for argument in command {
-        wire.extend_from_slice(format!("${}\r\n", argument.len()).as_bytes());
-        wire.extend_from_slice(argument);
-        wire.extend_from_slice(b"\r\n");
-    }
-    stream.write_all(&wire).await.expect("writing to Redis");
-    stream.flush().await.expect("writing to Redis");
-    let mut line = String::new();
-    stream
-        .read_line(&mut line)
-        .await
-        .expect("reading from Redis");
-    line.trim_end().to_owned()
+        .expect("a command to Redis")
 }

@@ -1,6 +1,7 @@
 //! `event-pipeline`: the demo check (README, "The demo, step by step"). Follows one analytics event through the
 //! collector (HTTP), the warehouse (SQL) and the report (HTTP), comparing its fields at every
-//! stage with what the test sent and with what the previous stage saw.
+//! stage with what the test sent and with what the previous stage saw. Built with the `stores`
+//! feature, it also checks the event's Redis counter and its row in a MariaDB ledger.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -20,6 +21,12 @@ struct Params {
     collector_url: String,
     #[serde(default = "default_source")]
     source: String,
+    #[cfg(feature = "stores")]
+    #[serde(default = "default_counter_source")]
+    counter_source: String,
+    #[cfg(feature = "stores")]
+    #[serde(default = "default_ledger_source")]
+    ledger_source: String,
 }
 
 fn default_collector() -> String {
@@ -28,6 +35,16 @@ fn default_collector() -> String {
 
 fn default_source() -> String {
     "warehouse".into()
+}
+
+#[cfg(feature = "stores")]
+fn default_counter_source() -> String {
+    "counters".into()
+}
+
+#[cfg(feature = "stores")]
+fn default_ledger_source() -> String {
+    "ledger".into()
 }
 
 impl Params {
@@ -80,29 +97,53 @@ struct EventPipeline;
 
 impl Check for EventPipeline {
     fn describe() -> CheckInfo {
+        #[allow(unused_mut)]
+        let mut steps = vec![
+            step("collector", "the collector received the event", 10_000),
+            step(
+                "warehouse",
+                "the warehouse table has the event with the same fields",
+                15_000,
+            ),
+            step(
+                "report",
+                "the report counts the event once with the same amount",
+                15_000,
+            ),
+        ];
+        #[cfg(feature = "stores")]
+        steps.extend([
+            step(
+                "counter",
+                "the Redis counter counted the event once",
+                15_000,
+            ),
+            step(
+                "ledger",
+                "the MariaDB ledger booked the event with the same amount",
+                15_000,
+            ),
+        ]);
+        let mut properties = json!({
+            "event_id": {"type": "string", "minLength": 1},
+            "name": {"type": "string"},
+            "amount_cents": {"type": "integer"},
+            "user_id": {"type": "string"},
+            "collector_url": {"type": "string"},
+            "source": {"type": "string"}
+        });
+        #[cfg(feature = "stores")]
+        for source in ["counter_source", "ledger_source"] {
+            properties[source] = json!({"type": "string"});
+        }
         CheckInfo {
             name: "event-pipeline".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             description: "Verifies one event in the collector, the warehouse and the report, with consistent fields.".into(),
-            steps: vec![
-                step("collector", "the collector received the event", 10_000),
-                step("warehouse", "the warehouse table has the event with the same fields", 15_000),
-                step("report", "the report counts the event once with the same amount", 15_000),
-            ],
+            steps,
             params_schema: Some(
-                json!({
-                    "type": "object",
-                    "required": ["event_id"],
-                    "properties": {
-                        "event_id": {"type": "string", "minLength": 1},
-                        "name": {"type": "string"},
-                        "amount_cents": {"type": "integer"},
-                        "user_id": {"type": "string"},
-                        "collector_url": {"type": "string"},
-                        "source": {"type": "string"}
-                    }
-                })
-                .to_string(),
+                json!({"type": "object", "required": ["event_id"], "properties": properties})
+                    .to_string(),
             ),
         }
     }
@@ -116,6 +157,10 @@ impl Check for EventPipeline {
             "collector" => check_collector(&params),
             "warehouse" => check_warehouse(&params, &input),
             "report" => check_report(&params),
+            #[cfg(feature = "stores")]
+            "counter" => stores::check_counter(&params),
+            #[cfg(feature = "stores")]
+            "ledger" => stores::check_ledger(&params, &input),
             other => failed(format!("unknown step {other:?}")),
         }
     }
@@ -147,21 +192,35 @@ fn check_collector(params: &Params) -> StepOutcome {
     passed(&record)
 }
 
-fn check_warehouse(params: &Params, input: &StepInput) -> StepOutcome {
-    let statement = "SELECT event_id, name, amount_cents, user_id FROM events WHERE event_id = ?";
+/// The first row `statement` finds for the event in `source`, or the step's outcome when
+/// there is none yet or the source refuses.
+fn event_row(
+    source: &str,
+    statement: &str,
+    params: &Params,
+) -> Result<Map<String, Value>, StepOutcome> {
     let rows = match sql::query(
-        &params.source,
+        source,
         statement,
         &[sql::Value::Text(params.event_id.clone())],
     ) {
         Ok(rows) => rows,
         Err(error @ (SqlError::Denied(_) | SqlError::ReadOnly(_))) => {
-            return failed(sql::error_message(&error));
+            return Err(failed(sql::error_message(&error)));
         }
-        Err(error) => return pending(sql::error_message(&error)),
+        Err(error) => return Err(pending(sql::error_message(&error))),
     };
-    let Some(row) = sql::rows_as_objects(&rows).into_iter().next() else {
-        return pending("event not in the warehouse yet");
+    sql::rows_as_objects(&rows)
+        .into_iter()
+        .next()
+        .ok_or_else(|| pending(format!("event not in {source} yet")))
+}
+
+fn check_warehouse(params: &Params, input: &StepInput) -> StepOutcome {
+    let statement = "SELECT event_id, name, amount_cents, user_id FROM events WHERE event_id = ?";
+    let row = match event_row(&params.source, statement, params) {
+        Ok(row) => row,
+        Err(outcome) => return outcome,
     };
     if let Some(message) = mismatch("warehouse", &row, &params.expected()) {
         return failed(message);
@@ -218,6 +277,60 @@ fn check_report(params: &Params) -> StepOutcome {
     }
     log::info(&format!("report counts event {}", params.event_id));
     passed(&report)
+}
+
+/// The demo's Redis counter and MariaDB ledger (README, "The demo, step by step").
+#[cfg(feature = "stores")]
+mod stores {
+    use serde_json::{Map, Value, json};
+    use stepwise_plugin::kv::{self, KvError};
+    use stepwise_plugin::{StepInput, StepOutcome, failed, log, passed, pending};
+
+    use crate::{Params, event_row, mismatch};
+
+    pub fn check_counter(params: &Params) -> StepOutcome {
+        let key = format!("stepwise-demo:seen:{}", params.event_id);
+        let seen = match kv::get_text(&params.counter_source, &key) {
+            Ok(seen) => seen,
+            Err(error @ KvError::Denied(_)) => return failed(kv::error_message(&error)),
+            Err(error) => return pending(kv::error_message(&error)),
+        };
+        match seen.as_deref() {
+            None => pending("event not counted yet"),
+            Some("1") => {
+                log::info(&format!("counter counts event {} once", params.event_id));
+                passed(&json!({"key": key, "count": 1}))
+            }
+            Some(count) => failed(format!(
+                "counter counts the event {count} times, expected once"
+            )),
+        }
+    }
+
+    pub fn check_ledger(params: &Params, input: &StepInput) -> StepOutcome {
+        let statement =
+            "SELECT event_id, amount_cents, booked_at FROM stepwise_demo_ledger WHERE event_id = ?";
+        let row = match event_row(&params.ledger_source, statement, params) {
+            Ok(row) => row,
+            Err(outcome) => return outcome,
+        };
+        // The ledger must book what the warehouse holds, whatever the caller asked for.
+        let mut expected = Map::new();
+        if let Some(amount) = params.amount_cents {
+            expected.insert("amount_cents".into(), json!(amount));
+        }
+        if let Some(amount) = input
+            .output_of::<Map<String, Value>>("warehouse")
+            .and_then(|warehouse| warehouse.get("amount_cents").cloned())
+        {
+            expected.insert("amount_cents".into(), amount);
+        }
+        if let Some(message) = mismatch("ledger", &row, &expected) {
+            return failed(message);
+        }
+        log::info(&format!("ledger booked event {}", params.event_id));
+        passed(&row)
+    }
 }
 
 export_check!(EventPipeline);

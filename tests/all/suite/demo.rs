@@ -2,19 +2,21 @@
 //! report by the `event-pipeline` plugin, in each of its three languages (README, "Writing a check"): the Rust
 //! one that `build.rs` compiles, and the Python and JavaScript ones that `stepwise plugin build`
 //! builds. The Python and JavaScript checks run beside the Rust one on the same server and
-//! check the same events: their verdicts, messages and outputs must be the Rust one's.
+//! check the same events: their verdicts, messages and outputs must be the Rust one's. With
+//! MariaDB and Redis, the pipeline also books events in a ledger table and counts them, and
+//! the Rust check's `stores` build verifies them in a fourth and fifth step.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use stepwise_demo::{PipelineConfig, start_pipeline};
+use stepwise_demo::{Pipeline, PipelineConfig, Stores, start_pipeline};
 use stepwise_host::scaffold::Lang;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    EVENT_PIPELINE_WASM, PluginFile, Setup, TestServer, built_in, repo_path, sqlite_url,
-    step_statuses,
+    EVENT_PIPELINE_STORES_WASM, EVENT_PIPELINE_WASM, PluginFile, Setup, TestServer, built_in,
+    mysql_url, redis_url, repo_path, sqlite_url, step_statuses,
 };
 
 /// The plugin names the demo server holds: the check under test, the same component without
@@ -39,19 +41,8 @@ async fn start_demo(lang: Lang) -> Option<Demo> {
         Lang::Python => built_in(lang, &repo_path("plugins/event-pipeline-py")).await?,
         Lang::Javascript => built_in(lang, &repo_path("plugins/event-pipeline-js")).await?,
     };
-    let pipeline_dir = tempfile::tempdir().expect("temp dir");
+    let (pipeline, pipeline_dir, stop) = simulated_pipeline(None).await;
     let warehouse = pipeline_dir.path().join("warehouse.db");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("binding port 0");
-    let stop = CancellationToken::new();
-    let config = PipelineConfig {
-        warehouse_delay: Duration::from_millis(300),
-        report_delay: Duration::from_millis(300),
-    };
-    let pipeline = start_pipeline(listener, &warehouse, config, stop.clone())
-        .await
-        .expect("pipeline starts");
     let manifest = |allowed: &str| {
         format!(
             "allowed_hosts = [{allowed}]\nsql_sources = [\"warehouse\"]\npoll_interval_ms = 100\n"
@@ -82,6 +73,31 @@ async fn start_demo(lang: Lang) -> Option<Demo> {
         _pipeline_dir: pipeline_dir,
         _stop: stop.drop_guard(),
     })
+}
+
+/// The simulated pipeline, fast: each stage 300 ms after the one before.
+async fn simulated_pipeline(
+    stores: Option<Stores>,
+) -> (Pipeline, tempfile::TempDir, CancellationToken) {
+    let pipeline_dir = tempfile::tempdir().expect("temp dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding port 0");
+    let stop = CancellationToken::new();
+    let config = PipelineConfig {
+        warehouse_delay: Duration::from_millis(300),
+        report_delay: Duration::from_millis(300),
+        stores,
+    };
+    let pipeline = start_pipeline(
+        listener,
+        &pipeline_dir.path().join("warehouse.db"),
+        config,
+        stop.clone(),
+    )
+    .await
+    .expect("pipeline starts");
+    (pipeline, pipeline_dir, stop)
 }
 
 impl Demo {
@@ -254,4 +270,100 @@ async fn denied_without_a_grant(demo: &Demo) {
     );
     assert_eq!(run["steps"][0]["message"], expected.as_str(), "{run:#}");
     assert_eq!(run["steps"][0]["attempts"], 1, "{run:#}");
+}
+
+/// With MariaDB and Redis, the demo's five steps: the ledger and the counter are read through
+/// the accounts that [`Stores`] creates (which may only read), an event sent twice is counted
+/// twice, and the fourth step says so.
+#[tokio::test]
+async fn with_mariadb_and_redis_the_check_verifies_the_ledger_and_the_counter() {
+    let (Some(mysql), Some(redis)) = (mysql_url(), redis_url()) else {
+        return;
+    };
+    let stores = Stores::connect(&mysql, &redis)
+        .await
+        .expect("the demo's stores");
+    let (pipeline, pipeline_dir, stop) = simulated_pipeline(Some(stores.clone())).await;
+    let _stop = stop.drop_guard();
+    let server = TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::new(
+                "event-pipeline",
+                EVENT_PIPELINE_STORES_WASM,
+                format!(
+                    "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\", \"ledger\", \"counters\"]\npoll_interval_ms = 100\n",
+                    pipeline.addr
+                ),
+            ))
+            .with_source(
+                "warehouse",
+                sqlite_url(&pipeline_dir.path().join("warehouse.db")),
+                true,
+            )
+            .with_source("ledger", stores.ledger_source.clone(), true)
+            .with_source("counters", stores.counter_source.clone(), true),
+    )
+    .await;
+    // Event ids of their own: the ledger and the counter outlive the test, and the SQLite
+    // and PostgreSQL copies of it share them.
+    let id = |name: &str| format!("evt-{name}-{}-{}", std::process::id(), uuid::Uuid::now_v7());
+    let (once, twice) = (id("once"), id("twice"));
+    let collect = |event_id: String| {
+        let client = server.client.clone();
+        let url = format!("http://{}/collect", pipeline.addr);
+        async move {
+            let response = client
+                .post(url)
+                .json(&event(&event_id))
+                .send()
+                .await
+                .expect("collector");
+            assert!(response.status().is_success(), "{}", response.status());
+        }
+    };
+    collect(once.clone()).await;
+    collect(twice.clone()).await;
+    collect(twice.clone()).await;
+    let check = |event_id: String| {
+        let server = &server;
+        let collector_url = format!("http://{}", pipeline.addr);
+        async move {
+            let id = server
+                .trigger(json!({"plugin": "event-pipeline", "params": {"event_id": event_id, "amount_cents": 4200, "collector_url": collector_url}}))
+                .await;
+            server.wait_until_finished(&id).await
+        }
+    };
+    let (run, counted_twice) = tokio::join!(check(once.clone()), check(twice));
+    assert_eq!(run["status"], "passed", "{run:#}");
+    let names: Vec<&str> = run["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|step| step["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        ["collector", "warehouse", "report", "counter", "ledger"]
+    );
+    assert_eq!(run["steps"][3]["output"]["count"], 1, "{run:#}");
+    assert_eq!(run["steps"][4]["output"]["event_id"], once.as_str());
+    assert_eq!(run["steps"][4]["output"]["amount_cents"], 4200);
+    // DATETIME comes as RFC 3339 text (README, "MySQL and MariaDB sources").
+    let booked_at = run["steps"][4]["output"]["booked_at"]
+        .as_str()
+        .expect("booked_at as text");
+    assert!(
+        booked_at.len() >= 20 && booked_at.as_bytes()[10] == b'T',
+        "{booked_at}"
+    );
+    assert_eq!(counted_twice["status"], "failed", "{counted_twice:#}");
+    assert_eq!(
+        step_statuses(&counted_twice),
+        ["passed", "passed", "passed", "failed", "skipped"]
+    );
+    assert_eq!(
+        counted_twice["steps"][3]["message"],
+        "counter counts the event 2 times, expected once"
+    );
 }

@@ -230,3 +230,119 @@ async fn a_scan_loop_ends_at_the_command_limit() {
         "{run:#}"
     );
 }
+
+/// At start, the host names a source whose ACL user may write in a warning with the recipe,
+/// and does not warn about a user of that recipe; a `rediss://` source speaks TLS and checks
+/// the server's certificate: a server whose certificate no web PKI root signed is named
+/// unreachable, with the TLS error.
+#[tokio::test]
+async fn at_start_a_writable_acl_user_is_warned_about_and_rediss_checks_the_certificate() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let address = url.trim_start_matches("redis://").trim_end_matches('/');
+    let reader = format!("stepwise-reader-{}", uuid::Uuid::now_v7());
+    let recipe = [
+        "ACL",
+        "SETUSER",
+        &reader,
+        "on",
+        ">pw",
+        "~*",
+        "resetchannels",
+        "-@all",
+        "+@read",
+    ];
+    assert_eq!(admin(&url, &recipe).await, "+OK");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A Redis server of its own with TLS, when the machine has one that speaks it.
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("writing the certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("writing the key");
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let tls_server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--tls-port", &tls_port.to_string()])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok();
+    let tls_started = tls_server.is_some();
+    if !tls_started {
+        eprintln!(
+            "SKIPPED: rediss:// against a server with an untrusted certificate (no redis-server on PATH)"
+        );
+    }
+    let mut sources = format!(
+        "[sources.writer]\nurl = \"{url}\"\n[sources.reader]\nurl = \"redis://{reader}:pw@{address}\"\n"
+    );
+    if tls_started {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the TLS Redis server did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        sources.push_str(&format!(
+            "[sources.untrusted]\nurl = \"rediss://localhost:{tls_port}\"\n"
+        ));
+    }
+    let config = dir.path().join("stepwise.toml");
+    std::fs::write(&config, sources).expect("writing the config");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"));
+    let (mut child, _address, log) = crate::support::start_program(command);
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some(mut server) = tls_server {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    admin(&url, &["ACL", "DELUSER", &reader]).await;
+    let log = log.lock().expect("the log").join("\n");
+    let warning = |source: &str| {
+        log.lines()
+            .find(|line| line.contains("WARN") && line.contains(&format!("source={source}")))
+            .map(str::to_owned)
+    };
+    let writer = warning("writer").unwrap_or_else(|| panic!("no warning names the writer: {log}"));
+    assert!(
+        writer.contains("may write") && writer.contains("ACL SETUSER") && writer.contains("+@read"),
+        "{writer}"
+    );
+    assert_eq!(warning("reader"), None, "{log}");
+    if tls_started {
+        let untrusted = warning("untrusted")
+            .unwrap_or_else(|| panic!("no warning names the untrusted source: {log}"));
+        assert!(
+            untrusted.contains("TLS") && untrusted.contains("certificate"),
+            "{untrusted}"
+        );
+    }
+}

@@ -140,6 +140,10 @@ pub struct SqlState {
     pub max_result_bytes: usize,
     pub timeout: Duration,
     pub violation: Violation,
+    /// Bytes of results the call's queries made the host read, all freed by now: the call's
+    /// end gives them back to the system (the runtime's `Limiter`), as a flood of rows would
+    /// otherwise stay in the allocator's arenas.
+    pub read_bytes: u64,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut SqlState`.
@@ -225,6 +229,12 @@ impl Host for SqlState {
             },
         };
         let result = result.map_err(|error| classify(error, &source, limits));
+        self.read_bytes += match &result {
+            Ok(set) => set.rows.iter().flatten().map(value_bytes).sum::<usize>() as u64,
+            // Read up to the limit, or cut off at the row past it.
+            Err(SqlError::LimitExceeded(_)) => limits.max_result_bytes as u64,
+            Err(_) => 0,
+        };
         if let Err(SqlError::LimitExceeded(limit)) = &result {
             self.violation.record(limit.clone());
         }
@@ -284,18 +294,21 @@ impl ResultBytes {
     }
 
     fn add(&mut self, row: &[Value]) -> Result<(), QueryError> {
-        for value in row {
-            self.used += match value {
-                Value::Null | Value::Boolean(_) => 1,
-                Value::Int(_) | Value::Float(_) => 8,
-                Value::Text(text) => text.len(),
-                Value::Bytes(bytes) => bytes.len(),
-            };
-        }
+        self.used += row.iter().map(value_bytes).sum::<usize>();
         if self.used > self.limit {
             return Err(result_too_big(self.limit));
         }
         Ok(())
+    }
+}
+
+/// What a value counts against the result limit.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Boolean(_) => 1,
+        Value::Int(_) | Value::Float(_) => 8,
+        Value::Text(text) => text.len(),
+        Value::Bytes(bytes) => bytes.len(),
     }
 }
 

@@ -148,6 +148,14 @@ impl StepState {
     }
 }
 
+impl Drop for StepState {
+    /// Before the limiter's own drop, which trims the allocator after a call that made the
+    /// host hold much: the rows its queries read count too.
+    fn drop(&mut self) {
+        self.limiter.held_outside_budget(self.sql.read_bytes);
+    }
+}
+
 /// What [`StepState::count_resources`] last found and charged.
 #[derive(Default)]
 struct ResourceCount {
@@ -448,6 +456,7 @@ impl Runtime {
                 max_result_bytes: limits.sql_result_bytes,
                 timeout: limits.sql_timeout,
                 violation: violation.clone(),
+                read_bytes: 0,
             },
             kv: KvState {
                 sources: capabilities.sources.kv.clone(),

@@ -65,6 +65,9 @@ pub struct Limiter {
     /// Bytes counted for what the call's wasi resources may hold in the host (headers,
     /// streams, requests): the most it has held at once, see [`Limiter::charge_host_side`].
     host_side: u64,
+    /// Bytes the host held for the call outside any budget (see
+    /// [`Limiter::held_outside_budget`]).
+    outside_budget: u64,
     pub exceeded: Option<String>,
     host: PluginMemory,
     /// The part of the host's budget this call holds.
@@ -84,6 +87,7 @@ impl Limiter {
             instances: limits.instances,
             in_use: 0,
             host_side: 0,
+            outside_budget: 0,
             exceeded: None,
             host,
             held: None,
@@ -151,6 +155,13 @@ impl Limiter {
         }
         self.host_side = bytes;
         Ok(())
+    }
+
+    /// Counts `bytes` the host held for the call, freed by now, that no budget charged (the
+    /// rows its queries read, bounded by their own result limit): only for the trim at the
+    /// call's end.
+    pub fn held_outside_budget(&mut self, bytes: u64) {
+        self.outside_budget = self.outside_budget.max(bytes);
     }
 
     /// Whether a call may hold `total` bytes at all: within `memory_mib`, and within what
@@ -246,13 +257,13 @@ pub(super) fn start_trimmer() {
 }
 
 impl Drop for Limiter {
-    /// A call that held many wasi resources made thousands of small allocations on its
-    /// thread's allocator arena; freed, they stay in the arena and in the host's resident
+    /// A call that held many wasi resources (or read large query results) made thousands of
+    /// small allocations on its thread's allocator arena; freed, they stay in the arena and in the host's resident
     /// memory (measured: a header flood from twenty calls at once kept 100 MiB resident
     /// under a 32 MiB budget). Dropped after the call's resources (its store drops the
     /// limiter last), so their memory is free by now. The trimmer thread does the trim.
     fn drop(&mut self) {
-        if self.host_side >= TRIM_AFTER_BYTES
+        if self.host_side.max(self.outside_budget) >= TRIM_AFTER_BYTES
             && let Some(trimmer) = TRIMMER.get()
         {
             // Full: a trim is asked for already, and covers this call's memory too.

@@ -209,24 +209,31 @@ impl Host for SqlState {
                 }
                 Err(error) => Err(error),
             },
-            SourcePool::MySql(mysql_source) => match acquire(&mysql_source.pool, &source).await? {
-                Ok(connection) => {
-                    within_time(
-                        self.timeout,
-                        mysql::query(
-                            connection,
-                            mysql_source,
-                            &source,
-                            target.read_only,
-                            &statement,
-                            params,
-                            limits,
-                        ),
-                    )
-                    .await
+            SourcePool::MySql(mysql_source) => {
+                mysql_source.start_relay().map_err(|error| {
+                    wasmtime::Error::new(super::HostFault(format!(
+                        "sql source {source:?}: starting its relay: {error}"
+                    )))
+                })?;
+                match acquire(&mysql_source.pool, &source).await? {
+                    Ok(connection) => {
+                        within_time(
+                            self.timeout,
+                            mysql::query(
+                                connection,
+                                mysql_source,
+                                &source,
+                                target.read_only,
+                                &statement,
+                                params,
+                                limits,
+                            ),
+                        )
+                        .await
+                    }
+                    Err(error) => Err(error),
                 }
-                Err(error) => Err(error),
-            },
+            }
         };
         let result = result.map_err(|error| classify(error, &source, limits));
         self.read_bytes += match &result {

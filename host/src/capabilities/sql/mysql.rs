@@ -44,13 +44,20 @@ pub(super) struct Source {
     relay: Option<Arc<Relay>>,
 }
 
+impl Source {
+    /// Has the relay accept on the current runtime (once), before the pool first connects.
+    pub(super) fn start_relay(&self) -> std::io::Result<()> {
+        self.relay.as_ref().map_or(Ok(()), |relay| relay.serve())
+    }
+}
+
 /// The largest part of a row's packet that is not its values as the host counts them
 /// (`ResultBytes`): the packet's header, the null bitmap and a length prefix of up to nine
 /// bytes for each of at most 4,096 columns. A row the result budget admits is never cut.
 const ROW_OVERHEAD: usize = 64 << 10;
 
 /// The source's pool and, unless the URL asks for TLS or a Unix socket of the server (the
-/// relay reads the protocol in the clear, over TCP), its relay. Needs the tokio runtime.
+/// relay reads the protocol in the clear, over TCP), its relay.
 pub(super) fn source(config: &SourceConfig) -> Result<Source, String> {
     let options = options(&config.url)?;
     let url = options.to_url_lossy();
@@ -67,7 +74,7 @@ pub(super) fn source(config: &SourceConfig) -> Result<Source, String> {
     let (options, relay) = if direct {
         (options, None)
     } else {
-        let relay = Relay::start(options.get_host(), options.get_port())
+        let relay = Relay::bind(options.get_host(), options.get_port())
             .map_err(|error| format!("starting the host's relay for the source: {error}"))?;
         let options = options
             .socket(relay.socket())

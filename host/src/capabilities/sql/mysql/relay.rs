@@ -22,11 +22,16 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 /// host's own statements (`SHOW GRANTS`, …) are far smaller.
 const SETUP_BOUND: usize = 1 << 20;
 
-/// A running relay of one source, stopped when dropped.
+/// The relay of one source, stopped when dropped. Its socket exists from the start; it
+/// accepts from the first query on, on the runtime of that query: the plugin calls' (see
+/// [`Relay::serve`]).
 pub(super) struct Relay {
     socket: PathBuf,
     sessions: Sessions,
-    accepting: tokio::task::AbortHandle,
+    /// The listener until the first query takes it to serve it.
+    listener: Mutex<Option<std::os::unix::net::UnixListener>>,
+    address: (String, u16),
+    accepting: Mutex<Option<tokio::task::AbortHandle>>,
     /// Holds the socket; only the host's user may enter it.
     _dir: tempfile::TempDir,
 }
@@ -58,24 +63,47 @@ impl Sessions {
 }
 
 impl Relay {
-    /// Relays connections to `host:port`. Needs the tokio runtime the host runs on.
-    pub(super) fn start(host: &str, port: u16) -> std::io::Result<Relay> {
+    /// A relay to `host:port`, its socket bound.
+    pub(super) fn bind(host: &str, port: u16) -> std::io::Result<Relay> {
         let dir = tempfile::Builder::new()
             .prefix("stepwise-mysql-")
             .tempdir()?;
         let socket = dir.path().join("relay.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket)?;
         listener.set_nonblocking(true)?;
-        let listener = UnixListener::from_std(listener)?;
-        let sessions = Sessions::default();
-        let address = (host.to_owned(), port);
-        let accepting = tokio::spawn(accept(listener, address, sessions.clone())).abort_handle();
         Ok(Relay {
             socket,
-            sessions,
-            accepting,
+            sessions: Sessions::default(),
+            listener: Mutex::new(Some(listener)),
+            address: (host.to_owned(), port),
+            accepting: Mutex::new(None),
             _dir: dir,
         })
+    }
+
+    /// Starts accepting, once, on the current runtime. Called by each query before it
+    /// connects: the bytes of hostile results are then copied on the plugin calls' runtime,
+    /// never on the workers that schedule the host's ticks.
+    pub(super) fn serve(&self) -> std::io::Result<()> {
+        let Some(listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let listener = UnixListener::from_std(listener)?;
+        let accepting = tokio::spawn(accept(
+            listener,
+            self.address.clone(),
+            self.sessions.clone(),
+        ));
+        *self
+            .accepting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(accepting.abort_handle());
+        Ok(())
     }
 
     /// The socket sqlx connects to.
@@ -104,7 +132,13 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.accepting.abort();
+        if let Some(accepting) = self
+            .accepting
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner())
+        {
+            accepting.abort();
+        }
     }
 }
 

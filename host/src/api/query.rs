@@ -2,6 +2,10 @@
 //! or one given twice, is a 422 naming it, never silently ignored or overwritten. Each
 //! endpoint's parameters are a type in `dto` that also describes them in the OpenAPI document.
 
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 use utoipa::IntoParams;
@@ -12,11 +16,8 @@ use crate::model::RunStatus;
 
 /// The parameters of `raw` (the URI's query) read into `T`, each at most once and each one of
 /// `T`'s.
-pub fn read<T: DeserializeOwned + IntoParams>(raw: Option<&str>) -> Result<T, ApiError> {
-    let known: Vec<String> = T::into_params(|| Some(ParameterIn::Query))
-        .into_iter()
-        .map(|parameter| parameter.name)
-        .collect();
+pub fn read<T: DeserializeOwned + IntoParams + 'static>(raw: Option<&str>) -> Result<T, ApiError> {
+    let known = names::<T>();
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
         .map_err(|error| {
             ApiError::bad_request(
@@ -57,6 +58,22 @@ pub fn read<T: DeserializeOwned + IntoParams>(raw: Option<&str>) -> Result<T, Ap
     // Every parameter is text until the rules below read it, so this cannot fail.
     serde_json::from_value(Json::Object(parameters))
         .map_err(|error| ApiError::internal(format!("query parameters: {error}")))
+}
+
+/// The names of `T`'s parameters, worked out once per type: describing them builds their
+/// whole OpenAPI objects, schemas and all, which no request should pay for.
+fn names<T: IntoParams + 'static>() -> Arc<[String]> {
+    static NAMES: LazyLock<Mutex<HashMap<TypeId, Arc<[String]>>>> = LazyLock::new(Mutex::default);
+    let mut names = NAMES.lock().unwrap_or_else(|poison| poison.into_inner());
+    names
+        .entry(TypeId::of::<T>())
+        .or_insert_with(|| {
+            T::into_params(|| Some(ParameterIn::Query))
+                .into_iter()
+                .map(|parameter| parameter.name)
+                .collect()
+        })
+        .clone()
 }
 
 /// `limit` from 1 to `max`, `default` when absent.

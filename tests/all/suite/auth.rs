@@ -861,7 +861,9 @@ async fn an_activation_never_writes_back_a_grant_read_before_it() {
             &version,
             &bytes,
             &check_info,
-            1,
+            // Now, not a fixed instant: retention prunes unused versions created long ago,
+            // and would take this one before its activation.
+            stepwise_host::model::now_millis(),
             stepwise_host::model::Actor {
                 name: "test",
                 reviews: true,

@@ -111,9 +111,7 @@ impl Stores {
         )
         .await
         .map_err(unreachable)?;
-        let address = redis_url
-            .trim_start_matches("redis://")
-            .trim_end_matches('/');
+        let address = redis::address(redis_url);
         let counter_source = if created == "+OK" {
             format!("redis://stepwise-demo-reader:{READER_PASSWORD}@{address}")
         } else {

@@ -4,11 +4,15 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+/// The `host:port` of a `redis://host:port` URL.
+pub fn address(url: &str) -> &str {
+    url.trim_start_matches("redis://").trim_end_matches('/')
+}
+
 /// Sends `command` to the server at `url` (`redis://host:port`, no credentials) on a new
 /// connection and returns the reply's first line (`+OK`, `:1`, `$3`, `-ERR …`).
 pub async fn command(url: &str, command: &[&[u8]]) -> std::io::Result<String> {
-    let address = url.trim_start_matches("redis://").trim_end_matches('/');
-    let mut stream = tokio::io::BufStream::new(tokio::net::TcpStream::connect(address).await?);
+    let mut stream = tokio::io::BufStream::new(tokio::net::TcpStream::connect(address(url)).await?);
     let mut wire = format!("*{}\r\n", command.len()).into_bytes();
     for argument in command {
         wire.extend_from_slice(format!("${}\r\n", argument.len()).as_bytes());

@@ -162,6 +162,24 @@ async fn a_statement_longer_than_the_limit_is_refused_before_it_is_sent() {
     }
 }
 
+/// Starts `stepwise serve` with `config` as its `stepwise.toml` and `dir/data` as its data
+/// dir, stops it once it serves, and returns what it logged: the checks of its sources at
+/// start, which come before it serves.
+pub(super) fn start_log(dir: &std::path::Path, config: &str) -> String {
+    let config_path = dir.join("stepwise.toml");
+    std::fs::write(&config_path, config).expect("writing the config");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .arg("--data-dir")
+        .arg(dir.join("data"));
+    let (mut child, _address, log) = crate::support::start_program(command);
+    let _ = child.kill();
+    let _ = child.wait();
+    log.lock().expect("the log").join("\n")
+}
+
 /// Starts `stepwise serve` with `config` as its `stepwise.toml`, `dir/data` as its data dir
 /// and `args` besides, and waits for it to exit on its own; returns its stderr, or fails the
 /// test if it started serving.
@@ -285,24 +303,12 @@ async fn a_postgres_role_that_reaches_beyond_its_tables_is_named_in_a_warning_at
     postgres_admin(&url, &format!("CREATE ROLE {role} LOGIN BYPASSRLS")).await;
     let source = postgres_role_url(&url, &role, &format!("GRANT pg_monitor TO {role}")).await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stepwise.toml");
-    std::fs::write(
-        &config,
-        format!("[sources.warehouse]\nurl = \"{source}\"\nread_only = true\n"),
-    )
-    .expect("writing the config");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"));
-    let (mut child, _address, log) = crate::support::start_program(command);
-    let _ = child.kill();
-    let _ = child.wait();
+    let log = start_log(
+        dir.path(),
+        &format!("[sources.warehouse]\nurl = \"{source}\"\nread_only = true\n"),
+    );
     postgres_admin(&url, &format!("DROP TABLE {table}")).await;
     postgres_admin(&url, &format!("DROP ROLE {role}")).await;
-    let log = log.lock().expect("the log").join("\n");
     let warning = log
         .lines()
         .find(|line| line.contains("WARN") && line.contains("warehouse"))

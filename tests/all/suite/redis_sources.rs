@@ -240,7 +240,7 @@ async fn at_start_a_writable_acl_user_is_warned_about_and_rediss_checks_the_cert
     let Some(url) = redis_url() else {
         return;
     };
-    let address = url.trim_start_matches("redis://").trim_end_matches('/');
+    let address = stepwise_demo::redis::address(&url);
     let reader = format!("stepwise-reader-{}", uuid::Uuid::now_v7());
     let recipe = [
         "ACL",
@@ -309,23 +309,12 @@ async fn at_start_a_writable_acl_user_is_warned_about_and_rediss_checks_the_cert
             "[sources.untrusted]\nurl = \"rediss://localhost:{tls_port}\"\n"
         ));
     }
-    let config = dir.path().join("stepwise.toml");
-    std::fs::write(&config, sources).expect("writing the config");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"));
-    let (mut child, _address, log) = crate::support::start_program(command);
-    let _ = child.kill();
-    let _ = child.wait();
+    let log = super::escapes::start_log(dir.path(), &sources);
     if let Some(mut server) = tls_server {
         let _ = server.kill();
         let _ = server.wait();
     }
     admin(&url, &["ACL", "DELUSER", &reader]).await;
-    let log = log.lock().expect("the log").join("\n");
     let warning = |source: &str| {
         log.lines()
             .find(|line| line.contains("WARN") && line.contains(&format!("source={source}")))

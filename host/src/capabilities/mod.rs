@@ -9,6 +9,7 @@ pub mod log;
 pub mod secrets;
 pub mod sources;
 pub mod sql;
+mod wire;
 
 use std::sync::{Arc, Mutex};
 

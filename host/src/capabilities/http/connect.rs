@@ -12,10 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+
 use tokio::net::TcpStream;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, WasiBody};
+
+use crate::capabilities::wire::Io;
 
 /// The time limits of one request, each already capped by the plugin's `http_timeout_ms`.
 #[derive(Clone, Copy)]
@@ -31,9 +33,6 @@ pub(super) struct Destination<'a> {
     pub host: &'a str,
     pub tls: bool,
 }
-
-trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// The same web PKI roots as wasmtime-wasi-http's own sender.
 pub(in crate::capabilities) static TLS: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {

@@ -3,11 +3,12 @@
 //! within a byte budget. A bulk string's length comes before its bytes, so a value past the
 //! budget is refused before the host reads it; an array's announced length reserves nothing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+
+pub(super) use crate::capabilities::wire::ReadError;
+use crate::capabilities::wire::{self, Io};
 
 /// A Redis source as its URL names it: `redis://[user[:password]@]host[:port][/db]`, or
 /// `rediss://` for TLS.
@@ -102,9 +103,6 @@ impl Target {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
 /// One connection to a source, authenticated and on its database.
 pub(super) struct Connection {
     stream: BufStream<Box<dyn Io>>,
@@ -118,21 +116,6 @@ pub(super) enum Reply {
     Integer(i64),
     Bulk(Option<Vec<u8>>),
     Array(Option<Vec<Reply>>),
-}
-
-/// Why a reply could not be read whole. The connection is then unusable.
-#[derive(Debug)]
-pub(super) enum ReadError {
-    /// The reply would pass the budget; nothing past the budget was read.
-    TooBig,
-    Io(std::io::Error),
-    Protocol(String),
-}
-
-impl From<std::io::Error> for ReadError {
-    fn from(error: std::io::Error) -> Self {
-        ReadError::Io(error)
-    }
 }
 
 /// The longest header or simple line the host reads: a length, an integer, a status or an
@@ -150,22 +133,9 @@ impl Connection {
     }
 
     async fn open_now(target: &Target) -> Result<Connection, String> {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(|error| error.to_string())?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = wire::connect(&target.host, target.port).await?;
         let io: Box<dyn Io> = if target.tls {
-            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-                .map_err(|error| error.to_string())?;
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(
-                &crate::capabilities::http::connect::TLS,
-            ));
-            Box::new(
-                connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|error| format!("TLS: {error}"))?,
-            )
+            wire::tls(tcp, &target.host).await?
         } else {
             Box::new(tcp)
         };
@@ -231,20 +201,12 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     reader: &mut R,
     left: &mut usize,
 ) -> Result<String, ReadError> {
-    let mut line = Vec::new();
-    let read = (&mut *reader)
-        .take(MAX_LINE as u64)
-        .read_until(b'\n', &mut line)
-        .await?;
-    if read == 0 {
-        return Err(ReadError::Protocol("connection closed".into()));
+    if *left < 2 {
+        return Err(ReadError::TooBig);
     }
-    take(left, read)?;
-    if !line.ends_with(b"\r\n") {
-        return Err(ReadError::Protocol("a line without its end".into()));
-    }
-    line.truncate(line.len() - 2);
-    String::from_utf8(line).map_err(|_| ReadError::Protocol("a line that is not UTF-8".into()))
+    let line = wire::read_line(reader, MAX_LINE.min(*left)).await?;
+    take(left, line.len() + 2)?;
+    Ok(line)
 }
 
 fn read_reply<'a, R: AsyncBufReadExt + Unpin + Send>(

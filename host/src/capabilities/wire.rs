@@ -1,0 +1,84 @@
+//! What the host's own clients of text-framed protocols share (Redis in `kv/resp.rs`, NATS in
+//! `messages/nats.rs`): a connection that is plain TCP or TLS behind one type, and a line read
+//! that never holds more than the caller allows.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A TCP connection to `host:port`, without Nagle's delay (the host's clients write whole
+/// requests and wait for the answer).
+pub(super) async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|error| error.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// `stream` after a TLS handshake for `host`, checked against the web PKI roots (as the HTTP
+/// capability's own connections are).
+pub(super) async fn tls(stream: impl Io, host: &str) -> Result<Box<dyn Io>, String> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|error| error.to_string())?;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::clone(&crate::capabilities::http::connect::TLS));
+    let stream = connector
+        .connect(name, stream)
+        .await
+        .map_err(|error| format!("TLS: {error}"))?;
+    Ok(Box::new(stream))
+}
+
+/// Why a line (or what it announces) could not be read. The connection is then unusable.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// It would pass the budget; nothing past the budget was read.
+    TooBig,
+    Io(std::io::Error),
+    Protocol(String),
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(error: std::io::Error) -> Self {
+        ReadError::Io(error)
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TooBig => f.write_str("a reply past the size limit"),
+            ReadError::Io(error) => write!(f, "{error}"),
+            ReadError::Protocol(error) => write!(f, "protocol error: {error}"),
+        }
+    }
+}
+
+/// Reads one `\r\n`-terminated line of at most `max` bytes and returns it without its end.
+pub(super) async fn read_line<R: AsyncBufReadExt + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> Result<String, ReadError> {
+    let mut line = Vec::new();
+    let read = (&mut *reader)
+        .take(max as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Err(ReadError::Protocol("connection closed".into()));
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(if read == max {
+            ReadError::TooBig
+        } else {
+            ReadError::Protocol("a line without its end".into())
+        });
+    }
+    line.truncate(line.len() - 2);
+    String::from_utf8(line).map_err(|_| ReadError::Protocol("a line that is not UTF-8".into()))
+}

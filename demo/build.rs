@@ -1,5 +1,5 @@
-//! Compiles the example plugins that the demo installs: `event-pipeline` twice, with and
-//! without the steps that read the demo's MariaDB and Redis stores.
+//! Compiles the example plugins that the demo installs: `event-pipeline` with and without the
+//! steps that read the demo's MariaDB and Redis stores and its NATS bus.
 
 fn main() {
     let mut built = stepwise_plugin_build::build_plugins(&[
@@ -8,7 +8,11 @@ fn main() {
     ]);
     built.extend(stepwise_plugin_build::build_plugin_variants(
         "stepwise-plugin-event-pipeline",
-        &[("stores", "event-pipeline-stores")],
+        &[
+            ("stores", "event-pipeline-stores"),
+            ("bus", "event-pipeline-bus"),
+            ("stores,bus", "event-pipeline-stores-bus"),
+        ],
     ));
     stepwise_plugin_build::write_path_constants(&built);
 }

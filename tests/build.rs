@@ -35,7 +35,10 @@ fn main() {
     ));
     built.extend(stepwise_plugin_build::build_plugin_variants(
         "stepwise-plugin-event-pipeline",
-        &[("stores", "event-pipeline-stores")],
+        &[
+            ("stores", "event-pipeline-stores"),
+            ("bus", "event-pipeline-bus"),
+        ],
     ));
     stepwise_plugin_build::write_path_constants(&built);
 }

@@ -26,22 +26,26 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     create_source(&source).await?;
     let mut sources: std::collections::BTreeMap<_, _> = [(
         "warehouse".to_owned(),
-        stepwise_host::config::SourceConfig {
-            url: format!("sqlite://{}", source.display()),
-            read_only: true,
-        },
+        stepwise_host::config::SourceConfig::new(format!("sqlite://{}", source.display())),
     )]
     .into();
     let reach = reach_sources(options).await?;
     sources.extend(reach.iter().map(|(name, url)| {
         (
             (*name).to_owned(),
-            stepwise_host::config::SourceConfig {
-                url: url.clone(),
-                read_only: true,
-            },
+            stepwise_host::config::SourceConfig::new(url.clone()),
         )
     }));
+    if let Some(url) = &options.nats {
+        sources.insert(
+            "bus".to_owned(),
+            stepwise_host::config::SourceConfig {
+                kind: Some("nats".to_owned()),
+                window_bytes: TAP_WINDOW_MIB << 20,
+                ..stepwise_host::config::SourceConfig::new(url.clone())
+            },
+        );
+    }
     let granted: Vec<String> = sources.keys().map(|name| format!("{name:?}")).collect();
     // A secret configured: every output and message is then redacted, which once parsed a
     // huge output before its size was judged.
@@ -71,7 +75,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(
-        "allowed_hosts = [\"{}\"]\nsql_sources = [{}]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
+        "allowed_hosts = [\"{}\"]\nsql_sources = [{}]\nsubjects = [\"stepwise-bench.>\"]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
         server.host_port(),
         granted.join(", ")
     );
@@ -106,12 +110,46 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let server = Arc::new(server);
     let mut attacks = attacks(&server);
     attacks.extend(reach_attacks(&reach));
+    if options.nats.is_some() {
+        let find = |subject: &str| json!({"action": "messages", "source": "bus", "subject": subject, "where": [["json", "never", "1"]], "expect": 1});
+        attacks.extend([find(">"), find("stepwise-bench.flood")]);
+    }
     if let Some(only) = &options.attacks {
         attacks.retain(|attack| attack.to_string().contains(only.as_str()));
         anyhow::ensure!(!attacks.is_empty(), "no attack contains {only:?}");
     }
+    let flood = options
+        .nats
+        .as_ref()
+        .map(|url| tokio::spawn(flood(url.clone())));
     every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000).await?;
+    if let Some(flood) = flood {
+        flood.abort();
+        println!(
+            "NATS flood: {} MiB window per tap; 256 KiB messages, 40 a second",
+            TAP_WINDOW_MIB
+        );
+    }
     Ok(())
+}
+
+/// The tap window of the bench's NATS source.
+const TAP_WINDOW_MIB: usize = 8;
+
+/// Publishes 256 KiB messages on the subject the hostile plugin may read (and the host's tap
+/// keeps), 40 a second, until aborted.
+async fn flood(url: String) -> anyhow::Result<()> {
+    let mut publisher = stepwise_demo::nats::Publisher::connect(&url)
+        .await
+        .context("connecting to --nats")?;
+    let payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(256 << 10));
+    let mut every = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        every.tick().await;
+        publisher
+            .publish("stepwise-bench.flood", &[], payload.as_bytes())
+            .await?;
+    }
 }
 
 /// The MySQL and Redis sources of their attackers, by name, when the bench was given servers

@@ -22,6 +22,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         step: "expect".into(),
         attempt: 1,
         elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
         params: r#"{"expect": "hello"}"#.into(),
         outputs: "{}".into(),
         traceparent: None,

@@ -7,6 +7,7 @@ mod fanout;
 mod floor;
 mod languages;
 mod load;
+mod messages;
 mod postgres;
 mod server;
 mod soak;
@@ -20,9 +21,9 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
-                      [--plugin-memory-mib N] [--mysql URL] [--redis URL]
+                      [--plugin-memory-mib N] [--mysql URL] [--redis URL] [--nats URL]
 
-scenarios (default: all but soak, languages, postgres and floor):
+scenarios (default: all but soak, languages, postgres, floor and messages):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
@@ -33,7 +34,7 @@ scenarios (default: all but soak, languages, postgres and floor):
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
           latency of a runaway call; resident memory over 1,000 hostile attempts of every
           kind (also SQL and HTTP escapes, headers kept in wasi:http resources, a 24 MB
-          output; with --mysql and --redis, a MySQL and a Redis attacker too), with a secret
+          output; with --mysql, --redis and --nats, a MySQL, a Redis and a NATS attacker too), with a secret
           configured; targets: RSS growth <= 64 MiB, well-behaved
           tick lag p99 <= 2x of running alone
 
@@ -60,6 +61,9 @@ scenarios (default: all but soak, languages, postgres and floor):
           --postgres URL: steps and triggers with 1, 2 and 3 nodes on one PostgreSQL
           database (a fresh one per measurement, made and dropped through URL): throughput
           and the CPU time per step and per trigger of the database and of the nodes
+  messages
+          --nats URL: publish → found for a step polling every 200 ms, through a JetStream
+          replay and through the host's tap of a core subject
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
           finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
           minute, and the lag of ticks during sweeps against the rest
@@ -76,6 +80,8 @@ scenarios (default: all but soak, languages, postgres and floor):
                 reader (e.g. mysql://root@127.0.0.1:3306/test)
 --redis URL     containment's Redis attacker: a server it may write a large value to
                 (e.g. redis://127.0.0.1:6379)
+--nats URL      containment's NATS attacker: a server it floods with large messages on a
+                subject a tap keeps (e.g. nats://127.0.0.1:4222)
 ";
 
 pub struct Options {
@@ -89,6 +95,7 @@ pub struct Options {
     pub plugin_memory_mib: Option<u64>,
     pub mysql: Option<String>,
     pub redis: Option<String>,
+    pub nats: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
         plugin_memory_mib: None,
         mysql: None,
         redis: None,
+        nats: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
             "--attacks" => options.attacks = args.next(),
             "--mysql" => options.mysql = args.next(),
             "--redis" => options.redis = args.next(),
+            "--nats" => options.nats = args.next(),
             "--plugin-memory-mib" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(mib) if mib > 0 => options.plugin_memory_mib = Some(mib),
                 _ => return usage("--plugin-memory-mib needs a positive number"),
@@ -140,7 +149,9 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "languages" | "events" | "soak" | "postgres" | "floor" => scenarios.push(arg),
+            | "languages" | "events" | "soak" | "postgres" | "floor" | "messages" => {
+                scenarios.push(arg)
+            }
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -172,6 +183,7 @@ fn main() -> ExitCode {
                 "soak" => soak::run(&options).await,
                 "postgres" => postgres::run(&options).await,
                 "floor" => floor::run(&options).await,
+                "messages" => messages::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

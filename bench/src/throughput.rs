@@ -378,6 +378,7 @@ async fn time_calls(
         step: "first".into(),
         attempt: 1,
         elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
         params: "{}".into(),
         outputs: "{}".into(),
         traceparent: None,

@@ -4,6 +4,7 @@
 //! also books each event in a MariaDB table and counts it in Redis. Events can ask to be lost
 //! or corrupted on the way, so the demo can show a failing and a timing-out check too.
 
+pub mod nats;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -30,7 +31,13 @@ pub struct PipelineConfig {
     pub warehouse_delay: Duration,
     pub report_delay: Duration,
     pub stores: Option<Stores>,
+    /// A NATS server (`nats://host:port`) the collector publishes each event to, on
+    /// [`COLLECTED_SUBJECT`].
+    pub bus: Option<String>,
 }
+
+/// The subject the collector publishes each event on.
+pub const COLLECTED_SUBJECT: &str = "events.collected";
 
 /// The demo's MariaDB ledger table and Redis counter. The pipeline writes them as their
 /// administrator; Stepwise reads them through accounts that may only read (README, "MySQL and
@@ -155,7 +162,7 @@ struct IncomingEvent {
     name: String,
     amount_cents: i64,
     user_id: Option<String>,
-    /// `"warehouse"` or `"report"`: the event is lost before that stage.
+    /// `"bus"`, `"warehouse"` or `"report"`: the event is lost before that stage.
     drop_at: Option<String>,
     /// `"amount"`: the warehouse stores a different amount.
     corrupt: Option<String>,
@@ -243,9 +250,32 @@ async fn collect(State(state): State<PipelineState>, Json(event): Json<IncomingE
         .lock()
         .unwrap_or_else(|poison| poison.into_inner())
         .insert(event_id.clone(), collected.clone());
+    if let Some(url) = state.config.as_ref().and_then(|config| config.bus.clone())
+        && event.drop_at.as_deref() != Some("bus")
+    {
+        tokio::spawn(publish(url, collected.clone()));
+    }
     // The async jobs of a real pipeline: the event moves on later, or gets lost on the way.
     tokio::spawn(deliver(state, collected, event.drop_at, event.corrupt));
     (StatusCode::ACCEPTED, Json(json!({"event_id": event_id}))).into_response()
+}
+
+/// Publishes what the collector received on the bus, with the event's id as a header.
+async fn publish(url: String, event: CollectedEvent) {
+    let published = async {
+        let mut publisher = crate::nats::Publisher::connect(&url).await?;
+        let payload = serde_json::to_vec(&event).map_err(std::io::Error::other)?;
+        publisher
+            .publish(
+                COLLECTED_SUBJECT,
+                &[("Event-Id", event.event_id.as_str())],
+                &payload,
+            )
+            .await
+    };
+    if let Err(error) = published.await {
+        tracing::error!(%error, "the collector could not publish the event on {COLLECTED_SUBJECT}");
+    }
 }
 
 async fn deliver(

@@ -1,13 +1,13 @@
 //! `stepwise-demo`: the demo of the README ("The demo, step by step") in one command. Starts the simulated pipeline on
-//! 127.0.0.1:9000 (collector, warehouse table, report, and when MariaDB and Redis are
-//! reachable a ledger table and a counter), installs the example plugins with their grants into
+//! 127.0.0.1:9000 (collector, warehouse table, report, when MariaDB and Redis are reachable a
+//! ledger table and a counter, and when NATS is a bus the collector publishes to), installs the example plugins with their grants into
 //! `./stepwise-data/plugins`, and serves Stepwise on 127.0.0.1:8080.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use stepwise_demo::{PipelineConfig, Stores, start_pipeline};
+use stepwise_demo::{COLLECTED_SUBJECT, PipelineConfig, Stores, start_pipeline};
 use stepwise_host::config::{Settings, SourceConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -21,13 +21,41 @@ const MYSQL_URL: (&str, &str) = (
     "mysql://root@127.0.0.1:3306/test",
 );
 const REDIS_URL: (&str, &str) = ("STEPWISE_DEMO_REDIS_URL", "redis://127.0.0.1:6379");
+/// The demo's NATS server; an empty variable leaves the bus out.
+const NATS_URL: (&str, &str) = ("STEPWISE_DEMO_NATS_URL", "nats://127.0.0.1:4222");
+
+/// The value of a demo variable, or its default.
+fn demo_url((variable, default): (&str, &str)) -> String {
+    std::env::var(variable).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The demo's bus when its NATS server answers; otherwise says why, once.
+async fn bus() -> Option<String> {
+    let url = demo_url(NATS_URL);
+    let skipped = if url.is_empty() {
+        format!("{} is empty", NATS_URL.0)
+    } else {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(2),
+            stepwise_demo::nats::Publisher::connect(&url),
+        )
+        .await;
+        match connected {
+            Ok(Ok(_)) => return Some(url),
+            Ok(Err(error)) => format!("{url}: {error}"),
+            Err(_) => format!("{url}: no answer within 2 s"),
+        }
+    };
+    tracing::warn!(
+        "the demo runs without its bus step: {skipped} (set {} to reach another NATS server)",
+        NATS_URL.0
+    );
+    None
+}
 
 /// The demo's stores when both servers can be had; otherwise says why, once.
 async fn stores() -> Option<Stores> {
-    let url = |(variable, default): (&str, &str)| {
-        std::env::var(variable).unwrap_or_else(|_| default.to_owned())
-    };
-    let (mysql, redis) = (url(MYSQL_URL), url(REDIS_URL));
+    let (mysql, redis) = (demo_url(MYSQL_URL), demo_url(REDIS_URL));
     let skipped = if mysql.is_empty() || redis.is_empty() {
         format!("{} or {} is empty", MYSQL_URL.0, REDIS_URL.0)
     } else {
@@ -55,19 +83,27 @@ async fn main() -> anyhow::Result<()> {
 
     let pipeline_addr: SocketAddr = PIPELINE_ADDR.parse()?;
     let stores = stores().await;
-    let (event_pipeline, sources) = match &stores {
-        Some(_) => (
-            EVENT_PIPELINE_STORES_WASM,
-            r#""warehouse", "ledger", "counters""#,
-        ),
-        None => (EVENT_PIPELINE_WASM, r#""warehouse""#),
+    let bus = bus().await;
+    let event_pipeline = match (&stores, &bus) {
+        (Some(_), Some(_)) => EVENT_PIPELINE_STORES_BUS_WASM,
+        (Some(_), None) => EVENT_PIPELINE_STORES_WASM,
+        (None, Some(_)) => EVENT_PIPELINE_BUS_WASM,
+        (None, None) => EVENT_PIPELINE_WASM,
     };
+    let mut sources = vec!["\"warehouse\""];
+    if stores.is_some() {
+        sources.extend(["\"ledger\"", "\"counters\""]);
+    }
+    if bus.is_some() {
+        sources.push("\"bus\"");
+    }
+    let sources = sources.join(", ");
     let manifests = [
         (
             "event-pipeline",
             event_pipeline,
             format!(
-                "allowed_hosts = [\"{pipeline_addr}\"]\nsql_sources = [{sources}]\npoll_interval_ms = 1000\n"
+                "allowed_hosts = [\"{pipeline_addr}\"]\nsql_sources = [{sources}]\nsubjects = [\"{COLLECTED_SUBJECT}\"]\npoll_interval_ms = 1000\n"
             ),
         ),
         (
@@ -93,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         warehouse_delay: Duration::from_secs(3),
         report_delay: Duration::from_secs(2),
         stores: stores.clone(),
+        bus: bus.clone(),
     };
     start_pipeline(pipeline_listener, &warehouse, config, shutdown.clone()).await?;
     tracing::info!(
@@ -102,24 +139,26 @@ async fn main() -> anyhow::Result<()> {
     let mut settings = Settings::for_data_dir(&data_dir);
     settings.sources.insert(
         "warehouse".into(),
-        SourceConfig {
-            url: format!("sqlite://{}", warehouse.display()),
-            read_only: true,
-        },
+        SourceConfig::new(format!("sqlite://{}", warehouse.display())),
     );
     if let Some(stores) = &stores {
         for (name, url) in [
             ("ledger", &stores.ledger_source),
             ("counters", &stores.counter_source),
         ] {
-            settings.sources.insert(
-                name.into(),
-                SourceConfig {
-                    url: url.clone(),
-                    read_only: true,
-                },
-            );
+            settings
+                .sources
+                .insert(name.into(), SourceConfig::new(url.clone()));
         }
+    }
+    if let Some(url) = &bus {
+        settings.sources.insert(
+            "bus".into(),
+            SourceConfig {
+                kind: Some("nats".into()),
+                ..SourceConfig::new(url.clone())
+            },
+        );
     }
     let listener = tokio::net::TcpListener::bind(STEPWISE_ADDR)
         .await

@@ -14,4 +14,4 @@ wasmtime::component::bindgen!({
     require_store_data_send: true,
 });
 
-pub use stepwise::plugin::{kv, log, sql, types};
+pub use stepwise::plugin::{kv, log, messages, sql, types};

@@ -421,18 +421,41 @@ struct SourceFile {
     /// Writing is what an operator opts into, not what a forgotten key allows.
     #[serde(default = "read_only_unless_said")]
     read_only: bool,
+    /// A message bus (`nats`); without it the URL's scheme says SQL or Redis.
+    kind: Option<String>,
+    window_minutes: Option<u64>,
+    window_mib: Option<u64>,
 }
 
 fn read_only_unless_said() -> bool {
     true
 }
 
-/// A data source for the `sql` capability.
+/// A data source: SQL and Redis for the `sql` and `kv` capabilities, a message bus (`kind`)
+/// for `messages`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceConfig {
     pub url: String,
     /// `true` unless the config says `read_only = false`.
     pub read_only: bool,
+    /// The bus of a message source (`nats`).
+    pub kind: Option<String>,
+    /// How long and how many bytes of recent messages a message source's tap keeps.
+    pub window: Duration,
+    pub window_bytes: usize,
+}
+
+impl SourceConfig {
+    /// A source with the default settings for its URL.
+    pub fn new(url: impl Into<String>) -> SourceConfig {
+        SourceConfig {
+            url: url.into(),
+            read_only: true,
+            kind: None,
+            window: Duration::from_secs(15 * 60),
+            window_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Validated settings, passed explicitly to everything that needs them.
@@ -696,13 +719,31 @@ impl Settings {
             .sources
             .into_iter()
             .map(|(name, source)| {
+                let window_keys = source.window_minutes.is_some() || source.window_mib.is_some();
+                anyhow::ensure!(
+                    source.kind.is_some() || !window_keys,
+                    "sources.{name}: window_minutes and window_mib are settings of a message source (one with a kind)"
+                );
+                let defaults = SourceConfig::new(source.url);
                 let config = SourceConfig {
-                    url: source.url,
                     read_only: source.read_only,
+                    kind: source.kind,
+                    window: match source.window_minutes {
+                        Some(0) => anyhow::bail!("sources.{name}.window_minutes must be at least 1"),
+                        Some(minutes) => Duration::from_secs(minutes.saturating_mul(60)),
+                        None => defaults.window,
+                    },
+                    window_bytes: match source.window_mib {
+                        Some(0) => anyhow::bail!("sources.{name}.window_mib must be at least 1"),
+                        Some(mib) => usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+                        None => defaults.window_bytes,
+                    },
+                    ..defaults
                 };
-                (name, config)
+                Ok((name, config))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()
+            .map_err(config_error)?;
         settings.secrets = file
             .secrets
             .into_iter()

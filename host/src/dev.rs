@@ -91,6 +91,11 @@ pub async fn run_file(
         .unwrap_or(settings.default_poll_interval);
     let sources = DataSources::connect_lazy(&secrets.fill_source_urls(&settings.sources)?)
         .map_err(|error| secrets.redact_error(error))?;
+    // A tap sees what is published from its subscription on: subscribed before the run.
+    sources
+        .messages
+        .tap_now(&grant.sql_sources, &grant.subjects, Duration::from_secs(5))
+        .await;
     let mut capabilities = Capabilities {
         grant,
         limits,
@@ -152,6 +157,7 @@ pub async fn run_file(
                 step: step.name.clone(),
                 attempt,
                 elapsed: Duration::from_millis((now - started_at).max(0) as u64),
+                run_created_at_ms: started_at,
                 params: params.to_string(),
                 outputs: Json::Object(outputs.clone()).to_string(),
                 traceparent: None,

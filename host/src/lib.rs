@@ -87,6 +87,7 @@ pub async fn serve(
         .check_at_start(&source_configs, &settings.database_url)
         .await
         .map_err(|error| set.redact_error(error))?;
+    tap_every_grant(&store, &settings, &sources).await?;
     #[cfg(unix)]
     {
         // Listened for before the server answers: a SIGHUP that came first would end the
@@ -102,7 +103,12 @@ pub async fn serve(
     }
     let wakeup = Wakeup::default();
     let schedule_wakeup = ScheduleWakeup::default();
-    let registry = Registry::new(store.clone(), runtime.clone(), settings.clone());
+    let registry = Registry::new(
+        store.clone(),
+        runtime.clone(),
+        settings.clone(),
+        sources.messages.clone(),
+    );
     let metrics = metrics::Metrics::default();
     let state = AppState::from(
         Shared::new(
@@ -113,7 +119,8 @@ pub async fn serve(
             schedule_wakeup.clone(),
             address,
         )
-        .with_metrics(metrics.clone(), node_id.clone()),
+        .with_metrics(metrics.clone(), node_id.clone())
+        .with_message_sources(sources.messages.clone()),
     );
 
     let connections = api::Connections::from_settings(&settings)?;
@@ -220,6 +227,39 @@ pub fn load_secrets(settings: &Settings) -> anyhow::Result<Vec<Secret>> {
 /// On SIGHUP, reads every secret's value again (a rotated file, say); if one cannot be read,
 /// the values in force stay. Which secrets exist and their hosts are fixed at start.
 #[cfg(unix)]
+/// Subscribes the message sources' taps to the subjects of every stored grant, before the
+/// host takes runs: a run triggered after the start then finds what is published from its
+/// creation.
+async fn tap_every_grant(
+    store: &Store,
+    settings: &Settings,
+    sources: &DataSources,
+) -> anyhow::Result<()> {
+    if sources.messages.is_empty() {
+        return Ok(());
+    }
+    let plugins = store
+        .list_plugins()
+        .await
+        .context("listing plugins for the message taps")?;
+    let taps = plugins.iter().filter_map(|plugin| {
+        let grant = crate::grant::parse_stored_grant(&plugin.grant_toml).ok()?;
+        let (grant, _) = settings.policy.confine(grant, &settings.limits);
+        Some(async move {
+            sources
+                .messages
+                .tap_now(
+                    &grant.sql_sources,
+                    &grant.subjects,
+                    std::time::Duration::from_secs(5),
+                )
+                .await;
+        })
+    });
+    futures::future::join_all(taps).await;
+    Ok(())
+}
+
 async fn reload_secrets_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     secrets: Secrets,

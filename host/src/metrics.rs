@@ -144,6 +144,17 @@ pub struct Stored {
     pub schedule_successes: Vec<(String, i64)>,
     /// Runs this node holds a lease on.
     pub leases_held: i64,
+    /// Each message source's tap, by source name (this process: each node keeps its own).
+    pub taps: Vec<TapFigures>,
+}
+
+/// What a message source's tap holds, and what its window dropped.
+#[derive(Debug, Default)]
+pub struct TapFigures {
+    pub source: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped: u64,
 }
 
 impl Observed {
@@ -291,6 +302,36 @@ impl Metrics {
             "Runs this node holds a lease on.",
         );
         let _ = writeln!(out, "stepwise_leases_held {}", stored.leases_held);
+        for (name, help, kind, figure) in [
+            (
+                "stepwise_tap_messages",
+                "Messages a message source's tap holds in its window (this process).",
+                "gauge",
+                (|tap: &TapFigures| tap.messages) as fn(&TapFigures) -> u64,
+            ),
+            (
+                "stepwise_tap_bytes",
+                "Bytes a message source's tap holds in its window (this process).",
+                "gauge",
+                |tap| tap.bytes,
+            ),
+            (
+                "stepwise_tap_dropped_total",
+                "Messages a tap's window dropped, past its age or bytes (this process).",
+                "counter",
+                |tap| tap.dropped,
+            ),
+        ] {
+            header(&mut out, name, kind, help);
+            for tap in &stored.taps {
+                let _ = writeln!(
+                    out,
+                    "{name}{{source=\"{}\"}} {}",
+                    escape(&tap.source),
+                    figure(tap)
+                );
+            }
+        }
 
         let observed = self.observed();
         header(

@@ -1,8 +1,8 @@
 // Helpers for a Stepwise check written in JavaScript (built with componentize-js).
 //
 // The host grants a check four capabilities and nothing else: outbound HTTP to the hosts in
-// its grant, SQL queries and typed Redis reads on the data sources in its grant, and log lines
-// stored with the attempt. This module wraps them, and the WIT types, in plain JavaScript:
+// its grant, SQL queries, typed Redis reads and message reads on the sources in its grant, and
+// log lines stored with the attempt. This module wraps them, and the WIT types, in plain JavaScript:
 //
 //   params(input), outputs(input)          the run's params and earlier steps' outputs
 //   passed(value), pending(msg), failed(msg)  a step's outcome
@@ -12,12 +12,15 @@
 //   query(source, statement, params)       SQL with bound parameters; rows as objects
 //   kv.get(source, key), kv.hgetall(...)   typed Redis reads; values as Uint8Array
 //                                           (kv.text for a string)
+//   messages.find(source, subject, { jsonFields, headers, limit })
+//                                           what was published on a bus since the run started
 //   info(msg), warn(msg), ...              log lines
 //   secret(name)                           the placeholder the host replaces with a secret
 
 import { log as hostLog } from 'stepwise:plugin/log@0.1.0';
 import { query as hostQuery } from 'stepwise:plugin/sql@0.1.0';
 import * as hostKv from 'stepwise:plugin/kv@0.1.0';
+import { find as hostFind } from 'stepwise:plugin/messages@0.1.0';
 import { handle } from 'wasi:http/outgoing-handler@0.2.12';
 import { Fields, OutgoingRequest, OutgoingBody, IncomingBody } from 'wasi:http/types@0.2.12';
 
@@ -362,3 +365,45 @@ export const error = (message) => hostLog('error', String(message));
 export function secret(name) {
   return `{{secret:${name}}}`;
 }
+
+// --- message buses -----------------------------------------------------------------------
+
+/** A read the host or the broker refused: the kinds of SqlError, and "window lost" when the
+ * host cannot say what was published since the run started. */
+export class MessagesError extends Error {
+  constructor(kind, message) {
+    super(`${kind}: ${message}`);
+    this.kind = kind;
+  }
+}
+
+/** Reads of the message sources granted to the check. */
+export const messages = {
+  /** The messages on `subject` published since the run started whose JSON fields (by dotted
+   * path: "user.id") and headers equal the values given, oldest first. Each has subject,
+   * payload (Uint8Array), headers ([name, value] pairs), publishedAtMs, position, and
+   * text() and json(). */
+  find(source, subject, { jsonFields = {}, headers = {}, limit = 100 } = {}) {
+    const conditions = [
+      ...Object.entries(jsonFields).map(([name, value]) => ({
+        tag: 'json-field',
+        val: { name, equals: typeof value === 'string' ? value : JSON.stringify(value) },
+      })),
+      ...Object.entries(headers).map(([name, equals]) => ({ tag: 'header', val: { name, equals } })),
+    ];
+    let found;
+    try {
+      found = hostFind(source, subject, conditions, limit);
+    } catch (error) {
+      const payload = error.payload;
+      if (payload === undefined) throw error;
+      const kind = payload.tag === 'window-lost' ? 'window lost' : SQL_ERRORS[payload.tag] ?? payload.tag;
+      throw new MessagesError(kind, payload.val);
+    }
+    return found.map((message) => ({
+      ...message,
+      text: () => decoder.decode(message.payload),
+      json: () => JSON.parse(decoder.decode(message.payload)),
+    }));
+  },
+};

@@ -1,8 +1,8 @@
 """Helpers for a Stepwise check written in Python (built with componentize-py).
 
 The host grants a check four capabilities and nothing else: outbound HTTP to the hosts in its
-grant, SQL queries and typed Redis reads on the data sources in its grant, and log lines
-stored with the attempt.
+grant, SQL queries, typed Redis reads and message reads on the sources in its grant, and log
+lines stored with the attempt.
 This module wraps them, and the WIT types, in plain Python:
 
     params(input), outputs(input)       the run's params and earlier steps' outputs, as dicts
@@ -10,6 +10,8 @@ This module wraps them, and the WIT types, in plain Python:
     get(url), request(method, url, ...)  HTTP; raises HttpDenied when the grant refuses the host
     query(source, statement, params)    SQL with bound parameters; rows as dicts
     kv.get(source, key), kv.hgetall(...)   typed Redis reads; values as bytes (kv.text for str)
+    messages.find(source, subject, json_fields={...}, headers={...})
+                                        what was published on a bus since the run started
     info(msg), warn(msg), ...           log lines
     secret(name)                        the placeholder the host replaces with a secret
 """
@@ -20,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from componentize_py_types import Err
 from wit_world.imports import kv as _kv
 from wit_world.imports import log as _log
+from wit_world.imports import messages as _messages
 from wit_world.imports import outgoing_handler as _outgoing
 from wit_world.imports import sql as _sql
 from wit_world.imports import streams as _streams
@@ -39,7 +42,7 @@ __all__ = [
     "check_info", "step", "params", "outputs", "output_of",
     "passed", "pending", "failed",
     "Response", "HttpError", "HttpDenied", "get", "request",
-    "SqlError", "query", "KvError", "kv",
+    "SqlError", "query", "KvError", "kv", "MessagesError", "Message", "messages",
     "trace", "debug", "info", "warn", "error", "secret",
 ]
 
@@ -381,6 +384,77 @@ class _Kv:
 
 
 kv = _Kv()
+
+
+# --- message buses ------------------------------------------------------------------------
+
+class MessagesError(Exception):
+    """A read the host or the broker refused: the kinds of SqlError, and "window lost" when the
+    host cannot say what was published since the run started; str(error) starts with it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+_MESSAGES_ERRORS = {
+    _messages.MessagesError_Denied: "denied",
+    _messages.MessagesError_ReadOnly: "read-only",
+    _messages.MessagesError_LimitExceeded: "limit exceeded",
+    _messages.MessagesError_QueryFailed: "query failed",
+    _messages.MessagesError_WindowLost: "window lost",
+}
+
+
+class Message:
+    """One message: subject, payload (bytes), headers (name, value) pairs, published_at_ms
+    and position (the stream sequence, or the tap's count)."""
+
+    def __init__(self, message: _messages.Message):
+        self.subject = message.subject
+        self.payload = bytes(message.payload)
+        self.headers = list(message.headers)
+        self.published_at_ms = message.published_at_ms
+        self.position = message.position
+
+    def text(self) -> Optional[str]:
+        try:
+            return self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+    def header(self, name: str) -> Optional[str]:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+class _Messages:
+    """Reads of the message sources granted to the check."""
+
+    def find(self, source: str, subject: str, json_fields: Optional[Dict[str, Any]] = None,
+             headers: Optional[Dict[str, str]] = None, limit: int = 100) -> List[Message]:
+        """The messages on `subject` published since the run started whose JSON fields (by
+        dotted path: "user.id") and headers equal the values given, oldest first."""
+        conditions = []
+        for path, value in (json_fields or {}).items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            conditions.append(_messages.Condition_JsonField(_messages.FieldEquals(path, text)))
+        for name, value in (headers or {}).items():
+            conditions.append(_messages.Condition_Header(_messages.FieldEquals(name, value)))
+        try:
+            found = _messages.find(source, subject, conditions, limit)
+        except Err as error:
+            raise MessagesError(_MESSAGES_ERRORS[type(error.value)], error.value.value) from None
+        return [Message(message) for message in found]
+
+
+messages = _Messages()
 
 
 # --- logging and secrets ------------------------------------------------------------------

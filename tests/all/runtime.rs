@@ -52,6 +52,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
         step: "first".into(),
         attempt: 1,
         elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
         params: json!({"steps": {"first": {"action": "http", "url": format!("http://{}/", silent.host_port)}}})
             .to_string(),
         outputs: "{}".into(),
@@ -94,6 +95,7 @@ fn hold_call(bytes: u64) -> StepCall {
         step: "first".into(),
         attempt: 1,
         elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
         params: json!({"steps": {"first": {"action": "hold", "bytes": bytes}}}).to_string(),
         outputs: "{}".into(),
         traceparent: None,

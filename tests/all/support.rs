@@ -159,9 +159,27 @@ impl Setup {
         self
     }
 
+    /// A message source: `kind` (`nats`) at `url`, with a tap window of `window_mib`.
+    pub fn with_bus(mut self, name: &str, kind: &str, url: String, window_mib: usize) -> Setup {
+        self.sources.insert(
+            name.to_owned(),
+            SourceConfig {
+                kind: Some(kind.to_owned()),
+                window_bytes: window_mib << 20,
+                ..SourceConfig::new(url)
+            },
+        );
+        self
+    }
+
     pub fn with_source(mut self, name: &str, url: String, read_only: bool) -> Setup {
-        self.sources
-            .insert(name.to_owned(), SourceConfig { url, read_only });
+        self.sources.insert(
+            name.to_owned(),
+            SourceConfig {
+                read_only,
+                ..SourceConfig::new(url)
+            },
+        );
         self
     }
 }
@@ -1379,6 +1397,20 @@ pub fn redis_url() -> Option<String> {
         _ => {
             eprintln!(
                 "SKIPPED: the Redis source test (set STEPWISE_TEST_REDIS_URL, e.g. redis://127.0.0.1:6379)"
+            );
+            None
+        }
+    }
+}
+
+/// The NATS server of the message source tests, from `STEPWISE_TEST_NATS_URL`; `None` (and a
+/// SKIPPED line) without it.
+pub fn nats_url() -> Option<String> {
+    match std::env::var("STEPWISE_TEST_NATS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED: the NATS source test (set STEPWISE_TEST_NATS_URL to a server with JetStream, e.g. nats://127.0.0.1:4222)"
             );
             None
         }

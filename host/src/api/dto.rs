@@ -282,6 +282,8 @@ pub struct PluginDto {
 pub struct GrantDto {
     pub allowed_hosts: Vec<String>,
     pub sql_sources: Vec<String>,
+    /// Subject patterns readable on the message sources among `sql_sources`.
+    pub subjects: Vec<String>,
     /// Names only: a secret's value never leaves the host's memory.
     pub secrets: Vec<String>,
     pub poll_interval_ms: Option<u64>,
@@ -407,6 +409,7 @@ impl PluginDto {
         self.grant = Some(GrantDto {
             allowed_hosts: grant.allowed_hosts.clone(),
             sql_sources: grant.sql_sources.clone(),
+            subjects: grant.subjects.clone(),
             secrets: grant.secrets.clone(),
             poll_interval_ms: grant
                 .poll_interval

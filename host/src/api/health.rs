@@ -78,12 +78,25 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match state.store.metrics_counts(&state.node_id).await {
-        Ok(stored) => (
+        Ok(mut stored) => (
             [(
                 axum::http::header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            state.metrics.render(&stored),
+            {
+                stored.taps = state
+                    .message_sources
+                    .tap_stats()
+                    .into_iter()
+                    .map(|(source, tap)| crate::metrics::TapFigures {
+                        source,
+                        messages: tap.messages as u64,
+                        bytes: tap.bytes as u64,
+                        dropped: tap.dropped,
+                    })
+                    .collect();
+                state.metrics.render(&stored)
+            },
         )
             .into_response(),
         Err(error) => {

@@ -1,3 +1,4 @@
+use crate::capabilities::messages::MessageSources;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub node_id: String,
     /// Live changes for the event streams.
     pub events: EventHub,
+    /// The message sources, whose taps `/metrics` reports.
+    pub message_sources: MessageSources,
 }
 
 impl Shared {
@@ -58,6 +61,7 @@ impl Shared {
         listen: SocketAddr,
     ) -> Shared {
         Shared {
+            message_sources: MessageSources::default(),
             events: EventHub::new(&settings),
             store,
             registry,
@@ -74,6 +78,11 @@ impl Shared {
     pub fn with_metrics(mut self, metrics: Metrics, node_id: String) -> Shared {
         self.metrics = metrics;
         self.node_id = node_id;
+        self
+    }
+
+    pub fn with_message_sources(mut self, sources: MessageSources) -> Shared {
+        self.message_sources = sources;
         self
     }
 

@@ -6,6 +6,7 @@ pub mod grants;
 pub mod http;
 pub mod kv;
 pub mod log;
+pub mod messages;
 pub mod secrets;
 pub mod sources;
 pub mod sql;

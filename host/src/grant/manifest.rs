@@ -158,6 +158,9 @@ pub struct ManifestFile {
     /// Names of `[sources.*]` in the host's config.
     #[serde(default)]
     sql_sources: Vec<String>,
+    /// Subject patterns the plugin may read on its message sources (`events.>`).
+    #[serde(default)]
+    subjects: Vec<String>,
     /// Names of `[secrets.*]` in the host's config.
     #[serde(default)]
     secrets: Vec<String>,
@@ -190,6 +193,15 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
     for host in &manifest.allowed_hosts {
         AllowedHost::parse(host).map_err(anyhow::Error::msg)?;
     }
+    // Each bus checks its own pattern syntax when it reads; a pattern of none has a blank.
+    for subject in &manifest.subjects {
+        anyhow::ensure!(
+            !subject.is_empty()
+                && subject.len() <= 1024
+                && !subject.chars().any(|c| c.is_whitespace() || c.is_control()),
+            "subjects: {subject:?} is not a subject pattern (1 to 1024 characters, no blanks)"
+        );
+    }
     Ok(Grant {
         poll_interval: in_range("", "poll_interval_ms", manifest.poll_interval_ms)?
             .map(Duration::from_millis),
@@ -211,6 +223,7 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
             .collect::<anyhow::Result<_>>()?,
         allowed_hosts: manifest.allowed_hosts,
         sql_sources: manifest.sql_sources,
+        subjects: manifest.subjects,
         secrets: manifest.secrets,
     })
 }

@@ -307,6 +307,8 @@ pub struct Grant {
     pub allowed_hosts: Vec<String>,
     /// Names of `[sources.*]` in the host config.
     pub sql_sources: Vec<String>,
+    /// Subject patterns the plugin may read on the message sources among `sql_sources`.
+    pub subjects: Vec<String>,
     /// Names of `[secrets.*]` in the host config whose placeholders the plugin may send.
     pub secrets: Vec<String>,
     pub poll_interval: Option<Duration>,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::capabilities::messages::MessageSources;
 use crate::config::Settings;
 use crate::grant::Grant;
 use crate::grant::parse_grant;
@@ -68,19 +69,30 @@ pub struct Installed {
     pub pending: bool,
 }
 
+/// How long storing a grant waits for the message taps to confirm its subjects.
+const TAP_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
     runtime: Runtime,
     settings: Arc<Settings>,
+    /// Subscribed to the subjects of every grant the registry accepts, before runs use it.
+    taps: MessageSources,
 }
 
 impl Registry {
-    pub fn new(store: Store, runtime: Runtime, settings: Arc<Settings>) -> Registry {
+    pub fn new(
+        store: Store,
+        runtime: Runtime,
+        settings: Arc<Settings>,
+        taps: MessageSources,
+    ) -> Registry {
         Registry {
             store,
             runtime,
             settings,
+            taps,
         }
     }
 
@@ -132,6 +144,7 @@ impl Registry {
             Some(text) => self.check_grant(text)?,
             None => parse_grant(&inspect_grant).unwrap_or_default(),
         };
+        self.tap(&grant).await;
         let (_, limits) = self.settings.policy.confine(grant, &self.settings.limits);
         let inspected = match self.runtime.inspect(&version, bytes.clone(), &limits).await {
             Ok(inspected) => inspected,
@@ -285,7 +298,8 @@ impl Registry {
 
     /// Replaces the grant of an existing plugin; its versions stay as they are.
     pub async fn set_grant(&self, name: &str, grant_toml: &str, actor: &str) -> Result<()> {
-        self.check_grant(grant_toml)?;
+        let grant = self.check_grant(grant_toml)?;
+        self.tap(&grant).await;
         let audit = AuditEntry::new(actor, "plugin.grant", name, now_millis());
         match self.store.update_grant(name, grant_toml, audit).await {
             Err(storage::Error::NotFound) => Err(Error::UnknownPlugin(name.to_owned())),
@@ -354,6 +368,19 @@ impl Registry {
             return Err(Error::GrantBeyondPolicy { key, message });
         }
         Ok(grant)
+    }
+
+    /// Subscribes the message taps to the subjects `grant` names, before the grant is
+    /// stored: runs under it then find what is published from their start. A grant that is
+    /// not stored after all only made a tap keep a little more.
+    async fn tap(&self, grant: &Grant) {
+        let (grant, _) = self
+            .settings
+            .policy
+            .confine(grant.clone(), &self.settings.limits);
+        self.taps
+            .tap_now(&grant.sql_sources, &grant.subjects, TAP_WAIT)
+            .await;
     }
 
     /// Drops compiled versions that are neither active nor pinned by an unfinished run.

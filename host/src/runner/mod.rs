@@ -277,6 +277,10 @@ impl Runner {
         };
         // A grant stored before the operator tightened the policy is cut down to it here.
         let (grant, limits) = self.settings.policy.confine(grant, &self.settings.limits);
+        // Taps follow the grants; one another node stored is first seen here.
+        self.sources
+            .messages
+            .tap(&grant.sql_sources, &grant.subjects);
         let capabilities = Capabilities {
             limits,
             grant,
@@ -318,6 +322,7 @@ impl Runner {
             step: step.name.clone(),
             attempt,
             elapsed: Duration::from_millis((now - progress.started_at).max(0) as u64),
+            run_created_at_ms: run.created_at,
             params: run.params.clone(),
             outputs: Json::Object(progress.outputs.clone()).to_string(),
         };

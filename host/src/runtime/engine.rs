@@ -15,6 +15,7 @@ use super::plugin::LoadedPlugin;
 use crate::bindings;
 use crate::capabilities::kv::KvCapability;
 use crate::capabilities::log::LogCapability;
+use crate::capabilities::messages::MessagesCapability;
 use crate::capabilities::sql::SqlCapability;
 use crate::grant::Limits;
 use crate::model::PluginVersion;
@@ -88,6 +89,9 @@ impl Runtime {
         bindings::log::add_to_linker::<_, LogCapability>(&mut linker, |state| &mut state.log)?;
         bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
         bindings::kv::add_to_linker::<_, KvCapability>(&mut linker, |state| &mut state.kv)?;
+        bindings::messages::add_to_linker::<_, MessagesCapability>(&mut linker, |state| {
+            &mut state.messages
+        })?;
 
         let ticker = EpochTicker::start(engine.clone());
         super::memory::start_trimmer();

@@ -21,6 +21,7 @@ use crate::capabilities::grants::wasi_context;
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::kv::{KvState, MAX_COMMANDS_PER_CALL};
 use crate::capabilities::log::{LogBuffer, LogState};
+use crate::capabilities::messages::MessagesState;
 use crate::capabilities::secrets::SecretSet;
 use crate::capabilities::sources::DataSources;
 use crate::capabilities::sql::SqlState;
@@ -47,6 +48,8 @@ pub struct StepCall {
     pub step: String,
     pub attempt: u32,
     pub elapsed: Duration,
+    /// When the run was created (ms since the Unix epoch): messages count from then.
+    pub run_created_at_ms: i64,
     pub params: String,
     pub outputs: String,
     /// The W3C `traceparent` of the call's span, sent with the plugin's HTTP requests.
@@ -76,6 +79,7 @@ pub struct StepState {
     pub(super) log: LogState,
     pub(super) sql: SqlState,
     pub(super) kv: KvState,
+    pub(super) messages: MessagesState,
     limiter: Limiter,
     violation: Violation,
     resources: ResourceCount,
@@ -152,7 +156,8 @@ impl Drop for StepState {
     /// Before the limiter's own drop, which trims the allocator after a call that made the
     /// host hold much: the rows its queries read count too.
     fn drop(&mut self) {
-        self.limiter.held_outside_budget(self.sql.read_bytes);
+        self.limiter
+            .held_outside_budget(self.sql.read_bytes + self.messages.read_bytes);
     }
 }
 
@@ -342,6 +347,7 @@ impl Runtime {
             .traceparent
             .as_deref()
             .and_then(|value| http::HeaderValue::from_str(value).ok());
+        store.data_mut().messages.since_ms = call.run_created_at_ms;
         let log = store.data().log.buffer.clone();
         let deadline = started + limits.call_timeout;
         let input = StepInput {
@@ -465,6 +471,16 @@ impl Runtime {
                 timeout: limits.sql_timeout,
                 commands_left: MAX_COMMANDS_PER_CALL,
                 violation: violation.clone(),
+            },
+            messages: MessagesState {
+                sources: capabilities.sources.messages.clone(),
+                granted: capabilities.grant.sql_sources.clone(),
+                subjects: capabilities.grant.subjects.clone(),
+                since_ms: 0,
+                max_result_bytes: limits.sql_result_bytes,
+                timeout: limits.sql_timeout,
+                violation: violation.clone(),
+                read_bytes: 0,
             },
             limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),
             violation,

@@ -198,6 +198,7 @@ impl Store {
             runs,
             schedule_successes,
             leases_held,
+            taps: Vec::new(),
         })
     }
 

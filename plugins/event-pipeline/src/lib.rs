@@ -1,7 +1,8 @@
 //! `event-pipeline`: the demo check (README, "The demo, step by step"). Follows one analytics event through the
 //! collector (HTTP), the warehouse (SQL) and the report (HTTP), comparing its fields at every
 //! stage with what the test sent and with what the previous stage saw. Built with the `stores`
-//! feature, it also checks the event's Redis counter and its row in a MariaDB ledger.
+//! feature, it also checks the event's Redis counter and its row in a MariaDB ledger; with
+//! `bus`, that the collector published it on NATS (`events.collected`) with the same fields.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -27,6 +28,14 @@ struct Params {
     #[cfg(feature = "stores")]
     #[serde(default = "default_ledger_source")]
     ledger_source: String,
+    #[cfg(feature = "bus")]
+    #[serde(default = "default_bus_source")]
+    bus_source: String,
+}
+
+#[cfg(feature = "bus")]
+fn default_bus_source() -> String {
+    "bus".into()
 }
 
 fn default_collector() -> String {
@@ -98,8 +107,18 @@ struct EventPipeline;
 impl Check for EventPipeline {
     fn describe() -> CheckInfo {
         #[allow(unused_mut)]
-        let mut steps = vec![
-            step("collector", "the collector received the event", 10_000),
+        let mut steps = vec![step(
+            "collector",
+            "the collector received the event",
+            10_000,
+        )];
+        #[cfg(feature = "bus")]
+        steps.push(step(
+            "bus",
+            "the collector published the event on events.collected with the same fields",
+            10_000,
+        ));
+        steps.extend([
             step(
                 "warehouse",
                 "the warehouse table has the event with the same fields",
@@ -110,7 +129,7 @@ impl Check for EventPipeline {
                 "the report counts the event once with the same amount",
                 15_000,
             ),
-        ];
+        ]);
         #[cfg(feature = "stores")]
         steps.extend([
             step(
@@ -136,6 +155,10 @@ impl Check for EventPipeline {
         for source in ["counter_source", "ledger_source"] {
             properties[source] = json!({"type": "string"});
         }
+        #[cfg(feature = "bus")]
+        {
+            properties["bus_source"] = json!({"type": "string"});
+        }
         CheckInfo {
             name: "event-pipeline".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -155,6 +178,8 @@ impl Check for EventPipeline {
         };
         match input.step.as_str() {
             "collector" => check_collector(&params),
+            #[cfg(feature = "bus")]
+            "bus" => bus::check_bus(&params),
             "warehouse" => check_warehouse(&params, &input),
             "report" => check_report(&params),
             #[cfg(feature = "stores")]
@@ -334,3 +359,46 @@ mod stores {
 }
 
 export_check!(EventPipeline);
+
+/// The collector's message on NATS (README, "The demo, step by step").
+#[cfg(feature = "bus")]
+mod bus {
+    use serde_json::{Map, Value, json};
+    use stepwise_plugin::messages::{self, Filter, MessagesError};
+    use stepwise_plugin::{StepOutcome, failed, log, passed, pending};
+
+    use crate::{Params, mismatch};
+
+    /// The subject the demo's collector publishes each event on.
+    const SUBJECT: &str = "events.collected";
+
+    pub fn check_bus(params: &Params) -> StepOutcome {
+        let filter = Filter::new().json_field("event_id", &params.event_id);
+        let found = match messages::find(&params.bus_source, SUBJECT, &filter, 1) {
+            Ok(found) => found,
+            Err(error @ MessagesError::LimitExceeded(_)) => {
+                return pending(messages::error_message(&error));
+            }
+            Err(error) => return failed(messages::error_message(&error)),
+        };
+        let Some(message) = found.first() else {
+            return pending(format!("event not on {SUBJECT} yet"));
+        };
+        let event: Map<String, Value> = match message.json() {
+            Ok(event) => event,
+            Err(error) => return failed(error),
+        };
+        if let Some(problem) = mismatch("bus", &event, &params.expected()) {
+            return failed(problem);
+        }
+        log::info(&format!(
+            "event {} is on {SUBJECT} (position {})",
+            params.event_id, message.position
+        ));
+        passed(&json!({
+            "subject": message.subject,
+            "position": message.position,
+            "published_at_ms": message.published_at_ms,
+        }))
+    }
+}

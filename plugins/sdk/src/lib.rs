@@ -28,6 +28,7 @@ pub mod bindings {
 pub mod http;
 pub mod kv;
 pub mod log;
+pub mod messages;
 pub mod sql;
 
 use serde::Serialize;

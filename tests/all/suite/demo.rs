@@ -15,8 +15,8 @@ use stepwise_host::scaffold::Lang;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    EVENT_PIPELINE_STORES_WASM, EVENT_PIPELINE_WASM, PluginFile, Setup, TestServer, built_in,
-    mysql_url, redis_url, repo_path, sqlite_url, step_statuses,
+    EVENT_PIPELINE_BUS_WASM, EVENT_PIPELINE_STORES_WASM, EVENT_PIPELINE_WASM, PluginFile, Setup,
+    TestServer, built_in, mysql_url, nats_url, redis_url, repo_path, sqlite_url, step_statuses,
 };
 
 /// The plugin names the demo server holds: the check under test, the same component without
@@ -41,7 +41,7 @@ async fn start_demo(lang: Lang) -> Option<Demo> {
         Lang::Python => built_in(lang, &repo_path("plugins/event-pipeline-py")).await?,
         Lang::Javascript => built_in(lang, &repo_path("plugins/event-pipeline-js")).await?,
     };
-    let (pipeline, pipeline_dir, stop) = simulated_pipeline(None).await;
+    let (pipeline, pipeline_dir, stop) = simulated_pipeline(None, None).await;
     let warehouse = pipeline_dir.path().join("warehouse.db");
     let manifest = |allowed: &str| {
         format!(
@@ -78,6 +78,7 @@ async fn start_demo(lang: Lang) -> Option<Demo> {
 /// The simulated pipeline, fast: each stage 300 ms after the one before.
 async fn simulated_pipeline(
     stores: Option<Stores>,
+    bus: Option<String>,
 ) -> (Pipeline, tempfile::TempDir, CancellationToken) {
     let pipeline_dir = tempfile::tempdir().expect("temp dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -88,6 +89,7 @@ async fn simulated_pipeline(
         warehouse_delay: Duration::from_millis(300),
         report_delay: Duration::from_millis(300),
         stores,
+        bus,
     };
     let pipeline = start_pipeline(
         listener,
@@ -283,7 +285,7 @@ async fn with_mariadb_and_redis_the_check_verifies_the_ledger_and_the_counter() 
     let stores = Stores::connect(&mysql, &redis)
         .await
         .expect("the demo's stores");
-    let (pipeline, pipeline_dir, stop) = simulated_pipeline(Some(stores.clone())).await;
+    let (pipeline, pipeline_dir, stop) = simulated_pipeline(Some(stores.clone()), None).await;
     let _stop = stop.drop_guard();
     let server = TestServer::start(
         Setup::default()
@@ -366,4 +368,72 @@ async fn with_mariadb_and_redis_the_check_verifies_the_ledger_and_the_counter() 
         counted_twice["steps"][3]["message"],
         "counter counts the event 2 times, expected once"
     );
+}
+
+/// With a NATS server, the demo's bus step: the collector publishes each event on
+/// `events.collected`, and the check finds it there (through the host's tap: no stream keeps
+/// the subject), with the same fields, before the warehouse step; an event the collector
+/// never published leaves the step pending until its budget ends.
+#[tokio::test]
+async fn with_nats_the_check_finds_the_event_on_the_bus() {
+    let Some(nats) = nats_url() else {
+        return;
+    };
+    let (pipeline, pipeline_dir, stop) = simulated_pipeline(None, Some(nats.clone())).await;
+    let _stop = stop.drop_guard();
+    let server = TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::new(
+                "event-pipeline",
+                EVENT_PIPELINE_BUS_WASM,
+                format!(
+                    "allowed_hosts = [\"{}\"]\nsql_sources = [\"warehouse\", \"bus\"]\nsubjects = [\"events.collected\"]\npoll_interval_ms = 100\n[steps.bus]\ntimeout_ms = 1500\n",
+                    pipeline.addr
+                ),
+            ))
+            .with_source(
+                "warehouse",
+                sqlite_url(&pipeline_dir.path().join("warehouse.db")),
+                true,
+            )
+            .with_bus("bus", "nats", nats, 64),
+    )
+    .await;
+    let collector_url = format!("http://{}", pipeline.addr);
+    let check = |event: Value| {
+        let (server, client, collector_url) =
+            (&server, server.client.clone(), collector_url.clone());
+        async move {
+            let event_id = event["event_id"].clone();
+            let id = server
+                .trigger(json!({"plugin": "event-pipeline", "params": {"event_id": event_id, "amount_cents": 4200, "collector_url": collector_url}}))
+                .await;
+            let response = client
+                .post(format!("{collector_url}/collect"))
+                .json(&event)
+                .send()
+                .await
+                .expect("collector");
+            assert!(response.status().is_success(), "{}", response.status());
+            server.wait_until_finished(&id).await
+        }
+    };
+    let id = |name: &str| format!("evt-{name}-{}-{}", std::process::id(), uuid::Uuid::now_v7());
+    let mut lost = event(&id("lost"));
+    lost["drop_at"] = json!("bus");
+    let (run, lost) = tokio::join!(check(event(&id("bus"))), check(lost));
+    assert_eq!(run["status"], "passed", "{run:#}");
+    let names: Vec<&str> = run["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|step| step["name"].as_str())
+        .collect();
+    assert_eq!(names, ["collector", "bus", "warehouse", "report"]);
+    assert_eq!(
+        run["steps"][1]["output"]["subject"], "events.collected",
+        "{run:#}"
+    );
+    assert_eq!(lost["status"], "timed_out", "{lost:#}");
+    assert_eq!(lost["steps"][1]["status"], "timed_out", "{lost:#}");
 }

@@ -16,6 +16,7 @@ mod http_status;
 mod leases;
 mod metrics;
 mod mysql_sources;
+mod nats_sources;
 mod notify;
 mod openapi;
 mod publishers;

@@ -8,6 +8,7 @@ use std::hint::black_box;
 use serde_json::{Value, json};
 use stepwise_plugin::http;
 use stepwise_plugin::kv;
+use stepwise_plugin::messages;
 use stepwise_plugin::sql;
 use stepwise_plugin::{
     Check, CheckInfo, StepInfo, StepInput, StepOutcome, export_check, failed, log, passed, pending,
@@ -222,6 +223,37 @@ impl Check for Misbehave {
                         }
                     }
                     pages += 1;
+                }
+            }
+            "messages" => {
+                // {"source", "subject", "where": [["json"|"header", name, value]...], "limit",
+                // "expect": n}: pending until n messages are found.
+                let source = action["source"].as_str().unwrap_or_default();
+                let subject = action["subject"].as_str().unwrap_or_default();
+                let mut filter = messages::Filter::new();
+                for condition in action["where"].as_array().into_iter().flatten() {
+                    let part = |index: usize| condition[index].as_str().unwrap_or_default();
+                    filter = match part(0) {
+                        "header" => filter.header(part(1), part(2)),
+                        _ => filter.json_field(part(1), part(2)),
+                    };
+                }
+                let limit = action["limit"].as_u64().unwrap_or(100) as u32;
+                match messages::find(source, subject, &filter, limit) {
+                    Ok(found) if (found.len() as u64) < action["expect"].as_u64().unwrap_or(0) => {
+                        pending(format!("{} found", found.len()))
+                    }
+                    Ok(found) => passed(&json!({"messages": found
+                        .iter()
+                        .map(|message| json!({
+                            "subject": message.subject,
+                            "text": message.text(),
+                            "headers": message.headers,
+                            "published_at_ms": message.published_at_ms,
+                            "position": message.position,
+                        }))
+                        .collect::<Vec<_>>()})),
+                    Err(error) => failed(messages::error_message(&error)),
                 }
             }
             "echo_outputs" => passed(&input.outputs()),

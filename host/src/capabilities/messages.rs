@@ -1,0 +1,628 @@
+//! `stepwise:plugin/messages`: what was published on a bus since the run started, read from
+//! the message sources named in the host's config (`[sources.*]` with `kind = "nats"`) and
+//! granted to the plugin with the subjects it may read (`subjects`). The host never joins a
+//! consumer group or queue of the application's, acknowledges, deletes or publishes anything:
+//! reading changes nothing the real consumers see.
+//!
+//! How a source knows "since the run started" depends on what the broker keeps:
+//! - **Replay by time** where the broker keeps history: a subject a JetStream stream keeps is
+//!   read through an ephemeral consumer that starts at the run's creation and is deleted when
+//!   the call ends (`nats.rs`). Nothing lives in the host, so it survives restarts.
+//! - **A tap** where it keeps none (core NATS subjects): the host subscribes to every subject
+//!   pattern that a grant names for the source and keeps a window of what arrives, bounded in
+//!   age and bytes (`tap.rs`). A run the window cannot answer for in full gets `window-lost`.
+//!
+//! A call's budgets: `limit` messages (at most [`MAX_LIMIT`]), the result byte cap
+//! (`sql_result_bytes`), [`MAX_SCANNED`] messages looked at, and the query time
+//! (`sql_timeout_ms`). Passing one is a [`Violation`].
+
+mod nats;
+mod tap;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::component::HasData;
+
+use super::{HostFault, Violation};
+use crate::bindings::messages::{Condition, Host, Message, MessagesError};
+use crate::config::SourceConfig;
+pub use tap::TapStats;
+use tap::{Coverage, Kept, Window};
+
+/// The most messages one `find` may return.
+pub const MAX_LIMIT: u32 = 1_000;
+/// The most messages one `find` looks at, matching or not: a filter that matches nothing
+/// costs this much at most.
+pub const MAX_SCANNED: u64 = 10_000;
+/// Connections to one source at once for replays.
+const CONNECTIONS: usize = 4;
+/// How long a call waits for a connection; the host's time, not the plugin's.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+/// The window a tap keeps per source unless its config says (`window_minutes`, `window_mib`).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_WINDOW_BYTES: usize = 64 << 20;
+
+/// Whether a source config is a message source: it names a `kind` of bus.
+pub fn is_message_source(config: &SourceConfig) -> bool {
+    config.kind.is_some()
+}
+
+/// Every configured message source, shared by all step calls; taps start when a grant first
+/// names their subjects.
+#[derive(Clone, Default)]
+pub struct MessageSources {
+    sources: Arc<HashMap<String, Arc<NatsSource>>>,
+}
+
+struct NatsSource {
+    name: String,
+    target: nats::Target,
+    idle: Mutex<Vec<nats::Connection>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    window: Arc<Window>,
+    /// Patterns a grant named, looked at once each: tapped, or kept by a stream.
+    seen: Mutex<HashSet<String>>,
+    tap: tokio::sync::OnceCell<nats::Tap>,
+}
+
+impl MessageSources {
+    /// Reads every message source's config without connecting.
+    pub fn from_configs<'a>(
+        configs: impl IntoIterator<Item = (&'a String, &'a SourceConfig)>,
+    ) -> anyhow::Result<MessageSources> {
+        let mut sources = HashMap::new();
+        for (name, config) in configs {
+            let kind = config.kind.as_deref().unwrap_or_default();
+            anyhow::ensure!(
+                kind == "nats",
+                "source {name}: kind = {kind:?} is not a message source this host reads (nats)"
+            );
+            anyhow::ensure!(
+                config.read_only,
+                "source {name}: a message source is read-only (the host never publishes or acknowledges); remove read_only = false"
+            );
+            let target = nats::Target::parse(&config.url)
+                .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
+            sources.insert(
+                name.clone(),
+                Arc::new(NatsSource {
+                    name: name.clone(),
+                    target,
+                    idle: Mutex::new(Vec::new()),
+                    slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
+                    window: Arc::new(Window::new(config.window_bytes, config.window)),
+                    seen: Mutex::default(),
+                    tap: tokio::sync::OnceCell::new(),
+                }),
+            );
+        }
+        Ok(MessageSources {
+            sources: Arc::new(sources),
+        })
+    }
+
+    /// Makes the taps of `sources` cover `subjects` (a grant's), from now on: a pattern no
+    /// stream keeps is subscribed to, on the source's tap connection. Returns at once; the
+    /// subscribing goes on in the background, and a run that starts before it is confirmed
+    /// is told its window is lost rather than answered from an incomplete one.
+    pub fn tap(&self, sources: &[String], subjects: &[String]) {
+        for (source, pattern) in self.new_patterns(sources, subjects) {
+            tokio::spawn(async move { source.tap_pattern(&pattern).await });
+        }
+    }
+
+    /// [`MessageSources::tap`], returning once the server has confirmed each new
+    /// subscription, or after `within`: a host that starts taps them before it takes runs,
+    /// and `stepwise dev` before its run starts.
+    pub async fn tap_now(&self, sources: &[String], subjects: &[String], within: Duration) {
+        let taps =
+            self.new_patterns(sources, subjects)
+                .into_iter()
+                .map(|(source, pattern)| async move {
+                    if source.tap_pattern(&pattern).await {
+                        source.window.until_confirmed(&pattern).await;
+                    }
+                });
+        if tokio::time::timeout(within, futures::future::join_all(taps))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "message taps not confirmed within {} ms; runs started meanwhile may be told their window is lost",
+                within.as_millis()
+            );
+        }
+    }
+
+    /// The (source, pattern) pairs among these never looked at before, now marked seen.
+    fn new_patterns(
+        &self,
+        sources: &[String],
+        subjects: &[String],
+    ) -> Vec<(Arc<NatsSource>, String)> {
+        let mut new = Vec::new();
+        for source in sources.iter().filter_map(|name| self.sources.get(name)) {
+            let mut seen = source
+                .seen
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            for pattern in subjects {
+                if nats::check_pattern(pattern).is_ok() && seen.insert(pattern.clone()) {
+                    new.push((source.clone(), pattern.clone()));
+                }
+            }
+        }
+        new
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// Each tap's figures, by source name.
+    pub fn tap_stats(&self) -> Vec<(String, TapStats)> {
+        let mut stats: Vec<_> = self
+            .sources
+            .iter()
+            .map(|(name, source)| (name.clone(), source.window.stats()))
+            .collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
+    }
+
+    /// Warns about a source that cannot be reached at start; the host starts anyway.
+    pub async fn check_at_start(&self) {
+        for (name, source) in self.sources.iter() {
+            if let Err(error) = nats::Connection::open(&source.target, Duration::from_secs(5)).await
+            {
+                tracing::warn!(source = %name, %error, "message source unreachable at start");
+            }
+        }
+    }
+}
+
+impl NatsSource {
+    /// Subscribes the tap to `pattern` unless a stream keeps it or a wider pattern is tapped
+    /// already; returns whether it subscribed.
+    async fn tap_pattern(self: &Arc<Self>, pattern: &str) -> bool {
+        // A pattern a stream keeps whole is replayed from the stream; tapping it too would
+        // only fill the window.
+        match self.stream_keeping(pattern).await {
+            Ok(Some(_)) => return false,
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(source = %self.name, %pattern, %error, "could not ask JetStream whether a stream keeps the subject; tapping it")
+            }
+        }
+        if !self.window.add_pattern(pattern, nats::covers) {
+            return false;
+        }
+        let tap = self
+            .tap
+            .get_or_init(|| async {
+                nats::Tap::start(self.name.clone(), self.target.clone(), self.window.clone())
+            })
+            .await;
+        tap.subscribe(pattern).await;
+        true
+    }
+
+    /// The stream that keeps every subject `pattern` matches, if one does.
+    async fn stream_keeping(&self, pattern: &str) -> Result<Option<String>, String> {
+        let mut connection = self.connection().await?;
+        let stream = nats::stream_keeping(&mut connection, pattern).await?;
+        self.give_back(connection);
+        Ok(stream)
+    }
+
+    async fn connection(&self) -> Result<nats::Connection, String> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .pop();
+        match idle {
+            Some(connection) => Ok(connection),
+            None => nats::Connection::open(&self.target, POOL_WAIT).await,
+        }
+    }
+
+    /// Only a connection whose last exchange ended cleanly takes the next one.
+    fn give_back(&self, connection: nats::Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .push(connection);
+    }
+}
+
+/// State of the `messages` interface for one step call.
+pub struct MessagesState {
+    pub sources: MessageSources,
+    /// Source names from the plugin's grant.
+    pub granted: Vec<String>,
+    /// Subject patterns from the plugin's grant.
+    pub subjects: Vec<String>,
+    /// When the run was created: `find` reads what was published from then on.
+    pub since_ms: i64,
+    pub max_result_bytes: usize,
+    pub timeout: Duration,
+    pub violation: Violation,
+    /// Bytes of the messages this call looked at, for the allocator's trim at its end.
+    pub read_bytes: u64,
+}
+
+/// `HasData` marker so the generated `add_to_linker` hands the host `&mut MessagesState`.
+pub struct MessagesCapability;
+
+impl HasData for MessagesCapability {
+    type Data<'a> = &'a mut MessagesState;
+}
+
+/// The messages one `find` keeps, within its budgets.
+struct Selection<'a> {
+    filter: &'a [Condition],
+    limit: usize,
+    max_bytes: usize,
+    bytes: usize,
+    scanned: u64,
+    scanned_bytes: u64,
+    found: Vec<Message>,
+    /// The budget passed, if one was.
+    exceeded: Option<String>,
+}
+
+impl Selection<'_> {
+    /// Looks at one message; returns whether to go on.
+    fn offer(&mut self, message: MessageView<'_>) -> bool {
+        self.scanned += 1;
+        self.scanned_bytes += message.bytes() as u64;
+        if self.filter.iter().all(|condition| message.meets(condition)) {
+            let bytes = message.bytes();
+            if self.bytes + bytes > self.max_bytes {
+                self.exceeded = Some(format!(
+                    "messages result size limit of {} bytes exceeded",
+                    self.max_bytes
+                ));
+                return false;
+            }
+            self.bytes += bytes;
+            self.found.push(message.to_owned());
+            if self.found.len() == self.limit {
+                return false;
+            }
+        }
+        if self.scanned >= MAX_SCANNED {
+            self.exceeded = Some(format!(
+                "messages scan limit of {MAX_SCANNED} per call exceeded: narrow the subject, or look for a later message"
+            ));
+            return false;
+        }
+        true
+    }
+}
+
+/// A message as a backend holds it, borrowed until the filter takes it.
+struct MessageView<'a> {
+    subject: &'a str,
+    headers: &'a [(String, String)],
+    payload: &'a [u8],
+    published_at_ms: u64,
+    position: u64,
+}
+
+impl MessageView<'_> {
+    fn bytes(&self) -> usize {
+        self.subject.len()
+            + self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+    }
+
+    fn meets(&self, condition: &Condition) -> bool {
+        match condition {
+            Condition::Header(header) => self.headers.iter().any(|(name, value)| {
+                name.eq_ignore_ascii_case(&header.name) && *value == header.equals
+            }),
+            Condition::JsonField(field) => {
+                serde_json::from_slice::<serde_json::Value>(self.payload)
+                    .ok()
+                    .and_then(|json| {
+                        field_at(&json, &field.name).map(|value| match value {
+                            serde_json::Value::String(text) => *text == field.equals,
+                            other => {
+                                serde_json::to_string(other).is_ok_and(|text| text == field.equals)
+                            }
+                        })
+                    })
+                    .unwrap_or(false)
+            }
+        }
+    }
+
+    fn to_owned(&self) -> Message {
+        Message {
+            subject: self.subject.to_owned(),
+            payload: self.payload.to_vec(),
+            headers: self.headers.to_vec(),
+            published_at_ms: self.published_at_ms,
+            position: self.position,
+        }
+    }
+}
+
+/// The value at a dotted path (`user.id`, `items.0.sku`).
+fn field_at<'a>(json: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(json, |value, key| match value {
+        serde_json::Value::Object(object) => object.get(key),
+        serde_json::Value::Array(items) => items.get(key.parse::<usize>().ok()?),
+        _ => None,
+    })
+}
+
+type CallResult<T> = wasmtime::Result<Result<T, MessagesError>>;
+
+impl MessagesState {
+    fn limit(&self, limit: String) -> MessagesError {
+        self.violation.record(limit.clone());
+        MessagesError::LimitExceeded(limit)
+    }
+
+    async fn find_on(
+        &self,
+        source: &NatsSource,
+        subject: &str,
+        selection: &mut Selection<'_>,
+    ) -> CallResult<()> {
+        let unavailable = |error: &dyn std::fmt::Display| {
+            wasmtime::Error::new(HostFault(format!(
+                "message source {:?} unavailable: {error}",
+                source.name
+            )))
+        };
+        let slot = tokio::time::timeout(POOL_WAIT, source.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| unavailable(&"no connection free within 2 s"))?
+            .map_err(|error| unavailable(&error))?;
+        let mut connection = source
+            .connection()
+            .await
+            .map_err(|error| unavailable(&error))?;
+        let stream = match nats::stream_keeping(&mut connection, subject).await {
+            Ok(stream) => stream,
+            Err(error) => return Err(unavailable(&error)),
+        };
+        let Some(stream) = stream else {
+            source.give_back(connection);
+            drop(slot);
+            return Ok(self.find_in_window(&source.window, subject, selection));
+        };
+        // Any message the server accepts is read (and let go unless the filter keeps it).
+        let max_message = connection.max_payload + 4096;
+        let replayed = nats::replay(
+            &mut connection,
+            &stream,
+            subject,
+            self.since_ms,
+            max_message,
+            |delivery, position| {
+                selection.offer(MessageView {
+                    subject: &delivery.subject,
+                    headers: &delivery.headers,
+                    payload: &delivery.payload,
+                    published_at_ms: position.published_at_ns / 1_000_000,
+                    position: position.stream_sequence,
+                })
+            },
+        )
+        .await;
+        match replayed {
+            Ok(()) => {
+                source.give_back(connection);
+                Ok(Ok(()))
+            }
+            Err(nats::ReplayError::Refused(error)) => {
+                source.give_back(connection);
+                Ok(Err(MessagesError::QueryFailed(error)))
+            }
+            Err(nats::ReplayError::Connection(error)) => Err(unavailable(&error)),
+        }
+    }
+
+    fn find_in_window(
+        &self,
+        window: &Window,
+        subject: &str,
+        selection: &mut Selection<'_>,
+    ) -> Result<(), MessagesError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Coverage::Lost(why) = window.coverage(subject, self.since_ms, now, nats::covers) {
+            return Err(MessagesError::WindowLost(why));
+        }
+        window.scan(self.since_ms, |kept: &Kept| {
+            if !nats::covers(subject, &kept.subject) {
+                return true;
+            }
+            selection.offer(MessageView {
+                subject: &kept.subject,
+                headers: &kept.headers,
+                payload: &kept.payload,
+                published_at_ms: kept.received_at_ms as u64,
+                position: kept.position,
+            })
+        });
+        Ok(())
+    }
+}
+
+impl Host for MessagesState {
+    async fn find(
+        &mut self,
+        source: String,
+        subject: String,
+        filter: Vec<Condition>,
+        limit: u32,
+    ) -> CallResult<Vec<Message>> {
+        if !self.granted.contains(&source) {
+            return Ok(Err(MessagesError::Denied(format!(
+                "message source {source:?} is not granted to this plugin"
+            ))));
+        }
+        let Some(target) = self.sources.sources.get(&source).cloned() else {
+            return Ok(Err(MessagesError::Denied(format!(
+                "message source {source:?} is not a message source configured on this host"
+            ))));
+        };
+        if let Err(error) = nats::check_pattern(&subject) {
+            return Ok(Err(MessagesError::QueryFailed(error)));
+        }
+        if !self
+            .subjects
+            .iter()
+            .any(|granted| nats::covers(granted, &subject))
+        {
+            return Ok(Err(MessagesError::Denied(format!(
+                "subject {subject:?} is not within the grant's subjects {:?}",
+                self.subjects
+            ))));
+        }
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Ok(Err(MessagesError::QueryFailed(format!(
+                "limit must be between 1 and {MAX_LIMIT}, not {limit}"
+            ))));
+        }
+        let mut selection = Selection {
+            filter: &filter,
+            limit: limit as usize,
+            max_bytes: self.max_result_bytes,
+            bytes: 0,
+            scanned: 0,
+            scanned_bytes: 0,
+            found: Vec::new(),
+            exceeded: None,
+        };
+        let found = tokio::time::timeout(
+            self.timeout,
+            self.find_on(&target, &subject, &mut selection),
+        )
+        .await;
+        self.read_bytes += selection.scanned_bytes;
+        match found {
+            Err(_elapsed) => Ok(Err(self.limit(format!(
+                "messages time limit of {} ms exceeded",
+                self.timeout.as_millis()
+            )))),
+            Ok(Err(fault)) => Err(fault),
+            Ok(Ok(Err(error))) => Ok(Err(error)),
+            Ok(Ok(Ok(()))) => match selection.exceeded {
+                Some(limit) => Ok(Err(self.limit(limit))),
+                None => Ok(Ok(selection.found)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bindings::messages::FieldEquals;
+
+    #[test]
+    fn filters_read_json_fields_and_headers() {
+        let headers = [("Trace-Id".to_owned(), "t-1".to_owned())];
+        let view = MessageView {
+            subject: "events.a",
+            headers: &headers,
+            payload: br#"{"event_id":"evt-1","n":3,"user":{"id":7},"items":[{"sku":"a"}]}"#,
+            published_at_ms: 0,
+            position: 1,
+        };
+        let field = |name: &str, equals: &str| {
+            Condition::JsonField(FieldEquals {
+                name: name.into(),
+                equals: equals.into(),
+            })
+        };
+        assert!(view.meets(&field("event_id", "evt-1")));
+        assert!(!view.meets(&field("event_id", "evt-2")));
+        assert!(view.meets(&field("n", "3")));
+        assert!(view.meets(&field("user.id", "7")));
+        assert!(view.meets(&field("items.0.sku", "a")));
+        assert!(!view.meets(&field("missing", "null")));
+        assert!(view.meets(&Condition::Header(FieldEquals {
+            name: "trace-id".into(),
+            equals: "t-1".into()
+        })));
+    }
+
+    #[test]
+    fn a_selection_stops_at_the_limit_the_bytes_or_the_scan_cap() {
+        let view = || MessageView {
+            subject: "s",
+            headers: &[],
+            payload: b"0123456789",
+            published_at_ms: 0,
+            position: 0,
+        };
+        let mut selection = Selection {
+            filter: &[],
+            limit: 2,
+            max_bytes: 1_000,
+            bytes: 0,
+            scanned: 0,
+            scanned_bytes: 0,
+            found: Vec::new(),
+            exceeded: None,
+        };
+        assert!(selection.offer(view()));
+        assert!(!selection.offer(view()), "the limit reached");
+        assert!(selection.exceeded.is_none());
+        let mut selection = Selection {
+            limit: 100,
+            max_bytes: 20,
+            ..selection
+        };
+        selection.found.clear();
+        selection.bytes = 0;
+        assert!(selection.offer(view()));
+        assert!(!selection.offer(view()));
+        assert!(
+            selection
+                .exceeded
+                .as_deref()
+                .unwrap_or_default()
+                .contains("size")
+        );
+        let never = [Condition::Header(FieldEquals {
+            name: "x".into(),
+            equals: "y".into(),
+        })];
+        let mut selection = Selection {
+            filter: &never,
+            limit: 1,
+            max_bytes: 1_000,
+            bytes: 0,
+            scanned: 0,
+            scanned_bytes: 0,
+            found: Vec::new(),
+            exceeded: None,
+        };
+        let mut offered = 0;
+        while selection.offer(view()) {
+            offered += 1;
+        }
+        assert_eq!(offered + 1, MAX_SCANNED);
+        assert!(
+            selection
+                .exceeded
+                .as_deref()
+                .unwrap_or_default()
+                .contains("scan")
+        );
+    }
+}

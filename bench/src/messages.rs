@@ -111,8 +111,9 @@ async fn publish_to_found(
         .await?;
     anyhow::ensure!(
         run["status"] == "passed",
-        "the reading run ended {}",
-        run["status"]
+        "the reading run ended {}: {}",
+        run["status"],
+        run["steps"][0]["message"]
     );
     let attempts = server.attempts(&id).await?;
     let found = attempts.last().context("no attempt")?;

@@ -228,14 +228,18 @@ def _http_error(code: Any, url: str) -> HttpError:
 
 # --- SQL ----------------------------------------------------------------------------------
 
-class SqlError(Exception):
-    """A query the host or the database refused. `kind` is "denied", "read-only",
-    "limit exceeded" or "query failed"; str(error) starts with it."""
+class _Refused(Exception):
+    """What a source refused: `kind`, then the host's words; str(error) starts with the kind."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+
+class SqlError(_Refused):
+    """A query the host or the database refused. `kind` is "denied", "read-only",
+    "limit exceeded" or "query failed"."""
 
 
 _SQL_ERRORS = {
@@ -282,14 +286,9 @@ def _from_value(value: _sql.Value) -> Any:
 
 # --- Redis --------------------------------------------------------------------------------
 
-class KvError(Exception):
+class KvError(_Refused):
     """A read the host or Redis refused; the same kinds as SqlError ("denied", "read-only",
-    "limit exceeded", "query failed"); str(error) starts with it."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
+    "limit exceeded", "query failed")."""
 
 
 _KV_ERRORS = {
@@ -388,14 +387,9 @@ kv = _Kv()
 
 # --- message buses ------------------------------------------------------------------------
 
-class MessagesError(Exception):
+class MessagesError(_Refused):
     """A read the host or the broker refused: the kinds of SqlError, and "window lost" when the
-    host cannot say what was published since the run started; str(error) starts with it."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
+    host cannot say what was published since the run started."""
 
 
 _MESSAGES_ERRORS = {

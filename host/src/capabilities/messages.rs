@@ -274,7 +274,20 @@ struct Selection<'a> {
     exceeded: Option<String>,
 }
 
-impl Selection<'_> {
+impl<'a> Selection<'a> {
+    fn new(filter: &'a [Condition], limit: usize, max_bytes: usize) -> Selection<'a> {
+        Selection {
+            filter,
+            limit,
+            max_bytes,
+            bytes: 0,
+            scanned: 0,
+            scanned_bytes: 0,
+            found: Vec::new(),
+            exceeded: None,
+        }
+    }
+
     /// Looks at one message; returns whether to go on.
     fn offer(&mut self, message: MessageView<'_>) -> bool {
         self.scanned += 1;
@@ -315,13 +328,7 @@ struct MessageView<'a> {
 
 impl MessageView<'_> {
     fn bytes(&self) -> usize {
-        self.subject.len()
-            + self.payload.len()
-            + self
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len())
-                .sum::<usize>()
+        message_bytes(self.subject, self.headers, self.payload)
     }
 
     fn meets(&self, condition: &Condition) -> bool {
@@ -354,6 +361,16 @@ impl MessageView<'_> {
             position: self.position,
         }
     }
+}
+
+/// What a message counts against a byte budget: its subject, headers and payload.
+fn message_bytes(subject: &str, headers: &[(String, String)], payload: &[u8]) -> usize {
+    subject.len()
+        + payload.len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>()
 }
 
 /// The value at a dotted path (`user.id`, `items.0.sku`).
@@ -496,16 +513,7 @@ impl Host for MessagesState {
                 "limit must be between 1 and {MAX_LIMIT}, not {limit}"
             ))));
         }
-        let mut selection = Selection {
-            filter: &filter,
-            limit: limit as usize,
-            max_bytes: self.max_result_bytes,
-            bytes: 0,
-            scanned: 0,
-            scanned_bytes: 0,
-            found: Vec::new(),
-            exceeded: None,
-        };
+        let mut selection = Selection::new(&filter, limit as usize, self.max_result_bytes);
         let found = tokio::time::timeout(
             self.timeout,
             self.find_on(&target, &subject, &mut selection),
@@ -569,26 +577,11 @@ mod tests {
             published_at_ms: 0,
             position: 0,
         };
-        let mut selection = Selection {
-            filter: &[],
-            limit: 2,
-            max_bytes: 1_000,
-            bytes: 0,
-            scanned: 0,
-            scanned_bytes: 0,
-            found: Vec::new(),
-            exceeded: None,
-        };
+        let mut selection = Selection::new(&[], 2, 1_000);
         assert!(selection.offer(view()));
         assert!(!selection.offer(view()), "the limit reached");
         assert!(selection.exceeded.is_none());
-        let mut selection = Selection {
-            limit: 100,
-            max_bytes: 20,
-            ..selection
-        };
-        selection.found.clear();
-        selection.bytes = 0;
+        let mut selection = Selection::new(&[], 100, 20);
         assert!(selection.offer(view()));
         assert!(!selection.offer(view()));
         assert!(
@@ -602,16 +595,7 @@ mod tests {
             name: "x".into(),
             equals: "y".into(),
         })];
-        let mut selection = Selection {
-            filter: &never,
-            limit: 1,
-            max_bytes: 1_000,
-            bytes: 0,
-            scanned: 0,
-            scanned_bytes: 0,
-            found: Vec::new(),
-            exceeded: None,
-        };
+        let mut selection = Selection::new(&never, 1, 1_000);
         let mut offered = 0;
         while selection.offer(view()) {
             offered += 1;

@@ -1,11 +1,64 @@
 //! What the host's own clients of text-framed protocols share (Redis in `kv/resp.rs`, NATS in
-//! `messages/nats.rs`): a connection that is plain TCP or TLS behind one type, and a line read
-//! that never holds more than the caller allows.
+//! `messages/nats.rs`): their URLs' authority, a connection that is plain TCP or TLS behind one
+//! type, and a line read that never holds more than the caller allows.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// A URL's authority, `[user[:password]@]host[:port]`, its user info percent-decoded.
+#[derive(Debug, PartialEq)]
+pub(super) struct Authority {
+    /// The user, and the password when a `:` follows it.
+    pub userinfo: Option<(String, Option<String>)>,
+    /// Without the brackets of an IPv6 literal.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl Authority {
+    /// Reads `text`; the error says what is wrong with it.
+    pub(super) fn parse(text: &str) -> Result<Authority, &'static str> {
+        let (userinfo, address) = match text.rsplit_once('@') {
+            Some((userinfo, address)) => (Some(userinfo), address),
+            None => (None, text),
+        };
+        let decode = |text: &str| {
+            percent_encoding::percent_decode_str(text)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|_| "user and password must be UTF-8 once decoded")
+        };
+        let userinfo = match userinfo {
+            None => None,
+            Some(userinfo) => Some(match userinfo.split_once(':') {
+                Some((user, password)) => (decode(user)?, Some(decode(password)?)),
+                None => (decode(userinfo)?, None),
+            }),
+        };
+        let (host, port) = if let Some(bracketed) = address.strip_prefix('[') {
+            let (host, after) = bracketed.split_once(']').ok_or("unclosed [")?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match address.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (address, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("no host");
+        }
+        let port = port
+            .map(|port| port.parse().map_err(|_| "invalid port"))
+            .transpose()?;
+        Ok(Authority {
+            userinfo,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
 
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}

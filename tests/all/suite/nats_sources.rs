@@ -78,6 +78,25 @@ fn find(subject: &str, conditions: Value, expect: u64) -> Value {
     json!({"action": "messages", "source": "bus", "subject": subject, "where": conditions, "expect": expect})
 }
 
+/// `GET /metrics`'s figure `name` for the `bus` source.
+async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let figure = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}{{source=\"bus\"}} ")))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_default();
+    (figure, text)
+}
+
 fn found(run: &Value) -> Vec<Value> {
     run["steps"][2]["output"]["messages"]
         .as_array()
@@ -232,20 +251,7 @@ async fn a_core_subject_is_answered_from_the_tap_from_the_run_start() {
         "nothing since this run: {run:#}"
     );
 
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let held = text
-        .lines()
-        .find_map(|line| line.strip_prefix("stepwise_tap_messages{source=\"bus\"} "))
-        .and_then(|count| count.parse::<u64>().ok())
-        .unwrap_or_default();
+    let (held, text) = tap_figure(&server, "stepwise_tap_messages").await;
     assert!(held >= 3, "the tap's messages in /metrics: {text}");
 }
 
@@ -340,23 +346,10 @@ async fn the_tap_window_drops_old_messages_counts_them_and_says_so() {
         "{}",
         message(&run)
     );
-    let text = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let figure = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}{{source=\"bus\"}} ")))
-            .and_then(|value| value.parse::<u64>().ok())
-            .unwrap_or_default()
-    };
-    assert!(figure("stepwise_tap_dropped_total") >= 20, "{text}");
-    assert!(figure("stepwise_tap_bytes") <= 1 << 20, "{text}");
+    let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
+    assert!(dropped >= 20, "{text}");
+    let (bytes, text) = tap_figure(&server, "stepwise_tap_bytes").await;
+    assert!(bytes <= 1 << 20, "{text}");
 }
 
 #[tokio::test]

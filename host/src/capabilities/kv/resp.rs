@@ -43,44 +43,12 @@ impl Target {
             return Err(invalid("no query or fragment is read"));
         }
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, address) = match authority.rsplit_once('@') {
-            Some((userinfo, address)) => (Some(userinfo), address),
-            None => (None, authority),
-        };
-        let decode = |text: &str| {
-            percent_encoding::percent_decode_str(text)
-                .decode_utf8()
-                .map(|text| text.into_owned())
-                .map_err(|_| invalid("user and password must be UTF-8 once decoded"))
-        };
-        let (username, password) = match userinfo {
+        let authority = wire::Authority::parse(authority).map_err(invalid)?;
+        let (username, password) = match authority.userinfo {
             None => (None, None),
-            Some(userinfo) => match userinfo.split_once(':') {
-                Some((user, password)) => (
-                    Some(decode(user)?).filter(|user| !user.is_empty()),
-                    Some(decode(password)?),
-                ),
-                None => (Some(decode(userinfo)?), None),
-            },
+            Some((user, password)) => (Some(user).filter(|user| !user.is_empty()), password),
         };
-        let (host, port) = if let Some(bracketed) = address.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| invalid("unclosed ["))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match address.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (address, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("no host"));
-        }
-        let port = match port {
-            Some(port) => port.parse().map_err(|_| invalid("invalid port"))?,
-            None => 6379,
-        };
+        let (host, port) = (authority.host, authority.port.unwrap_or(6379));
         let database = match path {
             "" => 0,
             path => path
@@ -88,7 +56,7 @@ impl Target {
                 .map_err(|_| invalid("the path is a database number"))?,
         };
         Ok(Target {
-            host: host.to_owned(),
+            host,
             port,
             tls,
             username,

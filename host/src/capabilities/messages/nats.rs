@@ -43,43 +43,15 @@ impl Target {
         if rest.contains(['?', '#', '/', ',']) {
             return Err(invalid("one server, no path, query or fragment"));
         }
-        let (userinfo, address) = match rest.rsplit_once('@') {
-            Some((userinfo, address)) => (Some(userinfo), address),
-            None => (None, rest),
-        };
-        let decode = |text: &str| {
-            percent_encoding::percent_decode_str(text)
-                .decode_utf8()
-                .map(|text| text.into_owned())
-                .map_err(|_| invalid("user, password and token must be UTF-8 once decoded"))
-        };
-        let (user, password, token) = match userinfo {
+        let authority = wire::Authority::parse(rest).map_err(invalid)?;
+        let (user, password, token) = match authority.userinfo {
             None => (None, None, None),
-            Some(userinfo) => match userinfo.split_once(':') {
-                Some((user, password)) => (Some(decode(user)?), Some(decode(password)?), None),
-                None => (None, None, Some(decode(userinfo)?)),
-            },
+            Some((user, Some(password))) => (Some(user), Some(password), None),
+            Some((token, None)) => (None, None, Some(token)),
         };
-        let (host, port) = if let Some(bracketed) = address.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| invalid("unclosed ["))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match address.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (address, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("no host"));
-        }
-        let port = match port {
-            Some(port) => port.parse().map_err(|_| invalid("invalid port"))?,
-            None => 4222,
-        };
+        let (host, port) = (authority.host, authority.port.unwrap_or(4222));
         Ok(Target {
-            host: host.to_owned(),
+            host,
             port,
             tls,
             user,
@@ -840,31 +812,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_past_the_budget_is_refused_before_it_is_read() {
-        let (client, mut server) = tokio::io::duplex(1 << 16);
-        let mut connection = Connection {
-            stream: BufStream::new(Box::new(client)),
-            max_payload: 1 << 20,
-            next_sid: 0,
+        let frame = |wire: &'static [u8], budget| async move {
+            read_frame(&mut tokio::io::BufReader::new(wire), budget).await
         };
-        server
-            .write_all(b"MSG events.a 1 1000000000\r\n")
-            .await
-            .expect("write");
+        // Announced, not sent: refused at its header line.
         assert!(matches!(
-            connection.read(1 << 20).await,
+            frame(b"MSG events.a 1 1000000000\r\n", 1 << 20).await,
             Err(ReadError::TooBig)
         ));
-        let (client, mut server) = tokio::io::duplex(1 << 16);
-        let mut connection = Connection {
-            stream: BufStream::new(Box::new(client)),
-            max_payload: 1 << 20,
-            next_sid: 0,
-        };
-        server
-            .write_all(b"HMSG events.a 7 reply.x 18 23\r\nNATS/1.0\r\nK: v\r\n\r\nhello\r\n")
-            .await
-            .expect("write");
-        let Frame::Message(delivery) = connection.read(100).await.expect("a message") else {
+        let wire = b"HMSG events.a 7 reply.x 18 23\r\nNATS/1.0\r\nK: v\r\n\r\nhello\r\n";
+        assert!(matches!(frame(wire, 22).await, Err(ReadError::TooBig)));
+        let Frame::Message(delivery) = frame(wire, 23).await.expect("a message") else {
             panic!("not a message");
         };
         assert_eq!(

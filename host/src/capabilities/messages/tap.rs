@@ -17,17 +17,13 @@ pub(super) struct Kept {
     pub position: u64,
 }
 
+/// What keeping a message costs beyond its bytes (its place in the window, its strings).
+const KEPT_OVERHEAD: usize = 64;
+
 impl Kept {
     /// What it takes of the window's bytes.
     fn bytes(&self) -> usize {
-        self.subject.len()
-            + self.payload.len()
-            + self
-                .headers
-                .iter()
-                .map(|(name, value)| name.len() + value.len())
-                .sum::<usize>()
-            + 64
+        super::message_bytes(&self.subject, &self.headers, &self.payload) + KEPT_OVERHEAD
     }
 }
 

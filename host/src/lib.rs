@@ -224,9 +224,6 @@ pub fn load_secrets(settings: &Settings) -> anyhow::Result<Vec<Secret>> {
         .collect()
 }
 
-/// On SIGHUP, reads every secret's value again (a rotated file, say); if one cannot be read,
-/// the values in force stay. Which secrets exist and their hosts are fixed at start.
-#[cfg(unix)]
 /// Subscribes the message sources' taps to the subjects of every stored grant, before the
 /// host takes runs: a run triggered after the start then finds what is published from its
 /// creation.
@@ -260,6 +257,9 @@ async fn tap_every_grant(
     Ok(())
 }
 
+/// On SIGHUP, reads every secret's value again (a rotated file, say); if one cannot be read,
+/// the values in force stay. Which secrets exist and their hosts are fixed at start.
+#[cfg(unix)]
 async fn reload_secrets_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     secrets: Secrets,

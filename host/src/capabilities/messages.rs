@@ -29,7 +29,7 @@ use super::{HostFault, Violation};
 use crate::bindings::messages::{Condition, Host, Message, MessagesError};
 use crate::config::SourceConfig;
 pub use tap::TapStats;
-use tap::{Coverage, Kept, Window};
+use tap::Window;
 
 /// The most messages one `find` may return.
 pub const MAX_LIMIT: u32 = 1_000;
@@ -38,6 +38,8 @@ pub const MAX_LIMIT: u32 = 1_000;
 pub const MAX_SCANNED: u64 = 10_000;
 /// Connections to one source at once for replays.
 const CONNECTIONS: usize = 4;
+/// How long a connection may stay idle before it is closed rather than used again.
+const IDLE_FOR: Duration = Duration::from_secs(60);
 /// How long a call waits for a connection; the host's time, not the plugin's.
 const POOL_WAIT: Duration = Duration::from_secs(2);
 /// The window a tap keeps per source unless its config says (`window_minutes`, `window_mib`).
@@ -59,7 +61,7 @@ pub struct MessageSources {
 struct NatsSource {
     name: String,
     target: nats::Target,
-    idle: Mutex<Vec<nats::Connection>>,
+    idle: Mutex<Vec<(std::time::Instant, nats::Connection)>>,
     slots: Arc<tokio::sync::Semaphore>,
     window: Arc<Window>,
     /// Patterns a grant named, looked at once each: tapped, or kept by a stream.
@@ -117,14 +119,17 @@ impl MessageSources {
     /// subscription, or after `within`: a host that starts taps them before it takes runs,
     /// and `stepwise dev` before its run starts.
     pub async fn tap_now(&self, sources: &[String], subjects: &[String], within: Duration) {
-        let taps =
-            self.new_patterns(sources, subjects)
-                .into_iter()
-                .map(|(source, pattern)| async move {
+        // Spawned: a subscription whose wait times out here still goes on.
+        let taps = self
+            .new_patterns(sources, subjects)
+            .into_iter()
+            .map(|(source, pattern)| {
+                tokio::spawn(async move {
                     if source.tap_pattern(&pattern).await {
                         source.window.until_confirmed(&pattern).await;
                     }
-                });
+                })
+            });
         if tokio::time::timeout(within, futures::future::join_all(taps))
             .await
             .is_err()
@@ -189,10 +194,13 @@ impl NatsSource {
     async fn tap_pattern(self: &Arc<Self>, pattern: &str) -> bool {
         // A pattern a stream keeps whole is replayed from the stream; tapping it too would
         // only fill the window.
-        match self.stream_keeping(pattern).await {
-            Ok(Some(_)) => return false,
-            Ok(None) => {}
-            Err(error) => {
+        match tokio::time::timeout(POOL_WAIT, self.stream_keeping(pattern)).await {
+            Ok(Ok(Some(_))) => return false,
+            Ok(Ok(None)) => {}
+            Err(_) => {
+                tracing::warn!(source = %self.name, %pattern, "JetStream did not say within 2 s whether a stream keeps the subject; tapping it")
+            }
+            Ok(Err(error)) => {
                 tracing::warn!(source = %self.name, %pattern, %error, "could not ask JetStream whether a stream keeps the subject; tapping it")
             }
         }
@@ -205,36 +213,49 @@ impl NatsSource {
                 nats::Tap::start(self.name.clone(), self.target.clone(), self.window.clone())
             })
             .await;
-        tap.subscribe(pattern).await;
+        tap.subscribe(pattern, &self.window).await;
         true
     }
 
     /// The stream that keeps every subject `pattern` matches, if one does.
-    async fn stream_keeping(&self, pattern: &str) -> Result<Option<String>, String> {
+    async fn stream_keeping(&self, pattern: &str) -> Result<Option<nats::Stream>, String> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|error| error.to_string())?;
         let mut connection = self.connection().await?;
         let stream = nats::stream_keeping(&mut connection, pattern).await?;
         self.give_back(connection);
         Ok(stream)
     }
 
+    /// An idle connection that the server has surely not closed yet (it pings a client every
+    /// two minutes, and an idle connection answers none), or a new one.
     async fn connection(&self) -> Result<nats::Connection, String> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .pop();
+        let idle = {
+            let mut idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            idle.retain(|(since, _)| since.elapsed() < IDLE_FOR);
+            idle.pop()
+        };
         match idle {
-            Some(connection) => Ok(connection),
+            Some((_, connection)) => Ok(connection),
             None => nats::Connection::open(&self.target, POOL_WAIT).await,
         }
     }
 
     /// Only a connection whose last exchange ended cleanly takes the next one.
     fn give_back(&self, connection: nats::Connection) {
-        self.idle
+        let mut idle = self
+            .idle
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .push(connection);
+            .unwrap_or_else(|poison| poison.into_inner());
+        if idle.len() < CONNECTIONS {
+            idle.push((std::time::Instant::now(), connection));
+        }
     }
 }
 
@@ -417,13 +438,29 @@ impl MessagesState {
         let Some(stream) = stream else {
             source.give_back(connection);
             drop(slot);
-            return Ok(self.find_in_window(&source.window, subject, selection));
+            return Ok(self
+                .find_in_window(&source.window, subject, selection)
+                .await);
         };
+        // Limits of the stream's own (age, size, count) removed messages, and the oldest it
+        // keeps is younger than the run: what came between is not known.
+        if stream.first_sequence > 1
+            && let Some(first_ms) = stream.first_ms
+            && first_ms > self.since_ms
+        {
+            source.give_back(connection);
+            return Ok(Err(MessagesError::WindowLost(format!(
+                "stream {} keeps messages only since {} (its limits removed older ones), after this run started at {}",
+                stream.name,
+                tap::rfc3339(first_ms),
+                tap::rfc3339(self.since_ms)
+            ))));
+        }
         // Any message the server accepts is read (and let go unless the filter keeps it).
         let max_message = connection.max_payload + 4096;
         let replayed = nats::replay(
             &mut connection,
-            &stream,
+            &stream.name,
             subject,
             self.since_ms,
             max_message,
@@ -451,28 +488,31 @@ impl MessagesState {
         }
     }
 
-    fn find_in_window(
+    async fn find_in_window(
         &self,
         window: &Window,
         subject: &str,
         selection: &mut Selection<'_>,
     ) -> Result<(), MessagesError> {
+        // The filter may read the whole window: not on the host's own workers, where a
+        // call's first poll runs, but on the call's thread, which this wait moves it to.
+        tokio::task::yield_now().await;
         let now = chrono::Utc::now().timestamp_millis();
-        if let Coverage::Lost(why) = window.coverage(subject, self.since_ms, now, nats::covers) {
-            return Err(MessagesError::WindowLost(why));
-        }
-        window.scan(self.since_ms, |kept: &Kept| {
-            if !nats::covers(subject, &kept.subject) {
-                return true;
+        let kept = window
+            .since(subject, self.since_ms, now, nats::covers)
+            .map_err(MessagesError::WindowLost)?;
+        for message in kept {
+            let view = MessageView {
+                subject: &message.subject,
+                headers: &message.headers,
+                payload: &message.payload,
+                published_at_ms: message.received_at_ms as u64,
+                position: message.position,
+            };
+            if !selection.offer(view) {
+                break;
             }
-            selection.offer(MessageView {
-                subject: &kept.subject,
-                headers: &kept.headers,
-                payload: &kept.payload,
-                published_at_ms: kept.received_at_ms as u64,
-                position: kept.position,
-            })
-        });
+        }
         Ok(())
     }
 }
@@ -501,7 +541,7 @@ impl Host for MessagesState {
         if !self
             .subjects
             .iter()
-            .any(|granted| nats::covers(granted, &subject))
+            .any(|granted| nats::check_pattern(granted).is_ok() && nats::covers(granted, &subject))
         {
             return Ok(Err(MessagesError::Denied(format!(
                 "subject {subject:?} is not within the grant's subjects {:?}",

@@ -391,3 +391,38 @@ async fn after_a_restart_a_replay_still_finds_and_the_tap_says_its_window_is_los
     );
     delete_stream(&mut nats, &stream).await;
 }
+
+#[tokio::test]
+async fn a_stream_whose_limits_removed_messages_since_the_run_says_so() {
+    let Some(url) = nats_url() else {
+        return;
+    };
+    let (prefix, stream) = names("limits");
+    let subject = format!("{prefix}.kept.collected");
+    let mut nats = publisher(&url).await;
+    let created = nats
+        .request(
+            &format!("$JS.API.STREAM.CREATE.{stream}"),
+            &json!({"name": stream, "subjects": [format!("{prefix}.kept.>")], "storage": "memory", "max_msgs": 2}),
+        )
+        .await
+        .expect("creating a stream");
+    assert!(created.get("error").is_none(), "{created}");
+    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
+    let id = trigger_find(&server, find(&subject, json!([["json", "n", "-1"]]), 1)).await;
+    for n in 0..5 {
+        nats.publish(&subject, &[], format!("{{\"n\":{n}}}").as_bytes())
+            .await
+            .expect("publishing");
+    }
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        message(&run).starts_with(&format!(
+            "window lost: stream {stream} keeps messages only since"
+        )),
+        "{}",
+        message(&run)
+    );
+    delete_stream(&mut nats, &stream).await;
+}

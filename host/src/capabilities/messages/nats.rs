@@ -206,12 +206,17 @@ impl Connection {
         self.publish_request(subject, &inbox, body.to_string().as_bytes())
             .await?;
         loop {
-            let Frame::Message(delivery) = self
-                .read(MAX_API_ANSWER)
+            // Messages of an earlier pull may still arrive, up to the largest the server sends.
+            let budget = MAX_API_ANSWER.max(self.max_payload + 4096);
+            let delivery = match self
+                .read(budget)
                 .await
                 .map_err(|error| ReplayError::Connection(error.to_string()))?
-            else {
-                continue;
+            {
+                Frame::Message(delivery) => delivery,
+                // A permission the user lacks, say: no answer is coming.
+                Frame::Error(error) => return Err(ReplayError::Refused(error)),
+                _ => continue,
             };
             if delivery.sid != sid {
                 continue;
@@ -292,10 +297,14 @@ async fn read_frame<R: AsyncBufRead + Unpin>(
             bytes.truncate(total);
             let payload = bytes.split_off(header_bytes);
             let (status, headers) = parse_headers(&bytes)?;
+            let reply = (arguments.len() == 3 + numbers).then(|| arguments[2].to_owned());
+            // A status comes from the server, never with a reply subject: a stored message
+            // whose headers start like one is a message.
+            let status = status.filter(|_| reply.is_none());
             Ok(Frame::Message(Delivery {
                 subject: arguments[0].to_owned(),
                 sid: number(arguments[1])? as u64,
-                reply: (arguments.len() == 3 + numbers).then(|| arguments[2].to_owned()),
+                reply,
                 status,
                 headers,
                 payload,
@@ -442,12 +451,19 @@ pub(super) fn position(reply: &str) -> Option<Position> {
     })
 }
 
+/// A stream that keeps a subject: its name, and its oldest message still kept.
+pub(super) struct Stream {
+    pub name: String,
+    pub first_sequence: u64,
+    pub first_ms: Option<i64>,
+}
+
 /// The JetStream stream that keeps every subject `pattern` matches, if one does. A server
 /// without JetStream keeps none.
 pub(super) async fn stream_keeping(
     connection: &mut Connection,
     pattern: &str,
-) -> Result<Option<String>, String> {
+) -> Result<Option<Stream>, String> {
     let names = match connection
         .api("$JS.API.STREAM.NAMES", &json!({ "subject": pattern }))
         .await
@@ -469,7 +485,15 @@ pub(super) async fn stream_keeping(
             .filter_map(Value::as_str)
             .any(|subjects| covers(subjects, pattern));
         if keeps {
-            return Ok(Some(name.to_owned()));
+            let state = &info["state"];
+            return Ok(Some(Stream {
+                name: name.to_owned(),
+                first_sequence: state["first_seq"].as_u64().unwrap_or(0),
+                first_ms: state["first_ts"]
+                    .as_str()
+                    .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok())
+                    .map(|time| time.timestamp_millis()),
+            }));
         }
     }
     Ok(None)
@@ -558,20 +582,27 @@ async fn pull(
             )
             .await?;
         let mut delivered = 0;
-        let ended = loop {
-            let frame = connection
+        loop {
+            let delivery = match connection
                 .read(max_message)
                 .await
-                .map_err(|error| ReplayError::Connection(error.to_string()))?;
-            let Frame::Message(delivery) = frame else {
-                continue;
+                .map_err(|error| ReplayError::Connection(error.to_string()))?
+            {
+                Frame::Message(delivery) => delivery,
+                Frame::Error(error) => return Err(ReplayError::Refused(error)),
+                _ => continue,
             };
             if delivery.sid != sid {
                 continue;
             }
-            if delivery.status.is_some() {
+            if let Some(status) = delivery.status {
                 // No message left now (404), the pull expired (408) or was cut short (409).
-                break true;
+                if delivered == 0 && pending > 0 {
+                    return Err(ReplayError::Refused(format!(
+                        "JetStream ended the read with status {status} while {pending} messages were left"
+                    )));
+                }
+                break;
             }
             let Some(position) = delivery.reply.as_deref().and_then(position) else {
                 return Err(ReplayError::Connection(
@@ -586,11 +617,8 @@ async fn pull(
             }
             // A batch served in full ends without a status.
             if pending == 0 || delivered == batch {
-                break false;
+                break;
             }
-        };
-        if ended && pending > 0 && delivered == 0 {
-            break;
         }
     }
     Ok(connection.unsubscribe(sid).await?)
@@ -624,6 +652,7 @@ impl Tap {
                         tracing::warn!(%source, %error, "message tap disconnected; reconnecting");
                     }
                     *task_writer.lock().await = None;
+                    window.disconnected();
                     tokio::time::sleep(RECONNECT).await;
                 }
             };
@@ -641,9 +670,13 @@ impl Tap {
 
     /// Subscribes the live connection to `pattern` (the window has it already, so a
     /// connection made later subscribes to it too).
-    pub(super) async fn subscribe(&self, pattern: &str) {
+    pub(super) async fn subscribe(&self, pattern: &str, window: &Window) {
         if let Some(writer) = self.writer.lock().await.as_mut() {
             let sid = self.sids.fetch_add(1, Ordering::Relaxed) + 1;
+            // Under the writer's lock: the window counts the `PING`s in the order written.
+            if !window.subscribe_live(pattern, sid) {
+                return;
+            }
             let command = format!("SUB {pattern} {sid}\r\nPING\r\n");
             if writer.write_all(command.as_bytes()).await.is_ok() {
                 let _ = writer.flush().await;
@@ -659,14 +692,7 @@ async fn tap_once(
     writer: &TapWriter,
     sids: &AtomicU64,
 ) -> Result<(), String> {
-    let connection = match Connection::open(target, Duration::from_secs(10)).await {
-        Ok(connection) => connection,
-        Err(error) => {
-            window.set_down(true);
-            return Err(error);
-        }
-    };
-    window.set_down(false);
+    let connection = Connection::open(target, Duration::from_secs(10)).await?;
     let budget = connection.max_payload + 4096;
     let (reader, write_half) = tokio::io::split(connection.stream.into_inner());
     let mut reader = BufReader::new(reader);
@@ -674,8 +700,7 @@ async fn tap_once(
         let mut writer = writer.lock().await;
         let write_half = writer.insert(write_half);
         let mut commands = String::new();
-        for pattern in window.resubscribe() {
-            let sid = sids.fetch_add(1, Ordering::Relaxed) + 1;
+        for (pattern, sid) in window.resubscribe(|| sids.fetch_add(1, Ordering::Relaxed) + 1) {
             commands.push_str(&format!("SUB {pattern} {sid}\r\n"));
         }
         commands.push_str("PING\r\n");
@@ -703,16 +728,33 @@ async fn tap_once(
                 }
             }
             // Every `SUB` is followed by a `PING`: its `PONG` says the server has it.
-            Frame::Pong => window.confirmed(chrono::Utc::now().timestamp_millis()),
-            Frame::Message(delivery) => window.keep(Kept {
-                subject: delivery.subject,
-                headers: delivery.headers,
-                payload: delivery.payload,
-                received_at_ms: chrono::Utc::now().timestamp_millis(),
-                position: 0,
-            }),
+            Frame::Pong => window.pong(chrono::Utc::now().timestamp_millis()),
+            // A JetStream delivery to some consumer's inbox (a wide pattern matches inboxes
+            // too) is not a publication.
+            Frame::Message(delivery)
+                if delivery
+                    .reply
+                    .as_deref()
+                    .is_some_and(|reply| reply.starts_with("$JS.ACK.")) => {}
+            Frame::Message(delivery) => window.keep(
+                Kept {
+                    subject: delivery.subject,
+                    headers: delivery.headers,
+                    payload: delivery.payload,
+                    received_at_ms: chrono::Utc::now().timestamp_millis(),
+                    position: 0,
+                },
+                delivery.sid,
+                covers,
+            ),
             Frame::Error(error) => {
-                tracing::warn!(%error, "message tap: the server refused a subscription")
+                tracing::warn!(%error, "message tap: the server refused a subscription");
+                if let Some(pattern) = error
+                    .split_once("Permissions Violation for Subscription to ")
+                    .map(|(_, rest)| rest.trim_matches(|c| c == '"' || c == '\''))
+                {
+                    window.refused(pattern);
+                }
             }
             Frame::Other => {}
         }

@@ -5,7 +5,7 @@
 //! the subject is newer) or before a message the window dropped gets `window-lost`.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One message as the tap keeps it.
@@ -27,10 +27,14 @@ impl Kept {
     }
 }
 
-/// A subject pattern the tap subscribes to, and since when the server confirmed it (`None`
-/// until then).
+/// A subject pattern the tap subscribes to, on the connection it has now.
 struct Subscription {
     pattern: String,
+    /// Its subscription id on the live connection; `None` until its `SUB` is written.
+    sid: Option<u64>,
+    /// The `PING` after its `SUB`, whose `PONG` says the server has it.
+    confirmed_by_ping: u64,
+    /// Since when the server has had it; `None` until then, and again after a disconnect.
     since_ms: Option<i64>,
 }
 
@@ -38,20 +42,26 @@ pub(super) struct Window {
     inner: Mutex<Inner>,
     max_bytes: usize,
     max_age: Duration,
-    /// Told when the server confirms subscriptions.
+    /// Told when the server confirms subscriptions, or the tap cannot connect.
     confirmations: tokio::sync::Notify,
 }
 
 struct Inner {
-    messages: VecDeque<Kept>,
+    messages: VecDeque<Arc<Kept>>,
     bytes: usize,
     next_position: u64,
+    /// The latest arrival time kept: times never go back in the window, whatever the clock
+    /// does, so that it stays sorted.
+    latest_ms: i64,
     subscriptions: Vec<Subscription>,
+    /// `PING`s written on the live connection, and `PONG`s read: the server answers in order.
+    pings: u64,
+    pongs: u64,
     /// The newest time of a message the window dropped: a run that started at or before it
     /// may have missed that message.
     dropped_until_ms: Option<i64>,
     dropped: u64,
-    /// The tap's last connection attempt failed: no confirmation is coming soon.
+    /// The tap is not connected: no confirmation is coming soon.
     down: bool,
 }
 
@@ -63,12 +73,6 @@ pub struct TapStats {
     pub dropped: u64,
 }
 
-/// Whether the window can answer for `since_ms`.
-pub(super) enum Coverage {
-    Complete,
-    Lost(String),
-}
-
 impl Window {
     pub(super) fn new(max_bytes: usize, max_age: Duration) -> Window {
         Window {
@@ -76,7 +80,10 @@ impl Window {
                 messages: VecDeque::new(),
                 bytes: 0,
                 next_position: 1,
+                latest_ms: i64::MIN,
                 subscriptions: Vec::new(),
+                pings: 0,
+                pongs: 0,
                 dropped_until_ms: None,
                 dropped: 0,
                 down: false,
@@ -106,44 +113,97 @@ impl Window {
         }
         inner.subscriptions.push(Subscription {
             pattern: pattern.to_owned(),
+            sid: None,
+            confirmed_by_ping: 0,
             since_ms: None,
         });
         true
     }
 
-    /// Every pattern, for a new connection to subscribe to; each counts from its
-    /// confirmation again.
-    pub(super) fn resubscribe(&self) -> Vec<String> {
+    /// For a new connection: every pattern with its new subscription id (from `sid`), all
+    /// confirmed by the one `PING` the caller writes after their `SUB`s.
+    pub(super) fn resubscribe(&self, mut sid: impl FnMut() -> u64) -> Vec<(String, u64)> {
         let mut inner = self.lock();
+        inner.pings = 1;
+        inner.pongs = 0;
+        inner.down = false;
         inner
             .subscriptions
             .iter_mut()
             .map(|subscription| {
+                let id = sid();
+                subscription.sid = Some(id);
+                subscription.confirmed_by_ping = 1;
                 subscription.since_ms = None;
-                subscription.pattern.clone()
+                (subscription.pattern.clone(), id)
             })
             .collect()
     }
 
-    /// The server confirmed every subscription asked for until now: they count from `now_ms`.
-    pub(super) fn confirmed(&self, now_ms: i64) {
-        for subscription in &mut self.lock().subscriptions {
-            subscription.since_ms.get_or_insert(now_ms);
+    /// On the live connection, `pattern` gets subscription id `sid` unless its `SUB` was
+    /// written already; returns whether the caller must write its `SUB` and a `PING`.
+    pub(super) fn subscribe_live(&self, pattern: &str, sid: u64) -> bool {
+        let mut inner = self.lock();
+        let ping = inner.pings + 1;
+        let Some(subscription) = inner
+            .subscriptions
+            .iter_mut()
+            .find(|subscription| subscription.pattern == pattern && subscription.sid.is_none())
+        else {
+            return false;
+        };
+        subscription.sid = Some(sid);
+        subscription.confirmed_by_ping = ping;
+        inner.pings = ping;
+        true
+    }
+
+    /// A `PONG`: the subscriptions written before its `PING` count from `now_ms`.
+    pub(super) fn pong(&self, now_ms: i64) {
+        let mut inner = self.lock();
+        inner.pongs += 1;
+        let pongs = inner.pongs;
+        for subscription in &mut inner.subscriptions {
+            if subscription.sid.is_some() && subscription.confirmed_by_ping <= pongs {
+                subscription.since_ms.get_or_insert(now_ms);
+            }
         }
+        drop(inner);
         self.confirmations.notify_waiters();
     }
 
-    /// Returns once the server has confirmed the subscription to `pattern`, or the tap
-    /// could not connect.
+    /// The server refused the subscription to `pattern` (its permissions): it is not tapped.
+    pub(super) fn refused(&self, pattern: &str) {
+        self.lock()
+            .subscriptions
+            .retain(|subscription| subscription.pattern != pattern);
+        self.confirmations.notify_waiters();
+    }
+
+    /// The connection broke, or could not be made: nothing counts as covered until the
+    /// next connection's subscriptions are confirmed.
+    pub(super) fn disconnected(&self) {
+        let mut inner = self.lock();
+        inner.down = true;
+        for subscription in &mut inner.subscriptions {
+            subscription.sid = None;
+            subscription.since_ms = None;
+        }
+        drop(inner);
+        self.confirmations.notify_waiters();
+    }
+
+    /// Returns once the server has confirmed the subscription to `pattern`, or the tap is
+    /// not connected.
     pub(super) async fn until_confirmed(&self, pattern: &str) {
         loop {
             let confirmation = self.confirmations.notified();
             {
                 let inner = self.lock();
-                let confirmed = inner.subscriptions.iter().any(|subscription| {
-                    subscription.pattern == pattern && subscription.since_ms.is_some()
+                let settled = inner.subscriptions.iter().all(|subscription| {
+                    subscription.pattern != pattern || subscription.since_ms.is_some()
                 });
-                if confirmed || inner.down {
+                if settled || inner.down {
                     return;
                 }
             }
@@ -151,21 +211,28 @@ impl Window {
         }
     }
 
-    /// Whether the tap's last connection attempt failed.
-    pub(super) fn set_down(&self, down: bool) {
-        self.lock().down = down;
-        self.confirmations.notify_waiters();
-    }
-
-    /// Keeps a message, dropping the oldest ones past the window's age or bytes.
-    pub(super) fn keep(&self, mut message: Kept) {
+    /// Keeps a message that came with subscription `sid`, dropping the oldest ones past the
+    /// window's age or bytes. A message that a subscription with a lower id also covers came
+    /// twice (a wider pattern was added beside a narrower one): only that one is kept.
+    pub(super) fn keep(&self, mut message: Kept, sid: u64, covers: impl Fn(&str, &str) -> bool) {
         let mut inner = self.lock();
+        let first = inner
+            .subscriptions
+            .iter()
+            .filter(|subscription| covers(&subscription.pattern, &message.subject))
+            .filter_map(|subscription| subscription.sid)
+            .min();
+        if first.is_some_and(|first| first != sid) {
+            return;
+        }
         message.position = inner.next_position;
         inner.next_position += 1;
+        message.received_at_ms = message.received_at_ms.max(inner.latest_ms);
+        inner.latest_ms = message.received_at_ms;
         let bytes = message.bytes();
         let at = message.received_at_ms;
         inner.bytes += bytes;
-        inner.messages.push_back(message);
+        inner.messages.push_back(Arc::new(message));
         self.drop_old(&mut inner, at);
     }
 
@@ -187,15 +254,16 @@ impl Window {
         }
     }
 
-    /// Whether the window holds every message on `subject` since `since_ms`: a subscription
-    /// covering it was confirmed by then, and no message after it was dropped.
-    pub(super) fn coverage(
+    /// The messages on `subject` received at or after `since_ms`, oldest first, if the
+    /// window holds every one of them: a subscription covering the subject was confirmed by
+    /// then and has held since, and no message after it was dropped. `Err` says why not.
+    pub(super) fn since(
         &self,
         subject: &str,
         since_ms: i64,
         now_ms: i64,
         covers: impl Fn(&str, &str) -> bool,
-    ) -> Coverage {
+    ) -> Result<Vec<Arc<Kept>>, String> {
         let mut inner = self.lock();
         self.drop_old(&mut inner, now_ms);
         let subscribed = inner
@@ -205,14 +273,20 @@ impl Window {
             .filter_map(|subscription| subscription.since_ms)
             .min();
         match subscribed {
+            None if inner.down => {
+                return Err(format!(
+                    "the host's tap of this source cannot reach its server; what was published on {subject:?} since this run started at {} is not known",
+                    rfc3339(since_ms)
+                ));
+            }
             None => {
-                return Coverage::Lost(format!(
+                return Err(format!(
                     "the host's tap is not subscribed to {subject:?} yet; the run started before it could see the subject"
                 ));
             }
             Some(since) if since > since_ms => {
-                return Coverage::Lost(format!(
-                    "the host's tap of this source has kept messages on {subject:?} only since {} (the host restarted, or the grant that names the subject is newer), after this run started at {}",
+                return Err(format!(
+                    "the host's tap of this source has kept messages on {subject:?} only since {} (the host restarted or reconnected, or the grant that names the subject is newer), after this run started at {}",
                     rfc3339(since),
                     rfc3339(since_ms)
                 ));
@@ -222,7 +296,7 @@ impl Window {
         if let Some(dropped) = inner.dropped_until_ms
             && dropped >= since_ms
         {
-            return Coverage::Lost(format!(
+            return Err(format!(
                 "the host's tap dropped messages received up to {} to stay within its window ({} MiB, {} minutes), after this run started at {}",
                 rfc3339(dropped),
                 self.max_bytes >> 20,
@@ -230,21 +304,15 @@ impl Window {
                 rfc3339(since_ms)
             ));
         }
-        Coverage::Complete
-    }
-
-    /// Calls `each` with the messages received at or after `since_ms`, oldest first, until it
-    /// returns `false`.
-    pub(super) fn scan(&self, since_ms: i64, mut each: impl FnMut(&Kept) -> bool) {
-        let inner = self.lock();
         let first = inner
             .messages
             .partition_point(|message| message.received_at_ms < since_ms);
-        for message in inner.messages.range(first..) {
-            if !each(message) {
-                break;
-            }
-        }
+        Ok(inner
+            .messages
+            .range(first..)
+            .filter(|message| covers(subject, &message.subject))
+            .cloned()
+            .collect())
     }
 
     pub(super) fn stats(&self) -> TapStats {
@@ -257,7 +325,7 @@ impl Window {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_else(|| ms.to_string())
@@ -281,59 +349,105 @@ mod tests {
         pattern == subject
     }
 
-    #[test]
-    fn the_window_drops_the_oldest_past_its_bytes_and_says_so() {
-        let window = Window::new(1_000, Duration::from_secs(900));
+    /// A window subscribed to `events` on a connection, confirmed at `at`.
+    fn subscribed(max_bytes: usize, max_age: Duration, at: i64) -> Window {
+        let window = Window::new(max_bytes, max_age);
         assert!(window.add_pattern("events", equal));
         assert!(!window.add_pattern("events", equal), "subscribed once");
-        window.confirmed(100);
+        assert_eq!(window.resubscribe(|| 1), [("events".to_owned(), 1)]);
+        window.pong(at);
+        window
+    }
+
+    #[test]
+    fn the_window_drops_the_oldest_past_its_bytes_and_says_so() {
+        let window = subscribed(1_000, Duration::from_secs(900), 100);
         for at in 200..210 {
-            window.keep(kept("events", at, 200));
+            window.keep(kept("events", at, 200), 1, equal);
         }
         let stats = window.stats();
         assert!(stats.bytes <= 1_000, "{stats:?}");
         assert_eq!(stats.messages + stats.dropped as usize, 10);
         assert!(stats.dropped > 0);
         assert!(matches!(
-            window.coverage("events", 150, 210, equal),
-            Coverage::Lost(message) if message.contains("dropped")
+            window.since("events", 150, 210, equal),
+            Err(message) if message.contains("dropped")
         ));
         // A run that started after the last drop is answered in full.
-        assert!(matches!(
-            window.coverage("events", 209, 210, equal),
-            Coverage::Complete
-        ));
-        let mut seen = Vec::new();
-        window.scan(208, |message| {
-            seen.push(message.received_at_ms);
-            true
-        });
-        assert_eq!(seen, [208, 209]);
+        let found = window.since("events", 208, 210, equal).expect("complete");
+        let times: Vec<i64> = found.iter().map(|message| message.received_at_ms).collect();
+        assert_eq!(times, [208, 209]);
     }
 
     #[test]
-    fn a_run_older_than_the_subscription_or_the_age_is_told_the_window_is_lost() {
+    fn a_run_older_than_the_subscription_the_connection_or_the_age_is_told_the_window_is_lost() {
         let window = Window::new(1 << 20, Duration::from_secs(60));
-        assert!(matches!(
-            window.coverage("events", 0, 1, equal),
-            Coverage::Lost(_)
-        ));
+        assert!(window.since("events", 0, 1, equal).is_err());
         window.add_pattern("events", equal);
-        window.confirmed(1_000);
+        window.resubscribe(|| 1);
+        assert!(
+            window.since("events", 0, 1, equal).is_err(),
+            "not confirmed yet"
+        );
+        window.pong(1_000);
         assert!(matches!(
-            window.coverage("events", 999, 1_000, equal),
-            Coverage::Lost(message) if message.contains("restarted")
+            window.since("events", 999, 1_000, equal),
+            Err(message) if message.contains("restarted")
         ));
-        window.keep(kept("events", 2_000, 10));
-        assert!(matches!(
-            window.coverage("events", 1_500, 3_000, equal),
-            Coverage::Complete
-        ));
+        window.keep(kept("events", 2_000, 10), 1, equal);
+        assert_eq!(
+            window
+                .since("events", 1_500, 3_000, equal)
+                .map(|found| found.len()),
+            Ok(1)
+        );
         // Past its age the message is dropped, and a run from before it is told.
-        assert!(matches!(
-            window.coverage("events", 1_500, 70_000, equal),
-            Coverage::Lost(_)
-        ));
+        assert!(window.since("events", 1_500, 70_000, equal).is_err());
         assert_eq!(window.stats().dropped, 1);
+        // While the tap is disconnected nothing is known, and after it, only from the new
+        // confirmation on.
+        window.disconnected();
+        assert!(matches!(
+            window.since("events", 80_000, 80_001, equal),
+            Err(message) if message.contains("cannot reach")
+        ));
+        window.resubscribe(|| 2);
+        window.pong(90_000);
+        assert!(window.since("events", 80_000, 90_001, equal).is_err());
+        assert!(window.since("events", 90_000, 90_001, equal).is_ok());
+    }
+
+    #[test]
+    fn a_pong_confirms_only_what_was_written_before_its_ping() {
+        let window = Window::new(1 << 20, Duration::from_secs(60));
+        window.add_pattern("a", equal);
+        window.resubscribe(|| 1);
+        window.add_pattern("b", equal);
+        assert!(window.subscribe_live("b", 2));
+        assert!(!window.subscribe_live("b", 3), "written once");
+        // The PONG of the connection's first PING: "a" only.
+        window.pong(10);
+        assert!(window.since("a", 10, 11, equal).is_ok());
+        assert!(window.since("b", 10, 11, equal).is_err());
+        window.pong(20);
+        assert!(window.since("b", 20, 21, equal).is_ok());
+        window.refused("b");
+        assert!(window.since("b", 20, 21, equal).is_err());
+    }
+
+    #[test]
+    fn a_message_two_subscriptions_cover_is_kept_once() {
+        let prefix = |pattern: &str, subject: &str| subject.starts_with(pattern);
+        let window = Window::new(1 << 20, Duration::from_secs(60));
+        window.add_pattern("events.a", prefix);
+        window.resubscribe(|| 1);
+        window.add_pattern("events.", prefix);
+        window.subscribe_live("events.", 2);
+        window.pong(1);
+        window.pong(2);
+        window.keep(kept("events.a", 5, 1), 1, prefix);
+        window.keep(kept("events.a", 5, 1), 2, prefix);
+        window.keep(kept("events.b", 6, 1), 2, prefix);
+        assert_eq!(window.stats().messages, 2);
     }
 }

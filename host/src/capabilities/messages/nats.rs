@@ -205,39 +205,41 @@ impl Connection {
         let sid = self.subscribe(&inbox, Some(1)).await?;
         self.publish_request(subject, &inbox, body.to_string().as_bytes())
             .await?;
+        // Messages of an earlier pull may still arrive, up to the largest the server sends.
+        let budget = MAX_API_ANSWER.max(self.max_payload + 4096);
+        let delivery = self.next_message(sid, budget).await?;
+        if delivery.status == Some(503) {
+            return Err(ReplayError::Refused(
+                "JetStream is not enabled on this server".into(),
+            ));
+        }
+        let answer: Value = serde_json::from_slice(&delivery.payload).map_err(|_| {
+            ReplayError::Connection(format!("{subject}: an answer that is not JSON"))
+        })?;
+        if let Some(error) = answer.get("error") {
+            return Err(ReplayError::Refused(
+                error["description"]
+                    .as_str()
+                    .unwrap_or("JetStream error")
+                    .to_owned(),
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// The next message of subscription `sid` (see [`Connection::read`] for `budget`); an
+    /// `-ERR` meanwhile (a permission the user lacks, say) means no answer is coming.
+    async fn next_message(&mut self, sid: u64, budget: usize) -> Result<Delivery, ReplayError> {
         loop {
-            // Messages of an earlier pull may still arrive, up to the largest the server sends.
-            let budget = MAX_API_ANSWER.max(self.max_payload + 4096);
-            let delivery = match self
+            match self
                 .read(budget)
                 .await
                 .map_err(|error| ReplayError::Connection(error.to_string()))?
             {
-                Frame::Message(delivery) => delivery,
-                // A permission the user lacks, say: no answer is coming.
+                Frame::Message(delivery) if delivery.sid == sid => return Ok(delivery),
                 Frame::Error(error) => return Err(ReplayError::Refused(error)),
-                _ => continue,
-            };
-            if delivery.sid != sid {
-                continue;
+                _ => {}
             }
-            if delivery.status == Some(503) {
-                return Err(ReplayError::Refused(
-                    "JetStream is not enabled on this server".into(),
-                ));
-            }
-            let answer: Value = serde_json::from_slice(&delivery.payload).map_err(|_| {
-                ReplayError::Connection(format!("{subject}: an answer that is not JSON"))
-            })?;
-            if let Some(error) = answer.get("error") {
-                return Err(ReplayError::Refused(
-                    error["description"]
-                        .as_str()
-                        .unwrap_or("JetStream error")
-                        .to_owned(),
-                ));
-            }
-            return Ok(answer);
         }
     }
 
@@ -583,18 +585,7 @@ async fn pull(
             .await?;
         let mut delivered = 0;
         loop {
-            let delivery = match connection
-                .read(max_message)
-                .await
-                .map_err(|error| ReplayError::Connection(error.to_string()))?
-            {
-                Frame::Message(delivery) => delivery,
-                Frame::Error(error) => return Err(ReplayError::Refused(error)),
-                _ => continue,
-            };
-            if delivery.sid != sid {
-                continue;
-            }
+            let delivery = connection.next_message(sid, max_message).await?;
             if let Some(status) = delivery.status {
                 // No message left now (404), the pull expired (408) or was cut short (409).
                 if delivered == 0 && pending > 0 {

@@ -421,7 +421,7 @@ struct SourceFile {
     /// Writing is what an operator opts into, not what a forgotten key allows.
     #[serde(default = "read_only_unless_said")]
     read_only: bool,
-    /// A message bus (`nats`); without it the URL's scheme says SQL or Redis.
+    /// A message bus (`nats`, `mqtt`); without it the URL's scheme says SQL or Redis.
     kind: Option<String>,
     window_minutes: Option<u64>,
     window_mib: Option<u64>,
@@ -438,7 +438,7 @@ pub struct SourceConfig {
     pub url: String,
     /// `true` unless the config says `read_only = false`.
     pub read_only: bool,
-    /// The bus of a message source (`nats`).
+    /// The bus of a message source (`nats`, `mqtt`).
     pub kind: Option<String>,
     /// How long and how many bytes of recent messages a message source's tap keeps.
     pub window: Duration,

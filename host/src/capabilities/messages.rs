@@ -1,21 +1,24 @@
 //! `stepwise:plugin/messages`: what was published on a bus since the run started, read from
-//! the message sources named in the host's config (`[sources.*]` with `kind = "nats"`) and
-//! granted to the plugin with the subjects it may read (`subjects`). The host never joins a
-//! consumer group or queue of the application's, acknowledges, deletes or publishes anything:
-//! reading changes nothing the real consumers see.
+//! the message sources named in the host's config (`[sources.*]` with `kind = "nats"` or
+//! `"mqtt"`) and granted to the plugin with the subjects it may read (`subjects`). The host
+//! never joins a consumer group or queue of the application's, acknowledges, deletes or
+//! publishes anything: reading changes nothing the real consumers see.
 //!
 //! How a source knows "since the run started" depends on what the broker keeps:
 //! - **Replay by time** where the broker keeps history: a subject a JetStream stream keeps is
 //!   read through an ephemeral consumer that starts at the run's creation and is deleted when
 //!   the call ends (`nats.rs`). Nothing lives in the host, so it survives restarts.
-//! - **A tap** where it keeps none (core NATS subjects): the host subscribes to every subject
-//!   pattern that a grant names for the source and keeps a window of what arrives, bounded in
-//!   age and bytes (`tap.rs`). A run the window cannot answer for in full gets `window-lost`.
+//! - **A tap** where it keeps none (core NATS subjects, MQTT topics): the host subscribes to
+//!   every subject pattern that a grant names for the source and keeps a window of what
+//!   arrives, bounded in age and bytes (`tap.rs`, driven by `nats.rs` or `mqtt.rs`). A run the
+//!   window cannot answer for in full gets `window-lost`.
 //!
 //! A call's budgets: `limit` messages (at most [`MAX_LIMIT`]), the result byte cap
 //! (`sql_result_bytes`), [`MAX_SCANNED`] messages looked at, and the query time
 //! (`sql_timeout_ms`). Passing one is a [`Violation`].
 
+mod amqp;
+mod mqtt;
 mod nats;
 mod tap;
 
@@ -29,7 +32,7 @@ use super::{HostFault, Violation};
 use crate::bindings::messages::{Condition, Host, Message, MessagesError};
 use crate::config::SourceConfig;
 pub use tap::TapStats;
-use tap::Window;
+use tap::{Tap, Window};
 
 /// The most messages one `find` may return.
 pub const MAX_LIMIT: u32 = 1_000;
@@ -55,18 +58,124 @@ pub fn is_message_source(config: &SourceConfig) -> bool {
 /// names their subjects.
 #[derive(Clone, Default)]
 pub struct MessageSources {
-    sources: Arc<HashMap<String, Arc<NatsSource>>>,
+    sources: Arc<HashMap<String, Arc<Source>>>,
 }
 
-struct NatsSource {
+struct Source {
     name: String,
-    target: nats::Target,
-    idle: Mutex<Vec<(std::time::Instant, nats::Connection)>>,
-    slots: Arc<tokio::sync::Semaphore>,
+    backend: Backend,
     window: Arc<Window>,
     /// Patterns a grant named, looked at once each: tapped, or kept by a stream.
     seen: Mutex<HashSet<String>>,
-    tap: tokio::sync::OnceCell<nats::Tap>,
+    tap: tokio::sync::OnceCell<Tap>,
+}
+
+/// What a source's kind reads it with.
+enum Backend {
+    Nats(NatsSource),
+    Mqtt(mqtt::Target),
+    Rabbit(RabbitSource),
+}
+
+/// A NATS server, with the connections that replays use.
+struct NatsSource {
+    target: nats::Target,
+    pool: Pool<nats::Connection>,
+}
+
+/// A RabbitMQ broker, with the connections that stream replays use.
+struct RabbitSource {
+    target: amqp::Target,
+    pool: Pool<amqp::Connection>,
+}
+
+/// The connections to one source that calls take in turn, [`CONNECTIONS`] at most at once.
+struct Pool<C> {
+    idle: Mutex<Vec<(std::time::Instant, C)>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl<C> Pool<C> {
+    fn new() -> Pool<C> {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
+        }
+    }
+
+    /// A slot, and in it an idle connection the server has surely not closed yet (a server
+    /// closes a connection idle for minutes), or a new one from `open`; within
+    /// [`POOL_WAIT`], the host's time, not the plugin's.
+    async fn take<F: Future<Output = Result<C, String>>>(
+        &self,
+        open: impl FnOnce() -> F,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, C), String> {
+        let slot = tokio::time::timeout(POOL_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| "no connection free within 2 s".to_owned())?
+            .map_err(|error| error.to_string())?;
+        let idle = {
+            let mut idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            idle.retain(|(since, _)| since.elapsed() < IDLE_FOR);
+            idle.pop()
+        };
+        let connection = match idle {
+            Some((_, connection)) => connection,
+            None => open().await?,
+        };
+        Ok((slot, connection))
+    }
+
+    /// Only a connection whose last exchange ended cleanly takes the next one.
+    fn give_back(&self, connection: C) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if idle.len() < CONNECTIONS {
+            idle.push((std::time::Instant::now(), connection));
+        }
+    }
+}
+
+impl Backend {
+    fn new(kind: &str, url: &str) -> Result<Backend, String> {
+        match kind {
+            "nats" => Ok(Backend::Nats(NatsSource {
+                target: nats::Target::parse(url)?,
+                pool: Pool::new(),
+            })),
+            "mqtt" => Ok(Backend::Mqtt(mqtt::Target::parse(url)?)),
+            "rabbitmq" => Ok(Backend::Rabbit(RabbitSource {
+                target: amqp::Target::parse(url)?,
+                pool: Pool::new(),
+            })),
+            other => Err(format!(
+                "kind = {other:?} is not a message source this host reads (nats, mqtt, rabbitmq)"
+            )),
+        }
+    }
+
+    /// Whether `pattern` is a subject pattern in this kind's syntax.
+    fn check_pattern(&self, pattern: &str) -> Result<(), String> {
+        match self {
+            Backend::Nats(_) => nats::check_pattern(pattern),
+            Backend::Mqtt(_) => mqtt::check_pattern(pattern),
+            Backend::Rabbit(_) => amqp::check_pattern(pattern),
+        }
+    }
+
+    /// Whether the first pattern matches every subject the second does, in this kind's syntax.
+    fn covers(&self) -> fn(&str, &str) -> bool {
+        match self {
+            Backend::Nats(_) => nats::covers,
+            Backend::Mqtt(_) => mqtt::covers,
+            Backend::Rabbit(_) => amqp::covers,
+        }
+    }
 }
 
 impl MessageSources {
@@ -76,24 +185,17 @@ impl MessageSources {
     ) -> anyhow::Result<MessageSources> {
         let mut sources = HashMap::new();
         for (name, config) in configs {
-            let kind = config.kind.as_deref().unwrap_or_default();
-            anyhow::ensure!(
-                kind == "nats",
-                "source {name}: kind = {kind:?} is not a message source this host reads (nats)"
-            );
             anyhow::ensure!(
                 config.read_only,
                 "source {name}: a message source is read-only (the host never publishes or acknowledges); remove read_only = false"
             );
-            let target = nats::Target::parse(&config.url)
+            let backend = Backend::new(config.kind.as_deref().unwrap_or_default(), &config.url)
                 .map_err(|error| anyhow::anyhow!("source {name}: {error}"))?;
             sources.insert(
                 name.clone(),
-                Arc::new(NatsSource {
+                Arc::new(Source {
                     name: name.clone(),
-                    target,
-                    idle: Mutex::new(Vec::new()),
-                    slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS)),
+                    backend,
                     window: Arc::new(Window::new(config.window_bytes, config.window)),
                     seen: Mutex::default(),
                     tap: tokio::sync::OnceCell::new(),
@@ -142,11 +244,7 @@ impl MessageSources {
     }
 
     /// The (source, pattern) pairs among these never looked at before, now marked seen.
-    fn new_patterns(
-        &self,
-        sources: &[String],
-        subjects: &[String],
-    ) -> Vec<(Arc<NatsSource>, String)> {
+    fn new_patterns(&self, sources: &[String], subjects: &[String]) -> Vec<(Arc<Source>, String)> {
         let mut new = Vec::new();
         for source in sources.iter().filter_map(|name| self.sources.get(name)) {
             let mut seen = source
@@ -154,7 +252,7 @@ impl MessageSources {
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
             for pattern in subjects {
-                if nats::check_pattern(pattern).is_ok() && seen.insert(pattern.clone()) {
+                if source.backend.check_pattern(pattern).is_ok() && seen.insert(pattern.clone()) {
                     new.push((source.clone(), pattern.clone()));
                 }
             }
@@ -180,82 +278,82 @@ impl MessageSources {
     /// Warns about a source that cannot be reached at start; the host starts anyway.
     pub async fn check_at_start(&self) {
         for (name, source) in self.sources.iter() {
-            if let Err(error) = nats::Connection::open(&source.target, Duration::from_secs(5)).await
-            {
+            let within = Duration::from_secs(5);
+            let reached = match &source.backend {
+                Backend::Nats(server) => nats::Connection::open(&server.target, within)
+                    .await
+                    .map(drop),
+                Backend::Mqtt(target) => target.check(within).await,
+                Backend::Rabbit(broker) => amqp::Connection::open(&broker.target, within)
+                    .await
+                    .map(drop),
+            };
+            if let Err(error) = reached {
                 tracing::warn!(source = %name, %error, "message source unreachable at start");
             }
         }
     }
 }
 
-impl NatsSource {
+impl Source {
     /// Subscribes the tap to `pattern` unless a stream keeps it or a wider pattern is tapped
     /// already; returns whether it subscribed.
     async fn tap_pattern(self: &Arc<Self>, pattern: &str) -> bool {
         // A pattern a stream keeps whole is replayed from the stream; tapping it too would
         // only fill the window.
-        match tokio::time::timeout(POOL_WAIT, self.stream_keeping(pattern)).await {
-            Ok(Ok(Some(_))) => return false,
-            Ok(Ok(None)) => {}
-            Err(_) => {
-                tracing::warn!(source = %self.name, %pattern, "JetStream did not say within 2 s whether a stream keeps the subject; tapping it")
-            }
-            Ok(Err(error)) => {
-                tracing::warn!(source = %self.name, %pattern, %error, "could not ask JetStream whether a stream keeps the subject; tapping it")
+        if let Backend::Rabbit(_) = &self.backend
+            && let Ok(amqp::Subject::Stream(_)) = amqp::subject(pattern)
+        {
+            return false;
+        }
+        if let Backend::Nats(server) = &self.backend {
+            match tokio::time::timeout(POOL_WAIT, server.stream_keeping(pattern)).await {
+                Ok(Ok(Some(_))) => return false,
+                Ok(Ok(None)) => {}
+                Err(_) => {
+                    tracing::warn!(source = %self.name, %pattern, "JetStream did not say within 2 s whether a stream keeps the subject; tapping it")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(source = %self.name, %pattern, %error, "could not ask JetStream whether a stream keeps the subject; tapping it")
+                }
             }
         }
-        if !self.window.add_pattern(pattern, nats::covers) {
+        if !self.window.add_pattern(pattern, self.backend.covers()) {
             return false;
         }
         let tap = self
             .tap
             .get_or_init(|| async {
-                nats::Tap::start(self.name.clone(), self.target.clone(), self.window.clone())
+                let (name, window) = (self.name.clone(), self.window.clone());
+                match &self.backend {
+                    Backend::Nats(server) => {
+                        Tap::start(name, nats::TapProtocol(server.target.clone()), window)
+                    }
+                    Backend::Mqtt(target) => {
+                        Tap::start(name, mqtt::TapProtocol(target.clone()), window)
+                    }
+                    Backend::Rabbit(broker) => {
+                        Tap::start(name, amqp::TapProtocol::new(broker.target.clone()), window)
+                    }
+                }
             })
             .await;
         tap.subscribe(pattern, &self.window).await;
         true
     }
+}
 
+impl NatsSource {
     /// The stream that keeps every subject `pattern` matches, if one does.
     async fn stream_keeping(&self, pattern: &str) -> Result<Option<nats::Stream>, String> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|error| error.to_string())?;
-        let mut connection = self.connection().await?;
+        let (_slot, mut connection) = self.pool.take(|| self.open()).await?;
         let stream = nats::stream_keeping(&mut connection, pattern).await?;
-        self.give_back(connection);
+        self.pool.give_back(connection);
         Ok(stream)
     }
 
-    /// An idle connection that the server has surely not closed yet (it pings a client every
-    /// two minutes, and an idle connection answers none), or a new one.
-    async fn connection(&self) -> Result<nats::Connection, String> {
-        let idle = {
-            let mut idle = self
-                .idle
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            idle.retain(|(since, _)| since.elapsed() < IDLE_FOR);
-            idle.pop()
-        };
-        match idle {
-            Some((_, connection)) => Ok(connection),
-            None => nats::Connection::open(&self.target, POOL_WAIT).await,
-        }
-    }
-
-    /// Only a connection whose last exchange ended cleanly takes the next one.
-    fn give_back(&self, connection: nats::Connection) {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if idle.len() < CONNECTIONS {
-            idle.push((std::time::Instant::now(), connection));
-        }
+    async fn open(&self) -> Result<nats::Connection, String> {
+        nats::Connection::open(&self.target, POOL_WAIT).await
     }
 }
 
@@ -413,7 +511,29 @@ impl MessagesState {
 
     async fn find_on(
         &self,
-        source: &NatsSource,
+        source: &Source,
+        subject: &str,
+        selection: &mut Selection<'_>,
+    ) -> CallResult<()> {
+        match &source.backend {
+            Backend::Nats(server) => self.find_on_nats(source, server, subject, selection).await,
+            Backend::Rabbit(broker)
+                if matches!(amqp::subject(subject), Ok(amqp::Subject::Stream(_))) =>
+            {
+                self.find_on_stream(source, broker, subject, selection)
+                    .await
+            }
+            Backend::Mqtt(_) | Backend::Rabbit(_) => {
+                Ok(self.find_in_window(source, subject, selection).await)
+            }
+        }
+    }
+
+    /// A subject a stream keeps is replayed from it, any other read from the tap's window.
+    async fn find_on_nats(
+        &self,
+        source: &Source,
+        server: &NatsSource,
         subject: &str,
         selection: &mut Selection<'_>,
     ) -> CallResult<()> {
@@ -423,12 +543,9 @@ impl MessagesState {
                 source.name
             )))
         };
-        let slot = tokio::time::timeout(POOL_WAIT, source.slots.clone().acquire_owned())
-            .await
-            .map_err(|_| unavailable(&"no connection free within 2 s"))?
-            .map_err(|error| unavailable(&error))?;
-        let mut connection = source
-            .connection()
+        let (slot, mut connection) = server
+            .pool
+            .take(|| server.open())
             .await
             .map_err(|error| unavailable(&error))?;
         let stream = match nats::stream_keeping(&mut connection, subject).await {
@@ -436,11 +553,9 @@ impl MessagesState {
             Err(error) => return Err(unavailable(&error)),
         };
         let Some(stream) = stream else {
-            source.give_back(connection);
+            server.pool.give_back(connection);
             drop(slot);
-            return Ok(self
-                .find_in_window(&source.window, subject, selection)
-                .await);
+            return Ok(self.find_in_window(source, subject, selection).await);
         };
         // Limits of the stream's own (age, size, count) removed messages, and the oldest it
         // keeps is younger than the run: what came between is not known.
@@ -448,7 +563,7 @@ impl MessagesState {
             && let Some(first_ms) = stream.first_ms
             && first_ms > self.since_ms
         {
-            source.give_back(connection);
+            server.pool.give_back(connection);
             return Ok(Err(MessagesError::WindowLost(format!(
                 "stream {} keeps messages only since {} (its limits removed older ones), after this run started at {}",
                 stream.name,
@@ -477,20 +592,73 @@ impl MessagesState {
         .await;
         match replayed {
             Ok(()) => {
-                source.give_back(connection);
+                server.pool.give_back(connection);
                 Ok(Ok(()))
             }
             Err(nats::ReplayError::Refused(error)) => {
-                source.give_back(connection);
+                server.pool.give_back(connection);
                 Ok(Err(MessagesError::QueryFailed(error)))
             }
             Err(nats::ReplayError::Connection(error)) => Err(unavailable(&error)),
         }
     }
 
+    /// Replays a RabbitMQ stream from the run's creation.
+    async fn find_on_stream(
+        &self,
+        source: &Source,
+        broker: &RabbitSource,
+        stream: &str,
+        selection: &mut Selection<'_>,
+    ) -> CallResult<()> {
+        let unavailable = |error: &dyn std::fmt::Display| {
+            wasmtime::Error::new(HostFault(format!(
+                "message source {:?} unavailable: {error}",
+                source.name
+            )))
+        };
+        let (_slot, mut connection) = broker
+            .pool
+            .take(|| amqp::Connection::open(&broker.target, POOL_WAIT))
+            .await
+            .map_err(|error| unavailable(&error))?;
+        let now = chrono::Utc::now().timestamp_millis() as u64;
+        let replayed = amqp::replay(
+            &mut connection,
+            stream,
+            self.since_ms,
+            self.max_result_bytes,
+            |message| {
+                selection.offer(MessageView {
+                    subject: &message.subject,
+                    headers: message.headers,
+                    payload: message.payload,
+                    published_at_ms: message.published_at_ms.unwrap_or(now),
+                    position: message.offset,
+                })
+            },
+        )
+        .await;
+        match replayed {
+            Ok(()) => {
+                if connection.reusable() {
+                    broker.pool.give_back(connection);
+                }
+                Ok(Ok(()))
+            }
+            Err(amqp::ReplayError::Refused(error)) => {
+                if connection.reusable() {
+                    broker.pool.give_back(connection);
+                }
+                Ok(Err(MessagesError::QueryFailed(error)))
+            }
+            Err(amqp::ReplayError::Connection(error)) => Err(unavailable(&error)),
+        }
+    }
+
     async fn find_in_window(
         &self,
-        window: &Window,
+        source: &Source,
         subject: &str,
         selection: &mut Selection<'_>,
     ) -> Result<(), MessagesError> {
@@ -498,8 +666,9 @@ impl MessagesState {
         // call's first poll runs, but on the call's thread, which this wait moves it to.
         tokio::task::yield_now().await;
         let now = chrono::Utc::now().timestamp_millis();
-        let kept = window
-            .since(subject, self.since_ms, now, nats::covers)
+        let kept = source
+            .window
+            .since(subject, self.since_ms, now, source.backend.covers())
             .map_err(MessagesError::WindowLost)?;
         for message in kept {
             let view = MessageView {
@@ -535,14 +704,13 @@ impl Host for MessagesState {
                 "message source {source:?} is not a message source configured on this host"
             ))));
         };
-        if let Err(error) = nats::check_pattern(&subject) {
+        let backend = &target.backend;
+        if let Err(error) = backend.check_pattern(&subject) {
             return Ok(Err(MessagesError::QueryFailed(error)));
         }
-        if !self
-            .subjects
-            .iter()
-            .any(|granted| nats::check_pattern(granted).is_ok() && nats::covers(granted, &subject))
-        {
+        if !self.subjects.iter().any(|granted| {
+            backend.check_pattern(granted).is_ok() && (backend.covers())(granted, &subject)
+        }) {
             return Ok(Err(MessagesError::Denied(format!(
                 "subject {subject:?} is not within the grant's subjects {:?}",
                 self.subjects

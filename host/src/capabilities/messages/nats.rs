@@ -4,15 +4,12 @@
 //! consumer (`deliver_policy = by_start_time`, `ack_policy = none`, in memory), pull from it,
 //! delete it. Nothing is acknowledged, and no durable consumer or queue group is ever named.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, WriteHalf};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, ReadHalf};
 
-use super::tap::{Kept, Window};
+use super::tap::{Connected, Kept, Protocol, TapWriter, Window};
 use crate::capabilities::wire::{self, Io, ReadError};
 
 /// A NATS server as its URL names it: `nats://[user:password@|token@]host[:port]`, or
@@ -615,139 +612,86 @@ async fn pull(
     Ok(connection.unsubscribe(sid).await?)
 }
 
-/// A source's tap: one connection that subscribes to the patterns of the source's window and
-/// keeps what arrives there, reconnecting when it breaks (each subscription then counts from
-/// its new confirmation). Stops when dropped.
-/// The writing half of a tap's live connection, if it has one.
-type TapWriter = tokio::sync::Mutex<Option<WriteHalf<Box<dyn Io>>>>;
+/// What a tap says to a NATS server: `SUB` and a `PING` for each pattern (its `PONG`
+/// confirms the subscription), and every `MSG` and `HMSG` kept.
+pub(super) struct TapProtocol(pub Target);
 
-pub(super) struct Tap {
-    writer: Arc<TapWriter>,
-    sids: Arc<AtomicU64>,
-    _stop: DropGuard,
+/// A tap connection's reading side, and the largest message its server accepts.
+pub(super) struct TapReader {
+    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    budget: usize,
 }
 
-/// How long the tap waits before it connects again.
-const RECONNECT: Duration = Duration::from_secs(1);
+impl Protocol for TapProtocol {
+    type Reader = TapReader;
 
-impl Tap {
-    pub(super) fn start(source: String, target: Target, window: Arc<Window>) -> Tap {
-        let writer = Arc::new(tokio::sync::Mutex::new(None));
-        let sids = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (task_writer, task_sids, task_stop) = (writer.clone(), sids.clone(), stop.clone());
-        tokio::spawn(async move {
-            let tapping = async {
-                loop {
-                    if let Err(error) = tap_once(&target, &window, &task_writer, &task_sids).await {
-                        tracing::warn!(%source, %error, "message tap disconnected; reconnecting");
-                    }
-                    *task_writer.lock().await = None;
-                    window.disconnected();
-                    tokio::time::sleep(RECONNECT).await;
-                }
-            };
-            tokio::select! {
-                () = tapping => {}
-                () = task_stop.cancelled() => {}
-            }
-        });
-        Tap {
+    async fn connect(&self) -> Result<Connected<TapReader>, String> {
+        let connection = Connection::open(&self.0, Duration::from_secs(10)).await?;
+        let budget = connection.max_payload + 4096;
+        let (reader, writer) = tokio::io::split(connection.stream.into_inner());
+        Ok((
+            TapReader {
+                reader: BufReader::new(reader),
+                budget,
+            },
             writer,
-            sids,
-            _stop: stop.drop_guard(),
-        }
+        ))
     }
 
-    /// Subscribes the live connection to `pattern` (the window has it already, so a
-    /// connection made later subscribes to it too).
-    pub(super) async fn subscribe(&self, pattern: &str, window: &Window) {
-        if let Some(writer) = self.writer.lock().await.as_mut() {
-            let sid = self.sids.fetch_add(1, Ordering::Relaxed) + 1;
-            // Under the writer's lock: the window counts the `PING`s in the order written.
-            if !window.subscribe_live(pattern, sid) {
-                return;
-            }
-            let command = format!("SUB {pattern} {sid}\r\nPING\r\n");
-            if writer.write_all(command.as_bytes()).await.is_ok() {
-                let _ = writer.flush().await;
-            }
-        }
+    fn subscribe(&self, pattern: &str, sid: u64) -> Vec<u8> {
+        format!("SUB {pattern} {sid}\r\nPING\r\n").into_bytes()
     }
-}
 
-/// One connection of a tap, until it fails.
-async fn tap_once(
-    target: &Target,
-    window: &Window,
-    writer: &TapWriter,
-    sids: &AtomicU64,
-) -> Result<(), String> {
-    let connection = Connection::open(target, Duration::from_secs(10)).await?;
-    let budget = connection.max_payload + 4096;
-    let (reader, write_half) = tokio::io::split(connection.stream.into_inner());
-    let mut reader = BufReader::new(reader);
-    {
-        let mut writer = writer.lock().await;
-        let write_half = writer.insert(write_half);
-        let mut commands = String::new();
-        for (pattern, sid) in window.resubscribe(|| sids.fetch_add(1, Ordering::Relaxed) + 1) {
-            commands.push_str(&format!("SUB {pattern} {sid}\r\n"));
-        }
-        commands.push_str("PING\r\n");
-        write_half
-            .write_all(commands.as_bytes())
-            .await
-            .map_err(|error| error.to_string())?;
-        write_half
-            .flush()
-            .await
-            .map_err(|error| error.to_string())?;
-    }
-    loop {
-        match read_frame(&mut reader, budget)
-            .await
-            .map_err(|error| error.to_string())?
-        {
-            Frame::Ping => {
-                if let Some(writer) = writer.lock().await.as_mut() {
-                    writer
-                        .write_all(b"PONG\r\n")
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    writer.flush().await.map_err(|error| error.to_string())?;
+    async fn read(
+        &self,
+        TapReader { mut reader, budget }: TapReader,
+        window: &Window,
+        writer: &TapWriter,
+    ) -> Result<(), String> {
+        loop {
+            match read_frame(&mut reader, budget)
+                .await
+                .map_err(|error| error.to_string())?
+            {
+                Frame::Ping => {
+                    if let Some(writer) = writer.lock().await.as_mut() {
+                        writer
+                            .write_all(b"PONG\r\n")
+                            .await
+                            .map_err(|error| error.to_string())?;
+                        writer.flush().await.map_err(|error| error.to_string())?;
+                    }
                 }
-            }
-            // Every `SUB` is followed by a `PING`: its `PONG` says the server has it.
-            Frame::Pong => window.pong(chrono::Utc::now().timestamp_millis()),
-            // A JetStream delivery to some consumer's inbox (a wide pattern matches inboxes
-            // too) is not a publication.
-            Frame::Message(delivery)
-                if delivery
-                    .reply
-                    .as_deref()
-                    .is_some_and(|reply| reply.starts_with("$JS.ACK.")) => {}
-            Frame::Message(delivery) => window.keep(
-                Kept {
-                    subject: delivery.subject,
-                    headers: delivery.headers,
-                    payload: delivery.payload,
-                    received_at_ms: chrono::Utc::now().timestamp_millis(),
-                    position: 0,
-                },
-                delivery.sid,
-                covers,
-            ),
-            Frame::Error(error) => {
-                tracing::warn!(%error, "message tap: the server refused a subscription");
-                if let Some(pattern) = error
-                    .split_once("Permissions Violation for Subscription to ")
-                    .map(|(_, rest)| rest.trim_matches(|c| c == '"' || c == '\''))
-                {
-                    window.refused(pattern);
+                Frame::Pong => window.confirmed(chrono::Utc::now().timestamp_millis()),
+                // A JetStream delivery to some consumer's inbox (a wide pattern matches inboxes
+                // too) is not a publication.
+                Frame::Message(delivery)
+                    if delivery
+                        .reply
+                        .as_deref()
+                        .is_some_and(|reply| reply.starts_with("$JS.ACK.")) => {}
+                Frame::Message(delivery) => window.keep(
+                    Kept {
+                        subject: delivery.subject,
+                        headers: delivery.headers,
+                        payload: delivery.payload,
+                        received_at_ms: chrono::Utc::now().timestamp_millis(),
+                        position: 0,
+                    },
+                    Some(delivery.sid),
+                    covers,
+                ),
+                Frame::Error(error) => {
+                    tracing::warn!(%error, "message tap: the server refused a subscription");
+                    if let Some(pattern) = error
+                        .split_once("Permissions Violation for Subscription to ")
+                        .map(|(_, rest)| rest.trim_matches(|c| c == '"' || c == '\''))
+                    {
+                        window.refused(pattern);
+                    }
                 }
+                Frame::Other => {}
             }
-            Frame::Other => {}
         }
     }
 }

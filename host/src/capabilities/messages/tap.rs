@@ -1,12 +1,22 @@
-//! The window of a tap: the recent messages of a source without history (core NATS subjects),
-//! which the host keeps from the moment it subscribes, bounded in age and bytes. A step's
-//! `find` reads it; what the window can no longer answer for is said, never guessed: a run
-//! that started before the tap's subscription (the host restarted, or the grant that names
-//! the subject is newer) or before a message the window dropped gets `window-lost`.
+//! A tap: the host's subscription to a source without history (core NATS subjects, MQTT
+//! topics), and the window of recent messages it keeps from the moment it subscribes, bounded
+//! in age and bytes. A step's `find` reads the window; what the window can no longer answer
+//! for is said, never guessed: a run that started before the tap's subscription (the host
+//! restarted, or the grant that names the subject is newer) or before a message the window
+//! dropped gets `window-lost`.
+//!
+//! The connection's life (connect, subscribe to every pattern again, read until it breaks,
+//! wait, again) is [`Tap`]'s; what is said on the wire is a backend's [`Protocol`].
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::capabilities::wire::Io;
 
 /// One message as the tap keeps it.
 pub(super) struct Kept {
@@ -30,10 +40,11 @@ impl Kept {
 /// A subject pattern the tap subscribes to, on the connection it has now.
 struct Subscription {
     pattern: String,
-    /// Its subscription id on the live connection; `None` until its `SUB` is written.
+    /// Its subscription id on the live connection; `None` until its subscription is written.
     sid: Option<u64>,
-    /// The `PING` after its `SUB`, whose `PONG` says the server has it.
-    confirmed_by_ping: u64,
+    /// The answer, counted from the connection's first, that says the server has it: the
+    /// server answers in the order it was asked.
+    confirmed_by: u64,
     /// Since when the server has had it; `None` until then, and again after a disconnect.
     since_ms: Option<i64>,
 }
@@ -54,9 +65,9 @@ struct Inner {
     /// does, so that it stays sorted.
     latest_ms: i64,
     subscriptions: Vec<Subscription>,
-    /// `PING`s written on the live connection, and `PONG`s read: the server answers in order.
-    pings: u64,
-    pongs: u64,
+    /// Confirmations asked for on the live connection, and answers read.
+    asked: u64,
+    answered: u64,
     /// The newest time of a message the window dropped: a run that started at or before it
     /// may have missed that message.
     dropped_until_ms: Option<i64>,
@@ -82,8 +93,8 @@ impl Window {
                 next_position: 1,
                 latest_ms: i64::MIN,
                 subscriptions: Vec::new(),
-                pings: 0,
-                pongs: 0,
+                asked: 0,
+                answered: 0,
                 dropped_until_ms: None,
                 dropped: 0,
                 down: false,
@@ -114,37 +125,40 @@ impl Window {
         inner.subscriptions.push(Subscription {
             pattern: pattern.to_owned(),
             sid: None,
-            confirmed_by_ping: 0,
+            confirmed_by: 0,
             since_ms: None,
         });
         true
     }
 
-    /// For a new connection: every pattern with its new subscription id (from `sid`), all
-    /// confirmed by the one `PING` the caller writes after their `SUB`s.
+    /// For a new connection: every pattern with its new subscription id (from `sid`), each
+    /// confirmed by an answer of its own, in this order.
     pub(super) fn resubscribe(&self, mut sid: impl FnMut() -> u64) -> Vec<(String, u64)> {
         let mut inner = self.lock();
-        inner.pings = 1;
-        inner.pongs = 0;
+        inner.answered = 0;
         inner.down = false;
-        inner
+        let mut asked = 0;
+        let subscriptions = inner
             .subscriptions
             .iter_mut()
             .map(|subscription| {
                 let id = sid();
+                asked += 1;
                 subscription.sid = Some(id);
-                subscription.confirmed_by_ping = 1;
+                subscription.confirmed_by = asked;
                 subscription.since_ms = None;
                 (subscription.pattern.clone(), id)
             })
-            .collect()
+            .collect();
+        inner.asked = asked;
+        subscriptions
     }
 
-    /// On the live connection, `pattern` gets subscription id `sid` unless its `SUB` was
-    /// written already; returns whether the caller must write its `SUB` and a `PING`.
+    /// On the live connection, `pattern` gets subscription id `sid` unless its subscription
+    /// was written already; returns whether the caller must write it, with its confirmation.
     pub(super) fn subscribe_live(&self, pattern: &str, sid: u64) -> bool {
         let mut inner = self.lock();
-        let ping = inner.pings + 1;
+        let asked = inner.asked + 1;
         let Some(subscription) = inner
             .subscriptions
             .iter_mut()
@@ -153,23 +167,46 @@ impl Window {
             return false;
         };
         subscription.sid = Some(sid);
-        subscription.confirmed_by_ping = ping;
-        inner.pings = ping;
+        subscription.confirmed_by = asked;
+        inner.asked = asked;
         true
     }
 
-    /// A `PONG`: the subscriptions written before its `PING` count from `now_ms`.
-    pub(super) fn pong(&self, now_ms: i64) {
+    /// The server's next answer: the subscriptions written before what it answers count from
+    /// `now_ms`.
+    pub(super) fn confirmed(&self, now_ms: i64) {
         let mut inner = self.lock();
-        inner.pongs += 1;
-        let pongs = inner.pongs;
+        inner.answered += 1;
+        let answered = inner.answered;
         for subscription in &mut inner.subscriptions {
-            if subscription.sid.is_some() && subscription.confirmed_by_ping <= pongs {
+            if subscription.sid.is_some() && subscription.confirmed_by <= answered {
                 subscription.since_ms.get_or_insert(now_ms);
             }
         }
         drop(inner);
         self.confirmations.notify_waiters();
+    }
+
+    /// The pattern of the live subscription whose id `sid` accepts.
+    pub(super) fn pattern_of(&self, sid: impl Fn(u64) -> bool) -> Option<String> {
+        self.lock()
+            .subscriptions
+            .iter()
+            .find(|subscription| subscription.sid.is_some_and(&sid))
+            .map(|subscription| subscription.pattern.clone())
+    }
+
+    /// The pattern whose confirmation is the next the server owes.
+    pub(super) fn next_unconfirmed(&self) -> Option<String> {
+        let inner = self.lock();
+        inner
+            .subscriptions
+            .iter()
+            .filter(|subscription| {
+                subscription.sid.is_some() && subscription.confirmed_by > inner.answered
+            })
+            .min_by_key(|subscription| subscription.confirmed_by)
+            .map(|subscription| subscription.pattern.clone())
     }
 
     /// The server refused the subscription to `pattern` (its permissions): it is not tapped.
@@ -213,8 +250,14 @@ impl Window {
 
     /// Keeps a message that came with subscription `sid`, dropping the oldest ones past the
     /// window's age or bytes. A message that a subscription with a lower id also covers came
-    /// twice (a wider pattern was added beside a narrower one): only that one is kept.
-    pub(super) fn keep(&self, mut message: Kept, sid: u64, covers: impl Fn(&str, &str) -> bool) {
+    /// twice (a wider pattern was added beside a narrower one): only that one is kept. A
+    /// message that names no subscription is kept.
+    pub(super) fn keep(
+        &self,
+        mut message: Kept,
+        sid: Option<u64>,
+        covers: impl Fn(&str, &str) -> bool,
+    ) {
         let mut inner = self.lock();
         let first = inner
             .subscriptions
@@ -222,7 +265,9 @@ impl Window {
             .filter(|subscription| covers(&subscription.pattern, &message.subject))
             .filter_map(|subscription| subscription.sid)
             .min();
-        if first.is_some_and(|first| first != sid) {
+        if let (Some(first), Some(sid)) = (first, sid)
+            && first != sid
+        {
             return;
         }
         message.position = inner.next_position;
@@ -234,6 +279,19 @@ impl Window {
         inner.bytes += bytes;
         inner.messages.push_back(Arc::new(message));
         self.drop_old(&mut inner, at);
+    }
+
+    /// A message arrived that the window could never hold (larger than all of it): it was
+    /// skipped unread, and counts as dropped at `now_ms`.
+    pub(super) fn skipped(&self, now_ms: i64) {
+        let mut inner = self.lock();
+        inner.dropped += 1;
+        inner.dropped_until_ms = Some(inner.dropped_until_ms.unwrap_or(i64::MIN).max(now_ms));
+    }
+
+    /// The most bytes one message may have to be kept.
+    pub(super) fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     fn drop_old(&self, inner: &mut Inner, now_ms: i64) {
@@ -325,6 +383,129 @@ impl Window {
     }
 }
 
+/// The writing half of a tap's live connection, if it has one.
+pub(super) type TapWriter = tokio::sync::Mutex<Option<WriteHalf<Box<dyn Io>>>>;
+
+/// A new connection: its reading side, as its protocol reads it, and its writing half.
+pub(super) type Connected<R> = (R, WriteHalf<Box<dyn Io>>);
+
+/// What subscribes a live connection to a pattern, as [`Protocol::subscribe`] writes it.
+type Subscribe = Box<dyn Fn(&str, u64) -> Vec<u8> + Send + Sync>;
+
+/// What a backend's tap says on the wire.
+pub(super) trait Protocol: Send + Sync + 'static {
+    /// The connection's reading side, as [`Protocol::read`] wants it.
+    type Reader: Send;
+
+    /// Connects and logs in.
+    fn connect(&self) -> impl Future<Output = Result<Connected<Self::Reader>, String>> + Send;
+
+    /// The bytes that subscribe a connection to `pattern` as subscription `sid` and ask the
+    /// server to confirm it: its answer is passed to [`Window::confirmed`].
+    fn subscribe(&self, pattern: &str, sid: u64) -> Vec<u8>;
+
+    /// Reads what the server sends into `window` until the connection fails.
+    fn read(
+        &self,
+        reader: Self::Reader,
+        window: &Window,
+        writer: &TapWriter,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// A source's tap: one connection, made again a second after it breaks, subscribed to every
+/// pattern of the window. Stops when dropped.
+pub(super) struct Tap {
+    writer: Arc<TapWriter>,
+    sids: Arc<AtomicU64>,
+    subscribe: Subscribe,
+    _stop: DropGuard,
+}
+
+/// How long the tap waits before it connects again.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+impl Tap {
+    pub(super) fn start<P: Protocol>(source: String, protocol: P, window: Arc<Window>) -> Tap {
+        let protocol = Arc::new(protocol);
+        let subscriber = protocol.clone();
+        let writer = Arc::new(tokio::sync::Mutex::new(None));
+        let sids = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (task_writer, task_sids, task_stop) = (writer.clone(), sids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tapping = async {
+                loop {
+                    if let Err(error) =
+                        tap_once(&*protocol, &window, &task_writer, &task_sids).await
+                    {
+                        tracing::warn!(%source, %error, "message tap disconnected; reconnecting");
+                    }
+                    *task_writer.lock().await = None;
+                    window.disconnected();
+                    tokio::time::sleep(RECONNECT).await;
+                }
+            };
+            tokio::select! {
+                () = tapping => {}
+                () = task_stop.cancelled() => {}
+            }
+        });
+        Tap {
+            writer,
+            sids,
+            subscribe: Box::new(move |pattern, sid| subscriber.subscribe(pattern, sid)),
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Subscribes the live connection to `pattern` (the window has it already, so a
+    /// connection made later subscribes to it too).
+    pub(super) async fn subscribe(&self, pattern: &str, window: &Window) {
+        if let Some(writer) = self.writer.lock().await.as_mut() {
+            let sid = self.sids.fetch_add(1, Ordering::Relaxed) + 1;
+            // Under the writer's lock: the window counts the confirmations in the order written.
+            if !window.subscribe_live(pattern, sid) {
+                return;
+            }
+            if writer
+                .write_all(&(self.subscribe)(pattern, sid))
+                .await
+                .is_ok()
+            {
+                let _ = writer.flush().await;
+            }
+        }
+    }
+}
+
+/// One connection of a tap, until it fails.
+async fn tap_once<P: Protocol>(
+    protocol: &P,
+    window: &Window,
+    writer: &TapWriter,
+    sids: &AtomicU64,
+) -> Result<(), String> {
+    let (reader, write_half) = protocol.connect().await?;
+    {
+        let mut writer = writer.lock().await;
+        let write_half = writer.insert(write_half);
+        let mut commands = Vec::new();
+        for (pattern, sid) in window.resubscribe(|| sids.fetch_add(1, Ordering::Relaxed) + 1) {
+            commands.extend(protocol.subscribe(&pattern, sid));
+        }
+        write_half
+            .write_all(&commands)
+            .await
+            .map_err(|error| error.to_string())?;
+        write_half
+            .flush()
+            .await
+            .map_err(|error| error.to_string())?;
+    }
+    protocol.read(reader, window, writer).await
+}
+
 pub(super) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -355,7 +536,7 @@ mod tests {
         assert!(window.add_pattern("events", equal));
         assert!(!window.add_pattern("events", equal), "subscribed once");
         assert_eq!(window.resubscribe(|| 1), [("events".to_owned(), 1)]);
-        window.pong(at);
+        window.confirmed(at);
         window
     }
 
@@ -363,7 +544,7 @@ mod tests {
     fn the_window_drops_the_oldest_past_its_bytes_and_says_so() {
         let window = subscribed(1_000, Duration::from_secs(900), 100);
         for at in 200..210 {
-            window.keep(kept("events", at, 200), 1, equal);
+            window.keep(kept("events", at, 200), Some(1), equal);
         }
         let stats = window.stats();
         assert!(stats.bytes <= 1_000, "{stats:?}");
@@ -389,12 +570,12 @@ mod tests {
             window.since("events", 0, 1, equal).is_err(),
             "not confirmed yet"
         );
-        window.pong(1_000);
+        window.confirmed(1_000);
         assert!(matches!(
             window.since("events", 999, 1_000, equal),
             Err(message) if message.contains("restarted")
         ));
-        window.keep(kept("events", 2_000, 10), 1, equal);
+        window.keep(kept("events", 2_000, 10), Some(1), equal);
         assert_eq!(
             window
                 .since("events", 1_500, 3_000, equal)
@@ -412,13 +593,13 @@ mod tests {
             Err(message) if message.contains("cannot reach")
         ));
         window.resubscribe(|| 2);
-        window.pong(90_000);
+        window.confirmed(90_000);
         assert!(window.since("events", 80_000, 90_001, equal).is_err());
         assert!(window.since("events", 90_000, 90_001, equal).is_ok());
     }
 
     #[test]
-    fn a_pong_confirms_only_what_was_written_before_its_ping() {
+    fn an_answer_confirms_only_what_was_asked_before_it() {
         let window = Window::new(1 << 20, Duration::from_secs(60));
         window.add_pattern("a", equal);
         window.resubscribe(|| 1);
@@ -426,10 +607,10 @@ mod tests {
         assert!(window.subscribe_live("b", 2));
         assert!(!window.subscribe_live("b", 3), "written once");
         // The PONG of the connection's first PING: "a" only.
-        window.pong(10);
+        window.confirmed(10);
         assert!(window.since("a", 10, 11, equal).is_ok());
         assert!(window.since("b", 10, 11, equal).is_err());
-        window.pong(20);
+        window.confirmed(20);
         assert!(window.since("b", 20, 21, equal).is_ok());
         window.refused("b");
         assert!(window.since("b", 20, 21, equal).is_err());
@@ -443,11 +624,11 @@ mod tests {
         window.resubscribe(|| 1);
         window.add_pattern("events.", prefix);
         window.subscribe_live("events.", 2);
-        window.pong(1);
-        window.pong(2);
-        window.keep(kept("events.a", 5, 1), 1, prefix);
-        window.keep(kept("events.a", 5, 1), 2, prefix);
-        window.keep(kept("events.b", 6, 1), 2, prefix);
+        window.confirmed(1);
+        window.confirmed(2);
+        window.keep(kept("events.a", 5, 1), Some(1), prefix);
+        window.keep(kept("events.a", 5, 1), Some(2), prefix);
+        window.keep(kept("events.b", 6, 1), Some(2), prefix);
         assert_eq!(window.stats().messages, 2);
     }
 }

@@ -1431,6 +1431,85 @@ pub fn mqtt_url() -> Option<String> {
     }
 }
 
+/// A name of its own for one test's subjects, streams or queues (`{test}-{pid}-{n}`): the
+/// SQLite and PostgreSQL copies run at once against one server.
+pub fn unique_name(test: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{test}-{}-{n}", std::process::id())
+}
+
+/// A server with message source `bus` (`kind` at `url`, its tap keeping `window_mib`), which
+/// the `misbehave` plugin may read on `subjects` (a TOML list's items).
+pub async fn bus_server(kind: &str, url: &str, subjects: &str, window_mib: usize) -> TestServer {
+    TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(format!(
+                "sql_sources = [\"bus\"]\nsubjects = [{subjects}]\npoll_interval_ms = 100\n[limits]\nmax_errors = 1\n"
+            )))
+            .with_bus("bus", kind, url.to_owned(), window_mib),
+    )
+    .await
+}
+
+/// A `misbehave` run whose first step waits two polls and whose third is `find` (a
+/// [`find_step`]): what is published right after the trigger comes before that step's first
+/// poll.
+pub async fn trigger_find(server: &TestServer, find: Value) -> String {
+    server
+        .trigger(
+            json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
+                "first": {"action": "pending_until", "attempt": 3},
+                "third": find,
+            }}}),
+        )
+        .await
+}
+
+/// A step that looks for messages on `subject` of source `bus` that meet `conditions`
+/// (`[["json"|"header", name, value]]`), passing once it finds `expect`.
+pub fn find_step(subject: &str, conditions: Value, expect: u64) -> Value {
+    json!({"action": "messages", "source": "bus", "subject": subject, "where": conditions, "expect": expect})
+}
+
+/// The messages a [`trigger_find`] run's third step found.
+pub fn found(run: &Value) -> Vec<Value> {
+    run["steps"][2]["output"]["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The first message a run's steps give (why one failed).
+pub fn step_message(run: &Value) -> String {
+    let step = run["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|step| step["message"].is_string());
+    step.map(|step| step["message"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// `GET /metrics`'s figure `name` for the `bus` source, with the whole text.
+pub async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let figure = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}{{source=\"bus\"}} ")))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_default();
+    (figure, text)
+}
+
 /// The RabbitMQ broker of the message source tests, from `STEPWISE_TEST_RABBITMQ_URL`
 /// (`amqp://host:port`, the guest user); `None` (and a SKIPPED line) without it.
 pub fn rabbitmq_url() -> Option<String> {

@@ -49,6 +49,29 @@ const POOL_WAIT: Duration = Duration::from_secs(2);
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_WINDOW_BYTES: usize = 64 << 20;
 
+/// Why a replay (a JetStream consumer, a RabbitMQ stream's) could not go on.
+#[derive(Debug)]
+enum ReplayError {
+    /// The server refused what was asked; the connection is still good.
+    Refused(String),
+    /// The connection failed; it is dropped.
+    Connection(String),
+}
+
+impl From<String> for ReplayError {
+    fn from(error: String) -> Self {
+        ReplayError::Connection(error)
+    }
+}
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayError::Refused(error) | ReplayError::Connection(error) => f.write_str(error),
+        }
+    }
+}
+
 /// Whether a source config is a message source: it names a `kind` of bus.
 pub fn is_message_source(config: &SourceConfig) -> bool {
     config.kind.is_some()
@@ -95,7 +118,7 @@ struct Pool<C> {
     slots: Arc<tokio::sync::Semaphore>,
 }
 
-impl<C> Pool<C> {
+impl<C: Pooled> Pool<C> {
     fn new() -> Pool<C> {
         Pool {
             idle: Mutex::new(Vec::new()),
@@ -135,9 +158,45 @@ impl<C> Pool<C> {
             .idle
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        if idle.len() < CONNECTIONS {
+        if idle.len() < CONNECTIONS && connection.reusable() {
             idle.push((std::time::Instant::now(), connection));
         }
+    }
+
+    /// A replay's end: the connection goes back unless it failed, and the broker's refusal
+    /// is the step's answer; `Err` is the connection's failure.
+    fn settle(
+        &self,
+        connection: C,
+        replayed: Result<(), ReplayError>,
+    ) -> Result<Result<(), MessagesError>, String> {
+        match replayed {
+            Ok(()) => {
+                self.give_back(connection);
+                Ok(Ok(()))
+            }
+            Err(ReplayError::Refused(error)) => {
+                self.give_back(connection);
+                Ok(Err(MessagesError::QueryFailed(error)))
+            }
+            Err(ReplayError::Connection(error)) => Err(error),
+        }
+    }
+}
+
+/// A connection a [`Pool`] keeps.
+trait Pooled {
+    /// Whether it may take another call.
+    fn reusable(&self) -> bool {
+        true
+    }
+}
+
+impl Pooled for nats::Connection {}
+
+impl Pooled for amqp::Connection {
+    fn reusable(&self) -> bool {
+        self.reusable()
     }
 }
 
@@ -296,6 +355,14 @@ impl MessageSources {
 }
 
 impl Source {
+    /// The step's call fails on the host's side: the source cannot be read now.
+    fn unavailable(&self, error: impl std::fmt::Display) -> wasmtime::Error {
+        wasmtime::Error::new(HostFault(format!(
+            "message source {:?} unavailable: {error}",
+            self.name
+        )))
+    }
+
     /// Subscribes the tap to `pattern` unless a stream keeps it or a wider pattern is tapped
     /// already; returns whether it subscribed.
     async fn tap_pattern(self: &Arc<Self>, pattern: &str) -> bool {
@@ -537,20 +604,14 @@ impl MessagesState {
         subject: &str,
         selection: &mut Selection<'_>,
     ) -> CallResult<()> {
-        let unavailable = |error: &dyn std::fmt::Display| {
-            wasmtime::Error::new(HostFault(format!(
-                "message source {:?} unavailable: {error}",
-                source.name
-            )))
-        };
         let (slot, mut connection) = server
             .pool
             .take(|| server.open())
             .await
-            .map_err(|error| unavailable(&error))?;
+            .map_err(|error| source.unavailable(error))?;
         let stream = match nats::stream_keeping(&mut connection, subject).await {
             Ok(stream) => stream,
-            Err(error) => return Err(unavailable(&error)),
+            Err(error) => return Err(source.unavailable(error)),
         };
         let Some(stream) = stream else {
             server.pool.give_back(connection);
@@ -590,17 +651,10 @@ impl MessagesState {
             },
         )
         .await;
-        match replayed {
-            Ok(()) => {
-                server.pool.give_back(connection);
-                Ok(Ok(()))
-            }
-            Err(nats::ReplayError::Refused(error)) => {
-                server.pool.give_back(connection);
-                Ok(Err(MessagesError::QueryFailed(error)))
-            }
-            Err(nats::ReplayError::Connection(error)) => Err(unavailable(&error)),
-        }
+        server
+            .pool
+            .settle(connection, replayed)
+            .map_err(|error| source.unavailable(error))
     }
 
     /// Replays a RabbitMQ stream from the run's creation.
@@ -611,17 +665,11 @@ impl MessagesState {
         stream: &str,
         selection: &mut Selection<'_>,
     ) -> CallResult<()> {
-        let unavailable = |error: &dyn std::fmt::Display| {
-            wasmtime::Error::new(HostFault(format!(
-                "message source {:?} unavailable: {error}",
-                source.name
-            )))
-        };
         let (_slot, mut connection) = broker
             .pool
             .take(|| amqp::Connection::open(&broker.target, POOL_WAIT))
             .await
-            .map_err(|error| unavailable(&error))?;
+            .map_err(|error| source.unavailable(error))?;
         let now = chrono::Utc::now().timestamp_millis() as u64;
         let replayed = amqp::replay(
             &mut connection,
@@ -639,21 +687,10 @@ impl MessagesState {
             },
         )
         .await;
-        match replayed {
-            Ok(()) => {
-                if connection.reusable() {
-                    broker.pool.give_back(connection);
-                }
-                Ok(Ok(()))
-            }
-            Err(amqp::ReplayError::Refused(error)) => {
-                if connection.reusable() {
-                    broker.pool.give_back(connection);
-                }
-                Ok(Err(MessagesError::QueryFailed(error)))
-            }
-            Err(amqp::ReplayError::Connection(error)) => Err(unavailable(&error)),
-        }
+        broker
+            .pool
+            .settle(connection, replayed)
+            .map_err(|error| source.unavailable(error))
     }
 
     async fn find_in_window(

@@ -7,77 +7,14 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{MqttClient, PluginFile, Setup, TestServer, mqtt_url};
+use crate::support::{
+    MqttClient, bus_server, find_step, found, mqtt_url, step_message, tap_figure, trigger_find,
+    unique_name,
+};
 
-/// A topic prefix of its own for one test: the SQLite and PostgreSQL copies run at once on one
-/// broker.
+/// The topic prefix of one test.
 fn prefix(test: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("stepwise-test/{test}-{}-{n}", std::process::id())
-}
-
-async fn bus_server(url: &str, subjects: &str, window_mib: usize) -> TestServer {
-    TestServer::start(
-        Setup::default()
-            .with_plugin(PluginFile::misbehave(format!(
-                "sql_sources = [\"bus\"]\nsubjects = [{subjects}]\npoll_interval_ms = 100\n[limits]\nmax_errors = 1\n"
-            )))
-            .with_bus("bus", "mqtt", url.to_owned(), window_mib),
-    )
-    .await
-}
-
-/// A run whose first step waits two polls and whose third looks for messages (`find`).
-async fn trigger_find(server: &TestServer, find: Value) -> String {
-    server
-        .trigger(
-            json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-                "first": {"action": "pending_until", "attempt": 3},
-                "third": find,
-            }}}),
-        )
-        .await
-}
-
-fn find(topic: &str, conditions: Value, expect: u64) -> Value {
-    json!({"action": "messages", "source": "bus", "subject": topic, "where": conditions, "expect": expect})
-}
-
-fn found(run: &Value) -> Vec<Value> {
-    run["steps"][2]["output"]["messages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn message(run: &Value) -> String {
-    let step = run["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|step| step["message"].is_string());
-    step.map(|step| step["message"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
-}
-
-/// `GET /metrics`'s figure `name` for the `bus` source.
-async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let figure = text
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}{{source=\"bus\"}} ")))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_default();
-    (figure, text)
+    format!("stepwise-test/{}", unique_name(test))
 }
 
 #[tokio::test]
@@ -96,14 +33,14 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
     publisher
         .publish(&topic, &[], br#"{"event_id":"evt-r"}"#, true)
         .await;
-    let server = bus_server(&url, &format!("\"{prefix}/#\""), 64).await;
+    let server = bus_server("mqtt", &url, &format!("\"{prefix}/#\""), 64).await;
     publisher
         .publish(&topic, &[], br#"{"event_id":"evt-0"}"#, false)
         .await;
 
     let id = trigger_find(
         &server,
-        find(
+        find_step(
             &format!("{prefix}/+"),
             json!([["json", "event_id", "evt-1"]]),
             1,
@@ -135,7 +72,7 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
     assert_eq!(messages[0]["headers"], json!([["Kind", "collected"]]));
 
     // Without a filter: nothing from before the run, the retained message included.
-    let id = trigger_find(&server, find(&format!("{prefix}/#"), json!([]), 0)).await;
+    let id = trigger_find(&server, find_step(&format!("{prefix}/#"), json!([]), 0)).await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(found(&run), Vec::<Value>::new(), "{run:#}");
     let (held, text) = tap_figure(&server, "stepwise_tap_messages").await;
@@ -164,7 +101,7 @@ async fn a_grant_bounds_the_topics_a_step_may_read() {
         return;
     };
     let prefix = prefix("grant");
-    let server = bus_server(&url, &format!("\"{prefix}/a/#\""), 64).await;
+    let server = bus_server("mqtt", &url, &format!("\"{prefix}/a/#\""), 64).await;
     for (subject, expected) in [
         (format!("{prefix}/b/x"), "denied: subject"),
         ("#".to_owned(), "denied: subject"),
@@ -180,9 +117,9 @@ async fn a_grant_bounds_the_topics_a_step_may_read() {
         let run = server.wait_until_finished(&id).await;
         assert_eq!(run["status"], "failed", "{subject}: {run:#}");
         assert!(
-            message(&run).starts_with(expected),
+            step_message(&run).starts_with(expected),
             "{subject}: {}",
-            message(&run)
+            step_message(&run)
         );
     }
 }
@@ -194,8 +131,8 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
     };
     let prefix = prefix("window");
     let topic = format!("{prefix}/big");
-    let server = bus_server(&url, &format!("\"{prefix}/#\""), 1).await;
-    let id = trigger_find(&server, find(&topic, json!([["json", "n", "-1"]]), 1)).await;
+    let server = bus_server("mqtt", &url, &format!("\"{prefix}/#\""), 1).await;
+    let id = trigger_find(&server, find_step(&topic, json!([["json", "n", "-1"]]), 1)).await;
     let mut publisher = MqttClient::connect(&url).await;
     let padding = "x".repeat(100_000);
     for n in 0..30 {
@@ -211,9 +148,9 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap dropped messages"),
+        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert!(dropped >= 20, "{text}");
@@ -222,16 +159,16 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
 
     // A message larger than the whole window is never held: it counts as dropped, and a run
     // from before it is told so.
-    let id = trigger_find(&server, find(&topic, json!([["json", "n", "-1"]]), 1)).await;
+    let id = trigger_find(&server, find_step(&topic, json!([["json", "n", "-1"]]), 1)).await;
     publisher
         .publish(&topic, &[], &vec![b'x'; 3 << 20], false)
         .await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap dropped messages"),
+        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     let (after, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert_eq!(after, dropped + 1, "{text}");
@@ -244,11 +181,11 @@ async fn after_a_restart_the_tap_says_its_window_is_lost() {
     };
     let prefix = prefix("restart");
     let topic = format!("{prefix}/collected");
-    let server = bus_server(&url, &format!("\"{prefix}/#\""), 64).await;
+    let server = bus_server("mqtt", &url, &format!("\"{prefix}/#\""), 64).await;
     let id = server
         .trigger(
             json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-                "first": find(&topic, json!([["json", "event_id", "evt-r"]]), 1),
+                "first": find_step(&topic, json!([["json", "event_id", "evt-r"]]), 1),
             }}}),
         )
         .await;
@@ -262,8 +199,9 @@ async fn after_a_restart_the_tap_says_its_window_is_lost() {
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap of this source has kept messages"),
+        step_message(&run)
+            .starts_with("window lost: the host's tap of this source has kept messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
 }

@@ -8,14 +8,14 @@
 use serde_json::{Value, json};
 use stepwise_demo::nats::Publisher;
 
-use crate::support::{PluginFile, Setup, TestServer, millis, nats_url};
+use crate::support::{
+    bus_server, find_step, found, millis, nats_url, step_message, tap_figure, trigger_find,
+    unique_name,
+};
 
-/// Names of their own for one test: the SQLite and PostgreSQL copies run at once on one
-/// server. The subject prefix (`stepwise_test.<test>.<pid>.<n>`) and a stream name.
+/// The subject prefix (`stepwise_test.<name>`) and the stream name of one test.
 fn names(test: &str) -> (String, String) {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let id = format!("{test}_{}_{n}", std::process::id());
+    let id = unique_name(test).replace('-', "_");
     (format!("stepwise_test.{id}"), format!("STEPWISE_{id}"))
 }
 
@@ -50,70 +50,6 @@ async fn delete_stream(nats: &mut Publisher, stream: &str) {
         .await;
 }
 
-async fn bus_server(url: &str, subjects: &str, window_mib: usize) -> TestServer {
-    TestServer::start(
-        Setup::default()
-            .with_plugin(PluginFile::misbehave(format!(
-                "sql_sources = [\"bus\"]\nsubjects = [{subjects}]\npoll_interval_ms = 100\n[limits]\nmax_errors = 1\n"
-            )))
-            .with_bus("bus", "nats", url.to_owned(), window_mib),
-    )
-    .await
-}
-
-/// A run whose first step waits two polls and whose third looks for messages (`find`),
-/// passing once `expect` are found.
-async fn trigger_find(server: &TestServer, find: Value) -> String {
-    server
-        .trigger(
-            json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-                "first": {"action": "pending_until", "attempt": 3},
-                "third": find,
-            }}}),
-        )
-        .await
-}
-
-fn find(subject: &str, conditions: Value, expect: u64) -> Value {
-    json!({"action": "messages", "source": "bus", "subject": subject, "where": conditions, "expect": expect})
-}
-
-/// `GET /metrics`'s figure `name` for the `bus` source.
-async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let figure = text
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}{{source=\"bus\"}} ")))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_default();
-    (figure, text)
-}
-
-fn found(run: &Value) -> Vec<Value> {
-    run["steps"][2]["output"]["messages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn message(run: &Value) -> String {
-    let step = run["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|step| step["message"].is_string());
-    step.map(|step| step["message"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_stream_is_replayed_from_the_run_start_and_its_consumers_see_no_change() {
     let Some(url) = nats_url() else {
@@ -126,9 +62,9 @@ async fn a_stream_is_replayed_from_the_run_start_and_its_consumers_see_no_change
     nats.publish(&subject, &[], br#"{"event_id":"evt-0"}"#)
         .await
         .expect("publishing");
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 64).await;
 
-    let id = trigger_find(&server, find(&subject, json!([]), 1)).await;
+    let id = trigger_find(&server, find_step(&subject, json!([]), 1)).await;
     // After the trigger, before the third step's first poll (two polls of the first step).
     nats.publish(&subject, &[("Trace-Id", "t-1")], br#"{"event_id":"evt-1"}"#)
         .await
@@ -161,7 +97,7 @@ async fn a_stream_is_replayed_from_the_run_start_and_its_consumers_see_no_change
     ];
     let mut ids = Vec::new();
     for (conditions, _) in &filters {
-        ids.push(trigger_find(&server, find(&subject, conditions.clone(), 1)).await);
+        ids.push(trigger_find(&server, find_step(&subject, conditions.clone(), 1)).await);
     }
     for (event, trace) in [("evt-2", "t-2"), ("evt-3", "t-3")] {
         let payload = format!(r#"{{"event_id":"{event}"}}"#);
@@ -205,7 +141,7 @@ async fn a_core_subject_is_answered_from_the_tap_from_the_run_start() {
     };
     let (prefix, _) = names("tap");
     let subject = format!("{prefix}.core.collected");
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 64).await;
     let mut nats = publisher(&url).await;
     nats.publish(&subject, &[], br#"{"event_id":"evt-0"}"#)
         .await
@@ -213,7 +149,7 @@ async fn a_core_subject_is_answered_from_the_tap_from_the_run_start() {
 
     let id = trigger_find(
         &server,
-        find(
+        find_step(
             &format!("{prefix}.core.*"),
             json!([["json", "event_id", "evt-1"]]),
             1,
@@ -243,7 +179,11 @@ async fn a_core_subject_is_answered_from_the_tap_from_the_run_start() {
 
     // Without a filter: what came after the run's creation, in order, on every subject the
     // pattern matches, and not what came before.
-    let id = trigger_find(&server, find(&format!("{prefix}.core.>"), json!([]), 0)).await;
+    let id = trigger_find(
+        &server,
+        find_step(&format!("{prefix}.core.>"), json!([]), 0),
+    )
+    .await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(
         found(&run),
@@ -261,7 +201,7 @@ async fn a_grant_bounds_the_sources_and_subjects_a_step_may_read() {
         return;
     };
     let (prefix, _) = names("grant");
-    let server = bus_server(&url, &format!("\"{prefix}.a.>\""), 64).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.a.>\""), 64).await;
     for (source, subject, expected) in [
         ("bus", format!("{prefix}.b.x"), "denied: subject"),
         ("bus", ">".to_owned(), "denied: subject"),
@@ -281,9 +221,9 @@ async fn a_grant_bounds_the_sources_and_subjects_a_step_may_read() {
         let run = server.wait_until_finished(&id).await;
         assert_eq!(run["status"], "failed", "{subject}: {run:#}");
         assert!(
-            message(&run).starts_with(expected),
+            step_message(&run).starts_with(expected),
             "{subject}: {}",
-            message(&run)
+            step_message(&run)
         );
     }
 }
@@ -297,10 +237,10 @@ async fn a_filter_that_matches_nothing_costs_the_scan_limit_at_most() {
     let subject = format!("{prefix}.kept.flood");
     let mut nats = publisher(&url).await;
     create_stream(&mut nats, &stream, &prefix).await;
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 64).await;
     let id = trigger_find(
         &server,
-        find(&subject, json!([["json", "event_id", "never"]]), 1),
+        find_step(&subject, json!([["json", "event_id", "never"]]), 1),
     )
     .await;
     for n in 0..10_050 {
@@ -311,9 +251,9 @@ async fn a_filter_that_matches_nothing_costs_the_scan_limit_at_most() {
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "errored", "{run:#}");
     assert!(
-        message(&run).contains("messages scan limit of 10000 per call exceeded"),
+        step_message(&run).contains("messages scan limit of 10000 per call exceeded"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     delete_stream(&mut nats, &stream).await;
 }
@@ -325,9 +265,13 @@ async fn the_tap_window_drops_old_messages_counts_them_and_says_so() {
     };
     let (prefix, _) = names("window");
     let subject = format!("{prefix}.core.big");
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 1).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 1).await;
     // A filter that never matches: pending until the window has dropped what it must answer for.
-    let id = trigger_find(&server, find(&subject, json!([["json", "n", "-1"]]), 1)).await;
+    let id = trigger_find(
+        &server,
+        find_step(&subject, json!([["json", "n", "-1"]]), 1),
+    )
+    .await;
     let mut nats = publisher(&url).await;
     let padding = "x".repeat(100_000);
     for n in 0..30 {
@@ -342,9 +286,9 @@ async fn the_tap_window_drops_old_messages_counts_them_and_says_so() {
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap dropped messages"),
+        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert!(dropped >= 20, "{text}");
@@ -360,12 +304,12 @@ async fn after_a_restart_a_replay_still_finds_and_the_tap_says_its_window_is_los
     let (prefix, stream) = names("restart");
     let mut nats = publisher(&url).await;
     create_stream(&mut nats, &stream, &prefix).await;
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 64).await;
     let kept = format!("{prefix}.kept.collected");
     let core = format!("{prefix}.core.collected");
     let wait = |subject: &str| {
         json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-            "first": find(subject, json!([["json", "event_id", "evt-r"]]), 1),
+            "first": find_step(subject, json!([["json", "event_id", "evt-r"]]), 1),
         }}})
     };
     let replayed = server.trigger(wait(&kept)).await;
@@ -385,9 +329,10 @@ async fn after_a_restart_a_replay_still_finds_and_the_tap_says_its_window_is_los
     let run = server.wait_until_finished(&tapped).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap of this source has kept messages"),
+        step_message(&run)
+            .starts_with("window lost: the host's tap of this source has kept messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     delete_stream(&mut nats, &stream).await;
 }
@@ -408,8 +353,12 @@ async fn a_stream_whose_limits_removed_messages_since_the_run_says_so() {
         .await
         .expect("creating a stream");
     assert!(created.get("error").is_none(), "{created}");
-    let server = bus_server(&url, &format!("\"{prefix}.>\""), 64).await;
-    let id = trigger_find(&server, find(&subject, json!([["json", "n", "-1"]]), 1)).await;
+    let server = bus_server("nats", &url, &format!("\"{prefix}.>\""), 64).await;
+    let id = trigger_find(
+        &server,
+        find_step(&subject, json!([["json", "n", "-1"]]), 1),
+    )
+    .await;
     for n in 0..5 {
         nats.publish(&subject, &[], format!("{{\"n\":{n}}}").as_bytes())
             .await
@@ -418,11 +367,11 @@ async fn a_stream_whose_limits_removed_messages_since_the_run_says_so() {
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with(&format!(
+        step_message(&run).starts_with(&format!(
             "window lost: stream {stream} keeps messages only since"
         )),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     delete_stream(&mut nats, &stream).await;
 }

@@ -14,13 +14,13 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 use serde_json::{Value, json};
 
-use crate::support::{PluginFile, Setup, TestServer, rabbitmq_url};
+use crate::support::{
+    bus_server, find_step, found, rabbitmq_url, step_message, tap_figure, trigger_find, unique_name,
+};
 
-/// A name of its own for one test: the SQLite and PostgreSQL copies run at once on one broker.
+/// The stream, exchange or queue name of one test.
 fn name(test: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("stepwise-test.{test}-{}-{n}", std::process::id())
+    format!("stepwise-test.{}", unique_name(test))
 }
 
 /// The application's side: a connection and a channel to the broker at `url`
@@ -110,49 +110,6 @@ async fn consumers_and_messages(channel: &Channel, queue: &str) -> (u32, u32) {
     (consumers, messages)
 }
 
-async fn bus_server(url: &str, subjects: &str, window_mib: usize) -> TestServer {
-    TestServer::start(
-        Setup::default()
-            .with_plugin(PluginFile::misbehave(format!(
-                "sql_sources = [\"bus\"]\nsubjects = [{subjects}]\npoll_interval_ms = 100\n[limits]\nmax_errors = 1\n"
-            )))
-            .with_bus("bus", "rabbitmq", url.to_owned(), window_mib),
-    )
-    .await
-}
-
-async fn trigger_find(server: &TestServer, find: Value) -> String {
-    server
-        .trigger(
-            json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-                "first": {"action": "pending_until", "attempt": 3},
-                "third": find,
-            }}}),
-        )
-        .await
-}
-
-fn find(subject: &str, conditions: Value, expect: u64) -> Value {
-    json!({"action": "messages", "source": "bus", "subject": subject, "where": conditions, "expect": expect})
-}
-
-fn found(run: &Value) -> Vec<Value> {
-    run["steps"][2]["output"]["messages"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn message(run: &Value) -> String {
-    let step = run["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|step| step["message"].is_string());
-    step.map(|step| step["message"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
-}
-
 /// Waits for the clock's next second: a stream's time offsets are whole seconds, so a message
 /// published in the second a run starts in may be replayed to it.
 async fn next_second() {
@@ -179,9 +136,9 @@ async fn a_stream_is_replayed_from_the_run_start_and_keeps_every_message() {
     declare_stream(&channel, &stream).await;
     publish(&channel, "", &stream, &[], br#"{"event_id":"evt-0"}"#).await;
     next_second().await;
-    let server = bus_server(&url, &format!("\"{stream}\""), 64).await;
+    let server = bus_server("rabbitmq", &url, &format!("\"{stream}\""), 64).await;
 
-    let id = trigger_find(&server, find(&stream, json!([]), 1)).await;
+    let id = trigger_find(&server, find_step(&stream, json!([]), 1)).await;
     publish(
         &channel,
         "",
@@ -210,7 +167,7 @@ async fn a_stream_is_replayed_from_the_run_start_and_keeps_every_message() {
     ];
     let mut ids = Vec::new();
     for (conditions, _) in &filters {
-        ids.push(trigger_find(&server, find(&stream, conditions.clone(), 1)).await);
+        ids.push(trigger_find(&server, find_step(&stream, conditions.clone(), 1)).await);
     }
     for (event, trace) in [("evt-2", "t-2"), ("evt-3", "t-3")] {
         let payload = format!(r#"{{"event_id":"{event}"}}"#);
@@ -258,7 +215,7 @@ async fn an_exchange_route_is_answered_from_the_tap_and_the_application_queue_mi
         .queue_bind(QueueBindArguments::new(&queue, &exchange, "#"))
         .await
         .expect("binding it");
-    let server = bus_server(&url, &format!("\"{exchange}/#\""), 64).await;
+    let server = bus_server("rabbitmq", &url, &format!("\"{exchange}/#\""), 64).await;
     publish(
         &channel,
         &exchange,
@@ -270,7 +227,7 @@ async fn an_exchange_route_is_answered_from_the_tap_and_the_application_queue_mi
 
     let id = trigger_find(
         &server,
-        find(
+        find_step(
             &format!("{exchange}/order.*"),
             json!([["json", "event_id", "evt-1"]]),
             1,
@@ -301,7 +258,7 @@ async fn an_exchange_route_is_answered_from_the_tap_and_the_application_queue_mi
     assert_eq!(messages[0]["subject"], format!("{exchange}/order.created"));
     assert_eq!(messages[0]["headers"], json!([["kind", "collected"]]));
 
-    let id = trigger_find(&server, find(&format!("{exchange}/#"), json!([]), 0)).await;
+    let id = trigger_find(&server, find_step(&format!("{exchange}/#"), json!([]), 0)).await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(
         found(&run),
@@ -333,7 +290,13 @@ async fn a_grant_bounds_the_subjects_and_a_queue_that_is_not_a_stream_is_left_al
         .await
         .expect("declaring a classic queue");
     publish(&channel, "", &classic, &[], b"the application's").await;
-    let server = bus_server(&url, &format!("\"{classic}\", \"events/order.#\""), 64).await;
+    let server = bus_server(
+        "rabbitmq",
+        &url,
+        &format!("\"{classic}\", \"events/order.#\""),
+        64,
+    )
+    .await;
     for (subject, expected) in [
         (classic.clone(), "query failed"),
         ("events/#".to_owned(), "denied: subject"),
@@ -348,15 +311,15 @@ async fn a_grant_bounds_the_subjects_and_a_queue_that_is_not_a_stream_is_left_al
         let run = server.wait_until_finished(&id).await;
         assert_eq!(run["status"], "failed", "{subject}: {run:#}");
         assert!(
-            message(&run).starts_with(expected),
+            step_message(&run).starts_with(expected),
             "{subject}: {}",
-            message(&run)
+            step_message(&run)
         );
         if subject == classic {
             assert!(
-                message(&run).contains("is not a stream queue"),
+                step_message(&run).contains("is not a stream queue"),
                 "{}",
-                message(&run)
+                step_message(&run)
             );
         }
     }
@@ -379,9 +342,13 @@ async fn the_tap_window_drops_old_and_oversized_messages_and_says_so() {
         .exchange_declare(ExchangeDeclareArguments::new(&exchange, "topic"))
         .await
         .expect("declaring an exchange");
-    let server = bus_server(&url, &format!("\"{exchange}/#\""), 1).await;
+    let server = bus_server("rabbitmq", &url, &format!("\"{exchange}/#\""), 1).await;
     let subject = format!("{exchange}/big");
-    let id = trigger_find(&server, find(&subject, json!([["json", "n", "-1"]]), 1)).await;
+    let id = trigger_find(
+        &server,
+        find_step(&subject, json!([["json", "n", "-1"]]), 1),
+    )
+    .await;
     let padding = "x".repeat(100_000);
     for n in 0..30 {
         let body = format!("{{\"n\":{n},\"pad\":\"{padding}\"}}");
@@ -390,20 +357,30 @@ async fn the_tap_window_drops_old_and_oversized_messages_and_says_so() {
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap dropped messages"),
+        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
+    let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
+    assert!(dropped >= 20, "{text}");
+    let (bytes, text) = tap_figure(&server, "stepwise_tap_bytes").await;
+    assert!(bytes <= 1 << 20, "{text}");
     // A message larger than the whole window is skipped unread, and counts.
-    let id = trigger_find(&server, find(&subject, json!([["json", "n", "-1"]]), 1)).await;
+    let id = trigger_find(
+        &server,
+        find_step(&subject, json!([["json", "n", "-1"]]), 1),
+    )
+    .await;
     publish(&channel, &exchange, "big", &[], &vec![b'x'; 3 << 20]).await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap dropped messages"),
+        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
+    let (after, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
+    assert_eq!(after, dropped + 1, "{text}");
     channel
         .exchange_delete(ExchangeDeleteArguments::new(&exchange))
         .await
@@ -423,10 +400,16 @@ async fn after_a_restart_a_stream_still_finds_and_the_tap_says_its_window_is_los
         .exchange_declare(ExchangeDeclareArguments::new(&exchange, "topic"))
         .await
         .expect("declaring an exchange");
-    let server = bus_server(&url, &format!("\"{stream}\", \"{exchange}/#\""), 64).await;
+    let server = bus_server(
+        "rabbitmq",
+        &url,
+        &format!("\"{stream}\", \"{exchange}/#\""),
+        64,
+    )
+    .await;
     let wait = |subject: &str| {
         json!({"plugin": "misbehave", "poll_interval_ms": 100, "params": {"steps": {
-            "first": find(subject, json!([["json", "event_id", "evt-r"]]), 1),
+            "first": find_step(subject, json!([["json", "event_id", "evt-r"]]), 1),
         }}})
     };
     let replayed = server.trigger(wait(&stream)).await;
@@ -448,9 +431,10 @@ async fn after_a_restart_a_stream_still_finds_and_the_tap_says_its_window_is_los
     let run = server.wait_until_finished(&tapped).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
-        message(&run).starts_with("window lost: the host's tap of this source has kept messages"),
+        step_message(&run)
+            .starts_with("window lost: the host's tap of this source has kept messages"),
         "{}",
-        message(&run)
+        step_message(&run)
     );
     channel
         .queue_delete(QueueDeleteArguments::new(&stream))

@@ -13,14 +13,15 @@
 //! within a budget: a larger one is skipped unread.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, ReadHalf,
 };
 
-use super::tap::{Connected, Kept, Protocol, TapWriter, Window};
-use crate::capabilities::wire::{self, Io};
+use super::ReplayError;
+use super::tap::{Connected, KeepAlive, Kept, Protocol, TapWriter, Window};
+use crate::capabilities::wire::{self, Bytes, Io};
 
 /// A broker as its URL names it: `amqp://[user[:password]@]host[:port][/vhost]` (the vhost
 /// percent-encoded, `%2F` for `/`, the default), or `amqps://` for TLS.
@@ -261,36 +262,16 @@ fn method(channel: u16, (class, id): (u16, u16), args: Args) -> Vec<u8> {
     frame(METHOD, channel, &payload)
 }
 
-/// A frame's payload, read from its start.
-struct Cursor<'a>(&'a [u8]);
+/// What AMQP reads of a frame beyond plain integers.
+trait Fields<'a> {
+    fn short(&mut self) -> Result<String, String>;
+    fn long(&mut self) -> Result<&'a [u8], String>;
+    /// A field table, its values as JSON.
+    fn table(&mut self) -> Result<Vec<(String, serde_json::Value)>, String>;
+    fn value(&mut self) -> Result<serde_json::Value, String>;
+}
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("a malformed frame".into());
-        }
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(taken)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_be_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
+impl<'a> Fields<'a> for Bytes<'a> {
     fn short(&mut self) -> Result<String, String> {
         let length = self.u8()?;
         Ok(String::from_utf8_lossy(self.take(length.into())?).into_owned())
@@ -300,11 +281,10 @@ impl<'a> Cursor<'a> {
         self.take(length as usize)
     }
 
-    /// A field table, its values as JSON.
     fn table(&mut self) -> Result<Vec<(String, serde_json::Value)>, String> {
-        let mut table = Cursor(self.long()?);
+        let mut table = Bytes(self.long()?);
         let mut fields = Vec::new();
-        while !table.0.is_empty() {
+        while !table.is_empty() {
             let name = table.short()?;
             fields.push((name, table.value()?));
         }
@@ -333,9 +313,9 @@ impl<'a> Cursor<'a> {
             b'S' | b'x' => json!(String::from_utf8_lossy(self.long()?)),
             b'F' => Value::Object(self.table()?.into_iter().collect()),
             b'A' => {
-                let mut items = Cursor(self.long()?);
+                let mut items = Bytes(self.long()?);
                 let mut values = Vec::new();
-                while !items.0.is_empty() {
+                while !items.is_empty() {
                     values.push(items.value()?);
                 }
                 Value::Array(values)
@@ -354,11 +334,11 @@ struct Frame {
 }
 
 impl Frame {
-    fn method(&self) -> Option<((u16, u16), Cursor<'_>)> {
+    fn method(&self) -> Option<((u16, u16), Bytes<'_>)> {
         if self.kind != METHOD || self.payload.len() < 4 {
             return None;
         }
-        let mut cursor = Cursor(&self.payload);
+        let mut cursor = Bytes(&self.payload);
         let id = (cursor.u16().ok()?, cursor.u16().ok()?);
         Some((id, cursor))
     }
@@ -393,7 +373,7 @@ struct Closed {
     text: String,
 }
 
-fn closed(mut args: Cursor<'_>) -> Closed {
+fn closed(mut args: Bytes<'_>) -> Closed {
     Closed {
         code: args.u16().unwrap_or_default(),
         text: args.short().unwrap_or_default(),
@@ -417,7 +397,7 @@ struct Delivery {
 /// Reads a message's content header and body after its `basic.deliver`.
 async fn read_content<R: AsyncRead + Unpin>(
     reader: &mut R,
-    mut deliver: Cursor<'_>,
+    mut deliver: Bytes<'_>,
     budget: usize,
 ) -> Result<Delivery, String> {
     deliver.short()?;
@@ -429,7 +409,7 @@ async fn read_content<R: AsyncRead + Unpin>(
     if header.kind != HEADER {
         return Err("a message without its content header".into());
     }
-    let mut cursor = Cursor(&header.payload);
+    let mut cursor = Bytes(&header.payload);
     cursor.u16()?;
     cursor.u16()?;
     let size = cursor.u64()?;
@@ -596,28 +576,6 @@ pub(super) struct Connection {
     next_channel: u16,
     /// Streams this connection has found to be streams.
     streams: Vec<String>,
-}
-
-/// Why a replay could not go on.
-pub(super) enum ReplayError {
-    /// The broker refused what was asked; the connection is still good.
-    Refused(String),
-    /// The connection failed; it is dropped.
-    Connection(String),
-}
-
-impl From<String> for ReplayError {
-    fn from(error: String) -> Self {
-        ReplayError::Connection(error)
-    }
-}
-
-impl std::fmt::Display for ReplayError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplayError::Refused(error) | ReplayError::Connection(error) => f.write_str(error),
-        }
-    }
 }
 
 /// The most channels one connection opens before the pool replaces it.
@@ -993,31 +951,9 @@ impl Protocol for TapProtocol {
         window: &Window,
         writer: &TapWriter,
     ) -> Result<(), String> {
-        let beat_every = heartbeat / 2;
-        let mut beaten = Instant::now();
-        let mut heard = Instant::now();
+        let mut alive = KeepAlive::new(heartbeat, frame_heartbeat());
         loop {
-            if beaten.elapsed() >= beat_every {
-                if heard.elapsed() > heartbeat * 2 {
-                    return Err("the broker stopped answering".into());
-                }
-                if let Some(writer) = writer.lock().await.as_mut() {
-                    writer
-                        .write_all(&frame_heartbeat())
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    writer.flush().await.map_err(|error| error.to_string())?;
-                }
-                beaten = Instant::now();
-            }
-            let wait = beat_every.saturating_sub(beaten.elapsed());
-            match tokio::time::timeout(wait, reader.fill_buf()).await {
-                Err(_) => continue,
-                Ok(Err(error)) => return Err(error.to_string()),
-                Ok(Ok([])) => return Err("connection closed".into()),
-                Ok(Ok(_)) => {}
-            }
-            heard = Instant::now();
+            alive.until_readable(&mut reader, writer).await?;
             let frame = read_frame(&mut reader).await?;
             let now = chrono::Utc::now().timestamp_millis();
             match frame.method() {
@@ -1183,7 +1119,7 @@ mod tests {
         all.extend(Args::default().u64(1_700_000_000).0);
         let flags = (1 << 15) | (1 << 13) | (1 << 6);
         let (deliver, wire) = delivery(flags, &all, br#"{"n":1}"#);
-        let read = read_content(&mut &wire[..], Cursor(&deliver), 100)
+        let read = read_content(&mut &wire[..], Bytes(&deliver), 100)
             .await
             .expect("a delivery");
         assert_eq!(
@@ -1203,7 +1139,7 @@ mod tests {
         );
         assert_eq!(read.body.as_deref(), Some(&br#"{"n":1}"#[..]));
         let (deliver, wire) = delivery(0, &[], &[b'x'; 200]);
-        let read = read_content(&mut &wire[..], Cursor(&deliver), 100)
+        let read = read_content(&mut &wire[..], Bytes(&deliver), 100)
             .await
             .expect("a delivery");
         assert!(read.body.is_none(), "past the budget: skipped");

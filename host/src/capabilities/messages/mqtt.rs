@@ -13,12 +13,12 @@
 //! is kept once, and every packet is read within a budget: a message larger than the tap's
 //! whole window is skipped unread and counted as dropped.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf};
 
-use super::tap::{Connected, Kept, Protocol, TapWriter, Window};
-use crate::capabilities::wire::{self, Io};
+use super::tap::{Connected, KeepAlive, Kept, Protocol, TapWriter, Window};
+use crate::capabilities::wire::{self, Bytes, Io};
 
 /// A broker as its URL names it: `mqtt://[user[:password]@]host[:port]`, or `mqtts://` for
 /// TLS.
@@ -237,28 +237,16 @@ enum Packet {
     Other,
 }
 
-/// A packet's body, read from its start.
-struct Body<'a>(&'a [u8]);
+/// What MQTT reads of a packet's body beyond plain integers.
+trait Fields<'a> {
+    fn varint(&mut self) -> Result<u64, String>;
+    fn binary(&mut self) -> Result<&'a [u8], String>;
+    fn text(&mut self) -> Result<String, String>;
+    /// A property list: each read and handed to `each`.
+    fn properties(&mut self, each: impl FnMut(Property)) -> Result<(), String>;
+}
 
-impl<'a> Body<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("a malformed packet".into());
-        }
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(taken)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, String> {
-        let bytes = self.take(2)?;
-        Ok(u16::from_be_bytes([bytes[0], bytes[1]]))
-    }
-
+impl<'a> Fields<'a> for Bytes<'a> {
     fn varint(&mut self) -> Result<u64, String> {
         let mut value = 0u64;
         for shift in [0, 7, 14, 21] {
@@ -280,11 +268,10 @@ impl<'a> Body<'a> {
         String::from_utf8(self.binary()?.to_vec()).map_err(|_| "a string that is not UTF-8".into())
     }
 
-    /// A property list: each read and handed to `each` (identifier, then what it holds).
     fn properties(&mut self, mut each: impl FnMut(Property)) -> Result<(), String> {
         let length = usize::try_from(self.varint()?).map_err(|error| error.to_string())?;
-        let mut list = Body(self.take(length)?);
-        while !list.0.is_empty() {
+        let mut list = Bytes(self.take(length)?);
+        while !list.is_empty() {
             let property = match list.u8()? {
                 0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => {
                     list.u8()?;
@@ -358,13 +345,13 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
     let mut bytes = vec![0; length];
     reader.read_exact(&mut bytes).await.map_err(io)?;
-    let mut body = Body(&bytes);
+    let mut body = Bytes(&bytes);
     Ok(match kind {
         2 => {
             body.u8()?;
             let reason = body.u8()?;
             let mut keep_alive = None;
-            if !body.0.is_empty() {
+            if !body.is_empty() {
                 body.properties(|property| {
                     if let Property::KeepAlive(seconds) = property {
                         keep_alive = Some(seconds);
@@ -406,9 +393,9 @@ async fn read_packet<R: AsyncRead + Unpin>(
             }
         }
         14 => {
-            let reason = if body.0.is_empty() { 0 } else { body.u8()? };
+            let reason = if body.is_empty() { 0 } else { body.u8()? };
             let mut text = None;
-            if !body.0.is_empty() {
+            if !body.is_empty() {
                 body.properties(|property| {
                     if let Property::Reason(reason) = property {
                         text = Some(reason);
@@ -498,33 +485,9 @@ impl Protocol for TapProtocol {
         writer: &TapWriter,
     ) -> Result<(), String> {
         // Half the keep-alive between pings; an answer to one must come within the next.
-        let ping_every = keep_alive / 2;
-        let mut pinged = Instant::now();
-        let mut heard = Instant::now();
+        let mut alive = KeepAlive::new(keep_alive, vec![PINGREQ, 0]);
         loop {
-            if pinged.elapsed() >= ping_every {
-                if heard.elapsed() > keep_alive + ping_every {
-                    return Err("the broker stopped answering".into());
-                }
-                if let Some(writer) = writer.lock().await.as_mut() {
-                    writer
-                        .write_all(&[PINGREQ, 0])
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    writer.flush().await.map_err(|error| error.to_string())?;
-                }
-                pinged = Instant::now();
-            }
-            let wait = ping_every.saturating_sub(pinged.elapsed());
-            // Only the wait for a packet's first byte is cut short: what a buffered read has
-            // read stays in its buffer.
-            match tokio::time::timeout(wait, reader.fill_buf()).await {
-                Err(_) => continue,
-                Ok(Err(error)) => return Err(error.to_string()),
-                Ok(Ok([])) => return Err("connection closed".into()),
-                Ok(Ok(_)) => {}
-            }
-            heard = Instant::now();
+            alive.until_readable(&mut reader, writer).await?;
             let now = chrono::Utc::now().timestamp_millis();
             match read_packet(&mut reader, window.max_bytes()).await? {
                 Packet::Publish(publish) if publish.retained => {}

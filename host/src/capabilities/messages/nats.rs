@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, ReadHalf};
 
+use super::ReplayError;
 use super::tap::{Connected, Kept, Protocol, TapWriter, Window};
 use crate::capabilities::wire::{self, Io, ReadError};
 
@@ -322,28 +323,6 @@ pub(super) enum Frame {
     Error(String),
     /// `+OK`, `INFO`: nothing the host acts on.
     Other,
-}
-
-/// Why a JetStream read failed: the server refused it (an answer for the step), or the
-/// connection failed (the host's problem; the connection is dropped).
-#[derive(Debug)]
-pub(super) enum ReplayError {
-    Refused(String),
-    Connection(String),
-}
-
-impl From<String> for ReplayError {
-    fn from(error: String) -> Self {
-        ReplayError::Connection(error)
-    }
-}
-
-impl std::fmt::Display for ReplayError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplayError::Refused(error) | ReplayError::Connection(error) => f.write_str(error),
-        }
-    }
 }
 
 /// Whether `pattern` is a subject or wildcard pattern a step may ask for: `*` stands for one

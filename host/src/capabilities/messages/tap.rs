@@ -11,9 +11,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, WriteHalf};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::capabilities::wire::Io;
@@ -474,6 +474,62 @@ impl Tap {
                 .is_ok()
             {
                 let _ = writer.flush().await;
+            }
+        }
+    }
+}
+
+/// Keeps a tap's quiet connection alive (MQTT's keep-alive, AMQP's heartbeat): between what
+/// the server sends, `beat` is written every half `interval`, and a server heard from in
+/// none of two intervals is taken as gone.
+pub(super) struct KeepAlive {
+    interval: Duration,
+    beat: Vec<u8>,
+    beaten: Instant,
+    heard: Instant,
+}
+
+impl KeepAlive {
+    pub(super) fn new(interval: Duration, beat: Vec<u8>) -> KeepAlive {
+        KeepAlive {
+            interval,
+            beat,
+            beaten: Instant::now(),
+            heard: Instant::now(),
+        }
+    }
+
+    /// Returns once the server has sent something to read.
+    pub(super) async fn until_readable<R: AsyncBufRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        writer: &TapWriter,
+    ) -> Result<(), String> {
+        let every = self.interval / 2;
+        loop {
+            if self.beaten.elapsed() >= every {
+                if self.heard.elapsed() > self.interval * 2 {
+                    return Err("the server stopped answering".into());
+                }
+                if let Some(writer) = writer.lock().await.as_mut() {
+                    writer
+                        .write_all(&self.beat)
+                        .await
+                        .map_err(|error| error.to_string())?;
+                    writer.flush().await.map_err(|error| error.to_string())?;
+                }
+                self.beaten = Instant::now();
+            }
+            // Only the wait is cut short: what a buffered read has read stays in its buffer.
+            let wait = every.saturating_sub(self.beaten.elapsed());
+            match tokio::time::timeout(wait, reader.fill_buf()).await {
+                Err(_) => continue,
+                Ok(Err(error)) => return Err(error.to_string()),
+                Ok(Ok([])) => return Err("connection closed".into()),
+                Ok(Ok(_)) => {
+                    self.heard = Instant::now();
+                    return Ok(());
+                }
             }
         }
     }

@@ -1,11 +1,23 @@
-//! What the host's own clients of text-framed protocols share (Redis in `kv/resp.rs`, NATS in
-//! `messages/nats.rs`): their URLs' authority, a connection that is plain TCP or TLS behind one
-//! type, and a line read that never holds more than the caller allows.
+//! What the host's own protocol clients share (Redis in `kv/resp.rs`; NATS, MQTT and AMQP
+//! under `messages/`): their URLs' scheme and authority, a connection that is plain TCP or TLS
+//! behind one type, a line read that never holds more than the caller allows, and a reader of
+//! a binary packet read whole.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+
+/// What follows a URL's scheme, `plain://` or `secure://`, and whether it was the secure one
+/// (TLS); `None` for another scheme.
+pub(super) fn after_scheme<'a>(url: &'a str, plain: &str, secure: &str) -> Option<(bool, &'a str)> {
+    let rest = |scheme: &str| url.strip_prefix(scheme)?.strip_prefix("://");
+    match (rest(secure), rest(plain)) {
+        (Some(rest), _) => Some((true, rest)),
+        (None, Some(rest)) => Some((false, rest)),
+        (None, None) => None,
+    }
+}
 
 /// A URL's authority, `[user[:password]@]host[:port]`, its user info percent-decoded.
 #[derive(Debug, PartialEq)]

@@ -32,13 +32,8 @@ impl Target {
         let invalid = |why: &str| {
             format!("url must be redis://[user[:password]@]host[:port][/db] or rediss://…: {why}")
         };
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("rediss://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("redis://") {
-            (false, rest)
-        } else {
-            return Err(invalid("unknown scheme"));
-        };
+        let (tls, rest) =
+            wire::after_scheme(url, "redis", "rediss").ok_or_else(|| invalid("unknown scheme"))?;
         if rest.contains(['?', '#']) {
             return Err(invalid("no query or fragment is read"));
         }

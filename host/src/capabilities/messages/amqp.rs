@@ -40,13 +40,9 @@ impl Target {
         let invalid = |why: &str| {
             format!("url must be amqp://[user:password@]host[:port][/vhost] or amqps://…: {why}")
         };
-        let (tls, rest, default_port) = if let Some(rest) = url.strip_prefix("amqps://") {
-            (true, rest, 5671)
-        } else if let Some(rest) = url.strip_prefix("amqp://") {
-            (false, rest, 5672)
-        } else {
-            return Err(invalid("unknown scheme"));
-        };
+        let (tls, rest) =
+            wire::after_scheme(url, "amqp", "amqps").ok_or_else(|| invalid("unknown scheme"))?;
+        let default_port = if tls { 5671 } else { 5672 };
         let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
         if vhost.contains(['/', '?', '#']) || authority.contains(['?', '#']) {
             return Err(invalid("one vhost, no query or fragment"));

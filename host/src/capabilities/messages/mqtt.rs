@@ -36,13 +36,9 @@ impl Target {
         let invalid = |why: &str| {
             format!("url must be mqtt://[user:password@]host[:port] or mqtts://…: {why}")
         };
-        let (tls, rest, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest, 8883)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest, 1883)
-        } else {
-            return Err(invalid("unknown scheme"));
-        };
+        let (tls, rest) =
+            wire::after_scheme(url, "mqtt", "mqtts").ok_or_else(|| invalid("unknown scheme"))?;
+        let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['?', '#', '/']) {
             return Err(invalid("no path, query or fragment"));

@@ -30,13 +30,8 @@ impl Target {
         let invalid = |why: &str| {
             format!("url must be nats://[user:password@|token@]host[:port] or tls://…: {why}")
         };
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("tls://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("nats://") {
-            (false, rest)
-        } else {
-            return Err(invalid("unknown scheme"));
-        };
+        let (tls, rest) =
+            wire::after_scheme(url, "nats", "tls").ok_or_else(|| invalid("unknown scheme"))?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['?', '#', '/', ',']) {
             return Err(invalid("one server, no path, query or fragment"));

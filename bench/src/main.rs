@@ -22,6 +22,7 @@ const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
                       [--plugin-memory-mib N] [--mysql URL] [--redis URL] [--nats URL]
+                      [--mqtt URL] [--rabbitmq URL] [--kafka URL]
 
 scenarios (default: all but soak, languages, postgres, floor and messages):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -62,8 +63,10 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
           database (a fresh one per measurement, made and dropped through URL): throughput
           and the CPU time per step and per trigger of the database and of the nodes
   messages
-          --nats URL: publish → found for a step polling every 200 ms, through a JetStream
-          replay and through the host's tap of a core subject
+          --nats, --mqtt, --rabbitmq, --kafka URL (one or more): publish → found for a step
+          polling every 200 ms, per backend and mode (a JetStream replay and the tap of a core
+          NATS subject; MQTT's tap; a RabbitMQ stream replay and the tap of an exchange; a
+          Kafka topic replay)
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
           finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
           minute, and the lag of ticks during sweeps against the rest
@@ -81,7 +84,10 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
 --redis URL     containment's Redis attacker: a server it may write a large value to
                 (e.g. redis://127.0.0.1:6379)
 --nats URL      containment's NATS attacker: a server it floods with large messages on a
-                subject a tap keeps (e.g. nats://127.0.0.1:4222)
+                subject a tap keeps (e.g. nats://127.0.0.1:4222); a bus of messages
+--mqtt URL, --rabbitmq URL, --kafka URL
+                buses of messages (mqtt://127.0.0.1:1883, amqp://127.0.0.1:5672 as guest,
+                kafka://127.0.0.1:9092)
 ";
 
 pub struct Options {
@@ -96,6 +102,9 @@ pub struct Options {
     pub mysql: Option<String>,
     pub redis: Option<String>,
     pub nats: Option<String>,
+    pub mqtt: Option<String>,
+    pub rabbitmq: Option<String>,
+    pub kafka: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -114,6 +123,9 @@ fn main() -> ExitCode {
         mysql: None,
         redis: None,
         nats: None,
+        mqtt: None,
+        rabbitmq: None,
+        kafka: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -124,6 +136,9 @@ fn main() -> ExitCode {
             "--mysql" => options.mysql = args.next(),
             "--redis" => options.redis = args.next(),
             "--nats" => options.nats = args.next(),
+            "--mqtt" => options.mqtt = args.next(),
+            "--rabbitmq" => options.rabbitmq = args.next(),
+            "--kafka" => options.kafka = args.next(),
             "--plugin-memory-mib" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(mib) if mib > 0 => options.plugin_memory_mib = Some(mib),
                 _ => return usage("--plugin-memory-mib needs a positive number"),

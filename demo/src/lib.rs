@@ -4,6 +4,7 @@
 //! also books each event in a MariaDB table and counts it in Redis. Events can ask to be lost
 //! or corrupted on the way, so the demo can show a failing and a timing-out check too.
 
+pub mod mqtt;
 pub mod nats;
 pub mod redis;
 

@@ -1510,6 +1510,20 @@ pub async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
     (figure, text)
 }
 
+/// The Kafka-protocol broker of the message source tests, from `STEPWISE_TEST_KAFKA_URL`
+/// (`kafka://host:port`); `None` (and a SKIPPED line) without it.
+pub fn kafka_url() -> Option<String> {
+    match std::env::var("STEPWISE_TEST_KAFKA_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "SKIPPED: the Kafka source test (set STEPWISE_TEST_KAFKA_URL to a broker, e.g. kafka://127.0.0.1:9092; .ci/run starts tansu)"
+            );
+            None
+        }
+    }
+}
+
 /// The RabbitMQ broker of the message source tests, from `STEPWISE_TEST_RABBITMQ_URL`
 /// (`amqp://host:port`, the guest user); `None` (and a SKIPPED line) without it.
 pub fn rabbitmq_url() -> Option<String> {
@@ -1521,163 +1535,6 @@ pub fn rabbitmq_url() -> Option<String> {
             );
             None
         }
-    }
-}
-
-/// An application's MQTT 5 client for the tests (`mqtt://host:port`, no credentials): it
-/// publishes at QoS 1, returning once the broker has the message, and reads what its
-/// subscriptions deliver.
-pub struct MqttClient {
-    stream: tokio::io::BufStream<tokio::net::TcpStream>,
-    next_id: u16,
-}
-
-impl MqttClient {
-    pub async fn connect(url: &str) -> MqttClient {
-        use tokio::io::AsyncWriteExt;
-        let address = url.strip_prefix("mqtt://").expect("an mqtt:// URL");
-        let tcp = tokio::net::TcpStream::connect(address.trim_end_matches('/'))
-            .await
-            .expect("connecting to the MQTT broker");
-        let mut client = MqttClient {
-            stream: tokio::io::BufStream::new(tcp),
-            next_id: 0,
-        };
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0];
-        let id = format!("stepwise-test-{}", uuid::Uuid::now_v7().simple());
-        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        body.extend_from_slice(id.as_bytes());
-        client.send(0x10, &body).await;
-        let (kind, body) = client.read().await;
-        assert_eq!((kind >> 4, body.get(1)), (2, Some(&0)), "CONNACK: {body:?}");
-        client.stream.flush().await.expect("flushing");
-        client
-    }
-
-    async fn send(&mut self, first: u8, body: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        let mut packet = vec![first];
-        let mut length = body.len();
-        loop {
-            let byte = (length % 128) as u8;
-            length /= 128;
-            packet.push(if length > 0 { byte | 0x80 } else { byte });
-            if length == 0 {
-                break;
-            }
-        }
-        packet.extend_from_slice(body);
-        self.stream
-            .write_all(&packet)
-            .await
-            .expect("writing to the broker");
-        self.stream.flush().await.expect("flushing");
-    }
-
-    /// The next packet: its first byte and its body.
-    async fn read(&mut self) -> (u8, Vec<u8>) {
-        use tokio::io::AsyncReadExt;
-        let first = self.stream.read_u8().await.expect("a packet");
-        let (mut length, mut shift) = (0usize, 0);
-        loop {
-            let byte = self.stream.read_u8().await.expect("a packet length");
-            length |= usize::from(byte & 0x7F) << shift;
-            shift += 7;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0; length];
-        self.stream
-            .read_exact(&mut body)
-            .await
-            .expect("a packet body");
-        (first, body)
-    }
-
-    fn packet_id(&mut self) -> [u8; 2] {
-        self.next_id += 1;
-        self.next_id.to_be_bytes()
-    }
-
-    /// Publishes at QoS 1 with these user properties, `retain` if asked.
-    pub async fn publish(
-        &mut self,
-        topic: &str,
-        headers: &[(&str, &str)],
-        payload: &[u8],
-        retain: bool,
-    ) {
-        let string = |out: &mut Vec<u8>, text: &[u8]| {
-            out.extend_from_slice(&(text.len() as u16).to_be_bytes());
-            out.extend_from_slice(text);
-        };
-        let mut body = Vec::new();
-        string(&mut body, topic.as_bytes());
-        let id = self.packet_id();
-        body.extend_from_slice(&id);
-        let mut properties = Vec::new();
-        for (name, value) in headers {
-            properties.push(0x26);
-            string(&mut properties, name.as_bytes());
-            string(&mut properties, value.as_bytes());
-        }
-        assert!(properties.len() < 128, "one length byte");
-        body.push(properties.len() as u8);
-        body.extend_from_slice(&properties);
-        body.extend_from_slice(payload);
-        self.send(0x32 | u8::from(retain), &body).await;
-        loop {
-            let (first, body) = self.read().await;
-            if first >> 4 == 4 && body[..2] == id {
-                assert!(body.len() < 3 || body[2] < 0x80, "PUBACK: {body:?}");
-                return;
-            }
-        }
-    }
-
-    /// Subscribes at QoS 0 and returns once the broker confirms it.
-    pub async fn subscribe(&mut self, filter: &str) {
-        let id = self.packet_id();
-        let mut body = id.to_vec();
-        body.push(0);
-        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-        body.extend_from_slice(filter.as_bytes());
-        body.push(0);
-        self.send(0x82, &body).await;
-        loop {
-            let (first, body) = self.read().await;
-            if first >> 4 == 9 && body[..2] == id {
-                assert!(
-                    body[3..].iter().all(|reason| *reason < 0x80),
-                    "SUBACK: {body:?}"
-                );
-                return;
-            }
-        }
-    }
-
-    /// The payload of the next message a subscription delivers, within `DEADLINE`.
-    pub async fn next_message(&mut self) -> Vec<u8> {
-        let read = async {
-            loop {
-                let (first, body) = self.read().await;
-                if first >> 4 != 3 {
-                    continue;
-                }
-                let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                let mut at = 2 + topic;
-                if (first >> 1) & 3 > 0 {
-                    at += 2;
-                }
-                let properties = usize::from(body[at]);
-                assert!(properties < 128, "one length byte");
-                return body[at + 1 + properties..].to_vec();
-            }
-        };
-        tokio::time::timeout(DEADLINE, read)
-            .await
-            .expect("a message within the deadline")
     }
 }
 

@@ -1,23 +1,27 @@
 //! `stepwise:plugin/messages`: what was published on a bus since the run started, read from
-//! the message sources named in the host's config (`[sources.*]` with `kind = "nats"` or
-//! `"mqtt"`) and granted to the plugin with the subjects it may read (`subjects`). The host
-//! never joins a consumer group or queue of the application's, acknowledges, deletes or
-//! publishes anything: reading changes nothing the real consumers see.
+//! the message sources named in the host's config (`[sources.*]` with `kind = "nats"`,
+//! `"mqtt"`, `"rabbitmq"` or `"kafka"`) and granted to the plugin with the subjects it may
+//! read (`subjects`). The host never joins a consumer group or queue of the application's,
+//! acknowledges its messages, deletes or publishes anything: reading changes nothing the
+//! real consumers see.
 //!
 //! How a source knows "since the run started" depends on what the broker keeps:
 //! - **Replay by time** where the broker keeps history: a subject a JetStream stream keeps is
 //!   read through an ephemeral consumer that starts at the run's creation and is deleted when
-//!   the call ends (`nats.rs`). Nothing lives in the host, so it survives restarts.
-//! - **A tap** where it keeps none (core NATS subjects, MQTT topics): the host subscribes to
-//!   every subject pattern that a grant names for the source and keeps a window of what
-//!   arrives, bounded in age and bytes (`tap.rs`, driven by `nats.rs` or `mqtt.rs`). A run the
-//!   window cannot answer for in full gets `window-lost`.
+//!   the call ends (`nats.rs`), a RabbitMQ stream through a consumer at that offset in time
+//!   (`amqp.rs`), a Kafka topic from the offsets its partitions give for that time
+//!   (`kafka.rs`). Nothing lives in the host, so it survives restarts.
+//! - **A tap** where it keeps none (core NATS subjects, MQTT topics, RabbitMQ exchanges): the
+//!   host subscribes to every subject pattern that a grant names for the source and keeps a
+//!   window of what arrives, bounded in age and bytes (`tap.rs`, driven by each backend's
+//!   `Protocol`). A run the window cannot answer for in full gets `window-lost`.
 //!
 //! A call's budgets: `limit` messages (at most [`MAX_LIMIT`]), the result byte cap
 //! (`sql_result_bytes`), [`MAX_SCANNED`] messages looked at, and the query time
 //! (`sql_timeout_ms`). Passing one is a [`Violation`].
 
 mod amqp;
+mod kafka;
 mod mqtt;
 mod nats;
 mod tap;
@@ -98,6 +102,7 @@ enum Backend {
     Nats(NatsSource),
     Mqtt(mqtt::Target),
     Rabbit(RabbitSource),
+    Kafka(KafkaSource),
 }
 
 /// A NATS server, with the connections that replays use.
@@ -110,6 +115,12 @@ struct NatsSource {
 struct RabbitSource {
     target: amqp::Target,
     pool: Pool<amqp::Connection>,
+}
+
+/// Kafka brokers, with the client that replays use.
+struct KafkaSource {
+    target: kafka::Target,
+    clients: kafka::Clients,
 }
 
 /// The connections to one source that calls take in turn, [`CONNECTIONS`] at most at once.
@@ -212,8 +223,12 @@ impl Backend {
                 target: amqp::Target::parse(url)?,
                 pool: Pool::new(),
             })),
+            "kafka" => Ok(Backend::Kafka(KafkaSource {
+                target: kafka::Target::parse(url)?,
+                clients: kafka::Clients::default(),
+            })),
             other => Err(format!(
-                "kind = {other:?} is not a message source this host reads (nats, mqtt, rabbitmq)"
+                "kind = {other:?} is not a message source this host reads (nats, mqtt, rabbitmq, kafka)"
             )),
         }
     }
@@ -224,6 +239,7 @@ impl Backend {
             Backend::Nats(_) => nats::check_pattern(pattern),
             Backend::Mqtt(_) => mqtt::check_pattern(pattern),
             Backend::Rabbit(_) => amqp::check_pattern(pattern),
+            Backend::Kafka(_) => kafka::check_pattern(pattern),
         }
     }
 
@@ -233,6 +249,7 @@ impl Backend {
             Backend::Nats(_) => nats::covers,
             Backend::Mqtt(_) => mqtt::covers,
             Backend::Rabbit(_) => amqp::covers,
+            Backend::Kafka(_) => kafka::covers,
         }
     }
 }
@@ -346,6 +363,7 @@ impl MessageSources {
                 Backend::Rabbit(broker) => amqp::Connection::open(&broker.target, within)
                     .await
                     .map(drop),
+                Backend::Kafka(brokers) => brokers.clients.check(&brokers.target, within).await,
             };
             if let Err(error) = reached {
                 tracing::warn!(source = %name, %error, "message source unreachable at start");
@@ -368,10 +386,14 @@ impl Source {
     async fn tap_pattern(self: &Arc<Self>, pattern: &str) -> bool {
         // A pattern a stream keeps whole is replayed from the stream; tapping it too would
         // only fill the window.
-        if let Backend::Rabbit(_) = &self.backend
-            && let Ok(amqp::Subject::Stream(_)) = amqp::subject(pattern)
-        {
-            return false;
+        match &self.backend {
+            Backend::Kafka(_) => return false,
+            Backend::Rabbit(_)
+                if matches!(amqp::subject(pattern), Ok(amqp::Subject::Stream(_))) =>
+            {
+                return false;
+            }
+            _ => {}
         }
         if let Backend::Nats(server) = &self.backend {
             match tokio::time::timeout(POOL_WAIT, server.stream_keeping(pattern)).await {
@@ -402,6 +424,7 @@ impl Source {
                     Backend::Rabbit(broker) => {
                         Tap::start(name, amqp::TapProtocol::new(broker.target.clone()), window)
                     }
+                    Backend::Kafka(_) => unreachable!("a Kafka topic is replayed, never tapped"),
                 }
             })
             .await;
@@ -590,6 +613,10 @@ impl MessagesState {
                 self.find_on_stream(source, broker, subject, selection)
                     .await
             }
+            Backend::Kafka(brokers) => {
+                self.find_on_topic(source, brokers, subject, selection)
+                    .await
+            }
             Backend::Mqtt(_) | Backend::Rabbit(_) => {
                 Ok(self.find_in_window(source, subject, selection).await)
             }
@@ -691,6 +718,42 @@ impl MessagesState {
             .pool
             .settle(connection, replayed)
             .map_err(|error| source.unavailable(error))
+    }
+
+    /// Replays a Kafka topic from the run's creation.
+    async fn find_on_topic(
+        &self,
+        source: &Source,
+        brokers: &KafkaSource,
+        topic: &str,
+        selection: &mut Selection<'_>,
+    ) -> CallResult<()> {
+        if topic.ends_with('*') {
+            return Ok(Err(MessagesError::QueryFailed(format!(
+                "{topic:?}: a Kafka subject is one topic"
+            ))));
+        }
+        let replayed = kafka::replay(
+            &brokers.clients,
+            &brokers.target,
+            topic,
+            self.since_ms,
+            |record| {
+                selection.offer(MessageView {
+                    subject: topic,
+                    headers: record.headers,
+                    payload: record.payload,
+                    published_at_ms: record.published_at_ms,
+                    position: record.offset,
+                })
+            },
+        )
+        .await;
+        match replayed {
+            Ok(()) => Ok(Ok(())),
+            Err(ReplayError::Refused(error)) => Ok(Err(MessagesError::QueryFailed(error))),
+            Err(ReplayError::Connection(error)) => Err(source.unavailable(error)),
+        }
     }
 
     async fn find_in_window(

@@ -13,6 +13,7 @@ mod escapes;
 mod events;
 mod hostile;
 mod http_status;
+mod kafka_sources;
 mod leases;
 mod metrics;
 mod mqtt_sources;

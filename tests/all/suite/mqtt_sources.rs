@@ -6,10 +6,10 @@
 //! window is lost.
 
 use serde_json::{Value, json};
+use stepwise_demo::mqtt::Publisher;
 
 use crate::support::{
-    MqttClient, bus_server, find_step, found, mqtt_url, step_message, tap_figure, trigger_find,
-    unique_name,
+    bus_server, find_step, found, mqtt_url, step_message, tap_figure, trigger_find, unique_name,
 };
 
 /// The topic prefix of one test.
@@ -25,18 +25,25 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
     let prefix = prefix("tap");
     let topic = format!("{prefix}/collected");
     // The application's consumers: a group sharing the topic's messages, as its workers do.
-    let mut application = MqttClient::connect(&url).await;
+    let mut application = Publisher::connect(&url)
+        .await
+        .expect("connecting to the MQTT broker");
     application
         .subscribe(&format!("$share/app/{prefix}/#"))
-        .await;
-    let mut publisher = MqttClient::connect(&url).await;
+        .await
+        .expect("subscribing");
+    let mut publisher = Publisher::connect(&url)
+        .await
+        .expect("connecting to the MQTT broker");
     publisher
         .publish(&topic, &[], br#"{"event_id":"evt-r"}"#, true)
-        .await;
+        .await
+        .expect("publishing");
     let server = bus_server("mqtt", &url, &format!("\"{prefix}/#\""), 64).await;
     publisher
         .publish(&topic, &[], br#"{"event_id":"evt-0"}"#, false)
-        .await;
+        .await
+        .expect("publishing");
 
     let id = trigger_find(
         &server,
@@ -54,7 +61,8 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
             br#"{"event_id":"evt-2"}"#,
             false,
         )
-        .await;
+        .await
+        .expect("publishing");
     publisher
         .publish(
             &topic,
@@ -62,7 +70,8 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
             br#"{"event_id":"evt-1"}"#,
             false,
         )
-        .await;
+        .await
+        .expect("publishing");
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "passed", "{run:#}");
     let messages = found(&run);
@@ -81,7 +90,15 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
     // The application's group got every message published while the host tapped the topic.
     let mut delivered = Vec::new();
     for _ in 0..4 {
-        delivered.push(String::from_utf8(application.next_message().await).expect("UTF-8"));
+        delivered.push(
+            String::from_utf8(
+                tokio::time::timeout(crate::support::DEADLINE, application.next_message())
+                    .await
+                    .expect("a message within the deadline")
+                    .expect("a message"),
+            )
+            .expect("UTF-8"),
+        );
     }
     assert_eq!(
         delivered,
@@ -92,7 +109,10 @@ async fn a_topic_is_answered_from_the_tap_from_the_run_start_and_the_application
             r#"{"event_id":"evt-1"}"#
         ]
     );
-    publisher.publish(&topic, &[], b"", true).await;
+    publisher
+        .publish(&topic, &[], b"", true)
+        .await
+        .expect("publishing");
 }
 
 #[tokio::test]
@@ -133,7 +153,9 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
     let topic = format!("{prefix}/big");
     let server = bus_server("mqtt", &url, &format!("\"{prefix}/#\""), 1).await;
     let id = trigger_find(&server, find_step(&topic, json!([["json", "n", "-1"]]), 1)).await;
-    let mut publisher = MqttClient::connect(&url).await;
+    let mut publisher = Publisher::connect(&url)
+        .await
+        .expect("connecting to the MQTT broker");
     let padding = "x".repeat(100_000);
     for n in 0..30 {
         publisher
@@ -143,7 +165,8 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
                 format!("{{\"n\":{n},\"pad\":\"{padding}\"}}").as_bytes(),
                 false,
             )
-            .await;
+            .await
+            .expect("publishing");
     }
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
@@ -162,7 +185,8 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
     let id = trigger_find(&server, find_step(&topic, json!([["json", "n", "-1"]]), 1)).await;
     publisher
         .publish(&topic, &[], &vec![b'x'; 3 << 20], false)
-        .await;
+        .await
+        .expect("publishing");
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert!(
@@ -191,10 +215,13 @@ async fn after_a_restart_the_tap_says_its_window_is_lost() {
         .await;
     let mut server = server;
     server.stop().await;
-    let mut publisher = MqttClient::connect(&url).await;
+    let mut publisher = Publisher::connect(&url)
+        .await
+        .expect("connecting to the MQTT broker");
     publisher
         .publish(&topic, &[], br#"{"event_id":"evt-r"}"#, false)
-        .await;
+        .await
+        .expect("publishing");
     let server = server.restart().await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "failed", "{run:#}");

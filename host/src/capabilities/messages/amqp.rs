@@ -167,7 +167,9 @@ const DELIVER: (u16, u16) = (60, 60);
 
 /// The largest frame the host accepts; bodies come in frames of at most this.
 const FRAME_MAX: u32 = 128 << 10;
-/// Seconds between heartbeats each side sends when it has nothing else to say.
+/// Seconds between heartbeats each side of a tap's connection sends when it has nothing else
+/// to say. A replay's connections ask for none: they wait idle in the pool between calls,
+/// and a broker closes a connection whose heartbeats stop; each call has its time limit.
 const HEARTBEAT_SECONDS: u16 = 30;
 
 /// A method's arguments, written in AMQP's encoding.
@@ -479,9 +481,13 @@ async fn read_content_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Fram
     }
 }
 
-/// Says the protocol header, logs in and opens the vhost; the connection and the heartbeat
-/// interval agreed.
-async fn handshake(target: &Target) -> Result<(BufStream<Box<dyn Io>>, Duration), String> {
+/// Says the protocol header, logs in and opens the vhost, with heartbeats every `heartbeat`
+/// seconds at most (0: none); the connection and the heartbeat interval agreed.
+async fn handshake(
+    target: &Target,
+    heartbeat: u16,
+) -> Result<(BufStream<Box<dyn Io>>, Duration), String> {
+    let wanted = heartbeat;
     let tcp = wire::connect(&target.host, target.port).await?;
     let io: Box<dyn Io> = if target.tls {
         wire::tls(tcp, &target.host).await?
@@ -541,9 +547,10 @@ async fn handshake(target: &Target) -> Result<(BufStream<Box<dyn Io>>, Duration)
     } else {
         frame_max.min(FRAME_MAX)
     };
-    let heartbeat = match heartbeat {
-        0 => HEARTBEAT_SECONDS,
-        seconds => seconds.min(HEARTBEAT_SECONDS),
+    let heartbeat = match (wanted, heartbeat) {
+        (0, _) => 0,
+        (wanted, 0) => wanted,
+        (wanted, offered) => offered.min(wanted),
     };
     let tune_ok = Args::default()
         .u16(channel_max)
@@ -579,7 +586,7 @@ const CHANNELS_PER_CONNECTION: u16 = 1_000;
 
 impl Connection {
     pub(super) async fn open(target: &Target, timeout: Duration) -> Result<Connection, String> {
-        let (stream, _) = tokio::time::timeout(timeout, handshake(target))
+        let (stream, _) = tokio::time::timeout(timeout, handshake(target, 0))
             .await
             .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))??;
         Ok(Connection {
@@ -872,7 +879,7 @@ impl Protocol for TapProtocol {
 
     async fn connect(&self) -> Result<Connected<TapReader>, String> {
         let opened = async {
-            let (stream, heartbeat) = handshake(&self.target).await?;
+            let (stream, heartbeat) = handshake(&self.target, HEARTBEAT_SECONDS).await?;
             let mut connection = Connection {
                 stream,
                 next_channel: TAP_CHANNEL,

@@ -36,11 +36,22 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
             stepwise_host::config::SourceConfig::new(url.clone()),
         )
     }));
-    if let Some(url) = &options.nats {
+    if let Some(url) = &options.rabbitmq {
+        // The exchanges the grant's routes name exist before the host's tap binds to them.
+        let (_connection, channel) = crate::messages::rabbitmq(url).await?;
+        for exchange in ["stepwise-bench", "stepwise-bench.flood"] {
+            channel
+                .exchange_declare(amqprs::channel::ExchangeDeclareArguments::new(
+                    exchange, "topic",
+                ))
+                .await?;
+        }
+    }
+    for (name, kind, url) in buses(options) {
         sources.insert(
-            "bus".to_owned(),
+            name.to_owned(),
             stepwise_host::config::SourceConfig {
-                kind: Some("nats".to_owned()),
+                kind: Some(kind.to_owned()),
                 window_bytes: TAP_WINDOW_MIB << 20,
                 ..stepwise_host::config::SourceConfig::new(url.clone())
             },
@@ -75,7 +86,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let bytes = std::fs::read(MISBEHAVE_WASM)?;
     server.upload("good", bytes.clone()).await?;
     let grant = format!(
-        "allowed_hosts = [\"{}\"]\nsql_sources = [{}]\nsubjects = [\"stepwise-bench.>\"]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
+        "allowed_hosts = [\"{}\"]\nsql_sources = [{}]\nsubjects = [\"stepwise-bench.>\", \"stepwise-bench/#\", \"stepwise-bench.flood/#\"]\n[limits]\ncall_timeout_ms = {HOSTILE_STEP_TIMEOUT_MS}\nmemory_mib = 32\nmax_errors = 100000\n",
         server.host_port(),
         granted.join(", ")
     );
@@ -110,45 +121,104 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let server = Arc::new(server);
     let mut attacks = attacks(&server);
     attacks.extend(reach_attacks(&reach));
-    if options.nats.is_some() {
-        let find = |subject: &str| json!({"action": "messages", "source": "bus", "subject": subject, "where": [["json", "never", "1"]], "expect": 1});
-        attacks.extend([find(">"), find("stepwise-bench.flood")]);
+    for (name, _, _) in buses(options) {
+        let find = |subject: &str| json!({"action": "messages", "source": name, "subject": subject, "where": [["json", "never", "1"]], "expect": 1});
+        attacks.extend(match name {
+            "nats" => [find(">"), find(FLOOD_NATS)],
+            "mqtt" => [find("#"), find(FLOOD_MQTT)],
+            _ => [find("stepwise-bench.flood/#"), find(FLOOD_RABBITMQ)],
+        });
     }
     if let Some(only) = &options.attacks {
         attacks.retain(|attack| attack.to_string().contains(only.as_str()));
         anyhow::ensure!(!attacks.is_empty(), "no attack contains {only:?}");
     }
-    let flood = options
-        .nats
-        .as_ref()
-        .map(|url| tokio::spawn(flood(url.clone())));
+    let floods: Vec<_> = buses(options)
+        .into_iter()
+        .map(|(name, _, url)| tokio::spawn(flood(name, url.clone())))
+        .collect();
     every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000).await?;
-    if let Some(flood) = flood {
-        flood.abort();
+    if !floods.is_empty() {
+        for flood in &floods {
+            flood.abort();
+        }
         println!(
-            "NATS flood: {} MiB window per tap; 256 KiB messages, 40 a second",
+            "message floods ({}): {} MiB window per tap; 256 KiB messages, 40 a second each",
+            buses(options)
+                .iter()
+                .map(|(name, _, _)| *name)
+                .collect::<Vec<_>>()
+                .join(", "),
             TAP_WINDOW_MIB
         );
     }
     Ok(())
 }
 
-/// The tap window of the bench's NATS source.
+/// The tap window of the bench's message sources.
 const TAP_WINDOW_MIB: usize = 8;
 
-/// Publishes 256 KiB messages on the subject the hostile plugin may read (and the host's tap
-/// keeps), 40 a second, until aborted.
-async fn flood(url: String) -> anyhow::Result<()> {
-    let mut publisher = stepwise_demo::nats::Publisher::connect(&url)
-        .await
-        .context("connecting to --nats")?;
+/// Where each flood publishes: a subject, a topic, an exchange's route that the hostile
+/// plugin may read and the host's tap keeps.
+const FLOOD_NATS: &str = "stepwise-bench.flood";
+const FLOOD_MQTT: &str = "stepwise-bench/flood";
+const FLOOD_RABBITMQ: &str = "stepwise-bench.flood/big";
+
+/// The message sources of the floods the bench was given (`--nats`, `--mqtt`,
+/// `--rabbitmq`): source name (its kind too) and URL.
+fn buses(options: &Options) -> Vec<(&'static str, &'static str, &String)> {
+    [
+        ("nats", &options.nats),
+        ("mqtt", &options.mqtt),
+        ("rabbitmq", &options.rabbitmq),
+    ]
+    .into_iter()
+    .filter_map(|(kind, url)| Some((kind, kind, url.as_ref()?)))
+    .collect()
+}
+
+/// Publishes 256 KiB messages where the hostile plugin may read (and the host's tap keeps),
+/// 40 a second, until aborted.
+async fn flood(kind: &'static str, url: String) -> anyhow::Result<()> {
     let payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(256 << 10));
     let mut every = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        every.tick().await;
-        publisher
-            .publish("stepwise-bench.flood", &[], payload.as_bytes())
-            .await?;
+    match kind {
+        "nats" => {
+            let mut publisher = stepwise_demo::nats::Publisher::connect(&url)
+                .await
+                .context("connecting to --nats")?;
+            loop {
+                every.tick().await;
+                publisher
+                    .publish(FLOOD_NATS, &[], payload.as_bytes())
+                    .await?;
+            }
+        }
+        "mqtt" => {
+            let mut publisher = stepwise_demo::mqtt::Publisher::connect(&url)
+                .await
+                .context("connecting to --mqtt")?;
+            loop {
+                every.tick().await;
+                publisher
+                    .publish(FLOOD_MQTT, &[], payload.as_bytes(), false)
+                    .await?;
+            }
+        }
+        _ => {
+            let (_connection, channel) = crate::messages::rabbitmq(&url).await?;
+            let (exchange, key) = FLOOD_RABBITMQ.split_once('/').expect("exchange/key");
+            loop {
+                every.tick().await;
+                channel
+                    .basic_publish(
+                        amqprs::BasicProperties::default(),
+                        payload.clone().into_bytes(),
+                        amqprs::channel::BasicPublishArguments::new(exchange, key),
+                    )
+                    .await?;
+            }
+        }
     }
 }
 

@@ -35,7 +35,8 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
           memory bomb, trap, recursion, huge output, a million log calls); deadline → errored
           latency of a runaway call; resident memory over 1,000 hostile attempts of every
           kind (also SQL and HTTP escapes, headers kept in wasi:http resources, a 24 MB
-          output; with --mysql, --redis and --nats, a MySQL, a Redis and a NATS attacker too), with a secret
+          output; with --mysql, --redis, --nats, --mqtt and --rabbitmq, a MySQL, a Redis and a
+          message flood on each bus too), with a secret
           configured; targets: RSS growth <= 64 MiB, well-behaved
           tick lag p99 <= 2x of running alone
 
@@ -83,11 +84,10 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
                 reader (e.g. mysql://root@127.0.0.1:3306/test)
 --redis URL     containment's Redis attacker: a server it may write a large value to
                 (e.g. redis://127.0.0.1:6379)
---nats URL      containment's NATS attacker: a server it floods with large messages on a
-                subject a tap keeps (e.g. nats://127.0.0.1:4222); a bus of messages
---mqtt URL, --rabbitmq URL, --kafka URL
-                buses of messages (mqtt://127.0.0.1:1883, amqp://127.0.0.1:5672 as guest,
-                kafka://127.0.0.1:9092)
+--nats URL, --mqtt URL, --rabbitmq URL, --kafka URL
+                buses of messages (nats://127.0.0.1:4222, mqtt://127.0.0.1:1883,
+                amqp://127.0.0.1:5672 as guest, kafka://127.0.0.1:9092); containment floods
+                each but Kafka with large messages on a route a tap keeps
 ";
 
 pub struct Options {

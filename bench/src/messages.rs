@@ -139,20 +139,7 @@ async fn buses(options: &Options) -> anyhow::Result<Vec<Bus>> {
         });
     }
     if let Some(url) = &options.rabbitmq {
-        let address = url
-            .strip_prefix("amqp://")
-            .context("--rabbitmq must be amqp://host:port (guest)")?
-            .trim_end_matches('/');
-        let (host, port) = address.rsplit_once(':').context("host:port")?;
-        let connection = Connection::open(&OpenConnectionArguments::new(
-            host,
-            port.parse()?,
-            "guest",
-            "guest",
-        ))
-        .await
-        .context("connecting to --rabbitmq")?;
-        let channel = connection.open_channel(None).await?;
+        let (connection, channel) = rabbitmq(url).await.context("connecting to --rabbitmq")?;
         let stream = format!("{PREFIX}.{id}.stream");
         let exchange = format!("{PREFIX}.{id}");
         let mut arguments = FieldTable::new();
@@ -217,6 +204,24 @@ async fn buses(options: &Options) -> anyhow::Result<Vec<Bus>> {
         "the messages scenario needs one of --nats, --mqtt, --rabbitmq, --kafka URL"
     );
     Ok(buses)
+}
+
+/// A connection and a channel to the broker at `url` (`amqp://host:port`, as guest).
+pub async fn rabbitmq(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let address = url
+        .strip_prefix("amqp://")
+        .context("--rabbitmq must be amqp://host:port (guest)")?
+        .trim_end_matches('/');
+    let (host, port) = address.rsplit_once(':').context("host:port")?;
+    let connection = Connection::open(&OpenConnectionArguments::new(
+        host,
+        port.parse()?,
+        "guest",
+        "guest",
+    ))
+    .await?;
+    let channel = connection.open_channel(None).await?;
+    Ok((connection, channel))
 }
 
 pub async fn run(options: &Options) -> anyhow::Result<()> {

@@ -13,4 +13,4 @@ mod priority;
 pub use engine::Runtime;
 pub use instance::{Capabilities, StepCall, StepReport};
 pub use plugin::{Inspected, LoadedPlugin};
-pub use priority::favour_host_threads;
+pub use priority::{favour_host_threads, lower_thread_priority};

@@ -33,11 +33,11 @@ pub fn favour_host_threads() {
     set_scheduling(None, HOST_SLICE_NS);
 }
 
-/// Makes the current thread a plugin call's, once: nicer than the host (raising niceness
-/// needs no privilege), and with the kernel's default slice instead of the host's short one,
-/// which it inherited from the host thread that started it. It only ever runs plugin calls
-/// (and compiles, which may wait too) from then on.
-pub(super) fn lower_thread_priority() {
+/// Makes the current thread one whose work may wait behind the host's, once: nicer than the
+/// host (raising niceness needs no privilege), and with the kernel's default slice instead of
+/// the host's short one, which it inherited from the host thread that started it. Plugin
+/// calls (and compiles, which may wait too) and the message taps run on such threads.
+pub fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {
         thread_local! {

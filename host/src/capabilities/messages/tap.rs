@@ -433,7 +433,8 @@ impl Tap {
         let sids = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let (task_writer, task_sids, task_stop) = (writer.clone(), sids.clone(), stop.clone());
-        tokio::spawn(async move {
+        let name = format!("stepwise-tap-{source}");
+        let tapping = async move {
             let tapping = async {
                 loop {
                     if let Err(error) =
@@ -450,7 +451,23 @@ impl Tap {
                 () = tapping => {}
                 () = task_stop.cancelled() => {}
             }
+        };
+        // A thread of its own, at the priority of plugin calls: what a flood costs to read is
+        // not taken from the host's runtime, where ticks start and the API answers. A tap
+        // that falls behind its server is cut off and says its window is lost.
+        let started = std::thread::Builder::new().name(name).spawn(move || {
+            crate::runtime::lower_thread_priority();
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(tapping),
+                Err(error) => tracing::error!(%error, "message tap: no runtime"),
+            }
         });
+        if let Err(error) = started {
+            tracing::error!(%error, "message tap: no thread");
+        }
         Tap {
             writer,
             sids,

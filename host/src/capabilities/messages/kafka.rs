@@ -171,32 +171,32 @@ struct Partition {
     number: i32,
     next: i64,
     end: i64,
+    /// The run's creation: a record stamped before it is passed over, whatever offset the
+    /// broker gave for that time (brokers differ on a time past their last record).
+    since: chrono::DateTime<chrono::Utc>,
     fetched: VecDeque<RecordAndOffset>,
 }
 
 impl Partition {
-    /// Fetches more when nothing is left of the last fetch and the end is not reached.
+    /// Fetches until a record is at hand or the end is reached.
     async fn fill(&mut self) -> Result<(), ReplayError> {
-        if !self.fetched.is_empty() || self.next >= self.end {
-            return Ok(());
+        while self.fetched.is_empty() && self.next < self.end {
+            let (records, _) = self
+                .client
+                .fetch_records(self.next, 1..FETCH_BYTES, 0)
+                .await
+                .map_err(|error| ReplayError::Connection(error.to_string()))?;
+            let Some(last) = records.last().map(|record| record.offset) else {
+                // Nothing more (compaction or deletion left a gap up to the end).
+                self.next = self.end;
+                break;
+            };
+            let (next, end, since) = (self.next, self.end, self.since);
+            self.fetched.extend(records.into_iter().filter(|record| {
+                record.offset >= next && record.offset < end && record.record.timestamp >= since
+            }));
+            self.next = last + 1;
         }
-        let (records, _) = self
-            .client
-            .fetch_records(self.next, 1..FETCH_BYTES, 0)
-            .await
-            .map_err(|error| ReplayError::Connection(error.to_string()))?;
-        let Some(last) = records.last().map(|record| record.offset) else {
-            // Nothing more (compaction or deletion left a gap up to the end).
-            self.next = self.end;
-            return Ok(());
-        };
-        let (next, end) = (self.next, self.end);
-        self.fetched.extend(
-            records
-                .into_iter()
-                .filter(|record| record.offset >= next && record.offset < end),
-        );
-        self.next = last + 1;
         Ok(())
     }
 }
@@ -245,6 +245,7 @@ pub(super) async fn replay(
                 number,
                 next,
                 end,
+                since,
                 fetched: VecDeque::new(),
             });
         }

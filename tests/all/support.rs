@@ -1491,6 +1491,29 @@ pub fn step_message(run: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// Waits for run `id` and asserts that it failed, a step saying why in a message that starts
+/// with `expected`; returns the run.
+pub async fn assert_failed_with(server: &TestServer, id: &str, expected: &str) -> Value {
+    let run = server.wait_until_finished(id).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        step_message(&run).starts_with(expected),
+        "expected {expected:?}: {}",
+        step_message(&run)
+    );
+    run
+}
+
+/// Runs one step that looks for messages on `subject` of `source`, and asserts that it fails
+/// with a message that starts with `expected` (a refusal).
+pub async fn assert_find_fails(server: &TestServer, source: &str, subject: &str, expected: &str) {
+    let step = json!({"action": "messages", "source": source, "subject": subject, "where": [], "expect": 0});
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": step}}}))
+        .await;
+    assert_failed_with(server, &id, expected).await;
+}
+
 /// `GET /metrics`'s figure `name` for the `bus` source, with the whole text.
 pub async fn tap_figure(server: &TestServer, name: &str) -> (u64, String) {
     let text = server

@@ -12,7 +12,8 @@ use rskafka::record::Record;
 use serde_json::{Value, json};
 
 use crate::support::{
-    bus_server, find_step, found, kafka_url, step_message, trigger_find, unique_name,
+    assert_find_fails, bus_server, find_step, found, kafka_url, step_message, trigger_find,
+    unique_name,
 };
 
 /// The application's side: a producer (rskafka produces; the host's side only reads).
@@ -165,16 +166,7 @@ async fn a_grant_bounds_the_topics_a_step_may_read() {
         ("orders collected", "query failed"),
         ("orders.none", "query failed: no topic"),
     ] {
-        let id = server
-            .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": find_step(subject, json!([]), 0)}}}))
-            .await;
-        let run = server.wait_until_finished(&id).await;
-        assert_eq!(run["status"], "failed", "{subject}: {run:#}");
-        assert!(
-            step_message(&run).starts_with(expected),
-            "{subject}: {}",
-            step_message(&run)
-        );
+        assert_find_fails(&server, "bus", subject, expected).await;
     }
 }
 

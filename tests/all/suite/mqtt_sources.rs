@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use stepwise_demo::mqtt::Publisher;
 
 use crate::support::{
-    bus_server, find_step, found, mqtt_url, step_message, tap_figure, trigger_find, unique_name,
+    assert_failed_with, assert_find_fails, bus_server, find_step, found, mqtt_url, tap_figure,
+    trigger_find, unique_name,
 };
 
 /// The topic prefix of one test.
@@ -130,17 +131,7 @@ async fn a_grant_bounds_the_topics_a_step_may_read() {
         (format!("$share/app/{prefix}/a/#"), "query failed"),
         (format!("{prefix}/a/#/x"), "query failed"),
     ] {
-        let step = json!({"action": "messages", "source": "bus", "subject": subject, "where": [], "expect": 0});
-        let id = server
-            .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": step}}}))
-            .await;
-        let run = server.wait_until_finished(&id).await;
-        assert_eq!(run["status"], "failed", "{subject}: {run:#}");
-        assert!(
-            step_message(&run).starts_with(expected),
-            "{subject}: {}",
-            step_message(&run)
-        );
+        assert_find_fails(&server, "bus", &subject, expected).await;
     }
 }
 
@@ -168,13 +159,7 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
             .await
             .expect("publishing");
     }
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(&server, &id, "window lost: the host's tap dropped messages").await;
     let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert!(dropped >= 20, "{text}");
     let (bytes, text) = tap_figure(&server, "stepwise_tap_bytes").await;
@@ -187,13 +172,7 @@ async fn the_tap_window_drops_old_and_oversized_messages_counts_them_and_says_so
         .publish(&topic, &[], &vec![b'x'; 3 << 20], false)
         .await
         .expect("publishing");
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(&server, &id, "window lost: the host's tap dropped messages").await;
     let (after, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert_eq!(after, dropped + 1, "{text}");
 }
@@ -223,12 +202,10 @@ async fn after_a_restart_the_tap_says_its_window_is_lost() {
         .await
         .expect("publishing");
     let server = server.restart().await;
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run)
-            .starts_with("window lost: the host's tap of this source has kept messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(
+        &server,
+        &id,
+        "window lost: the host's tap of this source has kept messages",
+    )
+    .await;
 }

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use stepwise_demo::nats::Publisher;
 
 use crate::support::{
-    bus_server, find_step, found, millis, nats_url, step_message, tap_figure, trigger_find,
-    unique_name,
+    assert_failed_with, assert_find_fails, bus_server, find_step, found, millis, nats_url,
+    step_message, tap_figure, trigger_find, unique_name,
 };
 
 /// The subject prefix (`stepwise_test.<name>`) and the stream name of one test.
@@ -214,17 +214,7 @@ async fn a_grant_bounds_the_sources_and_subjects_a_step_may_read() {
         ("bus", format!("{prefix}.a.>.x"), "query failed"),
         ("bus", format!("{prefix}.a.x\r\nPUB x 1"), "query failed"),
     ] {
-        let step = json!({"action": "messages", "source": source, "subject": subject, "where": [], "expect": 0});
-        let id = server
-            .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": step}}}))
-            .await;
-        let run = server.wait_until_finished(&id).await;
-        assert_eq!(run["status"], "failed", "{subject}: {run:#}");
-        assert!(
-            step_message(&run).starts_with(expected),
-            "{subject}: {}",
-            step_message(&run)
-        );
+        assert_find_fails(&server, source, &subject, expected).await;
     }
 }
 
@@ -283,13 +273,7 @@ async fn the_tap_window_drops_old_messages_counts_them_and_says_so() {
         .await
         .expect("publishing");
     }
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(&server, &id, "window lost: the host's tap dropped messages").await;
     let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert!(dropped >= 20, "{text}");
     let (bytes, text) = tap_figure(&server, "stepwise_tap_bytes").await;
@@ -326,14 +310,12 @@ async fn after_a_restart_a_replay_still_finds_and_the_tap_says_its_window_is_los
 
     let run = server.wait_until_finished(&replayed).await;
     assert_eq!(run["status"], "passed", "{run:#}");
-    let run = server.wait_until_finished(&tapped).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run)
-            .starts_with("window lost: the host's tap of this source has kept messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(
+        &server,
+        &tapped,
+        "window lost: the host's tap of this source has kept messages",
+    )
+    .await;
     delete_stream(&mut nats, &stream).await;
 }
 
@@ -364,14 +346,11 @@ async fn a_stream_whose_limits_removed_messages_since_the_run_says_so() {
             .await
             .expect("publishing");
     }
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with(&format!(
-            "window lost: stream {stream} keeps messages only since"
-        )),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(
+        &server,
+        &id,
+        &format!("window lost: stream {stream} keeps messages only since"),
+    )
+    .await;
     delete_stream(&mut nats, &stream).await;
 }

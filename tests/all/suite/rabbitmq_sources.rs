@@ -15,7 +15,8 @@ use amqprs::{BasicProperties, FieldTable, FieldValue};
 use serde_json::{Value, json};
 
 use crate::support::{
-    bus_server, find_step, found, rabbitmq_url, step_message, tap_figure, trigger_find, unique_name,
+    assert_failed_with, assert_find_fails, bus_server, find_step, found, rabbitmq_url, tap_figure,
+    trigger_find, unique_name,
 };
 
 /// The stream, exchange or queue name of one test.
@@ -297,31 +298,15 @@ async fn a_grant_bounds_the_subjects_and_a_queue_that_is_not_a_stream_is_left_al
         64,
     )
     .await;
+    let not_a_stream = format!("query failed: {classic:?} is not a stream queue");
     for (subject, expected) in [
-        (classic.clone(), "query failed"),
+        (classic.clone(), not_a_stream.as_str()),
         ("events/#".to_owned(), "denied: subject"),
         ("other/order.created".to_owned(), "denied: subject"),
         ("other-stream".to_owned(), "denied: subject"),
         ("/orders".to_owned(), "query failed"),
     ] {
-        let step = json!({"action": "messages", "source": "bus", "subject": subject, "where": [], "expect": 0});
-        let id = server
-            .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": step}}}))
-            .await;
-        let run = server.wait_until_finished(&id).await;
-        assert_eq!(run["status"], "failed", "{subject}: {run:#}");
-        assert!(
-            step_message(&run).starts_with(expected),
-            "{subject}: {}",
-            step_message(&run)
-        );
-        if subject == classic {
-            assert!(
-                step_message(&run).contains("is not a stream queue"),
-                "{}",
-                step_message(&run)
-            );
-        }
+        assert_find_fails(&server, "bus", &subject, expected).await;
     }
     // The classic queue still has its message for its consumers.
     assert_eq!(consumers_and_messages(&channel, &classic).await, (0, 1));
@@ -354,13 +339,7 @@ async fn the_tap_window_drops_old_and_oversized_messages_and_says_so() {
         let body = format!("{{\"n\":{n},\"pad\":\"{padding}\"}}");
         publish(&channel, &exchange, "big", &[], body.as_bytes()).await;
     }
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(&server, &id, "window lost: the host's tap dropped messages").await;
     let (dropped, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert!(dropped >= 20, "{text}");
     let (bytes, text) = tap_figure(&server, "stepwise_tap_bytes").await;
@@ -372,13 +351,7 @@ async fn the_tap_window_drops_old_and_oversized_messages_and_says_so() {
     )
     .await;
     publish(&channel, &exchange, "big", &[], &vec![b'x'; 3 << 20]).await;
-    let run = server.wait_until_finished(&id).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run).starts_with("window lost: the host's tap dropped messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(&server, &id, "window lost: the host's tap dropped messages").await;
     let (after, text) = tap_figure(&server, "stepwise_tap_dropped_total").await;
     assert_eq!(after, dropped + 1, "{text}");
     channel
@@ -428,14 +401,12 @@ async fn after_a_restart_a_stream_still_finds_and_the_tap_says_its_window_is_los
     let server = server.restart().await;
     let run = server.wait_until_finished(&replayed).await;
     assert_eq!(run["status"], "passed", "{run:#}");
-    let run = server.wait_until_finished(&tapped).await;
-    assert_eq!(run["status"], "failed", "{run:#}");
-    assert!(
-        step_message(&run)
-            .starts_with("window lost: the host's tap of this source has kept messages"),
-        "{}",
-        step_message(&run)
-    );
+    assert_failed_with(
+        &server,
+        &tapped,
+        "window lost: the host's tap of this source has kept messages",
+    )
+    .await;
     channel
         .queue_delete(QueueDeleteArguments::new(&stream))
         .await

@@ -19,6 +19,7 @@ pub mod model;
 pub mod notify;
 mod params_schema;
 pub mod plugin_build;
+pub mod priority;
 pub mod registry;
 pub mod retention;
 pub mod runner;

@@ -195,7 +195,7 @@ impl EpochTicker {
         std::thread::Builder::new()
             .name("stepwise-epoch".into())
             .spawn(move || {
-                if !super::priority::make_ticker_thread_real_time() {
+                if !crate::priority::make_ticker_thread_real_time() {
                     tracing::debug!(
                         "the epoch ticker runs at normal priority (no permission for a real-time one)"
                     );

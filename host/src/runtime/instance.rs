@@ -288,7 +288,7 @@ impl Runtime {
         let handle = self.calls.clone();
         self.calls
             .spawn_blocking(move || {
-                super::priority::lower_thread_priority();
+                crate::priority::lower_thread_priority();
                 handle.block_on(call)
             })
             .await

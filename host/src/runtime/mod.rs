@@ -8,9 +8,8 @@ mod engine;
 mod instance;
 mod memory;
 mod plugin;
-mod priority;
 
+pub use crate::priority::favour_host_threads;
 pub use engine::Runtime;
 pub use instance::{Capabilities, StepCall, StepReport};
 pub use plugin::{Inspected, LoadedPlugin};
-pub use priority::{favour_host_threads, lower_thread_priority};

@@ -456,7 +456,7 @@ impl Tap {
         // not taken from the host's runtime, where ticks start and the API answers. A tap
         // that falls behind its server is cut off and says its window is lost.
         let started = std::thread::Builder::new().name(name).spawn(move || {
-            crate::runtime::lower_thread_priority();
+            crate::priority::lower_thread_priority();
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

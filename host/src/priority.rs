@@ -37,7 +37,7 @@ pub fn favour_host_threads() {
 /// host (raising niceness needs no privilege), and with the kernel's default slice instead of
 /// the host's short one, which it inherited from the host thread that started it. Plugin
 /// calls (and compiles, which may wait too) and the message taps run on such threads.
-pub fn lower_thread_priority() {
+pub(crate) fn lower_thread_priority() {
     #[cfg(target_os = "linux")]
     {
         thread_local! {
@@ -54,7 +54,7 @@ pub fn lower_thread_priority() {
 /// Makes the calling thread (the epoch ticker) real-time at the lowest priority if the
 /// process may; returns whether it did.
 #[cfg(target_os = "linux")]
-pub(super) fn make_ticker_thread_real_time() -> bool {
+pub(crate) fn make_ticker_thread_real_time() -> bool {
     let parameters = libc::sched_param { sched_priority: 1 };
     // SAFETY: a plain syscall on the calling thread (0) with a valid parameter block; on
     // failure the thread keeps its policy.
@@ -62,7 +62,7 @@ pub(super) fn make_ticker_thread_real_time() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(super) fn make_ticker_thread_real_time() -> bool {
+pub(crate) fn make_ticker_thread_real_time() -> bool {
     false
 }
 

@@ -137,7 +137,8 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, _, url)| tokio::spawn(flood(name, url.clone())))
         .collect();
-    every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000).await?;
+    let windows_mib = (buses(options).len() * TAP_WINDOW_MIB) as f64;
+    every_kind_of_attack(&server, runs, &alone_lag, &attacks, 1_000, windows_mib).await?;
     if !floods.is_empty() {
         for flood in &floods {
             flood.abort();
@@ -335,14 +336,16 @@ fn attacks(server: &BenchServer) -> Vec<Value> {
 
 /// 20 hostile runs at once, every kind of attack among them, each replaced when it ends,
 /// until `target` hostile attempts were made; well-behaved runs go on beside them. Prints the
-/// host's resident memory against its value before the attacks, and the well-behaved tick
-/// lag against running alone.
+/// host's resident memory against its value before the attacks (the target allowing what the
+/// message taps' windows may hold, `windows_mib`), and the well-behaved tick lag against
+/// running alone.
 async fn every_kind_of_attack(
     server: &Arc<BenchServer>,
     runs: usize,
     alone_lag: &[f64],
     attacks: &[Value],
     target: u64,
+    windows_mib: f64,
 ) -> anyhow::Result<()> {
     const CONCURRENT: usize = 20;
     let rss_before = crate::stats::resident_mib()?;
@@ -426,15 +429,17 @@ async fn every_kind_of_attack(
     );
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     let ratio = p99(&beside) / p99(alone_lag).max(1.0);
+    let rss_target = RSS_TARGET_MIB + windows_mib;
     println!(
-        "targets: RSS growth <= {RSS_TARGET_MIB} MiB: {}; tick lag p99 under attack <= {LAG_TARGET_RATIO}x alone: {}",
-        verdict(rss_peak - rss_before <= RSS_TARGET_MIB),
+        "targets: RSS growth <= {rss_target} MiB: {}; tick lag p99 under attack <= {LAG_TARGET_RATIO}x alone: {}",
+        verdict(rss_peak - rss_before <= rss_target),
         verdict(ratio <= LAG_TARGET_RATIO)
     );
     Ok(())
 }
 
-/// The host's resident memory may grow by this much under every kind of attack at once.
+/// The host's resident memory may grow by this much under every kind of attack at once,
+/// beyond the message taps' windows (which the README counts beyond `plugin_memory_mib`).
 const RSS_TARGET_MIB: f64 = 64.0;
 /// Well-behaved runs' tick lag p99 under attack, against running alone.
 const LAG_TARGET_RATIO: f64 = 2.0;

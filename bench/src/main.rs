@@ -37,7 +37,7 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
           kind (also SQL and HTTP escapes, headers kept in wasi:http resources, a 24 MB
           output; with --mysql, --redis, --nats, --mqtt and --rabbitmq, a MySQL, a Redis and a
           message flood on each bus too), with a secret
-          configured; targets: RSS growth <= 64 MiB, well-behaved
+          configured; targets: RSS growth <= 64 MiB (plus the taps' windows), well-behaved
           tick lag p99 <= 2x of running alone
 
   triggers

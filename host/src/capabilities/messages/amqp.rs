@@ -15,12 +15,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, ReadHalf,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufStream};
 
 use super::ReplayError;
-use super::tap::{Connected, KeepAlive, Kept, Protocol, TapWriter, Window};
+use super::tap::{self, Connected, KeepAlive, Kept, Protocol, Reading, TapWriter, Window};
 use crate::capabilities::wire::{self, Bytes, Io};
 
 /// A broker as its URL names it: `amqp://[user[:password]@]host[:port][/vhost]` (the vhost
@@ -870,7 +868,7 @@ const TAP_CHANNEL: u16 = 1;
 
 /// A tap connection's reading side, and the heartbeat interval agreed.
 pub(super) struct TapReader {
-    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    reader: Reading,
     heartbeat: Duration,
 }
 
@@ -914,17 +912,9 @@ impl Protocol for TapProtocol {
                 .unwrap_or_else(|poison| poison.into_inner()) = queue;
             Ok::<_, String>((connection.stream.into_inner(), heartbeat))
         };
-        let (io, heartbeat) = tokio::time::timeout(Duration::from_secs(10), opened)
-            .await
-            .map_err(|_| "no answer within 10 s".to_owned())??;
-        let (reader, writer) = tokio::io::split(io);
-        Ok((
-            TapReader {
-                reader: BufReader::new(reader),
-                heartbeat,
-            },
-            writer,
-        ))
+        let (io, heartbeat) = opened.await?;
+        let (reader, writer) = tap::split(io);
+        Ok((TapReader { reader, heartbeat }, writer))
     }
 
     fn subscribe(&self, pattern: &str, _sid: u64) -> Vec<u8> {

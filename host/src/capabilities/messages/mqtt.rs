@@ -15,9 +15,9 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::tap::{Connected, KeepAlive, Kept, Protocol, TapWriter, Window};
+use super::tap::{self, Connected, KeepAlive, Kept, Protocol, Reading, TapWriter, Window};
 use crate::capabilities::wire::{self, Bytes, Io};
 
 /// A broker as its URL names it: `mqtt://[user[:password]@]host[:port]`, or `mqtts://` for
@@ -436,7 +436,7 @@ pub(super) struct TapProtocol(pub Target);
 
 /// A tap connection's reading side, and the keep-alive its broker wants.
 pub(super) struct TapReader {
-    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    reader: Reading,
     keep_alive: Duration,
 }
 
@@ -444,18 +444,11 @@ impl Protocol for TapProtocol {
     type Reader = TapReader;
 
     async fn connect(&self) -> Result<Connected<TapReader>, String> {
-        let (io, keep_alive) = tokio::time::timeout(Duration::from_secs(10), self.0.open())
-            .await
-            .map_err(|_| "no answer within 10 s".to_owned())??;
-        let (reader, writer) = tokio::io::split(io);
+        let (io, keep_alive) = self.0.open().await?;
+        let (reader, writer) = tap::split(io);
         let keep_alive = keep_alive.unwrap_or(KEEP_ALIVE).clamp(1, KEEP_ALIVE);
-        Ok((
-            TapReader {
-                reader: BufReader::new(reader),
-                keep_alive: Duration::from_secs(keep_alive.into()),
-            },
-            writer,
-        ))
+        let keep_alive = Duration::from_secs(keep_alive.into());
+        Ok((TapReader { reader, keep_alive }, writer))
     }
 
     fn subscribe(&self, pattern: &str, sid: u64) -> Vec<u8> {

@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufStream, ReadHalf};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufStream};
 
 use super::ReplayError;
-use super::tap::{Connected, Kept, Protocol, TapWriter, Window};
+use super::tap::{self, Connected, Kept, Protocol, Reading, TapWriter, Window};
 use crate::capabilities::wire::{self, Io, ReadError};
 
 /// A NATS server as its URL names it: `nats://[user:password@|token@]host[:port]`, or
@@ -89,7 +89,7 @@ impl Connection {
             .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
     }
 
-    async fn open_now(target: &Target) -> Result<Connection, String> {
+    pub(super) async fn open_now(target: &Target) -> Result<Connection, String> {
         let mut tcp = BufStream::new(wire::connect(&target.host, target.port).await?);
         let line = wire::read_line(&mut tcp, MAX_LINE)
             .await
@@ -592,7 +592,7 @@ pub(super) struct TapProtocol(pub Target);
 
 /// A tap connection's reading side, and the largest message its server accepts.
 pub(super) struct TapReader {
-    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    reader: Reading,
     budget: usize,
 }
 
@@ -600,16 +600,10 @@ impl Protocol for TapProtocol {
     type Reader = TapReader;
 
     async fn connect(&self) -> Result<Connected<TapReader>, String> {
-        let connection = Connection::open(&self.0, Duration::from_secs(10)).await?;
+        let connection = Connection::open_now(&self.0).await?;
         let budget = connection.max_payload + 4096;
-        let (reader, writer) = tokio::io::split(connection.stream.into_inner());
-        Ok((
-            TapReader {
-                reader: BufReader::new(reader),
-                budget,
-            },
-            writer,
-        ))
+        let (reader, writer) = tap::split(connection.stream.into_inner());
+        Ok((TapReader { reader, budget }, writer))
     }
 
     fn subscribe(&self, pattern: &str, sid: u64) -> Vec<u8> {

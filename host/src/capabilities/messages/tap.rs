@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::capabilities::wire::Io;
@@ -389,6 +389,18 @@ pub(super) type TapWriter = tokio::sync::Mutex<Option<WriteHalf<Box<dyn Io>>>>;
 /// A new connection: its reading side, as its protocol reads it, and its writing half.
 pub(super) type Connected<R> = (R, WriteHalf<Box<dyn Io>>);
 
+/// A tap connection's reading side, buffered.
+pub(super) type Reading = BufReader<ReadHalf<Box<dyn Io>>>;
+
+/// A connection split for a tap: its buffered reading side and its writing half.
+pub(super) fn split(io: Box<dyn Io>) -> (Reading, WriteHalf<Box<dyn Io>>) {
+    let (reader, writer) = tokio::io::split(io);
+    (BufReader::new(reader), writer)
+}
+
+/// How long a tap waits for its server to accept a connection and the host's login.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
 /// What subscribes a live connection to a pattern, as [`Protocol::subscribe`] writes it.
 type Subscribe = Box<dyn Fn(&str, u64) -> Vec<u8> + Send + Sync>;
 
@@ -397,7 +409,7 @@ pub(super) trait Protocol: Send + Sync + 'static {
     /// The connection's reading side, as [`Protocol::read`] wants it.
     type Reader: Send;
 
-    /// Connects and logs in.
+    /// Connects and logs in (within [`CONNECT_WITHIN`], which the tap applies).
     fn connect(&self) -> impl Future<Output = Result<Connected<Self::Reader>, String>> + Send;
 
     /// The bytes that subscribe a connection to `pattern` as subscription `sid` and ask the
@@ -559,7 +571,9 @@ async fn tap_once<P: Protocol>(
     writer: &TapWriter,
     sids: &AtomicU64,
 ) -> Result<(), String> {
-    let (reader, write_half) = protocol.connect().await?;
+    let (reader, write_half) = tokio::time::timeout(CONNECT_WITHIN, protocol.connect())
+        .await
+        .map_err(|_| format!("no answer within {} s", CONNECT_WITHIN.as_secs()))??;
     {
         let mut writer = writer.lock().await;
         let write_half = writer.insert(write_half);

@@ -22,7 +22,7 @@ const USAGE: &str = "\
 usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--minutes N] [--rate N] [--postgres URL] [--attacks TEXT]
                       [--plugin-memory-mib N] [--mysql URL] [--redis URL] [--nats URL]
-                      [--mqtt URL] [--rabbitmq URL] [--kafka URL]
+                      [--mqtt URL] [--rabbitmq URL] [--kafka URL] [--lang LANG]
 
 scenarios (default: all but soak, languages, postgres, floor and messages):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
@@ -79,6 +79,7 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
 --postgres URL  the database server of the postgres scenario
 --attacks TEXT  containment's attack phase with only the attacks whose JSON contains TEXT
                 (for example oom, zeroblob, http_burst), to see what each costs
+--lang LANG     languages: only the scaffold in LANG (rust, python or javascript)
 --plugin-memory-mib N  the containment server's plugin_memory_mib (default: the host's)
 --mysql URL     containment's MySQL attacker: a server and an account that may create a
                 reader (e.g. mysql://root@127.0.0.1:3306/test)
@@ -105,6 +106,7 @@ pub struct Options {
     pub mqtt: Option<String>,
     pub rabbitmq: Option<String>,
     pub kafka: Option<String>,
+    pub lang: Option<stepwise_host::scaffold::Lang>,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +128,7 @@ fn main() -> ExitCode {
         mqtt: None,
         rabbitmq: None,
         kafka: None,
+        lang: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -139,6 +142,15 @@ fn main() -> ExitCode {
             "--mqtt" => options.mqtt = args.next(),
             "--rabbitmq" => options.rabbitmq = args.next(),
             "--kafka" => options.kafka = args.next(),
+            "--lang" => {
+                use stepwise_host::scaffold::Lang;
+                options.lang = Some(match args.next().as_deref() {
+                    Some("rust") => Lang::Rust,
+                    Some("python") => Lang::Python,
+                    Some("javascript") => Lang::Javascript,
+                    _ => return usage("--lang needs rust, python or javascript"),
+                })
+            }
             "--plugin-memory-mib" => match args.next().and_then(|n| n.parse().ok()) {
                 Some(mib) if mib > 0 => options.plugin_memory_mib = Some(mib),
                 _ => return usage("--plugin-memory-mib needs a positive number"),

@@ -365,7 +365,8 @@ pub(crate) async fn call_ceiling() -> anyhow::Result<(f64, usize, f64)> {
 }
 
 /// Mean time of one call (instantiate + call + drop), in µs, over 200 calls per sample; two
-/// rounds first warm caches and the thread pool.
+/// rounds first warm caches and the thread pool. Each call is a run's first, so that none
+/// takes an instance an earlier one left.
 async fn time_calls(
     runtime: &Runtime,
     plugin: &Arc<stepwise_host::runtime::LoadedPlugin>,
@@ -386,9 +387,13 @@ async fn time_calls(
     let mut times = Vec::new();
     for round in 0..samples + 2 {
         let started = Instant::now();
-        for _ in 0..CALLS {
+        for n in 0..CALLS {
+            let call = StepCall {
+                run_id: format!("bench-{round}-{n}"),
+                ..call.clone()
+            };
             let report = runtime
-                .run_step(plugin, call.clone(), capabilities)
+                .run_step(plugin, call, capabilities)
                 .await
                 .map_err(|fault| anyhow::anyhow!("host fault: {fault}"))?;
             anyhow::ensure!(

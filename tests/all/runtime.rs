@@ -24,7 +24,8 @@ async fn load_misbehave(runtime: &Runtime) -> Arc<LoadedPlugin> {
 
 #[tokio::test]
 async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
-    // A pool for the inspections' 8 calls and no ticks, each call one instance.
+    // A pool for the inspections' 8 calls, 16 parked instances and no ticks, each call one
+    // instance: 40 calls at once cannot all have one.
     let limits = Limits {
         instances: 1,
         http_timeout: Duration::from_secs(2),
@@ -59,7 +60,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
         traceparent: None,
     };
     let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..24 {
+    for _ in 0..40 {
         let (runtime, plugin, call, capabilities) = (
             runtime.clone(),
             plugin.clone(),
@@ -168,4 +169,96 @@ async fn a_call_waits_for_the_hosts_plugin_memory_and_is_not_charged_when_it_run
         "{message}"
     );
     assert_eq!(runtime.plugin_memory_held(), 0);
+}
+
+/// The calls `run_id`'s instance has served, by the `count_calls` action, and the lines the
+/// call logged.
+async fn calls_served(
+    runtime: &Runtime,
+    plugin: &Arc<LoadedPlugin>,
+    run_id: &str,
+    capabilities: &Capabilities,
+) -> (u64, usize) {
+    let call = StepCall {
+        run_id: run_id.into(),
+        step: "first".into(),
+        attempt: 1,
+        elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
+        params: json!({"steps": {"first": {"action": "count_calls"}}}).to_string(),
+        outputs: "{}".into(),
+        traceparent: None,
+    };
+    let report = runtime
+        .run_step(plugin, call, capabilities)
+        .await
+        .expect("a report");
+    assert_eq!(report.outcome.to_string(), "passed", "{:?}", report.message);
+    let output: serde_json::Value =
+        serde_json::from_str(report.output.as_deref().unwrap_or_default()).expect("JSON");
+    (output["calls"].as_u64().expect("calls"), report.logs.len())
+}
+
+#[tokio::test]
+async fn a_runs_instance_serves_its_next_calls_and_no_other_run() {
+    let limits = Limits::default();
+    let runtime = Runtime::new(None, 4, &limits).expect("a runtime");
+    let plugin = load_misbehave(&runtime).await;
+    let capabilities = with_call_timeout(&limits, Duration::from_secs(5));
+
+    // The run's next calls take the instance its first call made; each call logs afresh.
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &capabilities).await,
+        (1, 1)
+    );
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &capabilities).await,
+        (2, 1)
+    );
+    // Another run never sees it.
+    assert_eq!(
+        calls_served(&runtime, &plugin, "b", &capabilities).await,
+        (1, 1)
+    );
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &capabilities).await,
+        (3, 1)
+    );
+
+    // A trap ends the instance: the run's next call gets a new one.
+    let trap = StepCall {
+        run_id: "a".into(),
+        step: "first".into(),
+        attempt: 4,
+        elapsed: Duration::ZERO,
+        run_created_at_ms: 0,
+        params: json!({"steps": {"first": {"action": "trap"}}}).to_string(),
+        outputs: "{}".into(),
+        traceparent: None,
+    };
+    let report = runtime
+        .run_step(&plugin, trap, &capabilities)
+        .await
+        .expect("a report");
+    assert_eq!(report.outcome.to_string(), "errored");
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &capabilities).await,
+        (1, 1)
+    );
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &capabilities).await,
+        (2, 1)
+    );
+
+    // So do other limits, and the end of the run.
+    let other_limits = with_call_timeout(&limits, Duration::from_secs(6));
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &other_limits).await,
+        (1, 1)
+    );
+    runtime.end_run("a");
+    assert_eq!(
+        calls_served(&runtime, &plugin, "a", &other_limits).await,
+        (1, 1)
+    );
 }

@@ -433,6 +433,7 @@ impl Runner {
                     skip_rest: false,
                 };
                 let run_write = if progress.position + 1 == run.steps.len() {
+                    self.runtime.end_run(&run.id.to_string());
                     self.run_write(
                         progress,
                         RunStatus::Passed,
@@ -645,6 +646,7 @@ impl Runner {
             step_message,
         } = ending;
         tracing::info!(run_id = %tick.run.id, status = %run_status, "{message}");
+        self.runtime.end_run(&tick.run.id.to_string());
         let progress = &tick.progress;
         TickWrite {
             run_id: tick.claim.id.clone(),

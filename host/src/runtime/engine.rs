@@ -11,6 +11,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::instance::StepState;
 use super::memory::PluginMemory;
+use super::parked::{MAX_PARKED, Parked};
 use super::plugin::LoadedPlugin;
 use crate::bindings;
 use crate::capabilities::kv::KvCapability;
@@ -48,6 +49,8 @@ pub struct Runtime {
     /// holds its component's code and compiler state in memory, so uploads sent at once
     /// queue here instead of multiplying both.
     pub(super) compiles: Arc<tokio::sync::Semaphore>,
+    /// Instances kept for their runs' next calls.
+    pub(super) parked: Parked,
     _calls: Arc<CallThreads>,
     _ticker: Arc<EpochTicker>,
 }
@@ -86,11 +89,11 @@ impl Runtime {
         let mut linker = Linker::<StepState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        bindings::log::add_to_linker::<_, LogCapability>(&mut linker, |state| &mut state.log)?;
-        bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.sql)?;
-        bindings::kv::add_to_linker::<_, KvCapability>(&mut linker, |state| &mut state.kv)?;
+        bindings::log::add_to_linker::<_, LogCapability>(&mut linker, |state| &mut state.call.log)?;
+        bindings::sql::add_to_linker::<_, SqlCapability>(&mut linker, |state| &mut state.call.sql)?;
+        bindings::kv::add_to_linker::<_, KvCapability>(&mut linker, |state| &mut state.call.kv)?;
         bindings::messages::add_to_linker::<_, MessagesCapability>(&mut linker, |state| {
-            &mut state.messages
+            &mut state.call.messages
         })?;
 
         let ticker = EpochTicker::start(engine.clone());
@@ -102,7 +105,10 @@ impl Runtime {
             .enable_all()
             .build()?;
         let long_calls = threads.saturating_sub(1).max(1);
+        let parked = Parked::default();
+        parked.start_expiry(calls.handle());
         Ok(Runtime {
+            parked,
             long_calls: Arc::new(tokio::sync::Semaphore::new(long_calls)),
             plugin_memory: PluginMemory::new(crate::config::DEFAULT_PLUGIN_MEMORY_MIB << 20),
             compiles: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -132,7 +138,8 @@ impl Runtime {
     }
 }
 
-/// Calls the pool must hold besides the ticks: inspections of uploads and `describe`.
+/// Calls the pool must hold besides the ticks and the parked instances: inspections of
+/// uploads and `describe`.
 const INSPECTIONS: usize = 8;
 /// Instances, memories and tables of one call that the pool reserves room for. A grant may
 /// allow more `instances`; such a call waits for room like any other host condition.
@@ -149,7 +156,7 @@ const KEEP_RESIDENT: usize = 1 << 20;
 /// table elements its limits allow, so one plugin cannot take another's slots. Running out
 /// anyway is reported as a host condition, never as the plugin's fault.
 fn pool_config(concurrent_calls: usize, limits: &Limits) -> PoolingAllocationConfig {
-    let calls = concurrent_calls + INSPECTIONS;
+    let calls = concurrent_calls + INSPECTIONS + MAX_PARKED;
     let per_call = limits.instances.clamp(1, MAX_POOLED_PER_CALL);
     let slots = (calls * per_call).min(MAX_POOLED);
     let mut pool = PoolingAllocationConfig::default();

@@ -15,6 +15,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::engine::Runtime;
 use super::memory::Limiter;
+use super::parked::ParkedInstance;
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::wasi_context;
@@ -70,19 +71,27 @@ pub struct StepReport {
     pub http_requests: u32,
 }
 
-/// The data of one call's `Store`.
+/// The data of a `Store`: what lives as long as the instance (its wasi resources and
+/// streams, its memory's accounting), and what each call into it gets afresh.
 pub struct StepState {
     table: ResourceTable,
     wasi: WasiCtx,
+    limiter: Limiter,
+    resources: ResourceCount,
+    pub(super) call: CallState,
+}
+
+/// What one call may do: its capabilities' policies and budgets, its log and the limit it
+/// broke, if any. Replaced before each call, also when the run's instance is kept between
+/// calls ([`super::parked`]), so that no budget or grant outlives its call.
+pub(super) struct CallState {
     http_ctx: WasiHttpCtx,
     http: HttpPolicy,
     pub(super) log: LogState,
     pub(super) sql: SqlState,
     pub(super) kv: KvState,
     pub(super) messages: MessagesState,
-    limiter: Limiter,
     violation: Violation,
-    resources: ResourceCount,
 }
 
 /// The wasi resources (headers, requests, bodies, streams, pollables) one call may hold at
@@ -152,12 +161,26 @@ impl StepState {
     }
 }
 
+impl StepState {
+    /// Counts the rows the last call's queries read for the trim at the instance's end,
+    /// then gives the instance `call`'s capabilities and a new deadline.
+    fn next_call(&mut self, call: CallState, deadline: Instant) {
+        self.count_rows_read();
+        self.call = call;
+        self.limiter.renew(deadline);
+    }
+
+    fn count_rows_read(&mut self) {
+        self.limiter
+            .held_outside_budget(self.call.sql.read_bytes + self.call.messages.read_bytes);
+    }
+}
+
 impl Drop for StepState {
     /// Before the limiter's own drop, which trims the allocator after a call that made the
     /// host hold much: the rows its queries read count too.
     fn drop(&mut self) {
-        self.limiter
-            .held_outside_budget(self.sql.read_bytes + self.messages.read_bytes);
+        self.count_rows_read();
     }
 }
 
@@ -190,9 +213,9 @@ impl WasiHttpView for StepState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         self.count_resources();
         WasiHttpCtxView {
-            ctx: &mut self.http_ctx,
+            ctx: &mut self.call.http_ctx,
             table: &mut self.table,
-            hooks: &mut self.http,
+            hooks: &mut self.call.http,
         }
     }
 }
@@ -298,6 +321,11 @@ impl Runtime {
             })
     }
 
+    /// Gives back the instance a run left for its next call: the run has ended.
+    pub fn end_run(&self, run_id: &str) {
+        drop(self.parked.forget(run_id));
+    }
+
     async fn describe_here(
         &self,
         plugin: &LoadedPlugin,
@@ -342,13 +370,24 @@ impl Runtime {
     ) -> Result<StepReport, HostFault> {
         let started = Instant::now();
         let limits = capabilities.limits;
-        let (mut store, stderr) = self.new_store(capabilities);
-        store.data_mut().http.traceparent = call
+        let run_id = call.run_id.clone();
+        let (mut store, stderr, kept) = match self.parked.take(&run_id, &plugin.version, &limits) {
+            Some(parked) => {
+                let (mut store, stderr) = (parked.store, parked.stderr);
+                self.renew_store(&mut store, capabilities);
+                (store, stderr, Some(parked.check))
+            }
+            None => {
+                let (store, stderr) = self.new_store(capabilities);
+                (store, stderr, None)
+            }
+        };
+        store.data_mut().call.http.traceparent = call
             .traceparent
             .as_deref()
             .and_then(|value| http::HeaderValue::from_str(value).ok());
-        store.data_mut().messages.since_ms = call.run_created_at_ms;
-        let log = store.data().log.buffer.clone();
+        store.data_mut().call.messages.since_ms = call.run_created_at_ms;
+        let log = store.data().call.log.buffer.clone();
         let deadline = started + limits.call_timeout;
         let input = StepInput {
             run_id: call.run_id,
@@ -358,14 +397,20 @@ impl Runtime {
             params: call.params,
             outputs: call.outputs,
         };
+        let mut instance = None;
         let call = tokio::time::timeout(backstop(&limits), async {
-            let check = plugin.pre.instantiate_async(&mut store).await?;
-            check.call_run_step(&mut store, &input).await
+            let check = match kept {
+                Some(check) => check,
+                None => plugin.pre.instantiate_async(&mut store).await?,
+            };
+            let outcome = check.call_run_step(&mut store, &input).await;
+            instance = Some(check);
+            outcome
         })
         .await;
         let secrets = &capabilities.secrets;
         let classified = classify_call(call, &mut store, &stderr, deadline, &limits, secrets);
-        let violation = store.data().violation.take();
+        let violation = store.data().call.violation.take();
         // Nothing a plugin returns is kept before the values of secrets are taken out of it.
         let redact = |text: String| {
             let text = crate::capabilities::log::storable(text);
@@ -393,7 +438,7 @@ impl Runtime {
             Fault::Plugin(message) => Fault::Plugin(redact(message)),
             Fault::Host(fault) => Fault::Host(HostFault(redact(fault.0))),
         });
-        let http_requests = store.data().http.requests_made;
+        let http_requests = store.data().call.http.requests_made;
         let (outcome, message, output) = match (violation, classified) {
             (_, Err(Fault::Host(fault))) => return Err(fault),
             (Some(limit), _) => (AttemptOutcome::Errored, Some(limit), None),
@@ -414,7 +459,17 @@ impl Runtime {
                 Err(Fault::Host(fault)) => return Err(fault),
             },
         };
-        drop(store);
+        // The instance waits for the run's next call, unless the call broke it (a trap poisons
+        // the store), broke a limit, or ended the run.
+        let run_goes_on = matches!(outcome, AttemptOutcome::Passed | AttemptOutcome::Pending);
+        let clean = store.data().limiter.exceeded.is_none() && stderr.contents().is_empty();
+        if let (Some(check), true, true) = (instance, run_goes_on, clean) {
+            let bytes = store.data().limiter.in_use();
+            let parked = ParkedInstance::new(store, stderr, check, limits, bytes);
+            drop(self.parked.park(run_id, plugin.version.clone(), parked));
+        } else {
+            drop(store);
+        }
         Ok(StepReport {
             outcome,
             message,
@@ -429,67 +484,36 @@ impl Runtime {
         let limits = capabilities.limits;
         let deadline = Instant::now() + limits.call_timeout;
         let (wasi, stderr) = wasi_context();
-        let log = LogBuffer::redacting(capabilities.secrets.clone());
-        let violation = Violation::default();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
-        let mut http_ctx = WasiHttpCtx::new();
-        http_ctx.set_field_size_limit(FIELDS_BYTES);
         let state = StepState {
             table,
             wasi,
-            http_ctx,
-            http: HttpPolicy {
-                allowed_hosts: HttpPolicy::allowed(&capabilities.grant.allowed_hosts),
-                response_limit_bytes: limits.http_response_bytes,
-                timeout: limits.http_timeout,
-                requests_per_run: limits.http_requests_per_run,
-                requests_left: capabilities.http_requests_left,
-                requests_made: 0,
-                in_flight: Arc::new(tokio::sync::Semaphore::new(limits.http_concurrent_requests)),
-                max_in_flight: limits.http_concurrent_requests,
-                log: log.clone(),
-                violation: violation.clone(),
-                secrets: capabilities.secrets.clone(),
-                granted_secrets: capabilities.grant.secrets.clone(),
-                traceparent: None,
-            },
-            log: LogState { buffer: log },
-            sql: SqlState {
-                sources: capabilities.sources.sql.clone(),
-                granted: capabilities.grant.sql_sources.clone(),
-                max_rows: limits.sql_rows,
-                max_result_bytes: limits.sql_result_bytes,
-                timeout: limits.sql_timeout,
-                violation: violation.clone(),
-                read_bytes: 0,
-            },
-            kv: KvState {
-                sources: capabilities.sources.kv.clone(),
-                granted: capabilities.grant.sql_sources.clone(),
-                max_result_bytes: limits.sql_result_bytes,
-                timeout: limits.sql_timeout,
-                commands_left: MAX_COMMANDS_PER_CALL,
-                violation: violation.clone(),
-            },
-            messages: MessagesState {
-                sources: capabilities.sources.messages.clone(),
-                granted: capabilities.grant.sql_sources.clone(),
-                subjects: capabilities.grant.subjects.clone(),
-                since_ms: 0,
-                max_result_bytes: limits.sql_result_bytes,
-                timeout: limits.sql_timeout,
-                violation: violation.clone(),
-                read_bytes: 0,
-            },
             limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),
-            violation,
             resources: ResourceCount::default(),
+            call: call_state(capabilities),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|state| &mut state.limiter);
         store.set_max_component_handles(MAX_RESOURCES);
-        store.set_hostcall_fuel(hostcall_bytes(&limits));
+        self.arm(&mut store, &limits, deadline);
+        (store, stderr)
+    }
+
+    /// Readies a kept instance's store for its next call, as [`Runtime::new_store`] readies a
+    /// new one: the call's own capabilities, budgets and time limit.
+    fn renew_store(&self, store: &mut Store<StepState>, capabilities: &Capabilities) {
+        let deadline = Instant::now() + capabilities.limits.call_timeout;
+        store
+            .data_mut()
+            .next_call(call_state(capabilities), deadline);
+        self.arm(store, &capabilities.limits, deadline);
+    }
+
+    /// Sets the call's limits that live in the store itself: the copies out of the guest, and
+    /// the clock checked on every epoch tick.
+    fn arm(&self, store: &mut Store<StepState>, limits: &Limits, deadline: Instant) {
+        store.set_hostcall_fuel(hostcall_bytes(limits));
         let mut cpu = CallCpu::start();
         let long_calls = self.long_calls.clone();
         let long_call: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>> = Arc::default();
@@ -523,7 +547,62 @@ impl Runtime {
                 }),
             ))
         });
-        (store, stderr)
+    }
+}
+
+/// A call's capabilities: its grant's policies and its limits' budgets, all unused.
+fn call_state(capabilities: &Capabilities) -> CallState {
+    let limits = capabilities.limits;
+    let log = LogBuffer::redacting(capabilities.secrets.clone());
+    let violation = Violation::default();
+    let mut http_ctx = WasiHttpCtx::new();
+    http_ctx.set_field_size_limit(FIELDS_BYTES);
+    CallState {
+        http_ctx,
+        http: HttpPolicy {
+            allowed_hosts: HttpPolicy::allowed(&capabilities.grant.allowed_hosts),
+            response_limit_bytes: limits.http_response_bytes,
+            timeout: limits.http_timeout,
+            requests_per_run: limits.http_requests_per_run,
+            requests_left: capabilities.http_requests_left,
+            requests_made: 0,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(limits.http_concurrent_requests)),
+            max_in_flight: limits.http_concurrent_requests,
+            log: log.clone(),
+            violation: violation.clone(),
+            secrets: capabilities.secrets.clone(),
+            granted_secrets: capabilities.grant.secrets.clone(),
+            traceparent: None,
+        },
+        log: LogState { buffer: log },
+        sql: SqlState {
+            sources: capabilities.sources.sql.clone(),
+            granted: capabilities.grant.sql_sources.clone(),
+            max_rows: limits.sql_rows,
+            max_result_bytes: limits.sql_result_bytes,
+            timeout: limits.sql_timeout,
+            violation: violation.clone(),
+            read_bytes: 0,
+        },
+        kv: KvState {
+            sources: capabilities.sources.kv.clone(),
+            granted: capabilities.grant.sql_sources.clone(),
+            max_result_bytes: limits.sql_result_bytes,
+            timeout: limits.sql_timeout,
+            commands_left: MAX_COMMANDS_PER_CALL,
+            violation: violation.clone(),
+        },
+        messages: MessagesState {
+            sources: capabilities.sources.messages.clone(),
+            granted: capabilities.grant.sql_sources.clone(),
+            subjects: capabilities.grant.subjects.clone(),
+            since_ms: 0,
+            max_result_bytes: limits.sql_result_bytes,
+            timeout: limits.sql_timeout,
+            violation: violation.clone(),
+            read_bytes: 0,
+        },
+        violation,
     }
 }
 

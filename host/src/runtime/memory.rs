@@ -95,6 +95,18 @@ impl Limiter {
         }
     }
 
+    /// Readies a kept instance's limiter for its next call: that call's time limit, and no
+    /// limit exceeded yet. What the instance holds stays counted.
+    pub fn renew(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        self.exceeded = None;
+    }
+
+    /// Bytes of every memory and table the instance has now.
+    pub fn in_use(&self) -> u64 {
+        self.in_use
+    }
+
     async fn grow(&mut self, current: u64, desired: u64) -> wasmtime::Result<bool> {
         let in_use = self.in_use - current.min(self.in_use) + desired;
         if let Err(limit) = self.within_limits(in_use + self.host_side) {

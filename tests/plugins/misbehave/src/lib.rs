@@ -101,6 +101,14 @@ impl Check for Misbehave {
                     pending(format!("{} ms elapsed", input.elapsed_ms))
                 }
             }
+            "count_calls" => {
+                // The calls this instance has served: more than one only when the host kept
+                // it for the run's next call.
+                static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                log::info(&format!("call {calls} of this instance"));
+                passed(&json!({"calls": calls}))
+            }
             "trap" => panic!("told to trap"),
             "loop" => {
                 let mut counter = 0u64;

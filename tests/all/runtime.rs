@@ -261,4 +261,13 @@ async fn a_runs_instance_serves_its_next_calls_and_no_other_run() {
         calls_served(&runtime, &plugin, "a", &other_limits).await,
         (1, 1)
     );
+
+    // Waiting instances hold the host's budget for all their memory, until they leave.
+    assert!(
+        runtime.plugin_memory_held() > 0,
+        "a kept instance is charged"
+    );
+    runtime.end_run("a");
+    runtime.end_run("b");
+    assert_eq!(runtime.plugin_memory_held(), 0);
 }

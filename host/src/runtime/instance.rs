@@ -460,10 +460,13 @@ impl Runtime {
             },
         };
         // The instance waits for the run's next call, unless the call broke it (a trap poisons
-        // the store), broke a limit, or ended the run.
+        // the store), broke a limit, or ended the run, or the host's budget has no room for
+        // its memory.
         let run_goes_on = matches!(outcome, AttemptOutcome::Passed | AttemptOutcome::Pending);
         let clean = store.data().limiter.exceeded.is_none() && stderr.contents().is_empty();
-        if let (Some(check), true, true) = (instance, run_goes_on, clean) {
+        if let (Some(check), true, true) = (instance, run_goes_on, clean)
+            && store.data_mut().limiter.charge_allowance()
+        {
             let bytes = store.data().limiter.in_use();
             let parked = ParkedInstance::new(store, stderr, check, limits, bytes);
             drop(self.parked.park(run_id, plugin.version.clone(), parked));

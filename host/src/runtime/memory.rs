@@ -74,6 +74,9 @@ pub struct Limiter {
     held: Option<OwnedSemaphorePermit>,
     /// The call's own time limit: the longest it waits for the host's budget.
     deadline: Instant,
+    /// While the instance waits for its run's next call: the part of the host's budget that
+    /// stands for its allowance (see [`Limiter::charge_allowance`]).
+    allowance: Option<OwnedSemaphorePermit>,
 }
 
 /// What one table element counts against `memory_mib` (a reference is a pointer).
@@ -92,6 +95,7 @@ impl Limiter {
             host,
             held: None,
             deadline,
+            allowance: None,
         }
     }
 
@@ -100,6 +104,22 @@ impl Limiter {
     pub fn renew(&mut self, deadline: Instant) {
         self.deadline = deadline;
         self.exceeded = None;
+        self.allowance = None;
+    }
+
+    /// Charges the memory the instance holds within its allowance to the host's budget as
+    /// well, until its next call: an instance waiting between calls has no allowance, so that
+    /// kept instances never add to what `plugin_memory_mib` bounds. False, charging nothing,
+    /// when the budget has no room for it now.
+    pub fn charge_allowance(&mut self) -> bool {
+        let units = self.in_use.min(CALL_ALLOWANCE).div_ceil(UNIT) as u32;
+        match self.host.units.clone().try_acquire_many_owned(units) {
+            Ok(permit) => {
+                self.allowance = Some(permit);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Bytes of every memory and table the instance has now.

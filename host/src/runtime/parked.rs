@@ -8,9 +8,10 @@
 //! it was made for, and each call still gets its own capabilities, budgets and time limit.
 //!
 //! What parked instances hold is bounded: at most [`MAX_PARKED`] of them, with at most
-//! [`PARKED_BYTES`] of memories and tables together (their share of `plugin_memory_mib` stays
-//! charged while they wait), each for at most [`PARK_IDLE`]. Parking one more than that
-//! drops the one parked longest.
+//! [`PARKED_BYTES`] of memories and tables together, all of it charged to
+//! `plugin_memory_mib` while they wait (the allowance of a running call included, so an
+//! instance is parked only when the budget has room), each for at most [`PARK_IDLE`].
+//! Parking one more than that drops the one parked longest.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};

@@ -91,13 +91,18 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
 }
 
 fn hold_call(bytes: u64) -> StepCall {
+    action_call("memory", json!({"action": "hold", "bytes": bytes}))
+}
+
+/// A call of `run_id`'s step `first`, doing `action`.
+fn action_call(run_id: &str, action: serde_json::Value) -> StepCall {
     StepCall {
-        run_id: "memory".into(),
+        run_id: run_id.into(),
         step: "first".into(),
         attempt: 1,
         elapsed: Duration::ZERO,
         run_created_at_ms: 0,
-        params: json!({"steps": {"first": {"action": "hold", "bytes": bytes}}}).to_string(),
+        params: json!({"steps": {"first": action}}).to_string(),
         outputs: "{}".into(),
         traceparent: None,
     }
@@ -179,16 +184,7 @@ async fn calls_served(
     run_id: &str,
     capabilities: &Capabilities,
 ) -> (u64, usize) {
-    let call = StepCall {
-        run_id: run_id.into(),
-        step: "first".into(),
-        attempt: 1,
-        elapsed: Duration::ZERO,
-        run_created_at_ms: 0,
-        params: json!({"steps": {"first": {"action": "count_calls"}}}).to_string(),
-        outputs: "{}".into(),
-        traceparent: None,
-    };
+    let call = action_call(run_id, json!({"action": "count_calls"}));
     let report = runtime
         .run_step(plugin, call, capabilities)
         .await
@@ -226,16 +222,7 @@ async fn a_runs_instance_serves_its_next_calls_and_no_other_run() {
     );
 
     // A trap ends the instance: the run's next call gets a new one.
-    let trap = StepCall {
-        run_id: "a".into(),
-        step: "first".into(),
-        attempt: 4,
-        elapsed: Duration::ZERO,
-        run_created_at_ms: 0,
-        params: json!({"steps": {"first": {"action": "trap"}}}).to_string(),
-        outputs: "{}".into(),
-        traceparent: None,
-    };
+    let trap = action_call("a", json!({"action": "trap"}));
     let report = runtime
         .run_step(&plugin, trap, &capabilities)
         .await

@@ -465,6 +465,7 @@ async fn dev(
         &settings,
         timeout,
         &secrets,
+        crate::dev::user_artifacts_dir().as_deref(),
         &mut std::io::stdout(),
     )
     .await?;

@@ -30,8 +30,23 @@ pub enum DevOutcome {
     Errored,
 }
 
+/// Compiled plugins `stepwise dev` keeps, the newest first: enough for the checks an author
+/// switches between, few enough that a cache of 20–60 MB artifacts stays small.
+const CACHED_BUILDS: usize = 8;
+
+/// Where `stepwise dev` keeps compiled plugins between launches, so that running an
+/// unchanged check again starts in a fraction of a second instead of compiling for seconds:
+/// `$XDG_CACHE_HOME/stepwise/compiled`, else `~/.cache/stepwise/compiled`.
+pub fn user_artifacts_dir() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+    Some(cache.join("stepwise").join("compiled"))
+}
+
 /// Runs `file` with `params` (a JSON object) to the end, or to `timeout` (default: the
-/// configured run timeout). The grant is `<file>.toml` beside it when there is one (no
+/// configured run timeout), its compiled code kept in `artifacts` when given. The grant is `<file>.toml` beside it when there is one (no
 /// manifest, no capabilities), SQL sources, secrets and limits come from `settings`. Every
 /// secret is granted, and `secrets` (`--secret NAME=VALUE`) add values that may go to any of
 /// the grant's `allowed_hosts`. Every call is written to `out` as one line, and the verdict as
@@ -42,6 +57,7 @@ pub async fn run_file(
     settings: &Settings,
     timeout: Option<std::time::Duration>,
     secrets: &[(String, String)],
+    artifacts: Option<&Path>,
     out: &mut impl Write,
 ) -> anyhow::Result<DevOutcome> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
@@ -74,12 +90,15 @@ pub async fn run_file(
     grant.secrets = known.iter().map(|secret| secret.name.clone()).collect();
     let secrets = Arc::new(SecretSet::new(known)?);
     let limits = settings.limits.with_overrides(&grant.limits);
-    let runtime = Runtime::new(None, 1, &limits)?;
+    let runtime = Runtime::new(artifacts.map(Path::to_path_buf), 1, &limits)?;
     let version = PluginVersion::of_bytes(&bytes);
     let inspected = runtime
         .inspect(&version, bytes.into(), &limits)
         .await
         .context("the plugin is not valid")?;
+    if let Some(dir) = artifacts {
+        keep_newest(dir, CACHED_BUILDS);
+    }
     let info = inspected.check_info;
     if let Some(schema) = &info.params_schema {
         check_params(schema, params, params.to_string().len())
@@ -235,5 +254,26 @@ pub fn exit_code(outcome: DevOutcome) -> u8 {
         DevOutcome::Passed => 0,
         DevOutcome::Failed | DevOutcome::TimedOut => 1,
         DevOutcome::Errored => 2,
+    }
+}
+
+/// Removes all but the `count` most recently written files of `dir`. A file that cannot be
+/// read or removed is left: the cache only saves time.
+fn keep_newest(dir: &Path, count: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let metadata = entry.metadata().ok()?;
+            metadata
+                .is_file()
+                .then(|| (metadata.modified().ok(), entry.path()))
+        })
+        .collect();
+    files.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
+    for (_, path) in files.into_iter().skip(count) {
+        let _ = std::fs::remove_file(path);
     }
 }

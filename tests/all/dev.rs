@@ -24,7 +24,7 @@ async fn dev_with_secrets(
     std::fs::write(dir.path().join("misbehave.toml"), manifest).expect("writing the manifest");
     let settings = Settings::for_data_dir(dir.path());
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, None, secrets, &mut out)
+    let outcome = run_file(&file, &params, &settings, None, secrets, None, &mut out)
         .await
         .expect("a local run");
     (outcome, String::from_utf8(out).expect("utf-8 output"))
@@ -133,6 +133,7 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
         &settings,
         None,
         &[],
+        None,
         &mut out,
     )
     .await
@@ -185,6 +186,7 @@ async fn a_scaffolded_check_builds_and_passes(lang: Lang, lang_name: &str) {
             &settings,
             Some(std::time::Duration::from_millis(1_500)),
             &[],
+            None,
             &mut out,
         )
         .await
@@ -229,9 +231,17 @@ async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
     let mut out = Vec::new();
     let params = json!({"steps": {"first": {"action": "pending"}}});
     let timeout = std::time::Duration::from_millis(300);
-    let outcome = run_file(&file, &params, &settings, Some(timeout), &[], &mut out)
-        .await
-        .expect("a local run");
+    let outcome = run_file(
+        &file,
+        &params,
+        &settings,
+        Some(timeout),
+        &[],
+        None,
+        &mut out,
+    )
+    .await
+    .expect("a local run");
     let out = String::from_utf8(out).expect("utf-8 output");
     assert_eq!(outcome, DevOutcome::TimedOut, "{out}");
     assert!(
@@ -286,6 +296,8 @@ fn dev_process(action: serde_json::Value) -> String {
     let params = json!({"steps": {"first": action}}).to_string();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
         .current_dir(dir.path())
+        // Its compiled code is kept in the temp dir, not in the user's cache.
+        .env("XDG_CACHE_HOME", dir.path())
         .args([
             "dev",
             "misbehave.wasm",
@@ -397,7 +409,7 @@ async fn a_local_run_reads_a_mysql_and_a_redis_source() {
         "second": {"action": "kv", "source": "cache", "call": "get", "args": [counter]},
     }});
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, None, &[], &mut out)
+    let outcome = run_file(&file, &params, &settings, None, &[], None, &mut out)
         .await
         .expect("a local run");
     let out = String::from_utf8(out).expect("utf-8 output");
@@ -448,7 +460,7 @@ async fn a_local_run_reads_a_nats_source_through_its_tap_and_a_stream() {
     }});
     let run = tokio::spawn(async move {
         let mut out = Vec::new();
-        let outcome = run_file(&file, &params, &settings, None, &[], &mut out).await;
+        let outcome = run_file(&file, &params, &settings, None, &[], None, &mut out).await;
         (outcome, String::from_utf8(out).expect("utf-8 output"))
     });
     // The run starts at a moment the test cannot see: publish until it has found both.
@@ -471,4 +483,62 @@ async fn a_local_run_reads_a_nats_source_through_its_tap_and_a_stream() {
     let _ = nats
         .request(&format!("$JS.API.STREAM.DELETE.{stream}"), &json!({}))
         .await;
+}
+
+#[tokio::test]
+async fn a_local_run_keeps_the_compiled_plugin_for_the_next_and_few_others() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("misbehave.wasm");
+    std::fs::copy(MISBEHAVE_WASM, &file).expect("copying the plugin");
+    let settings = Settings::for_data_dir(dir.path());
+    let artifacts = dir.path().join("compiled");
+    // Older builds already in the cache: all but the newest few leave.
+    std::fs::create_dir_all(&artifacts).expect("cache dir");
+    for old in 0..9 {
+        std::fs::write(artifacts.join(format!("old-{old}.cwasm")), b"stale").expect("an old build");
+    }
+    let params = json!({"steps": {}});
+    let run = || async {
+        let mut out = Vec::new();
+        let outcome = run_file(
+            &file,
+            &params,
+            &settings,
+            None,
+            &[],
+            Some(&artifacts),
+            &mut out,
+        )
+        .await
+        .expect("a local run");
+        assert_eq!(
+            outcome,
+            DevOutcome::Passed,
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    };
+    run().await;
+    let kept: Vec<_> = std::fs::read_dir(&artifacts)
+        .expect("the cache")
+        .map(|entry| entry.expect("an entry").path())
+        .collect();
+    assert_eq!(kept.len(), 8, "{kept:?}");
+    let version = stepwise_host::model::PluginVersion::of_bytes(
+        &std::fs::read(MISBEHAVE_WASM).expect("the plugin"),
+    );
+    let artifact = kept
+        .iter()
+        .find(|path| path.to_string_lossy().contains(&version.to_string()))
+        .expect("this plugin's compiled code is kept")
+        .clone();
+
+    // The next run loads it; a damaged one is compiled again, not trusted.
+    run().await;
+    std::fs::write(&artifact, b"not compiled code").expect("damaging the artifact");
+    run().await;
+    assert!(
+        std::fs::read(&artifact).expect("rewritten").len() > 1_000,
+        "the damaged artifact is replaced"
+    );
 }

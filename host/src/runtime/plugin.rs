@@ -250,8 +250,9 @@ impl Runtime {
         }
         // SAFETY: wasmtime requires that deserialized bytes come from `Component::serialize`
         // of a compatible engine. Artifacts are only ever written by `write_artifact` below,
-        // into the host's own data dir, under a name carrying the content hash and the engine
-        // key; bytes received from the API are always compiled, never deserialized.
+        // into the host's own data dir (or, for `stepwise dev`, the user's own cache dir),
+        // under a name carrying the content hash and the engine key; bytes received from the
+        // API are always compiled, never deserialized.
         match unsafe { Component::deserialize_file(&self.engine, path) } {
             Ok(component) => Some(component),
             Err(error) => {

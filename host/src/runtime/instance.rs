@@ -170,6 +170,11 @@ impl StepState {
         self.limiter.renew(deadline);
     }
 
+    /// Bytes of every memory and table the instance has now.
+    pub(super) fn memory_bytes(&self) -> u64 {
+        self.limiter.in_use()
+    }
+
     fn count_rows_read(&mut self) {
         self.limiter
             .held_outside_budget(self.call.sql.read_bytes + self.call.messages.read_bytes);
@@ -467,8 +472,7 @@ impl Runtime {
         if let (Some(check), true, true) = (instance, run_goes_on, clean)
             && store.data_mut().limiter.charge_allowance()
         {
-            let bytes = store.data().limiter.in_use();
-            let parked = ParkedInstance::new(store, stderr, check, limits, bytes);
+            let parked = ParkedInstance::new(store, stderr, check, limits);
             drop(self.parked.park(run_id, plugin.version.clone(), parked));
         } else {
             drop(store);

@@ -52,14 +52,13 @@ impl ParkedInstance {
         stderr: MemoryOutputPipe,
         check: Check,
         limits: Limits,
-        bytes: u64,
     ) -> Self {
         ParkedInstance {
+            bytes: store.data().memory_bytes(),
             store,
             stderr,
             check,
             limits,
-            bytes,
             parked_at: Instant::now(),
         }
     }
@@ -81,18 +80,9 @@ impl Parked {
             loop {
                 every.tick().await;
                 let Some(map) = map.upgrade() else { break };
-                let expired = {
-                    let mut map = map.lock().unwrap_or_else(|poison| poison.into_inner());
-                    let now = Instant::now();
-                    let keys: Vec<Key> = map
-                        .iter()
-                        .filter(|(_, parked)| now - parked.parked_at >= PARK_IDLE)
-                        .map(|(key, _)| key.clone())
-                        .collect();
-                    keys.into_iter()
-                        .filter_map(|key| map.remove(&key))
-                        .collect::<Vec<_>>()
-                };
+                let now = Instant::now();
+                let expired =
+                    Parked(map).remove_where(|_, parked| now - parked.parked_at >= PARK_IDLE);
                 // Dropped outside the lock: giving back a memory slot takes a system call.
                 drop(expired);
             }
@@ -142,14 +132,17 @@ impl Parked {
 
     /// Drops what `run_id` left parked: its run has ended.
     pub fn forget(&self, run_id: &str) -> Vec<ParkedInstance> {
-        let mut map = self.lock();
-        let keys: Vec<Key> = map
-            .keys()
-            .filter(|(run, _)| run == run_id)
-            .cloned()
-            .collect();
-        keys.into_iter()
-            .filter_map(|key| map.remove(&key))
+        self.remove_where(|(run, _), _| run == run_id)
+    }
+
+    /// Takes out the instances `leaves` picks, for the caller to drop outside the lock.
+    fn remove_where(
+        &self,
+        mut leaves: impl FnMut(&Key, &ParkedInstance) -> bool,
+    ) -> Vec<ParkedInstance> {
+        self.lock()
+            .extract_if(|key, parked| leaves(key, parked))
+            .map(|(_, parked)| parked)
             .collect()
     }
 

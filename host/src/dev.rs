@@ -267,9 +267,13 @@ fn keep_newest(dir: &Path, count: usize) {
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let metadata = entry.metadata().ok()?;
-            metadata
-                .is_file()
-                .then(|| (metadata.modified().ok(), entry.path()))
+            let path = entry.path();
+            // The function cache beside them bounds itself.
+            (metadata.is_file()
+                && path
+                    .extension()
+                    .is_some_and(|extension| extension == "cwasm"))
+            .then(|| (metadata.modified().ok(), path))
         })
         .collect();
     files.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));

@@ -522,8 +522,15 @@ async fn a_local_run_keeps_the_compiled_plugin_for_the_next_and_few_others() {
     let kept: Vec<_> = std::fs::read_dir(&artifacts)
         .expect("the cache")
         .map(|entry| entry.expect("an entry").path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "cwasm")
+        })
         .collect();
     assert_eq!(kept.len(), 8, "{kept:?}");
+    let functions = std::fs::metadata(artifacts.join("functions.cache"))
+        .expect("the compiled functions are kept beside the builds, and outlive their pruning");
+    assert!(functions.len() > 0);
     let version = stepwise_host::model::PluginVersion::of_bytes(
         &std::fs::read(MISBEHAVE_WASM).expect("the plugin"),
     );

@@ -57,8 +57,8 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker thread (and, once per
-    /// process, the allocator's trimmer). Precompiled
-    /// artifacts are kept in `artifacts` (created if missing) when given. The instance pool
+    /// process, the allocator's trimmer). Precompiled artifacts, and the compiled functions
+    /// that later compiles reuse, are kept in `artifacts` (created if missing) when given. The instance pool
     /// holds `concurrent_calls` calls at once, each up to the per-call counts of `limits`;
     /// together they hold at most the default `plugin_memory_mib` beyond each call's first
     /// [`CALL_ALLOWANCE`](super::memory::CALL_ALLOWANCE) (see [`Runtime::with_plugin_memory`]).
@@ -67,10 +67,13 @@ impl Runtime {
         concurrent_calls: usize,
         limits: &Limits,
     ) -> anyhow::Result<Runtime> {
+        let mut config = Config::new();
         if let Some(dir) = &artifacts {
             std::fs::create_dir_all(dir)?;
+            if let Some(functions) = super::functions::FunctionCache::shared(dir) {
+                config.enable_incremental_compilation(functions)?;
+            }
         }
-        let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         // Deep recursion must trap inside the guest's own stack, far from the host's.

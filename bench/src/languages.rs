@@ -269,7 +269,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
         {
             continue;
         }
-        if entry.file_type()?.is_dir() {
+        // `wit` links to the repository's contract: copied as a directory.
+        if std::fs::metadata(entry.path())?.is_dir() {
             copy_dir(&entry.path(), &to.join(entry.file_name()))?;
         } else {
             std::fs::copy(entry.path(), to.join(entry.file_name()))?;

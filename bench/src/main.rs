@@ -12,6 +12,7 @@ mod postgres;
 mod server;
 mod soak;
 mod stats;
+mod status;
 mod swap;
 mod throughput;
 
@@ -24,7 +25,7 @@ usage: stepwise-bench [SCENARIO...] [--large FILE.wasm] [--repeat N] [--runs N]
                       [--plugin-memory-mib N] [--mysql URL] [--redis URL] [--nats URL]
                       [--mqtt URL] [--rabbitmq URL] [--kafka URL] [--lang LANG]
 
-scenarios (default: all but soak, languages, postgres, floor and messages):
+scenarios (default: all but soak, languages, postgres, floor, messages and status):
   swap    upload a new version of a small Rust plugin while runs keep arriving: time from
           the upload's response to the first step call on the new version, and the upload
           itself (inspect + compile); with --large FILE.wasm also a large component (e.g. a
@@ -68,6 +69,8 @@ scenarios (default: all but soak, languages, postgres, floor and messages):
           polling every 200 ms, per backend and mode (a JetStream replay and the tap of a core
           NATS subject; MQTT's tap; a RabbitMQ stream replay and the tap of an exchange; a
           Kafka topic replay)
+  status  a status page of 50 checks over 90 days from a year of daily rollups: time to
+          build it and to render its HTML, and its bytes
   soak    --rate runs/min for --minutes with retention shortened to minutes (attempts 2 min,
           finished runs 5 min, a sweep every 30 s): database size, RSS and tick lag each
           minute, and the lag of ticks during sweeps against the rest
@@ -176,7 +179,7 @@ fn main() -> ExitCode {
                 _ => return usage("--rate needs a positive number"),
             },
             "swap" | "containment" | "triggers" | "due-at-once" | "steps" | "plugin-call"
-            | "languages" | "events" | "soak" | "postgres" | "floor" | "messages" => {
+            | "languages" | "events" | "soak" | "postgres" | "floor" | "messages" | "status" => {
                 scenarios.push(arg)
             }
             other => return usage(&format!("unknown argument {other:?}")),
@@ -211,6 +214,7 @@ fn main() -> ExitCode {
                 "postgres" => postgres::run(&options).await,
                 "floor" => floor::run(&options).await,
                 "messages" => messages::run(&options).await,
+                "status" => status::run(&options).await,
                 _ => unreachable!("scenarios are checked above"),
             }
         });

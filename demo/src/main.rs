@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use stepwise_demo::{COLLECTED_SUBJECT, PipelineConfig, Stores, start_pipeline};
 use stepwise_host::config::{Settings, SourceConfig};
+use stepwise_host::model::{CheckSelection, StatusPage, Tz};
 use tokio_util::sync::CancellationToken;
 
 include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
@@ -160,6 +161,23 @@ async fn main() -> anyhow::Result<()> {
             },
         );
     }
+    // A public status page of the check, at /status/pipeline, with its badge.
+    settings.status_pages.push(StatusPage {
+        slug: "pipeline".into(),
+        title: "Event pipeline".into(),
+        description: Some(
+            "Events from the collector to the warehouse and the report, verified step by step."
+                .into(),
+        ),
+        checks: CheckSelection {
+            plugins: vec!["event-pipeline".into()],
+            ..CheckSelection::default()
+        },
+        public: true,
+        time_zone: Tz::UTC,
+        days: 90,
+        show_messages: false,
+    });
     let listener = tokio::net::TcpListener::bind(STEPWISE_ADDR)
         .await
         .with_context(|| format!("binding {STEPWISE_ADDR}"))?;

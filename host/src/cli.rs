@@ -87,6 +87,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Status pages' daily rollups in the server's database (the same --data-dir,
+    /// --database-url and --config as `serve`; works while the server runs).
+    Status {
+        #[command(subcommand)]
+        command: StatusCommand,
+    },
     /// Runs on a server: list, show, cancel. Exit 0 on success, 1 when the server refuses
     /// (an unknown id, a missing role), 2 when it cannot be reached or answers oddly.
     Runs {
@@ -244,6 +250,16 @@ enum ListCommand {
 }
 
 #[derive(Subcommand)]
+enum StatusCommand {
+    /// Recompute the daily rollups from the runs still stored, for every day after the first
+    /// that has runs (earlier days keep theirs): after changing a page's time_zone, say.
+    Rebuild {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token and print its secret, once, as the last line.
     Create {
@@ -359,6 +375,9 @@ pub fn main() -> ExitCode {
             junit.as_deref(),
         )),
         Command::Token { command } => runtime.block_on(token(command)),
+        Command::Status {
+            command: StatusCommand::Rebuild { serve },
+        } => runtime.block_on(rebuild_rollups(serve)),
         Command::Runs { command } => runtime.block_on(runs(command)),
         Command::Plugins {
             command: ListCommand::List { client },
@@ -531,8 +550,9 @@ async fn check_plugin(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
-    let settings = Settings::from_args(command.serve_args())?;
+/// The settings of `serve`'s flags, and the database they name (created if it is the default).
+async fn open_database(args: &ServeArgs) -> anyhow::Result<(Settings, Store)> {
+    let settings = Settings::from_args(args)?;
     if settings.database_url == Settings::for_data_dir(&settings.data_dir).database_url {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
@@ -540,6 +560,25 @@ async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
     let store = Store::open(&settings.database_url)
         .await
         .with_context(|| format!("opening database {}", settings.database_url))?;
+    Ok((settings, store))
+}
+
+async fn rebuild_rollups(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (settings, store) = open_database(&args).await?;
+    let zones = settings.rollup_zones();
+    // Long enough for a large database: no node folds runs meanwhile.
+    let lease = std::time::Duration::from_secs(600);
+    let counted = crate::rollups::rebuild(&store, &zones, lease).await?;
+    let names: Vec<&str> = zones.iter().map(|zone| zone.name()).collect();
+    println!(
+        "rebuilt the status rollups from {counted} runs, in {}",
+        names.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let (_, store) = open_database(command.serve_args()).await?;
     match command {
         TokenCommand::Create {
             role,

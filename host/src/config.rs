@@ -13,7 +13,10 @@ use serde::Deserialize;
 use crate::grant::{
     AllowedHost, HostPattern, LimitOverrides, Limits, LimitsFile, Policy, RetryFile,
 };
-use crate::model::{Notifier, NotifyEvent, NotifyFormat, Place, RetentionPolicy, Retry, in_range};
+use crate::model::{
+    CheckSelection, Notifier, NotifyEvent, NotifyFormat, Place, RetentionPolicy, Retry, StatusPage,
+    in_range,
+};
 use crate::storage::Backend;
 
 /// Flags of `stepwise serve`; each has its env var.
@@ -121,6 +124,29 @@ struct FileConfig {
     notify: Vec<NotifyFile>,
     #[serde(default)]
     retention: RetentionFile,
+    #[serde(default)]
+    status_page: Vec<StatusPageFile>,
+}
+
+/// `[[status_page]]`: one status page (README, "Status pages").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusPageFile {
+    slug: String,
+    title: String,
+    description: Option<String>,
+    #[serde(default)]
+    schedules: Vec<String>,
+    #[serde(default)]
+    plugins: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    public: bool,
+    time_zone: Option<String>,
+    days: Option<u32>,
+    #[serde(default)]
+    show: Vec<String>,
 }
 
 /// `[metrics]`: who may scrape `GET /metrics`.
@@ -160,6 +186,7 @@ struct RetentionFile {
     keep_last_per_schedule: Option<u32>,
     attempts_days: Option<f64>,
     plugin_versions_days: Option<f64>,
+    rollups_days: Option<f64>,
     interval_ms: Option<u64>,
 }
 
@@ -378,6 +405,76 @@ fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
     Ok(notifiers)
 }
 
+fn parse_status_pages(files: Vec<StatusPageFile>) -> anyhow::Result<Vec<StatusPage>> {
+    let mut pages: Vec<StatusPage> = Vec::with_capacity(files.len());
+    for file in files {
+        let slug = file.slug;
+        anyhow::ensure!(
+            !slug.is_empty()
+                && slug.len() <= 64
+                && slug
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_'),
+            "status_page.slug {slug:?} must be 1 to 64 lowercase letters, digits, '-' or '_'"
+        );
+        anyhow::ensure!(
+            pages.iter().all(|other| other.slug != slug),
+            "status_page.slug {slug:?} is given twice"
+        );
+        let prefix = format!("status_page {slug:?}: ");
+        anyhow::ensure!(
+            !file.title.trim().is_empty() && file.title.len() <= 200,
+            "{prefix}title must be 1 to 200 characters"
+        );
+        anyhow::ensure!(
+            !(file.schedules.is_empty() && file.plugins.is_empty() && file.labels.is_empty()),
+            "{prefix}name its checks with schedules, plugins or labels"
+        );
+        for plugin in &file.plugins {
+            crate::model::PluginName::parse(plugin)
+                .map_err(|error| anyhow::anyhow!("{prefix}plugins: {error}"))?;
+        }
+        let time_zone = match file.time_zone.as_deref() {
+            None => chrono_tz::Tz::UTC,
+            Some(name) => name.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "{prefix}time_zone {name:?} is not an IANA time zone such as \"Europe/Berlin\""
+                )
+            })?,
+        };
+        let days = file.days.unwrap_or(90);
+        anyhow::ensure!(
+            (1..=400).contains(&days),
+            "{prefix}days = {days} is out of range: it must be 1 to 400"
+        );
+        let mut show_messages = false;
+        for field in &file.show {
+            match field.as_str() {
+                "messages" => show_messages = true,
+                other => anyhow::bail!(
+                    "{prefix}show {other:?} is not a field a page can show: only \"messages\" \
+                     (params, outputs, logs and hosts are never shown)"
+                ),
+            }
+        }
+        pages.push(StatusPage {
+            slug,
+            title: file.title,
+            description: file.description,
+            checks: CheckSelection {
+                schedules: file.schedules,
+                plugins: file.plugins,
+                labels: file.labels,
+            },
+            public: file.public,
+            time_zone,
+            days,
+            show_messages,
+        });
+    }
+    Ok(pages)
+}
+
 fn parse_retention(file: &RetentionFile) -> anyhow::Result<RetentionPolicy> {
     let defaults = RetentionPolicy::default();
     let days = |key: &str, value: Option<f64>, default: Duration| -> anyhow::Result<Duration> {
@@ -408,6 +505,7 @@ fn parse_retention(file: &RetentionFile) -> anyhow::Result<RetentionPolicy> {
             file.plugin_versions_days,
             defaults.plugin_versions,
         )?,
+        rollups: days("rollups_days", file.rollups_days, defaults.rollups)?,
         interval: in_range("retention.", "interval_ms", file.interval_ms)?
             .map(Duration::from_millis)
             .unwrap_or(defaults.interval),
@@ -512,6 +610,8 @@ pub struct Settings {
     /// few MiB (`plugin_memory_mib`).
     pub plugin_memory_bytes: u64,
     pub retention: RetentionPolicy,
+    /// `[[status_page]]`: pages any reader (or, unless public, any viewer) may see.
+    pub status_pages: Vec<StatusPage>,
     /// How long a connection may take to send a request's head, from when it connects or
     /// its previous response ended (`header_read_timeout_ms`).
     pub header_read_timeout: Duration,
@@ -567,6 +667,7 @@ impl Settings {
             run_log_bytes: 1 << 20,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
+            status_pages: Vec::new(),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
             tls: None,
@@ -775,6 +876,7 @@ impl Settings {
             }
         }
         settings.retention = parse_retention(&file.retention).map_err(config_error)?;
+        settings.status_pages = parse_status_pages(file.status_page).map_err(config_error)?;
         if let Some(policy) = file.policy {
             settings.policy =
                 parse_policy(policy, &settings, &configured_limits).map_err(config_error)?;
@@ -786,6 +888,17 @@ impl Settings {
                 .capped_by(&ceiling, &settings.policy.max_limits);
         }
         Ok(settings)
+    }
+
+    /// The time zones whose days the status rollups keep: UTC and each page's.
+    pub fn rollup_zones(&self) -> Vec<chrono_tz::Tz> {
+        let mut zones = vec![chrono_tz::Tz::UTC];
+        for page in &self.status_pages {
+            if !zones.contains(&page.time_zone) {
+                zones.push(page.time_zone);
+            }
+        }
+        zones
     }
 
     pub fn plugins_dir(&self) -> PathBuf {

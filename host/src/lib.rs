@@ -22,6 +22,7 @@ pub mod plugin_build;
 pub mod priority;
 pub mod registry;
 pub mod retention;
+pub mod rollups;
 pub mod runner;
 pub mod runtime;
 pub mod scaffold;
@@ -192,6 +193,13 @@ pub async fn serve(
         settings.lease,
     );
     let retention = tokio::spawn(retention.run(shutdown.clone()));
+    let rollups = crate::rollups::Rollups::new(
+        store.clone(),
+        settings.rollup_zones(),
+        node_id.clone(),
+        settings.lease,
+    );
+    let rollups = tokio::spawn(rollups.run(shutdown.clone()));
     let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone())
         .with_metrics(metrics);
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
@@ -204,6 +212,7 @@ pub async fn serve(
         deliverer.await.context("notification deliverer task")?;
     }
     retention.await.context("retention task")?;
+    rollups.await.context("status rollups task")?;
     events.await.context("event hub task")?;
     registry.await.context("plugin registry task")?;
     Ok(())

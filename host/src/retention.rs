@@ -1,6 +1,7 @@
 //! Retention (README, "Retention"): a background job that one node at a time runs (a lease
 //! on the `retention` row of `jobs`), every `interval_ms`. It deletes attempt logs first, then
-//! finished runs with their steps, then plugin versions nothing needs, each in transactions of
+//! finished runs with their steps, then what outlives runs (schedule fires, the status pages'
+//! daily aggregates after `rollups_days`), then plugin versions nothing needs, each in transactions of
 //! at most `BATCH` rows that take their turn between claims and tick writes, and on SQLite
 //! gives the freed pages back to the file system.
 
@@ -43,6 +44,8 @@ pub struct Swept {
     /// Changes behind live events, kept an hour.
     pub events: Pruned,
     pub plugin_versions: Pruned,
+    /// The status pages' daily aggregates and ended incidents.
+    pub rollups: Pruned,
     /// SQLite pages given back to the file system.
     pub pages_reclaimed: u64,
 }
@@ -61,8 +64,9 @@ impl Swept {
             .unwrap_or(0)
     }
 
-    fn parts(&self) -> [Pruned; 6] {
+    fn parts(&self) -> [Pruned; 7] {
         [
+            self.rollups,
             self.attempts,
             self.runs,
             self.fires,
@@ -225,17 +229,29 @@ async fn sweep_with(
             }
         }
     }
-    for what in [Aged::ScheduleFires, Aged::NotifyStreaks, Aged::Events] {
+    for what in [
+        Aged::ScheduleFires,
+        Aged::NotifyStreaks,
+        Aged::Events,
+        Aged::RollupDays,
+        Aged::RollupSteps,
+        Aged::RollupLatency,
+        Aged::Incidents,
+    ] {
         let age = match what {
             // No longer than the attempts the changes were about.
             Aged::Events => EVENTS_KEPT.min(policy.attempts),
+            Aged::RollupDays | Aged::RollupSteps | Aged::RollupLatency | Aged::Incidents => {
+                policy.rollups
+            }
             _ => policy.finished_runs,
         };
         let (done, pruned) = drain_aged(store, what, before(age), batch, &mut held).await?;
         match what {
             Aged::ScheduleFires => swept.fires = pruned,
             Aged::NotifyStreaks => swept.streaks = pruned,
-            _ => swept.events = pruned,
+            Aged::Events => swept.events = pruned,
+            _ => swept.rollups.merge(pruned),
         }
         if !done {
             return Ok(swept);

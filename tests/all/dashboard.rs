@@ -24,6 +24,45 @@ fn browser_python() -> Option<String> {
     python
 }
 
+/// Runs the browser walk `script` (in `tests/browser/`) with `args`, then the screenshot
+/// directory, then `more`; asserts it succeeded and left `{name}.png` for each of `shots`,
+/// and returns the directory.
+async fn walk(
+    python: &str,
+    script: &str,
+    args: &[&str],
+    more: &[&str],
+    shots: &[&str],
+) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(script.replace('.', "-"));
+    std::fs::create_dir_all(&dir).expect("a screenshot dir");
+    let output = tokio::process::Command::new(python)
+        .arg(format!("{}/browser/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .arg(&dir)
+        .args(more)
+        .output()
+        .await
+        .expect("running the browser walk");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the walk failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{stdout}");
+    for name in shots {
+        let shot = dir.join(format!("{name}.png"));
+        let bytes = std::fs::read(&shot).unwrap_or_default();
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "no screenshot {}",
+            shot.display()
+        );
+    }
+    dir
+}
+
 #[tokio::test]
 async fn the_pages_and_assets_are_served_without_a_token_and_carry_no_data() {
     let server = TestServer::start(
@@ -111,33 +150,14 @@ async fn the_main_path_works_in_a_real_browser() {
     assert_eq!(response.status(), 201);
     let schedule: serde_json::Value = response.json().await.expect("the schedule");
 
-    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
-    std::fs::create_dir_all(&shots).expect("a screenshot dir");
-    let walk = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/walk.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(walk)
-        .arg(&server.base)
-        .arg(&token)
-        .arg(&shots)
-        .output()
-        .await
-        .expect("running the browser walk");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the walk failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("{stdout}");
-    for page in ["runs", "run", "plugins", "schedules", "health"] {
-        let shot = shots.join(format!("{page}.png"));
-        let bytes = std::fs::read(&shot).unwrap_or_default();
-        assert!(
-            bytes.starts_with(b"\x89PNG"),
-            "no screenshot {}",
-            shot.display()
-        );
-    }
+    walk(
+        &python,
+        "walk.py",
+        &[&server.base, &token],
+        &[],
+        &["runs", "run", "plugins", "schedules", "health"],
+    )
+    .await;
     // What the clicks did, as the API sees it.
     let plugin: serde_json::Value =
         authorized(server.client.get(server.url("/v1/plugins/misbehave")))
@@ -189,32 +209,14 @@ async fn a_pending_version_is_reviewed_and_activated_in_a_real_browser() {
         .expect("uploading");
     assert_eq!(response.status(), 202);
 
-    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-review");
-    std::fs::create_dir_all(&shots).expect("a screenshot dir");
-    let walk = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/review.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(walk)
-        .args([&server.base, &publisher, &admin])
-        .arg(&shots)
-        .args(["misbehave", &version])
-        .output()
-        .await
-        .expect("running the browser walk");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the walk failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for view in ["review-publisher", "review-admin", "review-activated"] {
-        let shot = shots.join(format!("{view}.png"));
-        let bytes = std::fs::read(&shot).unwrap_or_default();
-        assert!(
-            bytes.starts_with(b"\x89PNG"),
-            "no screenshot {}",
-            shot.display()
-        );
-    }
+    walk(
+        &python,
+        "review.py",
+        &[&server.base, &publisher, &admin],
+        &["misbehave", &version],
+        &["review-publisher", "review-admin", "review-activated"],
+    )
+    .await;
     // What the click did, as the API sees it.
     let plugin: serde_json::Value = server
         .client
@@ -227,4 +229,75 @@ async fn a_pending_version_is_reviewed_and_activated_in_a_real_browser() {
         .await
         .expect("the plugin");
     assert_eq!(plugin["active_version"], version.as_str(), "{plugin}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_page_reads_well_at_two_widths_in_a_real_browser() {
+    let Some(python) = browser_python() else {
+        return;
+    };
+    let server = TestServer::start(
+        Setup::default()
+            .with_auth(AuthMode::Tokens)
+            .with_config(
+                "[[status_page]]\nslug = \"pipeline\"\ntitle = \"Event pipeline\"\n\
+                 description = \"Events from the collector to the warehouse and the report.\"\n\
+                 plugins = [\"misbehave\"]\npublic = true\n",
+            )
+            .with_plugin(PluginFile::misbehave("")),
+    )
+    .await;
+    let runner = server.create_token(Role::Runner).await;
+    for params in [
+        json!({}),
+        json!({}),
+        json!({"steps": {"third": {"action": "fail"}}}),
+    ] {
+        let response = server
+            .client
+            .post(server.url("/v1/runs"))
+            .bearer_auth(&runner)
+            .json(&json!({"plugin": "misbehave", "params": params}))
+            .send()
+            .await
+            .expect("triggering");
+        assert_eq!(response.status(), 202);
+    }
+    // The page's JSON shows the three runs once they are folded into today.
+    let shown = crate::support::poll_until(|| async {
+        let page: serde_json::Value = server
+            .client
+            .get(server.url("/status/pipeline.json"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let today = page["checks"][0]["history"].as_array()?.last()?.clone();
+        (today["passed"] == 2 && today["failed"] == 1).then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "the runs never reached the status page");
+
+    let page = server.url("/status/pipeline");
+    let dir = walk(
+        &python,
+        "status.py",
+        &[&page],
+        &["misbehave"],
+        &["status-wide", "status-narrow"],
+    )
+    .await;
+    // The README's pictures are these, refreshed on request.
+    if std::env::var_os("STEPWISE_UPDATE_DOCS").is_some() {
+        for name in ["status-wide", "status-narrow"] {
+            let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs");
+            std::fs::copy(
+                dir.join(format!("{name}.png")),
+                format!("{docs}/{name}.png"),
+            )
+            .expect("writing docs");
+        }
+    }
 }

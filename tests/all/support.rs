@@ -1576,3 +1576,20 @@ pub async fn redis_command(url: &str, command: &[&[u8]]) -> String {
         .await
         .expect("a command to Redis")
 }
+
+/// Waits until every finished run is counted in the status rollups (the server folds them
+/// about once a second): retention deletes no run before that.
+pub async fn rollups_folded(store: &stepwise_host::storage::Store) {
+    let folded = poll_until(|| async {
+        (!store
+            .rollups_pending()
+            .await
+            .expect("reading the rollup queue"))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        folded.is_some(),
+        "finished runs were never folded into the rollups"
+    );
+}

@@ -47,10 +47,15 @@ async fn page(State(state): State<AppState>) -> Response {
 }
 
 fn asset(content_type: &'static str, body: &str) -> Response {
+    served(POLICY, content_type, body)
+}
+
+/// A page or asset of this origin under `policy`, never sniffed, cached or sent a referrer.
+pub(super) fn served(policy: &'static str, content_type: &'static str, body: &str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),
-            (header::CONTENT_SECURITY_POLICY, POLICY),
+            (header::CONTENT_SECURITY_POLICY, policy),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "no-referrer"),
             (header::CACHE_CONTROL, "no-cache"),

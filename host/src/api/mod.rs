@@ -18,6 +18,7 @@ mod schedules;
 mod secrets;
 mod server;
 mod state;
+mod status;
 mod tokens;
 
 use axum::extract::DefaultBodyLimit;
@@ -32,6 +33,9 @@ pub use error::ApiError;
 pub use events::EventHub;
 pub use server::{Connections, Peer};
 pub use state::{AppState, Shared};
+pub use status::{
+    Report as StatusReport, build as build_status_report, render as render_status_page,
+};
 pub use tokens::parse_lifetime;
 
 pub fn router(state: AppState) -> Router {
@@ -47,6 +51,7 @@ pub fn router(state: AppState) -> Router {
             auth::guard,
         ))
         .merge(dashboard::routes())
+        .merge(status::routes())
         .fallback(error::not_found_fallback)
         .method_not_allowed_fallback(error::method_not_allowed_fallback)
         .layer(axum::middleware::from_fn_with_state(

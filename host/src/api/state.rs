@@ -49,6 +49,8 @@ pub struct Shared {
     pub events: EventHub,
     /// The message sources, whose taps `/metrics` reports.
     pub message_sources: MessageSources,
+    /// The status pages' last figures and anonymous readers.
+    pub status: super::status::StatusPages,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             listen,
             metrics: Metrics::default(),
             node_id: String::new(),
+            status: Default::default(),
         }
     }
 

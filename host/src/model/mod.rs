@@ -1,7 +1,8 @@
 //! Ids, enums and plain records shared by every layer. No I/O, no serde, no sqlx: the wire
 //! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
 //! Split by concept: `ids`, `run` (statuses and what `describe` reports), `access` (roles and
-//! actors), `notify`, `ranges` (of every number an operator sets), `retention`, `schedule`, `secret` (where a secret may go).
+//! actors), `notify`, `ranges` (of every number an operator sets), `retention`, `schedule`, `secret` (where a secret may go),
+//! `status` (status pages and their daily aggregates).
 
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -37,6 +38,7 @@ mod retention;
 mod run;
 mod schedule;
 mod secret;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -48,6 +50,7 @@ pub use retention::*;
 pub use run::*;
 pub use schedule::*;
 pub use secret::*;
+pub use status::*;
 
 /// Milliseconds since the Unix epoch: the one time representation stored and compared.
 pub type UnixMillis = i64;

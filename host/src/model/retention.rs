@@ -13,6 +13,8 @@ pub struct RetentionPolicy {
     pub attempts: Duration,
     /// A plugin version no run uses and not active is deleted once this old.
     pub plugin_versions: Duration,
+    /// The status pages' daily aggregates older than this are deleted; they outlive runs.
+    pub rollups: Duration,
     /// How often a node looks for work (one node at a time does it).
     pub interval: Duration,
 }
@@ -25,6 +27,7 @@ impl Default for RetentionPolicy {
             keep_last_per_schedule: 100,
             attempts: Duration::from_secs(7 * DAY),
             plugin_versions: Duration::from_secs(90 * DAY),
+            rollups: Duration::from_secs(400 * DAY),
             interval: Duration::from_secs(300),
         }
     }

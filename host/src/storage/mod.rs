@@ -2,7 +2,7 @@
 //! is one concrete type with narrow methods named after intent, over SQLite (embedded, one node)
 //! or PostgreSQL (several nodes). The SQL is one text for both backends, in a file per
 //! aggregate (`runs`, `plugins`, `schedules`, `leases`, `access`, `outbox`, `events`,
-//! `retention`; `store.rs` holds the `Store` itself); `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
+//! `retention`, `rollups`; `store.rs` holds the `Store` itself); `backend.rs` holds where they differ. Only this module knows SQL; every transaction begins
 //! and ends inside one method.
 
 mod access;
@@ -13,6 +13,7 @@ mod leases;
 mod outbox;
 mod plugins;
 mod retention;
+mod rollups;
 mod runs;
 mod schedules;
 mod sqlite_reader;
@@ -34,6 +35,7 @@ pub use outbox::{
     ClaimedNotification, DeliveryAttempt, DeliveryNext, NotificationRecord, NotifyWrite,
 };
 pub use retention::{Aged, Pruned};
+pub use rollups::FOLD_BATCH;
 pub use store::Store;
 
 /// What a node changed that other nodes sharing the database should react to at once rather

@@ -8,7 +8,7 @@ use sqlx::FromRow;
 
 use super::backend::Backend;
 use super::leases::Claimable;
-use super::statement::{SqlxTx, Tx, Value, arguments};
+use super::statement::{Value, arguments};
 use super::{Result, Store};
 use crate::model::{RunId, UnixMillis};
 
@@ -24,6 +24,12 @@ pub enum Aged {
     /// The change log behind live events, by when the change was made; never the newest
     /// change, whose id the next ones follow.
     Events,
+    /// The status pages' daily aggregates, by the start of their day.
+    RollupDays,
+    RollupSteps,
+    RollupLatency,
+    /// Ended incidents, by their last failed run.
+    Incidents,
 }
 
 /// What one deletion did.
@@ -60,21 +66,19 @@ fn placeholders(first: usize, count: usize) -> String {
     text
 }
 
-/// Statements that delete together, in one transaction: SQL with `$n` placeholders, and its
-/// values, owned, to be sent to SQLite's writer thread.
-pub(super) type Deletion = Vec<(String, Vec<Value<'static>>)>;
-
 fn run_id_binds(ids: &[&RunId]) -> Vec<Value<'static>> {
     ids.iter()
         .map(|id| Value::from(id.as_str().to_owned()))
         .collect()
 }
 
-/// The run `run_id` (a qualified column) has no notification still being delivered: one keeps
-/// its run until it ends, whatever retention says.
-fn nothing_to_deliver(run_id: &str) -> String {
+/// The run `run_id` (a qualified column) has no notification still being delivered and is
+/// not waiting to be counted in the status rollups: either keeps its run, whatever retention
+/// says.
+fn nothing_pending(run_id: &str) -> String {
     format!(
-        "NOT EXISTS (SELECT 1 FROM notifications n WHERE n.run_id = {run_id} AND n.status = 'pending')"
+        "NOT EXISTS (SELECT 1 FROM notifications n WHERE n.run_id = {run_id} AND n.status = 'pending') \
+         AND NOT EXISTS (SELECT 1 FROM rollup_queue q WHERE q.run_id = {run_id})"
     )
 }
 
@@ -136,24 +140,6 @@ impl Store {
         Ok(())
     }
 
-    /// Runs `deletion`'s statements in one transaction and returns the rows each changed. On
-    /// SQLite the writer thread does it between (or with) the ticks it writes, so that no
-    /// tick waits for a transaction that goes back and forth between threads; elsewhere a
-    /// transaction of its own.
-    async fn delete_together(&self, deletion: Deletion) -> Result<Vec<u64>> {
-        if let Some(writer) = self.sqlite_writer() {
-            return writer.delete(deletion).await;
-        }
-        let mut write = self.writes.begin().await?;
-        let mut tx = SqlxTx(&mut write);
-        let mut changed = Vec::with_capacity(deletion.len());
-        for (sql, values) in &deletion {
-            changed.push(tx.execute(sql, values).await?);
-        }
-        write.commit().await?;
-        Ok(changed)
-    }
-
     /// Deletes up to `batch` rows of `table` whose `key` columns a `SELECT … WHERE filter`
     /// picks, in one transaction.
     async fn delete_some(
@@ -167,7 +153,7 @@ impl Store {
         let sql = format!(
             "DELETE FROM {table} WHERE ({key}) IN (SELECT {key} {from_where} LIMIT {batch})"
         );
-        let changed = self.delete_together(vec![(sql, binds)]).await?;
+        let changed = self.run_together(vec![(sql, binds)]).await?;
         Ok(changed.iter().sum())
     }
 
@@ -182,6 +168,30 @@ impl Store {
                 "",
             ),
             Aged::NotifyStreaks => ("notify_streaks", "series", "updated_at", ""),
+            Aged::RollupDays => (
+                "rollup_days",
+                "zone, plugin_name, schedule_id, day",
+                "day_start",
+                "",
+            ),
+            Aged::RollupSteps => (
+                "rollup_steps",
+                "zone, plugin_name, schedule_id, day, position",
+                "day_start",
+                "",
+            ),
+            Aged::RollupLatency => (
+                "rollup_latency",
+                "zone, plugin_name, schedule_id, day, position, bucket",
+                "day_start",
+                "",
+            ),
+            Aged::Incidents => (
+                "incidents",
+                "plugin_name, schedule_id, started_at",
+                "last_failed_at",
+                " AND ended_at IS NOT NULL",
+            ),
             Aged::Events => (
                 "events",
                 "id",
@@ -208,7 +218,7 @@ impl Store {
         let ids: Vec<(String,)> = sqlx::query_as(&format!(
             "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1 \
              AND {} ORDER BY finished_at LIMIT $2",
-            nothing_to_deliver("runs.id")
+            nothing_pending("runs.id")
         ))
         .bind(before)
         .bind(limit as i64)
@@ -230,7 +240,7 @@ impl Store {
             let beyond: Vec<(String,)> = sqlx::query_as(&format!(
                 "SELECT id FROM (SELECT id FROM runs WHERE schedule_id = $1 AND finished_at IS NOT NULL \
                  ORDER BY id DESC LIMIT $2 OFFSET $3) beyond WHERE {}",
-                nothing_to_deliver("beyond.id")
+                nothing_pending("beyond.id")
             ))
             .bind(&schedule)
             .bind(limit as i64)
@@ -314,7 +324,7 @@ impl Store {
         let ids: Vec<&RunId> = group.iter().collect();
         let list = placeholders(1, ids.len());
         let binds = run_id_binds(&ids);
-        let mut deletion: Deletion = [
+        let mut deletion: super::store::SqlBatch = [
             ("notifications", "run_id"),
             ("run_labels", "run_id"),
             ("steps", "run_id"),
@@ -324,14 +334,14 @@ impl Store {
             let sql = format!(
                 "DELETE FROM {table} WHERE {column} IN (SELECT id FROM runs WHERE id IN ({list}) \
                  AND finished_at IS NOT NULL AND {})",
-                nothing_to_deliver("runs.id")
+                nothing_pending("runs.id")
             );
             (sql, binds.clone())
         })
         .collect();
         let sql = format!(
             "DELETE FROM runs WHERE id IN ({list}) AND finished_at IS NOT NULL AND {}",
-            nothing_to_deliver("runs.id")
+            nothing_pending("runs.id")
         );
         deletion.push((sql, binds));
         if let Some(newest) = group.iter().map(RunId::as_str).max() {
@@ -342,7 +352,7 @@ impl Store {
                 vec![Value::from(newest.to_owned())],
             ));
         }
-        let changed = self.delete_together(deletion).await?;
+        let changed = self.run_together(deletion).await?;
         // The rows of the four deletes, not the job's row.
         Ok(changed.iter().take(4).sum())
     }
@@ -388,7 +398,7 @@ impl Store {
         if candidates.is_empty() {
             return Ok(pruned);
         }
-        let mut deletion = Deletion::new();
+        let mut deletion = super::store::SqlBatch::new();
         for (name, version) in candidates {
             // Checked again in the delete: the version may have been activated since.
             deletion.push((
@@ -405,7 +415,7 @@ impl Store {
                 vec![Value::from(version)],
             ));
         }
-        pruned.add(self.delete_together(deletion).await?.iter().sum());
+        pruned.add(self.run_together(deletion).await?.iter().sum());
         Ok(pruned)
     }
 
@@ -427,7 +437,7 @@ impl Store {
     /// Gives up to `VACUUM_PAGES` free pages back to the file system (SQLite, whose database is
     /// in incremental auto-vacuum mode), on the writer thread.
     pub async fn vacuum_step(&self) -> Result<()> {
-        self.delete_together(vec![(
+        self.run_together(vec![(
             format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
             Vec::new(),
         )])

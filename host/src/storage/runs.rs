@@ -299,6 +299,11 @@ impl Store {
         .execute(&mut *transaction)
         .await?;
         super::events::record_event(&mut transaction, id, None, now).await?;
+        sqlx::query(super::rollups::QUEUE_FINISHED)
+            .bind(id.as_str())
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
         self.backend
             .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
             .await?;
@@ -393,6 +398,11 @@ pub(super) async fn write_tick(
         return Ok(());
     };
     update_run(tx, backend, last).await?;
+    if last.run.status.is_terminal() {
+        let finished = [Value::from(last.run_id.as_str()), Value::from(last.now)];
+        tx.execute(super::rollups::QUEUE_FINISHED, &finished)
+            .await?;
+    }
     for write in writes {
         record_step(tx, write).await?;
     }

@@ -26,11 +26,11 @@ use tokio::sync::oneshot;
 
 use super::backend::Backend;
 use super::leases::{claim_sql, renew_sql};
-use super::retention::Deletion;
 use super::runs::{
     DUE_RUNS, NEXT_DUE_SQL, RunRow, STEPS_SQL, StepRow, insert_runs, load_tick_sql, write_tick,
 };
 use super::statement::{Tx, Value, one_row};
+use super::store::SqlBatch;
 use super::{ClaimedRun, Error, LoadedTick, NewRun, Result, TickWrite};
 use crate::model::{RunId, UnixMillis};
 
@@ -59,8 +59,9 @@ enum Request {
         after: UnixMillis,
         reply: Reply<Option<UnixMillis>>,
     },
-    /// Retention's deletions: bounded by their `LIMIT`s, done in a batch like a tick.
-    Delete(Deletion, Reply<Vec<u64>>),
+    /// Statements that go together (retention's deletions, bounded by their `LIMIT`s; the status
+    /// rollups): done in a batch like a tick.
+    Batch(SqlBatch, Reply<Vec<u64>>),
     /// A request already answered, before its batch committed (`answers_before_commit`):
     /// a batch done again skips it.
     Answered,
@@ -72,7 +73,7 @@ enum Outcome {
     Claimed(Vec<ClaimedRun>),
     Renewed(bool),
     Due(Option<UnixMillis>),
-    Deleted(Vec<u64>),
+    Changed(Vec<u64>),
 }
 
 impl Request {
@@ -117,12 +118,12 @@ impl Request {
                     .optional()?;
                 Ok(Outcome::Due(due))
             }
-            Request::Delete(deletion, _) => {
-                let mut changed = Vec::with_capacity(deletion.len());
-                for (sql, values) in deletion {
-                    changed.push(delete(connection, sql, values)?);
+            Request::Batch(batch, _) => {
+                let mut changed = Vec::with_capacity(batch.len());
+                for (sql, values) in batch {
+                    changed.push(run_statement(connection, sql, values)?);
                 }
-                Ok(Outcome::Deleted(changed))
+                Ok(Outcome::Changed(changed))
             }
             Request::Answered => Ok(Outcome::Done),
         }
@@ -145,7 +146,7 @@ impl Request {
     fn writes_several(&self) -> bool {
         matches!(
             self,
-            Request::Enqueue(..) | Request::Tick(..) | Request::Delete(..)
+            Request::Enqueue(..) | Request::Tick(..) | Request::Batch(..)
         )
     }
 
@@ -177,8 +178,8 @@ impl Request {
                 Outcome::Due(due) => Some(due),
                 _ => None,
             }),
-            Request::Delete(_, reply) => send(reply, outcome, |outcome| match outcome {
-                Outcome::Deleted(changed) => Some(changed),
+            Request::Batch(_, reply) => send(reply, outcome, |outcome| match outcome {
+                Outcome::Changed(changed) => Some(changed),
                 _ => None,
             }),
             Request::Answered => {}
@@ -262,8 +263,8 @@ impl SqliteWriter {
     }
 
     /// Runs the statements together; returns the rows each changed.
-    pub(super) async fn delete(&self, deletion: Deletion) -> Result<Vec<u64>> {
-        self.ask(|reply| Request::Delete(deletion, reply)).await
+    pub(super) async fn run_batch(&self, batch: SqlBatch) -> Result<Vec<u64>> {
+        self.ask(|reply| Request::Batch(batch, reply)).await
     }
 }
 
@@ -497,9 +498,9 @@ fn revoke(connection: &Connection, leases: &[Lease]) -> Result<()> {
     Ok(())
 }
 
-/// One statement of a deletion; returns the rows it changed. Not cached: the texts vary with
+/// One statement of a batch; returns the rows it changed. Not cached: the texts vary with
 /// the number of ids, and each is far cheaper to prepare than to run.
-fn delete(connection: &Connection, sql: &str, values: &[Value<'_>]) -> Result<u64> {
+fn run_statement(connection: &Connection, sql: &str, values: &[Value<'_>]) -> Result<u64> {
     let mut statement = connection.prepare(sql)?;
     for (index, value) in values.iter().enumerate() {
         statement.raw_bind_parameter(index + 1, value)?;

@@ -13,6 +13,7 @@ use super::group_commit::GroupCommit;
 use super::runs::write_runs;
 use super::sqlite_reader::SqliteReaders;
 use super::sqlite_writer::SqliteWriter;
+use super::statement::{SqlxTx, Tx, Value};
 use super::{Error, NewRun, Result};
 use crate::model::UnixMillis;
 
@@ -61,6 +62,10 @@ impl Writes {
         (&self.pool, turn)
     }
 }
+
+/// Statements that run together, in one transaction: SQL with `$n` placeholders, and its
+/// values, owned, to be sent to SQLite's writer thread.
+pub(super) type SqlBatch = Vec<(String, Vec<Value<'static>>)>;
 
 /// A write's transaction, holding the turn until it ends (the transaction is dropped first:
 /// fields drop in order).
@@ -263,6 +268,26 @@ pub(super) fn labels_json(labels: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(labels).map_err(|error| Error::Corrupt(error.to_string()))
 }
 
+impl Store {
+    /// Runs `batch`'s statements in one transaction and returns the rows each changed. On
+    /// SQLite the writer thread does it between (or with) the ticks it writes, so that no
+    /// tick waits for a transaction that goes back and forth between threads; elsewhere a
+    /// transaction of its own.
+    pub(super) async fn run_together(&self, batch: SqlBatch) -> Result<Vec<u64>> {
+        if let Some(writer) = self.sqlite_writer() {
+            return writer.run_batch(batch).await;
+        }
+        let mut write = self.writes.begin().await?;
+        let mut tx = SqlxTx(&mut write);
+        let mut changed = Vec::with_capacity(batch.len());
+        for (sql, values) in &batch {
+            changed.push(tx.execute(sql, values).await?);
+        }
+        write.commit().await?;
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Every write takes the one way in, [`super::Writes`]: no other file of `storage` begins
@@ -276,6 +301,7 @@ mod tests {
             ("outbox.rs", include_str!("outbox.rs")),
             ("plugins.rs", include_str!("plugins.rs")),
             ("retention.rs", include_str!("retention.rs")),
+            ("rollups.rs", include_str!("rollups.rs")),
             ("runs.rs", include_str!("runs.rs")),
             ("schedules.rs", include_str!("schedules.rs")),
             ("mod.rs", include_str!("mod.rs")),

@@ -29,5 +29,6 @@ mod retention;
 mod sandbox;
 mod schedules;
 mod secrets;
+mod status_pages;
 mod steps;
 mod validation;

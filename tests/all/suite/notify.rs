@@ -9,7 +9,7 @@ use stepwise_host::model::{RetentionPolicy, now_millis};
 use stepwise_host::retention::sweep;
 use stepwise_host::storage::Store;
 
-use crate::support::{PluginFile, Reply, Setup, TestServer, Webhook, poll_until};
+use crate::support::{PluginFile, Reply, Setup, TestServer, Webhook, poll_until, rollups_folded};
 
 fn notifier(name: &str, webhook: &Webhook, extra: &str) -> String {
     format!(
@@ -318,6 +318,7 @@ async fn a_receiver_that_hangs_never_delays_a_tick() {
         ..RetentionPolicy::default()
     };
     let tomorrow = now_millis() + 24 * 3600 * 1000;
+    rollups_folded(&store).await;
     sweep(&store, &policy, tomorrow, 1000)
         .await
         .expect("sweeping");

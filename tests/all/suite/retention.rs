@@ -9,7 +9,9 @@ use stepwise_host::model::{RetentionPolicy, now_millis};
 use stepwise_host::retention::sweep;
 use stepwise_host::storage::Store;
 
-use crate::support::{MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Setup, TestServer, poll_until};
+use crate::support::{
+    MISBEHAVE_B_WASM, MISBEHAVE_WASM, PluginFile, Setup, TestServer, poll_until, rollups_folded,
+};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -111,9 +113,11 @@ async fn a_sweep_deletes_exactly_what_retention_says_in_small_batches() {
         keep_last_per_schedule: 3,
         attempts: DAY / 24,
         plugin_versions: DAY / 24,
+        rollups: 400 * DAY,
         interval: DAY,
     };
     let now = now_millis() + DAY.as_millis() as i64;
+    rollups_folded(&store).await;
     let swept = sweep(&store, &policy, now, 7).await.expect("sweeping");
     assert!(swept.rows() > 0, "{swept:?}");
     assert!(swept.largest_transaction() <= 7, "{swept:?}");

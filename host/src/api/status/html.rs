@@ -97,7 +97,8 @@ fn render_check(html: &mut String, report: &Report, check: &CheckReport) {
     html.push_str("</article>\n");
 }
 
-/// One bar per day of the page, oldest on the left; days without runs are grey.
+/// One bar per day of the page, oldest on the left, in the colour of the day's worst run
+/// with the share that passed in green; days without runs are grey.
 fn render_bars(html: &mut String, report: &Report, check: &CheckReport) {
     let days = report.days as usize;
     let width = days * (BAR + GAP) - GAP;
@@ -127,6 +128,16 @@ fn render_bars(html: &mut String, report: &Report, check: &CheckReport) {
                      <title>{day}: {detail}</title></rect>",
                     detail = day_detail(figures)
                 );
+                // A day that did not all pass: the worst colour above, the share that passed
+                // in green below it.
+                if let Some(share) = figures.uptime.filter(|share| *share > 0.0 && *share < 1.0) {
+                    let height = (share * 30.0).clamp(1.0, 29.0);
+                    let _ = write!(
+                        html,
+                        "<rect x=\"{x}\" y=\"{y:.1}\" width=\"{BAR}\" height=\"{height:.1}\" class=\"share\"/>",
+                        y = 30.0 - height
+                    );
+                }
             }
             None => {
                 let _ = write!(
@@ -192,7 +203,7 @@ fn render_incidents(html: &mut String, report: &Report) {
     html.push_str("<ol>");
     for incident in &report.incidents {
         let ended = match &incident.ended_at {
-            Some(at) => format!("ended <time datetime=\"{at}\">{at}</time>", at = escape(at)),
+            Some(at) => format!("ended {}", time(at, &report.time_zone)),
             None => "<strong>ongoing</strong>".to_owned(),
         };
         let step = incident
@@ -205,7 +216,7 @@ fn render_incidents(html: &mut String, report: &Report) {
             "<li class=\"incident state-{status}\"><span class=\"pill state-{status}\">{label}</span> \
              <b>{check}</b>{step}: {runs} run{plural}, began {start}, {ended}",
             status = incident.status,
-            label = state_label(incident.status),
+            label = incident.status.replace('_', " "),
             check = escape(&incident.check_name),
             runs = incident.runs,
             plural = if incident.runs == 1 { "" } else { "s" },

@@ -359,6 +359,12 @@ enum Filter {
         schedule: Option<String>,
         status: Option<RunStatus>,
     },
+    /// A status page's runs that finished: those of its plugins and schedules. Its stream
+    /// says only that the page changed, never what a run holds.
+    Page {
+        plugins: Vec<String>,
+        schedules: Vec<String>,
+    },
 }
 
 impl Filter {
@@ -399,6 +405,11 @@ impl Filter {
                         .as_deref()
                         .is_none_or(|schedule| schedule_id == Some(schedule))
                     && status.is_none_or(|status| status == run_status)
+            }
+            Filter::Page { plugins, schedules } => {
+                run_status.is_terminal()
+                    && (plugins.iter().any(|plugin| plugin == plugin_name)
+                        || schedule_id.is_some_and(|id| schedules.iter().any(|s| s == id)))
             }
         }
     }
@@ -486,12 +497,22 @@ impl Subscription {
             self.end("this stream fell further behind than the server keeps for it; read the state again and reconnect");
             return;
         }
+        let page = matches!(self.subscriber.queue.filter, Filter::Page { .. });
+        let mut changed = false;
         for change in changes {
             if change.seq <= self.last {
                 continue;
             }
             self.last = change.seq;
-            self.frames.extend(frames(&change));
+            if page {
+                changed = true;
+            } else {
+                self.frames.extend(frames(&change));
+            }
+        }
+        if changed {
+            self.frames
+                .push_back(Event::default().event("changed").data("{}"));
         }
     }
 
@@ -646,6 +667,40 @@ async fn open(
     }
     let stream = futures::stream::unfold(subscription, Subscription::next);
     Ok(Sse::new(stream))
+}
+
+/// A status page's stream: `event: changed` (with nothing else) soon after a run of the page's
+/// `plugins` or `schedules` finishes. `reader` counts against `max_event_streams_per_token`
+/// as a token would: an anonymous reader's address.
+pub(super) async fn page_changes(
+    state: &AppState,
+    plugins: Vec<String>,
+    schedules: Vec<String>,
+    reader: String,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
+    let filter = Filter::Page { plugins, schedules };
+    let subscriber = state
+        .events
+        .subscribe(&state.store, filter, Some(reader))
+        .await?;
+    let every = state.settings.events_keep_alive;
+    let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (_, newest) = state.store.event_bounds().await?;
+    let subscription = Subscription {
+        state: state.clone(),
+        subscriber,
+        last: newest.unwrap_or(0),
+        frames: VecDeque::from([Event::default().event("open").data("{}")]),
+        replay: None,
+        keep_alive,
+        credentials: None,
+        done: false,
+    };
+    Ok(Sse::new(futures::stream::unfold(
+        subscription,
+        Subscription::next,
+    )))
 }
 
 /// Sets the stream up to send what changed after `after`: a run's own stream its run, once,

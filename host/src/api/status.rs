@@ -1,5 +1,6 @@
 //! Status pages and badges (README, "Status pages"): `GET /status/{slug}` (HTML, readable
-//! without JavaScript), `GET /status/{slug}.json`, `GET /badge/{slug}.svg` and
+//! without JavaScript), `GET /status/{slug}.json`, `GET /status/{slug}/events` (the live
+//! events, saying only that the page changed), `GET /badge/{slug}.svg` and
 //! `GET /badge/{slug}/{check}.svg`. The operator configures the pages; nobody else can. A page
 //! is built from the daily rollups (and the last 24 hours of runs) only, shows no params,
 //! outputs, logs or hosts, and failure messages only when the page says so. Public pages are
@@ -49,6 +50,7 @@ const INCIDENTS_SHOWN: u32 = 10;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/status/{page}", get(page))
+        .route("/status/{page}/events", get(page_events))
         .route("/badge/{file}", get(page_badge))
         .route("/badge/{page}/{file}", get(check_badge))
         .route(
@@ -144,6 +146,29 @@ async fn page(
     })
 }
 
+/// `GET /status/{slug}/events`: Server-Sent Events saying only `changed` when a run of the
+/// page finishes; the page's script then reads the page again.
+async fn page_events(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+    request: Reader,
+) -> Result<Response, ApiError> {
+    let page = find_page(&state, &slug)?;
+    check_access(&state, page, &request).await?;
+    let schedules = checks_of(&state.store, page)
+        .await?
+        .into_iter()
+        .filter_map(|(key, _)| key.schedule)
+        .collect();
+    let reader = match request.client {
+        Some(client) => format!("status page reader {client}"),
+        None => "status page reader".to_owned(),
+    };
+    let stream =
+        super::events::page_changes(&state, page.checks.plugins.clone(), schedules, reader).await?;
+    Ok(stream.into_response())
+}
+
 async fn page_badge(
     State(state): State<AppState>,
     Path(file): Path<String>,
@@ -198,16 +223,20 @@ async fn read<'s>(
     slug: &str,
     request: &Reader,
 ) -> Result<(&'s StatusPage, Arc<Report>), ApiError> {
-    let page = state
+    let page = find_page(state, slug)?;
+    check_access(state, page, request).await?;
+    Ok((page, report(state, page).await?))
+}
+
+fn find_page<'s>(state: &'s AppState, slug: &str) -> Result<&'s StatusPage, ApiError> {
+    state
         .settings
         .status_pages
         .iter()
         .find(|page| page.slug == slug)
         .ok_or_else(|| {
             ApiError::not_found("status_page_not_found", format!("no status page {slug:?}"))
-        })?;
-    check_access(state, page, request).await?;
-    Ok((page, report(state, page).await?))
+        })
 }
 
 /// Public pages: anyone, at [`REFILL_PER_SECOND`] per client address without a token. The

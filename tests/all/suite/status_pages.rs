@@ -403,6 +403,19 @@ async fn rollups_are_exact_in_each_time_zone_and_survive_a_rebuild_and_retention
 #[tokio::test]
 async fn live_runs_reach_the_page_and_its_badges() {
     let server = server_with_pages(AuthMode::None).await;
+    // The page's live events: `changed` when a run finishes, and nothing of the run.
+    let mut events = server
+        .client
+        .get(server.url("/status/utc/events"))
+        .send()
+        .await
+        .expect("opening the page's events");
+    assert_eq!(events.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("event: open") {
+        let chunk = events.chunk().await.expect("reading").expect("a chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
     for params in [json!({}), json!({"steps": {"second": {"action": "fail"}}})] {
         let id = server
             .trigger(json!({"plugin": "misbehave", "params": params}))
@@ -417,6 +430,19 @@ async fn live_runs_reach_the_page_and_its_badges() {
     })
     .await
     .expect("the two runs on today's bar");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.contains("event: changed") {
+        let chunk = tokio::time::timeout_at(deadline, events.chunk())
+            .await
+            .expect("no `changed` event")
+            .expect("reading")
+            .expect("a chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        !seen.contains("misbehave") && !seen.contains("run_id"),
+        "{seen}"
+    );
     assert_eq!(check["uptime"]["24h"], json!(0.5));
     assert_eq!(check["state"], "failed");
 

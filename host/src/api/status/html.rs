@@ -23,7 +23,7 @@ pub fn render(report: &Report) -> String {
          <title>{title} · status</title><link rel=\"icon\" href=\"data:,\">\
          <link rel=\"stylesheet\" href=\"/assets/status.css\">\
          <script type=\"module\" src=\"/assets/status.js\"></script></head>\n<body>\
-         <main id=\"status\" data-refresh=\"30\">\n<header class=\"page-head\"><h1>{title}</h1>"
+         <main id=\"status\">\n<header class=\"page-head\"><h1>{title}</h1>"
     );
     if let Some(description) = &report.description {
         let _ = write!(html, "<p class=\"description\">{}</p>", escape(description));

@@ -38,6 +38,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     let mut render_ms = Vec::new();
     let mut html_bytes = 0;
     let mut json_bytes = 0;
+    let mut gzipped_bytes = 0;
     for _ in 0..options.repeat {
         let started = Instant::now();
         let report = stepwise_host::api::build_status_report(&store, &page, now_millis())
@@ -57,6 +58,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
             "a check without 90 days"
         );
         html_bytes = html.len();
+        gzipped_bytes = gzipped(html.as_bytes())?;
         json_bytes = serde_json::to_vec(&report)?.len();
     }
     print_header(&format!(
@@ -64,8 +66,18 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
     ));
     print_row("build from rollups", "ms", &build_ms);
     print_row("render HTML", "ms", &render_ms);
-    println!("\npage: {html_bytes} bytes of HTML, {json_bytes} bytes of JSON");
+    println!(
+        "\npage: {html_bytes} bytes of HTML ({gzipped_bytes} gzipped, as served to browsers), \
+         {json_bytes} bytes of JSON"
+    );
     Ok(())
+}
+
+fn gzipped(bytes: &[u8]) -> anyhow::Result<usize> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes)?;
+    Ok(encoder.finish()?.len())
 }
 
 /// A year of days for every check: rows as the rollup job would have written them.

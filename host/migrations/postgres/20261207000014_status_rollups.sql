@@ -1,6 +1,7 @@
 -- Status pages (README, "Status pages") read daily aggregates, never raw runs, so that a page
 -- over 90 days stays cheap and outlives run retention. A day is a calendar day in a time zone
--- a page names (`zone`); `day_start` is its first millisecond, which retention ages by.
+-- a page names (`zone`); `day_start` is its first millisecond, which retention ages by. A
+-- page reads a plugin's days by the primary key and a schedule's by its index, from a day on.
 -- `schedule_id` is '' for runs no schedule started.
 
 -- Finished runs not yet folded into the aggregates: written in the transaction that finishes
@@ -23,8 +24,9 @@ CREATE TABLE rollup_days (
     cancelled      BIGINT NOT NULL,
     last_finished_at  BIGINT NOT NULL,
     last_status    TEXT NOT NULL,
-    PRIMARY KEY (zone, plugin_name, schedule_id, day)
+    PRIMARY KEY (zone, plugin_name, day, schedule_id)
 );
+CREATE INDEX rollup_days_schedule ON rollup_days (zone, schedule_id, day);
 CREATE INDEX rollup_days_age ON rollup_days (day_start);
 
 -- Per step: how often it passed, and how often a run ended on it.
@@ -39,8 +41,9 @@ CREATE TABLE rollup_steps (
     passed         BIGINT NOT NULL,
     ended_run      BIGINT NOT NULL,
     attempts       BIGINT NOT NULL,
-    PRIMARY KEY (zone, plugin_name, schedule_id, day, position)
+    PRIMARY KEY (zone, plugin_name, day, schedule_id, position)
 );
+CREATE INDEX rollup_steps_schedule ON rollup_steps (zone, schedule_id, day);
 CREATE INDEX rollup_steps_age ON rollup_steps (day_start);
 
 -- Per step: a histogram of passed_after_ms in buckets about 4 % wide, which add up across
@@ -54,8 +57,9 @@ CREATE TABLE rollup_latency (
     bucket         BIGINT NOT NULL,
     day_start      BIGINT NOT NULL,
     runs           BIGINT NOT NULL,
-    PRIMARY KEY (zone, plugin_name, schedule_id, day, position, bucket)
+    PRIMARY KEY (zone, plugin_name, day, schedule_id, position, bucket)
 );
+CREATE INDEX rollup_latency_schedule ON rollup_latency (zone, schedule_id, day);
 CREATE INDEX rollup_latency_age ON rollup_latency (day_start);
 
 -- Consecutive failed runs of one plugin and schedule, in the order they finished; a passed

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::NaiveDate;
 use chrono_tz::Tz;
 use sqlx::FromRow;
 
@@ -284,23 +285,23 @@ impl Store {
         Ok(runs)
     }
 
-    /// The days of `key` in `zone` from `from_day_start` on, oldest first; a plugin's
+    /// The days of `key` in `zone` from `from` on, oldest first; a plugin's
     /// schedules are added up per day.
     pub async fn rollup_days(
         &self,
         zone: Tz,
         key: &CheckKey,
-        from_day_start: UnixMillis,
+        from: NaiveDate,
     ) -> Result<Vec<DayRollup>> {
         let (filter, value) = key_filter(key, 2);
         let sql = format!(
             "SELECT day, passed, failed, errored, timed_out, cancelled, last_finished_at, last_status \
-             FROM rollup_days WHERE zone = $1 AND {filter} AND day_start >= $3 ORDER BY day"
+             FROM rollup_days WHERE zone = $1 AND {filter} AND day >= $3 ORDER BY day"
         );
         let query = sqlx::query_as::<_, DayRow>(&sql)
             .bind(zone.name())
             .bind(value)
-            .bind(from_day_start);
+            .bind(day_text(from));
         let mut days: Vec<DayRollup> = Vec::new();
         for row in query.fetch_all(&self.pool).await? {
             let (Ok(day), Some(last_status)) = (
@@ -335,23 +336,23 @@ impl Store {
         Ok(days)
     }
 
-    /// The steps of `key` in `zone` added up from `from_day_start` on, by position.
+    /// The steps of `key` in `zone` added up from `from` on, by position.
     pub async fn rollup_steps(
         &self,
         zone: Tz,
         key: &CheckKey,
-        from_day_start: UnixMillis,
+        from: NaiveDate,
     ) -> Result<Vec<StepRollup>> {
         let (filter, value) = key_filter(key, 2);
         let sql = format!(
             "SELECT position, MAX(name), CAST(SUM(passed) AS BIGINT), CAST(SUM(ended_run) AS BIGINT), \
              CAST(SUM(attempts) AS BIGINT) FROM rollup_steps \
-             WHERE zone = $1 AND {filter} AND day_start >= $3 GROUP BY position ORDER BY position"
+             WHERE zone = $1 AND {filter} AND day >= $3 GROUP BY position ORDER BY position"
         );
         let query = sqlx::query_as::<_, (i64, String, i64, i64, i64)>(&sql)
             .bind(zone.name())
             .bind(value)
-            .bind(from_day_start);
+            .bind(day_text(from));
         let mut steps: BTreeMap<i64, StepRollup> = BTreeMap::new();
         for (position, name, passed, ended_run, attempts) in query.fetch_all(&self.pool).await? {
             steps.insert(
@@ -368,12 +369,12 @@ impl Store {
         }
         let sql = format!(
             "SELECT position, bucket, CAST(SUM(runs) AS BIGINT) FROM rollup_latency \
-             WHERE zone = $1 AND {filter} AND day_start >= $3 GROUP BY position, bucket"
+             WHERE zone = $1 AND {filter} AND day >= $3 GROUP BY position, bucket"
         );
         let query = sqlx::query_as::<_, (i64, i64, i64)>(&sql)
             .bind(zone.name())
             .bind(value)
-            .bind(from_day_start);
+            .bind(day_text(from));
         for (position, bucket, runs) in query.fetch_all(&self.pool).await? {
             if let Some(step) = steps.get_mut(&position) {
                 step.latency.insert(bucket, runs);

@@ -478,72 +478,16 @@ async fn checks_of(store: &Store, page: &StatusPage) -> Result<Vec<(CheckKey, St
 pub async fn build(store: &Store, page: &StatusPage, now: UnixMillis) -> Result<Report, ApiError> {
     let zone = page.time_zone;
     let (today, _) = day_of(now, zone);
-    let first_day = |days: u32| today - chrono::Duration::days(i64::from(days.max(1)) - 1);
-    let window = page.days.max(30);
+    // The checks' reads go out together: the database's connections serve them at once.
+    let read = checks_of(store, page)
+        .await?
+        .into_iter()
+        .map(|(key, name)| check_report(store, page, key, name, now));
     let mut checks = Vec::new();
     let mut incidents = Vec::new();
-    for (key, name) in checks_of(store, page).await? {
-        let days = store.rollup_days(zone, &key, first_day(window)).await?;
-        let since = |count: u32| {
-            let from = today - chrono::Duration::days(i64::from(count) - 1);
-            let mut outcomes = Outcomes::default();
-            for day in days.iter().filter(|day| day.day >= from) {
-                outcomes.merge(&day.outcomes);
-            }
-            outcomes.uptime()
-        };
-        let uptime = Uptime {
-            last_24h: store
-                .recent_outcomes(&key, now - 24 * 3600 * 1000)
-                .await?
-                .uptime(),
-            last_7d: since(7),
-            last_30d: since(30),
-        };
-        let last = days.iter().max_by_key(|day| day.last_finished_at);
-        let shown_from = today - chrono::Duration::days(i64::from(page.days) - 1);
-        let history = days
-            .iter()
-            .filter(|day| day.day >= shown_from)
-            .map(day_report)
-            .collect();
-        let steps = store
-            .rollup_steps(zone, &key, first_day(page.days))
-            .await?
-            .into_iter()
-            .map(|step| StepReport {
-                median_ms: percentile(&step.latency, 0.5),
-                p95_ms: percentile(&step.latency, 0.95),
-                position: step.position,
-                name: step.name,
-                passed: step.passed,
-                ended_run: step.ended_run,
-                attempts: step.attempts,
-            })
-            .collect();
-        for incident in store.incidents(&key, INCIDENTS_SHOWN).await? {
-            incidents.push(IncidentReport {
-                check: key.id().to_owned(),
-                check_name: name.clone(),
-                started_at: rfc3339(incident.started_at),
-                ended_at: incident.ended_at.map(rfc3339),
-                runs: incident.runs,
-                failing_step: incident.failing_step,
-                status: incident.status.as_str(),
-                message: incident.message.filter(|_| page.show_messages),
-            });
-        }
-        checks.push(CheckReport {
-            id: key.id().to_owned(),
-            plugin: key.plugin.clone(),
-            schedule: key.schedule.clone(),
-            name,
-            state: last.map(|day| day.last_status.as_str()),
-            last_run_at: last.map(|day| rfc3339(day.last_finished_at)),
-            uptime,
-            history,
-            steps,
-        });
+    for (check, check_incidents) in futures::future::try_join_all(read).await? {
+        checks.push(check);
+        incidents.extend(check_incidents);
     }
     // RFC 3339 in UTC sorts as text.
     incidents.sort_by(|a, b| b.started_at.cmp(&a.started_at));
@@ -572,6 +516,83 @@ pub async fn build(store: &Store, page: &StatusPage, now: UnixMillis) -> Result<
         checks,
         incidents,
     })
+}
+
+/// One check's figures, and its newest incidents.
+async fn check_report(
+    store: &Store,
+    page: &StatusPage,
+    key: CheckKey,
+    name: String,
+    now: UnixMillis,
+) -> Result<(CheckReport, Vec<IncidentReport>), ApiError> {
+    let zone = page.time_zone;
+    let (today, _) = day_of(now, zone);
+    let first_day = |days: u32| today - chrono::Duration::days(i64::from(days.max(1)) - 1);
+    let window = page.days.max(30);
+    let days = store.rollup_days(zone, &key, first_day(window)).await?;
+    let since = |count: u32| {
+        let from = today - chrono::Duration::days(i64::from(count) - 1);
+        let mut outcomes = Outcomes::default();
+        for day in days.iter().filter(|day| day.day >= from) {
+            outcomes.merge(&day.outcomes);
+        }
+        outcomes.uptime()
+    };
+    let uptime = Uptime {
+        last_24h: store
+            .recent_outcomes(&key, now - 24 * 3600 * 1000)
+            .await?
+            .uptime(),
+        last_7d: since(7),
+        last_30d: since(30),
+    };
+    let last = days.iter().max_by_key(|day| day.last_finished_at);
+    let shown_from = today - chrono::Duration::days(i64::from(page.days) - 1);
+    let history = days
+        .iter()
+        .filter(|day| day.day >= shown_from)
+        .map(day_report)
+        .collect();
+    let steps = store
+        .rollup_steps(zone, &key, first_day(page.days))
+        .await?
+        .into_iter()
+        .map(|step| StepReport {
+            median_ms: percentile(&step.latency, 0.5),
+            p95_ms: percentile(&step.latency, 0.95),
+            position: step.position,
+            name: step.name,
+            passed: step.passed,
+            ended_run: step.ended_run,
+            attempts: step.attempts,
+        })
+        .collect();
+    let mut incidents = Vec::new();
+    for incident in store.incidents(&key, INCIDENTS_SHOWN).await? {
+        incidents.push(IncidentReport {
+            check: key.id().to_owned(),
+            check_name: name.clone(),
+            started_at: rfc3339(incident.started_at),
+            ended_at: incident.ended_at.map(rfc3339),
+            runs: incident.runs,
+            failing_step: incident.failing_step,
+            status: incident.status.as_str(),
+            message: incident.message.filter(|_| page.show_messages),
+        });
+    }
+    let check = CheckReport {
+        id: key.id().to_owned(),
+        plugin: key.plugin.clone(),
+        schedule: key.schedule.clone(),
+        name,
+        state: last.map(|day| day.last_status.as_str()),
+        last_run_at: last.map(|day| rfc3339(day.last_finished_at)),
+        uptime,
+        history,
+        steps,
+    };
+    Ok((check, incidents))
 }
 
 fn day_report(day: &DayRollup) -> DayReport {

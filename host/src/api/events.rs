@@ -671,12 +671,14 @@ async fn open(
 
 /// A status page's stream: `event: changed` (with nothing else) soon after a run of the page's
 /// `plugins` or `schedules` finishes. `reader` counts against `max_event_streams_per_token`
-/// as a token would: an anonymous reader's address.
+/// as a token would: an anonymous reader's address. `credentials`, if any, are checked again
+/// at each keep-alive.
 pub(super) async fn page_changes(
     state: &AppState,
     plugins: Vec<String>,
     schedules: Vec<String>,
     reader: String,
+    credentials: Option<HeaderMap>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     let filter = Filter::Page { plugins, schedules };
     let subscriber = state
@@ -694,7 +696,7 @@ pub(super) async fn page_changes(
         frames: VecDeque::from([Event::default().event("open").data("{}")]),
         replay: None,
         keep_alive,
-        credentials: None,
+        credentials,
         done: false,
     };
     Ok(Sse::new(futures::stream::unfold(

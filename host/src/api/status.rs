@@ -102,6 +102,15 @@ struct BadgeQuery {
     metric: Option<String>,
 }
 
+/// The address a reader is counted by: an IPv6 client by its /64, which one host may hold
+/// whole.
+fn reader_address(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 /// Who asks: their headers (a token), and the address they connect from.
 struct Reader {
     headers: HeaderMap,
@@ -120,7 +129,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Reader {
             client: parts
                 .extensions
                 .get::<Peer>()
-                .map(|peer| peer.0.ip().to_canonical()),
+                .map(|peer| reader_address(peer.0.ip())),
         })
     }
 }
@@ -167,8 +176,17 @@ async fn page_events(
         Some(client) => format!("status page reader {client}"),
         None => "status page reader".to_owned(),
     };
-    let stream =
-        super::events::page_changes(&state, page.checks.plugins.clone(), schedules, reader).await?;
+    // A private page's stream checks its token again at each keep-alive, as the API's do.
+    let credentials =
+        (!page.public && state.settings.auth == AuthMode::Tokens).then(|| request.headers.clone());
+    let stream = super::events::page_changes(
+        &state,
+        page.checks.plugins.clone(),
+        schedules,
+        reader,
+        credentials,
+    )
+    .await?;
     Ok(stream.into_response())
 }
 
@@ -620,4 +638,34 @@ const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
 
 fn asset(content_type: &'static str, body: &str) -> Response {
     super::dashboard::served(POLICY, content_type, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_are_counted_by_address_and_ipv6_by_its_64() {
+        let v4: IpAddr = "192.0.2.7".parse().expect("ip");
+        assert_eq!(reader_address(v4), v4);
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
+        assert_eq!(reader_address(mapped), v4);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(reader_address(a), reader_address(b));
+        assert_ne!(reader_address(a), reader_address(other));
+        let pages = StatusPages::default();
+        let now = Instant::now();
+        for _ in 0..BURST as usize {
+            assert!(pages.admit(v4, now).is_ok());
+        }
+        assert!(pages.admit(v4, now).is_err(), "past the burst");
+        assert!(
+            pages.admit(reader_address(a), now).is_ok(),
+            "another reader"
+        );
+        let later = now + Duration::from_secs(1);
+        assert!(pages.admit(v4, later).is_ok(), "refilled");
+    }
 }

@@ -36,6 +36,12 @@ show = ["messages"]
 slug = "private"
 title = "Private"
 plugins = ["misbehave"]
+
+[[status_page]]
+slug = "team"
+title = "Data team"
+labels = { team = "data" }
+public = true
 "#;
 
 /// Something a public reader must never see, planted in params, outputs and messages.
@@ -569,4 +575,47 @@ async fn private_pages_want_a_viewer_and_anonymous_readers_are_limited() {
     // A reader with a token is not counted against the anonymous bucket.
     let response = get_with_token(&server, "/badge/utc.svg", &viewer).await;
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_page_of_labels_shows_each_schedule_they_pick_as_a_check() {
+    let server = server_with_pages(AuthMode::None).await;
+    let mut ids = Vec::new();
+    for labels in [
+        json!({"team": "data", "name": "Nightly import"}),
+        json!({"team": "web"}),
+    ] {
+        let (status, schedule) = server
+            .post_json(
+                "/v1/schedules",
+                &json!({"plugin": "misbehave", "trigger": {"interval_ms": 3_600_000}, "labels": labels}),
+            )
+            .await;
+        assert_eq!(status, 201, "{schedule}");
+        ids.push(schedule["id"].as_str().unwrap().to_owned());
+    }
+    let page = status_json(&server, "team").await;
+    let checks = page["checks"].as_array().expect("checks");
+    assert_eq!(checks.len(), 1, "only the data team's schedule: {page:#}");
+    assert_eq!(checks[0]["id"], ids[0].as_str());
+    assert_eq!(checks[0]["name"], "Nightly import");
+    assert_eq!(checks[0]["plugin"], "misbehave");
+    let response = server
+        .client
+        .get(server.url(&format!("/badge/team/{}.svg", ids[0])))
+        .send()
+        .await
+        .expect("requesting");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .text()
+            .await
+            .expect("a body")
+            .contains("Nightly import")
+    );
+    let (status, _) = server
+        .get_json(&format!("/badge/team/{}.svg", ids[1]))
+        .await;
+    assert_eq!(status, 404, "another team's schedule is not on the page");
 }

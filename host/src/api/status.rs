@@ -418,6 +418,13 @@ pub struct IncidentReport {
 }
 
 impl CheckReport {
+    /// Whether the run that finished last failed, errored or timed out.
+    pub fn is_failing(&self) -> bool {
+        self.state
+            .and_then(RunStatus::parse)
+            .is_some_and(RunStatus::is_failure)
+    }
+
     /// The p95 of the run's last step: how long the whole pipeline took.
     pub fn end_to_end_p95_ms(&self) -> Option<i64> {
         self.steps.last().and_then(|step| step.p95_ms)
@@ -510,14 +517,9 @@ pub async fn build(store: &Store, page: &StatusPage, now: UnixMillis) -> Result<
     // RFC 3339 in UTC sorts as text.
     incidents.sort_by(|a, b| b.started_at.cmp(&a.started_at));
     incidents.truncate(INCIDENTS_SHOWN as usize);
-    let states: Vec<Option<&str>> = checks.iter().map(|check| check.state).collect();
-    let state = if states.iter().any(|state| {
-        state
-            .and_then(RunStatus::parse)
-            .is_some_and(RunStatus::is_failure)
-    }) {
+    let state = if checks.iter().any(CheckReport::is_failing) {
         "failing"
-    } else if states.contains(&Some("passed")) {
+    } else if checks.iter().any(|check| check.state == Some("passed")) {
         "passing"
     } else {
         "unknown"

@@ -2,13 +2,11 @@
 //! rows, so that deletion takes its turn between claims and tick writes instead of holding
 //! the database; and the lease of the background job that one node at a time runs.
 
-use std::fmt::Write;
-
 use sqlx::FromRow;
 
 use super::backend::Backend;
 use super::leases::Claimable;
-use super::statement::{Value, arguments};
+use super::statement::{Value, arguments, placeholders};
 use super::{Result, Store};
 use crate::model::{RunId, UnixMillis};
 
@@ -50,20 +48,6 @@ impl Pruned {
         self.rows += other.rows;
         self.largest_transaction = self.largest_transaction.max(other.largest_transaction);
     }
-}
-
-/// `$first, $first+1, …` for `count` values.
-fn placeholders(first: usize, count: usize) -> String {
-    let mut text = String::new();
-    for index in 0..count {
-        let _ = write!(
-            text,
-            "{}${}",
-            if index == 0 { "" } else { ", " },
-            first + index
-        );
-    }
-    text
 }
 
 fn run_id_binds(ids: &[&RunId]) -> Vec<Value<'static>> {

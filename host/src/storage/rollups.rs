@@ -10,7 +10,7 @@ use chrono::NaiveDate;
 use chrono_tz::Tz;
 use sqlx::FromRow;
 
-use super::statement::Value;
+use super::statement::{Value, placeholders};
 use super::store::SqlBatch;
 use super::{Result, Store};
 use crate::model::{
@@ -112,13 +112,6 @@ fn key_filter(key: &CheckKey, param: usize) -> (String, &str) {
         Some(schedule) => (format!("schedule_id = ${param}"), schedule),
         None => (format!("plugin_name = ${param}"), &key.plugin),
     }
-}
-
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 impl Store {

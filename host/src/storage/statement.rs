@@ -178,6 +178,14 @@ impl Tx for SqlxTx<'_> {
     }
 }
 
+/// `$first, $first+1, …` for `count` values: an `IN (…)` list.
+pub(super) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A statement's placeholders for one row of `columns` values: `($1, $2, …)`.
 pub(super) fn one_row(head: &str, columns: usize) -> String {
     let values: Vec<String> = (1..=columns).map(|n| format!("${n}")).collect();

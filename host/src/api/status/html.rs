@@ -31,7 +31,7 @@ pub fn render(report: &Report) -> String {
     let failing = report
         .checks
         .iter()
-        .filter(|check| is_failure(check.state))
+        .filter(|check| check.is_failing())
         .count();
     let banner = match report.state {
         "failing" if failing == 1 => "1 check is failing".to_owned(),
@@ -246,10 +246,6 @@ fn time(rfc3339: &str, zone: &str) -> String {
         escape(rfc3339),
         escape(&local)
     )
-}
-
-fn is_failure(state: Option<&str>) -> bool {
-    matches!(state, Some("failed" | "timed_out" | "errored"))
 }
 
 fn state_label(state: &str) -> &'static str {

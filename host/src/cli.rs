@@ -102,7 +102,7 @@ enum Command {
     /// Plugins on a server (exit codes as for `runs`).
     Plugins {
         #[command(subcommand)]
-        command: ListCommand,
+        command: PluginsCommand,
     },
     /// Schedules on a server (exit codes as for `runs`).
     Schedules {
@@ -235,6 +235,36 @@ enum RunsCommand {
     /// Cancel a run: it ends `cancelled`, the steps already verified stay as they are.
     Cancel {
         id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// One line each.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a kept version of plugin NAME active (roll back or forward), or with `--shadow`
+    /// its shadow version: it runs beside the active one on every new run and decides
+    /// nothing.
+    Activate {
+        name: String,
+        /// The version's sha256, as `plugins list` or the dashboard shows it.
+        version: String,
+        #[arg(long)]
+        shadow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Compare plugin NAME's shadow version with its active one (the current shadow, else the
+    /// one that ended last); `--stop` ends the shadow without promoting it.
+    Shadow {
+        name: String,
+        #[arg(long)]
+        stop: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -379,9 +409,7 @@ pub fn main() -> ExitCode {
             command: StatusCommand::Rebuild { serve },
         } => runtime.block_on(rebuild_rollups(serve)),
         Command::Runs { command } => runtime.block_on(runs(command)),
-        Command::Plugins {
-            command: ListCommand::List { client },
-        } => runtime.block_on(plugins_list(client)),
+        Command::Plugins { command } => runtime.block_on(plugins(command)),
         Command::Schedules {
             command: ListCommand::List { client },
         } => runtime.block_on(schedules_list(client)),
@@ -847,9 +875,23 @@ async fn send(request: reqwest::RequestBuilder, server: &str) -> anyhow::Result<
 
 /// Sends `method path` to the server of a client command.
 async fn call(client: &ClientArgs, method: reqwest::Method, path: &str) -> anyhow::Result<Answer> {
+    call_with(client, method, path, None).await
+}
+
+/// [`call`] with a JSON body.
+async fn call_with(
+    client: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Answer> {
     check_server(&client.server)?;
     let server = client.server.trim_end_matches('/');
-    let request = http_client(client.token.as_deref())?.request(method, format!("{server}{path}"));
+    let mut request =
+        http_client(client.token.as_deref())?.request(method, format!("{server}{path}"));
+    if let Some(body) = body {
+        request = request.json(body);
+    }
     send(request, server).await
 }
 
@@ -1001,6 +1043,132 @@ async fn runs(command: RunsCommand) -> anyhow::Result<ExitCode> {
             }))
         }
     }
+}
+
+async fn plugins(command: PluginsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PluginsCommand::List { client } => plugins_list(client).await,
+        PluginsCommand::Activate {
+            name,
+            version,
+            shadow,
+            client,
+        } => {
+            let mode = if shadow { "shadow" } else { "active" };
+            let body = serde_json::json!({"version": version, "mode": mode});
+            let path = format!("/v1/plugins/{name}/activate");
+            let answer = call_with(&client, reqwest::Method::POST, &path, Some(&body)).await?;
+            Ok(print_answer(&client, answer, |plugin| {
+                let version: String = text(if shadow {
+                    &plugin["shadow_version"]
+                } else {
+                    &plugin["active_version"]
+                })
+                .chars()
+                .take(12)
+                .collect();
+                format!(
+                    "plugin {} {mode} version {version}\n",
+                    text(&plugin["name"])
+                )
+            }))
+        }
+        PluginsCommand::Shadow { name, stop, client } => {
+            let path = format!("/v1/plugins/{name}/shadow");
+            if stop {
+                let answer = call(&client, reqwest::Method::DELETE, &path).await?;
+                return Ok(print_answer(&client, answer, |plugin| {
+                    format!("plugin {}: shadow stopped\n", text(&plugin["name"]))
+                }));
+            }
+            let answer = call(&client, reqwest::Method::GET, &path).await?;
+            Ok(print_answer(&client, answer, shadow_table))
+        }
+    }
+}
+
+/// The comparison of `GET /v1/plugins/{name}/shadow` as text: the two sides' outcomes, the
+/// disagreements, then the steps.
+fn shadow_table(body: &Value) -> String {
+    let short = |value: &Value| text(value).chars().take(12).collect::<String>();
+    let mut out = format!(
+        "plugin {}: active {}, shadow {} ({})\n",
+        text(&body["plugin"]),
+        short(&body["active_version"]),
+        short(&body["shadow_version"]),
+        text(&body["state"]),
+    );
+    out.push_str(&format!(
+        "{} pairs, {} finished, {} disagreed\n",
+        text(&body["pairs"]),
+        text(&body["finished"]),
+        text(&body["disagreed"]),
+    ));
+    let statuses = [
+        "passed",
+        "failed",
+        "errored",
+        "timed_out",
+        "cancelled",
+        "unfinished",
+    ];
+    let mut rows = vec![
+        std::iter::once("")
+            .chain(statuses)
+            .map(|cell| cell.to_uppercase())
+            .collect::<Vec<_>>(),
+    ];
+    for side in ["primary", "shadow"] {
+        rows.push(
+            std::iter::once(side.to_owned())
+                .chain(statuses.iter().map(|status| text(&body[side][status])))
+                .collect(),
+        );
+    }
+    out.push_str(&columns(rows));
+    let disagreements = body["disagreements"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !disagreements.is_empty() {
+        let mut rows = vec![
+            ["PRIMARY", "STATUS", "SHADOW", "STATUS"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for pair in &disagreements {
+            rows.push(vec![
+                text(&pair["primary"]["id"]),
+                text(&pair["primary"]["status"]),
+                text(&pair["shadow"]["id"]),
+                text(&pair["shadow"]["status"]),
+            ]);
+        }
+        out.push_str(&columns(rows));
+    }
+    let mut rows = vec![
+        ["STEP", "PASSED", "P50_MS", "P95_MS", "ATTEMPTS"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for step in body["steps"].as_array().into_iter().flatten() {
+        let pair = |key: &str| {
+            format!(
+                "{} / {}",
+                text(&step["primary"][key]),
+                text(&step["shadow"][key])
+            )
+        };
+        rows.push(vec![
+            text(&step["name"]),
+            pair("passed"),
+            pair("passed_after_ms_p50"),
+            pair("passed_after_ms_p95"),
+            pair("attempts"),
+        ]);
+    }
+    out.push_str(&columns(rows));
+    out
 }
 
 async fn plugins_list(client: ClientArgs) -> anyhow::Result<ExitCode> {

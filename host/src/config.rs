@@ -310,6 +310,10 @@ struct PolicyFile {
     /// without an admin's review.
     #[serde(default)]
     publishers_activate_granted: bool,
+    /// When shadows of plugins whose grant sets no `shadow` are promoted or dropped.
+    shadow: Option<crate::grant::ShadowFile>,
+    /// The share of a plugin's runs a shadow version runs beside (above 0, at most 1).
+    shadow_share: Option<f64>,
 }
 
 fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
@@ -356,7 +360,7 @@ fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
                 .map(|text| {
                     NotifyEvent::parse(text).ok_or_else(|| {
                         anyhow::anyhow!(
-                            "{prefix}on: {text:?} is not an event; use failed, timed_out, errored or recovered"
+                            "{prefix}on: {text:?} is not an event; use failed, timed_out, errored, recovered, shadow_promoted or shadow_dropped"
                         )
                     })
                 })
@@ -965,6 +969,21 @@ fn parse_policy(
         sql_sources: file.sql_sources,
         max_limits: file.max_limits.overrides("policy.max_limits.")?,
         publishers_activate_granted: file.publishers_activate_granted,
+        shadow: file
+            .shadow
+            .as_ref()
+            .map(|shadow| shadow.policy("policy.shadow."))
+            .transpose()?,
+        shadow_share: file
+            .shadow_share
+            .map(|share| {
+                anyhow::ensure!(
+                    share > 0.0 && share <= 1.0,
+                    "policy.shadow_share = {share} is out of range: it must be above 0 and at most 1"
+                );
+                Ok(share)
+            })
+            .transpose()?,
     };
     let ceiling = settings.limits.with_overrides(&policy.max_limits);
     if let Some((key, value, max)) = settings.limits.first_above(&ceiling, configured_limits) {

@@ -27,6 +27,7 @@ pub mod runner;
 pub mod runtime;
 pub mod scaffold;
 pub mod scheduler;
+pub mod shadows;
 pub mod storage;
 pub mod telemetry;
 
@@ -200,6 +201,8 @@ pub async fn serve(
         settings.lease,
     );
     let rollups = tokio::spawn(rollups.run(shutdown.clone()));
+    let shadows = crate::shadows::Shadows::new(store.clone(), settings.clone());
+    let shadows = tokio::spawn(shadows.run(shutdown.clone()));
     let runner = Runner::new(store.clone(), runtime, sources, secrets, settings.clone())
         .with_metrics(metrics);
     let scheduler = Scheduler::new(store, runner, settings.clone(), node_id, wakeup);
@@ -213,6 +216,7 @@ pub async fn serve(
     }
     retention.await.context("retention task")?;
     rollups.await.context("status rollups task")?;
+    shadows.await.context("shadow decisions task")?;
     events.await.context("event hub task")?;
     registry.await.context("plugin registry task")?;
     Ok(())

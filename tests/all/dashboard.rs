@@ -2,7 +2,8 @@
 //! walked in a real browser (Debian's Chromium through Playwright, which `.ci/run` installs):
 //! a run triggered from the page goes live to passed, the run shows its three steps, a plugin
 //! is rolled back and a schedule paused, and a publisher's pending version is reviewed and
-//! activated by an admin, all without a console error.
+//! activated by an admin, and a shadow version is compared, stopped and promoted, all without a
+//! console error.
 
 use serde_json::json;
 use stepwise_host::config::AuthMode;
@@ -228,6 +229,51 @@ async fn a_pending_version_is_reviewed_and_activated_in_a_real_browser() {
         .json()
         .await
         .expect("the plugin");
+    assert_eq!(plugin["active_version"], version.as_str(), "{plugin}");
+}
+
+#[tokio::test]
+async fn a_shadow_version_is_compared_stopped_and_promoted_in_a_real_browser() {
+    let Some(python) = browser_python() else {
+        return;
+    };
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    let bytes = std::fs::read(MISBEHAVE_B_WASM).expect("the variant");
+    let version = stepwise_host::model::PluginVersion::of_bytes(&bytes).to_string();
+    let (status, plugin) = server
+        .put_body(
+            "/v1/plugins/misbehave?mode=shadow",
+            "application/wasm",
+            bytes,
+        )
+        .await;
+    assert_eq!(status, 200, "{plugin}");
+    // One pair that agrees, one where only the shadow fails.
+    for params in [
+        json!({}),
+        json!({"steps": {"first": {"action": "fail_in_variant", "variant": "b"}}}),
+    ] {
+        let id = server
+            .trigger(json!({"plugin": "misbehave", "params": params}))
+            .await;
+        server.wait_until_finished(&id).await;
+    }
+    crate::support::poll_until(|| async {
+        let (_, shadow) = server.get_json("/v1/plugins/misbehave/shadow").await;
+        (shadow["finished"] == 2).then_some(())
+    })
+    .await
+    .expect("both pairs finished");
+
+    walk(
+        &python,
+        "shadow.py",
+        &[&server.base],
+        &["misbehave", &version],
+        &["shadow-panel"],
+    )
+    .await;
+    let plugin = server.plugin("misbehave").await;
     assert_eq!(plugin["active_version"], version.as_str(), "{plugin}");
 }
 

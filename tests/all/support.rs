@@ -340,6 +340,16 @@ impl TestServer {
         read(response).await
     }
 
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        read(response).await
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let response = self
             .client

@@ -102,7 +102,8 @@ pub fn required_role(method: &Method, path: &str) -> Role {
         | (&Method::PATCH | &Method::DELETE, ["v1", "schedules", _]) => Role::Runner,
         // A grant part in the upload needs admin; the handler checks that.
         (&Method::PUT, ["v1", "plugins", _]) => Role::Publisher,
-        (&Method::POST, ["v1", "plugins", _, "activate"]) => Role::Publisher,
+        (&Method::POST, ["v1", "plugins", _, "activate"])
+        | (&Method::DELETE, ["v1", "plugins", _, "shadow"]) => Role::Publisher,
         _ => Role::Admin,
     }
 }
@@ -404,6 +405,8 @@ mod tests {
             (Method::DELETE, "/v1/schedules/s", Role::Runner),
             (Method::PUT, "/v1/plugins/x", Role::Publisher),
             (Method::POST, "/v1/plugins/x/activate", Role::Publisher),
+            (Method::DELETE, "/v1/plugins/x/shadow", Role::Publisher),
+            (Method::GET, "/v1/plugins/x/shadow", Role::Viewer),
             (Method::PUT, "/v1/plugins/x/grant", Role::Admin),
             (Method::GET, "/v1/tokens", Role::Admin),
             (Method::POST, "/v1/tokens", Role::Admin),

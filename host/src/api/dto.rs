@@ -17,11 +17,13 @@ use utoipa::openapi::{ObjectBuilder, Type};
 use crate::grant::{Grant, Limits};
 use crate::model::{
     AttemptOutcome, CheckInfo, DeliveryStatus, FireOutcome, LogLevel, NotifyEvent, Retry, Role,
-    RunStatus, StepStatus, TriggerSpec, rfc3339,
+    RunId, RunStatus, ShadowOutcome, ShadowPolicy, ShadowTally, StatusCounts, StepSide, StepStatus,
+    TriggerSpec, rfc3339,
 };
 use crate::storage::{
     AttemptRecord, AuditRecord, ClusterHealth, FireRecord, NotificationRecord, PluginRecord,
-    PluginVersionRecord, RunRecord, ScheduleRecord, StepRecord, StoredToken,
+    PluginVersionRecord, RunRecord, ScheduleRecord, ShadowPair, ShadowRecord, ShadowStep,
+    StepRecord, StoredToken,
 };
 
 /// A string that is one of `values`: the schema of the model's text enums.
@@ -35,6 +37,10 @@ fn one_of(values: impl IntoIterator<Item = &'static str>) -> ObjectBuilder {
 /// twice).
 fn any_json() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(SchemaType::AnyValue)
+}
+
+fn activation_mode() -> ObjectBuilder {
+    one_of(["active", "shadow"])
 }
 
 pub(super) fn run_status() -> ObjectBuilder {
@@ -101,6 +107,9 @@ pub struct RunDto {
     /// The token that cancelled it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancelled_by: Option<String>,
+    /// For a run of a shadow version: the run it ran beside, which decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_of: Option<String>,
     /// The run's own backoff for errored attempts; `null`: the grant's, else the poll
     /// interval. When a step errored, `next_tick_at` is when it is called again.
     pub retry: Option<RetryDto>,
@@ -158,6 +167,7 @@ impl RunDto {
             schedule_id: run.schedule_id.clone(),
             created_by: run.created_by.clone(),
             cancelled_by: run.cancelled_by.clone(),
+            shadow_of: run.shadow_of.as_ref().map(ToString::to_string),
             retry: run.retry.map(RetryDto::new),
             current_step: run
                 .steps
@@ -272,6 +282,11 @@ pub struct PluginDto {
     pub params_schema: Option<Json>,
     #[schema(format = DateTime)]
     pub updated_at: String,
+    /// The version that runs beside the active one without deciding anything
+    /// (`GET /v1/plugins/{name}/shadow` compares them).
+    pub shadow_version: Option<String>,
+    #[schema(format = DateTime)]
+    pub shadow_since: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant: Option<GrantDto>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,6 +306,9 @@ pub struct GrantDto {
     pub steps: BTreeMap<String, StepGrantDto>,
     /// The backoff after an errored attempt, for runs without their own.
     pub retry: Option<RetryDto>,
+    /// When a shadow version is promoted or dropped without anyone asking (the grant's,
+    /// else the operator's `[policy] shadow`); `null`: only a person decides.
+    pub shadow: Option<ShadowPolicyDto>,
     /// Every limit in force for the plugin's calls, by config key, with where it comes from:
     /// `grant` (set by the grant), `host` (the host's `[limits]` or default) or `policy`
     /// (lowered to the operator's ceiling).
@@ -315,6 +333,23 @@ impl RetryDto {
 }
 
 #[derive(Serialize, ToSchema)]
+pub struct ShadowPolicyDto {
+    pub promote_after_runs: u32,
+    pub max_disagreement: f64,
+    pub rollback_on_worse: bool,
+}
+
+impl ShadowPolicyDto {
+    pub fn new(policy: ShadowPolicy) -> ShadowPolicyDto {
+        ShadowPolicyDto {
+            promote_after_runs: policy.promote_after_runs,
+            max_disagreement: policy.max_disagreement,
+            rollback_on_worse: policy.rollback_on_worse,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct StepGrantDto {
     pub timeout_ms: u64,
 }
@@ -330,6 +365,8 @@ pub struct LimitDto {
 pub struct PluginVersionDto {
     pub version: String,
     pub active: bool,
+    /// The plugin's shadow version: it runs beside the active one and decides nothing.
+    pub shadow: bool,
     /// Stored, not active, and waiting for an admin: no admin has reviewed this code, and the
     /// plugin's grant reaches outside the sandbox, so only an admin may activate it.
     pub pending: bool,
@@ -373,6 +410,11 @@ impl PluginDto {
             steps: steps_of(&plugin.check_info),
             params_schema: plugin.check_info.params_schema.as_deref().map(json_text),
             updated_at: rfc3339(plugin.updated_at),
+            shadow_version: plugin
+                .shadow
+                .as_ref()
+                .map(|shadow| shadow.version.to_string()),
+            shadow_since: plugin.shadow.as_ref().map(|shadow| rfc3339(shadow.since)),
             grant: None,
             versions: None,
         }
@@ -384,6 +426,7 @@ impl PluginDto {
     pub fn with_details(
         mut self,
         grant: &Grant,
+        shadow_policy: Option<ShadowPolicy>,
         effective: &Limits,
         versions: &[PluginVersionRecord],
         review_needed: bool,
@@ -415,6 +458,7 @@ impl PluginDto {
                 .poll_interval
                 .map(|interval| interval.as_millis() as u64),
             retry: grant.retry.map(RetryDto::new),
+            shadow: shadow_policy.map(ShadowPolicyDto::new),
             steps: grant
                 .step_timeouts
                 .iter()
@@ -432,6 +476,7 @@ impl PluginDto {
                     let active = version.version.as_str() == self.active_version;
                     PluginVersionDto {
                         active,
+                        shadow: self.shadow_version.as_deref() == Some(version.version.as_str()),
                         pending: !active && review_needed && version.reviewed_by.is_none(),
                         version: version.version.to_string(),
                         steps: version
@@ -887,4 +932,210 @@ pub struct ReadinessDto {
 
 fn readiness_status() -> ObjectBuilder {
     one_of(["ready", "not_ready"])
+}
+
+/// `GET /v1/plugins/{name}/shadow`: the shadow version against the active one, over the runs
+/// since the shadow began (or, when it has ended, until it ended).
+#[derive(Serialize, ToSchema)]
+pub struct ShadowDto {
+    pub plugin: String,
+    pub active_version: String,
+    /// The shadow compared: the current one, else the one that ended last; `null` if the
+    /// plugin never had one.
+    pub shadow_version: Option<String>,
+    /// `shadowing` while it runs, else how it ended: `promoted`, `dropped`, `replaced` or
+    /// `stopped`; `none` without a shadow.
+    #[schema(schema_with = shadow_state)]
+    pub state: &'static str,
+    #[schema(format = DateTime)]
+    pub since: Option<String>,
+    pub started_by: Option<String>,
+    #[schema(format = DateTime)]
+    pub ended_at: Option<String>,
+    /// Who ended it: a token's name, or `shadow` for its comparison.
+    pub ended_by: Option<String>,
+    /// When it is promoted or dropped without anyone asking; `null`: only a person decides.
+    pub policy: Option<ShadowPolicyDto>,
+    /// The share of the plugin's runs a shadow runs beside (`[policy] shadow_share`).
+    pub share: f64,
+    /// Primaries with a shadow run.
+    pub pairs: u64,
+    /// Pairs whose two runs both ended with a verdict (not cancelled): the ones compared.
+    pub finished: u64,
+    /// Finished pairs whose runs ended differently.
+    pub disagreed: u64,
+    pub disagreement_rate: f64,
+    /// How the primaries of these pairs ended.
+    pub primary: StatusCountsDto,
+    /// How their shadow runs ended.
+    pub shadow: StatusCountsDto,
+    /// The latest pairs that disagree (at most 50), newest first.
+    pub disagreements: Vec<DisagreementDto>,
+    /// Per step of either version, in order.
+    pub steps: Vec<ShadowStepDto>,
+}
+
+fn shadow_state() -> ObjectBuilder {
+    one_of(
+        ["none", "shadowing"]
+            .into_iter()
+            .chain(ShadowOutcome::ALL.iter().map(|outcome| outcome.as_str())),
+    )
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StatusCountsDto {
+    pub passed: u64,
+    pub failed: u64,
+    pub errored: u64,
+    pub timed_out: u64,
+    pub cancelled: u64,
+    /// Queued or running.
+    pub unfinished: u64,
+}
+
+impl StatusCountsDto {
+    fn new(counts: &StatusCounts) -> StatusCountsDto {
+        StatusCountsDto {
+            passed: counts.passed,
+            failed: counts.failed,
+            errored: counts.errored,
+            timed_out: counts.timed_out,
+            cancelled: counts.cancelled,
+            unfinished: counts.unfinished,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DisagreementDto {
+    pub primary: PairRunDto,
+    pub shadow: PairRunDto,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PairRunDto {
+    pub id: String,
+    #[schema(schema_with = run_status)]
+    pub status: &'static str,
+    /// `/v1/runs/{id}`
+    pub url: String,
+}
+
+impl PairRunDto {
+    fn new(id: &RunId, status: RunStatus) -> PairRunDto {
+        PairRunDto {
+            id: id.to_string(),
+            status: status.as_str(),
+            url: format!("/v1/runs/{id}"),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShadowStepDto {
+    pub name: String,
+    pub primary: StepSideDto,
+    pub shadow: StepSideDto,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StepSideDto {
+    /// Runs in which the step reached a verdict.
+    pub decided: u64,
+    pub passed: u64,
+    /// Calls made over all these runs.
+    pub attempts: u64,
+    /// `passed_after_ms` of the runs where it passed (within 4 %), and its maximum.
+    pub passed_after_ms_p50: Option<i64>,
+    pub passed_after_ms_p95: Option<i64>,
+    pub passed_after_ms_max: Option<i64>,
+}
+
+impl StepSideDto {
+    fn new(side: &StepSide) -> StepSideDto {
+        StepSideDto {
+            decided: side.decided,
+            passed: side.passed,
+            attempts: side.attempts,
+            passed_after_ms_p50: side.passed_after_ms(0.5),
+            passed_after_ms_p95: side.passed_after_ms(0.95),
+            passed_after_ms_max: side.max_passed_after_ms,
+        }
+    }
+}
+
+/// What the comparison is made of, read from the store.
+pub struct ShadowParts<'a> {
+    pub plugin: &'a PluginRecord,
+    pub shadow: Option<&'a ShadowRecord>,
+    pub policy: Option<ShadowPolicy>,
+    pub share: f64,
+    pub tally: ShadowTally,
+    pub disagreements: &'a [ShadowPair],
+    pub steps: &'a [ShadowStep],
+}
+
+impl ShadowDto {
+    pub fn new(parts: ShadowParts<'_>) -> ShadowDto {
+        let ShadowParts {
+            plugin,
+            shadow,
+            policy,
+            share,
+            tally,
+            disagreements,
+            steps,
+        } = parts;
+        // Steps by position, then name: both versions' steps, each once.
+        let mut sides: BTreeMap<(usize, String), (StepSide, StepSide)> = BTreeMap::new();
+        for step in steps {
+            let entry = sides.entry((step.position, step.name.clone())).or_default();
+            let side = if step.shadow {
+                &mut entry.1
+            } else {
+                &mut entry.0
+            };
+            side.add(step.status, step.attempts, step.passed_after_ms);
+        }
+        ShadowDto {
+            plugin: plugin.name.to_string(),
+            active_version: plugin.active_version.to_string(),
+            shadow_version: shadow.map(|shadow| shadow.version.to_string()),
+            state: match shadow {
+                None => "none",
+                Some(shadow) => shadow.outcome.map_or("shadowing", ShadowOutcome::as_str),
+            },
+            since: shadow.map(|shadow| rfc3339(shadow.started_at)),
+            started_by: shadow.map(|shadow| shadow.started_by.clone()),
+            ended_at: shadow.and_then(|shadow| shadow.ended_at).map(rfc3339),
+            ended_by: shadow.and_then(|shadow| shadow.ended_by.clone()),
+            policy: policy.map(ShadowPolicyDto::new),
+            share,
+            pairs: tally.pairs,
+            finished: tally.finished,
+            disagreed: tally.disagreements,
+            disagreement_rate: tally.disagreement_rate(),
+            primary: StatusCountsDto::new(&tally.primary),
+            shadow: StatusCountsDto::new(&tally.shadow),
+            disagreements: disagreements
+                .iter()
+                .map(|pair| DisagreementDto {
+                    primary: PairRunDto::new(&pair.primary, pair.primary_status),
+                    shadow: PairRunDto::new(&pair.shadow, pair.shadow_status),
+                    created_at: rfc3339(pair.created_at),
+                })
+                .collect(),
+            steps: sides
+                .into_iter()
+                .map(|((_, name), (primary, shadow))| ShadowStepDto {
+                    name,
+                    primary: StepSideDto::new(&primary),
+                    shadow: StepSideDto::new(&shadow),
+                })
+                .collect(),
+        }
+    }
 }

@@ -241,6 +241,12 @@ impl From<registry::Error> for ApiError {
             registry::Error::Unreviewed { .. } => {
                 (StatusCode::FORBIDDEN, "review_required", "version")
             }
+            registry::Error::ShadowIsActive { .. } => {
+                (StatusCode::CONFLICT, "shadow_is_active", "version")
+            }
+            registry::Error::NoShadow(_) => {
+                return ApiError::conflict("no_shadow", message);
+            }
             registry::Error::Storage(error) => return error.into(),
         };
         ApiError {

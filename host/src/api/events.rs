@@ -51,6 +51,8 @@ struct Published {
     plugin: String,
     schedule_id: Option<String>,
     status: RunStatus,
+    /// The run is a shadow version's.
+    shadow: bool,
     /// The step's JSON, for a change a tick made.
     step: Option<String>,
     /// Shared by the changes of one run read in one batch.
@@ -339,6 +341,7 @@ async fn render(store: &Store, batch: &[EventRecord]) -> crate::storage::Result<
                 plugin: run.plugin_name.clone(),
                 schedule_id: run.schedule_id.clone(),
                 status: run.status,
+                shadow: run.shadow_of.is_some(),
                 step,
                 run: json.clone(),
             })
@@ -358,6 +361,8 @@ enum Filter {
         plugin: Option<String>,
         schedule: Option<String>,
         status: Option<RunStatus>,
+        /// Shadow runs too (else only the runs that decide).
+        shadow: bool,
     },
     /// A status page's runs that finished: those of its plugins and schedules. Its stream
     /// says only that the page changed, never what a run holds.
@@ -374,6 +379,7 @@ impl Filter {
             &change.plugin,
             change.schedule_id.as_deref(),
             change.status,
+            change.shadow,
         )
     }
 
@@ -383,6 +389,7 @@ impl Filter {
             &run.plugin_name,
             run.schedule_id.as_deref(),
             run.status,
+            run.shadow_of.is_some(),
         )
     }
 
@@ -392,6 +399,7 @@ impl Filter {
         plugin_name: &str,
         schedule_id: Option<&str>,
         run_status: RunStatus,
+        is_shadow: bool,
     ) -> bool {
         match self {
             Filter::Run(id) => id == run_id,
@@ -399,15 +407,18 @@ impl Filter {
                 plugin,
                 schedule,
                 status,
+                shadow,
             } => {
-                plugin.as_deref().is_none_or(|plugin| plugin == plugin_name)
+                (*shadow || !is_shadow)
+                    && plugin.as_deref().is_none_or(|plugin| plugin == plugin_name)
                     && schedule
                         .as_deref()
                         .is_none_or(|schedule| schedule_id == Some(schedule))
                     && status.is_none_or(|status| status == run_status)
             }
             Filter::Page { plugins, schedules } => {
-                run_status.is_terminal()
+                !is_shadow
+                    && run_status.is_terminal()
                     && (plugins.iter().any(|plugin| plugin == plugin_name)
                         || schedule_id.is_some_and(|id| schedules.iter().any(|s| s == id)))
             }
@@ -862,6 +873,7 @@ pub async fn events_index(
         plugin: query.plugin,
         schedule: query.schedule,
         status,
+        shadow: super::query::flag(query.shadow.as_deref(), "shadow")?.unwrap_or(false),
     };
     open(&state, &caller, &headers, filter, None).await
 }

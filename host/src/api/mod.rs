@@ -90,6 +90,10 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
                 .layer(DefaultBodyLimit::max(upload_limit)),
         )
         .routes(routes!(plugins::plugins_activate))
+        .routes(routes!(
+            plugins::plugins_shadow,
+            plugins::plugins_shadow_stop
+        ))
         .routes(routes!(plugins::plugins_grant))
         .routes(routes!(
             schedules::schedules_create,

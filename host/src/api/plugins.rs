@@ -4,18 +4,23 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value as Json_;
 
 use super::auth::Caller;
 use super::body;
-use super::dto::{ActivateRequest, PluginDto, PluginListDto, UploadForm};
+use super::dto::{
+    ActivateRequest, PluginDto, PluginListDto, ShadowDto, ShadowParts, UploadForm, UploadQuery,
+    parse_mode,
+};
 use super::error::{ApiError, Problem};
 use super::state::AppState;
 use crate::grant::{ManifestFile, grant_toml_from_json, parse_grant};
 use crate::model::{PluginName, PluginVersion, Role};
+use crate::registry::Mode;
+use crate::storage::PluginRecord;
 
 /// `GET /v1/plugins`
 #[utoipa::path(
@@ -62,7 +67,10 @@ pub async fn plugins_show(
         secrets) is stored but stays inactive (202) until an admin activates it, unless the \
         operator's `[policy] publishers_activate_granted` is set. A token confined to plugin \
         patterns gets 403 outside them.",
-    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    params(
+        ("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$"),
+        UploadQuery,
+    ),
     request_body(content(
         (Vec<u8> = "application/wasm"),
         (Vec<u8> = "application/octet-stream"),
@@ -73,6 +81,7 @@ pub async fn plugins_show(
         (status = 201, description = "A new plugin", body = PluginDto,
             headers(("Location" = String, description = "`/v1/plugins/{name}`"))),
         (status = 202, description = "Stored, and waiting for an admin to activate it (its version is `pending`)", body = PluginDto),
+        (status = 409, description = "`mode=shadow` for a plugin without an active version, or for the active version itself", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Outside the token's plugin patterns, or a grant part without the admin role", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Larger than `max_upload_mib`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a valid check, or a grant beyond the policy", body = Problem, content_type = "application/problem+json"),
@@ -82,10 +91,13 @@ pub async fn plugins_upload(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
     request: Request,
 ) -> Result<Response, ApiError> {
     let name = PluginName::parse(&name).map_err(|message| ApiError::invalid("name", message))?;
     caller.require_plugin(name.as_str())?;
+    let query: UploadQuery = super::query::read(raw.as_deref())?;
+    let mode = parse_mode(query.mode.as_deref())?;
     let limit = state.settings.upload_limit_bytes;
     let UploadForm { component, grant } = match media_type(&request).as_deref() {
         Some("multipart/form-data") => {
@@ -115,10 +127,17 @@ pub async fn plugins_upload(
         .ok_or_else(|| ApiError::invalid("component", "no component bytes: send the .wasm file"))?;
     if grant.is_some() {
         caller.require(Role::Admin, "a grant part in an upload")?;
+        if mode == Mode::Shadow {
+            // A shadow runs under the plugin's grant, the one its primaries have.
+            return Err(ApiError::invalid(
+                "grant",
+                "a shadow runs under the plugin's grant: change the grant with PUT /v1/plugins/{name}/grant",
+            ));
+        }
     }
     let installed = state
         .registry
-        .install(&name, component, grant, caller.actor())
+        .install(&name, component, grant, mode, caller.actor())
         .await?;
     let status = if installed.pending {
         StatusCode::ACCEPTED
@@ -135,16 +154,18 @@ pub async fn plugins_upload(
     Ok(response)
 }
 
-/// `POST /v1/plugins/{name}/activate` with `{"version": "<sha256>"}`.
+/// `POST /v1/plugins/{name}/activate` with `{"version": "<sha256>"}`, and `"mode": "shadow"`
+/// to run it beside the active version instead.
 #[utoipa::path(
     post, path = "/v1/plugins/{name}/activate", tag = "plugins",
-    summary = "Roll back or forward to a kept version",
+    summary = "Roll back or forward to a kept version, or make it the shadow version",
     params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
     request_body = ActivateRequest,
     responses(
         (status = 200, description = "The plugin, with the version active", body = PluginDto),
         (status = 403, description = "Outside the token's plugin patterns, or an unreviewed version of a plugin whose grant reaches outside the sandbox, which only an admin may activate", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such plugin or version", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`mode: shadow` for the active version", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn plugins_activate(
@@ -160,10 +181,86 @@ pub async fn plugins_activate(
     )?;
     let version = PluginVersion::parse(&request.version)
         .map_err(|message| ApiError::invalid("version", message))?;
-    state
-        .registry
-        .activate(&name, &version, caller.actor())
-        .await?;
+    match parse_mode(request.mode.as_deref())? {
+        Mode::Active => {
+            state
+                .registry
+                .activate(&name, &version, caller.actor())
+                .await?;
+        }
+        Mode::Shadow => {
+            state
+                .registry
+                .shadow(&name, &version, caller.actor())
+                .await?;
+        }
+    }
+    Ok(Json(plugin_details(&state, &name).await?))
+}
+
+/// `GET /v1/plugins/{name}/shadow`
+#[utoipa::path(
+    get, path = "/v1/plugins/{name}/shadow", tag = "plugins",
+    summary = "The shadow version against the active one",
+    description = "Over the runs since the shadow began: how primaries and shadow runs ended, \
+        side by side; the pairs that disagree, newest first; and per step, when it passed and \
+        the calls it took. Without a current shadow, the one that ended last, with how it ended.",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    responses(
+        (status = 200, description = "The comparison", body = ShadowDto),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn plugins_shadow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ShadowDto>, ApiError> {
+    let plugin = find_plugin(&state, &name).await?;
+    let shadow = state.store.latest_shadow(&name).await?;
+    let (tally, disagreements, steps) = match &shadow {
+        Some(shadow) => (
+            state.store.shadow_tally(shadow).await?,
+            state.store.shadow_disagreements(shadow, 50).await?,
+            state.store.shadow_steps(shadow).await?,
+        ),
+        None => Default::default(),
+    };
+    let policy = parse_grant(&plugin.grant_toml)
+        .ok()
+        .and_then(|grant| grant.shadow)
+        .or(state.settings.policy.shadow);
+    Ok(Json(ShadowDto::new(ShadowParts {
+        plugin: &plugin,
+        shadow: shadow.as_ref(),
+        policy,
+        share: state.settings.policy.shadow_share.unwrap_or(1.0),
+        tally,
+        disagreements: &disagreements,
+        steps: &steps,
+    })))
+}
+
+/// `DELETE /v1/plugins/{name}/shadow`
+#[utoipa::path(
+    delete, path = "/v1/plugins/{name}/shadow", tag = "plugins",
+    summary = "Stop the shadow version without promoting it",
+    description = "Runs already started beside their primaries finish; new runs have no shadow.",
+    params(("name" = String, Path, description = "The plugin's name", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")),
+    responses(
+        (status = 200, description = "The plugin, without a shadow", body = PluginDto),
+        (status = 403, description = "Outside the token's plugin patterns", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such plugin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The plugin has no shadow version", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn plugins_shadow_stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<PluginDto>, ApiError> {
+    caller.require_plugin(&name)?;
+    find_plugin(&state, &name).await?;
+    state.registry.stop_shadow(&name, &caller.name).await?;
     Ok(Json(plugin_details(&state, &name).await?))
 }
 
@@ -209,10 +306,16 @@ pub async fn plugins_grant(
     Ok(Json(plugin_details(&state, &name).await?))
 }
 
+async fn find_plugin(state: &AppState, name: &str) -> Result<PluginRecord, ApiError> {
+    state
+        .store
+        .find_plugin(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("plugin_not_found", format!("no plugin named {name:?}")))
+}
+
 async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiError> {
-    let plugin = state.store.find_plugin(name).await?.ok_or_else(|| {
-        ApiError::not_found("plugin_not_found", format!("no plugin named {name:?}"))
-    })?;
+    let plugin = find_plugin(state, name).await?;
     let grant = parse_grant(&plugin.grant_toml).unwrap_or_default();
     let (_, effective) = state
         .settings
@@ -221,7 +324,14 @@ async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiEr
     let versions = state.store.list_plugin_versions(name).await?;
     let review_needed =
         grant.grants_capabilities() && !state.settings.policy.publishers_activate_granted;
-    Ok(PluginDto::new(&plugin).with_details(&grant, &effective, &versions, review_needed))
+    let shadow_policy = grant.shadow.or(state.settings.policy.shadow);
+    Ok(PluginDto::new(&plugin).with_details(
+        &grant,
+        shadow_policy,
+        &effective,
+        &versions,
+        review_needed,
+    ))
 }
 
 async fn read_upload_parts(mut multipart: Multipart, limit: usize) -> Result<UploadForm, ApiError> {

@@ -283,7 +283,7 @@ pub async fn runs_cancel(
     }
 }
 
-/// `GET /v1/runs?plugin=&status=&label=key=value&schedule=&limit=&cursor=`
+/// `GET /v1/runs?plugin=&status=&label=key=value&schedule=&shadow=&limit=&cursor=`
 #[utoipa::path(
     get, path = "/v1/runs", tag = "runs",
     summary = "Runs, newest first",
@@ -311,6 +311,7 @@ pub async fn runs_index(
         status,
         label,
         schedule: query.schedule,
+        shadow: super::query::flag(query.shadow.as_deref(), "shadow")?.unwrap_or(false),
         before,
         limit,
     };

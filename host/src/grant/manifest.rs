@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use super::{AllowedHost, Grant, LimitOverrides, Retry};
-use crate::model::in_range;
+use crate::model::{ShadowPolicy, in_range};
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +139,42 @@ impl RetryFile {
     }
 }
 
+/// `shadow = {promote_after_runs, max_disagreement, rollback_on_worse}` in a grant, or in the
+/// operator's `[policy]` for plugins whose grant sets none: when a shadow version is promoted
+/// or dropped without anyone asking.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowFile {
+    /// Finished pairs of runs needed before a promotion (1 to 100000; default 50).
+    promote_after_runs: Option<u32>,
+    /// The share of finished pairs that may disagree, and by which the shadow may fail more
+    /// often than the active version (0 to 1; default 0.02).
+    max_disagreement: Option<f64>,
+    /// Drop a shadow that fails more often than the active version beyond the bound (default
+    /// true).
+    rollback_on_worse: Option<bool>,
+}
+
+impl ShadowFile {
+    pub fn policy(&self, prefix: &str) -> anyhow::Result<ShadowPolicy> {
+        let promote_after_runs = self.promote_after_runs.unwrap_or(50);
+        anyhow::ensure!(
+            (1..=100_000).contains(&promote_after_runs),
+            "{prefix}promote_after_runs = {promote_after_runs} is out of range: it must be from 1 to 100000"
+        );
+        let max_disagreement = self.max_disagreement.unwrap_or(0.02);
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&max_disagreement),
+            "{prefix}max_disagreement = {max_disagreement} is out of range: it must be from 0 to 1"
+        );
+        Ok(ShadowPolicy {
+            promote_after_runs,
+            max_disagreement,
+            rollback_on_worse: self.rollback_on_worse.unwrap_or(true),
+        })
+    }
+}
+
 /// A run's `"retry"` object from the API, checked as a grant's `retry` is.
 pub fn parse_retry_json(value: &serde_json::Value) -> anyhow::Result<Retry> {
     let retry: RetryFile = serde_json::from_value(value.clone())
@@ -177,6 +213,9 @@ pub struct ManifestFile {
     steps: BTreeMap<String, StepGrantFile>,
     /// The backoff after an errored attempt, for runs that set none of their own.
     retry: Option<RetryFile>,
+    /// When a shadow version is promoted or dropped by its comparison with the active one;
+    /// unset: the operator's `[policy] shadow`, else only a person decides.
+    shadow: Option<ShadowFile>,
 }
 
 /// [`parse_grant`] of a grant the database holds (it passed `parse_grant` when stored),
@@ -210,6 +249,11 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
             .retry
             .as_ref()
             .map(|retry| retry.policy("retry."))
+            .transpose()?,
+        shadow: manifest
+            .shadow
+            .as_ref()
+            .map(|shadow| shadow.policy("shadow."))
             .transpose()?,
         step_timeouts: manifest
             .steps

@@ -5,14 +5,14 @@
 mod manifest;
 
 pub use manifest::{
-    LimitsFile, ManifestFile, RetryFile, grant_toml_from_json, parse_grant, parse_retry_json,
-    parse_stored_grant,
+    LimitsFile, ManifestFile, RetryFile, ShadowFile, grant_toml_from_json, parse_grant,
+    parse_retry_json, parse_stored_grant,
 };
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::model::Retry;
+use crate::model::{Retry, ShadowPolicy};
 
 /// One entry of a grant's `allowed_hosts`: `host:port`, or `scheme://host[:port]` to allow
 /// only that scheme. Host names compare case-insensitively; IPv6 literals go in brackets.
@@ -190,6 +190,11 @@ pub struct Policy {
     /// New code of a plugin whose grant reaches outside the sandbox may become active without
     /// an admin's review (by default it waits, inactive, for one).
     pub publishers_activate_granted: bool,
+    /// When shadows of plugins whose grant says nothing are promoted or dropped.
+    pub shadow: Option<ShadowPolicy>,
+    /// The share of a plugin's runs that a shadow version runs beside (above 0, at most 1);
+    /// `None`: every run.
+    pub shadow_share: Option<f64>,
 }
 
 impl Policy {
@@ -317,6 +322,8 @@ pub struct Grant {
     pub step_timeouts: BTreeMap<String, Duration>,
     /// The backoff after an errored attempt, for runs that set none of their own.
     pub retry: Option<Retry>,
+    /// When a shadow version is promoted or dropped without anyone asking.
+    pub shadow: Option<ShadowPolicy>,
 }
 
 impl Grant {
@@ -506,6 +513,8 @@ mod tests {
                 ..LimitOverrides::default()
             },
             publishers_activate_granted: false,
+            shadow: None,
+            shadow_share: None,
         };
         let grant = Grant {
             allowed_hosts: vec!["127.0.0.1:9000".into(), "evil.example:80".into()],

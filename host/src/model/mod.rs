@@ -2,7 +2,7 @@
 //! formats belong to `api` (JSON), `storage` (SQL) and `bindings` (WIT).
 //! Split by concept: `ids`, `run` (statuses and what `describe` reports), `access` (roles and
 //! actors), `notify`, `ranges` (of every number an operator sets), `retention`, `schedule`, `secret` (where a secret may go),
-//! `status` (status pages and their daily aggregates).
+//! `shadow` (a shadow version against the active one), `status` (status pages and their daily aggregates).
 
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -38,6 +38,7 @@ mod retention;
 mod run;
 mod schedule;
 mod secret;
+mod shadow;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -50,6 +51,7 @@ pub use retention::*;
 pub use run::*;
 pub use schedule::*;
 pub use secret::*;
+pub use shadow::*;
 pub use status::*;
 
 /// Milliseconds since the Unix epoch: the one time representation stored and compared.

@@ -7,12 +7,15 @@ use std::time::Duration;
 use super::{Retry, RunStatus};
 
 text_enum!(
-    /// What a notifier is told about.
+    /// What a notifier is told about: a run of a watched series that failed or recovered,
+    /// or a shadow version that its comparison promoted or dropped.
     NotifyEvent {
         Failed => "failed",
         TimedOut => "timed_out",
         Errored => "errored",
         Recovered => "recovered",
+        ShadowPromoted => "shadow_promoted",
+        ShadowDropped => "shadow_dropped",
     }
 );
 

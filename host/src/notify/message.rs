@@ -6,7 +6,7 @@ use serde_json::{Value as Json, json};
 
 use super::payload::RunPayload;
 use crate::model::{NotifyEvent, NotifyFormat, StepStatus};
-use crate::storage::{RunRecord, StepRecord};
+use crate::storage::{RunRecord, ShadowRecord, StepRecord};
 
 /// The body of one delivery.
 pub fn body(
@@ -85,6 +85,58 @@ pub fn body(
     }
 }
 
+/// The body of a delivery about a shadow's decision: the shadow, the comparison it was
+/// decided on, and its last run (as `GET /v1/runs/{id}` shows it).
+pub fn shadow_body(
+    format: NotifyFormat,
+    event: NotifyEvent,
+    shadow: &ShadowRecord,
+    run: &RunRecord,
+    public_url: Option<&str>,
+) -> Json {
+    let figures: Json = shadow
+        .figures
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or(Json::Null);
+    let url = public_url.map(|base| format!("{base}/plugins/{}", shadow.plugin_name));
+    match format {
+        NotifyFormat::Json => json!({
+            "event": event.as_str(),
+            "plugin": shadow.plugin_name,
+            "version": shadow.version.as_str(),
+            "figures": figures,
+            "run": RunPayload::new(run),
+            "url": url,
+        }),
+        NotifyFormat::Slack => {
+            let mut text = format!(
+                "{} *{}* {} `{}`",
+                if event == NotifyEvent::ShadowPromoted {
+                    ":large_green_circle:"
+                } else {
+                    ":large_orange_circle:"
+                },
+                escape(&shadow.plugin_name),
+                event_words(event),
+                &shadow.version.as_str()[..12],
+            );
+            if let (Some(finished), Some(disagreements)) = (
+                figures["finished"].as_u64(),
+                figures["disagreements"].as_u64(),
+            ) {
+                text.push_str(&format!(
+                    ": {disagreements} of {finished} runs disagreed with the active version."
+                ));
+            }
+            if let Some(url) = &url {
+                text.push_str(&format!("\n<{url}|Plugin {}>", escape(&shadow.plugin_name)));
+            }
+            json!({"text": text})
+        }
+    }
+}
+
 /// The header that carries a signed notification's signature.
 pub const SIGNATURE_HEADER: &str = "stepwise-signature";
 
@@ -122,6 +174,8 @@ fn event_words(event: NotifyEvent) -> &'static str {
         NotifyEvent::TimedOut => "timed out",
         NotifyEvent::Errored => "errored",
         NotifyEvent::Recovered => "recovered",
+        NotifyEvent::ShadowPromoted => "promoted its shadow version",
+        NotifyEvent::ShadowDropped => "dropped its shadow version",
     }
 }
 

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capabilities::secrets::Secrets;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::model::{Notifier, now_millis};
+use crate::model::{Notifier, NotifyEvent, now_millis};
 use crate::storage::{ClaimedNotification, DeliveryAttempt, DeliveryNext, Error, Store};
 
 /// POSTs in flight on one node.
@@ -219,12 +219,29 @@ impl Deliverer {
             }
             Err(error) => return Some(Answer::Refused(None, format!("reading the run: {error}"))),
         };
-        let body = message::body(
-            notifier.format,
-            claim.event,
-            &run,
-            self.public_url.as_deref(),
-        );
+        let public_url = self.public_url.as_deref();
+        let body = match claim.event {
+            NotifyEvent::ShadowPromoted | NotifyEvent::ShadowDropped => {
+                let shadow = match self
+                    .store
+                    .shadow_of_version(&run.plugin_name, &run.plugin_version)
+                    .await
+                {
+                    Ok(Some(shadow)) => shadow,
+                    Ok(None) => {
+                        return Some(Answer::Impossible("the shadow no longer exists".into()));
+                    }
+                    Err(error) => {
+                        return Some(Answer::Refused(
+                            None,
+                            format!("reading the shadow: {error}"),
+                        ));
+                    }
+                };
+                message::shadow_body(notifier.format, claim.event, &shadow, &run, public_url)
+            }
+            _ => message::body(notifier.format, claim.event, &run, public_url),
+        };
         let body = body.to_string();
         let mut request = self
             .client

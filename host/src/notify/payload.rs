@@ -28,6 +28,8 @@ pub(super) struct RunPayload {
     created_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cancelled_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow_of: Option<String>,
     retry: Option<RetryPayload>,
     current_step: Option<String>,
     created_at: String,
@@ -82,6 +84,7 @@ impl RunPayload {
             schedule_id: run.schedule_id.clone(),
             created_by: run.created_by.clone(),
             cancelled_by: run.cancelled_by.clone(),
+            shadow_of: run.shadow_of.as_ref().map(ToString::to_string),
             retry: run.retry.map(|retry| RetryPayload {
                 initial_ms: retry.initial.as_millis() as u64,
                 factor: retry.factor,

@@ -161,6 +161,7 @@ impl Directory {
                 version,
                 bytes.into(),
                 Some(grant_toml),
+                super::Mode::Active,
                 crate::model::Actor {
                     name: DIRECTORY_ACTOR,
                     reviews: true,

@@ -50,6 +50,12 @@ pub enum Error {
          reaches outside the sandbox (hosts, sources or secrets): an admin must activate it"
     )]
     Unreviewed { name: String, version: String },
+    /// A shadow must differ from the active version, which it runs beside.
+    #[error("version {version} is the active version of plugin {name:?}; a shadow runs beside it")]
+    ShadowIsActive { name: String, version: String },
+    /// Nothing to run a shadow beside, or no shadow to stop.
+    #[error("{0}")]
+    NoShadow(String),
     #[error(transparent)]
     Storage(#[from] storage::Error),
 }
@@ -67,6 +73,15 @@ pub struct Installed {
     pub new_version: bool,
     /// Stored but not active: it waits for an admin's review.
     pub pending: bool,
+}
+
+/// What an upload or activation makes of a version: the one that decides, or a shadow that
+/// runs beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Active,
+    Shadow,
 }
 
 /// How long storing a grant waits for the message taps to confirm its subjects.
@@ -107,6 +122,7 @@ impl Registry {
         name: &PluginName,
         bytes: Bytes,
         grant_toml: Option<String>,
+        mode: Mode,
         actor: Actor<'_>,
     ) -> Result<Installed> {
         // Hashing a 20 MB Python component takes milliseconds: not on an async worker (the
@@ -117,7 +133,7 @@ impl Registry {
         })
         .await
         .unwrap_or_else(|_| PluginVersion::of_bytes(&bytes));
-        self.install_hashed(name, version, bytes, grant_toml, actor)
+        self.install_hashed(name, version, bytes, grant_toml, mode, actor)
             .await
     }
 
@@ -128,9 +144,15 @@ impl Registry {
         version: PluginVersion,
         bytes: Bytes,
         grant_toml: Option<String>,
+        mode: Mode,
         actor: Actor<'_>,
     ) -> Result<Installed> {
         let existing = self.store.find_plugin(name.as_str()).await?;
+        if mode == Mode::Shadow && existing.is_none() {
+            return Err(Error::NoShadow(format!(
+                "plugin {name:?} has no active version for a shadow to run beside: upload it first"
+            )));
+        }
         // The grant the candidate is inspected under; the one stored is decided when it is
         // activated (see `activate_plugin`), not from this read.
         let inspect_grant = match &grant_toml {
@@ -155,6 +177,15 @@ impl Registry {
                 return Err(Error::InvalidComponent(format!("{error:#}")));
             }
         };
+        if mode == Mode::Shadow
+            && let Some(plugin) = &existing
+            && plugin.active_version == version
+        {
+            return Err(Error::ShadowIsActive {
+                name: name.to_string(),
+                version: version.to_string(),
+            });
+        }
         if let Some(plugin) = &existing
             && plugin.active_version == version
             && grant_toml
@@ -178,16 +209,21 @@ impl Registry {
             .await?;
         let audit = AuditEntry::new(actor.name, "plugin.upload", name.as_str(), now)
             .with("new_version", new_version.to_string());
-        let activated = self
-            .store
-            .activate_plugin(
-                name,
-                &version,
-                grant_toml.as_deref(),
-                audit.clone(),
-                self.review(actor, &reaches_out),
-            )
-            .await;
+        let review = self.review(actor, &reaches_out);
+        let activated = match mode {
+            Mode::Active => {
+                self.store
+                    .activate_plugin(name, &version, grant_toml.as_deref(), audit.clone(), review)
+                    .await
+            }
+            Mode::Shadow => {
+                // Not the active version: checked above, before anything was stored.
+                let shadow = audit.clone().with("mode", "shadow");
+                self.store
+                    .start_shadow(name, &version, shadow, review)
+                    .await
+            }
+        };
         let pending = match activated {
             Ok(()) => false,
             Err(storage::Error::Unreviewed) => {
@@ -200,6 +236,8 @@ impl Registry {
         };
         if pending {
             tracing::info!(plugin = %name, %version, actor = actor.name, "plugin uploaded; it waits for an admin's review");
+        } else if mode == Mode::Shadow {
+            tracing::info!(plugin = %name, %version, actor = actor.name, "plugin uploaded as the shadow version");
         } else {
             tracing::info!(plugin = %name, %version, actor = actor.name, new_version, grant_changed = grant_toml.is_some(), "plugin uploaded and active");
         }
@@ -277,6 +315,78 @@ impl Registry {
             new_version: false,
             pending: false,
         })
+    }
+
+    /// Makes a stored version of `name` its shadow: new runs of the plugin run it beside the
+    /// active version, under the same grant, and it decides nothing. Who may is judged as
+    /// for an activation.
+    pub async fn shadow(
+        &self,
+        name: &str,
+        version: &PluginVersion,
+        actor: Actor<'_>,
+    ) -> Result<()> {
+        let plugin = self
+            .store
+            .find_plugin(name)
+            .await?
+            .ok_or_else(|| Error::UnknownPlugin(name.to_owned()))?;
+        if plugin.active_version == *version {
+            return Err(Error::ShadowIsActive {
+                name: name.to_owned(),
+                version: version.to_string(),
+            });
+        }
+        if self
+            .store
+            .find_plugin_version(name, version)
+            .await?
+            .is_none()
+        {
+            return Err(Error::UnknownVersion {
+                name: name.to_owned(),
+                version: version.to_string(),
+            });
+        }
+        self.prepare(version).await?;
+        let audit = AuditEntry::new(actor.name, "plugin.shadow", name, now_millis());
+        match self
+            .store
+            .start_shadow(
+                &plugin.name,
+                version,
+                audit,
+                self.review(actor, &reaches_out),
+            )
+            .await
+        {
+            Err(storage::Error::Unreviewed) => Err(Error::Unreviewed {
+                name: name.to_owned(),
+                version: version.to_string(),
+            }),
+            Err(storage::Error::Conflict { .. }) => Err(Error::ShadowIsActive {
+                name: name.to_owned(),
+                version: version.to_string(),
+            }),
+            other => {
+                other?;
+                tracing::info!(plugin = %name, %version, actor = actor.name, "shadow version set");
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the shadow of `name` without promoting it.
+    pub async fn stop_shadow(&self, name: &str, actor: &str) -> Result<()> {
+        let audit = AuditEntry::new(actor, "plugin.shadow_stop", name, now_millis());
+        if !self.store.stop_shadow(name, audit).await? {
+            return Err(Error::NoShadow(format!(
+                "plugin {name:?} has no shadow version"
+            )));
+        }
+        tracing::info!(plugin = %name, actor, "shadow version stopped");
+        self.release_unused().await;
+        Ok(())
     }
 
     /// Makes sure this node has `version` compiled: another node activated it, and the first

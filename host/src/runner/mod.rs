@@ -621,8 +621,12 @@ impl Runner {
         Ok(())
     }
 
-    /// The notifiers whose filters select `run`, for the write that ends it.
+    /// The notifiers whose filters select `run`, for the write that ends it. A shadow run
+    /// decides nothing: it notifies no one and moves no streak.
     fn notify_write(&self, run: &RunRecord) -> Option<NotifyWrite> {
+        if run.shadow_of.is_some() {
+            return None;
+        }
         let schedule = run.schedule_id.as_deref();
         let notifiers: Vec<_> = self
             .settings

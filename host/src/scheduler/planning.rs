@@ -1,6 +1,7 @@
 //! Turning a trigger (an API request or a schedule's fire) into a queued run: the plugin's
 //! active version and steps, params checked against its schema, poll interval and deadline
-//! from the request, the grant and the defaults.
+//! from the request, the grant and the defaults; and, while the plugin has a shadow version,
+//! the shadow run that goes in beside it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +12,8 @@ use serde_json::Value as Json;
 use crate::config::Settings;
 use crate::grant::parse_stored_grant;
 use crate::memo::ByText;
-use crate::model::{Retry, RunId, UnixMillis};
-use crate::storage::{NewRun, NewStep, PluginRecord};
+use crate::model::{CheckInfo, Retry, RunId, UnixMillis};
+use crate::storage::{NewRun, NewStep, PluginRecord, ShadowVersion};
 
 /// What the trigger asked for beyond the plugin and its params.
 #[derive(Debug, Clone, Default)]
@@ -130,18 +131,23 @@ pub async fn plan_run(
             settings.default_step_timeout,
         )
     };
-    let steps = plugin
-        .check_info
-        .steps
-        .iter()
-        .map(|step| NewStep {
-            name: step.name.clone(),
-            timeout_ms: Some(step_timeout(&step.name, step.timeout).as_millis() as i64),
-            max_attempts: step.max_attempts,
-        })
-        .collect();
+    let steps_of = |info: &CheckInfo| -> Vec<NewStep> {
+        info.steps
+            .iter()
+            .map(|step| NewStep {
+                name: step.name.clone(),
+                timeout_ms: Some(step_timeout(&step.name, step.timeout).as_millis() as i64),
+                max_attempts: step.max_attempts,
+            })
+            .collect()
+    };
+    let steps = steps_of(&plugin.check_info);
+    let shadow_steps = plugin
+        .shadow
+        .as_ref()
+        .map(|shadow| steps_of(&shadow.check_info));
     let (_, limits) = settings.policy.confine(grant, &settings.limits);
-    Ok(NewRun {
+    let mut run = NewRun {
         id: RunId::generate(),
         plugin_name: plugin.name.clone(),
         plugin_version: plugin.active_version.clone(),
@@ -157,7 +163,45 @@ pub async fn plan_run(
         created_by: options.created_by,
         retry: options.retry,
         steps,
-    })
+        shadow: None,
+        shadow_of: None,
+    };
+    if let (Some(shadow), Some(shadow_steps)) = (&plugin.shadow, shadow_steps)
+        && settings
+            .policy
+            .shadow_share
+            .is_none_or(|share| fastrand::f64() < share)
+        && shadow_takes(shadow, plugin, params, run.params.len()).await
+    {
+        run.shadow = Some(Box::new(NewRun {
+            id: RunId::generate(),
+            plugin_version: shadow.version.clone(),
+            steps: shadow_steps,
+            // A shadow answers to no key and belongs to no schedule: it must not take a
+            // primary's place in either.
+            idempotency_key: None,
+            idempotency_fingerprint: None,
+            schedule_id: None,
+            shadow_of: Some(run.id.clone()),
+            ..run.clone()
+        }));
+    }
+    Ok(run)
+}
+
+/// Whether the shadow version accepts the params its primary was triggered with: a shadow
+/// whose schema refuses them has no run beside this one.
+async fn shadow_takes(
+    shadow: &ShadowVersion,
+    plugin: &PluginRecord,
+    params: &Json,
+    params_bytes: usize,
+) -> bool {
+    match &shadow.check_info.params_schema {
+        None => true,
+        Some(schema) if Some(schema) == plugin.check_info.params_schema.as_ref() => true,
+        Some(schema) => check_params(schema, params, params_bytes).await.is_ok(),
+    }
 }
 
 /// Checks `params` (`params_bytes` long as JSON) against the plugin's JSON Schema; the first

@@ -14,7 +14,7 @@ use crate::model::{PluginScope, Role, UnixMillis};
 pub struct AuditEntry {
     /// The token name, `anonymous` without authentication, `cli` or `plugins-dir`.
     pub actor: String,
-    /// `plugin.upload`, `plugin.activate`, `plugin.grant`, `token.create`, `token.revoke`.
+    /// One of [`AUDIT_ACTIONS`].
     pub action: &'static str,
     /// What was changed: a plugin or token name.
     pub target: String,
@@ -294,6 +294,10 @@ pub const AUDIT_ACTIONS: &[&str] = &[
     "plugin.upload",
     "plugin.activate",
     "plugin.grant",
+    "plugin.shadow",
+    "plugin.shadow_stop",
+    "shadow.promoted",
+    "shadow.dropped",
     "token.create",
     "token.revoke",
 ];

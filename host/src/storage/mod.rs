@@ -16,6 +16,7 @@ mod retention;
 mod rollups;
 mod runs;
 mod schedules;
+mod shadows;
 mod sqlite_reader;
 mod sqlite_writer;
 mod statement;
@@ -36,6 +37,7 @@ pub use outbox::{
 };
 pub use retention::{Aged, Pruned};
 pub use rollups::FOLD_BATCH;
+pub use shadows::{CurrentShadow, ShadowDecision, ShadowPair, ShadowRecord, ShadowStep};
 pub use store::Store;
 
 /// What a node changed that other nodes sharing the database should react to at once rather
@@ -137,6 +139,16 @@ pub struct PluginRecord {
     pub grant_toml: String,
     pub check_info: CheckInfo,
     pub updated_at: UnixMillis,
+    /// The version that runs beside the active one, if any.
+    pub shadow: Option<ShadowVersion>,
+}
+
+/// A plugin's current shadow, as a trigger needs it.
+#[derive(Debug, Clone)]
+pub struct ShadowVersion {
+    pub version: PluginVersion,
+    pub check_info: CheckInfo,
+    pub since: UnixMillis,
 }
 
 /// One stored version of a plugin.
@@ -186,6 +198,10 @@ pub struct NewRun {
     /// The run's own backoff for errored attempts.
     pub retry: Option<Retry>,
     pub steps: Vec<NewStep>,
+    /// The run of the plugin's shadow version beside this one, written with it.
+    pub shadow: Option<Box<NewRun>>,
+    /// For a shadow run: the run it shadows.
+    pub shadow_of: Option<RunId>,
 }
 
 impl NewRun {
@@ -215,6 +231,7 @@ impl NewRun {
             created_by: self.created_by.clone(),
             cancelled_by: None,
             retry: self.retry,
+            shadow_of: self.shadow_of.clone(),
             current_step_name: None,
             steps: self
                 .steps
@@ -285,6 +302,8 @@ pub struct RunRecord {
     pub cancelled_by: Option<String>,
     /// The run's own backoff for errored attempts; `None`: the grant's.
     pub retry: Option<Retry>,
+    /// For a shadow run: the run it shadows.
+    pub shadow_of: Option<RunId>,
     /// The name of the step at `current_step`: filled by `list_runs`, which has no steps.
     pub current_step_name: Option<String>,
     /// Empty in listings; filled by `find_run`.
@@ -363,6 +382,8 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     pub label: Option<(String, String)>,
     pub schedule: Option<String>,
+    /// Shadow runs are listed too (else only primaries).
+    pub shadow: bool,
     pub before: Option<RunId>,
     pub limit: u32,
 }

@@ -74,7 +74,7 @@ const MOVE_STREAK: &str = "INSERT INTO notify_streaks (series, failures, previou
      VALUES ($1, $2, 0, $3) ON CONFLICT (series) DO UPDATE SET previous_failures = notify_streaks.failures, \
      failures = CASE WHEN $2 = 0 THEN 0 ELSE notify_streaks.failures + 1 END, updated_at = $3 \
      RETURNING previous_failures, failures";
-const INSERT_NOTIFICATION: &str = "INSERT INTO notifications (id, run_id, notifier, event, status, \
+pub(super) const INSERT_NOTIFICATION: &str = "INSERT INTO notifications (id, run_id, notifier, event, status, \
      created_at, next_attempt_at) VALUES ($1, $2, $3, $4, 'pending', $5, $5)";
 
 /// Whether a write's notifiers need the streak moved: it ends the run with a verdict.

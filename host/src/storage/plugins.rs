@@ -9,8 +9,23 @@ use sqlx::FromRow;
 
 use super::access::{AuditEntry, insert_audit};
 use super::store::corrupt;
-use super::{Change, Error, PluginRecord, PluginVersionRecord, Result, Review, Store};
-use crate::model::{Actor, CheckInfo, PluginName, PluginVersion, StepInfo, UnixMillis};
+use super::{
+    Change, Error, PluginRecord, PluginVersionRecord, Result, Review, ShadowVersion, Store,
+};
+use crate::model::{
+    Actor, CheckInfo, PluginName, PluginVersion, ShadowOutcome, StepInfo, UnixMillis,
+};
+
+/// Plugins with their active version and their shadow, if any.
+macro_rules! select_plugins {
+    () => {
+        "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info, \
+         s.version AS shadow_version, s.started_at AS shadow_since, sv.check_info AS shadow_check_info \
+         FROM plugins p JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version \
+         LEFT JOIN shadows s ON s.plugin_name = p.name AND s.ended_at IS NULL \
+         LEFT JOIN plugin_versions sv ON sv.plugin_name = p.name AND sv.version = s.version"
+    };
+}
 
 /// The columns of a plugin version, for every read of one.
 macro_rules! select_versions {
@@ -95,18 +110,8 @@ impl Store {
         grant_toml: &str,
         audit: AuditEntry,
     ) -> Result<()> {
-        let mut transaction = self
-            .pool
-            .begin_with(self.backend.begin_read_write())
-            .await?;
-        let previous: Option<(String,)> = sqlx::query_as(&format!(
-            "SELECT grant_toml FROM plugins WHERE name = $1{}",
-            self.backend.for_update()
-        ))
-        .bind(name)
-        .fetch_optional(&mut *transaction)
-        .await?;
-        let Some((previous,)) = previous else {
+        let (mut transaction, plugin) = self.lock_plugin(name).await?;
+        let Some((_, previous)) = plugin else {
             return Err(Error::NotFound);
         };
         sqlx::query("UPDATE plugins SET grant_toml = $1, updated_at = $2 WHERE name = $3")
@@ -137,6 +142,7 @@ impl Store {
     pub async fn versions_in_use(&self) -> Result<HashSet<PluginVersion>> {
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT active_version FROM plugins UNION \
+             SELECT version FROM shadows WHERE ended_at IS NULL UNION \
              SELECT DISTINCT plugin_version FROM runs WHERE status IN ('queued', 'running')",
         )
         .fetch_all(&self.pool)
@@ -159,40 +165,18 @@ impl Store {
         audit: AuditEntry,
         review: Review<'_>,
     ) -> Result<()> {
-        let mut transaction = self
-            .pool
-            .begin_with(self.backend.begin_read_write())
-            .await?;
-        let previous: Option<(String, String)> = sqlx::query_as(&format!(
-            "SELECT active_version, grant_toml FROM plugins WHERE name = $1{}",
-            self.backend.for_update()
-        ))
-        .bind(name.as_str())
-        .fetch_optional(&mut *transaction)
+        let (mut transaction, previous) = self.lock_plugin(name.as_str()).await?;
+        let grant_in_force = grant_toml
+            .or(previous.as_ref().map(|(_, grant)| grant.as_str()))
+            .unwrap_or_default();
+        check_review(
+            &mut transaction,
+            name.as_str(),
+            version,
+            grant_in_force,
+            review,
+        )
         .await?;
-        match review {
-            Review::By(reviewer) => {
-                mark_reviewed(&mut transaction, name.as_str(), version, reviewer).await?
-            }
-            Review::Required(reaches_out) => {
-                let grant_in_force = grant_toml
-                    .or(previous.as_ref().map(|(_, grant)| grant.as_str()))
-                    .unwrap_or_default();
-                if reaches_out(grant_in_force) {
-                    let reviewed: Option<(Option<String>,)> = sqlx::query_as(
-                        "SELECT reviewed_by FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
-                    )
-                    .bind(name.as_str())
-                    .bind(version.as_str())
-                    .fetch_optional(&mut *transaction)
-                    .await?;
-                    if !matches!(reviewed, Some((Some(_),))) {
-                        return Err(Error::Unreviewed);
-                    }
-                }
-            }
-            Review::NotNeeded => {}
-        }
         // The grant update is conditional in SQL, not decided from `previous`: on SQLite
         // nothing locks the row between the read and the write.
         sqlx::query(
@@ -207,6 +191,14 @@ impl Store {
         .bind(audit.at)
         .bind(i64::from(grant_toml.is_some()))
         .execute(&mut *transaction)
+        .await?;
+        super::shadows::end_shadow_of_version(
+            &mut transaction,
+            name.as_str(),
+            version,
+            ShadowOutcome::Promoted,
+            &audit,
+        )
         .await?;
         let mut audit = audit.with("version", version.as_str());
         if let Some((previous_version, _)) = &previous {
@@ -226,6 +218,29 @@ impl Store {
         Ok(())
     }
 
+    /// A transaction that changes plugin `name`, with its active version and grant as it
+    /// holds them (`None` for a name not known yet): nothing else changes them until it ends.
+    pub(super) async fn lock_plugin(
+        &self,
+        name: &str,
+    ) -> Result<(
+        sqlx::Transaction<'static, sqlx::Any>,
+        Option<(String, String)>,
+    )> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_read_write())
+            .await?;
+        let plugin: Option<(String, String)> = sqlx::query_as(&format!(
+            "SELECT active_version, grant_toml FROM plugins WHERE name = $1{}",
+            self.backend.for_update()
+        ))
+        .bind(name)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        Ok((transaction, plugin))
+    }
+
     /// The plugin with its active version, if the name is known.
     pub async fn find_plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
         let row = match self.sqlite_readers() {
@@ -242,12 +257,9 @@ impl Store {
 
     /// Every plugin with its active version, by name.
     pub async fn list_plugins(&self) -> Result<Vec<PluginRecord>> {
-        let rows: Vec<PluginRow> = sqlx::query_as(
-            "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info FROM plugins p \
-             JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version ORDER BY p.name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<PluginRow> = sqlx::query_as(concat!(select_plugins!(), " ORDER BY p.name"))
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(PluginRow::into_record).collect()
     }
 
@@ -281,11 +293,12 @@ struct PluginRow {
     grant_toml: String,
     updated_at: i64,
     check_info: String,
+    shadow_version: Option<String>,
+    shadow_since: Option<i64>,
+    shadow_check_info: Option<String>,
 }
 
-const FIND_PLUGIN: &str = "SELECT p.name, p.active_version, p.grant_toml, p.updated_at, v.check_info \
-     FROM plugins p JOIN plugin_versions v ON v.plugin_name = p.name AND v.version = p.active_version \
-     WHERE p.name = $1";
+const FIND_PLUGIN: &str = concat!(select_plugins!(), " WHERE p.name = $1");
 
 impl PluginRow {
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<PluginRow> {
@@ -295,6 +308,9 @@ impl PluginRow {
             grant_toml: row.get("grant_toml")?,
             updated_at: row.get("updated_at")?,
             check_info: row.get("check_info")?,
+            shadow_version: row.get("shadow_version")?,
+            shadow_since: row.get("shadow_since")?,
+            shadow_check_info: row.get("shadow_check_info")?,
         })
     }
 
@@ -305,6 +321,18 @@ impl PluginRow {
             grant_toml: self.grant_toml,
             check_info: check_info_from_json(&self.check_info)?,
             updated_at: self.updated_at,
+            shadow: match (
+                self.shadow_version,
+                self.shadow_since,
+                self.shadow_check_info,
+            ) {
+                (Some(version), Some(since), Some(check_info)) => Some(ShadowVersion {
+                    version: PluginVersion::parse(&version).map_err(Error::Corrupt)?,
+                    check_info: check_info_from_json(&check_info)?,
+                    since,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -355,6 +383,34 @@ fn check_info_from_json(text: &str) -> Result<CheckInfo> {
         steps,
         params_schema: string(&value, "params_schema"),
     })
+}
+
+/// Whether `review` lets `version` of `name` run under `grant_in_force` (read in the caller's
+/// transaction), marking it reviewed when the reviewer may; [`Error::Unreviewed`] if not.
+pub(super) async fn check_review(
+    transaction: &mut sqlx::AnyConnection,
+    name: &str,
+    version: &PluginVersion,
+    grant_in_force: &str,
+    review: Review<'_>,
+) -> Result<()> {
+    match review {
+        Review::By(reviewer) => mark_reviewed(transaction, name, version, reviewer).await,
+        Review::Required(reaches_out) if reaches_out(grant_in_force) => {
+            let reviewed: Option<(Option<String>,)> = sqlx::query_as(
+                "SELECT reviewed_by FROM plugin_versions WHERE plugin_name = $1 AND version = $2",
+            )
+            .bind(name)
+            .bind(version.as_str())
+            .fetch_optional(&mut *transaction)
+            .await?;
+            match reviewed {
+                Some((Some(_),)) => Ok(()),
+                _ => Err(Error::Unreviewed),
+            }
+        }
+        Review::Required(_) | Review::NotNeeded => Ok(()),
+    }
 }
 
 /// Records that `reviewer` let `version` of `name` run under the plugin's grant (a first

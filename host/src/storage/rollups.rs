@@ -2,7 +2,8 @@
 //! finishes a run also queues it (`rollup_queue`); [`Store::fold_finished_runs`] takes queued
 //! runs out and adds them to the day of each page time zone in the same transaction, so every
 //! run is counted once, whichever node folds it. Pages read only these tables, which outlive
-//! the runs (retention ages them by `day_start`).
+//! the runs (retention ages them by `day_start`). Shadow runs are taken out of the queue
+//! uncounted: they decide nothing.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -195,7 +196,8 @@ impl Store {
             vec![Value::from(incidents_from), Value::from(incidents_from)],
         ));
         let ids: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM runs WHERE finished_at IS NOT NULL ORDER BY finished_at, id",
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND shadow_of IS NULL \
+             ORDER BY finished_at, id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -228,7 +230,7 @@ impl Store {
         let list = placeholders(1, ids.len());
         let sql = format!(
             "SELECT id, plugin_name, schedule_id, created_at, finished_at, status, message \
-             FROM runs WHERE finished_at IS NOT NULL AND id IN ({list})"
+             FROM runs WHERE finished_at IS NOT NULL AND shadow_of IS NULL AND id IN ({list})"
         );
         let mut query = sqlx::query_as::<_, RunRow>(&sql);
         for id in ids {

@@ -22,13 +22,13 @@ use crate::model::{
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes";
+     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes, shadow_of";
 
 // The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
 // `INSERT_*` are heads: a `VALUES` list follows, one row or many.
 pub(super) const INSERT_RUNS: &str = "INSERT INTO runs (id, plugin_name, plugin_version, params, labels, status, \
      poll_interval_ms, max_errors, idempotency_key, idempotency_fingerprint, created_at, deadline_at, next_tick_at, \
-     schedule_id, retry, created_by) VALUES ";
+     schedule_id, retry, created_by, shadow_of) VALUES ";
 pub(super) const INSERT_LABELS: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ";
 pub(super) const INSERT_RUN_EVENTS: &str = "INSERT INTO events (run_id, at) VALUES ";
 pub(super) const INSERT_STEPS: &str =
@@ -205,6 +205,9 @@ impl Store {
         if let Some(schedule) = &filter.schedule {
             query.push(" AND schedule_id = ").bind(schedule.as_str());
         }
+        if !filter.shadow {
+            query.push(" AND shadow_of IS NULL");
+        }
         if let Some(before) = &filter.before {
             query.push(" AND id < ").bind(before.as_str());
         }
@@ -270,40 +273,27 @@ impl Store {
         })
     }
 
-    /// Cancels a run that has not finished. Bumping the lease token fences off a node that is
-    /// in the middle of a tick, so its result is dropped.
+    /// Cancels a run that has not finished, and its shadow run with it. Bumping the lease
+    /// token fences off a node that is in the middle of a tick, so its result is dropped.
     pub async fn cancel_run(&self, id: &RunId, now: UnixMillis, actor: &str) -> Result<Cancelled> {
         let mut transaction = self.writes.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = $1, \
-             next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1, \
-             cancelled_by = $3 WHERE id = $2 AND status IN ('queued', 'running')",
-        )
-        .bind(now)
-        .bind(id.as_str())
-        .bind(actor)
-        .execute(&mut *transaction)
-        .await?;
-        if updated.rows_affected() == 0 {
+        if !cancel_one(&mut transaction, id, now, actor).await? {
             drop(transaction);
             let run = self.find_run(id).await?.ok_or(Error::NotFound)?;
             return Ok(Cancelled::AlreadyFinished(run.status));
         }
-        // Every step that had not finished was cancelled with the run, when it was.
-        sqlx::query(
-            "UPDATE steps SET status = 'cancelled', finished_at = $1 \
-             WHERE run_id = $2 AND status IN ('waiting', 'pending')",
-        )
-        .bind(now)
-        .bind(id.as_str())
-        .execute(&mut *transaction)
-        .await?;
-        super::events::record_event(&mut transaction, id, None, now).await?;
         sqlx::query(super::rollups::QUEUE_FINISHED)
             .bind(id.as_str())
             .bind(now)
             .execute(&mut *transaction)
             .await?;
+        let shadow: Option<(String,)> = sqlx::query_as("SELECT id FROM runs WHERE shadow_of = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *transaction)
+            .await?;
+        if let Some((shadow,)) = shadow {
+            cancel_one(&mut transaction, &RunId::from_stored(shadow), now, actor).await?;
+        }
         self.backend
             .notify(&mut *transaction, &Change::RunCancelled(id.clone()))
             .await?;
@@ -384,6 +374,40 @@ impl Store {
         self.events_written();
         Ok(())
     }
+}
+
+/// Cancels run `id` and every step of it not finished, if the run has not finished; whether
+/// it had not.
+async fn cancel_one(
+    transaction: &mut sqlx::AnyConnection,
+    id: &RunId,
+    now: UnixMillis,
+    actor: &str,
+) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE runs SET status = 'cancelled', message = 'cancelled on request', finished_at = $1, \
+         next_tick_at = NULL, lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1, \
+         cancelled_by = $3 WHERE id = $2 AND status IN ('queued', 'running')",
+    )
+    .bind(now)
+    .bind(id.as_str())
+    .bind(actor)
+    .execute(&mut *transaction)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    // Every step that had not finished was cancelled with the run, when it was.
+    sqlx::query(
+        "UPDATE steps SET status = 'cancelled', finished_at = $1 \
+         WHERE run_id = $2 AND status IN ('waiting', 'pending')",
+    )
+    .bind(now)
+    .bind(id.as_str())
+    .execute(&mut *transaction)
+    .await?;
+    super::events::record_event(transaction, id, None, now).await?;
+    Ok(true)
 }
 
 /// One tick's writes: the run first, as the last write leaves it (each write carries the
@@ -559,6 +583,7 @@ pub(super) struct RunRow {
     created_by: Option<String>,
     cancelled_by: Option<String>,
     log_bytes: i64,
+    shadow_of: Option<String>,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -604,6 +629,7 @@ impl RunRow {
             created_by: column(row, 20, "created_by")?,
             cancelled_by: column(row, 21, "cancelled_by")?,
             log_bytes: column(row, 22, "log_bytes")?,
+            shadow_of: column(row, 23, "shadow_of")?,
             current_step_name: None,
         })
     }
@@ -635,6 +661,7 @@ impl RunRow {
             schedule_id: self.schedule_id,
             created_by: self.created_by,
             cancelled_by: self.cancelled_by,
+            shadow_of: self.shadow_of.map(RunId::from_stored),
             retry: self.retry.as_deref().map(retry_from_json).transpose()?,
             current_step_name: self.current_step_name,
             steps: Vec::new(),
@@ -798,8 +825,14 @@ impl KeyedRun {
 /// Inserts queued runs with their labels, events and steps, due at once: one call per table
 /// for all of them.
 pub(super) async fn insert_runs(tx: &mut impl Tx, runs: &[NewRun]) -> Result<()> {
-    let mut values = Vec::with_capacity(runs.len() * 16);
-    for run in runs {
+    // A primary's shadow goes in with it, or neither does.
+    let shadows: Vec<NewRun> = runs
+        .iter()
+        .filter_map(|run| run.shadow.as_deref().cloned())
+        .collect();
+    let runs: Vec<&NewRun> = runs.iter().chain(&shadows).collect();
+    let mut values = Vec::with_capacity(runs.len() * 17);
+    for run in runs.iter().copied() {
         values.extend([
             Value::from(run.id.as_str()),
             Value::from(run.plugin_name.as_str()),
@@ -817,9 +850,10 @@ pub(super) async fn insert_runs(tx: &mut impl Tx, runs: &[NewRun]) -> Result<()>
             Value::from(run.schedule_id.as_deref()),
             Value::from(run.retry.map(retry_json)),
             Value::from(run.created_by.as_deref()),
+            Value::from(run.shadow_of.as_ref().map(RunId::as_str)),
         ]);
     }
-    tx.insert(INSERT_RUNS, 16, &values).await?;
+    tx.insert(INSERT_RUNS, 17, &values).await?;
     let labels: Vec<Value> = runs
         .iter()
         .flat_map(|run| {
@@ -947,6 +981,8 @@ pub(super) mod tests {
             schedule_id: None,
             created_by: None,
             retry: None,
+            shadow: None,
+            shadow_of: None,
             steps: vec![NewStep {
                 name: "a".into(),
                 timeout_ms: None,
@@ -1079,6 +1115,7 @@ pub(super) mod tests {
                 status: None,
                 label: None,
                 schedule: None,
+                shadow: false,
                 before: None,
                 limit: 10,
             })
@@ -1110,6 +1147,8 @@ pub(super) mod tests {
             schedule_id: Some("schedule".into()),
             created_by: None,
             retry: None,
+            shadow: None,
+            shadow_of: None,
             steps: vec![
                 NewStep {
                     name: "a".into(),

@@ -177,12 +177,13 @@ impl Store {
         }
     }
 
-    /// What `/metrics` reads from the database at each scrape: runs by plugin and status,
+    /// What `/metrics` reads from the database at each scrape: runs by plugin and status
+    /// (the runs that decide: shadow runs would set off alerts on failures they cannot cause),
     /// each schedule's last passed run, and the leases `node` holds now.
     pub async fn metrics_counts(&self, node: &str) -> Result<crate::metrics::Stored> {
         let runs: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT plugin_name, status, count(*) FROM runs GROUP BY plugin_name, status \
-             ORDER BY plugin_name, status",
+            "SELECT plugin_name, status, count(*) FROM runs WHERE shadow_of IS NULL \
+             GROUP BY plugin_name, status ORDER BY plugin_name, status",
         )
         .fetch_all(&self.pool)
         .await?;

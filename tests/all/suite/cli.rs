@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::support::{PluginFile, Setup, TestServer};
 
 /// Runs the `stepwise` program with `args`; its exit code, stdout and stderr.
-async fn stepwise(args: &[&str]) -> (i32, String, String) {
+pub(super) async fn stepwise(args: &[&str]) -> (i32, String, String) {
     // Async, so that the server on this test's runtime keeps answering meanwhile.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_stepwise-node"))
         .args(args)

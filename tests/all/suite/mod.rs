@@ -29,6 +29,7 @@ mod retention;
 mod sandbox;
 mod schedules;
 mod secrets;
+mod shadows;
 mod status_pages;
 mod steps;
 mod validation;

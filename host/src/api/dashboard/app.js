@@ -255,7 +255,8 @@ async function runsPage() {
 
   const filter = {};
   for (const name of ["plugin", "status", "label", "schedule"]) if (query.get(name)) filter[name] = query.get(name);
-  const matches = (run) => (!filter.plugin || run.plugin === filter.plugin)
+  // Shadow runs decide nothing: the plugin page compares them, the list leaves them out.
+  const matches = (run) => !run.shadow_of && (!filter.plugin || run.plugin === filter.plugin)
     && (!filter.status || run.status === filter.status)
     && (!filter.schedule || run.schedule_id === filter.schedule)
     && (!filter.label || (() => { const [key, value] = filter.label.split("="); return run.labels && run.labels[key] === value; })());
@@ -415,7 +416,10 @@ async function runPage(id) {
         run.schedule_id ? ` · schedule ${short(run.schedule_id)}` : "",
         run.created_by ? ` · triggered by ${run.created_by}` : "",
         run.cancelled_by ? ` · cancelled by ${run.cancelled_by}` : "",
-        run.message ? ` · ${run.message}` : ""));
+        run.message ? ` · ${run.message}` : ""),
+      run.shadow_of ? h("p", { class: "shadow-note" }, "A run of the shadow version beside ",
+        h("a", { href: `/runs/${run.shadow_of}`, "data-link": true, class: "mono" }, short(run.shadow_of)),
+        ", which decides; this one notifies no one.") : "");
     steps.replaceChildren(h("h2", {}, "Steps"), timeline(run));
     inputs.replaceChildren(h("h2", {}, "Params"), json(run.params), h("h2", {}, "Labels"), json(run.labels),
       h("p", { class: "muted" }, `version ${short(run.plugin_version)} · poll ${duration(run.poll_interval_ms)} · errors ${run.error_count}/${run.max_errors}`));
@@ -442,6 +446,7 @@ async function runPage(id) {
 async function pluginsPage() {
   const uploadName = h("input", { id: "upload-name", placeholder: "plugin name" });
   const uploadFile = h("input", { id: "upload-file", type: "file", accept: ".wasm,application/wasm" });
+  const uploadShadow = h("input", { id: "upload-shadow", type: "checkbox" });
   const uploadState = h("div");
   const list = h("div", { id: "plugins" });
   const upload = h("form", { class: "inline", onsubmit: async (event) => {
@@ -453,16 +458,19 @@ async function pluginsPage() {
       return;
     }
     try {
-      const answer = await api("PUT", `/v1/plugins/${encodeURIComponent(uploadName.value)}`, await file.arrayBuffer(), "application/wasm");
+      const mode = uploadShadow.checked ? "?mode=shadow" : "";
+      const answer = await api("PUT", `/v1/plugins/${encodeURIComponent(uploadName.value)}${mode}`, await file.arrayBuffer(), "application/wasm");
       const waiting = (answer.versions || []).find((version) => version.pending);
       uploadState.replaceChildren(h("p", {}, waiting
         ? `${answer.name}: version ${short(waiting.version)} is stored and waits for an admin to review and activate it.`
+        : mode ? `${answer.name}: version ${short(answer.shadow_version)} runs beside the active one as its shadow.`
         : `${answer.name}: version ${short(answer.active_version)} is active.`));
       await load();
     } catch (error) {
       showError(uploadState, error);
     }
-  } }, h("label", {}, "Name", uploadName), h("label", {}, "Component", uploadFile), h("button", { type: "submit" }, "Upload"));
+  } }, h("label", {}, "Name", uploadName), h("label", {}, "Component", uploadFile),
+    h("label", { class: "check" }, uploadShadow, " as a shadow"), h("button", { type: "submit" }, "Upload"));
   page.replaceChildren(h("h1", {}, "Plugins"), h("section", { class: "card" }, h("h2", {}, "Upload a version"), upload, uploadState), list);
 
   let caller = { role: "viewer" };
@@ -471,23 +479,27 @@ async function pluginsPage() {
       caller = await api("GET", "/v1/whoami");
       const names = (await api("GET", "/v1/plugins")).plugins.map((plugin) => plugin.name);
       const sections = [];
-      for (const name of names) sections.push(pluginSection(await api("GET", `/v1/plugins/${encodeURIComponent(name)}`)));
+      for (const name of names) {
+        const plugin = await api("GET", `/v1/plugins/${encodeURIComponent(name)}`);
+        const shadow = await api("GET", `/v1/plugins/${encodeURIComponent(name)}/shadow`);
+        sections.push(pluginSection(plugin, shadow));
+      }
       list.replaceChildren(...sections);
     } catch (error) {
       showError(list, error);
     }
   }
 
-  function activateButton(plugin, version, state, label = "Activate") {
-    return h("button", { class: "secondary activate", onclick: async () => {
+  function activateButton(plugin, version, state, label = "Activate", mode = "active") {
+    return h("button", { class: `secondary ${mode === "shadow" ? "shadow" : "activate"}`, onclick: async () => {
       try {
-        await api("POST", `/v1/plugins/${encodeURIComponent(plugin.name)}/activate`, { version: version.version });
+        await api("POST", `/v1/plugins/${encodeURIComponent(plugin.name)}/activate`, { version: version.version, mode });
         await load();
       } catch (error) { showError(state, error); }
     } }, label);
   }
 
-  function pluginSection(plugin) {
+  function pluginSection(plugin, shadow) {
     const state = h("div");
     const all = plugin.versions || [];
     const active = all.find((version) => version.active);
@@ -501,13 +513,66 @@ async function pluginsPage() {
         h("td", {}, version.uploaded_by || h("span", { class: "muted" }, "—")),
         h("td", {}, version.active ? h("span", { class: "status status-passed active" }, "active")
           : version.pending ? h("span", { class: "status status-queued" }, "pending review")
-          : activateButton(plugin, version, state))))));
+          : [version.shadow ? h("span", { class: "status status-running" }, "shadow") : activateButton(plugin, version, state, "Shadow", "shadow"),
+            " ", activateButton(plugin, version, state, version.shadow ? "Promote" : "Activate")])))));
     return h("section", { class: "card", dataset: { plugin: plugin.name } },
       h("h2", {}, plugin.name, " ", h("span", { class: "muted mono" }, short(plugin.active_version))),
       plugin.description ? h("p", { class: "muted" }, plugin.description) : "",
       pending.map((version) => pendingReview(plugin, version, active, state)),
+      shadow.state === "none" ? "" : shadowPanel(plugin, shadow, state),
       versions, state,
       h("details", {}, h("summary", {}, "grant"), json(plugin.grant)));
+  }
+
+  /** The shadow version against the active one: disagreements first, then the outcomes side by
+   * side and each step's timing; the last shadow's decision once it ended. */
+  function shadowPanel(plugin, shadow, state) {
+    const current = shadow.state === "shadowing";
+    const outcomes = ["passed", "failed", "errored", "timed_out", "cancelled", "unfinished"];
+    const counts = h("table", { class: "shadow-counts" },
+      h("thead", {}, h("tr", {}, h("th", {}, ""), outcomes.map((outcome) => h("th", {}, outcome.replace("_", " "))))),
+      h("tbody", {}, ["primary", "shadow"].map((side) => h("tr", { dataset: { side } },
+        h("th", {}, side === "primary" ? `active ${short(plugin.active_version)}` : `shadow ${short(shadow.shadow_version)}`),
+        outcomes.map((outcome) => h("td", {}, String(shadow[side][outcome])))))));
+    const runLink = (run) => h("a", { href: `/runs/${run.id}`, "data-link": true, class: "mono" }, short(run.id));
+    const disagreements = shadow.disagreements.length
+      ? h("table", { class: "disagreements" },
+        h("thead", {}, h("tr", {}, ["When", "Active", "", "Shadow", ""].map((name) => h("th", {}, name)))),
+        h("tbody", {}, shadow.disagreements.map((pair) => h("tr", {},
+          h("td", {}, time(pair.created_at)),
+          h("td", {}, runLink(pair.primary)), h("td", {}, statusBadge(pair.primary.status)),
+          h("td", {}, runLink(pair.shadow)), h("td", {}, statusBadge(pair.shadow.status))))))
+      : h("p", { class: "muted" }, "No run has disagreed yet.");
+    const ms = (value) => (value == null ? "—" : duration(value));
+    const steps = h("table", { class: "shadow-steps" },
+      h("thead", {}, h("tr", {}, ["Step", "Passed", "p50", "p95", "Calls"].map((name) => h("th", {}, name)))),
+      h("tbody", {}, shadow.steps.map((step) => h("tr", {},
+        h("td", {}, step.name),
+        h("td", {}, `${step.primary.passed}/${step.primary.decided} · ${step.shadow.passed}/${step.shadow.decided}`),
+        h("td", {}, `${ms(step.primary.passed_after_ms_p50)} · ${ms(step.shadow.passed_after_ms_p50)}`),
+        h("td", {}, `${ms(step.primary.passed_after_ms_p95)} · ${ms(step.shadow.passed_after_ms_p95)}`),
+        h("td", {}, `${step.primary.attempts} · ${step.shadow.attempts}`)))));
+    const policy = shadow.policy
+      ? `Promoted after ${shadow.policy.promote_after_runs} finished runs within ${(shadow.policy.max_disagreement * 100).toFixed(1)} % disagreement${shadow.policy.rollback_on_worse ? "; dropped when it fails more often beyond that" : ""}.`
+      : "No automatic decision: promote or stop it here.";
+    const version = h("span", { class: "mono", title: shadow.shadow_version }, short(shadow.shadow_version));
+    const heading = current
+      ? ["Shadow ", version, ", since ", time(shadow.since)]
+      : ["Last shadow ", version, `: ${shadow.state} by ${shadow.ended_by} at `, time(shadow.ended_at)];
+    const stop = h("button", { class: "secondary stop-shadow", onclick: async () => {
+      try {
+        await api("DELETE", `/v1/plugins/${encodeURIComponent(plugin.name)}/shadow`);
+        await load();
+      } catch (error) { showError(state, error); }
+    } }, "Stop shadowing");
+    return h("div", { class: `shadow-panel ${current ? "current" : "ended"}`, dataset: { state: shadow.state } },
+      h("h3", {}, ...heading),
+      h("p", { class: "muted" }, `${shadow.finished} of ${shadow.pairs} runs compared, ${shadow.disagreed} disagreed. `,
+        current ? policy : ""),
+      h("h4", {}, "Disagreements"), disagreements,
+      h("h4", {}, "Outcomes"), counts,
+      h("h4", {}, "Steps (active · shadow)"), steps,
+      current ? h("p", {}, activateButton(plugin, { version: shadow.shadow_version }, state, "Promote"), " ", stop) : "");
   }
 
   /** A version that waits for an admin: what changed in `describe`, and the button if allowed. */

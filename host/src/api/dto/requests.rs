@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::super::body::{self, Millis, Request};
 use super::super::error::ApiError;
 use crate::config::Settings;
+use crate::registry::Mode;
 use crate::scheduler::planning::RunOptions;
 
 /// `POST /v1/runs`
@@ -319,12 +320,41 @@ pub struct ActivateRequest {
     /// A kept version: the SHA-256 of its bytes, in lowercase hex.
     #[schema(pattern = "^[0-9a-f]{64}$")]
     pub version: String,
+    /// `active` (default): new runs use it. `shadow`: it runs beside the active version on
+    /// every new run and decides nothing (`GET /v1/plugins/{name}/shadow` compares them).
+    #[schema(schema_with = super::activation_mode)]
+    pub mode: Option<String>,
 }
 
 impl Request for ActivateRequest {
     fn problem(path: &str, _: &Settings) -> Option<ApiError> {
-        (path == "version").then(|| ApiError::invalid(path, "version must be a string"))
+        match path {
+            "version" => Some(ApiError::invalid(path, "version must be a string")),
+            "mode" => Some(ApiError::invalid(path, MODE_RULE)),
+            _ => None,
+        }
     }
+}
+
+const MODE_RULE: &str = "mode must be \"active\" or \"shadow\"";
+
+/// An upload's or activation's `mode`.
+pub fn parse_mode(mode: Option<&str>) -> Result<Mode, ApiError> {
+    match mode {
+        None | Some("active") => Ok(Mode::Active),
+        Some("shadow") => Ok(Mode::Shadow),
+        Some(_) => Err(ApiError::invalid("mode", MODE_RULE)),
+    }
+}
+
+/// `PUT /v1/plugins/{name}`
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// `active` (default), or `shadow`: the new version runs beside the active one and
+    /// decides nothing, until it is promoted or dropped.
+    #[param(schema_with = super::activation_mode)]
+    pub mode: Option<String>,
 }
 
 /// `POST /v1/tokens`
@@ -392,6 +422,9 @@ pub struct RunsQuery {
     pub label: Option<String>,
     /// Only runs this schedule started.
     pub schedule: Option<String>,
+    /// With the runs of shadow versions (default false: only the runs that decide).
+    #[param(value_type = Option<bool>)]
+    pub shadow: Option<String>,
     /// Page size, 1 to 500 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
@@ -411,6 +444,9 @@ pub struct EventsQuery {
     /// Only changes after which the run has this status.
     #[param(schema_with = super::run_status)]
     pub status: Option<String>,
+    /// With the runs of shadow versions (default false).
+    #[param(value_type = Option<bool>)]
+    pub shadow: Option<String>,
 }
 
 /// A page of a list without filters.

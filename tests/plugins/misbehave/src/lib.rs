@@ -84,6 +84,15 @@ impl Check for Misbehave {
                 passed(&json!({"step": input.step, "attempt": input.attempt, "variant": VARIANT}))
             }
             "fail" => failed(action["message"].as_str().unwrap_or("told to fail")),
+            // Fails in the build named by `variant`, passes in the other: one build's
+            // behaviour against the other's on the same params.
+            "fail_in_variant" => {
+                if action["variant"].as_str() == Some(VARIANT) {
+                    failed(format!("told to fail in variant {VARIANT}"))
+                } else {
+                    passed(&json!({"step": input.step, "variant": VARIANT}))
+                }
+            }
             "pending" => pending("told to stay pending"),
             "pending_until" => {
                 if u64::from(input.attempt) >= action["attempt"].as_u64().unwrap_or(1) {

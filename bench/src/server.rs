@@ -127,9 +127,19 @@ impl BenchServer {
     }
 
     pub async fn upload(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.upload_to(&format!("/v1/plugins/{name}"), bytes).await
+    }
+
+    /// Uploads `bytes` as the shadow version of `name`, beside its active one.
+    pub async fn upload_shadow(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.upload_to(&format!("/v1/plugins/{name}?mode=shadow"), bytes)
+            .await
+    }
+
+    async fn upload_to(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
         let response = self
             .client
-            .put(self.url(&format!("/v1/plugins/{name}")))
+            .put(self.url(path))
             .header("content-type", "application/wasm")
             .body(bytes)
             .send()

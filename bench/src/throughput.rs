@@ -14,7 +14,7 @@ use stepwise_host::runtime::{Capabilities, Runtime, StepCall};
 use stepwise_host::scheduler::planning::{RunOptions, plan_run};
 use stepwise_host::storage::Store;
 
-use crate::server::{BenchServer, MISBEHAVE_WASM};
+use crate::server::{BenchServer, MISBEHAVE_B_WASM, MISBEHAVE_WASM};
 use crate::stats::{print_header, print_row};
 use crate::{Options, load};
 
@@ -239,11 +239,44 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     let working = (runs * 3) as f64 * 1e3 / (last_write - first_call).max(1) as f64;
     drop(server);
 
+    let (end_to_end, triggered, elapsed) = triggered_steps(runs, false).await?;
+    // The same with a shadow version set: each trigger also runs the shadow beside it. The
+    // steps counted are the primaries' (the ones that decide).
+    let (shadowed, _, _) = triggered_steps(runs, true).await?;
+    println!(
+        "\n## trivial steps (claim, instantiate, call, persist)\n\n\
+         one plugin call {per_call_us:.1} µs (median) on {cores} cores: ceiling {ceiling:.0} calls/s\n\
+         {runs} runs × 3 steps due at once: {engine:.0} steps/s = {:.0} % of the ceiling \
+         (from the first call to the last write, without the server's start: {working:.0} \
+         steps/s = {:.0} %)\n\
+         {runs} runs × 3 steps triggered over HTTP meanwhile: {end_to_end:.0} steps/s = {:.0} % \
+         (triggering took {:.2} s of {:.2} s)\n\
+         the same with a shadow version set: {shadowed:.0} primary steps/s = {:.2}× without \
+         (each run has a shadow run beside it: twice the calls)",
+        100.0 * engine / ceiling,
+        100.0 * working / ceiling,
+        100.0 * end_to_end / ceiling,
+        triggered.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        shadowed / end_to_end,
+    );
+    Ok(())
+}
+
+/// `runs` runs of misbehave triggered over HTTP from 16 tasks while the server works them
+/// off, with or without a shadow version beside it: primary steps/s, and how long triggering
+/// and everything took.
+async fn triggered_steps(runs: usize, shadow: bool) -> anyhow::Result<(f64, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let server = Arc::new(BenchServer::start(dir.path()).await?);
     server
         .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
         .await?;
+    if shadow {
+        server
+            .upload_shadow("misbehave", std::fs::read(MISBEHAVE_B_WASM)?)
+            .await?;
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
     for chunk in 0..16 {
@@ -270,22 +303,11 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     )
     .await?;
     let elapsed = started.elapsed();
-    let end_to_end = (runs * 3) as f64 / elapsed.as_secs_f64();
-    println!(
-        "\n## trivial steps (claim, instantiate, call, persist)\n\n\
-         one plugin call {per_call_us:.1} µs (median) on {cores} cores: ceiling {ceiling:.0} calls/s\n\
-         {runs} runs × 3 steps due at once: {engine:.0} steps/s = {:.0} % of the ceiling \
-         (from the first call to the last write, without the server's start: {working:.0} \
-         steps/s = {:.0} %)\n\
-         {runs} runs × 3 steps triggered over HTTP meanwhile: {end_to_end:.0} steps/s = {:.0} % \
-         (triggering took {:.2} s of {:.2} s)",
-        100.0 * engine / ceiling,
-        100.0 * working / ceiling,
-        100.0 * end_to_end / ceiling,
-        triggered.as_secs_f64(),
-        elapsed.as_secs_f64(),
-    );
-    Ok(())
+    Ok((
+        (runs * 3) as f64 / elapsed.as_secs_f64(),
+        triggered,
+        elapsed,
+    ))
 }
 
 /// A data dir whose database holds the misbehave plugin and `runs` runs of it with `params`,

@@ -95,6 +95,7 @@ impl Shadows {
             "disagreement_rate": tally.disagreement_rate(),
             "primary_failures": tally.primary_failures,
             "shadow_failures": tally.shadow_failures,
+            "regressions": tally.regressions,
             "promote_after_runs": policy.promote_after_runs,
             "max_disagreement": policy.max_disagreement,
             "rollback_on_worse": policy.rollback_on_worse,

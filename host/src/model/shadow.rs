@@ -69,6 +69,8 @@ pub struct ShadowTally {
     /// Failures (failed, errored, timed out) among finished pairs, of each side.
     pub primary_failures: u64,
     pub shadow_failures: u64,
+    /// Finished pairs where the primary passed and the shadow failed.
+    pub regressions: u64,
 }
 
 impl ShadowTally {
@@ -91,6 +93,9 @@ impl ShadowTally {
                 }
                 if shadow.is_failure() {
                     tally.shadow_failures += count;
+                    if primary == RunStatus::Passed {
+                        tally.regressions += count;
+                    }
                 }
             }
         }
@@ -108,18 +113,18 @@ impl ShadowTally {
 
     /// What `policy` makes of this tally, if anything yet.
     ///
-    /// A shadow is dropped as soon as its extra failures exceed the bound over
-    /// `promote_after_runs` pairs (or over the finished pairs, once there are more): even if
-    /// every later pair agreed, it could not come back within the bound by then. So a broken
-    /// build is dropped after a few runs, not after all of them. It is promoted once
+    /// A shadow is dropped as soon as its regressions (it failed where the primary passed)
+    /// exceed the bound over `promote_after_runs` pairs (or over the finished pairs, once
+    /// there are more): even if every later pair agreed, it could not come back within the
+    /// bound by then. So a broken build is dropped after a few runs, not after all of them;
+    /// runs it fixes elsewhere do not make up for the runs it breaks. It is promoted once
     /// `promote_after_runs` pairs finished and at most `max_disagreement` of them disagree.
-    /// A shadow that disagrees by passing where the primary fails is neither: a person
+    /// A shadow that disagrees only by passing where the primary fails is neither: a person
     /// decides.
     pub fn decide(&self, policy: &ShadowPolicy) -> Option<ShadowOutcome> {
-        let extra_failures = self.shadow_failures.saturating_sub(self.primary_failures);
         let horizon = self.finished.max(u64::from(policy.promote_after_runs));
         if policy.rollback_on_worse
-            && extra_failures as f64 > policy.max_disagreement * horizon as f64
+            && self.regressions as f64 > policy.max_disagreement * horizon as f64
         {
             return Some(ShadowOutcome::Dropped);
         }
@@ -187,6 +192,7 @@ mod tests {
         assert_eq!(tally.finished, 5);
         assert_eq!(tally.disagreements, 2);
         assert_eq!((tally.primary_failures, tally.shadow_failures), (1, 2));
+        assert_eq!(tally.regressions, 1);
         assert_eq!(tally.primary.passed, 8);
         assert_eq!(tally.shadow.unfinished, 4);
         assert_eq!(tally.shadow.cancelled, 2);
@@ -221,9 +227,12 @@ mod tests {
         assert_eq!(one.decide(&POLICY), None);
         let two = ShadowTally::of_pairs([(Passed, Passed, 3), (Passed, Errored, 2)]);
         assert_eq!(two.decide(&POLICY), Some(ShadowOutcome::Dropped));
-        // Failing where the primary fails too is not worse.
+        // Failing where the primary fails too is not worse, and fixing some runs does not
+        // make up for breaking others.
         let same = ShadowTally::of_pairs([(Failed, Failed, 10)]);
         assert_eq!(same.decide(&POLICY), None);
+        let mixed = ShadowTally::of_pairs([(Passed, Failed, 2), (Failed, Passed, 2)]);
+        assert_eq!(mixed.decide(&POLICY), Some(ShadowOutcome::Dropped));
         let keep = ShadowPolicy {
             rollback_on_worse: false,
             ..POLICY

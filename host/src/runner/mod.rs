@@ -358,13 +358,16 @@ impl Runner {
         if let Some(due) = due_at {
             self.metrics.record_tick_lag(now - due);
         }
-        self.metrics.record_call(
-            &run.plugin_name,
-            &step.name,
-            report.outcome.as_str(),
-            report.duration,
-            report.message.as_deref(),
-        );
+        // A shadow run's calls stay out of the plugin's figures, which alerts watch.
+        if run.shadow_of.is_none() {
+            self.metrics.record_call(
+                &run.plugin_name,
+                &step.name,
+                report.outcome.as_str(),
+                report.duration,
+                report.message.as_deref(),
+            );
+        }
         Ok((attempt, report))
     }
 
@@ -417,8 +420,10 @@ impl Runner {
         match verdict {
             Verdict::Passed => {
                 let passed_after_ms = finished_at - progress.started_at;
-                self.metrics
-                    .record_passed_after(&run.plugin_name, &step.name, passed_after_ms);
+                if run.shadow_of.is_none() {
+                    self.metrics
+                        .record_passed_after(&run.plugin_name, &step.name, passed_after_ms);
+                }
                 let output = report.output.unwrap_or_else(|| "null".into());
                 progress.outputs.insert(
                     step.name.clone(),

@@ -12,9 +12,7 @@ use super::store::corrupt;
 use super::{
     Change, Error, PluginRecord, PluginVersionRecord, Result, Review, ShadowVersion, Store,
 };
-use crate::model::{
-    Actor, CheckInfo, PluginName, PluginVersion, ShadowOutcome, StepInfo, UnixMillis,
-};
+use crate::model::{Actor, CheckInfo, PluginName, PluginVersion, StepInfo, UnixMillis};
 
 /// Plugins with their active version and their shadow, if any.
 macro_rules! select_plugins {
@@ -120,10 +118,12 @@ impl Store {
             .bind(name)
             .execute(&mut *transaction)
             .await?;
-        // Whoever may set a grant may review code, and grants it to the code that runs now.
+        // Whoever may set a grant may review code, and grants it to the code that runs now:
+        // the active version and the shadow beside it.
         sqlx::query(
             "UPDATE plugin_versions SET reviewed_by = $1 WHERE plugin_name = $2 AND reviewed_by IS NULL \
-             AND version = (SELECT active_version FROM plugins WHERE name = $2)",
+             AND (version = (SELECT active_version FROM plugins WHERE name = $2) \
+             OR version IN (SELECT version FROM shadows WHERE plugin_name = $2 AND ended_at IS NULL))",
         )
         .bind(&audit.actor)
         .bind(name)
@@ -192,14 +192,13 @@ impl Store {
         .bind(i64::from(grant_toml.is_some()))
         .execute(&mut *transaction)
         .await?;
-        super::shadows::end_shadow_of_version(
-            &mut transaction,
-            name.as_str(),
-            version,
-            ShadowOutcome::Promoted,
-            &audit,
-        )
-        .await?;
+        if previous
+            .as_ref()
+            .is_some_and(|(active, _)| active != version.as_str())
+        {
+            super::shadows::end_on_activation(&mut transaction, name.as_str(), version, &audit)
+                .await?;
+        }
         let mut audit = audit.with("version", version.as_str());
         if let Some((previous_version, _)) = &previous {
             audit = audit.with("previous_version", previous_version.as_str());

@@ -231,6 +231,20 @@ impl Store {
             .bind(i64::from(keep))
             .fetch_all(&self.pool)
             .await?;
+            // Their shadow runs go with them: a shadow's comparison is of pairs.
+            if !beyond.is_empty() {
+                let sql = format!(
+                    "SELECT id FROM runs WHERE shadow_of IN ({}) AND finished_at IS NOT NULL AND {}",
+                    placeholders(1, beyond.len()),
+                    nothing_pending("runs.id")
+                );
+                let mut shadows = sqlx::query_as::<_, (String,)>(&sql);
+                for (id,) in &beyond {
+                    shadows = shadows.bind(id.as_str());
+                }
+                let shadows = shadows.fetch_all(&self.pool).await?;
+                ids.extend(shadows.into_iter().map(|(id,)| RunId::from_stored(id)));
+            }
             ids.extend(beyond.into_iter().map(|(id,)| RunId::from_stored(id)));
         }
         Ok(ids)
@@ -368,6 +382,8 @@ impl Store {
     ) -> Result<Pruned> {
         const UNUSED: &str = "NOT EXISTS (SELECT 1 FROM plugins p WHERE p.name = pv.plugin_name \
              AND p.active_version = pv.version) \
+             AND NOT EXISTS (SELECT 1 FROM shadows s WHERE s.plugin_name = pv.plugin_name \
+             AND s.version = pv.version AND s.ended_at IS NULL) \
              AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.plugin_name = pv.plugin_name \
              AND r.plugin_version = pv.version)";
         let candidates: Vec<(String, String)> = sqlx::query_as(&format!(

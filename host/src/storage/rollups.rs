@@ -419,7 +419,7 @@ impl Store {
         );
         let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
             "SELECT status, COUNT(*) FROM runs WHERE {filter} AND id >= $2 \
-             AND finished_at IS NOT NULL GROUP BY status"
+             AND finished_at IS NOT NULL AND shadow_of IS NULL GROUP BY status"
         ))
         .bind(value)
         .bind(first_id)

@@ -826,11 +826,10 @@ impl KeyedRun {
 /// for all of them.
 pub(super) async fn insert_runs(tx: &mut impl Tx, runs: &[NewRun]) -> Result<()> {
     // A primary's shadow goes in with it, or neither does.
-    let shadows: Vec<NewRun> = runs
+    let runs: Vec<&NewRun> = runs
         .iter()
-        .filter_map(|run| run.shadow.as_deref().cloned())
+        .flat_map(|run| std::iter::once(run).chain(run.shadow.as_deref()))
         .collect();
-    let runs: Vec<&NewRun> = runs.iter().chain(&shadows).collect();
     let mut values = Vec::with_capacity(runs.len() * 17);
     for run in runs.iter().copied() {
         values.extend([

@@ -287,7 +287,12 @@ impl Store {
         decision: &ShadowDecision,
     ) -> Result<bool> {
         let at = decision.audit.at;
-        let mut transaction = self.writes.begin().await?;
+        // The plugin's row first, as every change of a plugin takes it: an activation at the
+        // same moment goes before or after this one, never across it.
+        let (mut transaction, plugin) = self.lock_plugin(&shadow.plugin_name).await?;
+        if plugin.is_none() {
+            return Ok(false);
+        }
         let ended = sqlx::query(
             "UPDATE shadows SET ended_at = $1, outcome = $2, ended_by = $3, figures = $4 \
              WHERE id = $5 AND ended_at IS NULL",
@@ -354,44 +359,47 @@ async fn end_current(
     actor: &str,
     at: UnixMillis,
 ) -> Result<Option<String>> {
-    let current: Option<(String,)> =
+    let Some((version,)): Option<(String,)> =
         sqlx::query_as("SELECT version FROM shadows WHERE plugin_name = $1 AND ended_at IS NULL")
             .bind(name)
             .fetch_optional(&mut *transaction)
-            .await?;
-    if current.is_some() {
-        sqlx::query(
-            "UPDATE shadows SET ended_at = $1, outcome = $2, ended_by = $3 \
-             WHERE plugin_name = $4 AND ended_at IS NULL",
-        )
-        .bind(at)
-        .bind(outcome.as_str())
-        .bind(actor)
-        .bind(name)
-        .execute(&mut *transaction)
-        .await?;
-    }
-    Ok(current.map(|(version,)| version))
-}
-
-/// Inside an activation of `version`: if it is the shadow of `name`, it was promoted by
-/// whoever activated it.
-pub(super) async fn end_shadow_of_version(
-    transaction: &mut sqlx::AnyConnection,
-    name: &str,
-    version: &PluginVersion,
-    outcome: ShadowOutcome,
-    audit: &AuditEntry,
-) -> Result<()> {
-    sqlx::query(
+            .await?
+    else {
+        return Ok(None);
+    };
+    // Conditional on the version read: a node that decided in between ended it first.
+    let ended = sqlx::query(
         "UPDATE shadows SET ended_at = $1, outcome = $2, ended_by = $3 \
          WHERE plugin_name = $4 AND version = $5 AND ended_at IS NULL",
     )
-    .bind(audit.at)
+    .bind(at)
     .bind(outcome.as_str())
-    .bind(&audit.actor)
+    .bind(actor)
     .bind(name)
     .bind(version.as_str())
+    .execute(&mut *transaction)
+    .await?;
+    Ok((ended.rows_affected() == 1).then_some(version))
+}
+
+/// Inside an activation that makes `version` the active version of `name` in place of
+/// another: the shadow ends, promoted by whoever activated it if it is that version, else
+/// stopped (it was compared with the version that was active).
+pub(super) async fn end_on_activation(
+    transaction: &mut sqlx::AnyConnection,
+    name: &str,
+    version: &PluginVersion,
+    audit: &AuditEntry,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE shadows SET ended_at = $1, ended_by = $2, \
+         outcome = CASE WHEN version = $3 THEN 'promoted' ELSE 'stopped' END \
+         WHERE plugin_name = $4 AND ended_at IS NULL",
+    )
+    .bind(audit.at)
+    .bind(&audit.actor)
+    .bind(version.as_str())
+    .bind(name)
     .execute(&mut *transaction)
     .await?;
     Ok(())

@@ -447,3 +447,62 @@ async fn two_nodes_promote_once() {
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_eq!(webhook.received().len(), 1);
 }
+
+#[tokio::test]
+async fn activating_another_version_ends_the_shadow() {
+    let server = TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(""))).await;
+    shadow_b(&server).await;
+    let other = std::fs::read(crate::support::MISBEHAVE_PARAMS_PATTERN_WASM).expect("a variant");
+    let (status, plugin) = server.upload("misbehave", other.clone()).await;
+    assert_eq!(status, 200, "{plugin}");
+    assert_eq!(plugin["active_version"], version_of(&other).as_str());
+    assert!(plugin["shadow_version"].is_null(), "{plugin:#}");
+    let body = comparison(&server).await;
+    assert_eq!(body["state"], "stopped", "{body:#}");
+    assert_eq!(body["ended_by"], "anonymous");
+}
+
+/// A shadow runs under the plugin's grant: a publisher's unreviewed code for a plugin whose
+/// grant reaches outside the sandbox is no more a shadow than it is active, until an admin
+/// says so.
+#[tokio::test]
+async fn a_publisher_cannot_shadow_unreviewed_code_under_a_grant_that_reaches_out() {
+    let server = TestServer::start(
+        Setup::default()
+            .with_auth(stepwise_host::config::AuthMode::Tokens)
+            .with_plugin(PluginFile::misbehave("allowed_hosts = [\"127.0.0.1:9\"]\n")),
+    )
+    .await;
+    let publisher = server
+        .create_token(stepwise_host::model::Role::Publisher)
+        .await;
+    let admin = server.create_token(stepwise_host::model::Role::Admin).await;
+    let bytes = b_bytes();
+    let version = version_of(&bytes);
+    let response = server
+        .client
+        .put(server.url("/v1/plugins/misbehave?mode=shadow"))
+        .bearer_auth(&publisher)
+        .header("content-type", "application/wasm")
+        .body(bytes)
+        .send()
+        .await
+        .expect("uploading");
+    let (status, plugin) = crate::support::read(response).await;
+    assert_eq!(status, 202, "stored, waiting for review: {plugin}");
+    assert!(plugin["shadow_version"].is_null(), "{plugin:#}");
+    let activate = |token: &str| {
+        server
+            .client
+            .post(server.url("/v1/plugins/misbehave/activate"))
+            .bearer_auth(token)
+            .json(&json!({"version": version, "mode": "shadow"}))
+            .send()
+    };
+    let (status, problem) = crate::support::read(activate(&publisher).await.expect("a call")).await;
+    assert_eq!(status, 403, "{problem}");
+    assert_eq!(problem["code"], "review_required");
+    let (status, plugin) = crate::support::read(activate(&admin).await.expect("a call")).await;
+    assert_eq!(status, 200, "{plugin}");
+    assert_eq!(plugin["shadow_version"], version.as_str());
+}

@@ -11,7 +11,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::grant::parse_stored_grant;
 use crate::model::{NotifyEvent, ShadowOutcome, ShadowPolicy, ShadowTally, now_millis};
 use crate::storage::{self, AuditEntry, CurrentShadow, ShadowDecision, Store};
 
@@ -46,7 +45,7 @@ impl Shadows {
 
     async fn decide_all(&self) -> storage::Result<()> {
         for current in self.store.current_shadows().await? {
-            let Some(policy) = self.policy_of(&current) else {
+            let Some(policy) = self.settings.policy.shadow_of(&current.grant_toml) else {
                 continue;
             };
             let tally = self.store.shadow_tally(&current.shadow).await?;
@@ -66,14 +65,6 @@ impl Shadows {
             }
         }
         Ok(())
-    }
-
-    /// The grant's `shadow`, else the policy's; `None`: only a person decides.
-    fn policy_of(&self, current: &CurrentShadow) -> Option<ShadowPolicy> {
-        parse_stored_grant(&current.grant_toml)
-            .ok()
-            .and_then(|grant| grant.shadow)
-            .or(self.settings.policy.shadow)
     }
 
     fn decision(

@@ -225,14 +225,10 @@ pub async fn plugins_shadow(
         ),
         None => Default::default(),
     };
-    let policy = parse_grant(&plugin.grant_toml)
-        .ok()
-        .and_then(|grant| grant.shadow)
-        .or(state.settings.policy.shadow);
     Ok(Json(ShadowDto::new(ShadowParts {
         plugin: &plugin,
         shadow: shadow.as_ref(),
-        policy,
+        policy: state.settings.policy.shadow_of(&plugin.grant_toml),
         share: state.settings.policy.shadow_share.unwrap_or(1.0),
         tally,
         disagreements: &disagreements,
@@ -324,7 +320,7 @@ async fn plugin_details(state: &AppState, name: &str) -> Result<PluginDto, ApiEr
     let versions = state.store.list_plugin_versions(name).await?;
     let review_needed =
         grant.grants_capabilities() && !state.settings.policy.publishers_activate_granted;
-    let shadow_policy = grant.shadow.or(state.settings.policy.shadow);
+    let shadow_policy = state.settings.policy.shadow_of(&plugin.grant_toml);
     Ok(PluginDto::new(&plugin).with_details(
         &grant,
         shadow_policy,

@@ -198,6 +198,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// When a shadow of a plugin with the grant `grant_toml` (as stored) is promoted or
+    /// dropped without anyone asking: the grant's `shadow`, else the policy's; `None`: only a
+    /// person decides.
+    pub fn shadow_of(&self, grant_toml: &str) -> Option<ShadowPolicy> {
+        parse_stored_grant(grant_toml)
+            .ok()
+            .and_then(|grant| grant.shadow)
+            .or(self.shadow)
+    }
+
     /// The first part of `grant` beyond the ceilings, as the grant key that names it and why.
     pub fn violation(&self, grant: &Grant, host_limits: &Limits) -> Option<(String, String)> {
         if let Some(patterns) = &self.allowed_hosts {

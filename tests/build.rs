@@ -38,6 +38,11 @@ fn main() {
         &[
             ("stores", "event-pipeline-stores"),
             ("bus", "event-pipeline-bus"),
+            ("replay-bug", "event-pipeline-replay-bug"),
+            (
+                "replay-changed-query",
+                "event-pipeline-replay-changed-query",
+            ),
         ],
     ));
     stepwise_plugin_build::write_path_constants(&built);

@@ -134,6 +134,7 @@ async fn steps_per_second(
                         params: "{}".into(),
                         outputs: "{}".into(),
                         traceparent: None,
+                        tape: Default::default(),
                     };
                     let report = runtime
                         .run_step(&plugin, call, &capabilities)
@@ -347,6 +348,7 @@ async fn triggers(
                 params: params.to_string(),
                 outputs: "{}".into(),
                 traceparent: None,
+                tape: Default::default(),
             };
             if let Ok(report) = floor
                 .runtime

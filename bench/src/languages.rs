@@ -27,6 +27,7 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         params: r#"{"expect": "hello"}"#.into(),
         outputs: "{}".into(),
         traceparent: None,
+        tape: Default::default(),
     };
     let langs = match options.lang {
         Some(lang) => vec![lang],

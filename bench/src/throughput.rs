@@ -405,6 +405,7 @@ async fn time_calls(
         params: "{}".into(),
         outputs: "{}".into(),
         traceparent: None,
+        tape: Default::default(),
     };
     let mut times = Vec::new();
     for round in 0..samples + 2 {

@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
             event_pipeline,
             format!(
                 "allowed_hosts = [\"{pipeline_addr}\"]\nsql_sources = [{sources}]\nsubjects = [\"{COLLECTED_SUBJECT}\"]\npoll_interval_ms = 1000\n\
-                 shadow = {{ promote_after_runs = 5, max_disagreement = 0.0 }}\n"
+                 shadow = {{ promote_after_runs = 5, max_disagreement = 0.0 }}\nrecord = \"failures\"\n"
             ),
         ),
         (

@@ -12,6 +12,8 @@ wasmtime::component::bindgen!({
         "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
     },
     require_store_data_send: true,
+    // Recordings keep what each call asked and was answered (`capabilities::recording`).
+    additional_derives: [serde::Serialize, serde::Deserialize],
 });
 
 pub use stepwise::plugin::{kv, log, messages, sql, types};

@@ -75,6 +75,22 @@ enum Command {
         /// allows (repeatable).
         #[arg(long = "secret", value_name = "NAME=VALUE")]
         secrets: Vec<String>,
+        /// Record every capability call of the run to this file, as the server records a run
+        /// (README, "Debugging a failed run").
+        #[arg(long, value_name = "FILE", conflicts_with = "replay")]
+        record: Option<std::path::PathBuf>,
+        /// Replay a recording (`stepwise runs recording ID > run.rec`), or every `*.rec` of a
+        /// directory: the recorded run's steps and params, every capability call answered
+        /// from the recording, nothing sent anywhere. Exit 0 when every replay passes.
+        #[arg(long, value_name = "FILE|DIR")]
+        replay: Option<std::path::PathBuf>,
+        /// With --replay: answer a call the recording does not have in that order by the
+        /// nearest recorded call of its kind, instead of stopping at the mismatch.
+        #[arg(long, requires = "replay")]
+        lenient: bool,
+        /// With --replay: write a JUnit XML report there, one test case per recording.
+        #[arg(long, value_name = "FILE", requires = "replay")]
+        junit: Option<std::path::PathBuf>,
     },
     /// Work with plugin components without a server.
     Plugin {
@@ -234,6 +250,13 @@ enum RunsCommand {
     },
     /// Cancel a run: it ends `cancelled`, the steps already verified stay as they are.
     Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a recorded run's recording (JSON Lines), for `stepwise dev --replay`:
+    /// `stepwise runs recording ID > run.rec`.
+    Recording {
         id: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -432,7 +455,27 @@ pub fn main() -> ExitCode {
             config,
             timeout,
             secrets,
-        } => runtime.block_on(dev(&file, &params, config, timeout, &secrets)),
+            record,
+            replay,
+            lenient,
+            junit,
+        } => match replay {
+            Some(recordings) => runtime.block_on(dev_replay(
+                &file,
+                &recordings,
+                config,
+                lenient,
+                junit.as_deref(),
+            )),
+            None => runtime.block_on(dev(
+                &file,
+                &params,
+                config,
+                timeout,
+                &secrets,
+                record.as_deref(),
+            )),
+        },
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
@@ -472,20 +515,9 @@ fn new_plugin(name: &str, lang: crate::scaffold::Lang) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dev(
-    file: &std::path::Path,
-    params: &str,
-    config: Option<std::path::PathBuf>,
-    timeout: Option<u64>,
-    secrets: &[String],
-) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        timeout.is_none_or(|ms| (1..=604_800_000).contains(&ms)),
-        "--timeout must be from 1 to 604800000 ms"
-    );
-    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
-    anyhow::ensure!(params.is_object(), "--params must be a JSON object");
-    let settings = Settings::from_args(&ServeArgs {
+/// The settings of `stepwise dev`: `--config`'s, without a server's flags.
+fn dev_settings(config: Option<std::path::PathBuf>) -> anyhow::Result<Settings> {
+    Settings::from_args(&ServeArgs {
         listen: None,
         data_dir: None,
         database_url: None,
@@ -493,7 +525,49 @@ async fn dev(
         auth: None,
         tls_cert: None,
         tls_key: None,
-    })?;
+    })
+}
+
+async fn dev_replay(
+    file: &std::path::Path,
+    recordings: &std::path::Path,
+    config: Option<std::path::PathBuf>,
+    lenient: bool,
+    junit: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let settings = dev_settings(config)?;
+    let replays = crate::dev::replay::replay(
+        file,
+        recordings,
+        &settings,
+        lenient,
+        junit,
+        crate::dev::user_artifacts_dir().as_deref(),
+        &mut std::io::stdout(),
+    )
+    .await?;
+    Ok(ExitCode::from(match replays.as_slice() {
+        [one] => one.exit_code(),
+        many if many.iter().all(|replayed| replayed.passed()) => 0,
+        _ => 1,
+    }))
+}
+
+async fn dev(
+    file: &std::path::Path,
+    params: &str,
+    config: Option<std::path::PathBuf>,
+    timeout: Option<u64>,
+    secrets: &[String],
+    record: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        timeout.is_none_or(|ms| (1..=604_800_000).contains(&ms)),
+        "--timeout must be from 1 to 604800000 ms"
+    );
+    let params: Value = serde_json::from_str(params).context("--params must be JSON")?;
+    anyhow::ensure!(params.is_object(), "--params must be a JSON object");
+    let settings = dev_settings(config)?;
     let secrets = secrets
         .iter()
         .map(|secret| match secret.split_once('=') {
@@ -513,6 +587,7 @@ async fn dev(
         timeout,
         &secrets,
         crate::dev::user_artifacts_dir().as_deref(),
+        record,
         &mut std::io::stdout(),
     )
     .await?;
@@ -1034,6 +1109,29 @@ async fn runs(command: RunsCommand) -> anyhow::Result<ExitCode> {
                 out.push_str(&columns(rows));
                 out
             }))
+        }
+        RunsCommand::Recording { id, client } => {
+            check_server(&client.server)?;
+            let server = client.server.trim_end_matches('/');
+            let response = http_client(client.token.as_deref())?
+                .get(format!("{server}/v1/runs/{id}/recording"))
+                .send()
+                .await
+                .with_context(|| format!("calling {server}"))?;
+            let status = response.status();
+            let text = response.text().await.context("reading the response")?;
+            if status.is_success() {
+                print!("{text}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let problem: Value = serde_json::from_str(&text).unwrap_or_default();
+            eprintln!(
+                "error: {status}: {}",
+                problem["detail"]
+                    .as_str()
+                    .unwrap_or("the server refused the request")
+            );
+            Ok(ExitCode::from(if status.is_client_error() { 1 } else { 2 }))
         }
         RunsCommand::Cancel { id, client } => {
             let path = format!("/v1/runs/{id}/cancel");

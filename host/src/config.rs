@@ -101,6 +101,7 @@ struct FileConfig {
     max_event_streams: Option<usize>,
     max_event_streams_per_token: Option<usize>,
     run_log_bytes: Option<u64>,
+    run_recording_bytes: Option<u64>,
     plugin_memory_mib: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
@@ -314,6 +315,9 @@ struct PolicyFile {
     shadow: Option<crate::grant::ShadowFile>,
     /// The share of a plugin's runs a shadow version runs beside (above 0, at most 1).
     shadow_share: Option<f64>,
+    /// Which runs of plugins whose grant sets no `record` keep a recording.
+    #[serde(default)]
+    record: crate::grant::RecordMode,
 }
 
 fn parse_notifiers(files: Vec<NotifyFile>) -> anyhow::Result<Vec<Notifier>> {
@@ -610,6 +614,9 @@ pub struct Settings {
     pub max_event_streams_per_token: usize,
     /// Bytes of plugin log lines stored per run; the runner drops the rest.
     pub run_log_bytes: u64,
+    /// Bytes of recordings kept per run (uncompressed JSON Lines); a call past it records
+    /// that the recording was cut there.
+    pub run_recording_bytes: u64,
     /// Memory all plugin calls on this node may hold at once beyond each call's own first
     /// few MiB (`plugin_memory_mib`).
     pub plugin_memory_bytes: u64,
@@ -669,6 +676,7 @@ impl Settings {
             max_event_streams: 1024,
             max_event_streams_per_token: 16,
             run_log_bytes: 1 << 20,
+            run_recording_bytes: 4 << 20,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
             status_pages: Vec::new(),
@@ -784,6 +792,11 @@ impl Settings {
             in_range("", "run_log_bytes", file.run_log_bytes).map_err(config_error)?
         {
             settings.run_log_bytes = bytes;
+        }
+        if let Some(bytes) =
+            in_range("", "run_recording_bytes", file.run_recording_bytes).map_err(config_error)?
+        {
+            settings.run_recording_bytes = bytes;
         }
         if let Some(mib) =
             in_range("", "plugin_memory_mib", file.plugin_memory_mib).map_err(config_error)?
@@ -969,6 +982,7 @@ fn parse_policy(
         sql_sources: file.sql_sources,
         max_limits: file.max_limits.overrides("policy.max_limits.")?,
         publishers_activate_granted: file.publishers_activate_granted,
+        record: file.record,
         shadow: file
             .shadow
             .as_ref()
@@ -1161,6 +1175,7 @@ mod tests {
                         | "max_event_streams"
                         | "max_event_streams_per_token"
                         | "run_log_bytes"
+                        | "run_recording_bytes"
                         | "plugin_memory_mib"
                         | "header_read_timeout_ms"
                         | "max_connections"

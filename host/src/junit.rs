@@ -1,5 +1,6 @@
 //! `stepwise run --junit FILE`: a finished run as a JUnit XML report, one test case per step,
 //! for CI systems that show test reports. Works on the run as `GET /v1/runs/{id}` returns it.
+//! Also `stepwise dev --replay DIR --junit FILE`: one test case per replayed recording.
 
 use serde_json::Value;
 
@@ -82,6 +83,62 @@ pub fn render(run: &Value) -> String {
         escape(plugin),
         escape(id),
         escape(run["created_at"].as_str().unwrap_or_default()),
+    )
+}
+
+/// One replayed recording, for [`render_replays`].
+pub struct ReplayCase<'a> {
+    pub name: &'a str,
+    pub recorded: &'a str,
+    /// `passed`, or how the replay failed (`failed`, `timed_out`, `errored`, `mismatch`, ...).
+    pub status: &'a str,
+    pub detail: &'a str,
+}
+
+/// The replays of `plugin`'s recordings as JUnit XML: a replay that did not pass is a failure
+/// (`failed`, `timed_out`: the check's verdict) or an error (a mismatch, an errored call).
+pub fn render_replays(plugin: &str, cases: &[ReplayCase<'_>]) -> String {
+    let (mut failures, mut errors) = (0, 0);
+    let mut body = String::new();
+    for case in cases {
+        let message = format!(
+            "replayed {} {} (recorded: {})",
+            case.status, case.detail, case.recorded
+        );
+        let verdict = match case.status {
+            "passed" => String::new(),
+            "failed" | "timed_out" => {
+                failures += 1;
+                format!(
+                    "<failure type=\"{}\" message=\"{}\"/>",
+                    escape(case.status),
+                    escape(&message)
+                )
+            }
+            _ => {
+                errors += 1;
+                format!(
+                    "<error type=\"{}\" message=\"{}\"/>",
+                    escape(case.status),
+                    escape(&message)
+                )
+            }
+        };
+        body.push_str(&format!(
+            "    <testcase classname=\"{}\" name=\"{}\">{verdict}</testcase>\n",
+            escape(plugin),
+            escape(case.name)
+        ));
+    }
+    let count = cases.len();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <testsuites name=\"stepwise replay\" tests=\"{count}\" failures=\"{failures}\" errors=\"{errors}\">\n\
+         \x20 <testsuite name=\"{}\" tests=\"{count}\" failures=\"{failures}\" errors=\"{errors}\">\n\
+         {body}\
+         \x20 </testsuite>\n\
+         </testsuites>\n",
+        escape(plugin)
     )
 }
 

@@ -2,8 +2,8 @@
 //! walked in a real browser (Debian's Chromium through Playwright, which `.ci/run` installs):
 //! a run triggered from the page goes live to passed, the run shows its three steps, a plugin
 //! is rolled back and a schedule paused, and a publisher's pending version is reviewed and
-//! activated by an admin, and a shadow version is compared, stopped and promoted, all without a
-//! console error.
+//! activated by an admin, a shadow version is compared, stopped and promoted, and a recorded
+//! run shows its exchanges and downloads its recording, all without a console error.
 
 use serde_json::json;
 use stepwise_host::config::AuthMode;
@@ -275,6 +275,38 @@ async fn a_shadow_version_is_compared_stopped_and_promoted_in_a_real_browser() {
     .await;
     let plugin = server.plugin("misbehave").await;
     assert_eq!(plugin["active_version"], version.as_str(), "{plugin}");
+}
+
+#[tokio::test]
+async fn a_recorded_run_shows_its_exchanges_and_downloads_in_a_real_browser() {
+    let Some(python) = browser_python() else {
+        return;
+    };
+    let endpoint = crate::support::Endpoint::start(200).await;
+    let manifest = format!(
+        "allowed_hosts = [\"{}\"]\nrecord = \"failures\"\n",
+        endpoint.host_port
+    );
+    let server =
+        TestServer::start(Setup::default().with_plugin(PluginFile::misbehave(manifest))).await;
+    let params = json!({"steps": {
+        "first": {"action": "http", "url": endpoint.url},
+        "second": {"action": "fail", "message": "the report is wrong"},
+    }});
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": params}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(run["recording_bytes"].as_u64() > Some(0), "{run}");
+    walk(
+        &python,
+        "recording.py",
+        &[&server.base],
+        &[&id],
+        &["recording"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

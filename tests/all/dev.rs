@@ -24,9 +24,11 @@ async fn dev_with_secrets(
     std::fs::write(dir.path().join("misbehave.toml"), manifest).expect("writing the manifest");
     let settings = Settings::for_data_dir(dir.path());
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, None, secrets, None, &mut out)
-        .await
-        .expect("a local run");
+    let outcome = run_file(
+        &file, &params, &settings, None, secrets, None, None, &mut out,
+    )
+    .await
+    .expect("a local run");
     (outcome, String::from_utf8(out).expect("utf-8 output"))
 }
 
@@ -134,6 +136,7 @@ async fn a_scaffolded_plugin_builds_as_is_and_passes() {
         None,
         &[],
         None,
+        None,
         &mut out,
     )
     .await
@@ -187,6 +190,7 @@ async fn a_scaffolded_check_builds_and_passes(lang: Lang, lang_name: &str) {
             Some(std::time::Duration::from_millis(1_500)),
             &[],
             None,
+            None,
             &mut out,
         )
         .await
@@ -237,6 +241,7 @@ async fn a_local_run_ends_with_its_verdict_and_keeps_its_deadline() {
         &settings,
         Some(timeout),
         &[],
+        None,
         None,
         &mut out,
     )
@@ -409,7 +414,7 @@ async fn a_local_run_reads_a_mysql_and_a_redis_source() {
         "second": {"action": "kv", "source": "cache", "call": "get", "args": [counter]},
     }});
     let mut out = Vec::new();
-    let outcome = run_file(&file, &params, &settings, None, &[], None, &mut out)
+    let outcome = run_file(&file, &params, &settings, None, &[], None, None, &mut out)
         .await
         .expect("a local run");
     let out = String::from_utf8(out).expect("utf-8 output");
@@ -460,7 +465,7 @@ async fn a_local_run_reads_a_nats_source_through_its_tap_and_a_stream() {
     }});
     let run = tokio::spawn(async move {
         let mut out = Vec::new();
-        let outcome = run_file(&file, &params, &settings, None, &[], None, &mut out).await;
+        let outcome = run_file(&file, &params, &settings, None, &[], None, None, &mut out).await;
         (outcome, String::from_utf8(out).expect("utf-8 output"))
     });
     // The run starts at a moment the test cannot see: publish until it has found both.
@@ -507,6 +512,7 @@ async fn a_local_run_keeps_the_compiled_plugin_for_the_next_and_few_others() {
             None,
             &[],
             Some(&artifacts),
+            None,
             &mut out,
         )
         .await

@@ -58,6 +58,7 @@ async fn a_full_instance_pool_is_a_host_fault_not_the_plugins() {
             .to_string(),
         outputs: "{}".into(),
         traceparent: None,
+        tape: Default::default(),
     };
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..40 {
@@ -105,6 +106,7 @@ fn action_call(run_id: &str, action: serde_json::Value) -> StepCall {
         params: json!({"steps": {"first": action}}).to_string(),
         outputs: "{}".into(),
         traceparent: None,
+        tape: Default::default(),
     }
 }
 

@@ -98,6 +98,9 @@ pub struct RunDto {
     pub error_count: u32,
     /// Outbound HTTP requests the run's step calls have made.
     pub http_requests: u32,
+    /// Bytes of the run's recording so far (uncompressed); 0: it has none
+    /// (`GET /v1/runs/{id}/recording`).
+    pub recording_bytes: u64,
     /// The schedule whose fire started the run.
     pub schedule_id: Option<String>,
     /// The token that triggered it (`anonymous` without authentication); absent for a
@@ -164,6 +167,7 @@ impl RunDto {
             max_errors: run.max_errors,
             error_count: run.error_count,
             http_requests: run.http_requests,
+            recording_bytes: run.recording_bytes,
             schedule_id: run.schedule_id.clone(),
             created_by: run.created_by.clone(),
             cancelled_by: run.cancelled_by.clone(),

@@ -81,6 +81,7 @@ fn routes(upload_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(runs::runs_show))
         .routes(routes!(runs::runs_attempts))
         .routes(routes!(runs::runs_notifications))
+        .routes(routes!(runs::runs_recording))
         .routes(routes!(events::run_events))
         .routes(routes!(events::events_index))
         .routes(routes!(runs::runs_cancel))

@@ -194,6 +194,14 @@ const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
     (
         "runs_create",
         "202",
+        "recording",
+        "runs_recording",
+        "id",
+        "$response.body#/id",
+    ),
+    (
+        "runs_create",
+        "202",
         "cancel",
         "runs_cancel",
         "id",

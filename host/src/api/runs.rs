@@ -1,4 +1,4 @@
-//! `/v1/runs`: trigger, show, list, cancel, attempts.
+//! `/v1/runs`: trigger, show, list, cancel, attempts, recording.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -16,6 +16,7 @@ use super::dto::{
 };
 use super::error::{ApiError, Problem};
 use super::state::AppState;
+use crate::capabilities::recording;
 use crate::model::{PluginName, RunId, now_millis};
 use crate::scheduler::planning::plan_run;
 use crate::storage::{AttemptPage, Cancelled, Enqueued, RunFilter, RunRecord};
@@ -245,6 +246,61 @@ pub async fn runs_notifications(
     Ok(Json(NotificationListDto {
         notifications: notifications.iter().map(NotificationDto::new).collect(),
     }))
+}
+
+/// `GET /v1/runs/{id}/recording`
+#[utoipa::path(
+    get, path = "/v1/runs/{id}/recording", tag = "runs",
+    summary = "A recorded run's capability calls, for `stepwise dev --replay`",
+    description = "JSON Lines (README, \"Debugging a failed run\"): the run, then each attempt with \
+                   every HTTP request, query, key-value and message read it made and what it \
+                   was answered, its log lines and outcome, then how the run ended. Recorded \
+                   when the plugin's grant (or the policy) sets `record`.",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The recording", body = String, content_type = "application/x-ndjson"),
+        (status = 404, description = "No such run, or it has no recording", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn runs_recording(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run_id = parse_run_id(&id)?;
+    let run = existing_run(&state, &run_id).await?;
+    let attempts = state.store.run_recordings(&run_id).await?;
+    if attempts.is_empty() {
+        return Err(ApiError::not_found(
+            "no_recording",
+            format!(
+                "run {run_id} has no recording: its plugin's `record` was off, it passed with \
+                 record = \"failures\", or it has made no call yet"
+            ),
+        ));
+    }
+    let header = recording::Header {
+        format: recording::FORMAT.into(),
+        version: recording::VERSION,
+        run_id: run_id.to_string(),
+        plugin: run.plugin_name.clone(),
+        plugin_version: run.plugin_version.to_string(),
+        params: serde_json::from_str(&run.params).unwrap_or(Json_::Null),
+        created_at_ms: run.created_at,
+    };
+    let end = run.status.is_terminal().then(|| recording::RunEnd {
+        status: run.status.as_str().to_owned(),
+        message: run.message.clone(),
+    });
+    let text = recording::assemble(header, &attempts, end);
+    let disposition = format!("attachment; filename=\"{run_id}.rec\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        text,
+    )
+        .into_response())
 }
 
 /// `POST /v1/runs/{id}/cancel`

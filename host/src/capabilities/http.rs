@@ -35,6 +35,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::Violation;
 use super::log::LogBuffer;
+use super::recording::{self, Tape};
 use super::secrets::{SecretSet, StreamRedactor};
 use crate::grant::AllowedHost;
 use crate::model::LogLevel;
@@ -78,6 +79,7 @@ pub struct HttpPolicy {
     /// The step call's trace context, set on every request so the system under check joins
     /// the run's trace; `None` without OpenTelemetry.
     pub traceparent: Option<http::HeaderValue>,
+    pub tape: Tape,
 }
 
 impl HttpPolicy {
@@ -201,7 +203,96 @@ fn is_timeout(error: &Error) -> bool {
 }
 
 impl WasiHttpHooks for HttpPolicy {
+    /// Sends the request, or, on a call's tape, records it with its answer or answers it
+    /// from the recording. A request is recorded as the plugin made it: before the host
+    /// places secrets and its own headers.
     fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: IoFuture,
+    ) -> SendFuture {
+        if self.tape.is_off() {
+            return self.send_live(request, options, fut);
+        }
+        let tape = self.tape.clone();
+        let (parts, body) = request.into_parts();
+        let head = request_head(&parts);
+        if tape.is_replaying() {
+            drop(fut);
+            self.requests_made += 1;
+            return Box::new(async move {
+                // The plugin's body, as it writes it; nothing is sent anywhere.
+                let body = body.collect().await?.to_bytes();
+                let request = with_body(head, &body[..body.len().min(RECORDED_BODY_BYTES)]);
+                let answer = tape
+                    .answer("http", &request)
+                    .map_err(|mismatch| Error::InternalError(Some(mismatch.to_string())))?;
+                replayed_response(&answer)
+            });
+        }
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let body = Teed {
+            inner: body,
+            sent: sent.clone(),
+        };
+        let request = http::Request::from_parts(parts, body.boxed_unsync());
+        let live = Box::into_pin(self.send_live(request, options, fut));
+        let secrets = self.secrets.clone();
+        Box::new(async move {
+            let outcome = live.await;
+            let body = std::mem::take(&mut *sent.lock().unwrap_or_else(|e| e.into_inner()));
+            // Redacted as bytes: a body that is not UTF-8 is recorded in base64, which the
+            // recording's own redaction of text cannot see into.
+            let request = with_body(head, &secrets.redact_bytes(&body));
+            match outcome {
+                Err(error) => {
+                    tape.record_call(
+                        "http",
+                        request,
+                        serde_json::json!({ "Err": format!("{error:?}") }),
+                    );
+                    Err(error)
+                }
+                Ok((response, io)) => {
+                    // Read whole to be recorded, within the response limit already on it.
+                    let (parts, body) = response.into_parts();
+                    match body.collect().await {
+                        Err(error) => {
+                            tape.record_call(
+                                "http",
+                                request,
+                                serde_json::json!({ "Err": format!("{error:?}") }),
+                            );
+                            Err(error)
+                        }
+                        Ok(collected) => {
+                            let bytes = collected.to_bytes();
+                            let headers = header_pairs(&parts.headers);
+                            let recorded = secrets.redact_bytes(&bytes);
+                            tape.record_call(
+                                "http",
+                                request,
+                                serde_json::json!({ "Ok": {
+                                    "status": parts.status.as_u16(),
+                                    "headers": headers,
+                                    "body": recording::body_json(&recorded),
+                                }}),
+                            );
+                            let body = http_body_util::Full::new(bytes)
+                                .map_err(|never| match never {})
+                                .boxed_unsync();
+                            Ok((http::Response::from_parts(parts, body), io))
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl HttpPolicy {
+    fn send_live(
         &mut self,
         mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
@@ -419,6 +510,115 @@ impl WasiHttpHooks for HttpPolicy {
             }
             Ok((response, Box::new(io) as IoFuture))
         })
+    }
+}
+
+/// A request as recorded, without its body: method, URL and headers as the plugin set them.
+fn request_head(parts: &http::request::Parts) -> serde_json::Value {
+    serde_json::json!({
+        "method": parts.method.as_str(),
+        "url": parts.uri.to_string(),
+        "headers": header_pairs(&parts.headers),
+    })
+}
+
+fn with_body(mut head: serde_json::Value, body: &[u8]) -> serde_json::Value {
+    head["body"] = recording::body_json(body);
+    head
+}
+
+fn header_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect()
+}
+
+/// The recorded answer to a request, as the response (or error) the plugin gets.
+fn replayed_response(
+    answer: &serde_json::Value,
+) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+    let Some(recorded) = answer.get("Ok") else {
+        let error = answer["Err"].as_str().unwrap_or_default();
+        return Err(match error {
+            "HttpRequestDenied" => Error::HttpRequestDenied,
+            "ConnectionRefused" => Error::ConnectionRefused,
+            "ConnectionTimeout" => Error::ConnectionTimeout,
+            "DnsTimeout" => Error::DnsTimeout,
+            "DestinationNotFound" => Error::DestinationNotFound,
+            "HttpResponseTimeout" => Error::HttpResponseTimeout,
+            other => Error::InternalError(Some(format!("recorded: {other}"))),
+        });
+    };
+    let status = recorded["status"]
+        .as_u64()
+        .and_then(|status| http::StatusCode::from_u16(status as u16).ok())
+        .ok_or_else(|| Error::InternalError(Some("recorded response has no status".into())))?;
+    let mut response = http::Response::builder().status(status);
+    for pair in recorded["headers"].as_array().into_iter().flatten() {
+        let (Some(name), Some(value)) = (pair[0].as_str(), pair[1].as_str()) else {
+            continue;
+        };
+        // The body below is whole: its length is its own.
+        if !name.eq_ignore_ascii_case("content-length")
+            && !name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            response = response.header(name, value);
+        }
+    }
+    let body =
+        http_body_util::Full::new(bytes::Bytes::from(recording::body_bytes(&recorded["body"])))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+    let response = response
+        .body(body)
+        .map_err(|error| Error::InternalError(Some(format!("recorded response: {error}"))))?;
+    Ok((response, Box::new(async { Ok(()) }) as IoFuture))
+}
+
+/// The most of a request body a recording keeps (and a replay compares): a plugin may stream
+/// a body of any length, and the copy is the host's memory.
+const RECORDED_BODY_BYTES: usize = 1 << 20;
+
+/// A request body that keeps a copy of what it sends (its first [`RECORDED_BODY_BYTES`]), for
+/// the recording.
+struct Teed {
+    inner: WasiBody,
+    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl http_body::Body for Teed {
+    type Data = bytes::Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(context);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let mut sent = this
+                .sent
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            let room = RECORDED_BODY_BYTES.saturating_sub(sent.len());
+            sent.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

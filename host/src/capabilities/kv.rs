@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use wasmtime::component::HasData;
 
+use super::recording::Tape;
 use super::{HostFault, Violation};
 use crate::bindings::kv::{Host, KvError, ScanPage, ScoredMember, StreamEntry};
 use crate::config::SourceConfig;
@@ -118,6 +119,7 @@ pub struct KvState {
     /// Commands this call may still send.
     pub commands_left: u32,
     pub violation: Violation,
+    pub tape: Tape,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut KvState`.
@@ -133,8 +135,23 @@ type CallResult<T> = wasmtime::Result<Result<T, KvError>>;
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 impl KvState {
-    /// Sends one command to `source` and returns its reply, or the error the guest gets.
+    /// Sends one command to `source` and returns its reply, or the error the guest gets;
+    /// through the call's tape, so that every typed call is recorded and replayed as the one
+    /// command it sends.
     async fn call(&mut self, source: &str, command: &[&[u8]]) -> CallResult<Reply> {
+        let tape = self.tape.clone();
+        let request = || {
+            let command: Vec<String> = command
+                .iter()
+                .map(|part| String::from_utf8_lossy(part).into_owned())
+                .collect();
+            serde_json::json!({ "source": source, "command": command })
+        };
+        tape.exchange("kv", request, self.call_live(source, command))
+            .await
+    }
+
+    async fn call_live(&mut self, source: &str, command: &[&[u8]]) -> CallResult<Reply> {
         if !self.granted.iter().any(|granted| granted == source) {
             return Ok(Err(KvError::Denied(format!(
                 "kv source {source:?} is not granted to this plugin"

@@ -93,6 +93,7 @@ impl LogBuffer {
 /// State of the `log` interface for one step call.
 pub struct LogState {
     pub buffer: LogBuffer,
+    pub tape: super::recording::Tape,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut LogState`.
@@ -115,6 +116,7 @@ impl Host for LogState {
         let Some(kept) = self.buffer.push(level, &message) else {
             return Ok(());
         };
+        self.tape.log(level.as_str(), &kept);
         // One field, escaped and bounded: a plugin's newlines, terminal escapes or fake
         // `key=value` text can never pass for a line or a field of the host's own.
         let line = host_log_field(&kept);

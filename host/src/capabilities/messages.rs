@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use wasmtime::component::HasData;
 
+use super::recording::Tape;
 use super::{HostFault, Violation};
 use crate::bindings::messages::{Condition, Host, Message, MessagesError};
 use crate::config::SourceConfig;
@@ -461,6 +462,7 @@ pub struct MessagesState {
     pub violation: Violation,
     /// Bytes of the messages this call looked at, for the allocator's trim at its end.
     pub read_bytes: u64,
+    pub tape: Tape,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut MessagesState`.
@@ -788,6 +790,33 @@ impl MessagesState {
 
 impl Host for MessagesState {
     async fn find(
+        &mut self,
+        source: String,
+        subject: String,
+        filter: Vec<Condition>,
+        limit: u32,
+    ) -> CallResult<Vec<Message>> {
+        let tape = self.tape.clone();
+        if tape.is_off() {
+            return self.find_live(source, subject, filter, limit).await;
+        }
+        let request = serde_json::json!({
+            "source": source,
+            "subject": subject,
+            "filter": filter,
+            "limit": limit,
+        });
+        tape.exchange(
+            "messages.find",
+            || request,
+            self.find_live(source, subject, filter, limit),
+        )
+        .await
+    }
+}
+
+impl MessagesState {
+    async fn find_live(
         &mut self,
         source: String,
         subject: String,

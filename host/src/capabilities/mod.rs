@@ -7,6 +7,7 @@ pub mod http;
 pub mod kv;
 pub mod log;
 pub mod messages;
+pub mod recording;
 pub mod secrets;
 pub mod sources;
 pub mod sql;

@@ -25,6 +25,7 @@ use sqlx::{Column, Row};
 use wasmtime::component::HasData;
 
 use super::Violation;
+use super::recording::Tape;
 use crate::bindings::sql::{Host, RowSet, SqlError, Value};
 use crate::config::SourceConfig;
 
@@ -144,6 +145,7 @@ pub struct SqlState {
     /// end gives them back to the system (the runtime's `Limiter`), as a flood of rows would
     /// otherwise stay in the allocator's arenas.
     pub read_bytes: u64,
+    pub tape: Tape,
 }
 
 /// `HasData` marker so the generated `add_to_linker` hands the host `&mut SqlState`.
@@ -155,6 +157,31 @@ impl HasData for SqlCapability {
 
 impl Host for SqlState {
     async fn query(
+        &mut self,
+        source: String,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<RowSet, SqlError>> {
+        let tape = self.tape.clone();
+        if tape.is_off() {
+            return self.query_live(source, statement, params).await;
+        }
+        let request = serde_json::json!({
+            "source": source,
+            "statement": statement,
+            "params": params,
+        });
+        tape.exchange(
+            "sql.query",
+            || request,
+            self.query_live(source, statement, params),
+        )
+        .await
+    }
+}
+
+impl SqlState {
+    async fn query_live(
         &mut self,
         source: String,
         statement: String,

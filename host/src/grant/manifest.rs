@@ -216,6 +216,9 @@ pub struct ManifestFile {
     /// When a shadow version is promoted or dropped by its comparison with the active one;
     /// unset: the operator's `[policy] shadow`, else only a person decides.
     shadow: Option<ShadowFile>,
+    /// Which runs keep a recording of their capability calls: `off`, `failures` or `all`;
+    /// unset: the operator's `[policy] record`.
+    record: Option<super::RecordMode>,
 }
 
 /// [`parse_grant`] of a grant the database holds (it passed `parse_grant` when stored),
@@ -265,6 +268,7 @@ pub fn parse_grant(text: &str) -> anyhow::Result<Grant> {
                     .transpose()
             })
             .collect::<anyhow::Result<_>>()?,
+        record: manifest.record,
         allowed_hosts: manifest.allowed_hosts,
         sql_sources: manifest.sql_sources,
         subjects: manifest.subjects,

@@ -195,6 +195,8 @@ pub struct Policy {
     /// The share of a plugin's runs that a shadow version runs beside (above 0, at most 1);
     /// `None`: every run.
     pub shadow_share: Option<f64>,
+    /// Which runs of plugins whose grant says nothing are recorded.
+    pub record: RecordMode,
 }
 
 impl Policy {
@@ -206,6 +208,12 @@ impl Policy {
             .ok()
             .and_then(|grant| grant.shadow)
             .or(self.shadow)
+    }
+
+    /// Which runs of a plugin with `grant` are recorded: the grant's `record`, else the
+    /// policy's.
+    pub fn record_of(&self, grant: &Grant) -> RecordMode {
+        grant.record.unwrap_or(self.record)
     }
 
     /// The first part of `grant` beyond the ceilings, as the grant key that names it and why.
@@ -334,6 +342,21 @@ pub struct Grant {
     pub retry: Option<Retry>,
     /// When a shadow version is promoted or dropped without anyone asking.
     pub shadow: Option<ShadowPolicy>,
+    /// Which of the plugin's runs keep a recording of their capability calls; `None`: the
+    /// policy's `record`.
+    pub record: Option<RecordMode>,
+}
+
+/// Which runs keep a recording of every capability call their attempts made (`record` in a
+/// grant or the policy), for `stepwise dev --replay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    #[default]
+    Off,
+    /// Recorded while they run; a run that passes drops its recording.
+    Failures,
+    All,
 }
 
 impl Grant {
@@ -525,6 +548,7 @@ mod tests {
             publishers_activate_granted: false,
             shadow: None,
             shadow_share: None,
+            record: RecordMode::Off,
         };
         let grant = Grant {
             allowed_hosts: vec!["127.0.0.1:9000".into(), "evil.example:80".into()],

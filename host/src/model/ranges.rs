@@ -17,6 +17,7 @@ pub const RANGES: &[(&str, u64, u64)] = &[
     ("max_event_streams", 1, 1_000_000),
     ("max_event_streams_per_token", 1, 1_000_000),
     ("run_log_bytes", 0, 1 << 30),
+    ("run_recording_bytes", 0, 1 << 30),
     ("plugin_memory_mib", 1, 65_536),
     ("header_read_timeout_ms", 100, 3_600_000),
     ("max_connections", 16, 1_000_000),

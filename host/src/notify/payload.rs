@@ -23,6 +23,7 @@ pub(super) struct RunPayload {
     max_errors: u32,
     error_count: u32,
     http_requests: u32,
+    recording_bytes: u64,
     schedule_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     created_by: Option<String>,
@@ -81,6 +82,7 @@ impl RunPayload {
             max_errors: run.max_errors,
             error_count: run.error_count,
             http_requests: run.http_requests,
+            recording_bytes: run.recording_bytes,
             schedule_id: run.schedule_id.clone(),
             created_by: run.created_by.clone(),
             cancelled_by: run.cancelled_by.clone(),

@@ -11,10 +11,11 @@ use serde_json::{Map, Value as Json};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::capabilities::recording::{AttemptStart, Tape};
 use crate::capabilities::secrets::Secrets;
 use crate::capabilities::sources::DataSources;
 use crate::config::Settings;
-use crate::grant::{Grant, parse_stored_grant};
+use crate::grant::{Grant, RecordMode, parse_stored_grant};
 use crate::metrics::Metrics;
 use crate::model::{
     AttemptOutcome, LogLevel, LogLine, PluginVersion, RunStatus, StepStatus, UnixMillis,
@@ -107,6 +108,9 @@ struct Progress {
     http_requests: u32,
     /// Bytes of log lines stored with the run's attempts, this tick's included.
     log_bytes: u64,
+    /// Which of the plugin's runs are recorded, and what the run's recordings took so far.
+    record: RecordMode,
+    recording_bytes: u64,
 }
 
 impl Runner {
@@ -188,12 +192,15 @@ impl Runner {
                 outputs: passed_outputs(&run),
                 http_requests: run.http_requests,
                 log_bytes: run.log_bytes,
+                record: RecordMode::Off,
+                recording_bytes: run.recording_bytes,
             },
         };
         let (plugin, mut capabilities) = match self.resolve(&tick, grant_toml.as_deref()).await? {
             Ok(ready) => ready,
             Err(write) => return Ok(Some((run, vec![*write]))),
         };
+        tick.progress.record = self.settings.policy.record_of(&capabilities.grant);
         // Only the tick's first call was due at a time; later steps of the tick run at once.
         let mut due_at = Some(claim.due_at);
         // Results of steps that passed in this tick and are not written yet: written with the
@@ -325,6 +332,21 @@ impl Runner {
             run_created_at_ms: run.created_at,
             params: run.params.clone(),
             outputs: Json::Object(progress.outputs.clone()).to_string(),
+            tape: match progress.record {
+                RecordMode::Off => Tape::default(),
+                RecordMode::Failures | RecordMode::All => Tape::recording(
+                    AttemptStart {
+                        step: step.name.clone(),
+                        attempt,
+                        elapsed_ms: (now - progress.started_at).max(0) as u64,
+                        clock_ms: now,
+                    },
+                    self.settings
+                        .run_recording_bytes
+                        .saturating_sub(progress.recording_bytes),
+                    capabilities.secrets.clone(),
+                ),
+            },
         };
         capabilities.http_requests_left = capabilities
             .limits
@@ -378,13 +400,18 @@ impl Runner {
         &self,
         tick: &mut Tick<'_>,
         capabilities: &Capabilities,
-        report: StepReport,
+        mut report: StepReport,
         call: NewCall,
     ) -> TickWrite {
         let run = tick.run;
         let step = &run.steps[tick.progress.position];
         let progress = &mut tick.progress;
         progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
+        let recording = report.recording.take().and_then(|lines| {
+            progress.recording_bytes += lines.len() as u64;
+            // Level 3: a few microseconds for an attempt's few kilobytes, a tenth of its size.
+            zstd::bulk::compress(lines.as_bytes(), 3).ok()
+        });
         if report.outcome == AttemptOutcome::Errored {
             progress.error_count += 1;
         }
@@ -415,6 +442,7 @@ impl Runner {
             started_at: call.started_at,
             duration_ms: report.duration.as_millis() as i64,
             due_at: call.due_at,
+            recording,
         };
         let progress = &mut tick.progress;
         match verdict {
@@ -564,6 +592,8 @@ impl Runner {
         next_tick_at: Option<UnixMillis>,
         keep_lease_ms: Option<i64>,
     ) -> RunWrite {
+        let drop_recordings =
+            status == RunStatus::Passed && progress.record == RecordMode::Failures;
         RunWrite {
             status,
             status_before: progress.status_before,
@@ -572,6 +602,12 @@ impl Runner {
             error_count: progress.error_count,
             http_requests: progress.http_requests,
             log_bytes: progress.log_bytes,
+            recording_bytes: if drop_recordings {
+                0
+            } else {
+                progress.recording_bytes
+            },
+            drop_recordings,
             started_at: progress.started_at,
             next_tick_at,
             keep_lease_ms,
@@ -582,10 +618,13 @@ impl Runner {
         &self,
         claim: &ClaimedRun,
         now: UnixMillis,
-        attempt: NewAttempt,
+        mut attempt: NewAttempt,
         step: StepWrite,
         run: RunWrite,
     ) -> TickWrite {
+        if run.drop_recordings {
+            attempt.recording = None;
+        }
         TickWrite {
             run_id: claim.id.clone(),
             lease_token: claim.lease_token,

@@ -18,11 +18,12 @@ use super::memory::Limiter;
 use super::parked::ParkedInstance;
 use super::plugin::LoadedPlugin;
 use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
-use crate::capabilities::grants::wasi_context;
+use crate::capabilities::grants::{WallClockShift, wasi_context};
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::kv::{KvState, MAX_COMMANDS_PER_CALL};
 use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::messages::MessagesState;
+use crate::capabilities::recording::{AttemptEnd, Tape};
 use crate::capabilities::secrets::SecretSet;
 use crate::capabilities::sources::DataSources;
 use crate::capabilities::sql::SqlState;
@@ -55,6 +56,8 @@ pub struct StepCall {
     pub outputs: String,
     /// The W3C `traceparent` of the call's span, sent with the plugin's HTTP requests.
     pub traceparent: Option<String>,
+    /// Whether the call's capability calls are recorded, or answered from a recording.
+    pub tape: Tape,
 }
 
 /// What one `run-step` call came to.
@@ -69,6 +72,8 @@ pub struct StepReport {
     pub duration: Duration,
     /// Outbound HTTP requests the call made, refused ones included.
     pub http_requests: u32,
+    /// The call's recording (JSON Lines), when its tape was recording.
+    pub recording: Option<String>,
 }
 
 /// The data of a `Store`: what lives as long as the instance (its wasi resources and
@@ -76,6 +81,8 @@ pub struct StepReport {
 pub struct StepState {
     table: ResourceTable,
     wasi: WasiCtx,
+    /// What the guest's wall clock is set off from the host's (a replay's recorded clock).
+    wall_clock: WallClockShift,
     limiter: Limiter,
     resources: ResourceCount,
     pub(super) call: CallState,
@@ -277,6 +284,7 @@ impl Runtime {
                 logs: Vec::new(),
                 duration: started.elapsed(),
                 http_requests: 0,
+                recording: None,
             })
         })
     }
@@ -343,7 +351,7 @@ impl Runtime {
             secrets: Arc::default(),
             http_requests_left: 0,
         };
-        let (mut store, stderr) = self.new_store(&capabilities);
+        let (mut store, stderr) = self.new_store(&capabilities, &Tape::default());
         let deadline = Instant::now() + limits.call_timeout;
         let call = tokio::time::timeout(backstop(limits), async {
             let check = plugin.pre.instantiate_async(&mut store).await?;
@@ -379,14 +387,20 @@ impl Runtime {
         let (mut store, stderr, kept) = match self.parked.take(&run_id, &plugin.version, &limits) {
             Some(parked) => {
                 let (mut store, stderr) = (parked.store, parked.stderr);
-                self.renew_store(&mut store, capabilities);
+                self.renew_store(&mut store, capabilities, &call.tape);
                 (store, stderr, Some(parked.check))
             }
             None => {
-                let (store, stderr) = self.new_store(capabilities);
+                let (store, stderr) = self.new_store(capabilities, &call.tape);
                 (store, stderr, None)
             }
         };
+        store.data().wall_clock.set(
+            call.tape
+                .replay_clock_ms()
+                .map(|recorded| recorded - crate::model::now_millis()),
+        );
+        let tape = call.tape.clone();
         store.data_mut().call.http.traceparent = call
             .traceparent
             .as_deref()
@@ -444,6 +458,11 @@ impl Runtime {
             Fault::Host(fault) => Fault::Host(HostFault(redact(fault.0))),
         });
         let http_requests = store.data().call.http.requests_made;
+        // A replay that could not answer a call stops there, whatever the plugin made of it.
+        let classified = match tape.first_mismatch() {
+            Some(mismatch) => Err(Fault::Plugin(format!("replay mismatch: {mismatch}"))),
+            None => classified,
+        };
         let (outcome, message, output) = match (violation, classified) {
             (_, Err(Fault::Host(fault))) => return Err(fault),
             (Some(limit), _) => (AttemptOutcome::Errored, Some(limit), None),
@@ -477,6 +496,13 @@ impl Runtime {
         } else {
             drop(store);
         }
+        let recording = tape.finish(AttemptEnd {
+            outcome: outcome.as_str().to_owned(),
+            message: message.clone(),
+            output: output
+                .as_deref()
+                .and_then(|output| serde_json::from_str(output).ok()),
+        });
         Ok(StepReport {
             outcome,
             message,
@@ -484,21 +510,28 @@ impl Runtime {
             logs: log.take(),
             duration: started.elapsed(),
             http_requests,
+            recording,
         })
     }
 
-    fn new_store(&self, capabilities: &Capabilities) -> (Store<StepState>, MemoryOutputPipe) {
+    fn new_store(
+        &self,
+        capabilities: &Capabilities,
+        tape: &Tape,
+    ) -> (Store<StepState>, MemoryOutputPipe) {
         let limits = capabilities.limits;
         let deadline = Instant::now() + limits.call_timeout;
-        let (wasi, stderr) = wasi_context();
+        let wall_clock = WallClockShift::default();
+        let (wasi, stderr) = wasi_context(wall_clock.clone());
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES);
         let state = StepState {
             table,
             wasi,
+            wall_clock,
             limiter: Limiter::new(&limits, self.plugin_memory.clone(), deadline),
             resources: ResourceCount::default(),
-            call: call_state(capabilities),
+            call: call_state(capabilities, tape),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|state| &mut state.limiter);
@@ -509,11 +542,11 @@ impl Runtime {
 
     /// Readies a kept instance's store for its next call, as [`Runtime::new_store`] readies a
     /// new one: the call's own capabilities, budgets and time limit.
-    fn renew_store(&self, store: &mut Store<StepState>, capabilities: &Capabilities) {
+    fn renew_store(&self, store: &mut Store<StepState>, capabilities: &Capabilities, tape: &Tape) {
         let deadline = Instant::now() + capabilities.limits.call_timeout;
         store
             .data_mut()
-            .next_call(call_state(capabilities), deadline);
+            .next_call(call_state(capabilities, tape), deadline);
         self.arm(store, &capabilities.limits, deadline);
     }
 
@@ -558,7 +591,7 @@ impl Runtime {
 }
 
 /// A call's capabilities: its grant's policies and its limits' budgets, all unused.
-fn call_state(capabilities: &Capabilities) -> CallState {
+fn call_state(capabilities: &Capabilities, tape: &Tape) -> CallState {
     let limits = capabilities.limits;
     let log = LogBuffer::redacting(capabilities.secrets.clone());
     let violation = Violation::default();
@@ -580,8 +613,12 @@ fn call_state(capabilities: &Capabilities) -> CallState {
             secrets: capabilities.secrets.clone(),
             granted_secrets: capabilities.grant.secrets.clone(),
             traceparent: None,
+            tape: tape.clone(),
         },
-        log: LogState { buffer: log },
+        log: LogState {
+            buffer: log,
+            tape: tape.clone(),
+        },
         sql: SqlState {
             sources: capabilities.sources.sql.clone(),
             granted: capabilities.grant.sql_sources.clone(),
@@ -590,6 +627,7 @@ fn call_state(capabilities: &Capabilities) -> CallState {
             timeout: limits.sql_timeout,
             violation: violation.clone(),
             read_bytes: 0,
+            tape: tape.clone(),
         },
         kv: KvState {
             sources: capabilities.sources.kv.clone(),
@@ -598,6 +636,7 @@ fn call_state(capabilities: &Capabilities) -> CallState {
             timeout: limits.sql_timeout,
             commands_left: MAX_COMMANDS_PER_CALL,
             violation: violation.clone(),
+            tape: tape.clone(),
         },
         messages: MessagesState {
             sources: capabilities.sources.messages.clone(),
@@ -608,6 +647,7 @@ fn call_state(capabilities: &Capabilities) -> CallState {
             timeout: limits.sql_timeout,
             violation: violation.clone(),
             read_bytes: 0,
+            tape: tape.clone(),
         },
         violation,
     }

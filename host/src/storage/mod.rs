@@ -227,6 +227,7 @@ impl NewRun {
             lease_owner: None,
             http_requests: 0,
             log_bytes: 0,
+            recording_bytes: 0,
             schedule_id: self.schedule_id.clone(),
             created_by: self.created_by.clone(),
             cancelled_by: None,
@@ -295,6 +296,9 @@ pub struct RunRecord {
     pub http_requests: u32,
     /// Bytes of plugin log lines stored with the run's attempts (`run_log_bytes` caps them).
     pub log_bytes: u64,
+    /// Bytes of the recordings of the run's attempts, uncompressed (`run_recording_bytes`
+    /// caps them).
+    pub recording_bytes: u64,
     pub schedule_id: Option<String>,
     /// The token that triggered it; `None` for a schedule's fire (see `schedule_id`).
     pub created_by: Option<String>,
@@ -442,6 +446,8 @@ pub struct NewAttempt {
     pub duration_ms: i64,
     /// When the tick was due, for the first call of a tick.
     pub due_at: Option<UnixMillis>,
+    /// The attempt's recording, compressed (zstd), when its run is recorded.
+    pub recording: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -466,6 +472,9 @@ pub struct RunWrite {
     pub error_count: u32,
     pub http_requests: u32,
     pub log_bytes: u64,
+    pub recording_bytes: u64,
+    /// The run passed, and records only failures: its attempts' recordings go.
+    pub drop_recordings: bool,
     pub started_at: UnixMillis,
     /// `None` once the run is terminal.
     pub next_tick_at: Option<UnixMillis>,

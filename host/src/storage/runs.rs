@@ -22,7 +22,7 @@ use crate::model::{
 
 const RUN_COLUMNS: &str = "id, plugin_name, plugin_version, params, labels, status, message, poll_interval_ms, \
      max_errors, error_count, current_step, created_at, started_at, finished_at, deadline_at, next_tick_at, lease_owner, \
-     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes, shadow_of";
+     http_requests, schedule_id, retry, created_by, cancelled_by, log_bytes, shadow_of, recording_bytes";
 
 // The statements of the hot path, shared by sqlx (both backends) and the SQLite writer thread.
 // `INSERT_*` are heads: a `VALUES` list follows, one row or many.
@@ -38,7 +38,10 @@ pub(super) const STEPS_SQL: &str = "SELECT position, name, status, attempts, tim
 pub(super) const NEXT_DUE_SQL: &str = "SELECT next_tick_at FROM runs WHERE next_tick_at IS NOT NULL \
      AND next_tick_at > $1 ORDER BY next_tick_at LIMIT 1";
 pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO attempts (run_id, position, attempt, outcome, message, logs, \
-     started_at, duration_ms, due_at, node) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+     started_at, duration_ms, due_at, node, recording) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+/// A run that passed with `record = "failures"` keeps no recording.
+const DROP_RECORDINGS: &str =
+    "UPDATE attempts SET recording = NULL WHERE run_id = $1 AND recording IS NOT NULL";
 /// A step's terminal result is written once: a step already finished is never updated. The
 /// attempt columns change only when a call was made.
 pub(super) const UPDATE_STEP: &str = "UPDATE steps SET status = $1, message = $2, output = $3, passed_after_ms = $4, \
@@ -73,15 +76,15 @@ pub(super) fn tick_lease_sql(backend: Backend, keep_lease: bool, param: usize) -
     }
 }
 
-/// The run's side of a tick, fenced by the lease token (`$12`): a lost lease updates no row.
+/// The run's side of a tick, fenced by the lease token (`$13`): a lost lease updates no row.
 /// `$9` is how long to keep the lease, or NULL with `keep_lease` false (it is released).
 /// Parameters are numbered in the order they appear: SQLite numbers `$n` that way.
 pub(super) fn tick_run_sql(backend: Backend, keep_lease: bool) -> String {
     let lease = tick_lease_sql(backend, keep_lease, 9);
     format!(
         "UPDATE runs SET status = $1, message = $2, current_step = $3, error_count = $4, http_requests = $5, \
-         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease}, log_bytes = $10 \
-         WHERE id = $11 AND lease_token = $12 AND status IN ('queued', 'running')"
+         started_at = COALESCE(started_at, $6), finished_at = $7, next_tick_at = $8, {lease}, log_bytes = $10, \
+         recording_bytes = $11 WHERE id = $12 AND lease_token = $13 AND status IN ('queued', 'running')"
     )
 }
 
@@ -136,6 +139,19 @@ impl Store {
             .find_run(&RunId::from_stored(id))
             .await?
             .map(|run| KeyedRun { run, fingerprint }))
+    }
+
+    /// The recordings of a run's attempts (compressed, as the runner stored them), in order:
+    /// by step, then attempt. Empty when the run was not recorded.
+    pub async fn run_recordings(&self, id: &RunId) -> Result<Vec<Vec<u8>>> {
+        let rows: Vec<(Vec<u8>,)> = sqlx::query_as(
+            "SELECT recording FROM attempts WHERE run_id = $1 AND recording IS NOT NULL \
+             ORDER BY position, attempt",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(recording,)| recording).collect())
     }
 
     /// A run with its steps.
@@ -452,6 +468,7 @@ async fn update_run(tx: &mut impl Tx, backend: Backend, write: &TickWrite) -> Re
         Value::from(run.next_tick_at),
         Value::from(run.keep_lease_ms),
         Value::from(run.log_bytes as i64),
+        Value::from(run.recording_bytes as i64),
         Value::from(write.run_id.as_str()),
         Value::from(write.lease_token),
     ];
@@ -469,6 +486,10 @@ async fn update_run(tx: &mut impl Tx, backend: Backend, write: &TickWrite) -> Re
     };
     if updated == 0 {
         return Err(Error::LeaseLost(write.run_id.clone()));
+    }
+    if run.drop_recordings {
+        tx.execute(DROP_RECORDINGS, &[Value::from(write.run_id.as_str())])
+            .await?;
     }
     Ok(())
 }
@@ -503,7 +524,8 @@ fn still_running_sql(backend: Backend, keep_lease: bool) -> String {
     let lease = tick_lease_sql(backend, keep_lease, 6);
     format!(
         "UPDATE runs SET message = $1, current_step = $2, error_count = $3, http_requests = $4, \
-         next_tick_at = $5, {lease}, log_bytes = $7 WHERE id = $8 AND lease_token = $9 AND status = 'running'"
+         next_tick_at = $5, {lease}, log_bytes = $7, recording_bytes = $8 WHERE id = $9 AND lease_token = $10 \
+         AND status = 'running'"
     )
 }
 
@@ -524,6 +546,7 @@ async fn record_step(tx: &mut impl Tx, write: &TickWrite) -> Result<()> {
             Value::from(attempt.duration_ms),
             Value::from(attempt.due_at),
             Value::from(write.node.as_str()),
+            Value::from(attempt.recording.as_deref()),
         ];
         tx.execute(INSERT_ATTEMPT, &values).await?;
     }
@@ -584,6 +607,7 @@ pub(super) struct RunRow {
     cancelled_by: Option<String>,
     log_bytes: i64,
     shadow_of: Option<String>,
+    recording_bytes: i64,
     /// Only listings select it; a single run has its steps.
     #[sqlx(default)]
     current_step_name: Option<String>,
@@ -630,6 +654,7 @@ impl RunRow {
             cancelled_by: column(row, 21, "cancelled_by")?,
             log_bytes: column(row, 22, "log_bytes")?,
             shadow_of: column(row, 23, "shadow_of")?,
+            recording_bytes: column(row, 24, "recording_bytes")?,
             current_step_name: None,
         })
     }
@@ -658,6 +683,7 @@ impl RunRow {
             lease_owner: self.lease_owner,
             http_requests: self.http_requests as u32,
             log_bytes: self.log_bytes.max(0) as u64,
+            recording_bytes: self.recording_bytes.max(0) as u64,
             schedule_id: self.schedule_id,
             created_by: self.created_by,
             cancelled_by: self.cancelled_by,
@@ -1005,6 +1031,7 @@ pub(super) mod tests {
                 started_at: now,
                 duration_ms: 1,
                 due_at: Some(claim.due_at),
+                recording: None,
             }),
             step: super::super::StepWrite {
                 position: 0,
@@ -1022,6 +1049,8 @@ pub(super) mod tests {
                 error_count: 0,
                 http_requests: 0,
                 log_bytes: 0,
+                recording_bytes: 0,
+                drop_recordings: false,
                 started_at: now,
                 next_tick_at: None,
                 keep_lease_ms: None,

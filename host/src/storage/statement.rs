@@ -18,6 +18,7 @@ use super::Result;
 pub(super) enum Value<'a> {
     Int(Option<i64>),
     Text(Option<Cow<'a, str>>),
+    Bytes(Option<Cow<'a, [u8]>>),
 }
 
 impl From<i64> for Value<'_> {
@@ -50,6 +51,12 @@ impl From<Option<String>> for Value<'_> {
     }
 }
 
+impl<'a> From<Option<&'a [u8]>> for Value<'a> {
+    fn from(bytes: Option<&'a [u8]>) -> Self {
+        Value::Bytes(bytes.map(Cow::Borrowed))
+    }
+}
+
 impl From<String> for Value<'_> {
     fn from(text: String) -> Self {
         Value::Text(Some(Cow::Owned(text)))
@@ -62,7 +69,8 @@ impl rusqlite::ToSql for Value<'_> {
         Ok(ToSqlOutput::Borrowed(match self {
             Value::Int(Some(value)) => ValueRef::Integer(*value),
             Value::Text(Some(text)) => ValueRef::Text(text.as_bytes()),
-            Value::Int(None) | Value::Text(None) => ValueRef::Null,
+            Value::Bytes(Some(bytes)) => ValueRef::Blob(bytes),
+            Value::Int(None) | Value::Text(None) | Value::Bytes(None) => ValueRef::Null,
         }))
     }
 }
@@ -77,10 +85,11 @@ pub(super) fn arguments<'q>(values: &[Value<'_>]) -> AnyArguments<'q> {
 }
 
 fn add(arguments: &mut AnyArguments<'_>, value: &Value<'_>) {
-    // Adding an integer, a text or a null to `AnyArguments` cannot fail.
+    // Adding an integer, a text, bytes or a null to `AnyArguments` cannot fail.
     let _ = match value {
         Value::Int(value) => arguments.add(*value),
         Value::Text(text) => arguments.add(text.as_deref().map(str::to_owned)),
+        Value::Bytes(bytes) => arguments.add(bytes.as_deref().map(<[u8]>::to_vec)),
     };
 }
 

@@ -76,7 +76,7 @@ async fn start_demo(lang: Lang) -> Option<Demo> {
 }
 
 /// The simulated pipeline, fast: each stage 300 ms after the one before.
-async fn simulated_pipeline(
+pub(super) async fn simulated_pipeline(
     stores: Option<Stores>,
     bus: Option<String>,
 ) -> (Pipeline, tempfile::TempDir, CancellationToken) {

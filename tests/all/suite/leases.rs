@@ -35,6 +35,7 @@ fn first_step_passed(claim: &ClaimedRun) -> TickWrite {
             started_at: now,
             duration_ms: 1,
             due_at: Some(claim.due_at),
+            recording: None,
         }),
         step: StepWrite {
             position: 0,
@@ -52,6 +53,8 @@ fn first_step_passed(claim: &ClaimedRun) -> TickWrite {
             error_count: 0,
             http_requests: 0,
             log_bytes: 0,
+            recording_bytes: 0,
+            drop_recordings: false,
             started_at: now,
             next_tick_at: Some(now),
             keep_lease_ms: None,

@@ -23,6 +23,7 @@ mod notify;
 mod openapi;
 mod publishers;
 mod rabbitmq_sources;
+mod recordings;
 mod redis_sources;
 mod registry;
 mod retention;

@@ -61,6 +61,11 @@ async fn server_with_secret(
                 format!("{both}secrets = [\"crm\", \"crm_key\"]\n"),
             ))
             .with_plugin(PluginFile::new(
+                "leaky-recorded",
+                crate::support::MISBEHAVE_WASM,
+                format!("{both}secrets = [\"crm\", \"crm_key\"]\nrecord = \"all\"\n"),
+            ))
+            .with_plugin(PluginFile::new(
                 "ungranted",
                 crate::support::MISBEHAVE_WASM,
                 both,
@@ -155,6 +160,47 @@ async fn stored_anywhere(server: &TestServer, needles: &[String]) -> Vec<String>
         }
     }
     found
+}
+
+/// A recorded run whose host echoes the secrets it received: the recording (downloaded, and
+/// as the database holds it) has the placeholders where the values went, never a value, in
+/// any form: raw, encoded, or as the list of bytes a body or reply is recorded as.
+#[tokio::test]
+async fn a_recording_holds_no_secret_value() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let value = secret_value();
+    let (listed, unlisted) = (Reflector::start().await, Reflector::start().await);
+    let server = server_with_secret(dir.path(), &value, &listed, &unlisted).await;
+    let run = echo_run(&server, "leaky-recorded", &listed.host_port).await;
+    assert_eq!(run["status"], "passed", "{run}");
+    assert_eq!(listed.received()[0], format!("Bearer {value}"));
+    let id = run["id"].as_str().expect("id");
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/runs/{id}/recording")))
+        .send()
+        .await
+        .expect("recording");
+    assert_eq!(response.status(), 200);
+    let recording = response.text().await.expect("body");
+    assert!(recording.contains(r#""call":"http""#), "{recording}");
+    assert!(recording.contains("Bearer {{secret:crm}}"), "{recording}");
+    let key = format!("{value}-key");
+    for secret in [&value, &key] {
+        let as_bytes = serde_json::to_string(secret.as_bytes()).expect("json");
+        for form in forms_of(secret)
+            .into_iter()
+            .chain([as_bytes.trim_matches(['[', ']']).to_owned()])
+        {
+            assert!(
+                !recording.contains(&form),
+                "the recording holds {form}: {recording}"
+            );
+        }
+    }
+    // Nor anything else the server stored (the recording is kept compressed).
+    let found = stored_anywhere(&server, &forms_of(&value)).await;
+    assert!(found.is_empty(), "{found:?}");
 }
 
 #[tokio::test]
@@ -253,7 +299,10 @@ async fn a_secret_reaches_its_host_and_nothing_keeps_it() {
         secrets["secrets"][0]["hosts"],
         json!([format!("http://{}", listed.host_port)])
     );
-    assert_eq!(secrets["secrets"][0]["granted_to"], json!(["leaky"]));
+    assert_eq!(
+        secrets["secrets"][0]["granted_to"],
+        json!(["leaky", "leaky-recorded"])
+    );
     assert_eq!(secrets["secrets"][0]["header"], "authorization");
     assert_eq!(secrets["secrets"][0]["format"], "Bearer {}");
     assert_eq!(secrets["secrets"][1]["query"], "key");

@@ -355,6 +355,54 @@ function attemptsTable(attempts) {
           h("pre", {}, attempt.logs.map((line) => `${line.level.padEnd(5)} ${line.message}`).join("\n"))) : "")))));
 }
 
+/** One recorded call, collapsed: what it asked, and what it was answered. */
+function recordedCall(call) {
+  const request = call.request || {};
+  const answer = call.response || {};
+  let title = call.call;
+  if (call.call === "http") {
+    const status = answer.Ok ? answer.Ok.status : "error";
+    title = `http ${request.method} ${request.url} → ${status}`;
+  } else if (call.call === "sql.query") {
+    const rows = answer.Ok ? `${answer.Ok.rows.length} row${answer.Ok.rows.length === 1 ? "" : "s"}` : "error";
+    title = `sql.query on ${request.source}: ${request.statement} → ${rows}`;
+  } else if (call.call === "kv") {
+    title = `kv ${(request.command || []).join(" ")}`;
+  } else if (call.call === "messages.find") {
+    title = `messages.find on ${request.source}: ${request.subject}`;
+  }
+  return h("details", { class: "recorded-call" }, h("summary", { class: "mono" }, title),
+    h("div", { class: "muted" }, "request"), json(request),
+    h("div", { class: "muted" }, "response"), json(answer));
+}
+
+/** A run's recording (JSON Lines) as its attempts, each with its calls and log lines. */
+function recordingView(id, text) {
+  const attempts = [];
+  for (const line of text.split("\n")) {
+    if (!line.trim()) continue;
+    const entry = JSON.parse(line);
+    if (entry.attempt) attempts.push({ ...entry.attempt, entries: [] });
+    else if (attempts.length && (entry.call || entry.log || entry.cut || entry.outcome)) attempts[attempts.length - 1].entries.push(entry);
+  }
+  const download = h("a", { id: "download-recording", href: URL.createObjectURL(new Blob([text], { type: "application/x-ndjson" })), download: `${id}.rec` }, "Download recording");
+  return [
+    h("h2", {}, "Recorded exchanges"),
+    h("p", { class: "muted" }, download, " · replay it offline: ", h("code", {}, `stepwise dev check.wasm --replay ${id}.rec`)),
+    ...attempts.map((attempt) => {
+      const calls = attempt.entries.filter((entry) => entry.call).length;
+      const outcome = attempt.entries.find((entry) => entry.outcome);
+      return h("details", { class: "recorded-attempt", dataset: { step: attempt.step, attempt: attempt.attempt } },
+        h("summary", {}, h("code", {}, attempt.step), ` #${attempt.attempt} · ${calls} call${calls === 1 ? "" : "s"} · `,
+          outcome ? statusBadge(outcome.outcome.outcome) : "unfinished"),
+        attempt.entries.map((entry) => entry.call ? recordedCall(entry.call)
+          : entry.log ? h("div", { class: "mono muted" }, `log ${entry.log.level}: ${entry.log.message}`)
+          : entry.cut ? h("p", { class: "error" }, entry.cut)
+          : h("div", { class: "muted" }, `outcome ${entry.outcome.outcome}${entry.outcome.message ? `: ${entry.outcome.message}` : ""}`)));
+    }),
+  ];
+}
+
 async function runPage(id) {
   const header = h("h1");
   const actions = h("div", { class: "inline" });
@@ -362,7 +410,25 @@ async function runPage(id) {
   const steps = h("section", { class: "card" });
   const inputs = h("section", { class: "card" });
   const attempts = h("section", { class: "card" });
-  page.replaceChildren(header, h("section", { class: "card" }, actions, actionError), steps, inputs, attempts);
+  const recording = h("section", { class: "card", id: "recording", hidden: true });
+  page.replaceChildren(header, h("section", { class: "card" }, actions, actionError), steps, inputs, attempts, recording);
+
+  // The recording, when the run has one (`recording_bytes`): read when the page opens, and
+  // again once the run has finished (a run that passes may drop it), not at every tick.
+  let recordingFor = null;
+  async function loadRecording(run) {
+    const state = FINISHED.has(run.status) ? "finished" : "going";
+    if (recordingFor === state) return;
+    recordingFor = state;
+    if (!run.recording_bytes) {
+      recording.hidden = true;
+      return;
+    }
+    const response = await fetch(`/v1/runs/${id}/recording`, { headers: headers({ Accept: "application/x-ndjson" }) });
+    if (!response.ok) throw new ApiError(response.status, await response.json());
+    recording.replaceChildren(...recordingView(id, await response.text()));
+    recording.hidden = false;
+  }
 
   // Attempts come a page at a time, with the log lines this page shows. A new attempt always
   // follows the last one (steps run in order), so a live event reloads only the last page and
@@ -426,8 +492,10 @@ async function runPage(id) {
   }
 
   try {
-    show(await api("GET", `/v1/runs/${id}`));
+    const run = await api("GET", `/v1/runs/${id}`);
+    show(run);
     await serially(() => loadPages(ATTEMPT_PAGES));
+    await loadRecording(run);
   } catch (error) {
     showError(steps, error);
     return;
@@ -436,6 +504,7 @@ async function runPage(id) {
   live(`/v1/runs/${id}/events`, (type, data) => {
     if (type !== "run") return;
     show(data);
+    loadRecording(data).catch(() => {});
     clearTimeout(pending);
     pending = setTimeout(() => serially(reloadLastPage).catch(() => {}), 200);
   }, async () => show(await api("GET", `/v1/runs/${id}`)));

@@ -72,7 +72,7 @@ pub(super) struct Connection {
 }
 
 /// A reply as the host reads it (RESP2).
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(super) enum Reply {
     Simple(String),
     Error(String),

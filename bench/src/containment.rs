@@ -90,7 +90,18 @@ pub async fn run(options: &Options) -> anyhow::Result<()> {
         server.host_port(),
         granted.join(", ")
     );
-    server.upload_with_grant("hostile", bytes, &grant).await?;
+    server
+        .upload_with_grant("hostile", bytes.clone(), &grant)
+        .await?;
+    // The same, its every call recorded: attacks marked `"recorded": true` run as this one,
+    // to fill the runs' recordings (bounded by run_recording_bytes) with what they read.
+    server
+        .upload_with_grant(
+            "hostile-recorded",
+            bytes,
+            &grant.replace("[limits]", "record = \"all\"\n[limits]"),
+        )
+        .await?;
     let runs = options.repeat.max(10);
 
     let (alone_lag, alone_total) = good_runs(&server, runs, Duration::from_millis(1)).await?;
@@ -330,6 +341,12 @@ fn attacks(server: &BenchServer) -> Vec<Value> {
         json!({"action": "fields_flood", "count": 20_000, "bytes": 100_000}),
         json!({"action": "fields_flood", "count": 20_000, "bytes": 12_000}),
         json!({"action": "big_array", "bytes": 24_000_000}),
+        // Recordings filled: the largest rows, responses, log lines and outputs the limits
+        // allow, every attempt recorded.
+        json!({"recorded": true, "action": "sql", "source": "warehouse", "statement": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 1000) SELECT randomblob(100000) FROM c"}),
+        json!({"recorded": true, "action": "http_burst", "authority": server.host_port(), "count": 100}),
+        json!({"recorded": true, "action": "log_spam", "bytes": 1_000_000, "count": 1_000_000}),
+        json!({"recorded": true, "action": "big_output", "bytes": 1_000_000}),
     ]);
     attacks
 }
@@ -362,10 +379,14 @@ async fn every_kind_of_attack(
     };
     let trigger = |index: usize| {
         let step = attacks[index % attacks.len()].clone();
+        let plugin = match step["recorded"] == true {
+            true => "hostile-recorded",
+            false => "hostile",
+        };
         let server = server.clone();
         async move {
             server
-                .trigger(&json!({"plugin": "hostile", "params": {"steps": {"first": step}}, "poll_interval_ms": 100}))
+                .trigger(&json!({"plugin": plugin, "params": {"steps": {"first": step}}, "poll_interval_ms": 100}))
                 .await
                 .map(|id| (index, id))
         }

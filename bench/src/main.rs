@@ -49,7 +49,7 @@ scenarios (default: all but soak, languages, postgres, floor, messages and statu
           --runs runs of a 3-step plugin (steps pass after 1, 2, 3 s; poll 1 s) all due at
           the same moment: makespan against the ideal 3 s, tick lag, peak RSS
   steps   trivial steps end to end (up to 5,000 runs × 3 steps): steps/s, and over HTTP
-          with a shadow version set against without
+          with a shadow version set, and with every attempt recorded, against without
   plugin-call
           one instantiate + call + drop of a small Rust plugin, without the database
   floor   the trivial steps of `steps` with nothing but the calls, then with the calls and

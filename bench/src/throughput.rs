@@ -239,10 +239,13 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
     let working = (runs * 3) as f64 * 1e3 / (last_write - first_call).max(1) as f64;
     drop(server);
 
-    let (end_to_end, triggered, elapsed) = triggered_steps(runs, false).await?;
+    let (end_to_end, triggered, elapsed) = triggered_steps(runs, Beside::Nothing).await?;
     // The same with a shadow version set: each trigger also runs the shadow beside it. The
     // steps counted are the primaries' (the ones that decide).
-    let (shadowed, _, _) = triggered_steps(runs, true).await?;
+    let (shadowed, _, _) = triggered_steps(runs, Beside::Shadow).await?;
+    // The same with every attempt recorded (`record = "all"`): the tape, the compression and
+    // a recording stored with each attempt.
+    let (recorded, _, _) = triggered_steps(runs, Beside::Recording).await?;
     println!(
         "\n## trivial steps (claim, instantiate, call, persist)\n\n\
          one plugin call {per_call_us:.1} µs (median) on {cores} cores: ceiling {ceiling:.0} calls/s\n\
@@ -252,27 +255,44 @@ pub async fn trivial_steps(options: &Options) -> anyhow::Result<()> {
          {runs} runs × 3 steps triggered over HTTP meanwhile: {end_to_end:.0} steps/s = {:.0} % \
          (triggering took {:.2} s of {:.2} s)\n\
          the same with a shadow version set: {shadowed:.0} primary steps/s = {:.2}× without \
-         (each run has a shadow run beside it: twice the calls)",
+         (each run has a shadow run beside it: twice the calls)\n\
+         the same with record = \"all\": {recorded:.0} steps/s = {:.2}× without",
         100.0 * engine / ceiling,
         100.0 * working / ceiling,
         100.0 * end_to_end / ceiling,
         triggered.as_secs_f64(),
         elapsed.as_secs_f64(),
         shadowed / end_to_end,
+        recorded / end_to_end,
     );
     Ok(())
 }
 
+/// What runs beside a triggered run's own calls in [`triggered_steps`].
+#[derive(Clone, Copy, PartialEq)]
+enum Beside {
+    Nothing,
+    /// A shadow version's run.
+    Shadow,
+    /// The recording of every attempt.
+    Recording,
+}
+
 /// `runs` runs of misbehave triggered over HTTP from 16 tasks while the server works them
-/// off, with or without a shadow version beside it: primary steps/s, and how long triggering
-/// and everything took.
-async fn triggered_steps(runs: usize, shadow: bool) -> anyhow::Result<(f64, Duration, Duration)> {
+/// off, with a shadow version or a recording beside them or not: primary steps/s, and how
+/// long triggering and everything took.
+async fn triggered_steps(runs: usize, beside: Beside) -> anyhow::Result<(f64, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let server = Arc::new(BenchServer::start(dir.path()).await?);
-    server
-        .upload("misbehave", std::fs::read(MISBEHAVE_WASM)?)
-        .await?;
-    if shadow {
+    let bytes = std::fs::read(MISBEHAVE_WASM)?;
+    if beside == Beside::Recording {
+        server
+            .upload_with_grant("misbehave", bytes, "record = \"all\"\n")
+            .await?;
+    } else {
+        server.upload("misbehave", bytes).await?;
+    }
+    if beside == Beside::Shadow {
         server
             .upload_shadow("misbehave", std::fs::read(MISBEHAVE_B_WASM)?)
             .await?;

@@ -205,7 +205,8 @@ fn is_timeout(error: &Error) -> bool {
 impl WasiHttpHooks for HttpPolicy {
     /// Sends the request, or, on a call's tape, records it with its answer or answers it
     /// from the recording. A request is recorded as the plugin made it: before the host
-    /// places secrets and its own headers.
+    /// places secrets and its own headers. A recorded exchange streams as a live one does;
+    /// copies of the bodies (their first [`RECORDED_BODY_BYTES`] each) are taken as they pass.
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -216,77 +217,60 @@ impl WasiHttpHooks for HttpPolicy {
             return self.send_live(request, options, fut);
         }
         let tape = self.tape.clone();
-        let (parts, body) = request.into_parts();
-        let head = request_head(&parts);
         if tape.is_replaying() {
             drop(fut);
             self.requests_made += 1;
+            let (parts, body) = request.into_parts();
+            let head = request_head(&parts);
             return Box::new(async move {
                 // The plugin's body, as it writes it; nothing is sent anywhere.
-                let body = body.collect().await?.to_bytes();
-                let request = with_body(head, &body[..body.len().min(RECORDED_BODY_BYTES)]);
+                let request = with_body(head, &first_bytes(body).await?);
                 let answer = tape
                     .answer("http", &request)
                     .map_err(|mismatch| Error::InternalError(Some(mismatch.to_string())))?;
                 replayed_response(&answer)
             });
         }
-        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Its place among the call's exchanges is taken now, in the order the plugin made it.
+        let Some(slot) = tape.reserve() else {
+            return self.send_live(request, options, fut);
+        };
+        let (parts, body) = request.into_parts();
+        let exchange = Arc::new(std::sync::Mutex::new(RecordedExchange {
+            tape,
+            slot,
+            secrets: self.secrets.clone(),
+            head: request_head(&parts),
+            sent: Vec::new(),
+            done: false,
+        }));
         let body = Teed {
             inner: body,
-            sent: sent.clone(),
+            exchange: exchange.clone(),
         };
         let request = http::Request::from_parts(parts, body.boxed_unsync());
         let live = Box::into_pin(self.send_live(request, options, fut));
-        let secrets = self.secrets.clone();
         Box::new(async move {
-            let outcome = live.await;
-            let body = std::mem::take(&mut *sent.lock().unwrap_or_else(|e| e.into_inner()));
-            // Redacted as bytes: a body that is not UTF-8 is recorded in base64, which the
-            // recording's own redaction of text cannot see into.
-            let request = with_body(head, &secrets.redact_bytes(&body));
-            match outcome {
+            let (response, io) = match live.await {
+                Ok(sent) => sent,
                 Err(error) => {
-                    tape.record_call(
-                        "http",
-                        request,
+                    record(
+                        &exchange,
                         serde_json::json!({ "Err": format!("{error:?}") }),
                     );
-                    Err(error)
+                    return Err(error);
                 }
-                Ok((response, io)) => {
-                    // Read whole to be recorded, within the response limit already on it.
-                    let (parts, body) = response.into_parts();
-                    match body.collect().await {
-                        Err(error) => {
-                            tape.record_call(
-                                "http",
-                                request,
-                                serde_json::json!({ "Err": format!("{error:?}") }),
-                            );
-                            Err(error)
-                        }
-                        Ok(collected) => {
-                            let bytes = collected.to_bytes();
-                            let headers = header_pairs(&parts.headers);
-                            let recorded = secrets.redact_bytes(&bytes);
-                            tape.record_call(
-                                "http",
-                                request,
-                                serde_json::json!({ "Ok": {
-                                    "status": parts.status.as_u16(),
-                                    "headers": headers,
-                                    "body": recording::body_json(&recorded),
-                                }}),
-                            );
-                            let body = http_body_util::Full::new(bytes)
-                                .map_err(|never| match never {})
-                                .boxed_unsync();
-                            Ok((http::Response::from_parts(parts, body), io))
-                        }
-                    }
-                }
-            }
+            };
+            let (parts, body) = response.into_parts();
+            let body = RecordedBody {
+                inner: body,
+                status: parts.status.as_u16(),
+                headers: header_pairs(&parts.headers),
+                received: Vec::new(),
+                truncated: false,
+                exchange,
+            };
+            Ok((http::Response::from_parts(parts, body.boxed_unsync()), io))
         })
     }
 }
@@ -550,6 +534,11 @@ fn replayed_response(
             "DnsTimeout" => Error::DnsTimeout,
             "DestinationNotFound" => Error::DestinationNotFound,
             "HttpResponseTimeout" => Error::HttpResponseTimeout,
+            "ConnectionReadTimeout" => Error::ConnectionReadTimeout,
+            "ConnectionWriteTimeout" => Error::ConnectionWriteTimeout,
+            "ConnectionTerminated" => Error::ConnectionTerminated,
+            "DestinationUnavailable" => Error::DestinationUnavailable,
+            "HttpResponseIncomplete" => Error::HttpResponseIncomplete,
             other => Error::InternalError(Some(format!("recorded: {other}"))),
         });
     };
@@ -579,15 +568,57 @@ fn replayed_response(
     Ok((response, Box::new(async { Ok(()) }) as IoFuture))
 }
 
-/// The most of a request body a recording keeps (and a replay compares): a plugin may stream
-/// a body of any length, and the copy is the host's memory.
+/// The most of a body (request or response) a recording keeps, and a replay compares: a
+/// plugin may stream a body of any length, and the copy is the host's memory.
 const RECORDED_BODY_BYTES: usize = 1 << 20;
 
-/// A request body that keeps a copy of what it sends (its first [`RECORDED_BODY_BYTES`]), for
-/// the recording.
+/// The first [`RECORDED_BODY_BYTES`] of `body`, read to its end.
+async fn first_bytes(mut body: WasiBody) -> Result<Vec<u8>, Error> {
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            keep_first(&mut bytes, data);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Appends what of `data` fits in [`RECORDED_BODY_BYTES`]; whether all of it did.
+fn keep_first(kept: &mut Vec<u8>, data: &[u8]) -> bool {
+    let room = RECORDED_BODY_BYTES.saturating_sub(kept.len());
+    kept.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() <= room
+}
+
+/// One recorded request, until its answer is known: the response's end, its failure, or the
+/// plugin dropping it.
+struct RecordedExchange {
+    tape: Tape,
+    slot: usize,
+    secrets: Arc<SecretSet>,
+    head: serde_json::Value,
+    /// What of the request body has been sent.
+    sent: Vec<u8>,
+    done: bool,
+}
+
+/// Records the exchange with `response`, once.
+fn record(exchange: &std::sync::Mutex<RecordedExchange>, response: serde_json::Value) {
+    let mut exchange = exchange.lock().unwrap_or_else(|poison| poison.into_inner());
+    if std::mem::replace(&mut exchange.done, true) {
+        return;
+    }
+    // Redacted as bytes: a body that is not UTF-8 is recorded in base64, which the
+    // recording's own redaction of text cannot see into.
+    let sent = std::mem::take(&mut exchange.sent);
+    let request = with_body(exchange.head.take(), &exchange.secrets.redact_bytes(&sent));
+    exchange.tape.fill(exchange.slot, "http", request, response);
+}
+
+/// A request body that keeps a copy of what it sends, for the recording.
 struct Teed {
     inner: WasiBody,
-    sent: Arc<std::sync::Mutex<Vec<u8>>>,
+    exchange: Arc<std::sync::Mutex<RecordedExchange>>,
 }
 
 impl http_body::Body for Teed {
@@ -603,12 +634,13 @@ impl http_body::Body for Teed {
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            let mut sent = this
-                .sent
+            let mut exchange = this
+                .exchange
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            let room = RECORDED_BODY_BYTES.saturating_sub(sent.len());
-            sent.extend_from_slice(&data[..data.len().min(room)]);
+            if !exchange.done {
+                keep_first(&mut exchange.sent, data);
+            }
         }
         polled
     }
@@ -619,6 +651,92 @@ impl http_body::Body for Teed {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A response body that streams to the plugin as it arrives and keeps a copy of it; the
+/// exchange is recorded when it ends, fails, or is dropped unread (then as `incomplete`).
+struct RecordedBody {
+    inner: WasiBody,
+    status: u16,
+    headers: Vec<(String, String)>,
+    received: Vec<u8>,
+    truncated: bool,
+    exchange: Arc<std::sync::Mutex<RecordedExchange>>,
+}
+
+impl RecordedBody {
+    fn record(&mut self, incomplete: bool) {
+        let secrets = {
+            let exchange = self
+                .exchange
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if exchange.done {
+                return;
+            }
+            exchange.secrets.clone()
+        };
+        let received = std::mem::take(&mut self.received);
+        let mut body = recording::body_json(&secrets.redact_bytes(&received));
+        if self.truncated {
+            body["truncated"] = true.into();
+        }
+        if incomplete {
+            body["incomplete"] = true.into();
+        }
+        let response = serde_json::json!({ "Ok": {
+            "status": self.status,
+            "headers": std::mem::take(&mut self.headers),
+            "body": body,
+        }});
+        record(&self.exchange, response);
+    }
+}
+
+impl http_body::Body for RecordedBody {
+    type Data = bytes::Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(context);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && !keep_first(&mut this.received, data)
+                {
+                    this.truncated = true;
+                }
+            }
+            Poll::Ready(Some(Err(error))) => {
+                record(
+                    &this.exchange,
+                    serde_json::json!({ "Err": format!("{error:?}") }),
+                );
+            }
+            Poll::Ready(None) => this.record(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RecordedBody {
+    fn drop(&mut self) {
+        self.record(true);
     }
 }
 

@@ -84,6 +84,10 @@ pub struct AttemptEnd {
     pub outcome: String,
     pub message: Option<String>,
     pub output: Option<Json>,
+    /// The limit a call broke (the host's verdict: the attempt `errored`), which a replay of
+    /// the same answers reaches again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violation: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,11 +216,13 @@ impl std::fmt::Debug for Tape {
 
 enum Reel {
     Recording(Recorder),
-    Replaying(Replayer),
+    Replaying(Box<Replayer>),
 }
 
 struct Recorder {
-    text: String,
+    /// The attempt's lines in the order their calls were made; `None`: a call in flight,
+    /// whose place is kept until it is answered ([`Tape::reserve`]).
+    lines: Vec<Option<String>>,
     /// Bytes the run's recording may still take.
     budget: u64,
     cut: bool,
@@ -249,12 +255,12 @@ impl Tape {
     /// A tape that records the attempt `start`, within `budget` bytes, redacting `secrets`.
     pub fn recording(start: AttemptStart, budget: u64, secrets: Arc<SecretSet>) -> Tape {
         let mut recorder = Recorder {
-            text: String::new(),
+            lines: Vec::new(),
             budget,
             cut: false,
             secrets,
         };
-        recorder.push(&Line::Attempt(start), true);
+        recorder.push(None, &Line::Attempt(start), true);
         Tape(Some(Arc::new(Mutex::new(Reel::Recording(recorder)))))
     }
 
@@ -265,13 +271,15 @@ impl Tape {
             "attempt {} of step {}",
             attempt.start.attempt, attempt.start.step
         );
-        Tape(Some(Arc::new(Mutex::new(Reel::Replaying(Replayer {
-            label,
-            used: vec![false; attempt.calls.len()],
-            attempt,
-            lenient,
-            mismatch: None,
-        })))))
+        Tape(Some(Arc::new(Mutex::new(Reel::Replaying(Box::new(
+            Replayer {
+                label,
+                used: vec![false; attempt.calls.len()],
+                attempt,
+                lenient,
+                mismatch: None,
+            },
+        ))))))
     }
 
     fn reel(&self) -> Option<std::sync::MutexGuard<'_, Reel>> {
@@ -331,12 +339,59 @@ impl Tape {
                 ))
             });
         }
+        let slot = self.reserve();
         let answer = live.await?;
-        if self.is_recording() {
-            let response = serde_json::to_value(&answer).unwrap_or(Json::Null);
-            self.record_call(call, request(), response);
+        if let Some(slot) = slot {
+            // Written within what the budget has room for, and only then read back for its
+            // redaction: an answer's JSON can be many times its size (each byte of a blob a
+            // number), and one past the budget is never built.
+            match capped_json(&answer, self.room()) {
+                Some(response) => self.fill(slot, call, request(), response),
+                None => self.cut(slot),
+            }
         }
         Ok(answer)
+    }
+
+    /// Keeps the place of a call made now, whose answer comes later ([`Tape::fill`]), so that
+    /// calls are recorded in the order the plugin made them; `None` when nothing is recorded.
+    pub fn reserve(&self) -> Option<usize> {
+        match self.reel().as_deref_mut() {
+            Some(Reel::Recording(recorder)) if !recorder.cut => {
+                recorder.lines.push(None);
+                Some(recorder.lines.len() - 1)
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes the recording may still take.
+    pub fn room(&self) -> usize {
+        match self.reel().as_deref() {
+            Some(Reel::Recording(recorder)) if !recorder.cut => {
+                usize::try_from(recorder.budget).unwrap_or(usize::MAX)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Records the call kept at `slot`, redacted, if the budget has room for it.
+    pub fn fill(&self, slot: usize, call: &str, request: Json, response: Json) {
+        if let Some(Reel::Recording(recorder)) = self.reel().as_deref_mut() {
+            let line = Line::Call(Exchange {
+                call: call.to_owned(),
+                request,
+                response,
+            });
+            recorder.push(Some(slot), &line, false);
+        }
+    }
+
+    /// The call kept at `slot` did not fit: the recording is cut there.
+    pub fn cut(&self, slot: usize) {
+        if let Some(Reel::Recording(recorder)) = self.reel().as_deref_mut() {
+            recorder.cut_at(Some(slot));
+        }
     }
 
     /// The recorded answer to `call` with `request`, or the mismatch (as the call's trap).
@@ -356,6 +411,14 @@ impl Tape {
         wasmtime::Error::new(ReplayMismatch(text))
     }
 
+    /// The limit the replayed attempt broke when it was recorded.
+    pub fn recorded_violation(&self) -> Option<String> {
+        match &*self.reel()? {
+            Reel::Replaying(replayer) => replayer.attempt.end.as_ref()?.violation.clone(),
+            Reel::Recording(_) => None,
+        }
+    }
+
     /// The first request of a replay the recording could not answer.
     pub fn first_mismatch(&self) -> Option<String> {
         match &*self.reel()? {
@@ -364,15 +427,10 @@ impl Tape {
         }
     }
 
-    /// Records one call, redacted.
+    /// Records one call made and answered now, redacted.
     pub fn record_call(&self, call: &str, request: Json, response: Json) {
-        if let Some(Reel::Recording(recorder)) = self.reel().as_deref_mut() {
-            let line = Line::Call(Exchange {
-                call: call.to_owned(),
-                request,
-                response,
-            });
-            recorder.push(&line, false);
+        if let Some(slot) = self.reserve() {
+            self.fill(slot, call, request, response);
         }
     }
 
@@ -383,27 +441,91 @@ impl Tape {
                 level: level.to_owned(),
                 message: message.to_owned(),
             });
-            recorder.push(&line, false);
+            recorder.push(None, &line, false);
         }
     }
 
-    /// Ends the attempt's recording with its outcome and returns its lines, or `None` when
-    /// the tape was not recording.
-    pub fn finish(&self, end: AttemptEnd) -> Option<String> {
+    /// Ends the attempt's recording with its outcome and returns it, or `None` when the tape
+    /// was not recording.
+    pub fn finish(&self, end: AttemptEnd) -> Option<AttemptRecording> {
         match self.reel().as_deref_mut() {
             Some(Reel::Recording(recorder)) => {
                 let mut end = end;
                 if !recorder.fits(&Line::Outcome(end.clone())) {
-                    // The outcome is what a replay is judged against: it is kept, its output
-                    // (up to `output_bytes`) only if there is room.
+                    // The outcome is what a replay is judged against: it is kept, without
+                    // its output and with a short message when the budget has no room.
                     end.output = None;
+                    if let Some(message) = &mut end.message {
+                        truncate(message, CUT_MESSAGE_BYTES);
+                    }
                 }
-                recorder.push(&Line::Outcome(end), true);
-                Some(std::mem::take(&mut recorder.text))
+                recorder.push(None, &Line::Outcome(end), true);
+                // A budget spent here ends the run's recording (the runner records no later
+                // attempt), and this one says so, so that a replay knows where it stops.
+                if recorder.budget == 0 && !recorder.cut {
+                    recorder.cut_at(None);
+                }
+                let mut lines = String::new();
+                for line in recorder.lines.drain(..).flatten() {
+                    lines.push_str(&line);
+                    lines.push('\n');
+                }
+                Some(AttemptRecording {
+                    lines,
+                    cut: recorder.cut,
+                })
             }
             _ => None,
         }
     }
+}
+
+/// One attempt's recording: its lines, and whether the run's budget ran out during it, which
+/// ends the run's recording there.
+#[derive(Debug, Clone, Default)]
+pub struct AttemptRecording {
+    pub lines: String,
+    pub cut: bool,
+}
+
+/// What of an outcome's message a recording keeps once its budget is spent.
+const CUT_MESSAGE_BYTES: usize = 1024;
+
+fn truncate(text: &mut String, max_bytes: usize) {
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
+/// `value` as JSON text, or `None` once it passes `max_bytes`, without writing more.
+fn capped_json<T: Serialize>(value: &T, max_bytes: usize) -> Option<Json> {
+    struct Capped {
+        bytes: Vec<u8>,
+        max: usize,
+    }
+    impl std::io::Write for Capped {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            if self.bytes.len() + data.len() > self.max {
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
+            self.bytes.extend_from_slice(data);
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut writer = Capped {
+        bytes: Vec::new(),
+        max: max_bytes,
+    };
+    serde_json::to_writer(&mut writer, value).ok()?;
+    serde_json::from_slice(&writer.bytes).ok()
 }
 
 impl Recorder {
@@ -417,30 +539,43 @@ impl Recorder {
         (self.line_text(line).len() as u64) < self.budget
     }
 
-    /// Appends `line` when the budget has room (`always`: the attempt's own first and last
-    /// lines, a few hundred bytes), else cuts the recording once, with a line saying why.
-    fn push(&mut self, line: &Line, always: bool) {
+    /// Puts `line` at `slot` (a call's kept place), or after the others, when the budget has
+    /// room (`always`: the attempt's own first and last lines, a few hundred bytes), else cuts
+    /// the recording there.
+    fn push(&mut self, slot: Option<usize>, line: &Line, always: bool) {
         if self.cut && !always {
             return;
         }
         let text = self.line_text(line);
         let size = text.len() as u64 + 1;
         if size > self.budget && !always {
-            self.cut = true;
-            let cut = Line::Cut(
-                "the run's recording budget (run_recording_bytes) is spent: later calls of \
-                 this attempt are not recorded"
-                    .into(),
-            );
-            let cut = self.line_text(&cut);
-            self.budget = self.budget.saturating_sub(cut.len() as u64 + 1);
-            self.text.push_str(&cut);
-            self.text.push('\n');
+            self.cut_at(slot);
             return;
         }
         self.budget = self.budget.saturating_sub(size);
-        self.text.push_str(&text);
-        self.text.push('\n');
+        self.place(slot, text);
+    }
+
+    /// Cuts the recording at `slot` (or after the last line) with a line saying why.
+    fn cut_at(&mut self, slot: Option<usize>) {
+        if self.cut {
+            return;
+        }
+        self.cut = true;
+        let cut = self.line_text(&Line::Cut(
+            "the run's recording budget (run_recording_bytes) is spent: what follows is not \
+             recorded"
+                .into(),
+        ));
+        self.budget = self.budget.saturating_sub(cut.len() as u64 + 1);
+        self.place(slot, cut);
+    }
+
+    fn place(&mut self, slot: Option<usize>, text: String) {
+        match slot.and_then(|slot| self.lines.get_mut(slot)) {
+            Some(kept) => *kept = Some(text),
+            None => self.lines.push(Some(text)),
+        }
     }
 }
 
@@ -653,8 +788,13 @@ mod tests {
             outcome: "failed".into(),
             message: Some("no".into()),
             output: None,
+            violation: None,
         };
-        let text = format!("{}\n{}", header(), tape.finish(end).expect("recorded"));
+        let text = format!(
+            "{}\n{}",
+            header(),
+            tape.finish(end).expect("recorded").lines
+        );
         assert!(!text.contains("hunter2"), "{text}");
         let bytes: Vec<u8> = b"hunter2".to_vec();
         let as_numbers = serde_json::to_string(&bytes).expect("json");
@@ -694,8 +834,11 @@ mod tests {
             outcome: "pending".into(),
             message: None,
             output: Some(serde_json::json!("y".repeat(1000))),
+            violation: None,
         };
-        let text = tape.finish(end).expect("recorded");
+        let recorded = tape.finish(end).expect("recorded");
+        assert!(recorded.cut);
+        let text = recorded.lines;
         assert_eq!(text.matches("\"cut\"").count(), 1, "{text}");
         assert!(text.len() < 600, "{}", text.len());
         let recording = Recording::parse(&format!("{}\n{text}", header())).expect("parse");

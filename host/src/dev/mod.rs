@@ -220,6 +220,8 @@ pub async fn run_file(
         max_errors: capabilities.limits.max_errors,
     };
     let mut recorded = String::new();
+    // Set once the budget cut the recording: no later attempt is recorded, as on the server.
+    let mut recording_cut = false;
     let mut outputs = Map::new();
     let mut errors = 0;
     let mut tick = 1;
@@ -252,6 +254,7 @@ pub async fn run_file(
                 let elapsed = Duration::from_millis((now - started_at).max(0) as u64);
                 let tape = match record {
                     None => Tape::default(),
+                    Some(_) if recording_cut => Tape::default(),
                     Some(_) => Tape::recording(
                         AttemptStart {
                             step: step.name.clone(),
@@ -286,7 +289,10 @@ pub async fn run_file(
                     .http_requests_left
                     .saturating_sub(report.http_requests);
                 print_call(out, tick, &step.name, attempt, &report)?;
-                recorded.push_str(report.recording.as_deref().unwrap_or_default());
+                if let Some(recording) = &report.recording {
+                    recorded.push_str(&recording.lines);
+                    recording_cut |= recording.cut;
+                }
                 if report.outcome == AttemptOutcome::Errored {
                     errors += 1;
                 }

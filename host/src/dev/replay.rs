@@ -27,7 +27,8 @@ pub struct Replayed {
     pub name: String,
     /// How the recorded run ended, and at which step.
     pub recorded: String,
-    /// `passed`, `failed`, `errored`, `timed_out`, `cancelled` or `mismatch`.
+    /// `passed`, `failed`, `errored`, `timed_out`, `cancelled`, `mismatch`, or `cut` (the
+    /// recording stops short of what the replay asked).
     pub status: String,
     /// Where the replay ended (`at step warehouse`), and why.
     pub detail: String,
@@ -240,7 +241,9 @@ async fn replay_one(
                 .map_err(|fault| anyhow::anyhow!("the host could not make the call: {fault}"))?;
             print_call(out, tick, &step.name, attempt, &report)?;
             if let Some(mismatch) = tape.first_mismatch() {
-                return Ok(ended("mismatch", mismatch));
+                // Past where the budget cut the recording, nothing can be told apart.
+                let status = if recorded.cut { "cut" } else { "mismatch" };
+                return Ok(ended(status, mismatch));
             }
             if report.outcome == AttemptOutcome::Errored {
                 errors += 1;
@@ -282,9 +285,18 @@ async fn replay_one(
 /// The replay wants attempt `attempt` of `step`, which the recording does not have. When
 /// the recorded run ended right there (its time ran out, or it was cancelled, after the
 /// attempt before), so does the replay; otherwise every recorded attempt replayed without a
-/// failure: the replay passed as far as the recording goes.
+/// failure: the replay passed as far as the recording goes, unless its budget cut it short.
 fn beyond(recording: &Recording, step: &str, attempt: u32) -> (&'static str, String) {
     let last: Option<&RecordedAttempt> = recording.attempts.last();
+    if last.is_some_and(|last| last.cut) {
+        return (
+            "cut",
+            format!(
+                "before attempt {attempt} of step {step}: the recording was cut at the run's \
+                 budget (run_recording_bytes)"
+            ),
+        );
+    }
     let ended_here = last.is_some_and(|last| {
         last.start.step == step
             && last.start.attempt + 1 == attempt

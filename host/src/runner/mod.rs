@@ -332,8 +332,12 @@ impl Runner {
             run_created_at_ms: run.created_at,
             params: run.params.clone(),
             outputs: Json::Object(progress.outputs.clone()).to_string(),
+            // Once the run's budget is spent (its last recorded attempt says so), no more.
             tape: match progress.record {
                 RecordMode::Off => Tape::default(),
+                _ if progress.recording_bytes >= self.settings.run_recording_bytes => {
+                    Tape::default()
+                }
                 RecordMode::Failures | RecordMode::All => Tape::recording(
                     AttemptStart {
                         step: step.name.clone(),
@@ -407,8 +411,15 @@ impl Runner {
         let step = &run.steps[tick.progress.position];
         let progress = &mut tick.progress;
         progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
-        let recording = report.recording.take().and_then(|lines| {
+        let budget = self.settings.run_recording_bytes;
+        let recording = report.recording.take().and_then(|recorded| {
+            let lines = recorded.lines;
             progress.recording_bytes += lines.len() as u64;
+            // A cut ends the run's recording: later attempts would replay without the calls
+            // cut from this one.
+            if recorded.cut {
+                progress.recording_bytes = progress.recording_bytes.max(budget);
+            }
             // Level 3: a few microseconds for an attempt's few kilobytes, a tenth of its size.
             zstd::bulk::compress(lines.as_bytes(), 3).ok()
         });
@@ -592,8 +603,10 @@ impl Runner {
         next_tick_at: Option<UnixMillis>,
         keep_lease_ms: Option<i64>,
     ) -> RunWrite {
-        let drop_recordings =
-            status == RunStatus::Passed && progress.record == RecordMode::Failures;
+        // `off` too: a grant changed while the run went on keeps nothing of a passed run.
+        let drop_recordings = status == RunStatus::Passed
+            && progress.record != RecordMode::All
+            && progress.recording_bytes > 0;
         RunWrite {
             status,
             status_before: progress.status_before,
@@ -618,13 +631,10 @@ impl Runner {
         &self,
         claim: &ClaimedRun,
         now: UnixMillis,
-        mut attempt: NewAttempt,
+        attempt: NewAttempt,
         step: StepWrite,
         run: RunWrite,
     ) -> TickWrite {
-        if run.drop_recordings {
-            attempt.recording = None;
-        }
         TickWrite {
             run_id: claim.id.clone(),
             lease_token: claim.lease_token,
@@ -640,6 +650,15 @@ impl Runner {
     /// Records the tick's writes (in order, together); when the last ends the run, reports
     /// the run's span.
     async fn commit(&self, run: &RunRecord, mut writes: Vec<TickWrite>) -> Result<()> {
+        // A run that passes without keeping its recording stores none of this tick's
+        // attempts' either (the earlier ticks' go with the run's write).
+        if writes.last().is_some_and(|last| last.run.drop_recordings) {
+            for write in &mut writes {
+                if let Some(attempt) = &mut write.attempt {
+                    attempt.recording = None;
+                }
+            }
+        }
         let Some(last) = writes.last_mut() else {
             return Ok(());
         };

@@ -23,7 +23,7 @@ use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::kv::{KvState, MAX_COMMANDS_PER_CALL};
 use crate::capabilities::log::{LogBuffer, LogState};
 use crate::capabilities::messages::MessagesState;
-use crate::capabilities::recording::{AttemptEnd, Tape};
+use crate::capabilities::recording::{AttemptEnd, AttemptRecording, Tape};
 use crate::capabilities::secrets::SecretSet;
 use crate::capabilities::sources::DataSources;
 use crate::capabilities::sql::SqlState;
@@ -72,8 +72,8 @@ pub struct StepReport {
     pub duration: Duration,
     /// Outbound HTTP requests the call made, refused ones included.
     pub http_requests: u32,
-    /// The call's recording (JSON Lines), when its tape was recording.
-    pub recording: Option<String>,
+    /// The call's recording, when its tape was recording.
+    pub recording: Option<AttemptRecording>,
 }
 
 /// The data of a `Store`: what lives as long as the instance (its wasi resources and
@@ -438,7 +438,10 @@ impl Runtime {
                 std::borrow::Cow::Owned(redacted) => redacted,
             }
         };
-        let violation = violation.map(redact);
+        // A replay reaches the limit its recorded attempt broke: the same answers, the same
+        // verdict of the host's.
+        let violation = violation.map(redact).or_else(|| tape.recorded_violation());
+        let recorded_violation = violation.clone();
         // Sizes are judged before anything reads the text: redacting a step's output parses
         // it, and a 40 MB JSON array parses into ten times that.
         let classified = classified.and_then(|outcome| {
@@ -502,6 +505,7 @@ impl Runtime {
             output: output
                 .as_deref()
                 .and_then(|output| serde_json::from_str(output).ok()),
+            violation: recorded_violation,
         });
         Ok(StepReport {
             outcome,

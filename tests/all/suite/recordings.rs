@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
+use stepwise_host::capabilities::recording;
 use stepwise_host::model::{RetentionPolicy, RunId, now_millis};
 use stepwise_host::retention::sweep;
 use stepwise_host::storage::Store;
@@ -333,4 +334,130 @@ async fn recordings_are_kept_by_record_all_and_deleted_with_their_run() {
     );
     let (status, _) = server.get_json(&format!("/v1/runs/{id}/recording")).await;
     assert_eq!(status, 404);
+}
+
+/// A large response is recorded as it streams to the plugin (the call does not wait on the
+/// recording), whole up to 1 MiB; a run that passes in one tick under `record = "failures"`
+/// keeps none of its attempts' recordings; and `run_recording_bytes` caps a run that polls on,
+/// (a response of about 100 KiB at each attempt), whose recording then says where it was
+/// cut, as its replay does.
+#[tokio::test]
+async fn recordings_stream_are_dropped_on_a_pass_and_stay_within_their_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start(
+        Setup::default()
+            .with_config("run_recording_bytes = 300000\n")
+            .with_plugin(PluginFile::misbehave("record = \"failures\"\n")),
+    )
+    .await;
+    let host = server.base.trim_start_matches("http://").to_owned();
+    let grant = format!("allowed_hosts = [\"{host}\"]\nrecord = \"all\"\n");
+    let response = server
+        .client
+        .put(server.url("/v1/plugins/misbehave/grant"))
+        .header("content-type", "application/toml")
+        .body(grant)
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(response.status(), 200);
+
+    // The server's own OpenAPI document, about 100 KiB, read through a recorded call.
+    let openapi = server
+        .client
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .text()
+        .await
+        .expect("body");
+    assert!(openapi.len() > 16 << 10, "{}", openapi.len());
+    let url = server.url("/openapi.json");
+    let id = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "http", "url": url}, "second": {"action": "fail"}}}}))
+        .await;
+    let run = server.wait_until_finished(&id).await;
+    assert_eq!(run["steps"][0]["status"], "passed", "{run}");
+    let store = Store::open(server.database_url()).await.expect("opening");
+    let recording = recording::assemble(
+        header(&id),
+        &store
+            .run_recordings(&RunId::from_stored(id.clone()))
+            .await
+            .expect("reading"),
+        None,
+    );
+    let call = recording
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find_map(|line| line.get("call").cloned())
+        .expect("the http call");
+    assert_eq!(call["response"]["Ok"]["body"]["text"], openapi.as_str());
+
+    // Passed in one tick, three steps, recording failures only: nothing kept.
+    let grant = format!("allowed_hosts = [\"{host}\"]\nrecord = \"failures\"\n");
+    let response = server
+        .client
+        .put(server.url("/v1/plugins/misbehave/grant"))
+        .header("content-type", "application/toml")
+        .body(grant)
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(response.status(), 200);
+    let passed = server.trigger(json!({"plugin": "misbehave"})).await;
+    let run = server.wait_until_finished(&passed).await;
+    assert_eq!(run["status"], "passed", "{run}");
+    assert_eq!(run["recording_bytes"], 0, "{run}");
+    let kept = store
+        .run_recordings(&RunId::from_stored(passed.clone()))
+        .await
+        .expect("reading");
+    assert!(kept.is_empty(), "{} recordings kept", kept.len());
+
+    // Polling on: the recording stops at its budget, and says so.
+    let going = server
+        .trigger(json!({"plugin": "misbehave", "params": {"steps": {"first": {"action": "http", "url": url, "expect_status": 201}}}, "poll_interval_ms": 50}))
+        .await;
+    server
+        .wait_for_run(&going, "10 attempts", |run| {
+            run["steps"][0]["attempts"].as_u64() >= Some(10)
+        })
+        .await;
+    let (status, _) = server
+        .post_json(&format!("/v1/runs/{going}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let run = server.run(&going).await;
+    let bytes = run["recording_bytes"].as_u64().expect("recording_bytes");
+    assert!((300_000..300_000 + 1500).contains(&bytes), "{bytes}");
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/runs/{going}/recording")))
+        .send()
+        .await
+        .expect("recording");
+    let text = response.text().await.expect("body");
+    assert!(text.contains(r#"{"cut":"#), "{text}");
+    let attempts = text.matches(r#"{"attempt":{"#).count();
+    assert!((2..10).contains(&attempts), "{attempts} attempts recorded");
+    let file = dir.path().join("going.rec");
+    std::fs::write(&file, &text).expect("writing");
+    let (code, out) = replay(crate::support::MISBEHAVE_WASM, &file, &[]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("replayed: cut "), "{out}");
+    assert!(out.contains("the recording was cut"), "{out}");
+}
+
+fn header(id: &str) -> recording::Header {
+    recording::Header {
+        format: recording::FORMAT.into(),
+        version: recording::VERSION,
+        run_id: id.into(),
+        plugin: "misbehave".into(),
+        plugin_version: String::new(),
+        params: json!({}),
+        created_at_ms: 0,
+    }
 }

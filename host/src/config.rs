@@ -676,7 +676,7 @@ impl Settings {
             max_event_streams: 1024,
             max_event_streams_per_token: 16,
             run_log_bytes: 1 << 20,
-            run_recording_bytes: 4 << 20,
+            run_recording_bytes: 1 << 20,
             plugin_memory_bytes: DEFAULT_PLUGIN_MEMORY_MIB << 20,
             retention: RetentionPolicy::default(),
             status_pages: Vec::new(),

@@ -194,14 +194,6 @@ const LINKS: &[(&str, &str, &str, &str, &str, &str)] = &[
     (
         "runs_create",
         "202",
-        "recording",
-        "runs_recording",
-        "id",
-        "$response.body#/id",
-    ),
-    (
-        "runs_create",
-        "202",
         "cancel",
         "runs_cancel",
         "id",

@@ -55,11 +55,7 @@ impl LogBuffer {
         // Redacted whole, before it is cut: a cut value would no longer match.
         let mut message = storable(self.secrets.redact(message).into_owned());
         if message.len() > MAX_LINE_BYTES {
-            let mut cut = MAX_LINE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
+            truncate_utf8(&mut message, MAX_LINE_BYTES);
             message.push_str("… (truncated)");
         }
         lines.lines.push(LogLine {
@@ -87,6 +83,17 @@ impl LogBuffer {
             lines.dropped = 0;
         }
         taken
+    }
+}
+
+/// Cuts `text` to at most `max_bytes`, at a character's boundary.
+pub fn truncate_utf8(text: &mut String, max_bytes: usize) {
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
     }
 }
 

@@ -184,6 +184,22 @@ pub fn assemble(header: Header, attempts: &[Vec<u8>], end: Option<RunEnd>) -> St
     assemble_lines(header, &lines, end)
 }
 
+/// An attempt's lines as stored: compressed with zstd, by a compressor each thread keeps (a
+/// new one per attempt cost more than the compression of a few hundred bytes).
+pub fn compress(lines: &str) -> Option<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|compressor| {
+        let mut compressor = compressor.borrow_mut();
+        if compressor.is_none() {
+            *compressor = zstd::bulk::Compressor::new(1).ok();
+        }
+        compressor.as_mut()?.compress(lines.as_bytes()).ok()
+    })
+}
+
 /// A whole recording from its attempts' lines, as [`Tape::finish`] returned them.
 pub fn assemble_lines(header: Header, attempts: &str, end: Option<RunEnd>) -> String {
     let mut text = line_text(&Line::Recording(header));
@@ -456,7 +472,7 @@ impl Tape {
                     // its output and with a short message when the budget has no room.
                     end.output = None;
                     if let Some(message) = &mut end.message {
-                        truncate(message, CUT_MESSAGE_BYTES);
+                        super::log::truncate_utf8(message, CUT_MESSAGE_BYTES);
                     }
                 }
                 recorder.push(None, &Line::Outcome(end), true);
@@ -471,6 +487,7 @@ impl Tape {
                     lines.push('\n');
                 }
                 Some(AttemptRecording {
+                    compressed: compress(&lines),
                     lines,
                     cut: recorder.cut,
                 })
@@ -486,20 +503,13 @@ impl Tape {
 pub struct AttemptRecording {
     pub lines: String,
     pub cut: bool,
+    /// `lines` as stored ([`compress`]), made by [`Tape::finish`] on the plugin call's thread
+    /// rather than on the host's, which a large recording would hold up for milliseconds.
+    pub compressed: Option<Vec<u8>>,
 }
 
 /// What of an outcome's message a recording keeps once its budget is spent.
 const CUT_MESSAGE_BYTES: usize = 1024;
-
-fn truncate(text: &mut String, max_bytes: usize) {
-    if text.len() > max_bytes {
-        let mut cut = max_bytes;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-}
 
 /// `value` as JSON text, or `None` once it passes `max_bytes`, without writing more.
 fn capped_json<T: Serialize>(value: &T, max_bytes: usize) -> Option<Json> {

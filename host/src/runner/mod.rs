@@ -413,15 +413,13 @@ impl Runner {
         progress.http_requests = progress.http_requests.saturating_add(report.http_requests);
         let budget = self.settings.run_recording_bytes;
         let recording = report.recording.take().and_then(|recorded| {
-            let lines = recorded.lines;
-            progress.recording_bytes += lines.len() as u64;
+            progress.recording_bytes += recorded.lines.len() as u64;
             // A cut ends the run's recording: later attempts would replay without the calls
             // cut from this one.
             if recorded.cut {
                 progress.recording_bytes = progress.recording_bytes.max(budget);
             }
-            // Level 3: a few microseconds for an attempt's few kilobytes, a tenth of its size.
-            zstd::bulk::compress(lines.as_bytes(), 3).ok()
+            recorded.compressed
         });
         if report.outcome == AttemptOutcome::Errored {
             progress.error_count += 1;

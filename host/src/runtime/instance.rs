@@ -21,7 +21,7 @@ use crate::bindings::types::{CheckInfo as WitCheckInfo, StepInput, StepOutcome};
 use crate::capabilities::grants::{WallClockShift, wasi_context};
 use crate::capabilities::http::HttpPolicy;
 use crate::capabilities::kv::{KvState, MAX_COMMANDS_PER_CALL};
-use crate::capabilities::log::{LogBuffer, LogState};
+use crate::capabilities::log::{LogBuffer, LogState, truncate_utf8};
 use crate::capabilities::messages::MessagesState;
 use crate::capabilities::recording::{AttemptEnd, AttemptRecording, Tape};
 use crate::capabilities::secrets::SecretSet;
@@ -507,6 +507,11 @@ impl Runtime {
                 .and_then(|output| serde_json::from_str(output).ok()),
             violation: recorded_violation,
         });
+        // The recording's lines were built as JSON values many times their text's size, all
+        // freed by now; a kept instance's limiter would only ask for the trim much later.
+        if let Some(recording) = &recording {
+            super::memory::trim_after(8 * recording.lines.len() as u64);
+        }
         Ok(StepReport {
             outcome,
             message,
@@ -824,16 +829,6 @@ fn bounded_message(
     match within_size("message", &message, max_bytes) {
         Ok(()) => (outcome, Some(message), None),
         Err(fault) => (AttemptOutcome::Errored, Some(fault), None),
-    }
-}
-
-fn truncate_utf8(text: &mut String, max_bytes: usize) {
-    if text.len() > max_bytes {
-        let mut cut = max_bytes;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
     }
 }
 

@@ -295,12 +295,18 @@ impl Drop for Limiter {
     /// under a 32 MiB budget). Dropped after the call's resources (its store drops the
     /// limiter last), so their memory is free by now. The trimmer thread does the trim.
     fn drop(&mut self) {
-        if self.host_side.max(self.outside_budget) >= TRIM_AFTER_BYTES
-            && let Some(trimmer) = TRIMMER.get()
-        {
-            // Full: a trim is asked for already, and covers this call's memory too.
-            let _ = trimmer.try_send(());
-        }
+        trim_after(self.host_side.max(self.outside_budget));
+    }
+}
+
+/// Asks for a trim once a call has freed `bytes` it held in the host, when that is enough to
+/// matter.
+pub(super) fn trim_after(bytes: u64) {
+    if bytes >= TRIM_AFTER_BYTES
+        && let Some(trimmer) = TRIMMER.get()
+    {
+        // Full: a trim is asked for already, and covers this call's memory too.
+        let _ = trimmer.try_send(());
     }
 }
 

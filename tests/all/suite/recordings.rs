@@ -32,7 +32,7 @@ fn params(event_id: &str, pipeline_url: &str) -> Value {
 }
 
 /// `stepwise dev PLUGIN --replay RECORDINGS [extra]`: its exit code and stdout.
-async fn replay(plugin: &str, recordings: &Path, extra: &[&str]) -> (i32, String) {
+pub(super) async fn replay(plugin: &str, recordings: &Path, extra: &[&str]) -> (i32, String) {
     let recordings = recordings.display().to_string();
     let mut args = vec!["dev", plugin, "--replay", &recordings];
     args.extend(extra);

@@ -335,3 +335,47 @@ async fn at_start_a_writable_acl_user_is_warned_about_and_rediss_checks_the_cert
         );
     }
 }
+
+/// A recorded run's reads replay from its recording after the keys are gone: `stepwise dev
+/// --replay` answers them as Redis did, typed as the interface returns them.
+#[tokio::test]
+async fn a_recorded_read_replays_after_the_keys_are_gone() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let p = redis_prefix("replay");
+    let hash = format!("{p}h");
+    admin(&url, &["HSET", &hash, "f1", "v1", "f2", "v2"]).await;
+    let server = TestServer::start(
+        Setup::default()
+            .with_plugin(PluginFile::misbehave(
+                "sql_sources = [\"cache\"]\nrecord = \"all\"\n",
+            ))
+            .with_source("cache", url.clone(), true),
+    )
+    .await;
+    let run = kv(&server, "hgetall", json!([hash])).await;
+    assert_eq!(run["status"], "passed", "{run:#}");
+    let id = run["id"].as_str().expect("id");
+    let text = server
+        .client
+        .get(server.url(&format!("/v1/runs/{id}/recording")))
+        .send()
+        .await
+        .expect("recording")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains(r#""call":"kv""#), "{text}");
+    assert!(text.contains("HGETALL"), "{text}");
+
+    admin(&url, &["DEL", &hash]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("kv.rec");
+    std::fs::write(&file, &text).expect("writing");
+    let (code, out) = super::recordings::replay(crate::support::MISBEHAVE_WASM, &file, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    // The step's output holds what the recording answered: the keys are gone from Redis.
+    assert!(out.contains("replayed: passed"), "{out}");
+    assert!(out.contains(r#""f1""#) && out.contains(r#""v2""#), "{out}");
+}

@@ -441,6 +441,18 @@ impl TestServer {
         run["id"].as_str().expect("run id").to_owned()
     }
 
+    /// The run's recording (JSON Lines), which must exist.
+    pub async fn recording(&self, id: &str) -> String {
+        let response = self
+            .client
+            .get(self.url(&format!("/v1/runs/{id}/recording")))
+            .send()
+            .await
+            .expect("GET recording");
+        assert_eq!(response.status(), 200, "run {id} has no recording");
+        response.text().await.expect("the recording")
+    }
+
     pub async fn run(&self, id: &str) -> Value {
         let (status, run) = self.get_json(&format!("/v1/runs/{id}")).await;
         assert_eq!(status, 200, "{run}");

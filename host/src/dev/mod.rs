@@ -141,6 +141,15 @@ async fn prepare(
     })
 }
 
+/// A passed step's output, for the steps after it (`outputs` of their input).
+fn keep_output(outputs: &mut Map<String, Json>, step: &str, report: &StepReport) {
+    let output = report.output.as_deref().unwrap_or("null");
+    outputs.insert(
+        step.to_owned(),
+        serde_json::from_str(output).unwrap_or(Json::Null),
+    );
+}
+
 /// One line per call (`tick`, step, attempt, outcome, time, output or message), then its log.
 fn print_call(
     out: &mut impl Write,
@@ -306,11 +315,7 @@ pub async fn run_file(
                 };
                 match rules::decide(&run, &clock, &result, capabilities.grant.retry) {
                     Verdict::Passed => {
-                        let output = report.output.as_deref().unwrap_or("null");
-                        outputs.insert(
-                            step.name.clone(),
-                            serde_json::from_str(output).unwrap_or(Json::Null),
-                        );
+                        keep_output(&mut outputs, &step.name, &report);
                         break;
                     }
                     Verdict::Again { next_tick_at, .. } => {

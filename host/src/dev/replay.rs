@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Map, Value as Json};
 
-use super::{Prepared, prepare, print_call};
+use super::{Prepared, keep_output, prepare, print_call};
 use crate::capabilities::recording::{RecordedAttempt, Recording, Tape};
 use crate::config::Settings;
 use crate::model::{AttemptOutcome, StepStatus};
@@ -264,11 +264,7 @@ async fn replay_one(
             };
             match rules::decide(&run, &clock, &result, capabilities.grant.retry) {
                 Verdict::Passed => {
-                    let output = report.output.as_deref().unwrap_or("null");
-                    outputs.insert(
-                        step.name.clone(),
-                        serde_json::from_str(output).unwrap_or(Json::Null),
-                    );
+                    keep_output(&mut outputs, &step.name, &report);
                     break;
                 }
                 Verdict::Again { .. } => tick += 1,

@@ -289,14 +289,7 @@ async fn recordings_are_kept_by_record_all_and_deleted_with_their_run() {
     let id = server.trigger(json!({"plugin": "misbehave"})).await;
     let run = server.wait_until_finished(&id).await;
     assert_eq!(run["status"], "passed", "{run}");
-    let response = server
-        .client
-        .get(server.url(&format!("/v1/runs/{id}/recording")))
-        .send()
-        .await
-        .expect("recording");
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.expect("body");
+    let text = server.recording(&id).await;
     let passed = text
         .lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
@@ -432,13 +425,7 @@ async fn recordings_stream_are_dropped_on_a_pass_and_stay_within_their_budget() 
     let run = server.run(&going).await;
     let bytes = run["recording_bytes"].as_u64().expect("recording_bytes");
     assert!((300_000..300_000 + 1500).contains(&bytes), "{bytes}");
-    let response = server
-        .client
-        .get(server.url(&format!("/v1/runs/{going}/recording")))
-        .send()
-        .await
-        .expect("recording");
-    let text = response.text().await.expect("body");
+    let text = server.recording(&going).await;
     assert!(text.contains(r#"{"cut":"#), "{text}");
     let attempts = text.matches(r#"{"attempt":{"#).count();
     assert!((2..10).contains(&attempts), "{attempts} attempts recorded");

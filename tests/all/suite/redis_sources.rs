@@ -357,15 +357,7 @@ async fn a_recorded_read_replays_after_the_keys_are_gone() {
     let run = kv(&server, "hgetall", json!([hash])).await;
     assert_eq!(run["status"], "passed", "{run:#}");
     let id = run["id"].as_str().expect("id");
-    let text = server
-        .client
-        .get(server.url(&format!("/v1/runs/{id}/recording")))
-        .send()
-        .await
-        .expect("recording")
-        .text()
-        .await
-        .expect("body");
+    let text = server.recording(id).await;
     assert!(text.contains(r#""call":"kv""#), "{text}");
     assert!(text.contains("HGETALL"), "{text}");
 

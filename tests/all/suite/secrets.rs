@@ -175,14 +175,7 @@ async fn a_recording_holds_no_secret_value() {
     assert_eq!(run["status"], "passed", "{run}");
     assert_eq!(listed.received()[0], format!("Bearer {value}"));
     let id = run["id"].as_str().expect("id");
-    let response = server
-        .client
-        .get(server.url(&format!("/v1/runs/{id}/recording")))
-        .send()
-        .await
-        .expect("recording");
-    assert_eq!(response.status(), 200);
-    let recording = response.text().await.expect("body");
+    let recording = server.recording(id).await;
     assert!(recording.contains(r#""call":"http""#), "{recording}");
     assert!(recording.contains("Bearer {{secret:crm}}"), "{recording}");
     let key = format!("{value}-key");

@@ -228,14 +228,25 @@ impl WasiHttpHooks for HttpPolicy {
                 let answer = tape
                     .answer("http", &request)
                     .map_err(|mismatch| Error::InternalError(Some(mismatch.to_string())))?;
+                if answer.get("Pending").is_some() {
+                    // Unanswered when it was recorded: it waits as long now.
+                    std::future::pending::<()>().await;
+                }
+                if answer["Ok"]["body"]["truncated"] == true {
+                    let cut = tape.mismatch(format!(
+                        "the recorded response to {} was kept only to its first {RECORDED_BODY_BYTES} bytes",
+                        recording::describe("http", &request)
+                    ));
+                    return Err(Error::InternalError(Some(cut.to_string())));
+                }
                 replayed_response(&answer)
             });
         }
         // Its place among the call's exchanges is taken now, in the order the plugin made it.
-        let Some(slot) = tape.reserve() else {
-            return self.send_live(request, options, fut);
-        };
         let (parts, body) = request.into_parts();
+        let Some(slot) = tape.reserve_waiting("http", request_head(&parts)) else {
+            return self.send_live(http::Request::from_parts(parts, body), options, fut);
+        };
         let exchange = Arc::new(std::sync::Mutex::new(RecordedExchange {
             tape,
             slot,
@@ -609,9 +620,13 @@ fn record(exchange: &std::sync::Mutex<RecordedExchange>, response: serde_json::V
         return;
     }
     // Redacted as bytes: a body that is not UTF-8 is recorded in base64, which the
-    // recording's own redaction of text cannot see into.
+    // recording's own redaction of text cannot see into. A request that failed is recorded
+    // without its body, which the host may not have read: its replay matches any body.
     let sent = std::mem::take(&mut exchange.sent);
-    let request = with_body(exchange.head.take(), &exchange.secrets.redact_bytes(&sent));
+    let request = match response.get("Err") {
+        Some(_) => exchange.head.take(),
+        None => with_body(exchange.head.take(), &exchange.secrets.redact_bytes(&sent)),
+    };
     exchange.tape.fill(exchange.slot, "http", request, response);
 }
 
@@ -706,13 +721,15 @@ impl http_body::Body for RecordedBody {
         let this = self.get_mut();
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(context);
         match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && !keep_first(&mut this.received, data)
-                {
-                    this.truncated = true;
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) => {
+                    if !keep_first(&mut this.received, data) {
+                        this.truncated = true;
+                    }
                 }
-            }
+                // Trailers end the body (wasmtime reads no further); they are not recorded.
+                None => this.record(false),
+            },
             Poll::Ready(Some(Err(error))) => {
                 record(
                     &this.exchange,

@@ -108,8 +108,11 @@ pub struct Recording {
 pub struct RecordedAttempt {
     pub start: AttemptStart,
     pub calls: Vec<Exchange>,
-    /// The budget was spent during this attempt: calls after its last are missing.
+    /// The run's budget was spent during this attempt: the run recorded nothing after it.
     pub cut: bool,
+    /// How many of its calls were recorded before the cut, when the cut came before its
+    /// outcome: the calls after those are missing.
+    pub cut_at: Option<usize>,
     pub end: Option<AttemptEnd>,
 }
 
@@ -153,11 +156,17 @@ impl Recording {
                     start,
                     calls: Vec::new(),
                     cut: false,
+                    cut_at: None,
                     end: None,
                 }),
                 (Line::End(end), _) => recording.end = Some(end),
                 (Line::Call(call), Some(attempt)) => attempt.calls.push(call),
-                (Line::Cut(_), Some(attempt)) => attempt.cut = true,
+                (Line::Cut(_), Some(attempt)) => {
+                    attempt.cut = true;
+                    if attempt.end.is_none() {
+                        attempt.cut_at = Some(attempt.calls.len());
+                    }
+                }
                 (Line::Outcome(end), Some(attempt)) => attempt.end = Some(end),
                 (Line::Log(_), Some(_)) => {}
                 (Line::Recording(_), _) => anyhow::bail!("line {number}: a second \"recording\""),
@@ -236,13 +245,24 @@ enum Reel {
 }
 
 struct Recorder {
-    /// The attempt's lines in the order their calls were made; `None`: a call in flight,
-    /// whose place is kept until it is answered ([`Tape::reserve`]).
-    lines: Vec<Option<String>>,
+    /// The attempt's lines in the order their calls were made, with the places of calls in
+    /// flight kept until they are answered ([`Tape::reserve`]).
+    lines: Vec<Slot>,
     /// Bytes the run's recording may still take.
     budget: u64,
     cut: bool,
     secrets: Arc<SecretSet>,
+}
+
+enum Slot {
+    Line(String),
+    /// A call not answered yet, recorded as such if the attempt ends first.
+    Waiting {
+        call: String,
+        request: Json,
+    },
+    /// A call not answered yet, left out if the attempt ends first.
+    Kept,
 }
 
 struct Replayer {
@@ -252,6 +272,8 @@ struct Replayer {
     used: Vec<bool>,
     lenient: bool,
     mismatch: Option<String>,
+    /// A call asked past the place where the budget cut the recording.
+    past_cut: bool,
 }
 
 /// A request the recording cannot answer: the replay stops at it. Raised as the call's
@@ -294,6 +316,7 @@ impl Tape {
                 attempt,
                 lenient,
                 mismatch: None,
+                past_cut: false,
             },
         ))))))
     }
@@ -372,9 +395,23 @@ impl Tape {
     /// Keeps the place of a call made now, whose answer comes later ([`Tape::fill`]), so that
     /// calls are recorded in the order the plugin made them; `None` when nothing is recorded.
     pub fn reserve(&self) -> Option<usize> {
+        self.keep(Slot::Kept)
+    }
+
+    /// [`Tape::reserve`] for a call whose answer may not come before the attempt ends (an
+    /// HTTP request to a server that hangs): it is then recorded as asked, answered
+    /// `{"Pending": …}`, and its replay waits as long.
+    pub fn reserve_waiting(&self, call: &str, request: Json) -> Option<usize> {
+        self.keep(Slot::Waiting {
+            call: call.to_owned(),
+            request,
+        })
+    }
+
+    fn keep(&self, slot: Slot) -> Option<usize> {
         match self.reel().as_deref_mut() {
             Some(Reel::Recording(recorder)) if !recorder.cut => {
-                recorder.lines.push(None);
+                recorder.lines.push(slot);
                 Some(recorder.lines.len() - 1)
             }
             _ => None,
@@ -420,19 +457,28 @@ impl Tape {
     }
 
     /// Keeps the first mismatch and returns it as a trap.
-    fn mismatch(&self, text: String) -> wasmtime::Error {
+    pub fn mismatch(&self, text: String) -> wasmtime::Error {
         if let Some(Reel::Replaying(replayer)) = self.reel().as_deref_mut() {
             replayer.mismatch.get_or_insert_with(|| text.clone());
         }
         wasmtime::Error::new(ReplayMismatch(text))
     }
 
-    /// The limit the replayed attempt broke when it was recorded.
+    /// The limit the replayed attempt broke when it was recorded, if the replay made every
+    /// call the recorded attempt made (and so met the answer that broke it).
     pub fn recorded_violation(&self) -> Option<String> {
         match &*self.reel()? {
-            Reel::Replaying(replayer) => replayer.attempt.end.as_ref()?.violation.clone(),
-            Reel::Recording(_) => None,
+            Reel::Replaying(replayer) if replayer.used.iter().all(|used| *used) => {
+                replayer.attempt.end.as_ref()?.violation.clone()
+            }
+            _ => None,
         }
+    }
+
+    /// Whether the replay asked for a call past the place where the run's budget cut the
+    /// recording: it cannot be told from a changed call there.
+    pub fn reached_cut(&self) -> bool {
+        matches!(self.reel().as_deref(), Some(Reel::Replaying(replayer)) if replayer.past_cut)
     }
 
     /// The first request of a replay the recording could not answer.
@@ -475,6 +521,20 @@ impl Tape {
                         super::log::truncate_utf8(message, CUT_MESSAGE_BYTES);
                     }
                 }
+                // Calls still waiting for their answer: recorded as asked, unanswered.
+                for index in 0..recorder.lines.len() {
+                    if let Slot::Waiting { call, request } = &mut recorder.lines[index] {
+                        let line = Line::Call(Exchange {
+                            call: std::mem::take(call),
+                            request: request.take(),
+                            response: serde_json::json!({
+                                "Pending": "no answer by the end of the attempt"
+                            }),
+                        });
+                        recorder.lines[index] = Slot::Kept;
+                        recorder.push(Some(index), &line, false);
+                    }
+                }
                 recorder.push(None, &Line::Outcome(end), true);
                 // A budget spent here ends the run's recording (the runner records no later
                 // attempt), and this one says so, so that a replay knows where it stops.
@@ -482,9 +542,11 @@ impl Tape {
                     recorder.cut_at(None);
                 }
                 let mut lines = String::new();
-                for line in recorder.lines.drain(..).flatten() {
-                    lines.push_str(&line);
-                    lines.push('\n');
+                for slot in recorder.lines.drain(..) {
+                    if let Slot::Line(line) = slot {
+                        lines.push_str(&line);
+                        lines.push('\n');
+                    }
                 }
                 Some(AttemptRecording {
                     compressed: compress(&lines),
@@ -583,8 +645,8 @@ impl Recorder {
 
     fn place(&mut self, slot: Option<usize>, text: String) {
         match slot.and_then(|slot| self.lines.get_mut(slot)) {
-            Some(kept) => *kept = Some(text),
-            None => self.lines.push(Some(text)),
+            Some(kept) => *kept = Slot::Line(text),
+            None => self.lines.push(Slot::Line(text)),
         }
     }
 }
@@ -593,9 +655,8 @@ impl Replayer {
     fn answer(&mut self, call: &str, request: &Json) -> Result<Json, String> {
         let calls = &self.attempt.calls;
         let next = self.used.iter().position(|used| !used);
-        let exact = |index: &usize| {
-            !self.used[*index] && calls[*index].call == call && calls[*index].request == *request
-        };
+        let exact =
+            |index: &usize| !self.used[*index] && same_request(&calls[*index], call, request);
         let chosen = if self.lenient {
             // The nearest match: the same request not yet answered, else the next unanswered
             // call of the same kind, else the last of that kind.
@@ -618,14 +679,36 @@ impl Replayer {
                 asked_for(call, request, recorded),
                 describe(&recorded.call, &recorded.request)
             ),
-            None if self.attempt.cut => format!(
-                "{label} asked {asked}; the recording was cut before it (run_recording_bytes)"
-            ),
+            None if self.attempt.cut_at.is_some() => {
+                self.past_cut = true;
+                format!(
+                    "{label} asked {asked}; the recording was cut before it (run_recording_bytes)"
+                )
+            }
             None => {
                 format!("{label} asked {asked}; the recording has no more calls for this attempt")
             }
         })
     }
+}
+
+/// Whether `recorded` is the call `call` asking `request`. An HTTP request recorded without
+/// its body (it failed, or had no answer, before the host had read it) is the same request
+/// whatever its body.
+fn same_request(recorded: &Exchange, call: &str, request: &Json) -> bool {
+    if recorded.call != call {
+        return false;
+    }
+    if recorded.request == *request {
+        return true;
+    }
+    call == "http"
+        && recorded.request.get("body").is_none()
+        && request.as_object().is_some_and(|asked| {
+            let mut asked = asked.clone();
+            asked.remove("body");
+            recorded.request.as_object() == Some(&asked)
+        })
 }
 
 /// "asked `SELECT …` with ["evt-9"]", naming only what differs when the recorded call is the
@@ -860,6 +943,43 @@ mod tests {
                 .map(|end| end.outcome.as_str()),
             Some("pending")
         );
+    }
+
+    #[test]
+    fn an_unanswered_request_is_recorded_as_asked_and_matches_any_body_when_it_has_none() {
+        let tape = Tape::recording(start(), 1 << 20, Arc::default());
+        let head = serde_json::json!({"method": "POST", "url": "http://a/", "headers": []});
+        tape.reserve_waiting("http", head.clone());
+        let failed = tape.reserve().expect("a slot");
+        tape.fill(
+            failed,
+            "http",
+            head.clone(),
+            serde_json::json!({"Err": "ConnectionRefused"}),
+        );
+        let end = AttemptEnd {
+            outcome: "errored".into(),
+            message: Some("time limit".into()),
+            output: None,
+            violation: None,
+        };
+        let text = format!(
+            "{}\n{}",
+            header(),
+            tape.finish(end).expect("recorded").lines
+        );
+        let recording = Recording::parse(&text).expect("parse");
+        let attempt = recording.attempts[0].clone();
+        assert!(attempt.calls[0].response.get("Pending").is_some(), "{text}");
+        assert_eq!(attempt.cut_at, None);
+        let replay = Tape::replaying(attempt, false);
+        let mut asked = head.clone();
+        asked["body"] = serde_json::json!({"text": "a body the host never read"});
+        assert!(replay.answer("http", &asked).is_ok());
+        assert!(replay.answer("http", &asked).is_ok());
+        asked["url"] = "http://b/".into();
+        assert!(replay.answer("http", &asked).is_err());
+        assert!(!replay.reached_cut());
     }
 
     #[test]

@@ -242,7 +242,11 @@ async fn replay_one(
             print_call(out, tick, &step.name, attempt, &report)?;
             if let Some(mismatch) = tape.first_mismatch() {
                 // Past where the budget cut the recording, nothing can be told apart.
-                let status = if recorded.cut { "cut" } else { "mismatch" };
+                let status = if tape.reached_cut() {
+                    "cut"
+                } else {
+                    "mismatch"
+                };
                 return Ok(ended(status, mismatch));
             }
             if report.outcome == AttemptOutcome::Errored {

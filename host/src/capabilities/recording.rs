@@ -338,12 +338,6 @@ impl Tape {
             .is_some_and(|reel| matches!(*reel, Reel::Replaying(_)))
     }
 
-    /// Whether calls are recorded (and the recording has room for more).
-    pub fn is_recording(&self) -> bool {
-        self.reel()
-            .is_some_and(|reel| matches!(&*reel, Reel::Recording(recorder) if !recorder.cut))
-    }
-
     /// The wall clock the replayed attempt saw at its start, in ms since the Unix epoch.
     pub fn replay_clock_ms(&self) -> Option<i64> {
         match &*self.reel()? {
@@ -486,13 +480,6 @@ impl Tape {
         match &*self.reel()? {
             Reel::Replaying(replayer) => replayer.mismatch.clone(),
             Reel::Recording(_) => None,
-        }
-    }
-
-    /// Records one call made and answered now, redacted.
-    pub fn record_call(&self, call: &str, request: Json, response: Json) {
-        if let Some(slot) = self.reserve() {
-            self.fill(slot, call, request, response);
         }
     }
 
@@ -851,6 +838,13 @@ mod tests {
         .expect("header")
     }
 
+    /// Records one call made and answered at once (nothing once the recording is cut).
+    fn record_call(tape: &Tape, call: &str, request: Json, response: Json) {
+        if let Some(slot) = tape.reserve() {
+            tape.fill(slot, call, request, response);
+        }
+    }
+
     fn query(params: &str) -> Json {
         serde_json::json!({"source": "warehouse", "statement": "SELECT 1 WHERE id = ?", "params": [{"Text": params}]})
     }
@@ -867,12 +861,14 @@ mod tests {
             .expect("secrets"),
         );
         let tape = Tape::recording(start(), 1 << 20, secrets);
-        tape.record_call(
+        record_call(
+            &tape,
             "sql.query",
             query("evt-1"),
             serde_json::json!({"Ok": {"columns": ["a"], "rows": [[{"Text": "hunter2-secret-value"}]]}}),
         );
-        tape.record_call(
+        record_call(
+            &tape,
             "kv",
             serde_json::json!({}),
             serde_json::json!({"Ok": {"Bulk": b"x hunter2-secret-value".to_vec()}}),
@@ -917,7 +913,8 @@ mod tests {
     fn the_budget_cuts_a_recording_once_and_keeps_the_outcome() {
         let tape = Tape::recording(start(), 300, Arc::default());
         for _ in 0..10 {
-            tape.record_call(
+            record_call(
+                &tape,
                 "http",
                 serde_json::json!({"url": "x".repeat(50)}),
                 Json::Null,
